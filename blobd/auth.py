@@ -1,0 +1,99 @@
+"""Bearer tokens: creation, storage (hashed) and checking (constant time).
+
+A token is ``bd_<id>_<secret>``; the index keeps only the SHA-256 of the
+whole token. The lookup is by that digest, and the stored digest is compared
+again with :func:`hmac.compare_digest`, so neither the lookup nor the
+comparison leaks how much of a guessed token was right.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+import aiosqlite
+
+from .errors import BlobdError
+
+SCOPES = ("read", "write", "admin")
+_OWNER = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+
+
+@dataclass(frozen=True)
+class Principal:
+    owner: str
+    scopes: frozenset[str]
+
+    def allows(self, scope: str) -> bool:
+        return scope in self.scopes or "admin" in self.scopes
+
+
+def check_owner(owner: str) -> str:
+    if not _OWNER.fullmatch(owner):
+        raise BlobdError("bad_request",
+                         "an owner is 1-64 characters from A-Z a-z 0-9 . _ @ -")
+    return owner
+
+
+def parse_scopes(text: str) -> frozenset[str]:
+    scopes = frozenset(s.strip() for s in text.split(",") if s.strip())
+    unknown = scopes - set(SCOPES)
+    if not scopes or unknown:
+        raise BlobdError("bad_request",
+                         f"scopes must be a comma-separated subset of {','.join(SCOPES)}")
+    return scopes
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+async def create_token(conn: aiosqlite.Connection, owner: str, scopes: frozenset[str],
+                       label: str = "") -> tuple[str, str]:
+    """Store a new token; returns (id, token). The token is shown only once."""
+    check_owner(owner)
+    token_id = secrets.token_hex(4)
+    token = f"bd_{token_id}_{secrets.token_urlsafe(32)}"
+    ordered = ",".join(s for s in SCOPES if s in scopes)
+    await conn.execute(
+        "INSERT INTO tokens (id, token_hash, owner, scopes, label, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (token_id, token_digest(token), owner, ordered, label, time.time()))
+    return token_id, token
+
+
+async def list_tokens(conn: aiosqlite.Connection, owner: str | None = None) -> list[dict]:
+    sql = "SELECT id, owner, scopes, label, created_at FROM tokens"
+    params: tuple = ()
+    if owner is not None:
+        sql, params = sql + " WHERE owner = ?", (owner,)
+    async with conn.execute(sql + " ORDER BY created_at", params) as cur:
+        return [dict(row) for row in await cur.fetchall()]
+
+
+async def revoke_token(conn: aiosqlite.Connection, token_id: str) -> bool:
+    cur = await conn.execute("DELETE FROM tokens WHERE id = ?", (token_id,))
+    return cur.rowcount == 1
+
+
+async def authenticate(conn: aiosqlite.Connection, token: str) -> Principal | None:
+    digest = token_digest(token)
+    async with conn.execute("SELECT token_hash, owner, scopes FROM tokens"
+                            " WHERE token_hash = ?", (digest,)) as cur:
+        row = await cur.fetchone()
+    if row is None or not hmac.compare_digest(row["token_hash"], digest):
+        return None
+    return Principal(row["owner"], frozenset(row["scopes"].split(",")))
+
+
+def bearer_token(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()

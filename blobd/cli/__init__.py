@@ -1,0 +1,38 @@
+"""The ``blobd`` command: one module per command group, each with ``register``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Sequence
+
+from ..errors import BlobdError, ConfigError
+from . import serve, tokens
+
+COMMANDS = (serve, tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blobd", description="A content-addressed blob server for audio.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.run(args)
+        if asyncio.iscoroutine(result):
+            result = asyncio.run(result)
+        return int(result or 0)
+    except (BlobdError, ConfigError) as exc:
+        message = exc.message if isinstance(exc, BlobdError) else str(exc)
+        print(f"blobd: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,259 @@
+"""Configuration: frozen dataclasses loaded from TOML, with every default.
+
+A missing file section means its defaults. An unknown key, or a value of the
+wrong kind, stops start-up with a :class:`ConfigError` naming the key
+(``storage.fsync: expected true or false``). Sizes accept integers or
+strings such as ``"512MiB"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+
+# Marks a field as a byte size (int or "2GiB").
+SIZE = {"size": True}
+
+
+def parse_size(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a size")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value)
+        if match and match[2].lower() in _UNITS:
+            return int(float(match[1]) * _UNITS[match[2].lower()])
+    raise ValueError(f"expected a size such as 1048576 or \"512MiB\", got {value!r}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8420
+    data_dir: str = "./blobd-data"
+    workers: int = 1
+    tls_cert: str = ""
+    tls_key: str = ""
+    shutdown_timeout_seconds: float = 30.0
+    cors_origins: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    access_log: bool = True
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    anonymous_read: bool = False
+    anonymous_metrics: bool = False
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    fsync: bool = True
+    min_free_bytes: int = field(default=256 << 20, metadata=SIZE)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_blob_size: int = field(default=2 << 30, metadata=SIZE)
+
+
+@dataclass(frozen=True)
+class QuotaLimits:
+    max_bytes: int = field(default=50 << 30, metadata=SIZE)
+    max_blobs: int = 1_000_000
+    max_blob_size: int = field(default=2 << 30, metadata=SIZE)
+    max_monthly_upload_bytes: int = field(default=100 << 30, metadata=SIZE)
+
+
+@dataclass(frozen=True)
+class GcConfig:
+    grace_seconds: float = 0.0
+    sweep_interval_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class UploadsConfig:
+    session_ttl_seconds: float = 86400.0
+    max_sessions_per_owner: int = 100
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    require_audio: bool = False
+    allowed_types: list[str] = field(default_factory=lambda: [
+        "audio/mpeg", "audio/mp4", "audio/aac", "audio/ogg", "audio/opus",
+        "audio/flac", "audio/wav",
+    ])
+    probe_timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class MirrorConfig:
+    endpoint: str = ""
+    bucket: str = ""
+    prefix: str = "blobs"
+    access_key: str = ""
+    secret_key: str = ""
+    region: str = "us-east-1"
+    keep_deleted: bool = False
+    concurrency: int = 4
+    multipart_threshold: int = field(default=64 << 20, metadata=SIZE)
+    retry_max_seconds: float = 300.0
+    backup_interval_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    quotas: dict[str, QuotaLimits] = field(
+        default_factory=lambda: {"default": QuotaLimits()}
+    )
+    gc: GcConfig = field(default_factory=GcConfig)
+    uploads: UploadsConfig = field(default_factory=UploadsConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    mirror: MirrorConfig | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.server.data_dir)
+
+    def quota_for(self, owner: str) -> QuotaLimits:
+        """Limits from the config alone (per-owner table, else the default)."""
+        return self.quotas.get(owner, self.quotas["default"])
+
+    def replace(self, **sections: Any) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load a TOML file; ``None`` gives the embedded default."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    sections: dict[str, Any] = {}
+    hints = typing.get_type_hints(Config)
+    for name, value in raw.items():
+        if name not in hints:
+            raise ConfigError(f"{name}: unknown section")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a table")
+        if name == "quotas":
+            sections[name] = _load_quotas(value)
+        else:
+            cls = typing.get_args(hints[name])[0] if name == "mirror" else hints[name]
+            sections[name] = _load_section(cls, value, name)
+    config = Config(**sections)
+    _validate(config)
+    return config
+
+
+def _load_quotas(raw: dict[str, Any]) -> dict[str, QuotaLimits]:
+    default = _load_section(QuotaLimits, raw.get("default", {}), "quotas.default")
+    quotas = {"default": default}
+    for owner, table in raw.items():
+        if owner == "default":
+            continue
+        if not isinstance(table, dict):
+            raise ConfigError(f"quotas.{owner}: expected a table")
+        values = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
+        values.update(table)
+        quotas[owner] = _load_section(QuotaLimits, values, f"quotas.{owner}")
+    return quotas
+
+
+def _load_section(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{prefix}.{key}: unknown key")
+        try:
+            values[key] = _convert(value, hints[key], fields[key].metadata)
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}.{key}: {exc}") from None
+    return cls(**values)
+
+
+def _convert(value: Any, kind: Any, metadata: Any) -> Any:
+    if metadata.get("size"):
+        return parse_size(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("expected an integer")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("expected a number")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ValueError("expected a string")
+        return value
+    if typing.get_origin(kind) is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError("expected a list of strings")
+        return list(value)
+    raise ValueError(f"unsupported value {value!r}")
+
+
+def _validate(config: Config) -> None:
+    checks = [
+        (0 < config.server.port < 65536, "server.port: expected 1-65535"),
+        (config.server.workers >= 1, "server.workers: expected at least 1"),
+        (bool(config.server.tls_cert) == bool(config.server.tls_key),
+         "server.tls_cert: tls_cert and tls_key go together"),
+        (config.logging.level.lower() in ("debug", "info", "warning", "error"),
+         "logging.level: expected debug, info, warning or error"),
+        (config.gc.grace_seconds >= 0, "gc.grace_seconds: cannot be negative"),
+        (config.uploads.session_ttl_seconds > 0,
+         "uploads.session_ttl_seconds: expected a positive number"),
+    ]
+    if config.mirror is not None:
+        for key in ("endpoint", "bucket"):
+            checks.append((bool(getattr(config.mirror, key)),
+                           f"mirror.{key}: required when [mirror] is present"))
+        checks.append((config.mirror.concurrency >= 1,
+                       "mirror.concurrency: expected at least 1"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

@@ -1,0 +1,66 @@
+"""The error codes of the HTTP contract and the one exception every layer raises.
+
+The JSON body ``{"error": code, "message": text}`` and the status come from
+here alone; the HTTP error middleware renders a :class:`BlobdError` and
+nothing else builds error responses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+# code -> HTTP status, exactly as API.md lists them.
+STATUS: dict[str, int] = {
+    "invalid_hash": 400,
+    "digest_mismatch": 400,
+    "bad_request": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "conflict": 409,
+    "precondition_failed": 412,
+    "too_large": 413,
+    "unsupported_media_type": 415,
+    "bad_range": 416,
+    "locked": 423,
+    "internal": 500,
+    "unavailable": 503,
+    "quota_exceeded": 507,
+    "insufficient_storage": 507,
+}
+
+
+class BlobdError(Exception):
+    """A failure with a contract error code.
+
+    ``extra`` fields are merged into the JSON body (e.g. ``missing`` for an
+    incomplete upload); ``headers`` are added to the response (e.g.
+    ``Content-Range`` on 416). ``status`` overrides the code's usual status
+    for protocols that need their own (tus answers 460 on checksum mismatch).
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        extra: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        status: int | None = None,
+    ) -> None:
+        if code not in STATUS:
+            raise ValueError(f"unknown error code {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.extra = dict(extra or {})
+        self.headers = dict(headers or {})
+        self.status = status or STATUS[code]
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, **self.extra}
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the offending key."""

@@ -1,0 +1,175 @@
+"""Blocking file operations on the store; callers run each in a thread.
+
+Every function here is one whole operation, so one ``asyncio.to_thread``
+call covers it. Blobs enter their final place by hard link from a fsynced
+temp file and leave it by rename into tmp/ (see :mod:`blobd.layout`), both
+inside the index transaction, so the store never shows a partial file under
+a final name and a crash at any point is undone by :func:`recover_tmp`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import blake3
+
+from .errors import BlobdError
+from .layout import Layout, parse_tmp_name
+
+READ_SIZE = 1 << 20
+HEAD_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Digests:
+    blake3: str
+    sha256: str
+    size: int
+    head: bytes  # the first bytes, for content sniffing
+
+
+class BodyWriter:
+    """Writes a body to a new temp file while hashing it, in one pass."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        self._blake3 = blake3.blake3()
+        self._sha256 = hashlib.sha256()
+        self._size = 0
+        self._head = b""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+        # blake3 and hashlib release the GIL on large buffers: this runs in
+        # parallel with the event loop and with other uploads.
+        self._blake3.update(data)
+        self._sha256.update(data)
+        if len(self._head) < HEAD_SIZE:
+            self._head += bytes(data[: HEAD_SIZE - len(self._head)])
+        self._size += len(data)
+
+    def finish(self, fsync: bool) -> Digests:
+        try:
+            if fsync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+        return Digests(self._blake3.hexdigest(), self._sha256.hexdigest(),
+                       self._size, self._head)
+
+    def discard(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        remove_quietly(self.path)
+
+
+def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> Digests:
+    """Hash a whole file (upload sessions, fsck --verify, mirror heal)."""
+    b3, sha = blake3.blake3(), hashlib.sha256()
+    size, head = 0, b""
+    with open(path, "rb", buffering=0) as fh:
+        while chunk := fh.read(READ_SIZE):
+            b3.update(chunk)
+            sha.update(chunk)
+            if not head:
+                head = chunk[:HEAD_SIZE]
+            size += len(chunk)
+            if progress:
+                progress(len(chunk))
+    return Digests(b3.hexdigest(), sha.hexdigest(), size, head)
+
+
+def link_into_place(temp: Path, final: Path) -> None:
+    """Give a verified temp file its final name (the temp name stays)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(temp, final)
+    except FileExistsError:
+        # A file nobody indexed (an orphan, or damage): ours is verified.
+        os.unlink(final)
+        os.link(temp, final)
+
+
+def move_to_trash(final: Path, trash: Path) -> bool:
+    try:
+        os.rename(final, trash)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_quietly(*paths: Path) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def make_dirs(layout: Layout) -> None:
+    for directory in layout.directories():
+        directory.mkdir(parents=True, exist_ok=True)
+
+
+def free_bytes(path: Path) -> tuple[int, int]:
+    usage = shutil.disk_usage(path)
+    return usage.free, usage.total
+
+
+def is_same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except FileNotFoundError:
+        return False
+
+
+@dataclass(frozen=True)
+class TmpEntry:
+    path: Path
+    kind: str | None  # "put", "del" or None for a name we never make
+    digest: str | None
+
+
+def tmp_entries(layout: Layout) -> list[TmpEntry]:
+    entries = []
+    for entry in os.scandir(layout.tmp_dir):
+        parsed = parse_tmp_name(entry.name)
+        kind, digest = parsed if parsed else (None, None)
+        entries.append(TmpEntry(Path(entry.path), kind, digest))
+    return entries
+
+
+def restore_from_trash(trash: Path, final: Path) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(trash, final)
+
+
+def _storage_error(exc: OSError) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return BlobdError("insufficient_storage", "the disk is full")
+    return exc

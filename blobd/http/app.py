@@ -1,0 +1,62 @@
+"""The aiohttp application: middlewares, routes, and what runs beside them."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from .. import reaper
+from ..config import Config
+from ..store import Store
+from . import blobs, health, refs
+from .keys import STORE
+from .middleware import auth_middleware, error_middleware, no_expect_handler
+
+# Disk work runs in threads; the default pool (cores + 4) is too small when
+# many uploads and downloads each wait on a disk operation at once.
+THREADS = 32
+RESOURCES = (blobs, refs, health)
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(middlewares=[error_middleware, auth_middleware],
+                          client_max_size=1 << 20)
+    app[STORE] = Store(config)
+
+    def add(method: str, path: str, handler) -> None:  # type: ignore[no-untyped-def]
+        app.router.add_route(method, path, handler, expect_handler=no_expect_handler)
+        if method == "GET":
+            app.router.add_route("HEAD", path, handler, expect_handler=no_expect_handler)
+
+    for resource in RESOURCES:
+        resource.setup(app, add)
+    app.cleanup_ctx.append(_executor)
+    app.cleanup_ctx.append(_open_store)
+    app.cleanup_ctx.append(_sweeper)
+    return app
+
+
+async def _executor(app: web.Application) -> AsyncIterator[None]:
+    loop = asyncio.get_running_loop()
+    pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="blobd-io")
+    loop.set_default_executor(pool)
+    yield
+    pool.shutdown(wait=False)
+
+
+async def _open_store(app: web.Application) -> AsyncIterator[None]:
+    store = app[STORE]
+    await store.open()
+    yield
+    await store.close()
+
+
+async def _sweeper(app: web.Application) -> AsyncIterator[None]:
+    store = app[STORE]
+    task = asyncio.create_task(reaper.run_sweeper(store), name="blobd-sweeper")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,189 @@
+"""``/blobs``: store, serve, describe, list and release blobs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from .. import index, ingest, reaper
+from ..address import Address, parse_address, parse_ref_name
+from ..errors import BlobdError
+from ..index import BlobRecord
+from ..store import Store, shielded
+from .keys import STORE
+from .params import iso, page_params
+from .middleware import expects_continue, principal, requires, send_continue
+from .sendblob import BlobFile, open_blob, send_blob
+
+log = logging.getLogger(__name__)
+
+
+async def resolve(store: Store, address: Address) -> BlobRecord | None:
+    """The live blob an address names, through the sha256 alias if need be."""
+    digest: str | None = address.digest
+    if not address.is_blake3:
+        digest = await index.hash_for_sha256(store.db.reader, address.digest)
+    blob = await index.get_blob(store.db.reader, digest) if digest else None
+    return blob if blob is not None and blob.live else None
+
+
+async def resolve_or_404(store: Store, address: Address) -> BlobRecord:
+    blob = await resolve(store, address)
+    if blob is None:
+        raise BlobdError("not_found", f"no blob {address}")
+    return blob
+
+
+async def upload_limit(store: Store, owner: str, declared: int | None) -> int:
+    """The most bytes this owner may send now; checked before any is read."""
+    limits = await index.limits_for(store.db.reader, owner, store.config.quota_for(owner))
+    limit = min(limits.max_blob_size, store.config.limits.max_blob_size)
+    if declared is not None:
+        index.check_blob_size(declared, limits, store.config.limits.max_blob_size)
+        used = await index.usage(store.db.reader, owner)
+        if used["monthly_upload_bytes"] + declared > limits.max_monthly_upload_bytes:
+            raise BlobdError("quota_exceeded", "quota max_monthly_upload_bytes"
+                             f" ({limits.max_monthly_upload_bytes} bytes) would be exceeded")
+        await store.check_free_space(declared)
+    return limit
+
+
+def stored_response(stored: ingest.Stored, *, close: bool = False) -> web.Response:
+    headers = {"Location": f"/blobs/{stored.blob.hash}"}
+    if close:
+        # The body was never read; don't let it arrive on a reused connection.
+        headers["Connection"] = "close"
+    return web.json_response(stored.to_json(), status=201 if stored.created else 200,
+                             headers=headers)
+
+
+@requires("write", defer_continue=True)
+async def put_blob(request: web.Request) -> web.StreamResponse:
+    store = request.app[STORE]
+    address = parse_address(request.match_info["address"])
+    ref = _blob_ref(request)
+    owner = principal(request).owner
+    if expects_continue(request):
+        known = await resolve_any(store, address)
+        if known is not None:
+            stored = await ingest.add_existing(store, known, owner, ref)
+            if stored is not None:
+                return stored_response(stored, close=True)
+    return await _receive_and_commit(request, store, owner, ref, address)
+
+
+@requires("write", defer_continue=True)
+async def post_blob(request: web.Request) -> web.StreamResponse:
+    store = request.app[STORE]
+    ref = _blob_ref(request)
+    return await _receive_and_commit(request, store, principal(request).owner, ref, None)
+
+
+async def _receive_and_commit(request: web.Request, store: Store, owner: str,
+                              ref: str | None, address: Address | None) -> web.Response:
+    declared = request.content_length
+    limit = await upload_limit(store, owner, declared)
+    await send_continue(request)
+    received = await ingest.receive(store, request.content.iter_any(), limit=limit,
+                                    declared=declared)
+    stored = await ingest.commit_file(store, received, owner=owner, ref=ref,
+                                      content_type=request.headers.get("Content-Type"),
+                                      expected=address)
+    return stored_response(stored)
+
+
+async def resolve_any(store: Store, address: Address) -> str | None:
+    """The digest of a stored blob (live or in its grace period), if any."""
+    if address.is_blake3:
+        return address.digest
+    return await index.hash_for_sha256(store.db.reader, address.digest)
+
+
+def _blob_ref(request: web.Request) -> str | None:
+    value = request.headers.get("Blob-Ref")
+    return parse_ref_name(value) if value is not None else None
+
+
+@requires("read", anonymous_read=True)
+async def get_blob(request: web.Request) -> web.StreamResponse:
+    store = request.app[STORE]
+    blob = await resolve_or_404(store, parse_address(request.match_info["address"]))
+    path = store.layout.blob_path(blob.hash)
+    fobj = await asyncio.to_thread(open_blob, path, blob.size)
+    if fobj is None:
+        log.error("blob %s is indexed but its file is missing or damaged", blob.hash)
+        raise BlobdError("internal", "the blob's file is missing or damaged;"
+                         " run blobd fsck")
+    try:
+        return await send_blob(request, BlobFile(path, blob.hash, blob.size,
+                                                 blob.content_type, blob.created_at), fobj)
+    finally:
+        await asyncio.to_thread(fobj.close)
+
+
+@requires("read", anonymous_read=True)
+async def get_meta(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    blob = await resolve_or_404(store, parse_address(request.match_info["address"]))
+    return web.json_response(meta_json(blob))
+
+
+def meta_json(blob: BlobRecord) -> dict[str, Any]:
+    return {"hash": blob.hash, "sha256": blob.sha256, "size": blob.size,
+            "content_type": blob.content_type, "created_at": iso(blob.created_at),
+            "refcount": blob.refcount, "audio": blob.audio,
+            "mirror": {"state": blob.mirror_state}}
+
+
+@requires("write")
+async def delete_blob(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    address = parse_address(request.match_info["address"])
+    owner = principal(request).owner
+    digest = await resolve_any(store, address)
+
+    async def run() -> int:
+        async with store.write() as tx:
+            dropped, zeroed = await index.drop_blob_refs(tx.conn, owner, digest or "",
+                                                         time.time())
+            await reaper.release_zeroed(store, tx, zeroed)
+            return dropped
+
+    if digest is None or not await shielded(run()):
+        raise BlobdError("not_found", f"you hold no reference to {address}")
+    return web.Response(status=204)
+
+
+@requires("read")
+async def list_blobs(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    limit, after = page_params(request)
+    try:
+        cursor = int(after) if after else None
+    except ValueError:
+        raise BlobdError("bad_request", "after: not a cursor from this listing") from None
+    rows = await index.list_holdings(store.db.reader, principal(request).owner,
+                                     limit, cursor)
+    blobs = [{"hash": r["hash"], "size": r["size"], "content_type": r["content_type"],
+              "created_at": iso(r["created_at"])} for r in rows]
+    next_cursor = str(rows[-1]["id"]) if len(rows) == limit else None
+    return web.json_response({"blobs": blobs, "next": next_cursor})
+
+
+@requires(None)
+async def bad_address(request: web.Request) -> web.Response:
+    raise BlobdError("invalid_hash", "not a blob address")
+
+
+def setup(app: web.Application, add: Any) -> None:
+    add("PUT", "/blobs/{address}", put_blob)
+    add("GET", "/blobs/{address}", get_blob)
+    add("DELETE", "/blobs/{address}", delete_blob)
+    add("GET", "/blobs/{address}/meta", get_meta)
+    add("GET", "/blobs", list_blobs)
+    add("POST", "/blobs", post_blob)
+    add("*", "/blobs/{tail:.*}", bad_address)

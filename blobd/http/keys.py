@@ -1,0 +1,13 @@
+"""Typed keys for what the application and requests carry."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..auth import Principal
+from ..store import Store
+
+STORE = web.AppKey("store", Store)
+PRINCIPAL = "blobd_principal"  # request key: the authenticated caller
+
+__all__ = ["STORE", "PRINCIPAL", "Principal"]

@@ -1,0 +1,119 @@
+"""Request plumbing shared by every route: errors, auth, ``Expect``.
+
+Handlers declare what they need with :func:`requires`; the auth middleware
+enforces it and leaves the caller's :class:`Principal` on the request. The
+error middleware is the only place that turns failures into responses.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.http import HttpVersion11
+
+from .. import auth
+from ..errors import STATUS, BlobdError
+from .keys import PRINCIPAL, STORE
+
+log = logging.getLogger("blobd.http")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_CONTINUE_SENT = "blobd_continue_sent"
+_CODE_BY_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "too_large",
+                   415: "unsupported_media_type", 416: "bad_range", 412: "precondition_failed"}
+
+
+def requires(scope: str | None, *, anonymous_read: bool = False,
+             defer_continue: bool = False) -> Callable[[Handler], Handler]:
+    """Declare a handler's scope (None = public). ``anonymous_read`` lets
+    ``[auth] anonymous_read`` waive the token; ``defer_continue`` means the
+    handler answers ``Expect: 100-continue`` itself."""
+    def mark(handler: Handler) -> Handler:
+        handler.blobd_scope = scope  # type: ignore[attr-defined]
+        handler.blobd_anonymous_read = anonymous_read  # type: ignore[attr-defined]
+        handler.blobd_defer_continue = defer_continue  # type: ignore[attr-defined]
+        return handler
+    return mark
+
+
+def principal(request: web.Request) -> auth.Principal:
+    return request[PRINCIPAL]
+
+
+async def no_expect_handler(request: web.Request) -> None:
+    """Route-level expect handler: 100 Continue is sent only after auth
+    (see :func:`send_continue`), so a rejected upload is never sent."""
+
+
+async def send_continue(request: web.Request) -> None:
+    """Tell a client waiting on ``Expect: 100-continue`` to send the body."""
+    expect = request.headers.get("Expect", "")
+    if request.get(_CONTINUE_SENT) or not expect:
+        return
+    if expect.lower() != "100-continue" or request.version != HttpVersion11:
+        raise BlobdError("bad_request", f"cannot meet Expect: {expect}", status=417)
+    request[_CONTINUE_SENT] = True
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0
+
+
+def expects_continue(request: web.Request) -> bool:
+    return request.headers.get("Expect", "").lower() == "100-continue" and not request.get(
+        _CONTINUE_SENT)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except BlobdError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _CODE_BY_STATUS.get(exc.status, "bad_request")
+        err = BlobdError(code, exc.reason, status=exc.status,
+                         headers={k: v for k, v in exc.headers.items() if k == "Allow"})
+        return error_response(err)
+    except (ConnectionResetError, OSError) as exc:
+        if request.transport is None or request.transport.is_closing():
+            log.info("%s %s: client went away (%s)", request.method, request.path, exc)
+            raise
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(BlobdError("internal", "internal server error"))
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(BlobdError("internal", "internal server error"))
+
+
+def error_response(exc: BlobdError) -> web.Response:
+    response = web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="blobd"'
+    return response
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    route_handler: Any = request.match_info.handler
+    scope = getattr(route_handler, "blobd_scope", None)
+    if scope is not None:
+        store = request.app[STORE]
+        token = auth.bearer_token(request.headers.get("Authorization"))
+        found = await auth.authenticate(store.db.reader, token) if token else None
+        if found is None:
+            anonymous_ok = (getattr(route_handler, "blobd_anonymous_read", False)
+                            and store.config.auth.anonymous_read and token is None)
+            if not anonymous_ok:
+                raise BlobdError("unauthorized", "a valid bearer token is required")
+            found = auth.Principal("anonymous", frozenset({"read"}))
+        if not found.allows(scope):
+            raise BlobdError("forbidden", f"this token lacks the {scope!r} scope")
+        request[PRINCIPAL] = found
+    if not getattr(route_handler, "blobd_defer_continue", False):
+        await send_continue(request)
+    return await handler(request)
+
+
+assert set(_CODE_BY_STATUS.values()) <= set(STATUS)

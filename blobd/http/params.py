@@ -1,0 +1,42 @@
+"""Reading request parameters and JSON bodies; writing timestamps."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+from aiohttp import web
+
+from ..errors import BlobdError
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+
+
+def page_params(request: web.Request) -> tuple[int, str | None]:
+    raw = request.query.get("limit", str(DEFAULT_LIMIT))
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise BlobdError("bad_request", f"limit: expected an integer from 1 to {MAX_LIMIT}")
+    return int(raw), request.query.get("after") or None
+
+
+def iso(timestamp: float) -> str:
+    """ISO 8601 UTC with a Z, as every timestamp in the API."""
+    moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def read_json(request: web.Request, max_bytes: int = 64 * 1024) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise BlobdError("too_large", f"a JSON body is at most {max_bytes} bytes")
+    raw = await request.content.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise BlobdError("too_large", f"a JSON body is at most {max_bytes} bytes")
+    try:
+        body = json.loads(raw or b"null")
+    except ValueError:
+        raise BlobdError("bad_request", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BlobdError("bad_request", "the body must be a JSON object")
+    return body

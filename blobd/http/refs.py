@@ -1,0 +1,98 @@
+"""``/refs``: named references, private to their owner."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from .. import index, reaper
+from ..address import parse_address, parse_ref_name
+from ..errors import BlobdError
+from ..store import shielded
+from .keys import STORE
+from .params import iso, page_params, read_json
+from .middleware import principal, requires
+
+
+def ref_json(row: Any) -> dict[str, Any]:
+    return {"name": row["name"], "hash": row["hash"], "size": row["size"],
+            "created_at": iso(row["created_at"])}
+
+
+@requires("write")
+async def put_ref(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    name = parse_ref_name(request.match_info["name"])
+    body = await read_json(request)
+    if not isinstance(body.get("hash"), str):
+        raise BlobdError("bad_request", 'expected {"hash": "<address>"}')
+    address = parse_address(body["hash"])
+    owner = principal(request).owner
+
+    async def run() -> None:
+        async with store.write() as tx:
+            # A blob in its grace period counts as existing: the new name revives it.
+            digest: str | None = address.digest
+            if not address.is_blake3:
+                digest = await index.hash_for_sha256(tx.conn, address.digest)
+            blob = await index.get_blob(tx.conn, digest) if digest else None
+            if blob is None:
+                raise BlobdError("not_found", f"no blob {address}")
+            zeroed = await index.add_ref(tx.conn, owner, name, blob,
+                                         store.config.quota_for(owner), time.time())
+            await reaper.release_zeroed(store, tx, zeroed)
+
+    await shielded(run())
+    row = await index.get_ref(store.db.reader, owner, name)
+    return web.json_response(ref_json(row))
+
+
+@requires("read")
+async def get_ref(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    name = parse_ref_name(request.match_info["name"])
+    row = await index.get_ref(store.db.reader, principal(request).owner, name)
+    if row is None:
+        raise BlobdError("not_found", f"no reference {name}")
+    return web.json_response(ref_json(row))
+
+
+@requires("read")
+async def list_refs(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    limit, after = page_params(request)
+    prefix = request.query.get("prefix", "")
+    if prefix:
+        parse_ref_name(prefix)
+    rows = await index.list_refs(store.db.reader, principal(request).owner, prefix,
+                                 limit, after)
+    next_cursor = rows[-1]["name"] if len(rows) == limit else None
+    return web.json_response({"refs": [ref_json(r) for r in rows], "next": next_cursor})
+
+
+@requires("write")
+async def delete_ref(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    name = parse_ref_name(request.match_info["name"])
+    owner = principal(request).owner
+
+    async def run() -> bool:
+        async with store.write() as tx:
+            zeroed = await index.drop_ref(tx.conn, owner, name, time.time())
+            if zeroed is None:
+                return False
+            await reaper.release_zeroed(store, tx, zeroed)
+            return True
+
+    if not await shielded(run()):
+        raise BlobdError("not_found", f"no reference {name}")
+    return web.Response(status=204)
+
+
+def setup(app: web.Application, add: Any) -> None:
+    add("PUT", "/refs/{name}", put_ref)
+    add("GET", "/refs/{name}", get_ref)
+    add("DELETE", "/refs/{name}", delete_ref)
+    add("GET", "/refs", list_refs)

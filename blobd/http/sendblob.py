@@ -1,0 +1,153 @@
+"""Serving a blob file: conditional requests, one byte range, sendfile.
+
+``web.FileResponse`` is close, but its ETag is ``mtime-size`` (ours must be
+the hash, and stable across restores and heals) and its 416 has no JSON
+body; so this module does the RFC 9110 logic itself and then hands the open
+file to ``loop.sendfile`` exactly as FileResponse does, falling back to
+chunked reads in a thread where sendfile is unavailable (TLS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from aiohttp import web
+
+from ..errors import BlobdError
+
+CACHE_CONTROL = "public, max-age=31536000, immutable"
+_FALLBACK_CHUNK = 256 * 1024
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+@dataclass(frozen=True)
+class BlobFile:
+    path: Path
+    digest: str
+    size: int
+    content_type: str
+    created_at: float
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The (start, count) of a single byte range, per RFC 9110 section 14.1.2.
+
+    None means "send the whole blob": no header, or one we may ignore
+    (another unit, several ranges, bad syntax). Unsatisfiable ranges raise
+    416 with ``Content-Range: bytes */size`` (section 15.5.17).
+    """
+    if not header:
+        return None
+    match = _RANGE.fullmatch(header.strip())
+    if match is None or (not match[1] and not match[2]):
+        return None
+    first, last = match[1], match[2]
+    if first:
+        start = int(first)
+        end = min(int(last), size - 1) if last else size - 1
+        if last and int(last) < start:
+            return None  # an invalid range-spec: ignore the header
+        if start >= size:
+            raise _unsatisfiable(size)
+        return start, end - start + 1
+    suffix = int(last)
+    if suffix == 0 or size == 0:
+        raise _unsatisfiable(size)
+    count = min(suffix, size)
+    return size - count, count
+
+
+def _unsatisfiable(size: int) -> BlobdError:
+    return BlobdError("bad_range", f"range not satisfiable for a {size}-byte blob",
+                      headers={"Content-Range": f"bytes */{size}"})
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    """Weak comparison (RFC 9110 section 8.8.3.2), as If-None-Match uses."""
+    if header.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == etag for tag in header.split(","))
+
+
+def _range_applies(request: web.Request, etag: str, created_at: float) -> bool:
+    """If-Range (RFC 9110 section 13.1.5): a strong ETag or a date."""
+    if_range = request.headers.get("If-Range")
+    if if_range is None:
+        return True
+    if if_range.startswith('"'):
+        return if_range.strip() == etag
+    parsed = email.utils.parsedate_to_datetime(if_range) if if_range else None
+    return parsed is not None and parsed.timestamp() >= int(created_at)
+
+
+async def send_blob(request: web.Request, blob: BlobFile, fobj: BinaryIO) -> web.StreamResponse:
+    """Answer GET/HEAD from an open file; the caller closes ``fobj``."""
+    etag = f'"{blob.digest}"'
+    headers = {
+        "ETag": etag, "Cache-Control": CACHE_CONTROL, "Accept-Ranges": "bytes",
+        "Last-Modified": email.utils.formatdate(blob.created_at, usegmt=True),
+    }
+    if_none_match = request.headers.get("If-None-Match")
+    if if_none_match is not None and _etag_matches(if_none_match, etag):
+        return web.Response(status=304, headers=headers)
+    wanted = None
+    if _range_applies(request, etag, blob.created_at):
+        wanted = parse_range(request.headers.get("Range"), blob.size)
+    start, count = wanted if wanted is not None else (0, blob.size)
+    status = 200
+    if wanted is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{start + count - 1}/{blob.size}"
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_type = blob.content_type
+    response.content_length = count
+    await response.prepare(request)
+    if request.method != "HEAD" and count:
+        await _send_bytes(request, response, fobj, start, count)
+    await response.write_eof()
+    return response
+
+
+async def _send_bytes(request: web.Request, response: web.StreamResponse,
+                      fobj: BinaryIO, start: int, count: int) -> None:
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("client went away")
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sendfile(transport, fobj, start, count)
+        return
+    except NotImplementedError:
+        pass
+    offset = start
+    while count > 0:
+        chunk = await asyncio.to_thread(os.pread, fobj.fileno(),
+                                        min(_FALLBACK_CHUNK, count), offset)
+        if not chunk:
+            raise OSError(f"{blob_name(fobj)} ended early")
+        await response.write(chunk)
+        offset += len(chunk)
+        count -= len(chunk)
+
+
+def blob_name(fobj: BinaryIO) -> str:
+    return os.path.basename(getattr(fobj, "name", "blob"))
+
+
+def open_blob(path: Path, size: int) -> BinaryIO | None:
+    """Open a blob file for serving; None when it is missing or the wrong
+    size (damage the caller reports or heals). Runs in a thread."""
+    try:
+        fobj = open(path, "rb")
+    except FileNotFoundError:
+        return None
+    if os.fstat(fobj.fileno()).st_size != size:
+        fobj.close()
+        return None
+    return fobj

@@ -1,0 +1,322 @@
+"""Every SQL statement about blobs, references, holdings, owners and counters.
+
+Functions take a connection: the write transaction's for changes, the read
+connection for lookups. Invariants kept here, inside each transaction:
+
+* ``blobs.refcount`` = number of ``refs`` rows naming the blob, all owners;
+* one ``holdings`` row per (owner, blob) with ``refs`` = that owner's refs;
+* ``owners.used_bytes`` / ``used_blobs`` = sum over the owner's holdings.
+
+Quota limits are checked where a holding is created, in the same
+transaction, so concurrent uploads can never push an owner over a limit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiosqlite
+
+from .config import QuotaLimits
+from .errors import BlobdError
+
+LIMIT_KEYS = ("max_bytes", "max_blobs", "max_blob_size", "max_monthly_upload_bytes")
+
+
+@dataclass(frozen=True)
+class BlobRecord:
+    hash: str
+    sha256: str
+    size: int
+    content_type: str
+    created_at: float
+    refcount: int = 0
+    zero_at: float | None = None
+    audio: dict[str, Any] | None = None
+    mirror_state: str = "off"
+
+    @classmethod
+    def from_row(cls, row: aiosqlite.Row) -> "BlobRecord":
+        audio = json.loads(row["audio"]) if row["audio"] else None
+        return cls(row["hash"], row["sha256"], row["size"], row["content_type"],
+                   row["created_at"], row["refcount"], row["zero_at"], audio,
+                   row["mirror_state"])
+
+    @property
+    def live(self) -> bool:
+        """Referenced by someone; a blob at zero is waiting for deletion."""
+        return self.refcount > 0
+
+
+async def _one(conn: aiosqlite.Connection, sql: str, *params: Any) -> aiosqlite.Row | None:
+    async with conn.execute(sql, params) as cur:
+        return await cur.fetchone()
+
+
+async def _all(conn: aiosqlite.Connection, sql: str, *params: Any) -> list[aiosqlite.Row]:
+    async with conn.execute(sql, params) as cur:
+        return list(await cur.fetchall())
+
+
+# -- blobs -------------------------------------------------------------------
+
+async def get_blob(conn: aiosqlite.Connection, digest: str) -> BlobRecord | None:
+    row = await _one(conn, "SELECT * FROM blobs WHERE hash = ?", digest)
+    return BlobRecord.from_row(row) if row else None
+
+
+async def hash_for_sha256(conn: aiosqlite.Connection, sha256: str) -> str | None:
+    row = await _one(conn, "SELECT hash FROM blobs WHERE sha256 = ?", sha256)
+    return row["hash"] if row else None
+
+
+async def insert_blob(conn: aiosqlite.Connection, blob: BlobRecord) -> None:
+    await conn.execute(
+        "INSERT INTO blobs (hash, sha256, size, content_type, created_at, refcount,"
+        " audio, mirror_state) VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
+        (blob.hash, blob.sha256, blob.size, blob.content_type, blob.created_at,
+         json.dumps(blob.audio) if blob.audio else None, blob.mirror_state),
+    )
+
+
+async def delete_blob(conn: aiosqlite.Connection, digest: str) -> bool:
+    """Remove the row of a blob nobody references; False if it was revived."""
+    cur = await conn.execute(
+        "DELETE FROM blobs WHERE hash = ? AND refcount = 0", (digest,))
+    return cur.rowcount == 1
+
+
+async def blobs_due_for_deletion(conn: aiosqlite.Connection, zero_before: float,
+                                 limit: int = 500) -> list[str]:
+    rows = await _all(conn, "SELECT hash FROM blobs WHERE zero_at IS NOT NULL"
+                      " AND zero_at <= ? AND refcount = 0 LIMIT ?", zero_before, limit)
+    return [r["hash"] for r in rows]
+
+
+async def set_mirror_state(conn: aiosqlite.Connection, digest: str, state: str) -> None:
+    await conn.execute("UPDATE blobs SET mirror_state = ? WHERE hash = ?", (state, digest))
+
+
+# -- owners and quotas -------------------------------------------------------
+
+def current_month(now: float | None = None) -> str:
+    return time.strftime("%Y-%m", time.gmtime(now if now is not None else time.time()))
+
+
+async def owner_row(conn: aiosqlite.Connection, owner: str) -> aiosqlite.Row:
+    """The owner's row, created on first use, with the monthly counter rolled."""
+    month = current_month()
+    await conn.execute(
+        "INSERT INTO owners (owner, upload_month) VALUES (?, ?)"
+        " ON CONFLICT(owner) DO UPDATE SET upload_month = excluded.upload_month,"
+        " monthly_upload_bytes = 0 WHERE owners.upload_month != excluded.upload_month",
+        (owner, month),
+    )
+    row = await _one(conn, "SELECT * FROM owners WHERE owner = ?", owner)
+    assert row is not None
+    return row
+
+
+def effective_limits(row: aiosqlite.Row | None, default: QuotaLimits) -> QuotaLimits:
+    values = {k: getattr(default, k) for k in LIMIT_KEYS}
+    if row is not None:
+        values.update({k: row[k] for k in LIMIT_KEYS if row[k] is not None})
+    return QuotaLimits(**values)
+
+
+async def limits_for(conn: aiosqlite.Connection, owner: str,
+                     default: QuotaLimits) -> QuotaLimits:
+    row = await _one(conn, "SELECT * FROM owners WHERE owner = ?", owner)
+    return effective_limits(row, default)
+
+
+async def set_owner_limits(conn: aiosqlite.Connection, owner: str,
+                           changes: dict[str, int | None]) -> None:
+    await owner_row(conn, owner)
+    for key, value in changes.items():
+        if key not in LIMIT_KEYS:
+            raise ValueError(key)
+        await conn.execute(f"UPDATE owners SET {key} = ? WHERE owner = ?", (value, owner))
+
+
+async def usage(conn: aiosqlite.Connection, owner: str) -> dict[str, int]:
+    row = await _one(conn, "SELECT * FROM owners WHERE owner = ?", owner)
+    if row is None:
+        return {"used_bytes": 0, "used_blobs": 0, "reserved_bytes": 0,
+                "monthly_upload_bytes": 0}
+    monthly = row["monthly_upload_bytes"] if row["upload_month"] == current_month() else 0
+    return {"used_bytes": row["used_bytes"], "used_blobs": row["used_blobs"],
+            "reserved_bytes": row["reserved_bytes"], "monthly_upload_bytes": monthly}
+
+
+def check_blob_size(size: int, limits: QuotaLimits, server_max: int) -> None:
+    limit = min(limits.max_blob_size, server_max)
+    if size > limit:
+        raise BlobdError("too_large", f"{size} bytes is over max_blob_size ({limit} bytes)")
+
+
+def check_room(row: aiosqlite.Row, limits: QuotaLimits, add_bytes: int,
+               add_blobs: int) -> None:
+    """Raise quota_exceeded if adding this much would pass a limit."""
+    if add_blobs and row["used_blobs"] + add_blobs > limits.max_blobs:
+        raise BlobdError("quota_exceeded",
+                         f"quota max_blobs ({limits.max_blobs}) would be exceeded")
+    if add_bytes and (row["used_bytes"] + row["reserved_bytes"] + add_bytes
+                      > limits.max_bytes):
+        raise BlobdError("quota_exceeded",
+                         f"quota max_bytes ({limits.max_bytes} bytes) would be exceeded")
+
+
+async def charge_upload(conn: aiosqlite.Connection, owner: str, nbytes: int,
+                        default: QuotaLimits) -> None:
+    """Count bytes received this month against max_monthly_upload_bytes."""
+    row = await owner_row(conn, owner)
+    limits = effective_limits(row, default)
+    if row["monthly_upload_bytes"] + nbytes > limits.max_monthly_upload_bytes:
+        raise BlobdError(
+            "quota_exceeded",
+            f"quota max_monthly_upload_bytes ({limits.max_monthly_upload_bytes} bytes)"
+            " would be exceeded")
+    await conn.execute(
+        "UPDATE owners SET monthly_upload_bytes = monthly_upload_bytes + ?"
+        " WHERE owner = ?", (nbytes, owner))
+
+
+async def reserve(conn: aiosqlite.Connection, owner: str, nbytes: int) -> None:
+    """Move bytes in (positive) or out (negative) of the owner's reservation."""
+    await owner_row(conn, owner)
+    await conn.execute(
+        "UPDATE owners SET reserved_bytes = MAX(0, reserved_bytes + ?) WHERE owner = ?",
+        (nbytes, owner))
+
+
+# -- references --------------------------------------------------------------
+
+async def get_ref(conn: aiosqlite.Connection, owner: str, name: str) -> aiosqlite.Row | None:
+    return await _one(conn, "SELECT r.name, r.hash, r.created_at, b.size FROM refs r"
+                      " JOIN blobs b ON b.hash = r.hash WHERE r.owner = ? AND r.name = ?",
+                      owner, name)
+
+
+async def add_ref(conn: aiosqlite.Connection, owner: str, name: str, blob: BlobRecord,
+                  default: QuotaLimits, now: float) -> list[str]:
+    """Point ``owner``'s ``name`` at ``blob``; idempotent.
+
+    Returns the digests whose refcount fell to zero because the name was
+    re-pointed away from them (the caller deletes or schedules them).
+    """
+    old = await _one(conn, "SELECT hash FROM refs WHERE owner = ? AND name = ?", owner, name)
+    if old is not None and old["hash"] == blob.hash:
+        return []
+    await _hold(conn, owner, blob, default, now)
+    if old is None:
+        await conn.execute("INSERT INTO refs (owner, name, hash, created_at)"
+                           " VALUES (?, ?, ?, ?)", (owner, name, blob.hash, now))
+    else:
+        await conn.execute("UPDATE refs SET hash = ?, created_at = ? WHERE owner = ?"
+                           " AND name = ?", (blob.hash, now, owner, name))
+    await conn.execute("UPDATE blobs SET refcount = refcount + 1, zero_at = NULL"
+                       " WHERE hash = ?", (blob.hash,))
+    if old is None:
+        return []
+    return await _release(conn, owner, old["hash"], 1, now)
+
+
+async def _hold(conn: aiosqlite.Connection, owner: str, blob: BlobRecord,
+                default: QuotaLimits, now: float) -> None:
+    held = await conn.execute("UPDATE holdings SET refs = refs + 1 WHERE owner = ?"
+                              " AND hash = ?", (owner, blob.hash))
+    if held.rowcount:
+        return
+    row = await owner_row(conn, owner)
+    limits = effective_limits(row, default)
+    check_blob_size(blob.size, limits, limits.max_blob_size)
+    check_room(row, limits, blob.size, 1)
+    await conn.execute("INSERT INTO holdings (owner, hash, refs, created_at)"
+                       " VALUES (?, ?, 1, ?)", (owner, blob.hash, now))
+    await conn.execute("UPDATE owners SET used_bytes = used_bytes + ?,"
+                       " used_blobs = used_blobs + 1 WHERE owner = ?", (blob.size, owner))
+
+
+async def _release(conn: aiosqlite.Connection, owner: str, digest: str, count: int,
+                   now: float) -> list[str]:
+    await conn.execute("UPDATE holdings SET refs = refs - ? WHERE owner = ? AND hash = ?",
+                       (count, owner, digest))
+    gone = await conn.execute("DELETE FROM holdings WHERE owner = ? AND hash = ?"
+                              " AND refs <= 0", (owner, digest))
+    if gone.rowcount:
+        await conn.execute(
+            "UPDATE owners SET used_bytes = used_bytes - (SELECT size FROM blobs"
+            " WHERE hash = ?), used_blobs = used_blobs - 1 WHERE owner = ?",
+            (digest, owner))
+    await conn.execute("UPDATE blobs SET refcount = refcount - ? WHERE hash = ?",
+                       (count, digest))
+    row = await _one(conn, "SELECT refcount FROM blobs WHERE hash = ?", digest)
+    if row is not None and row["refcount"] <= 0:
+        await conn.execute("UPDATE blobs SET refcount = 0, zero_at = ? WHERE hash = ?",
+                           (now, digest))
+        return [digest]
+    return []
+
+
+async def drop_blob_refs(conn: aiosqlite.Connection, owner: str, digest: str,
+                         now: float) -> tuple[int, list[str]]:
+    """Drop all of the owner's references to a blob: (dropped, digests at zero)."""
+    cur = await conn.execute("DELETE FROM refs WHERE owner = ? AND hash = ?", (owner, digest))
+    if not cur.rowcount:
+        return 0, []
+    return cur.rowcount, await _release(conn, owner, digest, cur.rowcount, now)
+
+
+async def drop_ref(conn: aiosqlite.Connection, owner: str, name: str,
+                   now: float) -> list[str] | None:
+    """Drop one named reference; None when it does not exist."""
+    row = await _one(conn, "SELECT hash FROM refs WHERE owner = ? AND name = ?", owner, name)
+    if row is None:
+        return None
+    await conn.execute("DELETE FROM refs WHERE owner = ? AND name = ?", (owner, name))
+    return await _release(conn, owner, row["hash"], 1, now)
+
+
+async def list_holdings(conn: aiosqlite.Connection, owner: str, limit: int,
+                        after: int | None) -> list[aiosqlite.Row]:
+    return await _all(
+        conn, "SELECT h.id, h.hash, h.created_at, b.size, b.content_type FROM holdings h"
+        " JOIN blobs b ON b.hash = h.hash WHERE h.owner = ? AND h.id < ?"
+        " ORDER BY h.id DESC LIMIT ?", owner, after if after is not None else 1 << 62, limit)
+
+
+async def list_refs(conn: aiosqlite.Connection, owner: str, prefix: str, limit: int,
+                    after: str | None) -> list[aiosqlite.Row]:
+    # Names use only [A-Za-z0-9._:@-], so prefix || char(0x7f) bounds the range.
+    return await _all(
+        conn, "SELECT r.name, r.hash, r.created_at, b.size FROM refs r"
+        " JOIN blobs b ON b.hash = r.hash WHERE r.owner = ? AND r.name >= ?"
+        " AND r.name < ? AND r.name > ? ORDER BY r.name LIMIT ?",
+        owner, prefix, prefix + "\x7f", after or "", limit)
+
+
+# -- counters ----------------------------------------------------------------
+
+async def bump(conn: aiosqlite.Connection, **deltas: int) -> None:
+    for name, delta in deltas.items():
+        if delta:
+            await conn.execute(
+                "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name)"
+                " DO UPDATE SET value = value + excluded.value", (name, delta))
+
+
+async def counters(conn: aiosqlite.Connection) -> dict[str, int]:
+    return {r["name"]: r["value"] for r in await _all(conn, "SELECT * FROM counters")}
+
+
+# -- mirror outbox -----------------------------------------------------------
+
+async def enqueue_mirror(conn: aiosqlite.Connection, digest: str, op: str,
+                         now: float) -> None:
+    """Queue a mirror upload or deletion in the caller's transaction."""
+    await conn.execute("INSERT INTO mirror_queue (hash, op, enqueued_at, next_at)"
+                       " VALUES (?, ?, ?, ?)", (digest, op, now, now))

@@ -1,0 +1,182 @@
+"""The one commit pipeline: every blob enters the store through here.
+
+PUT, POST, completed upload sessions and tus uploads all end in
+:func:`commit_file`: a fully received, fsynced file that is verified against
+the address the client claimed, then, in one index transaction, recorded,
+referenced for the caller (quota checked in the same transaction) and
+hard-linked into its final place. A failure at any step removes the temp
+file and leaves the index untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from . import describe, files, index, reaper
+from .address import Address
+from .errors import BlobdError
+from .files import Digests
+from .index import BlobRecord
+from .store import Store, Tx, shielded
+
+# Bodies are handed to a writer thread in pieces of this size: large enough
+# that the hop to the thread is noise, small enough to keep memory flat.
+WRITE_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Received:
+    path: Path
+    digests: Digests
+
+
+@dataclass(frozen=True)
+class Stored:
+    blob: BlobRecord
+    created: bool
+    ref: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"hash": self.blob.hash, "sha256": self.blob.sha256,
+                "size": self.blob.size, "content_type": self.blob.content_type,
+                "created": self.created, "ref": self.ref}
+
+
+async def receive(store: Store, chunks: AsyncIterator[bytes], *, limit: int,
+                  declared: int | None = None) -> Received:
+    """Stream a body to a temp file, hashing it; enforce ``limit`` as it comes.
+
+    The next network read overlaps with the previous chunk's write and hash
+    in a thread. On any failure the temp file is gone.
+    """
+    path = store.layout.new_temp_path()
+    writer = await asyncio.to_thread(files.BodyWriter, path)
+    try:
+        total, pending, buf = 0, None, bytearray()
+        async for chunk in chunks:
+            total += len(chunk)
+            if total > limit:
+                raise BlobdError("too_large", f"body is over the {limit}-byte limit")
+            buf += chunk
+            if len(buf) >= WRITE_CHUNK:
+                if pending is not None:
+                    await pending
+                data, buf = buf, bytearray()
+                pending = asyncio.ensure_future(asyncio.to_thread(writer.write, data))
+        if pending is not None:
+            await pending
+        if buf:
+            await asyncio.to_thread(writer.write, buf)
+        if declared is not None and total != declared:
+            raise BlobdError("bad_request",
+                             f"body ended after {total} of {declared} bytes")
+        digests = await asyncio.to_thread(writer.finish, store.config.storage.fsync)
+    except BaseException:
+        if pending is not None and not pending.done():
+            await asyncio.wait([pending])
+        await asyncio.to_thread(writer.discard)
+        raise
+    return Received(path, digests)
+
+
+def verify(digests: Digests, expected: Address | None) -> None:
+    if expected is None:
+        return
+    actual = digests.blake3 if expected.is_blake3 else digests.sha256
+    if actual != expected.digest:
+        raise BlobdError("digest_mismatch",
+                         f"the body hashes to {actual}, not {expected.digest}")
+
+
+async def commit_file(store: Store, received: Received, *, owner: str, ref: str | None,
+                      content_type: str | None, expected: Address | None = None,
+                      uploaded: bool = True) -> Stored:
+    """Verify and commit a received file for ``owner``; the file is consumed.
+
+    ``uploaded`` counts the bytes against the owner's monthly upload quota.
+    """
+    try:
+        verify(received.digests, expected)
+        info = await describe.describe(store, received.path, received.digests, content_type)
+        return await shielded(_commit(store, received, owner, ref, info, uploaded))
+    finally:
+        await asyncio.to_thread(files.remove_quietly, received.path)
+
+
+async def _commit(store: Store, received: Received, owner: str, ref: str | None,
+                  info: describe.Description, uploaded: bool) -> Stored:
+    digests, now = received.digests, time.time()
+    final = store.layout.blob_path(digests.blake3)
+    # Name the temp file after its digest before it is linked, so crash
+    # recovery can tell an uncommitted link from a committed blob.
+    staged = store.layout.new_temp_path(digests.blake3)
+    await asyncio.to_thread(received.path.rename, staged)
+    try:
+        async with store.write() as tx:
+            blob = await index.get_blob(tx.conn, digests.blake3)
+            created = blob is None
+            if blob is None:
+                blob = _new_record(store, digests, info, now)
+                await index.insert_blob(tx.conn, blob)
+            stored = await _reference(store, tx, owner, ref, blob, created, now)
+            if uploaded:
+                await index.charge_upload(tx.conn, owner, digests.size,
+                                          store.config.quota_for(owner))
+            await _place(store, staged, final, created)
+        return stored
+    finally:
+        await asyncio.to_thread(files.remove_quietly, staged)
+
+
+async def add_existing(store: Store, digest: str, owner: str,
+                       ref: str | None) -> Stored | None:
+    """Reference an already stored blob without a body (Expect: 100-continue,
+    upload sessions for known content); None when the blob must be uploaded."""
+    async def run() -> Stored | None:
+        async with store.write() as tx:
+            blob = await index.get_blob(tx.conn, digest)
+            final = store.layout.blob_path(digest)
+            if blob is None or not await asyncio.to_thread(final.exists):
+                return None
+            return await _reference(store, tx, owner, ref, blob, False, time.time())
+    return await shielded(run())
+
+
+async def _reference(store: Store, tx: Tx, owner: str, ref: str | None,
+                     blob: BlobRecord, created: bool, now: float) -> Stored:
+    name = ref or blob.hash
+    zeroed = await index.add_ref(tx.conn, owner, name, blob,
+                                 store.config.quota_for(owner), now)
+    await reaper.release_zeroed(store, tx, zeroed)
+    await index.bump(tx.conn, puts=1, put_dedup_hits=0 if created else 1)
+    mirror = store.config.mirror
+    if created and mirror is not None:
+        await index.enqueue_mirror(tx.conn, blob.hash, "put", now)
+    return Stored(blob, created, name)
+
+
+async def _place(store: Store, staged: Path, final: Path, created: bool) -> None:
+    """Link the verified file into place (also healing a missing file of a
+    known blob) and make the new directory entry durable before COMMIT."""
+    def place() -> None:
+        if not created and final.exists():
+            return
+        # A new shard directory is itself an entry in its parent.
+        to_sync = [final.parent] + [d.parent for d in (final.parent.parent, final.parent)
+                                    if not d.exists()]
+        files.link_into_place(staged, final)
+        if store.config.storage.fsync:
+            for directory in to_sync:
+                files.fsync_dir(directory)
+    await asyncio.to_thread(place)
+
+
+def _new_record(store: Store, digests: Digests, info: describe.Description,
+                now: float) -> BlobRecord:
+    mirror_state = "pending" if store.config.mirror is not None else "off"
+    return BlobRecord(digests.blake3, digests.sha256, digests.size, info.content_type,
+                      now, 0, None, info.audio, mirror_state)

@@ -1,0 +1,118 @@
+"""Every path on disk and every object key in the mirror, in one place.
+
+The data directory::
+
+    <data_dir>/
+      index.sqlite3            the index (plus -wal and -shm beside it)
+      lock                     flock()ed by the serving process
+      blobs/ab/cd/<hash>       committed blobs, sharded by the first 2+2 hex
+      tmp/put-<hash|new>-<r>   bodies being received; hard-linked into blobs/
+      tmp/del-<hash>-<r>       blobs being deleted (moved here inside the
+                               index transaction, unlinked after it)
+      uploads/<id>             preallocated data file of a resumable session
+      quarantine/<hash>.<ts>   files fsck --repair moved aside
+
+Mirror objects live at ``<prefix>/ab/cd/<hash>``, the same sharding, so a
+bucket listing reads like the local tree.
+
+Only validated digests (see :mod:`blobd.address`) and server-generated ids
+are ever joined into a path here.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from .address import is_blake3_hex
+
+_SESSION_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz")
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / "index.sqlite3"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / "lock"
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.root / "blobs"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.root / "uploads"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.root / "quarantine"
+
+    def directories(self) -> list[Path]:
+        return [self.root, self.blobs_dir, self.tmp_dir, self.uploads_dir]
+
+    def blob_path(self, digest: str) -> Path:
+        _check_digest(digest)
+        return self.blobs_dir / digest[0:2] / digest[2:4] / digest
+
+    def new_temp_path(self, digest: str | None = None) -> Path:
+        """A fresh name for a body being received (the hash may be unknown)."""
+        if digest is not None:
+            _check_digest(digest)
+        return self.tmp_dir / f"put-{digest or 'new'}-{secrets.token_hex(8)}"
+
+    def trash_path(self, digest: str) -> Path:
+        _check_digest(digest)
+        return self.tmp_dir / f"del-{digest}-{secrets.token_hex(8)}"
+
+    def upload_path(self, session_id: str) -> Path:
+        if not session_id or not set(session_id) <= _SESSION_ID_CHARS:
+            raise ValueError(f"not a session id: {session_id!r}")
+        return self.uploads_dir / session_id
+
+    def quarantine_path(self, name: str, stamp: str) -> Path:
+        return self.quarantine_dir / f"{Path(name).name}.{stamp}"
+
+
+def parse_tmp_name(name: str) -> tuple[str, str | None] | None:
+    """Split a tmp/ entry into (kind, digest): ("put"|"del", hex or None)."""
+    parts = name.split("-")
+    if len(parts) != 3 or parts[0] not in ("put", "del"):
+        return None
+    digest = parts[1] if is_blake3_hex(parts[1]) else None
+    return parts[0], digest
+
+
+def mirror_key(prefix: str, digest: str) -> str:
+    _check_digest(digest)
+    head = prefix.strip("/")
+    tail = f"{digest[0:2]}/{digest[2:4]}/{digest}"
+    return f"{head}/{tail}" if head else tail
+
+
+def digest_from_mirror_key(prefix: str, key: str) -> str | None:
+    """The digest an object key names, or None for anything else in the bucket."""
+    head = prefix.strip("/")
+    rest = key[len(head) + 1 :] if head and key.startswith(head + "/") else key
+    parts = rest.split("/")
+    if head and not key.startswith(head + "/"):
+        return None
+    if len(parts) != 3 or not is_blake3_hex(parts[2]):
+        return None
+    digest = parts[2]
+    return digest if parts[0] == digest[0:2] and parts[1] == digest[2:4] else None
+
+
+def _check_digest(digest: str) -> None:
+    if not is_blake3_hex(digest):
+        raise ValueError(f"not a blake3 digest: {digest!r}")
