@@ -175,8 +175,12 @@ async def list_blobs(request: web.Request) -> web.Response:
 
 
 @requires(None)
-async def bad_address(request: web.Request) -> web.Response:
-    raise BlobdError("invalid_hash", "not a blob address")
+async def other_blob_paths(request: web.Request) -> web.Response:
+    """Whatever no route above matched: a malformed address, or a method
+    the resource does not have."""
+    address = request.match_info["tail"].removesuffix("/meta")
+    parse_address(address)
+    raise BlobdError("method_not_allowed", f"{request.method} is not allowed here")
 
 
 def setup(app: web.Application, add: Any) -> None:
@@ -186,4 +190,4 @@ def setup(app: web.Application, add: Any) -> None:
     add("GET", "/blobs/{address}/meta", get_meta)
     add("GET", "/blobs", list_blobs)
     add("POST", "/blobs", post_blob)
-    add("*", "/blobs/{tail:.*}", bad_address)
+    add("*", "/blobs/{tail:.*}", other_blob_paths)

@@ -8,6 +8,6 @@ from ..auth import Principal
 from ..store import Store
 
 STORE = web.AppKey("store", Store)
-PRINCIPAL = "blobd_principal"  # request key: the authenticated caller
+PRINCIPAL = web.RequestKey("principal", Principal)  # the authenticated caller
 
 __all__ = ["STORE", "PRINCIPAL", "Principal"]

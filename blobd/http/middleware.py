@@ -19,7 +19,7 @@ from .keys import PRINCIPAL, STORE
 
 log = logging.getLogger("blobd.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_CONTINUE_SENT = "blobd_continue_sent"
+_CONTINUE_SENT = web.RequestKey("continue_sent", bool)
 _CODE_BY_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "too_large",
                    415: "unsupported_media_type", 416: "bad_range", 412: "precondition_failed"}
 

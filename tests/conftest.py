@@ -1,0 +1,98 @@
+"""Shared fixtures: a real blobd app on a real SQLite file and a temp disk."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import blake3
+import pytest
+from aiohttp.test_utils import TestClient
+
+from blobd import auth
+from blobd.config import Config, config_from_dict
+from blobd.http.app import create_app
+from blobd.http.keys import STORE
+
+
+def b3(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+class Api:
+    """A test client bound to one token."""
+
+    def __init__(self, client: TestClient, token: str | None, owner: str) -> None:
+        self.client = client
+        self.token = token
+        self.owner = owner
+
+    def headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        headers.update(extra or {})
+        return headers
+
+    def request(self, method: str, path: str, **kwargs: Any):
+        kwargs["headers"] = self.headers(kwargs.get("headers"))
+        return self.client.request(method, path, **kwargs)
+
+    async def put(self, data: bytes, *, address: str | None = None, **kwargs: Any):
+        return await self.request("PUT", f"/blobs/{address or b3(data)}", data=data, **kwargs)
+
+    @property
+    def store(self):
+        return self.client.app[STORE]
+
+    @property
+    def data_dir(self) -> Path:
+        return self.store.layout.root
+
+
+def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
+    raw: dict[str, Any] = {"server": {"data_dir": str(tmp_path / "data")}}
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return config_from_dict(raw)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return make_config(tmp_path)
+
+
+ServerFactory = Callable[..., Awaitable[Callable[..., Awaitable[Api]]]]
+
+
+@pytest.fixture
+async def server(aiohttp_client, tmp_path: Path):
+    """``await server(**config_sections)`` -> ``await login(owner, scopes)``."""
+    async def start(config: Config | None = None, **sections: dict[str, Any]):
+        cfg = config or make_config(tmp_path, **sections)
+        client = await aiohttp_client(create_app(cfg))
+
+        async def login(owner: str = "alice", scopes: str = "read,write") -> Api:
+            async with client.app[STORE].write() as tx:
+                _, token = await auth.create_token(tx.conn, owner, auth.parse_scopes(scopes))
+            return Api(client, token, owner)
+
+        return login
+    return start
+
+
+@pytest.fixture
+async def alice(server) -> Api:
+    login = await server()
+    return await login("alice")
+
+
+def with_server(config: Config, **changes: Any) -> Config:
+    return config.replace(server=dataclasses.replace(config.server, **changes))
+
+
+def blob_files(data_dir: Path) -> list[Path]:
+    return sorted(p for p in (data_dir / "blobs").rglob("*") if p.is_file())
+
+
+def tmp_files(data_dir: Path) -> list[Path]:
+    return sorted((data_dir / "tmp").iterdir())

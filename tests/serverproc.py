@@ -1,0 +1,356 @@
+"""Run a real ``blobd serve`` in a subprocess, for tests that need a process:
+kill -9, restarts on the same data directory, memory of the server alone,
+the command line.
+
+    with BlobdServer(tmp_path, {"storage": {"fsync": False}}) as server:
+        token = server.token("alice", "read,write")
+        ... requests to server.url ...
+        server.kill9()
+        server.start()          # same config file, same data dir, new port
+
+Leaving the ``with`` block always stops the process. The helper knows
+nothing of blobd's internals: it speaks only the command line, the config
+file, HTTP and ``/proc``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PORT = 8420  # the embedded default config's port
+
+
+def blobd_env() -> dict[str, str]:
+    """The environment for a blobd subprocess: this checkout importable
+    from any working directory."""
+    env = dict(os.environ)
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_blobd(*args: str, cwd: Path | None = None,
+              timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m blobd ARGS`` to completion; the caller checks the result."""
+    return subprocess.run([sys.executable, "-m", "blobd", *args], cwd=cwd or REPO_ROOT,
+                          env=blobd_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on the port now. SO_REUSEADDR, as
+    aiohttp sets it, so connections of an earlier server lingering in
+    TIME_WAIT do not count; only a live listener does."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def to_toml(sections: dict[str, Any]) -> str:
+    """TOML for a config: tables of scalars and lists, nested tables as
+    dotted headers (``[quotas.default]``)."""
+    lines: list[str] = []
+
+    def table(name: str, values: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in values.items() if not isinstance(v, dict)}
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in scalars.items())
+        lines.append("")
+        for key, value in values.items():
+            if isinstance(value, dict):
+                table(f"{name}.{key}", value)
+
+    for name, values in sections.items():
+        table(name, values)
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def read_status_kib(pid: int, field: str) -> int | None:
+    """A ``kB`` field of /proc/<pid>/status (VmRSS, VmHWM), None once gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+class RssSampler:
+    """Samples a process's VmRSS from a thread, so a busy event loop in the
+    test process cannot make it miss a peak."""
+
+    def __init__(self, pid: int, interval: float) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.samples: list[int] = []  # bytes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            kib = read_status_kib(self.pid, "VmRSS")
+            if kib is not None:
+                self.samples.append(kib * 1024)
+            self._stop.wait(self.interval)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak(self) -> int:
+        return max(self.samples, default=0)
+
+
+class BlobdServer:
+    """One ``blobd serve`` process on a config file it writes itself.
+
+    ``config`` holds TOML sections; ``server.host``, ``server.port`` and
+    ``server.data_dir`` are filled in (a free port on every start, the data
+    directory under ``workdir`` unless given). With ``embedded_defaults``
+    no config file is passed at all: the server must then listen on
+    127.0.0.1:8420 with its data in ``<workdir>/blobd-data``.
+    """
+
+    def __init__(self, workdir: Path, config: dict[str, Any] | None = None, *,
+                 data_dir: Path | None = None, embedded_defaults: bool = False,
+                 startup_timeout: float = 30.0) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.embedded_defaults = embedded_defaults
+        self.config = {name: dict(values) for name, values in (config or {}).items()}
+        default_data = self.workdir / ("blobd-data" if embedded_defaults else "data")
+        self.data_dir = Path(data_dir) if data_dir is not None else default_data
+        self.config_path = self.workdir / "blobd.toml"
+        self.startup_timeout = startup_timeout
+        self.port = DEFAULT_PORT
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self._samplers: list[RssSampler] = []
+        self._samples: list[int] = []
+
+    # -- life cycle ----------------------------------------------------------
+
+    def __enter__(self) -> "BlobdServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> "BlobdServer":
+        """Start (again) on the same data directory; returns when /healthz is 200."""
+        if self.running:
+            raise RuntimeError("blobd is already running")
+        for attempt in range(3):
+            self._spawn()
+            try:
+                self._wait_healthy()
+                return self
+            except _PortTaken:
+                # Someone took the free port between our probe and the bind.
+                self._reap()
+                if self.embedded_defaults or attempt == 2:
+                    raise RuntimeError(f"blobd could not bind port {self.port}:\n"
+                                       f"{self.stderr_tail()}") from None
+        raise AssertionError("unreachable")
+
+    def _spawn(self) -> None:
+        args = [sys.executable, "-m", "blobd", "serve"]
+        if not self.embedded_defaults:
+            self.port = free_port()
+            self._write_config()
+            args += ["-c", str(self.config_path)]
+        self.starts += 1
+        self.stdout_path = self.workdir / f"serve-{self.starts}.out"
+        self.stderr_path = self.workdir / f"serve-{self.starts}.err"
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            # Files, not pipes: a chatty access log must never block the server.
+            self.proc = subprocess.Popen(args, cwd=self.workdir, env=blobd_env(),
+                                         stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+
+    def _write_config(self) -> None:
+        sections = {name: dict(values) for name, values in self.config.items()}
+        server = sections.setdefault("server", {})
+        server.update(host="127.0.0.1", port=self.port, data_dir=str(self.data_dir))
+        self.config_path.write_text(to_toml(sections))
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            code = self.proc.poll() if self.proc else None
+            if code is not None:
+                if "address already in use" in self.stderr_tail().lower():
+                    raise _PortTaken()
+                raise RuntimeError(f"blobd serve exited with {code} during start-up:\n"
+                                   f"{self.stderr_tail()}")
+            if self._health_status() == 200:
+                return
+            time.sleep(0.05)
+        self.kill9()
+        raise TimeoutError(f"blobd did not answer GET /healthz with 200 within "
+                           f"{self.startup_timeout}s:\n{self.stderr_tail()}")
+
+    def _health_status(self) -> int | None:
+        try:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=2) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return None
+
+    def kill9(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a power cut of the process."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self._reap()
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait for a clean exit; returns the exit code."""
+        assert self.proc is not None, "blobd was never started"
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+                raise TimeoutError(f"blobd did not stop within {timeout}s of SIGTERM:\n"
+                                   f"{self.stderr_tail()}") from None
+        return self._reap()
+
+    def stop(self) -> None:
+        """Stop whatever is running, however; never raises for a dead process."""
+        for sampler in self._samplers:
+            sampler.stop()
+        self._samplers.clear()
+        if self.running:
+            try:
+                self.terminate()
+            except TimeoutError:
+                pass  # terminate() has already killed it
+        self._reap()
+
+    def _reap(self) -> int:
+        if self.proc is None:
+            return 0
+        try:
+            return self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(15)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # -- facts ---------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "blobd was never started"
+        return self.proc.pid
+
+    def stderr_tail(self, lines: int = 30) -> str:
+        try:
+            text = Path(self.stderr_path).read_text(errors="replace")
+        except (AttributeError, FileNotFoundError):
+            return "(no stderr)"
+        return "\n".join(text.splitlines()[-lines:]) or "(stderr is empty)"
+
+    # -- tokens --------------------------------------------------------------
+
+    def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """Run a ``blobd`` command against this server's config (or, with the
+        embedded defaults, in its working directory with no config)."""
+        if not self.embedded_defaults:
+            if not self.config_path.exists():
+                self._write_config()
+            args = (*args, "-c", str(self.config_path))
+        return run_blobd(*args, cwd=self.workdir, timeout=timeout)
+
+    def token(self, owner: str = "alice", scopes: str = "read,write") -> str:
+        """A new token from ``blobd token create``: its last stdout line."""
+        result = self.cli("token", "create", "--owner", owner, "--scopes", scopes)
+        if result.returncode != 0:
+            raise RuntimeError(f"blobd token create failed ({result.returncode}):\n"
+                               f"{result.stderr}")
+        return result.stdout.strip().splitlines()[-1]
+
+    # -- memory --------------------------------------------------------------
+
+    def rss(self) -> int:
+        """Resident set size now, in bytes."""
+        return (read_status_kib(self.pid, "VmRSS") or 0) * 1024
+
+    def rss_hwm(self) -> int:
+        """The kernel's own high-water mark of the resident set, in bytes."""
+        return (read_status_kib(self.pid, "VmHWM") or 0) * 1024
+
+    @contextmanager
+    def sample_rss(self, interval: float = 0.02) -> Iterator[RssSampler]:
+        """Sample VmRSS every ``interval`` seconds for the block's duration."""
+        sampler = RssSampler(self.pid, interval)
+        self._samplers.append(sampler)
+        sampler.start()
+        try:
+            yield sampler
+        finally:
+            sampler.stop()
+            if sampler in self._samplers:
+                self._samplers.remove(sampler)
+            self._samples.extend(sampler.samples)
+
+    @property
+    def rss_peak(self) -> int:
+        """The highest VmRSS any :meth:`sample_rss` block saw, in bytes."""
+        return max(self._samples, default=0)
+
+
+class _PortTaken(Exception):
+    pass

@@ -1,0 +1,134 @@
+"""The ``blobd`` command line, run as real processes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import blake3
+import pytest
+
+from blobd.cli import build_parser
+from serverproc import DEFAULT_PORT, BlobdServer, free_port, port_is_free, run_blobd
+
+
+def command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
+                  ) -> list[tuple[str, ...]]:
+    """Every command and sub-command the parser knows, e.g. ('token', 'create')."""
+    paths = [prefix]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                paths += command_paths(sub, prefix + (name,))
+    return paths
+
+
+def request(method: str, url: str, token: str | None = None,
+            data: bytes | None = None) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_every_command_has_help() -> None:
+    paths = command_paths(build_parser())
+    assert ("serve",) in paths and ("token", "create") in paths
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda p: run_blobd(*p, "--help"), paths))
+    for path, result in zip(paths, results):
+        shown = " ".join(("blobd",) + path)
+        assert result.returncode == 0, f"{shown} --help: {result.stderr}"
+        assert result.stdout.startswith(f"usage: {shown}"), result.stdout
+        assert result.stderr == ""
+
+
+def test_serve_without_config_uses_embedded_defaults(tmp_path: Path) -> None:
+    if not port_is_free(DEFAULT_PORT):
+        pytest.fail(f"port {DEFAULT_PORT} on 127.0.0.1 is in use by another process;"
+                    " this test needs it to check blobd's default address - stop"
+                    " whatever listens there and run it again")
+    with BlobdServer(tmp_path, embedded_defaults=True) as server:
+        assert server.url == f"http://127.0.0.1:{DEFAULT_PORT}"
+        token = server.token("alice")
+        body = b"embedded defaults"
+        digest = blake3.blake3(body).hexdigest()
+        status, _ = request("PUT", f"{server.url}/blobs/{digest}", token, body)
+        assert status == 201
+        # It is our process that answered, and it keeps data in ./blobd-data.
+        stored = tmp_path / "blobd-data" / "blobs" / digest[:2] / digest[2:4] / digest
+        assert stored.read_bytes() == body
+        assert (tmp_path / "blobd-data" / "index.sqlite3").is_file()
+    assert port_is_free(DEFAULT_PORT)
+
+
+def test_token_create_list_revoke(tmp_path: Path) -> None:
+    with BlobdServer(tmp_path) as server:
+        token = server.token("alice", "read,write")
+        keep = server.token("bob", "read")
+        assert re.fullmatch(r"[A-Za-z0-9_-]{20,}", token)
+        assert request("GET", f"{server.url}/blobs", token)[0] == 200
+
+        listing = server.cli("token", "list")
+        assert listing.returncode == 0, listing.stderr
+        assert token not in listing.stdout and keep not in listing.stdout
+        token_id = next(line.split()[0] for line in listing.stdout.splitlines()
+                        if " alice " in line)
+        assert token_id in token
+
+        revoked = server.cli("token", "revoke", token_id)
+        assert revoked.returncode == 0, revoked.stderr
+        assert request("GET", f"{server.url}/blobs", token)[0] == 401
+        assert request("GET", f"{server.url}/blobs", keep)[0] == 200
+        after = server.cli("token", "list")
+        assert token_id not in after.stdout and " bob " in after.stdout
+
+        again = server.cli("token", "revoke", token_id)
+        assert again.returncode != 0
+        assert len(again.stderr.strip().splitlines()) == 1, again.stderr
+
+
+@pytest.mark.parametrize("section, line, key", [
+    ("storage", "fsink = true", "storage.fsink"),
+    ("storage", 'fsync = "yes"', "storage.fsync"),
+    ("limits", 'max_blob_size = "2 parsecs"', "limits.max_blob_size"),
+    ("server", "port = 99999", "server.port"),
+])
+def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, section: str, line: str,
+                                               key: str) -> None:
+    server = [f"data_dir = {json.dumps(str(tmp_path / 'data'))}"]
+    server.append(line if section == "server" else f"port = {free_port()}")
+    text = "[server]\n" + "\n".join(server) + "\n"
+    if section != "server":
+        text += f"[{section}]\n{line}\n"
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    result = run_blobd("serve", "-c", str(config), cwd=tmp_path, timeout=20)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert key in lines[0]
+
+
+def test_second_server_on_same_data_dir_refuses(tmp_path: Path) -> None:
+    with BlobdServer(tmp_path / "first") as first:
+        second = BlobdServer(tmp_path / "second", data_dir=first.data_dir,
+                             startup_timeout=20)
+        with pytest.raises(RuntimeError) as failed:
+            second.start()
+        second.stop()
+        assert second.proc is not None and second.proc.returncode not in (0, None)
+        assert "during start-up" in str(failed.value)
+        lines = second.stderr_path.read_text().strip().splitlines()
+        assert len(lines) == 1, lines
+        assert str(first.data_dir) in lines[0] and "another blobd" in lines[0]
+        assert first.running
+        assert request("GET", f"{first.url}/healthz")[0] == 200

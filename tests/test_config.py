@@ -1,0 +1,79 @@
+"""Loading the TOML config: defaults, sizes, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blobd.config import Config, config_from_dict, load_config, parse_size
+from blobd.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
+
+
+def test_embedded_default():
+    config = load_config(None)
+    assert config.server.host == "127.0.0.1" and config.server.port == 8420
+    assert config.server.data_dir == "./blobd-data"
+    assert config.storage.fsync is True and config.mirror is None
+    assert config.gc.grace_seconds == 0
+
+
+@pytest.mark.parametrize("text,value", [
+    (1024, 1024), ("1024", 1024), ("512MiB", 512 << 20), ("2GiB", 2 << 30),
+    ("1.5 KiB", 1536), ("1TiB", 1 << 40), ("10MB", 10_000_000), ("7 b", 7),
+])
+def test_sizes(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("raw,key", [
+    ({"storage": {"fsink": True}}, "storage.fsink"),
+    ({"storage": {"fsync": "yes"}}, "storage.fsync"),
+    ({"limits": {"max_blob_size": "2 furlongs"}}, "limits.max_blob_size"),
+    ({"server": {"port": 70000}}, "server.port"),
+    ({"server": {"port": "80"}}, "server.port"),
+    ({"quotas": {"default": {"max_bytes": -1}}}, "quotas.default.max_bytes"),
+    ({"quotas": {"bob": {"max_blobs": "many"}}}, "quotas.bob.max_blobs"),
+    ({"mirror": {"bucket": "b"}}, "mirror.endpoint"),
+    ({"nonsense": {}}, "nonsense"),
+])
+def test_errors_name_the_key(raw, key):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw)
+    assert str(info.value).startswith(key)
+
+
+def test_per_owner_quota_inherits_the_default():
+    config = config_from_dict({"quotas": {"default": {"max_bytes": "1GiB"},
+                                          "bob": {"max_blobs": 5}}})
+    assert config.quota_for("bob").max_bytes == 1 << 30
+    assert config.quota_for("bob").max_blobs == 5
+    assert config.quota_for("carol").max_blobs == 1_000_000
+
+
+def test_example_config_loads_and_documents_every_key():
+    config = load_config(EXAMPLE)
+    assert isinstance(config, Config)
+    text = EXAMPLE.read_text()
+    import dataclasses
+    for section in dataclasses.fields(Config):
+        value = getattr(Config(), section.name)
+        if section.name == "quotas":
+            value = value["default"]
+        if section.name == "mirror":
+            from blobd.config import MirrorConfig
+            value = MirrorConfig()
+        for key in dataclasses.fields(value):
+            assert f"\n{key.name} = " in text or f"\n# {key.name} = " in text, \
+                f"config.example.toml does not document {section.name}.{key.name}"
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.toml")

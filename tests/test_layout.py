@@ -1,0 +1,67 @@
+"""The one module that builds paths and keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blobd.address import parse_address
+from blobd.errors import BlobdError
+from blobd.layout import Layout, digest_from_mirror_key, mirror_key, parse_tmp_name
+
+DIGEST = "ab" + "cd" + "0" * 60
+
+
+def test_blob_path_is_sharded(tmp_path):
+    layout = Layout(tmp_path)
+    assert layout.blob_path(DIGEST) == tmp_path / "blobs" / "ab" / "cd" / DIGEST
+
+
+@pytest.mark.parametrize("bad", ["../x", "AB" + "0" * 62, "0" * 63, "", "/etc/passwd"])
+def test_no_unvalidated_string_becomes_a_path(tmp_path, bad):
+    layout = Layout(tmp_path)
+    with pytest.raises(ValueError):
+        layout.blob_path(bad)
+    with pytest.raises(ValueError):
+        layout.trash_path(bad)
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", "A"])
+def test_session_ids_are_checked(tmp_path, bad):
+    with pytest.raises(ValueError):
+        Layout(tmp_path).upload_path(bad)
+
+
+def test_temp_names_round_trip(tmp_path):
+    layout = Layout(tmp_path)
+    assert parse_tmp_name(layout.new_temp_path(DIGEST).name) == ("put", DIGEST)
+    assert parse_tmp_name(layout.new_temp_path().name) == ("put", None)
+    assert parse_tmp_name(layout.trash_path(DIGEST).name) == ("del", DIGEST)
+    assert parse_tmp_name("junk") is None
+
+
+@pytest.mark.parametrize("prefix", ["blobs", "a/b/", "", "/x"])
+def test_mirror_keys_round_trip(prefix):
+    key = mirror_key(prefix, DIGEST)
+    assert key.endswith(f"ab/cd/{DIGEST}")
+    assert digest_from_mirror_key(prefix, key) == DIGEST
+    assert digest_from_mirror_key(prefix, key + "x") is None
+
+
+@pytest.mark.parametrize("text,algorithm,digest", [
+    ("A" * 64, "blake3", "a" * 64),
+    ("a" * 64 + ".mp3", "blake3", "a" * 64),
+    ("sha256:" + "B" * 64 + ".flac", "sha256", "b" * 64),
+])
+def test_addresses(text, algorithm, digest):
+    address = parse_address(text)
+    assert (address.algorithm, address.digest) == (algorithm, digest)
+
+
+@pytest.mark.parametrize("text", ["a" * 63, "a" * 65, "x" * 64, "a" * 64 + ".", "sha256:",
+                                  "a" * 64 + ".mp3.gz", "a" * 64 + "/x", " " + "a" * 64])
+def test_bad_addresses(text):
+    with pytest.raises(BlobdError) as info:
+        parse_address(text)
+    assert info.value.code == "invalid_hash" and info.value.status == 400
