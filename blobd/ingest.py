@@ -54,7 +54,7 @@ async def receive(store: Store, chunks: AsyncIterator[bytes], *, limit: int,
     in a thread. On any failure the temp file is gone.
     """
     path = store.layout.new_temp_path()
-    writer = await asyncio.to_thread(files.BodyWriter, path)
+    writer = await asyncio.to_thread(files.BodyWriter, path, store.config.storage.fsync)
     try:
         total, pending, buf = 0, None, bytearray()
         async for chunk in chunks:
