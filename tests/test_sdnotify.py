@@ -160,16 +160,18 @@ async def test_run_watchdog_pings_at_half_the_interval(receiver):
 
     loop.add_reader(receiver.fileno(), on_datagram)
     task = asyncio.create_task(Notifier().run_watchdog(interval))
-    await asyncio.sleep(0.55)
+    await asyncio.sleep(1.05)  # pings due at 0, 0.1, ..., 1.0
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     await asyncio.sleep(0.25)  # a stopped task must not ping again
     loop.remove_reader(receiver.fileno())
 
-    assert 5 <= len(arrivals) <= 7, arrivals
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    assert all(0.08 <= gap <= 0.2 for gap in gaps), gaps
+    # The mean gap tolerates a late tick on a busy machine; pinging at the
+    # full interval (6 pings) or flooding would both fall outside.
+    assert 9 <= len(arrivals) <= 12, arrivals
+    mean_gap = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1)
+    assert 0.09 <= mean_gap <= 0.13, mean_gap
     assert loop.time() - arrivals[-1] >= 0.25
 
 
