@@ -22,6 +22,8 @@ Every run's log is appended to `<base_dir>/weed.log`.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import json
 import os
 import shutil
 import signal
@@ -29,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import botocore.session
@@ -120,6 +123,15 @@ def pick_ports() -> dict[str, int]:
     return ports
 
 
+def _parse_ids(text: str) -> set[int]:
+    """The master's compact id list, e.g. " 1-3,7" -> {1, 2, 3, 7}."""
+    ids: set[int] = set()
+    for part in text.replace(",", " ").split():
+        first, _, last = part.partition("-")
+        ids.update(range(int(first), int(last or first) + 1))
+    return ids
+
+
 class SeaweedS3:
     """One `weed mini` process serving S3 on 127.0.0.1 from `base_dir`."""
 
@@ -140,6 +152,7 @@ class SeaweedS3:
         self.region = "us-east-1"
         self.ports = pick_ports()
         self._proc: subprocess.Popen | None = None
+        self._atexit_registered = False
 
     @property
     def endpoint(self) -> str:
@@ -182,12 +195,17 @@ class SeaweedS3:
         return env
 
     def start(self, timeout: float = READY_TIMEOUT) -> None:
-        """Start weed and return once a signed request on the bucket succeeds."""
+        """Start weed; return once it serves the bucket and all data on disk."""
         if self.running:
             raise RuntimeError(f"SeaweedFS already running (pid {self.pid})")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.socket_dir.mkdir(parents=True, exist_ok=True)
+        if not self._atexit_registered:
+            # Teardown stops it; this covers a test run that ends without one.
+            atexit.register(self.kill)
+            self._atexit_registered = True
         self._note("start")
+        volumes = self._volumes_on_disk()
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 self.command(),
@@ -199,37 +217,62 @@ class SeaweedS3:
                 start_new_session=True,
             )
         try:
-            self._wait_ready(timeout)
+            self._wait_ready(timeout, volumes)
         except BaseException:
             self.stop()
             raise
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, timeout: float, volumes: set[int]) -> None:
+        """Poll until the master knows every volume already on disk and the
+        bucket answers a signed request. The S3 gateway answers before the
+        volume server has re-registered its volumes after a restart, and a
+        read in that window fails with InternalError ("volume not found")."""
         client = self.client(connect_timeout=1, read_timeout=2)
+        deadline = time.monotonic() + timeout
+        last_error: object = None
         try:
-            self._poll_bucket(client, timeout)
+            while time.monotonic() < deadline:
+                if self._proc.poll() is not None:
+                    raise RuntimeError(
+                        f"weed exited with status {self._proc.returncode} during "
+                        f"start-up\n{self.log_tail()}"
+                    )
+                try:
+                    registered = self._registered_volumes()
+                    if registered is not None and volumes <= registered:
+                        client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+                        return
+                    last_error = f"volumes on disk {sorted(volumes)}, registered {registered}"
+                except Exception as exc:  # not up yet: refused, 503, no bucket
+                    last_error = exc
+                time.sleep(0.05)
         finally:
             client.close()
-
-    def _poll_bucket(self, client, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"weed exited with status {self._proc.returncode} during "
-                    f"start-up\n{self.log_tail()}"
-                )
-            try:
-                client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
-                return
-            except Exception as exc:  # not up yet: refused, 503, no bucket
-                last_error = exc
-            time.sleep(0.05)
         raise RuntimeError(
             f"SeaweedFS S3 at {self.endpoint} not ready after {timeout:.0f} s "
-            f"(last error: {last_error})\n{self.log_tail()}"
+            f"(last: {last_error})\n{self.log_tail()}"
         )
+
+    def _volumes_on_disk(self) -> set[int]:
+        """Ids of the volumes in the data dir (`<collection>_<id>.dat`)."""
+        names = (path.stem for path in self.data_dir.glob("*.dat"))
+        return {int(name.rpartition("_")[2]) for name in names}
+
+    def _registered_volumes(self) -> set[int] | None:
+        """Volume ids the master has heard of; None until a volume server has
+        registered (writes need one even when there are no volumes yet)."""
+        url = f"http://127.0.0.1:{self.ports['master.port']}/dir/status"
+        with urllib.request.urlopen(url, timeout=1) as answer:
+            topology = json.load(answer)["Topology"]
+        nodes = [
+            node
+            for center in topology.get("DataCenters") or ()
+            for rack in center.get("Racks") or ()
+            for node in rack.get("DataNodes") or ()
+        ]
+        if not nodes:
+            return None
+        return {v for node in nodes for v in _parse_ids(node.get("VolumeIds", ""))}
 
     def client(self, connect_timeout: float = 5, read_timeout: float = 30):
         """A blocking botocore S3 client for this server, without retries:

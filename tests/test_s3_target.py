@@ -203,16 +203,18 @@ async def test_stopped_server_is_retryable_and_restart_recovers(s3server, prefix
         await t.put_bytes(prefix + "before", b"kept", "text/plain")
         await s3server.astop()
         try:
-            failures = [
-                t.head(prefix + "before"),
-                t.put_file(prefix + "during", source, 50_000, digest, "audio/flac", {}),
-                t.download_to(prefix + "before", tmp_path / "out"),
-                t.delete(prefix + "before"),
-                anext(t.list(prefix)),
+            calls = [
+                lambda: t.head(prefix + "before"),
+                lambda: t.put_file(prefix + "during", source, 50_000, digest, "audio/flac", {}),
+                lambda: t.put_bytes(prefix + "during", b"x", "text/plain"),
+                lambda: t.download_to(prefix + "before", tmp_path / "out"),
+                lambda: t.get_bytes(prefix + "before"),
+                lambda: t.delete(prefix + "before"),
+                lambda: anext(t.list(prefix)),
             ]
-            for call in failures:
+            for call in calls:
                 with pytest.raises(S3Error) as caught:
-                    await call
+                    await call()
                 assert caught.value.retryable, caught.value
         finally:
             await s3server.astart()

@@ -50,6 +50,7 @@ MIN_PART_SIZE = 5 * MiB  # S3's floor for every part but the last
 MAX_PARTS = 10_000  # S3's ceiling on parts per upload
 DOWNLOAD_BUFFER = 1 * MiB  # bytes gathered before one write in a thread
 SHA256_METADATA = "sha256"  # sent as x-amz-meta-sha256
+ABORT_TIMEOUT = 10.0  # seconds a failed multipart upload may spend aborting
 
 # Error codes a later attempt may get past; any 5xx and 429 are retryable too.
 _RETRYABLE_CODES = frozenset(
@@ -259,8 +260,11 @@ class S3Target:
             # Best effort: if the server is unreachable the upload stays
             # behind; a bucket lifecycle rule on incomplete uploads reaps it.
             with contextlib.suppress(Exception):
-                await self._client.abort_multipart_upload(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id
+                await asyncio.wait_for(
+                    self._client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=key, UploadId=upload_id
+                    ),
+                    ABORT_TIMEOUT,
                 )
             raise
 
