@@ -11,12 +11,19 @@ master keeps its metadata in a directory named after its port).
 Usage::
 
     server = SeaweedS3(tmp_dir)
-    server.start()          # returns once a signed request on the bucket works
-    server.endpoint, server.bucket, server.access_key, server.secret_key
-    server.stop()           # SIGTERM, then SIGKILL after a timeout
+    server.start()          # returns once the bucket and all data on disk are served
+    server.endpoint, server.bucket, server.access_key, server.secret_key, server.region
+    server.stop()           # SIGTERM by PID, SIGKILL if still running after 4 s
     server.start()          # same data, same endpoint
+    server.kill()           # SIGKILL at once, as a crash would
+    await server.astop(); await server.astart()   # from async tests
+    server.client()         # a blocking botocore client, to inspect the bucket
 
-Every run's log is appended to `<base_dir>/weed.log`.
+Every run's log (weed's own, plus our start/signal notes) is appended to
+`<base_dir>/weed.log`; a failed start raises RuntimeError with its tail.
+The filer and S3 unix sockets go to `<base_dir>/sock`; weed has no option
+for its gRPC sockets, `/tmp/seaweedfs-*-<port>.sock`, which are removed by
+port after every stop.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -69,6 +77,7 @@ READY_TIMEOUT = 20.0
 # filer has stopped; nothing is left to flush by then, so SIGKILL is safe.
 STOP_TIMEOUT = 4.0
 LOG_TAIL_LINES = 40
+UNIX_PATH_MAX = 100  # sun_path holds 108 bytes; keep a margin
 
 
 def find_weed() -> str:
@@ -145,6 +154,9 @@ class SeaweedS3:
         self.base_dir = Path(base_dir)
         self.data_dir = self.base_dir / "data"
         self.socket_dir = self.base_dir / "sock"
+        if len(str(self.socket_dir / "filer.sock")) > UNIX_PATH_MAX:
+            self.socket_dir = Path(tempfile.mkdtemp(prefix="seaweedfs-"))
+            atexit.register(shutil.rmtree, self.socket_dir, ignore_errors=True)
         self.log_path = self.base_dir / "weed.log"
         self.bucket = bucket
         self.access_key = access_key
