@@ -14,6 +14,7 @@ from blobd import auth
 from blobd.config import Config, config_from_dict
 from blobd.http.app import create_app
 from blobd.http.keys import STORE
+from s3server import SeaweedS3
 
 
 def b3(data: bytes) -> str:
@@ -96,3 +97,15 @@ def blob_files(data_dir: Path) -> list[Path]:
 
 def tmp_files(data_dir: Path) -> list[Path]:
     return sorted((data_dir / "tmp").iterdir())
+
+
+@pytest.fixture(scope="session")
+def s3server(tmp_path_factory):
+    """One real SeaweedFS S3 server for the session (see tests/s3server.py).
+
+    A test that stops it must start it again before it ends (try/finally).
+    """
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield server
+    server.stop()
