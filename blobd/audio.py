@@ -1,0 +1,427 @@
+"""What a stored blob sounds like: a mutagen probe, run in a thread.
+
+* `sniff_mime(head)` (from blobd.sniff) looks at the first bytes only; it is
+  for choosing a Content-Type when the client gave none.
+* `probe(path)` parses the stream headers with mutagen for duration,
+  bitrate, sample rate and channels. It blocks; async code calls
+  `probe_async`, which runs it in a worker thread under a time limit.
+
+The probe trusts the bytes, never a file name: the sniffed magic picks the
+parser, so FLAC bytes named `.mp3` are reported as FLAC. Anything blobd does
+not recognise, or that does not parse into a plausible stream, is "not
+audio" (None) rather than an error: a blob is valid whatever it holds, and
+its audio facts are a bonus.
+
+Uploads are untrusted, so readers bound their work before mutagen sees the
+file. mutagen is a tag editor: it loads every FLAC metadata block and builds
+an object per MP4 box and per RIFF chunk, so a file of millions of empty
+boxes would take gigabytes. The MP3, FLAC and WAV readers ask mutagen for
+stream info only, skipping tags; ID3 tags, FLAC blocks, RIFF chunks and MP4
+boxes are counted first and implausibly many refused. One cost remains
+linear in the file: for an Ogg stream without an end-of-stream page (a
+recording cut off), mutagen reads every page to find the last; that is
+time, not memory, and `probe_async`'s timeout bounds the caller's wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import IO, Any
+
+from mutagen.aac import AAC
+from mutagen.flac import StreamInfo as FLACStreamInfo
+from mutagen.mp3 import MPEGInfo
+from mutagen.mp4 import MP4
+from mutagen.oggopus import OggOpus
+from mutagen.oggvorbis import OggVorbis
+from mutagen.wave import WaveStreamInfo
+
+from blobd.sniff import (AUDIO_MIME_TYPES, MAX_MPEG_FRAME, SNIFF_BYTES,
+                         mpeg_frame_length, ogg_first_packet,
+                         same_mpeg_stream, sniff_mime)
+
+__all__ = ["AUDIO_MIME_TYPES", "AudioInfo", "probe", "probe_async",
+           "sniff_mime"]
+
+log = logging.getLogger(__name__)
+
+# Bounds of a believable stream. mutagen's MP3 and ADTS readers hunt for
+# frame syncs and can "find" them in noise; a real stream passes these.
+_MAX_DURATION = 31 * 24 * 3600.0   # 2 GiB at 8 kb/s is ~25 days
+_MIN_SAMPLE_RATE = 1_000
+_MAX_SAMPLE_RATE = 768_000
+_MAX_CHANNELS = 255
+
+# Bounds on container structure. Real files have a handful of ID3 tags,
+# FLAC blocks and RIFF chunks and a few hundred MP4 boxes; each bound is
+# far above that and far below what costs real time or memory.
+_MAX_ID3_TAGS = 8
+_MAX_FLAC_BLOCKS = 1_024
+_MAX_RIFF_CHUNKS = 1_024
+_MAX_MP4_BOXES = 50_000
+_MP4_CONTAINERS = frozenset({   # the boxes mutagen descends into
+    b"moov", b"udta", b"trak", b"mdia", b"meta", b"ilst",
+    b"stbl", b"minf", b"moof", b"traf",
+})
+
+# With no magic at the start, an MP3 is still accepted when its first frame
+# sits within this many bytes: zero padding or a damaged tag before the
+# audio. A sync found deeper is more likely MP3 data inside another file.
+_MAX_MP3_JUNK = 8 * 1024
+# mutagen accepts an MP3 after four chained frames (or one with a VBR
+# header), a test that runs of bytes in executables and data files pass now
+# and then; a real stream goes on much longer.
+_MP3_CHAIN_FRAMES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class AudioInfo:
+    """Stream facts of one audio file. `duration` is in seconds (rounded to
+    milliseconds), `bitrate` in bits per second; `mime` is one of
+    AUDIO_MIME_TYPES and is not part of the JSON shape (the blob's
+    content_type carries it)."""
+
+    duration: float
+    bitrate: int | None
+    sample_rate: int | None
+    channels: int | None
+    codec: str
+    mime: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The `audio` object of `GET /blobs/<hash>/meta` (API.md)."""
+        return {
+            "duration": self.duration,
+            "bitrate": self.bitrate,
+            "sample_rate": self.sample_rate,
+            "channels": self.channels,
+            "codec": self.codec,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], mime: str) -> AudioInfo:
+        """Rebuild from `to_json()` output plus the blob's content type.
+        Raises ValueError on a malformed mapping: stored data that does not
+        round-trip is corruption, and should be loud."""
+        try:
+            info = cls(
+                duration=float(data["duration"]),
+                bitrate=_optional_int(data["bitrate"]),
+                sample_rate=_optional_int(data["sample_rate"]),
+                channels=_optional_int(data["channels"]),
+                codec=data["codec"],
+                mime=mime,
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"not an audio info mapping: {e!r}") from e
+        if not isinstance(info.codec, str) or mime not in AUDIO_MIME_TYPES:
+            raise ValueError(f"bad codec {info.codec!r} or mime {mime!r}")
+        return info
+
+
+def _optional_int(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer or null, got {value!r}")
+    return value
+
+
+def probe(path: str | os.PathLike[str]) -> AudioInfo | None:
+    """Stream facts of the audio file at `path`, or None if it is not audio
+    blobd recognises (see AUDIO_MIME_TYPES), is damaged beyond reading, or
+    cannot be opened.
+
+    Blocking: it reads headers, and for Ogg the last page. It never raises
+    for the file's content: mutagen can throw nearly any exception on
+    crafted or broken input, and a blob's audio facts are optional, so
+    every failure means "not audio".
+    """
+    try:
+        with open(path, "rb") as f:
+            return _probe_file(f)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        log.debug("audio probe of %s failed: %r", path, e)
+        return None
+
+
+def _probe_file(f: IO[bytes]) -> AudioInfo | None:
+    start = _skip_id3v2(f)
+    if start is None:
+        return None
+    f.seek(start)
+    head = f.read(SNIFF_BYTES)
+    mime = sniff_mime(head)
+    if mime is None and start == 0:
+        info = _read_mp3(f, 0, head, max_junk=_MAX_MP3_JUNK)
+    elif mime is None:
+        # A tag, then padding beyond its declared size: still MP3 territory.
+        info = _read_mp3(f, start, head)
+    else:
+        info = _READERS[mime](f, start, head)
+    return info if info is not None and _plausible(info) else None
+
+
+def _skip_id3v2(f: IO[bytes]) -> int | None:
+    """Offset just past the ID3v2 tags at the start of the file (0 if none),
+    or None if there are implausibly many. ID3 can front MP3, ADTS AAC and
+    FLAC alike."""
+    offset = 0
+    for _ in range(_MAX_ID3_TAGS):
+        f.seek(offset)
+        header = f.read(10)
+        if len(header) < 10 or not header.startswith(b"ID3"):
+            return offset
+        size = (header[6] << 21) | (header[7] << 14) | (header[8] << 7) | header[9]
+        has_footer = bool(header[5] & 0x10)
+        offset += 10 + size + (10 if has_footer else 0)
+    return None
+
+
+def _plausible(info: AudioInfo) -> bool:
+    return (
+        math.isfinite(info.duration) and 0 < info.duration <= _MAX_DURATION
+        and info.sample_rate is not None
+        and _MIN_SAMPLE_RATE <= info.sample_rate <= _MAX_SAMPLE_RATE
+        and info.channels is not None and 1 <= info.channels <= _MAX_CHANNELS
+    )
+
+
+def _make_info(stream: Any, codec: str, mime: str, *,
+               duration: float | None = None, bitrate: float | None = None,
+               sample_rate: int | None = None) -> AudioInfo:
+    """AudioInfo from a mutagen StreamInfo, with overrides; zero or missing
+    numbers become None (mutagen uses 0 for "unknown")."""
+    return AudioInfo(
+        duration=round(float(stream.length if duration is None else duration), 3),
+        bitrate=_positive_int(bitrate or getattr(stream, "bitrate", 0)),
+        sample_rate=_positive_int(sample_rate or getattr(stream, "sample_rate", 0)),
+        channels=_positive_int(getattr(stream, "channels", 0)),
+        codec=codec,
+        mime=mime,
+    )
+
+
+def _positive_int(value: Any) -> int | None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    number = int(round(value))
+    return number if number > 0 else None
+
+
+def _file_size(f: IO[bytes]) -> int:
+    return os.fstat(f.fileno()).st_size
+
+
+def _clamp_to_size(length: float, bitrate: float, available_bytes: int) -> float:
+    """The shorter of the length a header claims and what the bytes present
+    can hold at `bitrate`: a truncated upload reports what it can play."""
+    if bitrate <= 0:
+        return length
+    return min(length, max(available_bytes, 0) * 8 / bitrate)
+
+
+# --- one reader per format: (file, start after ID3, head at start) ---------
+
+_MPEG_LAYER_CODECS = {1: "mp1", 2: "mp2", 3: "mp3"}
+
+
+def _read_mp3(f: IO[bytes], start: int, head: bytes,
+              max_junk: int | None = None) -> AudioInfo | None:
+    # MPEGInfo, not MP3: the stream without loading the ID3 tag it skips.
+    stream = MPEGInfo(f, start)
+    if max_junk is not None and stream.frame_offset - start > max_junk:
+        return None
+    if not _has_frame_chain(f, stream.frame_offset):
+        return None
+    # The Xing/Info header states the full length even when the file was
+    # cut short; the bytes actually present bound it.
+    length = _clamp_to_size(stream.length, stream.bitrate,
+                            _file_size(f) - stream.frame_offset)
+    return _make_info(stream, _MPEG_LAYER_CODECS.get(stream.layer, "mp3"),
+                      "audio/mpeg", duration=length)
+
+
+def _has_frame_chain(f: IO[bytes], offset: int) -> bool:
+    """Whether _MP3_CHAIN_FRAMES frames of one stream follow each other,
+    each header where the previous frame's length says, from `offset`."""
+    f.seek(offset)
+    data = f.read(_MP3_CHAIN_FRAMES * MAX_MPEG_FRAME + 4)
+    first, pos = data[:4], 0
+    for _ in range(_MP3_CHAIN_FRAMES):
+        header = data[pos:pos + 4]
+        length = mpeg_frame_length(header)
+        if length is None or not same_mpeg_stream(first, header):
+            return False
+        pos += length
+    return True
+
+
+def _read_aac(f: IO[bytes], start: int, head: bytes) -> AudioInfo:
+    # mutagen reads at most a hundred ADTS frames, then estimates.
+    f.seek(0)
+    return _make_info(AAC(f).info, "aac", "audio/aac")
+
+
+def _read_flac(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
+    """STREAMINFO, which must be the first metadata block (RFC 9639), and
+    the audio's start for the bitrate; the other blocks are skipped unread."""
+    pos, stream = start + 4, None
+    for _ in range(_MAX_FLAC_BLOCKS):
+        f.seek(pos)
+        header = f.read(4)
+        if len(header) < 4:
+            return None
+        size = int.from_bytes(header[1:], "big")
+        if stream is None:
+            if header[0] & 0x7F != 0 or size != 34:
+                return None
+            stream = FLACStreamInfo(f.read(34))
+        pos += 4 + size
+        if header[0] & 0x80:   # the last metadata block
+            break
+    else:
+        return None
+    audio_bytes = _file_size(f) - pos
+    if audio_bytes <= 0 or not stream.length:
+        return None   # the metadata claims to run past the end of the file
+    return _make_info(stream, "flac", "audio/flac",
+                      bitrate=audio_bytes * 8 / stream.length)
+
+
+def _mp4_codec(name: str) -> str:
+    name = name.lower()
+    if name.startswith("mp4a.40."):
+        return "aac"
+    return {"mp4a.69": "mp3", "mp4a.6b": "mp3", "ac-3": "ac3",
+            "ec-3": "eac3"}.get(name, name or "unknown")
+
+
+def _read_mp4(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
+    if not _mp4_boxes_bounded(f):
+        return None
+    f.seek(0)
+    stream = MP4(f).info
+    return _make_info(stream, _mp4_codec(stream.codec), "audio/mp4")
+
+
+def _mp4_boxes_bounded(f: IO[bytes]) -> bool:
+    """Whether the box tree mutagen would build (ISO/IEC 14496-12 section
+    4.2) has at most _MAX_MP4_BOXES boxes. Reads box headers only."""
+    end = _file_size(f)
+    ranges, count = [(0, end)], 0
+    while ranges:
+        pos, stop = ranges.pop()
+        while pos + 8 <= stop:
+            f.seek(pos)
+            header = f.read(16)
+            size, name, body = int.from_bytes(header[:4], "big"), header[4:8], pos + 8
+            if size == 1:     # a 64-bit size follows the name
+                size, body = int.from_bytes(header[8:16], "big"), pos + 16
+            elif size == 0:   # the box runs to the end of the file
+                size = end - pos
+            count += 1
+            if size < body - pos or count > _MAX_MP4_BOXES:
+                return False
+            if name in _MP4_CONTAINERS:
+                skip = 4 if name == b"meta" else 0   # its version and flags
+                ranges.append((body + skip, min(pos + size, stop)))
+            pos += size
+    return True
+
+
+def _read_vorbis(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
+    # Other Ogg codecs (FLAC, Speex) are not read. The check also keeps
+    # mutagen from walking every page of a file in search of the header.
+    if not ogg_first_packet(head).startswith(b"\x01vorbis"):
+        return None
+    f.seek(0)
+    return _make_info(OggVorbis(f).info, "vorbis", "audio/ogg")
+
+
+def _read_opus(f: IO[bytes], start: int, head: bytes) -> AudioInfo:
+    # Opus always decodes at 48 kHz (RFC 7845 section 5.1); the input rate
+    # in its header is informational only, so mutagen does not report it.
+    f.seek(0)
+    stream = OggOpus(f).info
+    return _make_info(stream, "opus", "audio/opus", sample_rate=48_000)
+
+
+# WAVE format tags (RFC 2361 appendix A). WAVE_FORMAT_EXTENSIBLE hides the
+# real format in a GUID mutagen does not read; it is nearly always PCM.
+_WAVE_CODECS = {1: "pcm", 3: "pcm_float", 6: "alaw", 7: "mulaw",
+                0x55: "mp3", 0xFFFE: "pcm"}
+
+
+def _read_wav(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
+    if not _riff_chunks_bounded(f):
+        return None
+    f.seek(0)
+    stream = WaveStreamInfo(f)
+    codec = _WAVE_CODECS.get(stream.audio_format, "wav")
+    # The data chunk's declared size survives truncation; the file does not.
+    length = _clamp_to_size(stream.length, stream.bitrate, _file_size(f))
+    return _make_info(stream, codec, "audio/wav", duration=length)
+
+
+def _riff_chunks_bounded(f: IO[bytes]) -> bool:
+    """Whether the RIFF form has at most _MAX_RIFF_CHUNKS top-level chunks
+    (mutagen lists them all to find 'fmt ' and 'data')."""
+    pos, end = 12, _file_size(f)
+    for _ in range(_MAX_RIFF_CHUNKS):
+        if pos + 8 > end:
+            return True
+        f.seek(pos + 4)
+        size = int.from_bytes(f.read(4), "little")
+        pos += 8 + size + (size & 1)   # chunks are padded to even length
+    return pos + 8 > end
+
+
+_READERS: dict[str, Callable[[IO[bytes], int, bytes], AudioInfo | None]] = {
+    "audio/mpeg": _read_mp3,
+    "audio/aac": _read_aac,
+    "audio/flac": _read_flac,
+    "audio/mp4": _read_mp4,
+    "audio/ogg": _read_vorbis,
+    "audio/opus": _read_opus,
+    "audio/wav": _read_wav,
+}
+
+
+# --- async ------------------------------------------------------------------
+
+# Probes get their own few threads rather than the loop's default executor.
+# A probe stuck in a read that never returns (a hung network mount, a FIFO)
+# cannot be killed from Python; here it occupies one probe thread, while the
+# rest of the server's file work, on the default executor, goes on. If every
+# probe thread is stuck, new probes wait in the queue and time out: blobs
+# are still stored and served, only without audio facts.
+PROBE_THREADS = 4
+_probe_pool = ThreadPoolExecutor(max_workers=PROBE_THREADS,
+                                 thread_name_prefix="blobd-probe")
+
+
+async def probe_async(path: str | os.PathLike[str],
+                      timeout: float) -> AudioInfo | None:
+    """`probe(path)` in a worker thread, giving up after `timeout` seconds.
+
+    On timeout it returns None, as for a file that is not audio. A probe
+    that has not started yet is cancelled; one that is running cannot be
+    stopped and finishes in the background. That is acceptable because a
+    probe only reads (one open file, nothing changed), its late result is
+    dropped, and a stuck probe ties up only the probe pool (see above),
+    never the event loop or the default executor.
+    """
+    loop = asyncio.get_running_loop()
+    work = loop.run_in_executor(_probe_pool, probe, path)
+    try:
+        return await asyncio.wait_for(work, timeout)
+    except TimeoutError:
+        log.warning("audio probe of %s gave up after %.3g s", path, timeout)
+        return None
