@@ -1,18 +1,26 @@
-"""What a stored blob sounds like: format sniffing and a mutagen probe.
+"""What a stored blob sounds like: a mutagen probe, run in a thread.
 
-Two levels of effort:
-
-* `sniff_mime(head)` looks at the first bytes only (magic numbers). It is
-  cheap and pure, for choosing a Content-Type when the client gave none.
-* `probe(path)` opens the file and parses its stream headers with mutagen to
-  get duration, bitrate, sample rate and channels. It is blocking; async code
-  calls `probe_async`, which runs it in a thread under a time limit.
+* `sniff_mime(head)` (from blobd.sniff) looks at the first bytes only; it is
+  for choosing a Content-Type when the client gave none.
+* `probe(path)` parses the stream headers with mutagen for duration,
+  bitrate, sample rate and channels. It blocks; async code calls
+  `probe_async`, which runs it in a worker thread under a time limit.
 
 The probe trusts the bytes, never a file name: the sniffed magic picks the
-mutagen parser, so FLAC bytes named `.mp3` are reported as FLAC. Anything
-blobd does not recognise, or that does not parse into a plausible stream,
-is "not audio" (None) rather than an error: a blob is valid whatever it
-contains, and its audio facts are only a bonus.
+parser, so FLAC bytes named `.mp3` are reported as FLAC. Anything blobd does
+not recognise, or that does not parse into a plausible stream, is "not
+audio" (None) rather than an error: a blob is valid whatever it holds, and
+its audio facts are a bonus.
+
+Uploads are untrusted, so readers bound their work before mutagen sees the
+file. mutagen is a tag editor: it loads every FLAC metadata block and builds
+an object per MP4 box and per RIFF chunk, so a file of millions of empty
+boxes would take gigabytes. The MP3, FLAC and WAV readers ask mutagen for
+stream info only, skipping tags; ID3 tags, FLAC blocks, RIFF chunks and MP4
+boxes are counted first and implausibly many refused. One cost remains
+linear in the file: for an Ogg stream without an end-of-stream page (a
+recording cut off), mutagen reads every page to find the last; that is
+time, not memory, and `probe_async`'s timeout bounds the caller's wait.
 """
 
 from __future__ import annotations
@@ -27,24 +35,21 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from mutagen.aac import AAC
-from mutagen.flac import FLAC
-from mutagen.mp3 import MP3
+from mutagen.flac import StreamInfo as FLACStreamInfo
+from mutagen.mp3 import MPEGInfo
 from mutagen.mp4 import MP4
 from mutagen.oggopus import OggOpus
 from mutagen.oggvorbis import OggVorbis
-from mutagen.wave import WAVE
+from mutagen.wave import WaveStreamInfo
+
+from blobd.sniff import (AUDIO_MIME_TYPES, MAX_MPEG_FRAME, SNIFF_BYTES,
+                         mpeg_frame_length, ogg_first_packet,
+                         same_mpeg_stream, sniff_mime)
+
+__all__ = ["AUDIO_MIME_TYPES", "AudioInfo", "probe", "probe_async",
+           "sniff_mime"]
 
 log = logging.getLogger(__name__)
-
-#: The audio Content-Types blobd recognises, as `sniff_mime` and `probe`
-#: spell them (one canonical name per format).
-AUDIO_MIME_TYPES: frozenset[str] = frozenset({
-    "audio/mpeg", "audio/mp4", "audio/aac", "audio/ogg",
-    "audio/opus", "audio/flac", "audio/wav",
-})
-
-#: How many leading bytes `sniff_mime` needs to decide.
-SNIFF_BYTES = 64
 
 # Bounds of a believable stream. mutagen's MP3 and ADTS readers hunt for
 # frame syncs and can "find" them in noise; a real stream passes these.
@@ -53,10 +58,26 @@ _MIN_SAMPLE_RATE = 1_000
 _MAX_SAMPLE_RATE = 768_000
 _MAX_CHANNELS = 255
 
+# Bounds on container structure. Real files have a handful of ID3 tags,
+# FLAC blocks and RIFF chunks and a few hundred MP4 boxes; each bound is
+# far above that and far below what costs real time or memory.
+_MAX_ID3_TAGS = 8
+_MAX_FLAC_BLOCKS = 1_024
+_MAX_RIFF_CHUNKS = 1_024
+_MAX_MP4_BOXES = 50_000
+_MP4_CONTAINERS = frozenset({   # the boxes mutagen descends into
+    b"moov", b"udta", b"trak", b"mdia", b"meta", b"ilst",
+    b"stbl", b"minf", b"moof", b"traf",
+})
+
 # With no magic at the start, an MP3 is still accepted when its first frame
 # sits within this many bytes: zero padding or a damaged tag before the
-# audio. A sync found deeper is more likely MP3 data inside some other file.
+# audio. A sync found deeper is more likely MP3 data inside another file.
 _MAX_MP3_JUNK = 8 * 1024
+# mutagen accepts an MP3 after four chained frames (or one with a VBR
+# header), a test that runs of bytes in executables and data files pass now
+# and then; a real stream goes on much longer.
+_MP3_CHAIN_FRAMES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,131 +133,15 @@ def _optional_int(value: Any) -> int | None:
     return value
 
 
-# --- sniffing ---------------------------------------------------------------
-
-# ftyp major brands of MP4 files that hold audio, or that ffmpeg and other
-# muxers write for audio-only MP4. Video-only (M4V, qt), image (heic, avif)
-# and 3GPP brands are deliberately absent.
-_MP4_AUDIO_BRANDS = frozenset({b"M4A ", b"M4B ", b"M4P ", b"F4A ", b"F4B "})
-_MP4_GENERIC_BRANDS = frozenset({
-    b"isom", b"iso2", b"iso3", b"iso4", b"iso5", b"iso6",
-    b"mp41", b"mp42", b"dash",
-})
-
-
-def sniff_mime(head: bytes) -> str | None:
-    """The audio MIME type that the leading bytes of a file announce, or None.
-
-    Pass at least SNIFF_BYTES bytes (fewer only for a shorter file). Looks at
-    magic numbers only, so it is fast and never touches the disk; it does
-    not prove the rest of the file is valid (that is `probe`'s job). An ID3v2
-    tag is reported as audio/mpeg although it may front other formats.
-    """
-    if head.startswith(b"ID3"):
-        return "audio/mpeg"
-    if head.startswith(b"fLaC"):
-        return "audio/flac"
-    if head.startswith(b"OggS\x00"):
-        return _sniff_ogg(head)
-    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-        return "audio/wav"
-    if head[4:8] == b"ftyp":
-        return _sniff_ftyp(head)
-    if head.startswith(b"ADIF") or _is_adts_header(head):
-        return "audio/aac"
-    if _is_mpeg_audio_header(head):
-        return "audio/mpeg"
-    return None
-
-
-def _sniff_ogg(head: bytes) -> str | None:
-    # The first page's segment table (length at byte 26) is followed by the
-    # first packet, whose opening bytes name the codec of the stream.
-    if len(head) < 27:
-        return "audio/ogg"
-    start = 27 + head[26]
-    packet = head[start:start + 8]
-    if packet.startswith(b"OpusHead"):
-        return "audio/opus"
-    if packet.startswith(b"\x80theora"):
-        return None
-    return "audio/ogg"
-
-
-def _sniff_ftyp(head: bytes) -> str | None:
-    major = head[8:12]
-    if major in _MP4_AUDIO_BRANDS or major in _MP4_GENERIC_BRANDS:
-        return "audio/mp4"
-    # An unfamiliar major brand is still audio if it lists an M4A brand as
-    # compatible; those follow the minor version, to the end of the box.
-    box_end = min(int.from_bytes(head[:4], "big"), len(head))
-    compatible = {head[i:i + 4] for i in range(16, box_end - 3, 4)}
-    return "audio/mp4" if compatible & _MP4_AUDIO_BRANDS else None
-
-
-def _is_adts_header(head: bytes) -> bool:
-    # ISO/IEC 13818-7 ADTS: 12-bit sync, layer 00, a defined sampling rate
-    # index and a frame length that at least covers its own header.
-    if len(head) < 7 or head[0] != 0xFF or head[1] & 0xF6 != 0xF0:
-        return False
-    if (head[2] >> 2) & 0x0F > 12:
-        return False
-    frame_length = ((head[3] & 0x03) << 11) | (head[4] << 3) | (head[5] >> 5)
-    return frame_length >= 7
-
-
-def _is_mpeg_audio_header(head: bytes) -> bool:
-    return _mpeg_frame_length(head) is not None
-
-
-# MPEG audio frame header tables (ISO/IEC 11172-3 and 13818-3), in kb/s and
-# Hz. Version bits: 3 = MPEG-1, 2 = MPEG-2, 0 = MPEG-2.5 (1 is reserved).
-# Layer bits: 3 = Layer I, 2 = Layer II, 1 = Layer III (0 is reserved).
-_MPEG_BITRATES = {
-    (3, 3): (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
-    (3, 2): (32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
-    (3, 1): (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
-    (2, 3): (32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
-    (2, 2): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
-}
-_MPEG_SAMPLE_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000),
-                      0: (11025, 12000, 8000)}
-
-
-def _mpeg_frame_length(head: bytes) -> int | None:
-    """Byte length of the MPEG audio frame whose header starts `head`, or
-    None if it is not a valid header: 11-bit sync, then no reserved value in
-    version, layer, bitrate index (free format is refused too), sampling
-    rate index or emphasis."""
-    if len(head) < 4 or head[0] != 0xFF or head[1] & 0xE0 != 0xE0:
-        return None
-    version, layer = (head[1] >> 3) & 0x03, (head[1] >> 1) & 0x03
-    bitrate_index, rate_index = head[2] >> 4, (head[2] >> 2) & 0x03
-    if (version == 1 or layer == 0 or bitrate_index in (0, 15)
-            or rate_index == 3 or head[3] & 0x03 == 2):
-        return None
-    # MPEG-2 and 2.5 share one table for Layers II and III.
-    table = (3, layer) if version == 3 else (2, 3 if layer == 3 else 2)
-    bitrate = _MPEG_BITRATES[table][bitrate_index - 1] * 1000
-    sample_rate = _MPEG_SAMPLE_RATES[version][rate_index]
-    padding = (head[2] >> 1) & 0x01
-    if layer == 3:
-        return (12 * bitrate // sample_rate + padding) * 4
-    per_frame = 72 if layer == 1 and version != 3 else 144
-    return per_frame * bitrate // sample_rate + padding
-
-
-# --- probing ----------------------------------------------------------------
-
 def probe(path: str | os.PathLike[str]) -> AudioInfo | None:
     """Stream facts of the audio file at `path`, or None if it is not audio
     blobd recognises (see AUDIO_MIME_TYPES), is damaged beyond reading, or
     cannot be opened.
 
-    Blocking: it reads the file's headers (and, for Ogg, its last page).
-    It never raises for the file's content: mutagen can throw nearly any
-    exception on crafted or broken input, and a blob's audio facts are
-    optional, so every failure means "not audio".
+    Blocking: it reads headers, and for Ogg the last page. It never raises
+    for the file's content: mutagen can throw nearly any exception on
+    crafted or broken input, and a blob's audio facts are optional, so
+    every failure means "not audio".
     """
     try:
         with open(path, "rb") as f:
@@ -247,34 +152,36 @@ def probe(path: str | os.PathLike[str]) -> AudioInfo | None:
 
 
 def _probe_file(f: IO[bytes]) -> AudioInfo | None:
+    start = _skip_id3v2(f)
+    if start is None:
+        return None
+    f.seek(start)
     head = f.read(SNIFF_BYTES)
     mime = sniff_mime(head)
-    if head.startswith(b"ID3"):
-        mime = _sniff_after_id3(f) or "audio/mpeg"
+    if mime is None and start == 0:
+        info = _read_mp3(f, 0, head, max_junk=_MAX_MP3_JUNK)
     elif mime is None:
-        return _read_mp3(f, max_junk=_MAX_MP3_JUNK)
-    reader = _READERS.get(mime)
-    if reader is None:
-        return None
-    f.seek(0)
-    info = reader(f)
+        # A tag, then padding beyond its declared size: still MP3 territory.
+        info = _read_mp3(f, start, head)
+    else:
+        info = _READERS[mime](f, start, head)
     return info if info is not None and _plausible(info) else None
 
 
-def _sniff_after_id3(f: IO[bytes]) -> str | None:
-    # An ID3v2 tag can front ADTS AAC or FLAC as well as MP3: look past the
-    # tag (or a stack of them) for the real magic.
+def _skip_id3v2(f: IO[bytes]) -> int | None:
+    """Offset just past the ID3v2 tags at the start of the file (0 if none),
+    or None if there are implausibly many. ID3 can front MP3, ADTS AAC and
+    FLAC alike."""
     offset = 0
-    for _ in range(8):
+    for _ in range(_MAX_ID3_TAGS):
         f.seek(offset)
         header = f.read(10)
-        if not header.startswith(b"ID3") or len(header) < 10:
-            break
+        if len(header) < 10 or not header.startswith(b"ID3"):
+            return offset
         size = (header[6] << 21) | (header[7] << 14) | (header[8] << 7) | header[9]
         has_footer = bool(header[5] & 0x10)
         offset += 10 + size + (10 if has_footer else 0)
-    f.seek(offset)
-    return sniff_mime(f.read(SNIFF_BYTES))
+    return None
 
 
 def _plausible(info: AudioInfo) -> bool:
@@ -287,16 +194,14 @@ def _plausible(info: AudioInfo) -> bool:
 
 
 def _make_info(stream: Any, codec: str, mime: str, *,
-               duration: float | None = None,
+               duration: float | None = None, bitrate: float | None = None,
                sample_rate: int | None = None) -> AudioInfo:
-    """AudioInfo from a mutagen StreamInfo; zero or missing numbers become
-    None (mutagen uses 0 for "unknown")."""
-    length = stream.length if duration is None else duration
-    rate = sample_rate or getattr(stream, "sample_rate", 0)
+    """AudioInfo from a mutagen StreamInfo, with overrides; zero or missing
+    numbers become None (mutagen uses 0 for "unknown")."""
     return AudioInfo(
-        duration=round(float(length), 3),
-        bitrate=_positive_int(getattr(stream, "bitrate", 0)),
-        sample_rate=_positive_int(rate),
+        duration=round(float(stream.length if duration is None else duration), 3),
+        bitrate=_positive_int(bitrate or getattr(stream, "bitrate", 0)),
+        sample_rate=_positive_int(sample_rate or getattr(stream, "sample_rate", 0)),
         channels=_positive_int(getattr(stream, "channels", 0)),
         codec=codec,
         mime=mime,
@@ -314,7 +219,7 @@ def _file_size(f: IO[bytes]) -> int:
     return os.fstat(f.fileno()).st_size
 
 
-def _clamp_to_size(length: float, bitrate: int, available_bytes: int) -> float:
+def _clamp_to_size(length: float, bitrate: float, available_bytes: int) -> float:
     """The shorter of the length a header claims and what the bytes present
     can hold at `bitrate`: a truncated upload reports what it can play."""
     if bitrate <= 0:
@@ -322,17 +227,16 @@ def _clamp_to_size(length: float, bitrate: int, available_bytes: int) -> float:
     return min(length, max(available_bytes, 0) * 8 / bitrate)
 
 
+# --- one reader per format: (file, start after ID3, head at start) ---------
+
 _MPEG_LAYER_CODECS = {1: "mp1", 2: "mp2", 3: "mp3"}
 
 
-def _read_mp3(f: IO[bytes], max_junk: int | None = None) -> AudioInfo | None:
-    f.seek(0)
-    stream = MP3(f).info
-    # "sketchy" means mutagen found fewer than four chained frames and no
-    # VBR header: what noise looks like.
-    if stream.sketchy:
-        return None
-    if max_junk is not None and stream.frame_offset > max_junk:
+def _read_mp3(f: IO[bytes], start: int, head: bytes,
+              max_junk: int | None = None) -> AudioInfo | None:
+    # MPEGInfo, not MP3: the stream without loading the ID3 tag it skips.
+    stream = MPEGInfo(f, start)
+    if max_junk is not None and stream.frame_offset - start > max_junk:
         return None
     if not _has_frame_chain(f, stream.frame_offset):
         return None
@@ -340,33 +244,55 @@ def _read_mp3(f: IO[bytes], max_junk: int | None = None) -> AudioInfo | None:
     # cut short; the bytes actually present bound it.
     length = _clamp_to_size(stream.length, stream.bitrate,
                             _file_size(f) - stream.frame_offset)
-    info = _make_info(stream, _MPEG_LAYER_CODECS.get(stream.layer, "mp3"),
+    return _make_info(stream, _MPEG_LAYER_CODECS.get(stream.layer, "mp3"),
                       "audio/mpeg", duration=length)
-    return info if _plausible(info) else None
-
-
-# mutagen accepts an MP3 after four chained frames, a test that runs of
-# bytes in executables and data files pass now and then; a real stream goes
-# on much longer. The largest frame (MPEG-2 Layer II at 160 kb/s, 8 kHz,
-# padded) is 2881 bytes.
-_MP3_CHAIN_FRAMES = 8
-_MAX_MPEG_FRAME = 2881
 
 
 def _has_frame_chain(f: IO[bytes], offset: int) -> bool:
-    """Whether _MP3_CHAIN_FRAMES frames of one MPEG version, layer and
-    sample rate follow each other from `offset`."""
+    """Whether _MP3_CHAIN_FRAMES frames of one stream follow each other,
+    each header where the previous frame's length says, from `offset`."""
     f.seek(offset)
-    data = f.read(_MP3_CHAIN_FRAMES * _MAX_MPEG_FRAME + 4)
+    data = f.read(_MP3_CHAIN_FRAMES * MAX_MPEG_FRAME + 4)
     first, pos = data[:4], 0
     for _ in range(_MP3_CHAIN_FRAMES):
         header = data[pos:pos + 4]
-        length = _mpeg_frame_length(header)
-        if (length is None or header[1] & 0xFE != first[1] & 0xFE
-                or header[2] & 0x0C != first[2] & 0x0C):
+        length = mpeg_frame_length(header)
+        if length is None or not same_mpeg_stream(first, header):
             return False
         pos += length
     return True
+
+
+def _read_aac(f: IO[bytes], start: int, head: bytes) -> AudioInfo:
+    # mutagen reads at most a hundred ADTS frames, then estimates.
+    f.seek(0)
+    return _make_info(AAC(f).info, "aac", "audio/aac")
+
+
+def _read_flac(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
+    """STREAMINFO, which must be the first metadata block (RFC 9639), and
+    the audio's start for the bitrate; the other blocks are skipped unread."""
+    pos, stream = start + 4, None
+    for _ in range(_MAX_FLAC_BLOCKS):
+        f.seek(pos)
+        header = f.read(4)
+        if len(header) < 4:
+            return None
+        size = int.from_bytes(header[1:], "big")
+        if stream is None:
+            if header[0] & 0x7F != 0 or size != 34:
+                return None
+            stream = FLACStreamInfo(f.read(34))
+        pos += 4 + size
+        if header[0] & 0x80:   # the last metadata block
+            break
+    else:
+        return None
+    audio_bytes = _file_size(f) - pos
+    if audio_bytes <= 0 or not stream.length:
+        return None   # the metadata claims to run past the end of the file
+    return _make_info(stream, "flac", "audio/flac",
+                      bitrate=audio_bytes * 8 / stream.length)
 
 
 def _mp4_codec(name: str) -> str:
@@ -377,27 +303,54 @@ def _mp4_codec(name: str) -> str:
             "ec-3": "eac3"}.get(name, name or "unknown")
 
 
-def _read_mp4(f: IO[bytes]) -> AudioInfo:
+def _read_mp4(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
+    if not _mp4_boxes_bounded(f):
+        return None
+    f.seek(0)
     stream = MP4(f).info
     return _make_info(stream, _mp4_codec(stream.codec), "audio/mp4")
 
 
-def _read_aac(f: IO[bytes]) -> AudioInfo:
-    return _make_info(AAC(f).info, "aac", "audio/aac")
+def _mp4_boxes_bounded(f: IO[bytes]) -> bool:
+    """Whether the box tree mutagen would build (ISO/IEC 14496-12 section
+    4.2) has at most _MAX_MP4_BOXES boxes. Reads box headers only."""
+    end = _file_size(f)
+    ranges, count = [(0, end)], 0
+    while ranges:
+        pos, stop = ranges.pop()
+        while pos + 8 <= stop:
+            f.seek(pos)
+            header = f.read(16)
+            size, name, body = int.from_bytes(header[:4], "big"), header[4:8], pos + 8
+            if size == 1:     # a 64-bit size follows the name
+                size, body = int.from_bytes(header[8:16], "big"), pos + 16
+            elif size == 0:   # the box runs to the end of the file
+                size = end - pos
+            count += 1
+            if size < body - pos or count > _MAX_MP4_BOXES:
+                return False
+            if name in _MP4_CONTAINERS:
+                skip = 4 if name == b"meta" else 0   # its version and flags
+                ranges.append((body + skip, min(pos + size, stop)))
+            pos += size
+    return True
 
 
-def _read_vorbis(f: IO[bytes]) -> AudioInfo:
+def _read_vorbis(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
+    # Other Ogg codecs (FLAC, Speex) are not read. The check also keeps
+    # mutagen from walking every page of a file in search of the header.
+    if not ogg_first_packet(head).startswith(b"\x01vorbis"):
+        return None
+    f.seek(0)
     return _make_info(OggVorbis(f).info, "vorbis", "audio/ogg")
 
 
-def _read_opus(f: IO[bytes]) -> AudioInfo:
+def _read_opus(f: IO[bytes], start: int, head: bytes) -> AudioInfo:
     # Opus always decodes at 48 kHz (RFC 7845 section 5.1); the input rate
     # in its header is informational only, so mutagen does not report it.
-    return _make_info(OggOpus(f).info, "opus", "audio/opus", sample_rate=48_000)
-
-
-def _read_flac(f: IO[bytes]) -> AudioInfo:
-    return _make_info(FLAC(f).info, "flac", "audio/flac")
+    f.seek(0)
+    stream = OggOpus(f).info
+    return _make_info(stream, "opus", "audio/opus", sample_rate=48_000)
 
 
 # WAVE format tags (RFC 2361 appendix A). WAVE_FORMAT_EXTENSIBLE hides the
@@ -406,21 +359,37 @@ _WAVE_CODECS = {1: "pcm", 3: "pcm_float", 6: "alaw", 7: "mulaw",
                 0x55: "mp3", 0xFFFE: "pcm"}
 
 
-def _read_wav(f: IO[bytes]) -> AudioInfo:
-    stream = WAVE(f).info
+def _read_wav(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
+    if not _riff_chunks_bounded(f):
+        return None
+    f.seek(0)
+    stream = WaveStreamInfo(f)
     codec = _WAVE_CODECS.get(stream.audio_format, "wav")
     # The data chunk's declared size survives truncation; the file does not.
     length = _clamp_to_size(stream.length, stream.bitrate, _file_size(f))
     return _make_info(stream, codec, "audio/wav", duration=length)
 
 
-_READERS: dict[str, Callable[[IO[bytes]], AudioInfo | None]] = {
+def _riff_chunks_bounded(f: IO[bytes]) -> bool:
+    """Whether the RIFF form has at most _MAX_RIFF_CHUNKS top-level chunks
+    (mutagen lists them all to find 'fmt ' and 'data')."""
+    pos, end = 12, _file_size(f)
+    for _ in range(_MAX_RIFF_CHUNKS):
+        if pos + 8 > end:
+            return True
+        f.seek(pos + 4)
+        size = int.from_bytes(f.read(4), "little")
+        pos += 8 + size + (size & 1)   # chunks are padded to even length
+    return pos + 8 > end
+
+
+_READERS: dict[str, Callable[[IO[bytes], int, bytes], AudioInfo | None]] = {
     "audio/mpeg": _read_mp3,
-    "audio/mp4": _read_mp4,
     "audio/aac": _read_aac,
+    "audio/flac": _read_flac,
+    "audio/mp4": _read_mp4,
     "audio/ogg": _read_vorbis,
     "audio/opus": _read_opus,
-    "audio/flac": _read_flac,
     "audio/wav": _read_wav,
 }
 
@@ -429,12 +398,12 @@ _READERS: dict[str, Callable[[IO[bytes]], AudioInfo | None]] = {
 
 # Probes get their own few threads rather than the loop's default executor.
 # A probe stuck in a read that never returns (a hung network mount, a FIFO)
-# cannot be killed from Python; here it occupies one probe thread, and the
-# file work of the rest of the server, which uses the default executor, goes
-# on. If every probe thread is stuck, new probes wait in the queue and time
-# out: blobs are still stored and served, only without audio facts.
-_PROBE_THREADS = 4
-_probe_pool = ThreadPoolExecutor(max_workers=_PROBE_THREADS,
+# cannot be killed from Python; here it occupies one probe thread, while the
+# rest of the server's file work, on the default executor, goes on. If every
+# probe thread is stuck, new probes wait in the queue and time out: blobs
+# are still stored and served, only without audio facts.
+PROBE_THREADS = 4
+_probe_pool = ThreadPoolExecutor(max_workers=PROBE_THREADS,
                                  thread_name_prefix="blobd-probe")
 
 
@@ -442,12 +411,12 @@ async def probe_async(path: str | os.PathLike[str],
                       timeout: float) -> AudioInfo | None:
     """`probe(path)` in a worker thread, giving up after `timeout` seconds.
 
-    On timeout it returns None, as for a file that is not audio. The thread
-    itself cannot be stopped and finishes in the background; that is
-    acceptable because the probe only reads (it holds one open file and
-    changes nothing), its result is simply dropped, and a stuck probe ties
-    up only the probe pool (see above), never the event loop or the
-    default executor.
+    On timeout it returns None, as for a file that is not audio. A probe
+    that has not started yet is cancelled; one that is running cannot be
+    stopped and finishes in the background. That is acceptable because a
+    probe only reads (one open file, nothing changed), its late result is
+    dropped, and a stuck probe ties up only the probe pool (see above),
+    never the event loop or the default executor.
     """
     loop = asyncio.get_running_loop()
     work = loop.run_in_executor(_probe_pool, probe, path)

@@ -1,0 +1,139 @@
+"""Audio formats recognised by their leading bytes (magic numbers).
+
+Pure functions over bytes already in memory: no I/O, nothing to await.
+`blobd.audio` re-exports `sniff_mime` and `AUDIO_MIME_TYPES`; the frame
+header helpers here are shared with its MP3 reader.
+"""
+
+from __future__ import annotations
+
+#: The audio Content-Types blobd recognises, one canonical name per format,
+#: spelled as `sniff_mime` and `blobd.audio.probe` report them.
+AUDIO_MIME_TYPES: frozenset[str] = frozenset({
+    "audio/mpeg", "audio/mp4", "audio/aac", "audio/ogg",
+    "audio/opus", "audio/flac", "audio/wav",
+})
+
+#: How many leading bytes `sniff_mime` needs to decide.
+SNIFF_BYTES = 64
+
+# ftyp major brands of MP4 files that hold audio, or that ffmpeg and other
+# muxers write for audio-only MP4. Video-only (M4V, qt), image (heic, avif)
+# and 3GPP brands are deliberately absent.
+_MP4_AUDIO_BRANDS = frozenset({b"M4A ", b"M4B ", b"M4P ", b"F4A ", b"F4B "})
+_MP4_GENERIC_BRANDS = frozenset({
+    b"isom", b"iso2", b"iso3", b"iso4", b"iso5", b"iso6",
+    b"mp41", b"mp42", b"dash",
+})
+
+
+def sniff_mime(head: bytes) -> str | None:
+    """The audio MIME type that the leading bytes of a file announce, or None.
+
+    Pass at least SNIFF_BYTES bytes (fewer only for a shorter file). Only
+    magic numbers are checked: fast, no I/O, and no proof that the rest of
+    the file is valid (that is `blobd.audio.probe`'s job). An ID3v2 tag is
+    reported as audio/mpeg although it may front other formats.
+    """
+    if head.startswith(b"ID3"):
+        return "audio/mpeg"
+    if head.startswith(b"fLaC"):
+        return "audio/flac"
+    if head.startswith(b"OggS\x00"):
+        return _sniff_ogg(head)
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "audio/wav"
+    if head[4:8] == b"ftyp":
+        return _sniff_ftyp(head)
+    if head.startswith(b"ADIF") or is_adts_header(head):
+        return "audio/aac"
+    if mpeg_frame_length(head) is not None:
+        return "audio/mpeg"
+    return None
+
+
+def ogg_first_packet(head: bytes) -> bytes:
+    """The start of the first packet of an Ogg file (RFC 3533 section 6):
+    it follows the first page's 27-byte header and its segment table, and
+    names the codec of the stream. Empty if `head` is too short."""
+    if len(head) < 27:
+        return b""
+    return head[27 + head[26]:]
+
+
+def _sniff_ogg(head: bytes) -> str | None:
+    packet = ogg_first_packet(head)
+    if packet.startswith(b"OpusHead"):
+        return "audio/opus"
+    if packet.startswith(b"\x80theora"):
+        return None
+    return "audio/ogg"
+
+
+def _sniff_ftyp(head: bytes) -> str | None:
+    major = head[8:12]
+    if major in _MP4_AUDIO_BRANDS or major in _MP4_GENERIC_BRANDS:
+        return "audio/mp4"
+    # An unfamiliar major brand is still audio if it lists an M4A brand as
+    # compatible; those follow the minor version, to the end of the box.
+    box_end = min(int.from_bytes(head[:4], "big"), len(head))
+    compatible = {head[i:i + 4] for i in range(16, box_end - 3, 4)}
+    return "audio/mp4" if compatible & _MP4_AUDIO_BRANDS else None
+
+
+def is_adts_header(head: bytes) -> bool:
+    """Whether `head` starts with an ADTS AAC frame header (ISO/IEC 13818-7):
+    12-bit sync, layer 00, a defined sampling rate index and a frame length
+    that at least covers the header itself."""
+    if len(head) < 7 or head[0] != 0xFF or head[1] & 0xF6 != 0xF0:
+        return False
+    if (head[2] >> 2) & 0x0F > 12:
+        return False
+    frame_length = ((head[3] & 0x03) << 11) | (head[4] << 3) | (head[5] >> 5)
+    return frame_length >= 7
+
+
+# MPEG audio frame header tables (ISO/IEC 11172-3 and 13818-3), in kb/s and
+# Hz. Version bits: 3 = MPEG-1, 2 = MPEG-2, 0 = MPEG-2.5 (1 is reserved).
+# Layer bits: 3 = Layer I, 2 = Layer II, 1 = Layer III (0 is reserved).
+_MPEG_BITRATES = {
+    (3, 3): (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
+    (3, 2): (32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
+    (3, 1): (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    (2, 3): (32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
+    (2, 2): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+_MPEG_SAMPLE_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000),
+                      0: (11025, 12000, 8000)}
+
+#: The longest MPEG audio frame: MPEG-2.5 Layer II at 160 kb/s, 8 kHz, padded.
+MAX_MPEG_FRAME = 2881
+
+
+def mpeg_frame_length(head: bytes) -> int | None:
+    """Byte length of the MPEG audio frame whose header starts `head`, or
+    None if it is not a valid header: 11-bit sync, then no reserved value in
+    version, layer, bitrate index (free format is refused too), sampling
+    rate index or emphasis."""
+    if len(head) < 4 or head[0] != 0xFF or head[1] & 0xE0 != 0xE0:
+        return None
+    version, layer = (head[1] >> 3) & 0x03, (head[1] >> 1) & 0x03
+    bitrate_index, rate_index = head[2] >> 4, (head[2] >> 2) & 0x03
+    if (version == 1 or layer == 0 or bitrate_index in (0, 15)
+            or rate_index == 3 or head[3] & 0x03 == 2):
+        return None
+    # MPEG-2 and 2.5 share one table for Layers II and III.
+    table = (3, layer) if version == 3 else (2, 3 if layer == 3 else 2)
+    bitrate = _MPEG_BITRATES[table][bitrate_index - 1] * 1000
+    sample_rate = _MPEG_SAMPLE_RATES[version][rate_index]
+    padding = (head[2] >> 1) & 0x01
+    if layer == 3:
+        return (12 * bitrate // sample_rate + padding) * 4
+    per_frame = 72 if layer == 1 and version != 3 else 144
+    return per_frame * bitrate // sample_rate + padding
+
+
+def same_mpeg_stream(a: bytes, b: bytes) -> bool:
+    """Whether two frame headers agree on version, layer and sample rate,
+    as consecutive frames of one stream must."""
+    return a[1] & 0xFE == b[1] & 0xFE and a[2] & 0x0C == b[2] & 0x0C

@@ -1,0 +1,460 @@
+"""blobd.audio and blobd.sniff against real audio files.
+
+The fixtures in tests/fixtures/audio were made by make.sh there (ffmpeg);
+variants (cut, re-wrapped, padded, crafted) are built from them in tmp_path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mutagen.ogg import OggPage
+
+from blobd import audio
+from blobd.audio import (AUDIO_MIME_TYPES, AudioInfo, probe, probe_async,
+                         sniff_mime)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "audio"
+
+
+@dataclass(frozen=True)
+class Expected:
+    mime: str
+    codec: str
+    duration: float          # seconds of audio generated
+    sample_rate: int
+    channels: int
+    bitrate: tuple[int, int]  # plausible range, bits per second
+
+
+AUDIO_FIXTURES = {
+    "tone.mp3": Expected("audio/mpeg", "mp3", 2.0, 22050, 1, (31_000, 33_000)),
+    "tone.m4a": Expected("audio/mp4", "aac", 2.0, 44100, 2, (24_000, 40_000)),
+    "tone.aac": Expected("audio/aac", "aac", 2.0, 22050, 1, (24_000, 40_000)),
+    "tone.ogg": Expected("audio/ogg", "vorbis", 2.0, 22050, 2, (16_000, 64_000)),
+    "tone.opus": Expected("audio/opus", "opus", 2.0, 48000, 2, (16_000, 48_000)),
+    "tone.flac": Expected("audio/flac", "flac", 2.0, 8000, 1, (20_000, 128_000)),
+    "tone.wav": Expected("audio/wav", "pcm", 1.5, 8000, 1, (128_000, 128_000)),
+    "sweep.mp3": Expected("audio/mpeg", "mp3", 8.0, 22050, 1, (31_000, 33_000)),
+    # FLAC bytes under an .mp3 name: the bytes decide.
+    "flac_named.mp3": Expected("audio/flac", "flac", 2.0, 8000, 1, (20_000, 128_000)),
+}
+NOT_AUDIO_FIXTURES = ["not_audio.txt", "not_audio.png"]
+SNIFFED = {name: e.mime for name, e in AUDIO_FIXTURES.items()} | {
+    "truncated.mp3": "audio/mpeg",
+    "not_audio.txt": None,
+    "not_audio.png": None,
+}
+
+
+def fixture(name: str) -> Path:
+    return FIXTURES / name
+
+
+def id3_tag_of(name: str) -> bytes:
+    """The leading ID3v2 tag of a fixture, header included."""
+    data = fixture(name).read_bytes()
+    assert data.startswith(b"ID3")
+    size = (data[6] << 21) | (data[7] << 14) | (data[8] << 7) | data[9]
+    return data[:10 + size]
+
+
+def test_every_fixture_has_an_expectation() -> None:
+    made = {p.name for p in FIXTURES.iterdir()} - {"README.md", "make.sh"}
+    assert made == set(SNIFFED)
+
+
+def test_fixtures_are_small() -> None:
+    for name in SNIFFED:
+        limit = 100_000 if name == "sweep.mp3" else 40_000
+        assert fixture(name).stat().st_size < limit, name
+
+
+@pytest.mark.parametrize("name", sorted(AUDIO_FIXTURES))
+def test_probe_reads_each_format(name: str) -> None:
+    want = AUDIO_FIXTURES[name]
+    info = probe(fixture(name))
+    assert info is not None
+    assert (info.mime, info.codec) == (want.mime, want.codec)
+    assert info.duration == pytest.approx(want.duration, rel=0.10)
+    assert (info.sample_rate, info.channels) == (want.sample_rate, want.channels)
+    low, high = want.bitrate
+    assert info.bitrate is not None and low <= info.bitrate <= high
+    assert info.mime in AUDIO_MIME_TYPES
+
+
+@pytest.mark.parametrize("name", sorted(SNIFFED))
+def test_sniff_mime_reads_each_head(name: str) -> None:
+    head = fixture(name).read_bytes()[:64]
+    assert sniff_mime(head) == SNIFFED[name]
+
+
+def test_sniffed_types_are_the_recognised_types() -> None:
+    # and the fixtures cover every one of them
+    assert {m for m in SNIFFED.values() if m is not None} == AUDIO_MIME_TYPES
+
+
+@pytest.mark.parametrize("head, mime", [
+    (b"", None),
+    (b"ID3", "audio/mpeg"),
+    (b"\xff\xfb\x90\x00" + bytes(60), "audio/mpeg"),      # MPEG-1 Layer III
+    (b"\xff\xfb\xf0\x00" + bytes(60), None),              # bitrate index 15
+    (b"\xff\xfb\x9c\x00" + bytes(60), None),              # sample rate index 3
+    (b"\xff\xe9\x90\x00" + bytes(60), None),              # version 01 (reserved)
+    (b"\xff\xf9\x90\x00" + bytes(60), None),              # layer 00, not ADTS
+    (b"\xff\xf1\x50\x80\x02\x1f\xfc", "audio/aac"),       # ADTS
+    (b"ADIF" + bytes(60), "audio/aac"),
+    (b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom", "audio/mp4"),
+    (b"\x00\x00\x00\x18ftypXYZ \x00\x00\x00\x00XYZ M4A ", "audio/mp4"),
+    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", None),
+    (b"\x00\x00\x00\x14ftypqt  \x00\x00\x00\x00qt  ", None),
+    (b"OggS\x00\x02" + bytes(20) + b"\x01\x2a\x80theora", None),
+    (b"OggS\x00\x02" + bytes(20) + b"\x01\x1e\x01vorbis", "audio/ogg"),
+    (b"OggS\x00\x02", "audio/ogg"),
+    (b"RIFF\x24\x00\x00\x00WAVEfmt ", "audio/wav"),
+    (b"RIFF\x24\x00\x00\x00AVI LIST", None),
+    (b"%PDF-1.7\n", None),
+    (b"\x7fELF\x02\x01\x01\x00", None),
+])
+def test_sniff_mime_magic(head: bytes, mime: str | None) -> None:
+    assert sniff_mime(head) == mime
+
+
+# --- damaged, disguised and foreign input ------------------------------------
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
+def test_cut_mp3_reports_what_is_left(tmp_path: Path, fraction: float) -> None:
+    whole = fixture("tone.mp3").read_bytes()
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(whole[:int(len(whole) * fraction)])
+    full = probe(fixture("tone.mp3"))
+    info = probe(cut)
+    # Its Info header still claims the whole 2 s; the bytes bound it.
+    assert full is not None and info is not None
+    assert info.codec == "mp3" and info.sample_rate == 22050
+    assert info.duration == pytest.approx(full.duration * fraction, abs=0.1)
+
+
+def test_truncated_fixture_is_about_half_the_tone() -> None:
+    info = probe(fixture("truncated.mp3"))
+    assert info is not None and info.mime == "audio/mpeg"
+    assert 0.9 <= info.duration <= 1.15
+
+
+@pytest.mark.parametrize("keep", [0, 3, 40, 200])
+def test_mp3_cut_before_enough_frames_is_not_audio(tmp_path: Path, keep: int) -> None:
+    data = fixture("tone.mp3").read_bytes()
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(data[:len(id3_tag_of("tone.mp3")) + keep])
+    assert probe(cut) is None
+
+
+@pytest.mark.parametrize("name, disguise", [
+    ("tone.mp3", "song.flac"),
+    ("tone.ogg", "song.mp3"),
+    ("tone.wav", "song.m4a"),
+    ("tone.opus", "song.ogg"),
+])
+def test_file_name_does_not_matter(tmp_path: Path, name: str, disguise: str) -> None:
+    moved = tmp_path / disguise
+    shutil.copy(fixture(name), moved)
+    assert probe(moved) == probe(fixture(name))
+    assert probe(moved) is not None
+
+
+@pytest.mark.parametrize("inner, codec", [("tone.aac", "aac"), ("tone.flac", "flac")])
+def test_id3_tag_may_front_aac_and_flac(tmp_path: Path, inner: str, codec: str) -> None:
+    tagged = tmp_path / "tagged"
+    tagged.write_bytes(id3_tag_of("tone.mp3") + fixture(inner).read_bytes())
+    info = probe(tagged)
+    assert info is not None and info.codec == codec
+    assert info.duration == pytest.approx(2.0, rel=0.10)
+
+
+def test_id3_tag_does_not_front_ogg(tmp_path: Path) -> None:
+    tagged = tmp_path / "tagged.ogg"
+    tagged.write_bytes(id3_tag_of("tone.mp3") + fixture("tone.ogg").read_bytes())
+    assert probe(tagged) is None
+
+
+def test_flac_must_open_with_streaminfo(tmp_path: Path) -> None:
+    data = bytearray(fixture("tone.flac").read_bytes())
+    assert data[4] & 0x7F == 0   # STREAMINFO, as RFC 9639 requires
+    data[4] |= 0x01              # the same bytes, typed as PADDING
+    relabelled = tmp_path / "relabelled.flac"
+    relabelled.write_bytes(data)
+    assert probe(relabelled) is None
+
+
+def _flac_audio_start(data: bytes) -> tuple[int, int]:
+    """(offset of the last metadata block's header, offset of the audio)."""
+    pos = 4
+    while True:
+        header_at, last = pos, data[pos] & 0x80
+        pos += 4 + int.from_bytes(data[pos + 1:pos + 4], "big")
+        if last:
+            return header_at, pos
+
+
+@pytest.mark.parametrize("where", ["in-a-block", "in-the-last-block", "at-the-audio"])
+def test_flac_cut_inside_its_metadata_is_none(tmp_path: Path, where: str) -> None:
+    data = fixture("tone.flac").read_bytes()
+    last_header, audio_start = _flac_audio_start(data)
+    keep = {"in-a-block": 60, "in-the-last-block": last_header + 5,
+            "at-the-audio": audio_start}[where]
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(data[:keep])   # STREAMINFO intact, no audio at all
+    assert probe(cut) is None
+
+
+def test_ogg_with_another_codec_first_is_not_read(tmp_path: Path) -> None:
+    # Only Vorbis (audio/ogg) and Opus are read, and only as the first
+    # stream: mutagen would otherwise walk page after page for a header.
+    first = OggPage()
+    first.serial, first.first, first.position = 7, True, 0
+    first.packets = [b"Speex   1.2" + bytes(69)]
+    muxed = tmp_path / "speex-first.ogg"
+    muxed.write_bytes(first.write() + fixture("tone.ogg").read_bytes())
+    assert sniff_mime(muxed.read_bytes()[:64]) == "audio/ogg"
+    assert probe(muxed) is None
+
+
+def test_wav_claiming_no_channels_is_none(tmp_path: Path) -> None:
+    data = bytearray(fixture("tone.wav").read_bytes())
+    assert data[22:24] == b"\x01\x00"   # fmt: number of channels
+    data[22:24] = b"\x00\x00"
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(data)
+    assert probe(broken) is None
+
+
+@pytest.mark.parametrize("junk, found", [(1000, True), (100_000, False)])
+def test_mp3_after_leading_zeros(tmp_path: Path, junk: int, found: bool) -> None:
+    # Without magic at the start, a short run of padding is tolerated; a
+    # stream deep inside some other file is not claimed as MP3.
+    frames = fixture("tone.mp3").read_bytes()[len(id3_tag_of("tone.mp3")):]
+    padded = tmp_path / "padded"
+    padded.write_bytes(bytes(junk) + frames)
+    info = probe(padded)
+    assert (info is not None) == found
+    if info is not None:
+        assert info.codec == "mp3" and info.duration == pytest.approx(2.0, rel=0.10)
+
+
+def test_stacked_id3_tags_are_skipped(tmp_path: Path) -> None:
+    tag = id3_tag_of("tone.mp3")
+    stacked = tmp_path / "stacked.mp3"
+    stacked.write_bytes(tag * 3 + fixture("tone.mp3").read_bytes()[len(tag):])
+    info = probe(stacked)
+    assert info is not None and info.codec == "mp3"
+
+
+def _random_bytes(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("empty.mp3", b""),
+    ("text.mp3", b"just some words, not a song\n" * 200),
+    ("random.mp3", _random_bytes(1, 50_000)),
+    ("random.bin", _random_bytes(2, 300_000)),
+    ("ff.mp3", b"\xff" * 20_000),
+    ("zeros.wav", bytes(20_000)),
+    # one valid MPEG header repeated: the frames it announces do not chain
+    ("headers.mp3", b"\xff\xfb\x90\x00" * 5_000),
+    ("id3-then-text.mp3", b"ID3\x03\x00\x00\x00\x00\x00\x10" + bytes(16) + b"hello" * 999),
+    ("ogg-random.ogg", b"OggS\x00\x02" + _random_bytes(3, 10_000)),
+    ("flac-random.flac", b"fLaC" + _random_bytes(4, 10_000)),
+    ("riff-no-fmt.wav", b"RIFF\x04\x00\x00\x00WAVE"),
+    ("ftyp-only.m4a", b"\x00\x00\x00\x14ftypM4A \x00\x00\x02\x00M4A "),
+])
+def test_non_audio_is_none(tmp_path: Path, name: str, content: bytes) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert probe(path) is None
+
+
+@pytest.mark.parametrize("name", NOT_AUDIO_FIXTURES)
+def test_non_audio_fixtures_are_none(name: str) -> None:
+    assert probe(fixture(name)) is None
+
+
+def test_an_executable_is_not_audio() -> None:
+    assert probe(os.path.realpath(sys.executable)) is None
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_damaged_audio_never_raises(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    name = sorted(AUDIO_FIXTURES)[seed % len(AUDIO_FIXTURES)]
+    data = bytearray(fixture(name).read_bytes())
+    for _ in range(rng.choice([1, 10, 100])):
+        data[rng.randrange(len(data))] = rng.randrange(256)
+    damaged = tmp_path / name
+    damaged.write_bytes(data[:rng.randrange(1, len(data) + 1)])
+    info = probe(damaged)   # the assertion is that this returns at all
+    assert info is None or info.mime in AUDIO_MIME_TYPES
+
+
+def test_missing_file_and_directory_are_none(tmp_path: Path) -> None:
+    assert probe(tmp_path / "absent.mp3") is None
+    assert probe(tmp_path) is None
+
+
+# --- bounded work on crafted containers --------------------------------------
+# mutagen alone would parse each of these as valid audio, spending memory in
+# proportion to the count of parts; probe refuses past a sane count.
+
+def _m4a_with_free_boxes(count: int) -> bytes:
+    return fixture("tone.m4a").read_bytes() + b"\x00\x00\x00\x08free" * count
+
+
+def _wav_with_chunks(count: int) -> bytes:
+    data = fixture("tone.wav").read_bytes()
+    assert data[12:16] == b"fmt " and data[36:40] == b"data"
+    body = b"WAVE" + data[12:36] + b"junk\x00\x00\x00\x00" * count + data[36:]
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def _flac_with_padding_blocks(count: int) -> bytes:
+    data = fixture("tone.flac").read_bytes()
+    streaminfo = bytes([data[4] & 0x7F]) + data[5:42]   # no longer the last
+    padding = b"\x01\x00\x00\x00" * (count - 1) + b"\x81\x00\x00\x00"
+    # the original blocks after STREAMINFO give way to the padding
+    return b"fLaC" + streaminfo + padding + data[_flac_audio_start(data)[1]:]
+
+
+@pytest.mark.parametrize("build, few, many", [
+    (_m4a_with_free_boxes, 100, 60_000),
+    (_wav_with_chunks, 100, 2_000),
+    (_flac_with_padding_blocks, 100, 2_000),
+], ids=["mp4-boxes", "riff-chunks", "flac-blocks"])
+def test_container_parts_are_bounded(tmp_path: Path, build, few: int, many: int) -> None:
+    path = tmp_path / "crafted"
+    path.write_bytes(build(few))
+    info = probe(path)
+    assert info is not None and info.duration > 1.0
+    path.write_bytes(build(many))
+    assert probe(path) is None
+
+
+# --- AudioInfo ----------------------------------------------------------------
+
+def test_json_round_trip() -> None:
+    info = probe(fixture("tone.ogg"))
+    assert info is not None
+    body = info.to_json()
+    assert set(body) == {"duration", "bitrate", "sample_rate", "channels", "codec"}
+    assert AudioInfo.from_json(body, info.mime) == info
+
+
+def test_json_allows_unknown_numbers() -> None:
+    body = {"duration": 1.5, "bitrate": None, "sample_rate": None,
+            "channels": None, "codec": "pcm"}
+    assert AudioInfo.from_json(body, "audio/wav").to_json() == body
+
+
+@pytest.mark.parametrize("body, mime", [
+    ({"duration": 1.0, "bitrate": 1, "sample_rate": 8000, "channels": 1}, "audio/wav"),
+    ({"duration": 1.0, "bitrate": "fast", "sample_rate": 8000, "channels": 1,
+      "codec": "pcm"}, "audio/wav"),
+    ({"duration": 1.0, "bitrate": 1, "sample_rate": 8000, "channels": True,
+      "codec": "pcm"}, "audio/wav"),
+    ({"duration": 1.0, "bitrate": 1, "sample_rate": 8000, "channels": 1,
+      "codec": 7}, "audio/wav"),
+    ({"duration": 1.0, "bitrate": 1, "sample_rate": 8000, "channels": 1,
+      "codec": "pcm"}, "text/plain"),
+])
+def test_from_json_refuses_malformed(body: dict, mime: str) -> None:
+    with pytest.raises(ValueError):
+        AudioInfo.from_json(body, mime)
+
+
+# --- probe_async ----------------------------------------------------------------
+
+async def test_probe_async_matches_probe() -> None:
+    for name in AUDIO_FIXTURES:
+        assert await probe_async(fixture(name), timeout=10) == probe(fixture(name))
+    assert await probe_async(fixture("not_audio.txt"), timeout=10) is None
+
+
+def _ogg_without_end(tmp_path: Path, filler_pages: int) -> Path:
+    """tone.ogg with its end-of-stream flag cleared and `filler_pages` tiny
+    pages after it, as a live recording cut off might look. mutagen then
+    reads every page to find the stream's last one."""
+    data = bytearray(fixture("tone.ogg").read_bytes())
+    last = data.rindex(b"OggS")
+    data[last + 5] &= ~0x04
+    page = OggPage()
+    page.serial = OggPage(fixture("tone.ogg").open("rb")).serial
+    page.position = 44_100   # 2.0 s at 22050 Hz, as the real last page
+    page.packets = [b"x"]
+    path = tmp_path / f"open-ended-{filler_pages}.ogg"
+    path.write_bytes(bytes(data) + page.write() * filler_pages)
+    return path
+
+
+async def test_probe_async_gives_up_on_slow_large_input(tmp_path: Path) -> None:
+    small = _ogg_without_end(tmp_path, 1_000)
+    info = await probe_async(small, timeout=10)
+    assert info is not None and info.duration == pytest.approx(2.0)
+    large = _ogg_without_end(tmp_path, 400_000)   # ~12 MB, seconds to walk
+    started = time.monotonic()
+    assert await probe_async(large, timeout=0.05) is None
+    assert time.monotonic() - started < 1.0
+
+
+def _release_fifo(path: Path) -> None:
+    """Let a reader blocked opening `path` go on: open the write end, then
+    close it, so the reader sees end of file."""
+    # Generous: the probe thread may first wait for another probe to end.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            return
+        except OSError:   # ENXIO: the reader has not opened it yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+async def test_probe_async_returns_while_a_read_never_does(tmp_path: Path) -> None:
+    fifo = tmp_path / "never"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    try:
+        assert await probe_async(fifo, timeout=0.2) is None
+        assert time.monotonic() - started < 1.2
+    finally:
+        _release_fifo(fifo)
+    assert await probe_async(fixture("tone.mp3"), timeout=10) is not None
+
+
+async def test_stuck_probes_leave_the_default_executor_alone(tmp_path: Path) -> None:
+    fifos = [tmp_path / f"never-{i}" for i in range(audio.PROBE_THREADS)]
+    stuck = []
+    try:
+        for fifo in fifos:
+            os.mkfifo(fifo)
+            stuck.append(asyncio.ensure_future(probe_async(fifo, timeout=30)))
+        await asyncio.sleep(0.2)   # every probe thread now waits in open()
+        # A new probe only queues behind them, and times out...
+        assert await probe_async(fixture("tone.mp3"), timeout=0.3) is None
+        # ...while other blocking work still gets threads at once.
+        info = await asyncio.wait_for(asyncio.to_thread(probe, fixture("tone.mp3")), 5)
+        assert info is not None and info.codec == "mp3"
+    finally:
+        for fifo in fifos:
+            _release_fifo(fifo)
+    assert await asyncio.gather(*stuck) == [None] * len(fifos)
+    assert await probe_async(fixture("tone.mp3"), timeout=10) is not None
