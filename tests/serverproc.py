@@ -31,6 +31,20 @@ from typing import Any, Iterator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORT = 8420  # the embedded default config's port
+# Straight to 127.0.0.1, whatever *_proxy variables the environment has.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http(method: str, url: str, token: str | None = None, data: bytes | None = None,
+         timeout: float = 10.0) -> tuple[int, bytes]:
+    """One blocking request; (status, body) for errors too."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with _OPENER.open(request, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
 
 
 def blobd_env() -> dict[str, str]:
@@ -55,6 +69,47 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def reserve_port() -> socket.socket:
+    """A socket bound (not listening) to a free port, with SO_REUSEADDR.
+
+    While it is open the kernel hands the port to no other bind(0), yet a
+    server that also sets SO_REUSEADDR (aiohttp does) can still listen on
+    it: other test processes cannot steal the port in between.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on 127.0.0.1/0.0.0.0:<port> (from /proc/net/tcp)."""
+    inodes = set()
+    with open("/proc/net/tcp") as fh:
+        next(fh)
+        for line in fh:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def owns_listener(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds the socket listening on ``port``."""
+    wanted = {f"socket:[{inode}]" for inode in listening_inodes(port)}
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def port_is_free(port: int) -> bool:
@@ -169,6 +224,7 @@ class BlobdServer:
         self.starts = 0
         self._samplers: list[RssSampler] = []
         self._samples: list[int] = []
+        self._reservation: socket.socket | None = None
 
     # -- life cycle ----------------------------------------------------------
 
@@ -198,7 +254,8 @@ class BlobdServer:
     def _spawn(self) -> None:
         args = [sys.executable, "-m", "blobd", "serve"]
         if not self.embedded_defaults:
-            self.port = free_port()
+            self._reservation = reserve_port()
+            self.port = self._reservation.getsockname()[1]
             self._write_config()
             args += ["-c", str(self.config_path)]
         self.starts += 1
@@ -217,15 +274,27 @@ class BlobdServer:
         self.config_path.write_text(to_toml(sections))
 
     def _wait_healthy(self) -> None:
+        try:
+            self._poll_health()
+        finally:
+            if self._reservation is not None:
+                self._reservation.close()
+                self._reservation = None
+
+    def _poll_health(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             code = self.proc.poll() if self.proc else None
             if code is not None:
-                if "address already in use" in self.stderr_tail().lower():
+                # Our process is gone: anyone still listening took the port.
+                if (listening_inodes(self.port)
+                        or "address already in use" in self.stderr_tail().lower()):
                     raise _PortTaken()
                 raise RuntimeError(f"blobd serve exited with {code} during start-up:\n"
                                    f"{self.stderr_tail()}")
-            if self._health_status() == 200:
+            # Some other server may answer on the port while ours is still
+            # starting (and about to fail to bind): the answer must be ours.
+            if self._health_status() == 200 and owns_listener(self.proc.pid, self.port):
                 return
             time.sleep(0.05)
         self.kill9()
@@ -234,10 +303,7 @@ class BlobdServer:
 
     def _health_status(self) -> int | None:
         try:
-            with urllib.request.urlopen(self.url + "/healthz", timeout=2) as resp:
-                return resp.status
-        except urllib.error.HTTPError as exc:
-            return exc.code
+            return http("GET", self.url + "/healthz", timeout=2)[0]
         except OSError:
             return None
 
@@ -295,6 +361,14 @@ class BlobdServer:
     def pid(self) -> int:
         assert self.proc is not None, "blobd was never started"
         return self.proc.pid
+
+    def state(self) -> str:
+        """For failure messages: is it running, and what did it last say."""
+        if self.proc is None:
+            return "blobd was never started"
+        code = self.proc.poll()
+        status = f"running as pid {self.proc.pid}" if code is None else f"exited with {code}"
+        return f"blobd {status} on {self.url}; stderr tail:\n{self.stderr_tail()}"
 
     def stderr_tail(self, lines: int = 30) -> str:
         try:

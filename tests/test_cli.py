@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import blake3
 import pytest
 
 from blobd.cli import build_parser
-from serverproc import DEFAULT_PORT, BlobdServer, free_port, port_is_free, run_blobd
+from serverproc import DEFAULT_PORT, BlobdServer, free_port, http, port_is_free, run_blobd
 
 
 def command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
@@ -26,17 +24,6 @@ def command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
             for name, sub in action.choices.items():
                 paths += command_paths(sub, prefix + (name,))
     return paths
-
-
-def request(method: str, url: str, token: str | None = None,
-            data: bytes | None = None) -> tuple[int, bytes]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
 
 
 def test_every_command_has_help() -> None:
@@ -61,7 +48,7 @@ def test_serve_without_config_uses_embedded_defaults(tmp_path: Path) -> None:
         token = server.token("alice")
         body = b"embedded defaults"
         digest = blake3.blake3(body).hexdigest()
-        status, _ = request("PUT", f"{server.url}/blobs/{digest}", token, body)
+        status, _ = http("PUT", f"{server.url}/blobs/{digest}", token, body)
         assert status == 201
         # It is our process that answered, and it keeps data in ./blobd-data.
         stored = tmp_path / "blobd-data" / "blobs" / digest[:2] / digest[2:4] / digest
@@ -75,7 +62,7 @@ def test_token_create_list_revoke(tmp_path: Path) -> None:
         token = server.token("alice", "read,write")
         keep = server.token("bob", "read")
         assert re.fullmatch(r"[A-Za-z0-9_-]{20,}", token)
-        assert request("GET", f"{server.url}/blobs", token)[0] == 200
+        assert http("GET", f"{server.url}/blobs", token)[0] == 200
 
         listing = server.cli("token", "list")
         assert listing.returncode == 0, listing.stderr
@@ -86,8 +73,8 @@ def test_token_create_list_revoke(tmp_path: Path) -> None:
 
         revoked = server.cli("token", "revoke", token_id)
         assert revoked.returncode == 0, revoked.stderr
-        assert request("GET", f"{server.url}/blobs", token)[0] == 401
-        assert request("GET", f"{server.url}/blobs", keep)[0] == 200
+        assert http("GET", f"{server.url}/blobs", token)[0] == 401
+        assert http("GET", f"{server.url}/blobs", keep)[0] == 200
         after = server.cli("token", "list")
         assert token_id not in after.stdout and " bob " in after.stdout
 
@@ -131,4 +118,4 @@ def test_second_server_on_same_data_dir_refuses(tmp_path: Path) -> None:
         assert len(lines) == 1, lines
         assert str(first.data_dir) in lines[0] and "another blobd" in lines[0]
         assert first.running
-        assert request("GET", f"{first.url}/healthz")[0] == 200
+        assert http("GET", f"{first.url}/healthz")[0] == 200
