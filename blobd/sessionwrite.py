@@ -74,10 +74,11 @@ async def _pump(body: AsyncIterator[bytes], sink: _Sink, limit: int,
                 await asyncio.to_thread(sink.write, data)
     except BlobdError:
         raise
-    except Exception:
-        # The body broke off (client gone): keep what did arrive.
+    except BaseException:
+        # The body broke off (client gone, or the handler cancelled with
+        # it): keep what did arrive.
         if keep_partial and buf:
-            await asyncio.to_thread(sink.write, buf)
+            await shielded(asyncio.to_thread(sink.write, buf))
         raise
     if buf:
         await asyncio.to_thread(sink.write, buf)
