@@ -23,7 +23,7 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import aiosqlite
 
@@ -282,7 +282,3 @@ async def run_session_sweeper(store: Store) -> None:
         except Exception:
             log.exception("session sweep failed; will retry")
         await asyncio.sleep(interval)
-
-
-def with_offset(session: Session, offset: int) -> Session:
-    return replace(session, upload_offset=offset)

@@ -99,11 +99,9 @@ async def _open(store: Store, session: Session, exclusive: bool) -> int:
 
 # -- native chunks -----------------------------------------------------------
 
-async def receive_chunk(store: Store, session: Session, idx: int,
-                        body: AsyncIterator[bytes], *, length: int | None,
-                        checks: list[Check]) -> None:
-    """Write chunk ``idx``; a chunk received before is read, checked and
-    dropped, so a repeat can never change bytes already acknowledged."""
+def check_chunk(session: Session, idx: int, length: int | None) -> tuple[int, int]:
+    """(offset, length) of chunk ``idx`` if a body of ``length`` bytes may be
+    it: callers check before they invite the body (``100 Continue``)."""
     if session.committed:
         raise BlobdError("conflict", "this upload is complete already")
     if not 0 <= idx < session.chunks:
@@ -112,6 +110,15 @@ async def receive_chunk(store: Store, session: Session, idx: int,
     start, span = session.chunk_span(idx)
     if length is not None and length != span:
         raise BlobdError("bad_request", f"chunk {idx} is {span} bytes, not {length}")
+    return start, span
+
+
+async def receive_chunk(store: Store, session: Session, idx: int,
+                        body: AsyncIterator[bytes], *, length: int | None,
+                        checks: list[Check]) -> None:
+    """Write chunk ``idx``; a chunk received before is read, checked and
+    dropped, so a repeat can never change bytes already acknowledged."""
+    start, span = check_chunk(session, idx, length)
     key = (session.id, idx)
     if key in _IN_FLIGHT:
         raise BlobdError("conflict", f"chunk {idx} is being received already")

@@ -350,3 +350,20 @@ async def test_cors_for_configured_origins(server) -> None:
     denied = await alice.client.options("/tus/", headers={
         "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
     assert "Access-Control-Allow-Origin" not in denied.headers
+
+
+async def test_a_patch_that_cannot_fit_is_refused_before_its_body(alice: Api) -> None:
+    url = await create(alice, 100)
+    conn = await raw_patch(alice, url, 50, 50, {"Expect": "100-continue"})
+    try:
+        answer = await conn.read_response()
+        assert answer.status == 409 and answer.headers["tus-resumable"] == "1.0.0"
+    finally:
+        await conn.close()
+    conn = await raw_patch(alice, url, 0, 100, {"Expect": "100-continue"})
+    try:
+        assert (await conn.read_response()).status == 100
+        await conn.send(b"a" * 100)
+        assert (await conn.read_response()).headers["blob-hash"] == b3(b"a" * 100)
+    finally:
+        await conn.close()

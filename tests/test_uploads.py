@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,9 @@ import pytest
 from blobd import index
 from blobd.sessions import sweep_sessions
 from conftest import Api, b3, tmp_files
+from rawhttp import RawConnection
+from serverproc import BlobdServer
+from test_cli import request
 
 CHUNK = 1000
 
@@ -318,15 +322,11 @@ async def test_read_only_token_cannot_upload(server) -> None:
 
 
 def test_sessions_survive_a_restart(tmp_path: Path) -> None:
-    from serverproc import BlobdServer
-    from test_cli import request
-    import json
-
     data = payload(4 * CHUNK + 10)
     with BlobdServer(tmp_path, {"storage": {"fsync": True}}) as server:
         token = server.token("alice")
-        status, raw = request_json(server.url + "/uploads", token,
-                                   {"size": len(data), "chunk_size": CHUNK})
+        status, raw = request("POST", server.url + "/uploads", token, json.dumps(
+            {"size": len(data), "chunk_size": CHUNK}).encode())
         assert status == 201
         sid = json.loads(raw)["id"]
         for idx in (0, 4):
@@ -344,15 +344,25 @@ def test_sessions_survive_a_restart(tmp_path: Path) -> None:
         assert request("GET", f"{server.url}/blobs/{b3(data)}", token) == (200, data)
 
 
-def request_json(url: str, token: str, body: dict) -> tuple[int, bytes]:
-    import json
-    import urllib.error
-    import urllib.request
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Authorization": f"Bearer {token}",
-                                          "Content-Type": "application/json"})
+async def test_expect_continue_invites_only_a_chunk_that_fits(alice: Api) -> None:
+    data = payload(2 * CHUNK)
+    session = await create(alice, data)
+    head = {**alice.headers(), "Expect": "100-continue"}
+    conn = await RawConnection.open(alice.client.host, alice.client.port)
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+        await conn.send_head("PUT", f"/uploads/{session['id']}/1",
+                             {**head, "Content-Length": str(CHUNK + 5)})
+        refused = await conn.read_response()
+        assert refused.status == 400  # at once, no 100 Continue first
+    finally:
+        await conn.close()
+    conn = await RawConnection.open(alice.client.host, alice.client.port)
+    try:
+        await conn.send_head("PUT", f"/uploads/{session['id']}/1",
+                             {**head, "Content-Length": str(CHUNK)})
+        assert (await conn.read_response()).status == 100
+        await conn.send(chunk_of(data, 1))
+        assert (await conn.read_response()).status == 204
+    finally:
+        await conn.close()
+    assert (await status_of(alice, session))["received"] == [1]

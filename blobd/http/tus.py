@@ -33,7 +33,7 @@ from ..errors import BlobdError
 from ..sessions import TUS, NewSession, Session
 from ..sessionwrite import Check, receive_at_offset
 from .keys import STORE
-from .middleware import Handler, principal, requires
+from .middleware import Handler, principal, requires, send_continue
 
 TUS_VERSION = "1.0.0"
 EXTENSIONS = ("creation,creation-with-upload,creation-defer-length,termination,"
@@ -77,7 +77,7 @@ async def options(request: web.Request) -> web.Response:
 
 # -- creation ----------------------------------------------------------------
 
-@requires("write")
+@requires("write", defer_continue=True)
 async def create(request: web.Request) -> web.Response:
     store = request.app[STORE]
     spec = _spec_from_metadata(request)
@@ -103,6 +103,7 @@ async def _created(request: web.Request, session: Session, has_body: bool) -> we
     headers = {"Location": f"{PREFIX}/{session.id}"}
     if has_body:
         try:
+            await send_continue(request)
             session = await receive_at_offset(
                 request.app[STORE], session, 0, request.content.iter_any(),
                 length=request.content_length, checks=_checksums(request),
@@ -257,7 +258,7 @@ async def head(request: web.Request) -> web.Response:
     return web.Response(status=200, headers=headers)
 
 
-@requires("write")
+@requires("write", defer_continue=True)
 async def patch(request: web.Request) -> web.Response:
     _require_offset_stream(request)
     offset = _non_negative("Upload-Offset", request.headers.get("Upload-Offset", ""))
@@ -268,6 +269,10 @@ async def patch(request: web.Request) -> web.Response:
         if offset != session.upload_offset or _has_body(request):
             raise BlobdError("conflict", "this upload is complete already")
     else:
+        if offset != session.upload_offset:  # checked again under the lock
+            raise BlobdError("conflict", f"Upload-Offset is {offset}, but the upload"
+                             f" stands at {session.upload_offset}")
+        await send_continue(request)
         session = await receive_at_offset(
             request.app[STORE], session, offset, request.content.iter_any(),
             length=request.content_length, checks=checks,
@@ -288,7 +293,7 @@ async def delete(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-@requires("write")
+@requires("write", defer_continue=True)
 async def post_override(request: web.Request) -> web.StreamResponse:
     """``X-HTTP-Method-Override``, for clients that cannot send PATCH or DELETE."""
     method = request.headers.get("X-HTTP-Method-Override", "").upper()

@@ -19,11 +19,11 @@ from .. import index, index_sessions, ingest, sessions
 from ..address import Address, parse_address, parse_ref_name
 from ..errors import BlobdError
 from ..sessions import NATIVE, NewSession, Session
-from ..sessionwrite import Check, receive_chunk
+from ..sessionwrite import Check, check_chunk, receive_chunk
 from ..store import Store
 from .blobs import resolve_any, stored_response
 from .keys import STORE
-from .middleware import principal, requires
+from .middleware import principal, requires, send_continue
 from .params import iso, read_json
 
 # Content-Digest algorithms (RFC 9530) we check; others are ignored.
@@ -124,14 +124,19 @@ async def get_upload(request: web.Request) -> web.Response:
     return web.json_response(status_json(session, received))
 
 
-@requires("write")
+@requires("write", defer_continue=True)
 async def put_chunk(request: web.Request) -> web.Response:
     session = await _session(request)
     raw = request.match_info["index"]
     if not raw.isdigit() or len(raw) > 9:
         raise BlobdError("bad_request", f"chunk index {raw!r}: expected an integer")
+    checks = chunk_checks(request)
+    check_chunk(session, int(raw), request.content_length)
+    # Only a chunk that can be taken is invited: a phone never sends the
+    # bytes of a wrong or finished one.
+    await send_continue(request)
     await receive_chunk(request.app[STORE], session, int(raw), request.content.iter_any(),
-                        length=request.content_length, checks=chunk_checks(request))
+                        length=request.content_length, checks=checks)
     return web.Response(status=204)
 
 
