@@ -20,16 +20,22 @@ import os
 from pathlib import Path
 
 from .errors import BlobdError
+from .files import fsync_dir
 from .layout import Layout
 
 
-def create(path: Path, size: int | None) -> None:
+def create(path: Path, size: int | None, fsync: bool) -> None:
     """A new session file of ``size`` bytes, allocated on disk now so that a
-    full disk shows up at creation, not at 90 %. ``None``: length unknown."""
+    full disk shows up at creation, not at 90 %. ``None``: length unknown.
+    With ``fsync`` the file and its name survive a power cut, as the row
+    that will point at them does."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     try:
         if size:
             _allocate(fd, size)
+        if fsync:
+            os.fsync(fd)
+            fsync_dir(path.parent)
     except BaseException:
         os.close(fd)
         os.unlink(path)
@@ -111,6 +117,7 @@ def concatenate(sources: list[Path], dest: Path, fsync: bool) -> None:
                     remaining -= copied
         if fsync:
             os.fsync(fd)
+            fsync_dir(dest.parent)
     except BaseException:
         os.close(fd)
         os.unlink(dest)

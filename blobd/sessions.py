@@ -108,7 +108,8 @@ async def create_session(store: Store, spec: NewSession) -> Session:
         concat=spec.concat, upload_offset=0, reserved_bytes=spec.size or 0,
         created_at=now, expires_at=expiry(store, now))
     path = store.layout.upload_path(session.id)
-    await asyncio.to_thread(sessionfiles.create, path, spec.size)
+    await asyncio.to_thread(sessionfiles.create, path, spec.size,
+                            store.config.storage.fsync)
     try:
         await shielded(_insert(store, session))
     except BaseException:
