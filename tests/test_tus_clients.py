@@ -3,6 +3,7 @@ tus-js-client under Node (npm, installed into tests/js by the fixture)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -38,11 +39,15 @@ def tus_js() -> Path:
     if node is None or npm is None:
         pytest.fail("these tests drive tus-js-client under Node: install node and npm"
                     " (Debian: apt-get install nodejs npm)")
-    if not (JS_DIR / "node_modules" / "tus-js-client" / "package.json").exists():
+    # node_modules is a cache of package-lock.json: reinstalled when the lock changes.
+    lock = hashlib.sha256((JS_DIR / "package-lock.json").read_bytes()).hexdigest()
+    stamp = JS_DIR / "node_modules" / ".installed-from-lock"
+    if not stamp.exists() or stamp.read_text() != lock:
         result = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR,
                                 capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             pytest.fail(f"npm ci in {JS_DIR} failed:\n{result.stderr[-2000:]}")
+        stamp.write_text(lock)
     return JS_DIR / "upload.mjs"
 
 
