@@ -99,6 +99,7 @@ MIGRATIONS: list[str] = [
         content_type    TEXT,
         ref             TEXT,
         metadata        TEXT,                 -- tus Upload-Metadata as received
+        concat          TEXT,                 -- tus Upload-Concat: 'partial', 'final;...'
         upload_offset   INTEGER NOT NULL DEFAULT 0,
         reserved_bytes  INTEGER NOT NULL DEFAULT 0,
         created_at      REAL NOT NULL,

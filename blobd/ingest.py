@@ -14,7 +14,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from . import describe, files, index, reaper
 from .address import Address
@@ -92,23 +92,31 @@ def verify(digests: Digests, expected: Address | None) -> None:
                          f"the body hashes to {actual}, not {expected.digest}")
 
 
+# Work a caller adds to the commit transaction, given the blob's digest; it
+# runs before the reference is added, and raising rolls the commit back.
+InTx = Callable[[Tx, str], Awaitable[None]]
+
+
 async def commit_file(store: Store, received: Received, *, owner: str, ref: str | None,
                       content_type: str | None, expected: Address | None = None,
-                      uploaded: bool = True) -> Stored:
+                      uploaded: bool = True, in_tx: InTx | None = None) -> Stored:
     """Verify and commit a received file for ``owner``; the file is consumed.
 
     ``uploaded`` counts the bytes against the owner's monthly upload quota.
+    ``in_tx`` lets an upload session release its quota reservation and mark
+    itself committed in the very transaction that references the blob.
     """
     try:
         verify(received.digests, expected)
         info = await describe.describe(store, received.path, received.digests, content_type)
-        return await shielded(_commit(store, received, owner, ref, info, uploaded))
+        return await shielded(_commit(store, received, owner, ref, info, uploaded, in_tx))
     finally:
         await asyncio.to_thread(files.remove_quietly, received.path)
 
 
 async def _commit(store: Store, received: Received, owner: str, ref: str | None,
-                  info: describe.Description, uploaded: bool) -> Stored:
+                  info: describe.Description, uploaded: bool,
+                  in_tx: InTx | None) -> Stored:
     digests, now = received.digests, time.time()
     final = store.layout.blob_path(digests.blake3)
     # Name the temp file after its digest before it is linked, so crash
@@ -122,6 +130,8 @@ async def _commit(store: Store, received: Received, owner: str, ref: str | None,
             if blob is None:
                 blob = _new_record(store, digests, info, now)
                 await index.insert_blob(tx.conn, blob)
+            if in_tx is not None:
+                await in_tx(tx, blob.hash)
             stored = await _reference(store, tx, owner, ref, blob, created, now)
             if uploaded:
                 await index.charge_upload(tx.conn, owner, digests.size,

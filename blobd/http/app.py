@@ -8,23 +8,28 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from .. import reaper
+from .. import reaper, sessions
 from ..config import Config
 from ..store import Store
-from . import blobs, health, refs
+from . import blobs, health, refs, tus, uploads
+from .cors import add_cors_headers, cors_middleware
 from .keys import STORE
 from .middleware import auth_middleware, error_middleware, no_expect_handler
 
 # Disk work runs in threads; the default pool (cores + 4) is too small when
 # many uploads and downloads each wait on a disk operation at once.
 THREADS = 32
-RESOURCES = (blobs, refs, health)
+RESOURCES = (blobs, refs, uploads, tus, health)
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, auth_middleware],
+    # Outermost first: CORS preflights need no route or token; tus marks
+    # every answer under /tus/, errors rendered by error_middleware included.
+    app = web.Application(middlewares=[cors_middleware, error_middleware,
+                                       tus.middleware, auth_middleware],
                           client_max_size=1 << 20)
     app[STORE] = Store(config)
+    app.on_response_prepare.append(add_cors_headers)
 
     def add(method: str, path: str, handler) -> None:  # type: ignore[no-untyped-def]
         app.router.add_route(method, path, handler, expect_handler=no_expect_handler)
@@ -36,6 +41,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_executor)
     app.cleanup_ctx.append(_open_store)
     app.cleanup_ctx.append(_sweeper)
+    app.cleanup_ctx.append(_session_sweeper)
     return app
 
 
@@ -57,6 +63,15 @@ async def _open_store(app: web.Application) -> AsyncIterator[None]:
 async def _sweeper(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     task = asyncio.create_task(reaper.run_sweeper(store), name="blobd-sweeper")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def _session_sweeper(app: web.Application) -> AsyncIterator[None]:
+    store = app[STORE]
+    task = asyncio.create_task(sessions.run_session_sweeper(store),
+                               name="blobd-session-sweeper")
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)

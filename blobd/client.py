@@ -1,0 +1,269 @@
+"""An async HTTP client for blobd, used by the command line and the tests.
+
+:meth:`BlobdClient.upload_file` is the whole "put a file" story: hash it
+locally, skip the transfer when the server already has the hash, send small
+files with one ``PUT``, big ones through a resumable session (several
+chunks at once), and, when an earlier run was cut off, find that run's open
+session on the server and send only the chunks it is missing. The client
+keeps no state of its own: the server's session list is the state.
+
+Failures raise :class:`BlobdError` with the server's error code and message
+(or ``unavailable`` when the server cannot be reached).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import aiohttp
+
+from . import files
+from .address import parse_address
+from .errors import STATUS, BlobdError
+
+Progress = Callable[[int], None]
+READ_SIZE = 1 << 20
+DEFAULT_URL = "http://127.0.0.1:8420"
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    blob: dict[str, Any]   # the server's answer: hash, sha256, size, ..., ref
+    mode: str              # "put", "session", "resumed" or "skipped"
+    sent_bytes: int        # bytes of the file that went over the network
+    session_id: str | None = None
+
+
+def _no_progress(_: int) -> None:
+    return None
+
+
+class BlobdClient:
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, *,
+                 timeout: float = 300.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout))
+
+    async def __aenter__(self) -> "BlobdClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.close()
+
+    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        headers.update(extra or {})
+        return headers
+
+    async def _call(self, method: str, path: str, ok: tuple[int, ...] = (200,),
+                    **kwargs: Any) -> tuple[int, Any]:
+        """One request; the JSON body (or None) of an expected status."""
+        kwargs["headers"] = self._headers(kwargs.get("headers"))
+        try:
+            async with self._http.request(method, self.url + path, **kwargs) as resp:
+                raw = await resp.read()
+                if resp.status not in ok:
+                    raise _error_from(resp.status, raw)
+                is_json = resp.content_type == "application/json" and raw
+                return resp.status, (await resp.json() if is_json else None)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise BlobdError("unavailable", f"cannot reach {self.url}: {exc}") from None
+
+    # -- blobs ---------------------------------------------------------------
+
+    async def put_file(self, path: Path, digest: str, *, ref: str | None = None,
+                       content_type: str | None = None,
+                       progress: Progress = _no_progress) -> tuple[dict[str, Any], bool]:
+        """PUT a whole file by hash with ``Expect: 100-continue``; returns the
+        answer and whether the body was sent (not when the server had it)."""
+        size = os.path.getsize(path)
+        sent = [0]
+
+        async def body() -> AsyncIterator[bytes]:
+            async for piece in read_pieces(path, 0, size):
+                sent[0] += len(piece)
+                progress(len(piece))
+                yield piece
+
+        headers = {"Content-Length": str(size)}
+        if ref:
+            headers["Blob-Ref"] = ref
+        if content_type:
+            headers["Content-Type"] = content_type
+        _, answer = await self._call("PUT", f"/blobs/{digest}", (200, 201), data=body(),
+                                     headers=headers, expect100=True)
+        return answer, sent[0] > 0
+
+    async def download(self, address: str, dest: Path, *,
+                       progress: Progress = _no_progress,
+                       total: Callable[[int], None] = _no_progress) -> files.Digests:
+        """Stream a blob to ``dest`` (via a temp file beside it), verifying
+        its hash; a mismatch leaves nothing behind and raises."""
+        parsed = parse_address(address)
+        temp = dest.with_name(f".{dest.name}.part-{secrets.token_hex(4)}")
+        try:
+            async with self._http.get(f"{self.url}/blobs/{parsed}",
+                                      headers=self._headers()) as resp:
+                if resp.status != 200:
+                    raise _error_from(resp.status, await resp.read())
+                total(resp.content_length or 0)
+                digests = await _save(resp.content.iter_chunked(READ_SIZE), temp, progress)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            await asyncio.to_thread(files.remove_quietly, temp)
+            raise BlobdError("unavailable", f"cannot reach {self.url}: {exc}") from None
+        except BaseException:
+            await asyncio.to_thread(files.remove_quietly, temp)
+            raise
+        actual = digests.blake3 if parsed.is_blake3 else digests.sha256
+        if actual != parsed.digest:
+            await asyncio.to_thread(files.remove_quietly, temp)
+            raise BlobdError("digest_mismatch", f"the server sent bytes that hash to"
+                             f" {actual}, not {parsed.digest}; nothing was saved")
+        await asyncio.to_thread(os.replace, temp, dest)
+        return digests
+
+    # -- upload sessions -----------------------------------------------------
+
+    async def create_upload(self, size: int, *, digest: str | None = None,
+                            ref: str | None = None, content_type: str | None = None,
+                            chunk_size: int | None = None) -> tuple[int, dict[str, Any]]:
+        """201 and the new session, or 200 and the blob when the server has
+        the hash already (nothing to upload)."""
+        body: dict[str, Any] = {"size": size}
+        for key, value in (("hash", digest), ("ref", ref), ("content_type", content_type),
+                           ("chunk_size", chunk_size)):
+            if value is not None:
+                body[key] = value
+        return await self._call("POST", "/uploads", (200, 201), json=body)
+
+    async def list_uploads(self) -> list[dict[str, Any]]:
+        return (await self._call("GET", "/uploads"))[1]["uploads"]
+
+    async def upload_status(self, session_id: str) -> dict[str, Any]:
+        return (await self._call("GET", f"/uploads/{session_id}"))[1]
+
+    async def put_chunk(self, session_id: str, idx: int, data: bytes) -> None:
+        digest = base64.b64encode(await asyncio.to_thread(_sha256, data)).decode()
+        await self._call("PUT", f"/uploads/{session_id}/{idx}", (204,), data=data,
+                         headers={"Content-Digest": f"sha-256=:{digest}:"})
+
+    async def complete_upload(self, session_id: str) -> dict[str, Any]:
+        return (await self._call("POST", f"/uploads/{session_id}/complete", (200, 201)))[1]
+
+    async def abort_upload(self, session_id: str) -> None:
+        await self._call("DELETE", f"/uploads/{session_id}", (204,))
+
+    # -- the whole story -----------------------------------------------------
+
+    async def upload_file(self, path: Path, *, ref: str | None = None,
+                          content_type: str | None = None, session_threshold: int = 16 << 20,
+                          chunk_size: int | None = None, parallel: int = 4,
+                          digests: files.Digests | None = None,
+                          progress: Progress = _no_progress,
+                          already: Progress = _no_progress) -> UploadResult:
+        """Upload a file, resuming this owner's open session for the same
+        content if there is one. ``already`` is told how many bytes the
+        server had before this call sent any."""
+        if digests is None:
+            digests = await asyncio.to_thread(files.hash_file, path)
+        if digests.size < session_threshold:
+            blob, sent = await self.put_file(path, digests.blake3, ref=ref,
+                                             content_type=content_type, progress=progress)
+            return UploadResult(blob, "put" if sent else "skipped",
+                                digests.size if sent else 0)
+        session, mode = await self._open_session(digests, ref, content_type, chunk_size)
+        if mode == "skipped":
+            return UploadResult(session, mode, 0)
+        already(session["bytes_received"])
+        sent = await self._send_chunks(path, session, parallel, progress)
+        blob = await self.complete_upload(session["id"])
+        return UploadResult(blob, mode, sent, session["id"])
+
+    async def _open_session(self, digests: files.Digests, ref: str | None,
+                            content_type: str | None,
+                            chunk_size: int | None) -> tuple[dict[str, Any], str]:
+        for session in await self.list_uploads():
+            if (session["hash"] == digests.blake3 and session["size"] == digests.size
+                    and session["ref"] == ref):
+                return session, "resumed"
+        status, answer = await self.create_upload(
+            digests.size, digest=digests.blake3, ref=ref, content_type=content_type,
+            chunk_size=chunk_size)
+        return answer, "skipped" if status == 200 else "session"
+
+    async def _send_chunks(self, path: Path, session: dict[str, Any], parallel: int,
+                           progress: Progress) -> int:
+        queue = list(session["missing"])
+        chunk_size, size = session["chunk_size"], session["size"]
+        sent = 0
+
+        async def worker() -> None:
+            nonlocal sent
+            while queue:
+                idx = queue.pop(0)
+                start = idx * chunk_size
+                length = min(chunk_size, size - start)
+                data = await asyncio.to_thread(_read_at, path, start, length)
+                await self.put_chunk(session["id"], idx, data)
+                sent += length
+                progress(length)
+
+        await asyncio.gather(*(worker() for _ in range(max(1, parallel))))
+        return sent
+
+
+async def read_pieces(path: Path, start: int, length: int) -> AsyncIterator[bytes]:
+    offset, end = start, start + length
+    while offset < end:
+        piece = await asyncio.to_thread(_read_at, path, offset, min(READ_SIZE, end - offset))
+        if not piece:
+            raise BlobdError("bad_request", f"{path} shrank while it was being sent")
+        offset += len(piece)
+        yield piece
+
+
+def _read_at(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb", buffering=0) as fh:
+        return os.pread(fh.fileno(), length, offset)
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+async def _save(pieces: AsyncIterator[bytes], temp: Path, progress: Progress) -> files.Digests:
+    writer = await asyncio.to_thread(files.BodyWriter, temp)
+    try:
+        async for piece in pieces:
+            await asyncio.to_thread(writer.write, piece)
+            progress(len(piece))
+        return await asyncio.to_thread(writer.finish, True)
+    except BaseException:
+        await asyncio.to_thread(writer.discard)
+        raise
+
+
+def _error_from(status: int, raw: bytes) -> BlobdError:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        code = body["error"] if body["error"] in STATUS else "internal"
+        extra = {k: v for k, v in body.items() if k not in ("error", "message")}
+        return BlobdError(code, str(body.get("message", "")), extra=extra, status=status)
+    text = raw.decode(errors="replace").strip()[:200]
+    return BlobdError("internal", text or f"HTTP {status}", status=status)

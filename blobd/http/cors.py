@@ -1,0 +1,67 @@
+"""CORS for the browser origins in ``[server] cors_origins``.
+
+Browser apps (Uppy, tus-js-client, an ``<audio>`` player on another port)
+may call the API from those origins only. Preflights (``OPTIONS`` with
+``Access-Control-Request-Method``) are answered here, before routing and
+auth, since a browser never sends credentials on them; every other response
+to an allowed origin, errors included, says which headers the page may read
+(a tus client must see ``Upload-Offset`` and ``Location``). ``"*"`` in the
+list allows any origin. Bearer tokens travel in a header, not a cookie, so
+credentials mode is never needed.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .keys import STORE
+from .middleware import Handler
+
+ALLOW_METHODS = "GET, HEAD, PUT, POST, PATCH, DELETE, OPTIONS"
+ALLOW_HEADERS = (
+    "Authorization, Content-Type, Content-MD5, Content-Digest, Blob-Ref, Range, "
+    "If-None-Match, If-Range, Tus-Resumable, Upload-Length, Upload-Defer-Length, "
+    "Upload-Offset, Upload-Metadata, Upload-Checksum, Upload-Concat, "
+    "X-HTTP-Method-Override, X-Requested-With")
+EXPOSE_HEADERS = (
+    "Location, ETag, Content-Range, Content-Length, Accept-Ranges, Blob-Hash, "
+    "Tus-Resumable, Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm, "
+    "Upload-Offset, Upload-Length, Upload-Defer-Length, Upload-Metadata, "
+    "Upload-Expires, Upload-Concat")
+MAX_AGE = "86400"
+
+
+def allowed_origin(request: web.Request) -> str | None:
+    origin = request.headers.get("Origin")
+    if not origin:
+        return None
+    origins = request.app[STORE].config.server.cors_origins
+    return origin if origin in origins or "*" in origins else None
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer preflights of allowed origins; everything else passes."""
+    origin = allowed_origin(request)
+    if (origin is None or request.method != "OPTIONS"
+            or "Access-Control-Request-Method" not in request.headers):
+        return await handler(request)
+    return web.Response(status=204, headers={
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Allow-Methods": ALLOW_METHODS,
+        "Access-Control-Allow-Headers": ALLOW_HEADERS,
+        "Access-Control-Max-Age": MAX_AGE,
+        "Vary": "Origin"})
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: runs for every response, streamed blobs and
+    errors included, just before its headers go out."""
+    if "Access-Control-Allow-Origin" in response.headers:
+        return
+    origin = allowed_origin(request)
+    if origin is None:
+        return
+    response.headers["Access-Control-Allow-Origin"] = origin
+    response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
+    response.headers.add("Vary", "Origin")

@@ -1,0 +1,325 @@
+"""``/tus/``: the tus resumable upload protocol 1.0.0 over upload sessions.
+
+Core protocol plus the ``creation``, ``creation-with-upload``,
+``creation-defer-length``, ``termination``, ``checksum``, ``expiration`` and
+``concatenation`` extensions (https://tus.io/protocols/resumable-upload),
+enough for stock clients (tuspy, tus-js-client, Uppy) to work unchanged.
+
+``Upload-Metadata`` keys understood: ``filename`` (kept), ``filetype`` (the
+content type), ``ref`` (a reference name), ``hash`` (the address the bytes
+must have). When the last byte arrives the file goes through the one commit
+pipeline and the response carries ``Blob-Hash``; so does every later HEAD.
+
+Every response but OPTIONS carries ``Tus-Resumable``, errors included: the
+:func:`middleware` adds it (and refuses other protocol versions with 412)
+between the error middleware, which renders errors, and the handlers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+from dataclasses import replace
+from typing import Any, Awaitable, Callable
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from .. import sessionconcat, sessions
+from ..address import parse_address, parse_ref_name
+from ..describe import normalise_type
+from ..errors import BlobdError
+from ..sessions import TUS, NewSession, Session
+from ..sessionwrite import Check, receive_at_offset
+from .keys import STORE
+from .middleware import Handler, principal, requires, send_continue
+
+TUS_VERSION = "1.0.0"
+EXTENSIONS = ("creation,creation-with-upload,creation-defer-length,termination,"
+              "checksum,expiration,concatenation")
+# Upload-Checksum algorithm -> (hashlib name, digest size); sha1 is mandatory.
+CHECKSUMS = {"sha1": ("sha1", 20), "md5": ("md5", 16), "sha256": ("sha256", 32)}
+OFFSET_STREAM = "application/offset+octet-stream"
+CHECKSUM_MISMATCH = 460  # the checksum extension's own status
+PREFIX = "/tus"
+
+
+def _is_tus(path: str) -> bool:
+    return path == PREFIX or path.startswith(PREFIX + "/")
+
+
+@web.middleware
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if not _is_tus(request.path):
+        return await handler(request)
+    marks = {} if request.method == "OPTIONS" else {"Tus-Resumable": TUS_VERSION}
+    try:
+        if marks and request.headers.get("Tus-Resumable") != TUS_VERSION:
+            raise BlobdError("precondition_failed", "this server speaks tus 1.0.0; send"
+                             " Tus-Resumable: 1.0.0", headers={"Tus-Version": TUS_VERSION})
+        response = await handler(request)
+    except BlobdError as exc:
+        exc.headers.update(marks)
+        raise
+    response.headers.update(marks)
+    return response
+
+
+@requires(None)
+async def options(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    return web.Response(status=204, headers={
+        "Tus-Version": TUS_VERSION, "Tus-Extension": EXTENSIONS,
+        "Tus-Max-Size": str(store.config.limits.max_blob_size),
+        "Tus-Checksum-Algorithm": ",".join(CHECKSUMS)})
+
+
+# -- creation ----------------------------------------------------------------
+
+@requires("write", defer_continue=True)
+async def create(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    spec = _spec_from_metadata(request)
+    concat = request.headers.get("Upload-Concat")
+    if concat is not None and concat.startswith("final;"):
+        session = await sessionconcat.concatenate(
+            store, replace(spec, size=None, concat=concat), _part_ids(concat[6:]))
+        return await _created(request, session, has_body=False)
+    if concat is not None and concat != "partial":
+        raise BlobdError("bad_request", "Upload-Concat: expected partial or final;<urls>")
+    size = _length(request)
+    if size is not None and size > store.config.limits.max_blob_size:
+        raise BlobdError("too_large", f"Upload-Length {size} is over the maximum"
+                         f" ({store.config.limits.max_blob_size} bytes)")
+    has_body = _has_body(request)
+    if has_body:
+        _require_offset_stream(request)
+    session = await sessions.create_session(store, replace(spec, size=size, concat=concat))
+    return await _created(request, session, has_body)
+
+
+async def _created(request: web.Request, session: Session, has_body: bool) -> web.Response:
+    headers = {"Location": f"{PREFIX}/{session.id}"}
+    if has_body:
+        try:
+            await send_continue(request)
+            session = await receive_at_offset(
+                request.app[STORE], session, 0, request.content.iter_any(),
+                length=request.content_length, checks=_checksums(request),
+                status_on_mismatch=CHECKSUM_MISMATCH)
+        except BlobdError as exc:
+            exc.headers.update(headers)  # the upload exists; the client may resume it
+            raise
+        headers["Upload-Offset"] = str(session.upload_offset)
+    headers.update(await _finish(request, session))
+    return web.Response(status=201, headers=headers)
+
+
+def _spec_from_metadata(request: web.Request) -> NewSession:
+    raw = request.headers.get("Upload-Metadata")
+    meta = parse_metadata(raw)
+    text = {k: _utf8(k, v) for k, v in meta.items() if k in ("filetype", "ref", "hash")}
+    return NewSession(
+        owner=principal(request).owner, protocol=TUS, size=None,
+        expected=parse_address(text["hash"]) if text.get("hash") else None,
+        content_type=normalise_type(text.get("filetype")) or None,
+        ref=parse_ref_name(text["ref"]) if text.get("ref") else None,
+        metadata=raw if raw and raw.strip() else None)
+
+
+def parse_metadata(raw: str | None) -> dict[str, bytes]:
+    """``key base64,key2 base64,key3``; an empty header is no metadata."""
+    meta: dict[str, bytes] = {}
+    if raw is None or not raw.strip():
+        return meta
+    for pair in raw.split(","):
+        parts = pair.strip().split(" ")
+        if not parts[0] or len(parts) > 2 or parts[0] in meta:
+            raise BlobdError("bad_request", "Upload-Metadata: expected comma-separated"
+                             " 'key base64' pairs with distinct keys")
+        try:
+            meta[parts[0]] = base64.b64decode(parts[1], validate=True) if len(parts) == 2 \
+                else b""
+        except (binascii.Error, ValueError):
+            raise BlobdError("bad_request", f"Upload-Metadata: the value of {parts[0]}"
+                             " is not base64") from None
+    return meta
+
+
+def _utf8(key: str, value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BlobdError("bad_request", f"Upload-Metadata: {key} is not UTF-8") from None
+
+
+def _length(request: web.Request) -> int | None:
+    length = request.headers.get("Upload-Length")
+    deferred = request.headers.get("Upload-Defer-Length")
+    if length is not None and deferred is not None:
+        raise BlobdError("bad_request", "send Upload-Length or Upload-Defer-Length, not both")
+    if deferred is not None:
+        if deferred.strip() != "1":
+            raise BlobdError("bad_request", "Upload-Defer-Length: the only value is 1")
+        return None
+    if length is None:
+        raise BlobdError("bad_request", "Upload-Length (or Upload-Defer-Length: 1) is"
+                         " required")
+    return _non_negative("Upload-Length", length)
+
+
+def _non_negative(name: str, value: str) -> int:
+    if not value.strip().isdigit() or len(value.strip()) > 18:
+        raise BlobdError("bad_request", f"{name}: expected a non-negative integer")
+    return int(value)
+
+
+def _part_ids(urls: str) -> list[str]:
+    ids = []
+    for url in urls.split():
+        path = urlsplit(url).path.rstrip("/")
+        head, _, upload_id = path.rpartition("/")
+        if head != PREFIX or not upload_id:
+            raise BlobdError("bad_request", f"Upload-Concat: {url} is not an upload here")
+        ids.append(upload_id)
+    return ids
+
+
+def _has_body(request: web.Request) -> bool:
+    if request.content_length is not None:
+        return request.content_length > 0
+    return "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+
+
+def _require_offset_stream(request: web.Request) -> None:
+    if normalise_type(request.headers.get("Content-Type")) != OFFSET_STREAM:
+        raise BlobdError("unsupported_media_type",
+                         f"upload bytes need Content-Type: {OFFSET_STREAM}")
+
+
+def _checksums(request: web.Request) -> list[Check]:
+    header = request.headers.get("Upload-Checksum")
+    if header is None:
+        return []
+    algorithm, _, encoded = header.strip().partition(" ")
+    known = CHECKSUMS.get(algorithm.lower())
+    if known is None:
+        raise BlobdError("bad_request", f"Upload-Checksum: {algorithm} is not supported;"
+                         f" use one of {', '.join(CHECKSUMS)}")
+    try:
+        digest = base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        digest = b""
+    if len(digest) != known[1]:
+        raise BlobdError("bad_request", f"Upload-Checksum: not a base64 {algorithm} digest")
+    return [Check(known[0], digest)]
+
+
+# -- one upload --------------------------------------------------------------
+
+async def _session(request: web.Request) -> Session:
+    return await sessions.find_session(request.app[STORE], request.match_info["id"],
+                                       principal(request).owner, TUS)
+
+
+def _complete(session: Session) -> bool:
+    return (not session.is_partial and session.size is not None
+            and session.upload_offset >= session.size)
+
+
+async def _finish(request: web.Request, session: Session) -> dict[str, str]:
+    """Commit an upload whose last byte is here (again, if a commit was cut
+    short); the headers every answer about the upload carries."""
+    headers = {"Upload-Expires": email.utils.formatdate(session.expires_at, usegmt=True)}
+    if _complete(session):
+        stored = await sessions.commit_session(request.app[STORE], session)
+        headers["Blob-Hash"] = stored.blob.hash
+    return headers
+
+
+@requires("write")
+async def head(request: web.Request) -> web.Response:
+    session = await _session(request)
+    headers = {"Cache-Control": "no-store", "Upload-Offset": str(session.upload_offset)}
+    if session.size is None:
+        headers["Upload-Defer-Length"] = "1"
+    else:
+        headers["Upload-Length"] = str(session.size)
+    if session.metadata is not None:
+        headers["Upload-Metadata"] = session.metadata
+    if session.concat is not None:
+        headers["Upload-Concat"] = session.concat
+    if session.committed:
+        headers["Blob-Hash"] = session.result_hash or ""
+        headers["Upload-Expires"] = email.utils.formatdate(session.expires_at, usegmt=True)
+    else:
+        headers.update(await _finish(request, session))
+    return web.Response(status=200, headers=headers)
+
+
+@requires("write", defer_continue=True)
+async def patch(request: web.Request) -> web.Response:
+    _require_offset_stream(request)
+    offset = _non_negative("Upload-Offset", request.headers.get("Upload-Offset", ""))
+    session = await _session(request)
+    checks = _checksums(request)
+    new_length = request.headers.get("Upload-Length")
+    if session.committed:
+        if offset != session.upload_offset or _has_body(request):
+            raise BlobdError("conflict", "this upload is complete already")
+    else:
+        if offset != session.upload_offset:  # checked again under the lock
+            raise BlobdError("conflict", f"Upload-Offset is {offset}, but the upload"
+                             f" stands at {session.upload_offset}")
+        await send_continue(request)
+        session = await receive_at_offset(
+            request.app[STORE], session, offset, request.content.iter_any(),
+            length=request.content_length, checks=checks,
+            new_length=_non_negative("Upload-Length", new_length) if new_length else None,
+            status_on_mismatch=CHECKSUM_MISMATCH)
+    headers = {"Upload-Offset": str(session.upload_offset)}
+    if session.committed:
+        headers["Blob-Hash"] = session.result_hash or ""
+    else:
+        headers.update(await _finish(request, session))
+    return web.Response(status=204, headers=headers)
+
+
+@requires("write")
+async def delete(request: web.Request) -> web.Response:
+    session = await _session(request)
+    await sessions.abort_session(request.app[STORE], session)
+    return web.Response(status=204)
+
+
+@requires("write", defer_continue=True)
+async def post_override(request: web.Request) -> web.StreamResponse:
+    """``X-HTTP-Method-Override``, for clients that cannot send PATCH or DELETE."""
+    method = request.headers.get("X-HTTP-Method-Override", "").upper()
+    handlers: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
+        "PATCH": patch, "DELETE": delete, "HEAD": head}
+    if method not in handlers:
+        raise BlobdError("method_not_allowed", "POST to an upload needs"
+                         " X-HTTP-Method-Override: PATCH or DELETE",
+                         headers={"Allow": "HEAD, PATCH, DELETE, OPTIONS"})
+    return await handlers[method](request)
+
+
+@requires(None)
+async def other(request: web.Request) -> web.Response:
+    raise BlobdError("method_not_allowed", f"{request.method} is not part of tus here",
+                     headers={"Allow": "HEAD, PATCH, DELETE, POST, OPTIONS"})
+
+
+def setup(app: web.Application, add: Any) -> None:
+    for endpoint in (PREFIX, PREFIX + "/"):
+        add("OPTIONS", endpoint, options)
+        add("POST", endpoint, create)
+    upload = PREFIX + "/{id}"
+    add("OPTIONS", upload, options)
+    add("HEAD", upload, head)
+    add("PATCH", upload, patch)
+    add("DELETE", upload, delete)
+    add("POST", upload, post_override)
+    add("*", PREFIX + "/{tail:.*}", other)

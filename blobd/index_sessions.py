@@ -1,0 +1,185 @@
+"""Every SQL statement about resumable upload sessions.
+
+A session is one ``uploads`` row (plus, for the native protocol, one
+``upload_chunks`` row per chunk received) and one preallocated data file,
+``layout.upload_path(id)``. Invariants kept here, inside each transaction:
+
+* ``owners.reserved_bytes`` includes ``uploads.reserved_bytes`` of every
+  session that is neither committed nor removed; a session's reservation is
+  released in the transaction that commits or removes it;
+* a committed session (``result_hash`` set) is never written to again; its
+  row stays until it expires so that tus ``HEAD`` can still name the blob.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import aiosqlite
+
+from . import index
+
+NATIVE = "native"
+TUS = "tus"
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    owner: str
+    protocol: str
+    size: int | None            # None while a tus length is deferred
+    chunk_size: int             # 0 for tus, which counts an offset instead
+    expected_hash: str | None   # an address as the client gave it
+    content_type: str | None
+    ref: str | None
+    metadata: str | None        # tus Upload-Metadata as received
+    concat: str | None          # tus Upload-Concat as received
+    upload_offset: int
+    reserved_bytes: int
+    created_at: float
+    expires_at: float
+    result_hash: str | None = None
+
+    @classmethod
+    def from_row(cls, row: aiosqlite.Row) -> "Session":
+        return cls(*(row[name] for name in _COLUMNS))
+
+    @property
+    def committed(self) -> bool:
+        return self.result_hash is not None
+
+    @property
+    def chunks(self) -> int:
+        if self.size is None or not self.chunk_size:
+            return 0
+        return math.ceil(self.size / self.chunk_size)
+
+    def chunk_span(self, idx: int) -> tuple[int, int]:
+        """(offset, length) of chunk ``idx``; every chunk is full but the last."""
+        assert self.size is not None
+        start = idx * self.chunk_size
+        return start, min(self.chunk_size, self.size - start)
+
+    @property
+    def is_partial(self) -> bool:
+        return self.concat == "partial"
+
+
+_COLUMNS = ("id", "owner", "protocol", "size", "chunk_size", "expected_hash",
+            "content_type", "ref", "metadata", "concat", "upload_offset",
+            "reserved_bytes", "created_at", "expires_at", "result_hash")
+
+
+async def insert(conn: aiosqlite.Connection, session: Session) -> None:
+    await conn.execute(
+        f"INSERT INTO uploads ({', '.join(_COLUMNS)})"
+        f" VALUES ({', '.join('?' for _ in _COLUMNS)})",
+        tuple(getattr(session, name) for name in _COLUMNS))
+    if session.reserved_bytes:
+        await index.reserve(conn, session.owner, session.reserved_bytes)
+
+
+async def get(conn: aiosqlite.Connection, session_id: str, owner: str,
+              now: float) -> Session | None:
+    """The owner's live (unexpired) session; None for anyone else's."""
+    async with conn.execute("SELECT * FROM uploads WHERE id = ? AND owner = ?"
+                            " AND expires_at > ?", (session_id, owner, now)) as cur:
+        row = await cur.fetchone()
+    return Session.from_row(row) if row else None
+
+
+async def list_open(conn: aiosqlite.Connection, owner: str, protocol: str,
+                    now: float) -> list[Session]:
+    async with conn.execute(
+            "SELECT * FROM uploads WHERE owner = ? AND protocol = ? AND expires_at > ?"
+            " AND result_hash IS NULL ORDER BY created_at", (owner, protocol, now)) as cur:
+        return [Session.from_row(r) for r in await cur.fetchall()]
+
+
+async def count_open(conn: aiosqlite.Connection, owner: str, now: float) -> int:
+    async with conn.execute("SELECT COUNT(*) FROM uploads WHERE owner = ?"
+                            " AND expires_at > ? AND result_hash IS NULL",
+                            (owner, now)) as cur:
+        (count,) = await cur.fetchone()
+    return int(count)
+
+
+async def received(conn: aiosqlite.Connection, session_id: str) -> list[int]:
+    async with conn.execute("SELECT idx FROM upload_chunks WHERE upload_id = ?"
+                            " ORDER BY idx", (session_id,)) as cur:
+        return [r["idx"] for r in await cur.fetchall()]
+
+
+async def has_chunk(conn: aiosqlite.Connection, session_id: str, idx: int) -> bool:
+    async with conn.execute("SELECT 1 FROM upload_chunks WHERE upload_id = ? AND idx = ?",
+                            (session_id, idx)) as cur:
+        return await cur.fetchone() is not None
+
+
+async def mark_chunk(conn: aiosqlite.Connection, session_id: str, idx: int) -> bool:
+    """Record a chunk as received; False when it already was."""
+    cur = await conn.execute("INSERT OR IGNORE INTO upload_chunks (upload_id, idx)"
+                             " VALUES (?, ?)", (session_id, idx))
+    return cur.rowcount == 1
+
+
+async def advance(conn: aiosqlite.Connection, session_id: str, old_offset: int,
+                  new_offset: int) -> bool:
+    """Move a tus offset forward from exactly ``old_offset``; False if it moved."""
+    cur = await conn.execute(
+        "UPDATE uploads SET upload_offset = ? WHERE id = ? AND upload_offset = ?"
+        " AND result_hash IS NULL", (new_offset, session_id, old_offset))
+    return cur.rowcount == 1
+
+
+async def touch(conn: aiosqlite.Connection, session_id: str, expires_at: float) -> None:
+    await conn.execute("UPDATE uploads SET expires_at = ? WHERE id = ?",
+                       (expires_at, session_id))
+
+
+async def set_length(conn: aiosqlite.Connection, session: Session, size: int) -> None:
+    """Fix a deferred tus length, reserving it against the owner's quota."""
+    await conn.execute("UPDATE uploads SET size = ?, reserved_bytes = ? WHERE id = ?",
+                       (size, size, session.id))
+    await index.reserve(conn, session.owner, size)
+
+
+async def mark_committed(conn: aiosqlite.Connection, session: Session, digest: str,
+                         expires_at: float) -> bool:
+    """Claim the session for its blob and release its reservation; False when
+    it is gone or was committed already (the caller rolls back)."""
+    cur = await conn.execute(
+        "UPDATE uploads SET result_hash = ?, reserved_bytes = 0, expires_at = ?"
+        " WHERE id = ? AND result_hash IS NULL", (digest, expires_at, session.id))
+    if cur.rowcount != 1:
+        return False
+    await index.reserve(conn, session.owner, -session.reserved_bytes)
+    await conn.execute("DELETE FROM upload_chunks WHERE upload_id = ?", (session.id,))
+    return True
+
+
+async def delete(conn: aiosqlite.Connection, session_id: str) -> Session | None:
+    """Remove a session row, releasing what it still reserves."""
+    async with conn.execute("SELECT * FROM uploads WHERE id = ?", (session_id,)) as cur:
+        row = await cur.fetchone()
+    if row is None:
+        return None
+    session = Session.from_row(row)
+    await conn.execute("DELETE FROM uploads WHERE id = ?", (session_id,))
+    if session.reserved_bytes:
+        await index.reserve(conn, session.owner, -session.reserved_bytes)
+    return session
+
+
+async def expired_ids(conn: aiosqlite.Connection, now: float, limit: int = 500) -> list[str]:
+    async with conn.execute("SELECT id FROM uploads WHERE expires_at <= ? LIMIT ?",
+                            (now, limit)) as cur:
+        return [r["id"] for r in await cur.fetchall()]
+
+
+async def open_ids(conn: aiosqlite.Connection) -> set[str]:
+    """Sessions that still own their data file (not committed)."""
+    async with conn.execute("SELECT id FROM uploads WHERE result_hash IS NULL") as cur:
+        return {r["id"] for r in await cur.fetchall()}

@@ -1,0 +1,141 @@
+"""Blocking operations on session data files; callers run each in a thread.
+
+A session's bytes go straight into their place in one preallocated file
+(``layout.upload_path(id)``) with ``pwrite``, so completing a session needs
+no reassembly copy: the file is hashed and hard-linked into the blob tree.
+
+Writers hold an ``flock`` on the file while they write: shared for native
+chunks (many may arrive in parallel, each to its own range), exclusive for
+a tus PATCH (one offset, one writer) and for completion (nobody may write
+while the file is hashed and linked). ``flock`` is per open file, so it also
+orders two requests of the same process, and the kernel drops it if the
+process dies.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from .errors import BlobdError
+from .files import fsync_dir
+from .layout import Layout
+
+
+def create(path: Path, size: int | None, fsync: bool) -> None:
+    """A new session file of ``size`` bytes, allocated on disk now so that a
+    full disk shows up at creation, not at 90 %. ``None``: length unknown.
+    With ``fsync`` the file and its name survive a power cut, as the row
+    that will point at them does."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    try:
+        if size:
+            _allocate(fd, size)
+        if fsync:
+            os.fsync(fd)
+            fsync_dir(path.parent)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+
+
+def _allocate(fd: int, size: int) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise BlobdError("insufficient_storage",
+                             "not enough free disk space for this upload") from exc
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        # A file system without fallocate (tmpfs on old kernels, some FUSE):
+        # the right length at least, allocated as it is written.
+        os.ftruncate(fd, size)
+
+
+def extend(path: Path, size: int) -> None:
+    """Allocate a deferred-length file once its length is known."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        _allocate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def open_locked(path: Path, exclusive: bool) -> int | None:
+    """Open the session file and take its lock without waiting; None when
+    another writer holds it. FileNotFoundError when the file is gone."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def write_at(fd: int, data: bytes | bytearray, offset: int) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view = view[written:]
+            offset += written
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise BlobdError("insufficient_storage", "the disk is full") from exc
+        raise
+
+
+def sync(fd: int) -> None:
+    os.fdatasync(fd)
+
+
+def close(fd: int) -> None:
+    os.close(fd)
+
+
+def concatenate(sources: list[Path], dest: Path, fsync: bool) -> None:
+    """Build a session file from finished parts (tus concatenation), copied
+    in the kernel (``copy_file_range``, a reflink where the file system can)."""
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    try:
+        offset = 0
+        for source in sources:
+            with open(source, "rb", buffering=0) as src:
+                remaining = os.fstat(src.fileno()).st_size
+                while remaining:
+                    copied = os.copy_file_range(src.fileno(), fd, remaining,
+                                                offset_dst=offset)
+                    if copied == 0:
+                        raise OSError(f"{source.name} ended early")
+                    offset += copied
+                    remaining -= copied
+        if fsync:
+            os.fsync(fd)
+            fsync_dir(dest.parent)
+    except BaseException:
+        os.close(fd)
+        os.unlink(dest)
+        raise
+    os.close(fd)
+
+
+def stray_files(layout: Layout, keep: set[str], older_than: float) -> list[Path]:
+    """Files in uploads/ that no open session owns, untouched since
+    ``older_than`` (a session being created writes its file just before
+    its row, so a fresh file may be about to get one)."""
+    strays = []
+    for entry in os.scandir(layout.uploads_dir):
+        if entry.name in keep:
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime < older_than:
+                strays.append(Path(entry.path))
+        except FileNotFoundError:
+            continue
+    return strays

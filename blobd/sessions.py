@@ -1,0 +1,285 @@
+"""Resumable upload sessions, shared by the native ``/uploads`` API and tus.
+
+A session is created with its declared size checked against the owner's
+limits and *reserved* in the owner's quota (so that many sessions together
+can never overshoot it), and with its data file preallocated. Bytes arrive
+through :mod:`blobd.sessionwrite`. :func:`commit_session` hashes the whole
+file in a thread and hands a hard link of it to the one commit pipeline,
+:func:`blobd.ingest.commit_file`, whose transaction also releases the
+reservation and marks the session committed. A failed commit leaves the
+session as it was, so the client may try again.
+
+Monthly upload quota: bytes are charged as they are *received*, once (a
+repeated chunk is free), so the commit itself charges nothing.
+
+Expiry slides: every chunk received pushes ``expires_at`` to now + TTL, so a
+slow upload over a bad network lives as long as it makes progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass
+
+import aiosqlite
+
+from . import files, index, index_sessions, ingest, sessionfiles
+from .address import Address, parse_address
+from .errors import BlobdError
+from .index_sessions import NATIVE, TUS, Session
+from .store import Store, Tx, shielded
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NATIVE", "TUS", "Session", "NewSession", "create_session", "find_session",
+           "commit_session", "abort_session", "sweep_sessions", "run_session_sweeper"]
+
+MIB = 1 << 20
+MAX_CHUNK_SIZE = 64 * MIB
+MAX_CHUNKS = 100_000
+# A file in uploads/ without a row is left alone this long: a session being
+# created writes its file just before it inserts the row.
+STRAY_GRACE_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class NewSession:
+    owner: str
+    protocol: str
+    size: int | None
+    chunk_size: int = 0
+    expected: Address | None = None
+    content_type: str | None = None
+    ref: str | None = None
+    metadata: str | None = None
+    concat: str | None = None
+
+
+def pick_chunk_size(size: int) -> int:
+    """1 MiB for files under 25 MiB, 5 MiB under 100 MiB, else 10 MiB."""
+    if size < 25 * MIB:
+        return MIB
+    return 5 * MIB if size < 100 * MIB else 10 * MIB
+
+
+def check_chunk_size(size: int, chunk_size: int) -> None:
+    if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise BlobdError("bad_request",
+                         f"chunk_size: expected 1 to {MAX_CHUNK_SIZE} bytes")
+    if -(-size // chunk_size) > MAX_CHUNKS:
+        raise BlobdError("bad_request", f"chunk_size: {size} bytes would make more than"
+                         f" {MAX_CHUNKS} chunks; choose a larger one")
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(16)
+
+
+def expiry(store: Store, now: float) -> float:
+    return now + store.config.uploads.session_ttl_seconds
+
+
+async def precheck(store: Store, owner: str, size: int | None) -> None:
+    """Refuse a declared size before any file or row exists: 413 over the
+    blob size limit, 507 over the monthly upload quota or the free disk."""
+    default = store.config.quota_for(owner)
+    limits = await index.limits_for(store.db.reader, owner, default)
+    if size is None:
+        return
+    index.check_blob_size(size, limits, store.config.limits.max_blob_size)
+    used = await index.usage(store.db.reader, owner)
+    if used["monthly_upload_bytes"] + size > limits.max_monthly_upload_bytes:
+        raise BlobdError("quota_exceeded", "quota max_monthly_upload_bytes"
+                         f" ({limits.max_monthly_upload_bytes} bytes) would be exceeded")
+    await store.check_free_space(size)
+
+
+async def create_session(store: Store, spec: NewSession) -> Session:
+    await precheck(store, spec.owner, spec.size)
+    now = time.time()
+    session = Session(
+        id=new_session_id(), owner=spec.owner, protocol=spec.protocol, size=spec.size,
+        chunk_size=spec.chunk_size, expected_hash=str(spec.expected) if spec.expected
+        else None, content_type=spec.content_type, ref=spec.ref, metadata=spec.metadata,
+        concat=spec.concat, upload_offset=0, reserved_bytes=spec.size or 0,
+        created_at=now, expires_at=expiry(store, now))
+    path = store.layout.upload_path(session.id)
+    await asyncio.to_thread(sessionfiles.create, path, spec.size,
+                            store.config.storage.fsync)
+    try:
+        await shielded(_insert(store, session))
+    except BaseException:
+        await asyncio.to_thread(files.remove_quietly, path)
+        raise
+    return session
+
+
+async def _insert(store: Store, session: Session) -> None:
+    async with store.write() as tx:
+        await check_reservation(store, tx, session.owner, session.size)
+        limit = store.config.uploads.max_sessions_per_owner
+        if await index_sessions.count_open(tx.conn, session.owner, time.time()) >= limit:
+            raise BlobdError("quota_exceeded", f"you have {limit} open upload sessions"
+                             " already; finish or delete one first")
+        await index_sessions.insert(tx.conn, session)
+
+
+async def check_reservation(store: Store, tx: Tx, owner: str, size: int | None) -> None:
+    """The authoritative check, in the transaction that will reserve ``size``:
+    used + reserved + size must fit the owner's limits."""
+    row = await index.owner_row(tx.conn, owner)
+    limits = index.effective_limits(row, store.config.quota_for(owner))
+    if size is not None:
+        index.check_blob_size(size, limits, store.config.limits.max_blob_size)
+        index.check_room(row, limits, size, 1)
+
+
+async def find_session(store: Store, session_id: str, owner: str,
+                       protocol: str) -> Session:
+    """The owner's live session of this protocol; 404 for anything else,
+    including another owner's session and an id that is not one of ours."""
+    session = None
+    if _is_session_id(session_id):
+        session = await index_sessions.get(store.db.reader, session_id, owner, time.time())
+    if session is None or session.protocol != protocol:
+        raise BlobdError("not_found", f"no upload session {session_id}")
+    return session
+
+
+def _is_session_id(text: str) -> bool:
+    return 0 < len(text) <= 64 and all(c in "0123456789abcdefghijklmnopqrstuvwxyz"
+                                       for c in text)
+
+
+async def reload(store: Store, session: Session,
+                 conn: aiosqlite.Connection | None = None) -> Session:
+    """The session's row as it is now (after taking its file lock, or inside
+    a transaction); 404 once it is gone or expired."""
+    current = await index_sessions.get(conn or store.db.reader, session.id,
+                                       session.owner, time.time())
+    if current is None:
+        raise BlobdError("not_found", f"no upload session {session.id}")
+    return current
+
+
+async def missing_chunks(store: Store, session: Session) -> list[int]:
+    """The indexes of the chunks of a native session not received yet."""
+    if session.committed:
+        return []
+    have = set(await index_sessions.received(store.db.reader, session.id))
+    return [i for i in range(session.chunks) if i not in have]
+
+
+async def _check_complete(store: Store, session: Session) -> None:
+    if session.protocol == TUS:
+        if session.size is None or session.upload_offset < session.size:
+            raise BlobdError("conflict", f"only {session.upload_offset} bytes of this"
+                             " upload have arrived")
+        return
+    missing = await missing_chunks(store, session)
+    if missing:
+        raise BlobdError("conflict", f"{len(missing)} of {session.chunks} chunks are"
+                         " missing", extra={"missing": missing})
+
+
+async def commit_session(store: Store, session: Session) -> ingest.Stored:
+    """Commit a session whose bytes have all arrived; idempotent."""
+    path = store.layout.upload_path(session.id)
+    try:
+        fd = await asyncio.to_thread(sessionfiles.open_locked, path, True)
+    except FileNotFoundError:
+        return await _committed_already(store, await reload(store, session))
+    if fd is None:
+        raise BlobdError("locked" if session.protocol == TUS else "conflict",
+                         "parts of this upload are still being received;"
+                         " try again when they are done")
+    try:
+        current = await reload(store, session)
+        if current.committed:
+            return await _committed_already(store, current)
+        await _check_complete(store, current)
+        stored = await _commit(store, current, path)
+    finally:
+        await asyncio.to_thread(sessionfiles.close, fd)
+    await asyncio.to_thread(files.remove_quietly, path)
+    return stored
+
+
+async def _commit(store: Store, session: Session, path: os.PathLike) -> ingest.Stored:
+    digests = await asyncio.to_thread(files.hash_file, path)
+    # The pipeline consumes the file it is given; give it a second name, so
+    # that a failed commit (wrong hash, quota) leaves the session intact.
+    link = store.layout.new_temp_path()
+    await asyncio.to_thread(os.link, path, link)
+    expected = parse_address(session.expected_hash) if session.expected_hash else None
+
+    async def claim(tx: Tx, digest: str) -> None:
+        if not await index_sessions.mark_committed(tx.conn, session, digest,
+                                                   expiry(store, time.time())):
+            raise BlobdError("conflict", f"upload session {session.id} is gone")
+
+    return await ingest.commit_file(
+        store, ingest.Received(link, digests), owner=session.owner, ref=session.ref,
+        content_type=session.content_type, expected=expected, uploaded=False,
+        in_tx=claim)
+
+
+async def _committed_already(store: Store, session: Session) -> ingest.Stored:
+    """A repeated completion answers like the first (now as a known blob)."""
+    if session.result_hash is None:
+        raise BlobdError("not_found", f"upload session {session.id} has no data file")
+    stored = await ingest.add_existing(store, session.result_hash, session.owner,
+                                       session.ref)
+    if stored is None:
+        raise BlobdError("conflict", "this upload was committed, but its blob has"
+                         " been deleted since")
+    return stored
+
+
+async def abort_session(store: Store, session: Session) -> None:
+    async def run() -> None:
+        async with store.write() as tx:
+            await index_sessions.delete(tx.conn, session.id)
+    await shielded(run())
+    await asyncio.to_thread(files.remove_quietly, store.layout.upload_path(session.id))
+
+
+async def sweep_sessions(store: Store, now: float | None = None) -> int:
+    """Remove expired sessions with their files, and files no session owns
+    (an abort or a commit cut short by a crash); returns how many."""
+    moment = time.time() if now is None else now
+    removed = 0
+    while True:
+        async with store.write() as tx:
+            ids = await index_sessions.expired_ids(tx.conn, moment)
+            for session_id in ids:
+                await index_sessions.delete(tx.conn, session_id)
+        await asyncio.to_thread(files.remove_quietly,
+                                *(store.layout.upload_path(i) for i in ids))
+        removed += len(ids)
+        if not ids:
+            break
+    keep = await index_sessions.open_ids(store.db.reader)
+    strays = await asyncio.to_thread(sessionfiles.stray_files, store.layout, keep,
+                                     moment - STRAY_GRACE_SECONDS)
+    await asyncio.to_thread(files.remove_quietly, *strays)
+    return removed + len(strays)
+
+
+async def run_session_sweeper(store: Store) -> None:
+    """Background task: sweep now (whatever expired while the server was
+    down), then periodically until cancelled."""
+    ttl = store.config.uploads.session_ttl_seconds
+    interval = max(1.0, min(60.0, ttl / 2))
+    while True:
+        try:
+            count = await sweep_sessions(store)
+            if count:
+                log.info("removed %d expired or abandoned upload sessions", count)
+        except Exception:
+            log.exception("session sweep failed; will retry")
+        await asyncio.sleep(interval)

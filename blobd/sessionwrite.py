@@ -1,0 +1,265 @@
+"""Receiving bytes into a session file: native chunks and tus PATCH bodies.
+
+Bodies stream to their place in the preallocated file in pieces of at most
+``WRITE_CHUNK`` bytes, each written (``pwrite``) and hashed in one thread
+call, so memory stays flat whatever the chunk size. Bytes are durable
+(``fdatasync`` when ``[storage] fsync``) before the index records them:
+a chunk the server acknowledged survives a power cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import AsyncIterator, Callable
+
+from . import index, index_sessions, sessionfiles
+from .errors import BlobdError
+from .index_sessions import TUS, Session
+from .ingest import WRITE_CHUNK
+from .sessions import check_reservation, expiry, reload
+from .store import Store, shielded
+
+log = logging.getLogger(__name__)
+
+# (session id, chunk index) being received by this process: a second copy
+# of a chunk in flight is refused rather than allowed to interleave with it.
+_IN_FLIGHT: set[tuple[str, int]] = set()
+
+
+@dataclass(frozen=True)
+class Check:
+    """A digest the client sent for a body: hashlib name and raw digest."""
+    algorithm: str
+    expected: bytes
+
+
+class _Sink:
+    """Writes a body at increasing offsets (or only hashes it, fd None);
+    :meth:`write` runs in a thread."""
+
+    def __init__(self, fd: int | None, start: int, checks: list[Check]) -> None:
+        self.fd = fd
+        self.start = start
+        self.hashers = [(c, hashlib.new(c.algorithm)) for c in checks]
+        self.written = 0
+
+    def write(self, data: bytearray) -> None:
+        if self.fd is not None:
+            sessionfiles.write_at(self.fd, data, self.start + self.written)
+        for _, hasher in self.hashers:
+            hasher.update(data)
+        self.written += len(data)
+
+    def verify(self, status: int | None) -> None:
+        for check, hasher in self.hashers:
+            if hasher.digest() != check.expected:
+                raise BlobdError("digest_mismatch", f"the body's {check.algorithm}"
+                                 " does not match the digest sent with it", status=status)
+
+
+async def _pump(body: AsyncIterator[bytes], sink: _Sink, limit: int,
+                too_long: Callable[[], BlobdError], keep_partial: bool) -> None:
+    buf = bytearray()
+    try:
+        async for piece in body:
+            if sink.written + len(buf) + len(piece) > limit:
+                raise too_long()
+            buf += piece
+            if len(buf) >= WRITE_CHUNK:
+                data, buf = buf, bytearray()
+                await asyncio.to_thread(sink.write, data)
+    except BlobdError:
+        raise
+    except BaseException:
+        # The body broke off (client gone, or the handler cancelled with
+        # it): keep what did arrive.
+        if keep_partial and buf:
+            await shielded(asyncio.to_thread(sink.write, buf))
+        raise
+    if buf:
+        await asyncio.to_thread(sink.write, buf)
+
+
+async def _open(store: Store, session: Session, exclusive: bool) -> int:
+    path = store.layout.upload_path(session.id)
+    try:
+        fd = await asyncio.to_thread(sessionfiles.open_locked, path, exclusive)
+    except FileNotFoundError:
+        raise BlobdError("not_found", f"no upload session {session.id}") from None
+    if fd is None:
+        if session.protocol == TUS:
+            raise BlobdError("locked", "another request is writing to this upload")
+        raise BlobdError("conflict", "this upload is being completed")
+    return fd
+
+
+# -- native chunks -----------------------------------------------------------
+
+def check_chunk(session: Session, idx: int, length: int | None) -> tuple[int, int]:
+    """(offset, length) of chunk ``idx`` if a body of ``length`` bytes may be
+    it: callers check before they invite the body (``100 Continue``)."""
+    if session.committed:
+        raise BlobdError("conflict", "this upload is complete already")
+    if not 0 <= idx < session.chunks:
+        raise BlobdError("bad_request", f"chunk index {idx} is out of range: this upload"
+                         f" has chunks 0 to {session.chunks - 1}")
+    start, span = session.chunk_span(idx)
+    if length is not None and length != span:
+        raise BlobdError("bad_request", f"chunk {idx} is {span} bytes, not {length}")
+    return start, span
+
+
+async def receive_chunk(store: Store, session: Session, idx: int,
+                        body: AsyncIterator[bytes], *, length: int | None,
+                        checks: list[Check]) -> None:
+    """Write chunk ``idx``; a chunk received before is read, checked and
+    dropped, so a repeat can never change bytes already acknowledged."""
+    start, span = check_chunk(session, idx, length)
+    key = (session.id, idx)
+    if key in _IN_FLIGHT:
+        raise BlobdError("conflict", f"chunk {idx} is being received already")
+    _IN_FLIGHT.add(key)
+    try:
+        fd = await _open(store, session, exclusive=False)
+        try:
+            await _receive_chunk(store, session, idx, body, checks, fd, start, span)
+        finally:
+            await asyncio.to_thread(sessionfiles.close, fd)
+    finally:
+        _IN_FLIGHT.discard(key)
+
+
+async def _receive_chunk(store: Store, session: Session, idx: int,
+                         body: AsyncIterator[bytes], checks: list[Check], fd: int,
+                         start: int, span: int) -> None:
+    current = await reload(store, session)
+    if current.committed:
+        raise BlobdError("conflict", "this upload is complete already")
+    have = await index_sessions.has_chunk(store.db.reader, session.id, idx)
+    sink = _Sink(None if have else fd, start, checks)
+
+    def too_long() -> BlobdError:
+        return BlobdError("bad_request", f"chunk {idx} is {span} bytes; more were sent")
+
+    await _pump(body, sink, span, too_long, keep_partial=False)
+    if sink.written != span:
+        raise BlobdError("bad_request",
+                         f"chunk {idx} ended after {sink.written} of {span} bytes")
+    sink.verify(None)
+    if not have:
+        await shielded(_record_chunk(store, current, idx, span, fd))
+
+
+async def _record_chunk(store: Store, session: Session, idx: int, span: int,
+                        fd: int) -> None:
+    if store.config.storage.fsync:
+        await asyncio.to_thread(sessionfiles.sync, fd)
+    async with store.write() as tx:
+        current = await reload(store, session, tx.conn)
+        if current.committed:
+            raise BlobdError("conflict", "this upload is complete already")
+        if await index_sessions.mark_chunk(tx.conn, session.id, idx):
+            await index.charge_upload(tx.conn, session.owner, span,
+                                      store.config.quota_for(session.owner))
+        await index_sessions.touch(tx.conn, session.id, expiry(store, time.time()))
+
+
+# -- tus: bytes at an offset -------------------------------------------------
+
+async def receive_at_offset(store: Store, session: Session, offset: int,
+                            body: AsyncIterator[bytes], *, length: int | None,
+                            checks: list[Check], new_length: int | None = None,
+                            status_on_mismatch: int | None = None) -> Session:
+    """Append a body at ``offset``, which must be where the upload stands.
+
+    Without a checksum, bytes that arrived before the connection dropped
+    are kept and the offset moves past them; with one, nothing counts
+    unless the whole body matches it.
+    """
+    fd = await _open(store, session, exclusive=True)
+    try:
+        current = await reload(store, session)
+        if current.concat is not None and current.concat.startswith("final"):
+            raise BlobdError("forbidden", "a final (concatenated) upload takes no PATCH")
+        if current.upload_offset != offset:
+            raise BlobdError("conflict", f"Upload-Offset is {offset}, but the upload"
+                             f" stands at {current.upload_offset}")
+        if new_length is not None and new_length != current.size:
+            current = await _fix_length(store, current, new_length)
+        return await _append(store, current, fd, body, length, checks, status_on_mismatch)
+    finally:
+        await asyncio.to_thread(sessionfiles.close, fd)
+
+
+async def _append(store: Store, session: Session, fd: int, body: AsyncIterator[bytes],
+                  length: int | None, checks: list[Check],
+                  status_on_mismatch: int | None) -> Session:
+    end = session.size if session.size is not None else store.config.limits.max_blob_size
+    room = end - session.upload_offset
+    if length is not None and length > room:
+        raise BlobdError("bad_request", f"{length} bytes at offset"
+                         f" {session.upload_offset} would end past {end}")
+    sink = _Sink(fd, session.upload_offset, checks)
+
+    def too_long() -> BlobdError:
+        return BlobdError("bad_request", f"the body would end past byte {end}")
+
+    try:
+        await _pump(body, sink, room, too_long, keep_partial=not checks)
+    except BlobdError:
+        raise
+    except BaseException:
+        if not checks and sink.written:
+            await shielded(_keep_progress(store, session, fd, sink.written))
+        raise
+    sink.verify(status_on_mismatch)
+    if not sink.written:
+        return session
+    return await shielded(_record_offset(store, session, fd, sink.written))
+
+
+async def _record_offset(store: Store, session: Session, fd: int, count: int) -> Session:
+    if store.config.storage.fsync:
+        await asyncio.to_thread(sessionfiles.sync, fd)
+    new_offset, expires_at = session.upload_offset + count, expiry(store, time.time())
+    async with store.write() as tx:
+        if not await index_sessions.advance(tx.conn, session.id, session.upload_offset,
+                                            new_offset):
+            raise BlobdError("conflict", "the upload moved on meanwhile")
+        await index.charge_upload(tx.conn, session.owner, count,
+                                  store.config.quota_for(session.owner))
+        await index_sessions.touch(tx.conn, session.id, expires_at)
+    return replace(session, upload_offset=new_offset, expires_at=expires_at)
+
+
+async def _keep_progress(store: Store, session: Session, fd: int, count: int) -> None:
+    try:
+        await _record_offset(store, session, fd, count)
+        log.info("upload %s: kept %d bytes received before the connection dropped",
+                 session.id, count)
+    except Exception as exc:  # the request has failed already; this is salvage
+        log.warning("upload %s: could not keep %d bytes received before the"
+                    " connection dropped: %s", session.id, count, exc)
+
+
+async def _fix_length(store: Store, session: Session, size: int) -> Session:
+    """Set a deferred length (tus ``Upload-Length`` on a PATCH), once."""
+    if session.size is not None:
+        raise BlobdError("bad_request", "Upload-Length is set already")
+    if size < session.upload_offset:
+        raise BlobdError("bad_request", f"Upload-Length {size} is below the"
+                         f" {session.upload_offset} bytes received")
+
+    async def run() -> None:
+        async with store.write() as tx:
+            await check_reservation(store, tx, session.owner, size)
+            await index_sessions.set_length(tx.conn, session, size)
+
+    await store.check_free_space(size - session.upload_offset)
+    await shielded(run())
+    await asyncio.to_thread(sessionfiles.extend, store.layout.upload_path(session.id), size)
+    return replace(session, size=size, reserved_bytes=size)

@@ -1,0 +1,167 @@
+"""``blobd put`` and ``blobd get`` as real processes against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from blobd.client import BlobdClient
+from conftest import b3
+from cutproxy import CutProxy
+from serverproc import BlobdServer, run_blobd
+from test_cli import request
+
+KIB = 1024
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory) -> tuple[BlobdServer, str]:
+    workdir = tmp_path_factory.mktemp("transfer")
+    with BlobdServer(workdir, {"storage": {"fsync": False}}) as server:
+        yield server, server.token("alice")
+
+
+def cli(live, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    server, token = live
+    return run_blobd(*args, "--server", server.url, "--token", token, cwd=cwd)
+
+
+def chunk_puts(server: BlobdServer, session_id: str) -> int:
+    """PUTs of chunks of one session, from the server's access log."""
+    log = server.stderr_path.read_text()
+    return len(re.findall(rf'"PUT /uploads/{session_id}/\d+ HTTP/1.1" 204', log))
+
+
+def sessions(live) -> list[dict]:
+    server, token = live
+    status, body = request("GET", f"{server.url}/uploads", token)
+    assert status == 200
+    return json.loads(body)["uploads"]
+
+
+def test_put_small_files_then_skip_what_the_server_has(live, tmp_path: Path) -> None:
+    one, two = tmp_path / "one.bin", tmp_path / "two.bin"
+    one.write_bytes(os.urandom(10 * KIB))
+    two.write_bytes(os.urandom(20 * KIB))
+    first = cli(live, "put", str(one), str(two))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines() == [f"{b3(one.read_bytes())}  {one}",
+                                         f"{b3(two.read_bytes())}  {two}"]
+    server, token = live
+    assert request("GET", f"{server.url}/blobs/{b3(two.read_bytes())}", token)[1] == \
+        two.read_bytes()
+    again = cli(live, "put", "--ref", "songs:one", str(one))
+    assert again.returncode == 0, again.stderr
+    assert "nothing was sent" in again.stderr
+    status, ref = request("GET", f"{server.url}/refs/songs:one", token)
+    assert status == 200 and json.loads(ref)["hash"] == b3(one.read_bytes())
+
+
+def test_put_big_file_through_a_session_and_get_it_back(live, tmp_path: Path) -> None:
+    src = tmp_path / "long.wav"
+    src.write_bytes(os.urandom(300 * KIB + 7))
+    put = cli(live, "put", "--session-threshold", "64KiB", "--chunk-size", "32KiB",
+              str(src))
+    assert put.returncode == 0, put.stderr
+    assert "upload session" in put.stderr
+    digest = b3(src.read_bytes())
+    assert put.stdout.strip() == f"{digest}  {src}"
+    # A session for known content transfers nothing either.
+    again = cli(live, "put", "--session-threshold", "64KiB", str(src))
+    assert "nothing was sent" in again.stderr
+
+    out = tmp_path / "copy.wav"
+    get = cli(live, "get", digest, "-o", str(out))
+    assert get.returncode == 0, get.stderr
+    assert out.read_bytes() == src.read_bytes() and get.stdout.strip() == str(out)
+    default = cli(live, "get", digest, cwd=tmp_path)
+    assert default.returncode == 0 and (tmp_path / digest).read_bytes() == src.read_bytes()
+
+
+def test_put_resumes_an_interrupted_session(live, tmp_path: Path) -> None:
+    src = tmp_path / "interrupted.flac"
+    data = os.urandom(10 * 16 * KIB)
+    src.write_bytes(data)
+    server, token = live
+
+    async def earlier_run() -> str:
+        # What a run cut off after three chunks leaves on the server.
+        async with BlobdClient(server.url, token) as client:
+            _, session = await client.create_upload(len(data), digest=b3(data),
+                                                    chunk_size=16 * KIB)
+            for idx in (0, 3, 7):
+                await client.put_chunk(session["id"], idx,
+                                       data[idx * 16 * KIB:(idx + 1) * 16 * KIB])
+            return session["id"]
+
+    session_id = asyncio.run(earlier_run())
+    put = cli(live, "put", "--session-threshold", "64KiB", str(src))
+    assert put.returncode == 0, put.stderr
+    assert f"resumed upload session {session_id}" in put.stderr
+    assert f"sent the {7 * 16 * KIB} of {len(data)} bytes" in put.stderr
+    assert chunk_puts(server, session_id) == 10  # 3 before, 7 now: none twice
+    assert request("GET", f"{server.url}/blobs/{b3(data)}", token)[1] == data
+
+
+def test_put_cut_off_midway_then_run_again(live, tmp_path: Path) -> None:
+    src = tmp_path / "cut.wav"
+    data = os.urandom(2 << 20)
+    src.write_bytes(data)
+    server, token = live
+    # The network dies after ~700 KiB: some 64 KiB chunks made it, one was
+    # cut off mid-body, the rest never left.
+    with CutProxy(server.port, budget=700 * KIB) as proxy:
+        first = run_blobd("put", "--server", proxy.url, "--token", token,
+                          "--session-threshold", "64KiB", "--chunk-size", "64KiB", str(src))
+    assert first.returncode == 1 and proxy.cut.is_set()
+    assert len(first.stderr.strip().splitlines()) == 1, first.stderr
+    [session] = [s for s in sessions(live) if s["hash"] == b3(data)]
+    assert 0 < len(session["received"]) < 32
+
+    again = cli(live, "put", "--session-threshold", "64KiB", str(src))
+    assert again.returncode == 0, again.stderr
+    assert f"resumed upload session {session['id']}" in again.stderr
+    assert chunk_puts(server, session["id"]) == 32  # every chunk acknowledged once
+    assert request("GET", f"{server.url}/blobs/{b3(data)}", token)[1] == data
+
+
+def test_get_refuses_bytes_that_do_not_match(live, tmp_path: Path) -> None:
+    server, token = live
+    data = os.urandom(5000)
+    assert request("PUT", f"{server.url}/blobs/{b3(data)}", token, data)[0] == 201
+    digest = b3(data)
+    path = server.data_dir / "blobs" / digest[:2] / digest[2:4] / digest
+    path.write_bytes(b"\0" * len(data))  # damage on disk, same size
+    out = tmp_path / "damaged.bin"
+    get = cli(live, "get", digest, "-o", str(out))
+    assert get.returncode == 1
+    assert len(get.stderr.strip().splitlines()) == 1 and digest in get.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, words", [
+    (("get", "0" * 64), "no blob"),
+    (("get", "not-a-hash"), "64 hex"),
+    (("put", "/nonexistent/file"), "no such file"),
+])
+def test_transfer_errors_are_one_line(live, tmp_path: Path, args: tuple, words: str) -> None:
+    result = cli(live, *args, cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], result.stderr
+
+
+def test_put_with_a_bad_token_or_no_server(live, tmp_path: Path) -> None:
+    src = tmp_path / "x.bin"
+    src.write_bytes(b"x")
+    server, _ = live
+    bad = run_blobd("put", "--server", server.url, "--token", "nope", str(src))
+    assert bad.returncode == 1 and "token" in bad.stderr
+    gone = run_blobd("put", "--server", "http://127.0.0.1:9", "--token", "t", str(src))
+    assert gone.returncode == 1 and "cannot reach" in gone.stderr

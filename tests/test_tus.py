@@ -1,0 +1,369 @@
+"""The tus 1.0.0 protocol at ``/tus/``, request by request."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+
+import pytest
+
+from conftest import Api, b3
+from rawhttp import RawConnection
+from test_uploads import payload
+
+TUS = {"Tus-Resumable": "1.0.0"}
+STREAM = {"Content-Type": "application/offset+octet-stream"}
+
+
+def meta(**values: str) -> str:
+    return ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in values.items())
+
+
+async def create(api: Api, length: int | None, *, status: int = 201,
+                 headers: dict | None = None, data: bytes | None = None) -> str:
+    extra = {**TUS, **(headers or {})}
+    if length is not None:
+        extra["Upload-Length"] = str(length)
+    resp = await api.request("POST", "/tus/", headers=extra, data=data)
+    assert resp.status == status, await resp.text()
+    return resp.headers.get("Location", "")
+
+
+async def patch(api: Api, url: str, offset: int, data: bytes, *, status: int = 204,
+                headers: dict | None = None):
+    resp = await api.request("PATCH", url, data=data, headers={
+        **TUS, **STREAM, "Upload-Offset": str(offset), **(headers or {})})
+    assert resp.status == status, await resp.text()
+    return resp
+
+
+async def head(api: Api, url: str, status: int = 200):
+    resp = await api.request("HEAD", url, headers=TUS)
+    assert resp.status == status
+    return resp
+
+
+async def test_options_describes_the_server(alice: Api) -> None:
+    resp = await alice.client.options("/tus/")
+    assert resp.status == 204
+    assert resp.headers["Tus-Version"] == "1.0.0"
+    extensions = set(resp.headers["Tus-Extension"].split(","))
+    assert {"creation", "creation-with-upload", "termination", "checksum", "expiration",
+            "concatenation"} <= extensions
+    assert int(resp.headers["Tus-Max-Size"]) == alice.store.config.limits.max_blob_size
+    assert {"sha1", "md5", "sha256"} <= set(resp.headers["Tus-Checksum-Algorithm"].split(","))
+    assert "Tus-Resumable" not in resp.headers
+
+
+@pytest.mark.parametrize("version", [None, "0.2.2", "1.0"])
+async def test_other_protocol_versions_are_412(alice: Api, version: str | None) -> None:
+    headers = {"Upload-Length": "10"}
+    if version:
+        headers["Tus-Resumable"] = version
+    resp = await alice.request("POST", "/tus/", headers=headers)
+    assert resp.status == 412
+    assert resp.headers["Tus-Version"] == "1.0.0"
+    assert resp.headers["Tus-Resumable"] == "1.0.0"
+    assert (await resp.json())["error"] == "precondition_failed"
+
+
+async def test_errors_carry_tus_resumable(alice: Api) -> None:
+    no_token = await alice.client.post("/tus/", headers={**TUS, "Upload-Length": "1"})
+    assert no_token.status == 401 and no_token.headers["Tus-Resumable"] == "1.0.0"
+    unknown = await head(alice, "/tus/0123456789abcdef", status=404)
+    assert unknown.headers["Tus-Resumable"] == "1.0.0"
+    assert "Upload-Offset" not in unknown.headers
+
+
+async def test_full_upload_commits_and_names_the_blob(alice: Api) -> None:
+    data = payload(5000)
+    url = await create(alice, len(data), headers={"Upload-Metadata": meta(
+        filename="take 1.wav", filetype="audio/x-test", ref="takes:1", hash=b3(data))})
+    assert url.startswith("/tus/")
+    first = await head(alice, url)
+    assert first.headers["Upload-Offset"] == "0"
+    assert first.headers["Upload-Length"] == "5000"
+    assert first.headers["Cache-Control"] == "no-store"
+    assert "filename" in first.headers["Upload-Metadata"]
+    assert "Blob-Hash" not in first.headers
+
+    resp = await patch(alice, url, 0, data[:3000])
+    assert resp.headers["Upload-Offset"] == "3000" and "Upload-Expires" in resp.headers
+    assert "Blob-Hash" not in resp.headers
+    resp = await patch(alice, url, 3000, data[3000:])
+    assert resp.headers["Upload-Offset"] == "5000"
+    assert resp.headers["Blob-Hash"] == b3(data)
+    assert (await head(alice, url)).headers["Blob-Hash"] == b3(data)
+
+    blob = await alice.request("GET", f"/blobs/{b3(data)}")
+    assert await blob.read() == data and blob.content_type == "audio/x-test"
+    ref = await (await alice.request("GET", "/refs/takes:1")).json()
+    assert ref["hash"] == b3(data)
+    assert list((alice.data_dir / "uploads").iterdir()) == []
+
+
+async def test_empty_metadata_and_empty_upload(alice: Api) -> None:
+    # tuspy sends an empty Upload-Metadata header.
+    url = await create(alice, 0, headers={"Upload-Metadata": ""})
+    resp = await head(alice, url)
+    assert resp.headers["Blob-Hash"] == b3(b"")
+    assert "Upload-Metadata" not in resp.headers
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({}, 400),                                             # no length at all
+    ({"Upload-Length": "-1"}, 400),
+    ({"Upload-Length": "10", "Upload-Defer-Length": "1"}, 400),
+    ({"Upload-Length": str(3 << 30)}, 413),                # over Tus-Max-Size
+    ({"Upload-Length": "10", "Upload-Metadata": "ref"}, 201),
+    ({"Upload-Length": "10", "Upload-Metadata": "ref !!!"}, 400),
+    ({"Upload-Length": "10", "Upload-Metadata": meta(hash="nope")}, 400),
+    ({"Upload-Length": "10", "Upload-Metadata": meta(ref="no spaces")}, 400),
+    ({"Upload-Length": "10", "Upload-Concat": "whole"}, 400),
+])
+async def test_creation_headers_are_validated(alice: Api, headers: dict, status: int) -> None:
+    await create(alice, None, headers=headers, status=status)
+
+
+async def test_patch_preconditions(alice: Api) -> None:
+    data = payload(100)
+    url = await create(alice, len(data))
+    resp = await alice.request("PATCH", url, data=data, headers={
+        **TUS, "Upload-Offset": "0", "Content-Type": "application/octet-stream"})
+    assert resp.status == 415
+    await patch(alice, url, 10, data[10:], status=409)
+    await patch(alice, url, 0, data + b"extra", status=400)
+    assert (await head(alice, url)).headers["Upload-Offset"] == "0"
+    await patch(alice, url, 0, data)
+
+
+@pytest.mark.parametrize("algorithm", ["sha1", "md5", "sha256"])
+async def test_checksum_mismatch_is_460_and_keeps_the_offset(alice: Api,
+                                                             algorithm: str) -> None:
+    data = payload(4000)
+    url = await create(alice, len(data))
+
+    def checksum(body: bytes) -> dict:
+        digest = hashlib.new(algorithm, body).digest()
+        return {"Upload-Checksum": f"{algorithm} {base64.b64encode(digest).decode()}"}
+
+    resp = await patch(alice, url, 0, data[:2000], status=460,
+                       headers=checksum(b"other bytes"))
+    assert resp.headers["Tus-Resumable"] == "1.0.0"
+    assert (await head(alice, url)).headers["Upload-Offset"] == "0"
+    await patch(alice, url, 0, data[:2000], headers=checksum(data[:2000]))
+    resp = await patch(alice, url, 2000, data[2000:], headers=checksum(data[2000:]))
+    assert resp.headers["Blob-Hash"] == b3(data)
+
+
+async def test_unsupported_checksum_algorithm_is_400(alice: Api) -> None:
+    url = await create(alice, 3)
+    await patch(alice, url, 0, b"abc", status=400,
+                headers={"Upload-Checksum": "crc32 AAAAAA=="})
+
+
+async def raw_patch(api: Api, url: str, offset: int, total: int,
+                    extra: dict | None = None) -> RawConnection:
+    conn = await RawConnection.open(api.client.host, api.client.port)
+    await conn.send_head("PATCH", url, {
+        **api.headers(), **TUS, **STREAM, "Upload-Offset": str(offset),
+        "Content-Length": str(total), **(extra or {})})
+    return conn
+
+
+async def wait_for_offset(api: Api, url: str, want: str) -> str:
+    for _ in range(100):
+        offset = (await head(api, url)).headers["Upload-Offset"]
+        if offset == want:
+            return offset
+        await asyncio.sleep(0.02)
+    return offset
+
+
+async def test_bytes_before_a_dropped_connection_are_kept(alice: Api) -> None:
+    data = payload(100_000)
+    url = await create(alice, len(data))
+    conn = await raw_patch(alice, url, 0, len(data))
+    await conn.send(data[:30_000])
+    await asyncio.sleep(0.1)
+    await conn.close()
+    assert await wait_for_offset(alice, url, "30000") == "30000"
+    resp = await patch(alice, url, 30_000, data[30_000:])
+    assert resp.headers["Blob-Hash"] == b3(data)
+    assert await (await alice.request("GET", f"/blobs/{b3(data)}")).read() == data
+
+
+async def test_with_a_checksum_a_dropped_body_counts_for_nothing(alice: Api) -> None:
+    data = payload(50_000)
+    url = await create(alice, len(data))
+    digest = base64.b64encode(hashlib.sha1(data).digest()).decode()
+    conn = await raw_patch(alice, url, 0, len(data), {"Upload-Checksum": f"sha1 {digest}"})
+    await conn.send(data[:20_000])
+    await asyncio.sleep(0.1)
+    await conn.close()
+    await asyncio.sleep(0.2)
+    assert (await head(alice, url)).headers["Upload-Offset"] == "0"
+
+
+async def test_two_patches_at_once_one_is_refused(alice: Api) -> None:
+    data = payload(60_000)
+    url = await create(alice, len(data))
+    first = await raw_patch(alice, url, 0, len(data))
+    await first.send(data[:10_000])
+    await asyncio.sleep(0.1)  # the first request holds the upload now
+    second = await alice.request("PATCH", url, data=b"z" * 60_000, headers={
+        **TUS, **STREAM, "Upload-Offset": "0"})
+    assert second.status in (409, 423), await second.text()
+    assert second.headers["Tus-Resumable"] == "1.0.0"
+    await first.send(data[10_000:])
+    answer = await first.read_response()
+    await first.close()
+    assert answer.status == 204 and answer.headers["blob-hash"] == b3(data)
+    assert await (await alice.request("GET", f"/blobs/{b3(data)}")).read() == data
+
+
+async def test_method_override_and_termination(alice: Api) -> None:
+    data = payload(300)
+    url = await create(alice, len(data) * 2)
+    resp = await alice.request("POST", url, data=data, headers={
+        **TUS, **STREAM, "Upload-Offset": "0", "X-HTTP-Method-Override": "PATCH"})
+    assert resp.status == 204 and resp.headers["Upload-Offset"] == "300"
+    path = alice.data_dir / "uploads" / url.rsplit("/", 1)[1]
+    assert path.exists()
+    resp = await alice.request("POST", url, headers={**TUS, "X-HTTP-Method-Override":
+                                                     "DELETE"})
+    assert resp.status == 204 and await resp.read() == b""
+    await head(alice, url, status=404)
+    assert not path.exists()
+
+
+async def test_delete_is_exactly_204(alice: Api) -> None:
+    url = await create(alice, 10)
+    resp = await alice.request("DELETE", url, headers=TUS)
+    assert resp.status == 204 and resp.headers["Tus-Resumable"] == "1.0.0"
+    assert (await alice.request("DELETE", url, headers=TUS)).status == 404
+
+
+async def test_creation_with_upload(alice: Api) -> None:
+    data = payload(2500)
+    resp = await alice.request("POST", "/tus/", data=data, headers={
+        **TUS, **STREAM, "Upload-Length": str(len(data))})
+    assert resp.status == 201
+    assert resp.headers["Upload-Offset"] == "2500"
+    assert resp.headers["Blob-Hash"] == b3(data)
+    partial = await alice.request("POST", "/tus/", data=data[:1000], headers={
+        **TUS, **STREAM, "Upload-Length": str(len(data))})
+    assert partial.headers["Upload-Offset"] == "1000"
+    assert "Blob-Hash" not in partial.headers
+
+
+async def test_deferred_length(alice: Api) -> None:
+    data = payload(3000)
+    url = await create(alice, None, headers={"Upload-Defer-Length": "1"})
+    first = await head(alice, url)
+    assert first.headers["Upload-Defer-Length"] == "1" and "Upload-Length" not in first.headers
+    await patch(alice, url, 0, data[:1000])
+    resp = await patch(alice, url, 1000, data[1000:],
+                       headers={"Upload-Length": str(len(data))})
+    assert resp.headers["Blob-Hash"] == b3(data)
+
+
+async def test_concatenation(alice: Api) -> None:
+    data = payload(7000)
+    parts = [data[:3000], data[3000:]]
+    urls = []
+    for part in parts:
+        url = await create(alice, len(part), headers={"Upload-Concat": "partial"})
+        resp = await patch(alice, url, 0, part)
+        assert "Blob-Hash" not in resp.headers  # a part is not a blob
+        urls.append(url)
+    absolute = [f"http://{alice.client.host}:{alice.client.port}{urls[0]}", urls[1]]
+    resp = await alice.request("POST", "/tus/", headers={
+        **TUS, "Upload-Concat": "final;" + " ".join(absolute),
+        "Upload-Metadata": meta(ref="joined")})
+    assert resp.status == 201, await resp.text()
+    assert resp.headers["Blob-Hash"] == b3(data)
+    final = await head(alice, resp.headers["Location"])
+    assert final.headers["Upload-Concat"].startswith("final;")
+    assert final.headers["Upload-Length"] == final.headers["Upload-Offset"] == "7000"
+    assert final.headers["Blob-Hash"] == b3(data)
+    assert await (await alice.request("GET", f"/blobs/{b3(data)}")).read() == data
+    for url in urls:
+        await head(alice, url, status=404)
+    assert (await alice.request("GET", "/refs/joined")).status == 200
+
+
+async def test_concatenation_needs_finished_parts_of_your_own(server) -> None:
+    login = await server()
+    alice, bob = await login("alice"), await login("bob")
+    mine = await create(alice, 10, headers={"Upload-Concat": "partial"})
+    await patch(alice, mine, 0, b"12345")
+    for owner in (alice, bob):
+        resp = await owner.request("POST", "/tus/", headers={
+            **TUS, "Upload-Concat": f"final;{mine}"})
+        assert resp.status == 400
+
+
+async def test_declared_hash_mismatch_on_last_patch(alice: Api) -> None:
+    data = payload(100)
+    url = await create(alice, len(data), headers={"Upload-Metadata": meta(hash=b3(b"x"))})
+    resp = await patch(alice, url, 0, data, status=400)
+    assert (await resp.json())["error"] == "digest_mismatch"
+    assert (await alice.request("GET", f"/blobs/{b3(data)}")).status == 404
+
+
+async def test_another_owners_upload_is_404(server) -> None:
+    login = await server()
+    alice, bob = await login("alice"), await login("bob")
+    url = await create(alice, 5)
+    await head(bob, url, status=404)
+    await patch(bob, url, 0, b"12345", status=404)
+    assert (await bob.request("DELETE", url, headers=TUS)).status == 404
+    assert (await head(alice, url)).headers["Upload-Offset"] == "0"
+
+
+async def test_cors_for_configured_origins(server) -> None:
+    login = await server(server={"cors_origins": ["http://app.example"]})
+    alice = await login("alice")
+    preflight = await alice.client.options("/tus/", headers={
+        "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "tus-resumable, upload-length"})
+    assert preflight.status == 204
+    assert preflight.headers["Access-Control-Allow-Origin"] == "http://app.example"
+    allowed = preflight.headers["Access-Control-Allow-Headers"].lower()
+    assert "upload-offset" in allowed and "authorization" in allowed
+    assert "PATCH" in preflight.headers["Access-Control-Allow-Methods"]
+
+    url = await create(alice, 3, headers={"Origin": "http://app.example"})
+    resp = await alice.request("HEAD", url, headers={**TUS, "Origin": "http://app.example"})
+    exposed = {h.strip().lower() for h in
+               resp.headers["Access-Control-Expose-Headers"].split(",")}
+    assert {"upload-offset", "upload-length", "location", "tus-resumable",
+            "blob-hash"} <= exposed
+    resp = await patch(alice, url, 0, b"abc", headers={"Origin": "http://app.example"})
+    blob = await alice.request("GET", f"/blobs/{b3(b'abc')}",
+                               headers={"Origin": "http://app.example"})
+    assert blob.headers["Access-Control-Allow-Origin"] == "http://app.example"
+    other = await alice.request("HEAD", url, headers={**TUS, "Origin": "http://evil.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+    denied = await alice.client.options("/tus/", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "Access-Control-Allow-Origin" not in denied.headers
+
+
+async def test_a_patch_that_cannot_fit_is_refused_before_its_body(alice: Api) -> None:
+    url = await create(alice, 100)
+    conn = await raw_patch(alice, url, 50, 50, {"Expect": "100-continue"})
+    try:
+        answer = await conn.read_response()
+        assert answer.status == 409 and answer.headers["tus-resumable"] == "1.0.0"
+    finally:
+        await conn.close()
+    conn = await raw_patch(alice, url, 0, 100, {"Expect": "100-continue"})
+    try:
+        assert (await conn.read_response()).status == 100
+        await conn.send(b"a" * 100)
+        assert (await conn.read_response()).headers["blob-hash"] == b3(b"a" * 100)
+    finally:
+        await conn.close()
