@@ -14,8 +14,7 @@ import pytest
 from blobd.client import BlobdClient
 from conftest import b3
 from cutproxy import CutProxy
-from serverproc import BlobdServer, run_blobd
-from test_cli import request
+from serverproc import BlobdServer, http as request, run_blobd
 
 KIB = 1024
 

@@ -18,8 +18,7 @@ from tusclient import client as tus_client
 from tusclient.storage.filestorage import FileStorage
 
 from conftest import b3
-from serverproc import BlobdServer
-from test_cli import request
+from serverproc import BlobdServer, http as request
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 CHUNK = 64 * 1024

@@ -17,8 +17,7 @@ from blobd import index
 from blobd.sessions import sweep_sessions
 from conftest import Api, b3, tmp_files
 from rawhttp import RawConnection
-from serverproc import BlobdServer
-from test_cli import request
+from serverproc import BlobdServer, http as request
 
 CHUNK = 1000
 
