@@ -23,9 +23,9 @@ def write_payload(path: Path, size: int) -> None:
     block = bytearray(os.urandom(MIB))
     with open(path, "wb") as f:
         for index, offset in enumerate(range(0, size, MIB)):
+            block[:16] = uuid.uuid4().bytes if index == 0 else block[:16]
             block[16:24] = index.to_bytes(8, "little")
             f.write(block[: min(MIB, size - offset)])
-    restamp(path)
 
 
 def restamp(path: Path) -> str:

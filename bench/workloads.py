@@ -9,6 +9,7 @@ small GETs, bench/load.py for small uploads. Only the method, the path and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -152,11 +153,9 @@ class Bench:
 
     async def delete(self, server: Server, path: str) -> None:
         """Best effort, untimed: keeps the disk from filling up over repetitions."""
-        try:
+        with contextlib.suppress(aiohttp.ClientError):
             async with self.session.delete(server.base_url + path, headers=server.headers) as resp:
                 await resp.read()
-        except aiohttp.ClientError:
-            pass
 
 
 # ---------------------------------------------------------------- clients
@@ -270,7 +269,7 @@ async def small_put(bench: Bench, server: Server) -> dict[str, float]:
     """bench/load.py processes, 32 connections in all, unique 64 KiB bodies for the duration."""
     s = bench.settings
     per_proc = split_evenly(s.small_put_connections, s.load_processes)
-    start_at = time.time() + 2.0        # lets every process import aiohttp before the window opens
+    start_at = time.time() + 1.5        # lets every process import aiohttp before the window opens
     headers = [a for k, v in server.headers.items() for a in ("--header", f"{k}: {v}")]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     runs = [run_process([sys.executable, "-m", "bench.load", "--base-url", server.base_url,
