@@ -126,7 +126,8 @@ class Chromium:
                 stdout=log, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            match = _STARTED.search(self.log_path.read_text(errors="replace"))
+            text = await asyncio.to_thread(self.log_path.read_text, errors="replace")
+            match = _STARTED.search(text)
             if match:
                 self.base = f"http://127.0.0.1:{match[1]}"
                 return
