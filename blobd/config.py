@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .sniff import AUDIO_MIME_TYPES
 
 _UNITS = {
     "": 1, "b": 1,
@@ -101,6 +102,8 @@ class UploadsConfig:
 @dataclass(frozen=True)
 class AudioConfig:
     require_audio: bool = False
+    # The types require_audio lets through; each one of AUDIO_MIME_TYPES,
+    # the names the probe reports.
     allowed_types: list[str] = field(default_factory=lambda: [
         "audio/mpeg", "audio/mp4", "audio/aac", "audio/ogg", "audio/opus",
         "audio/flac", "audio/wav",
@@ -248,6 +251,7 @@ def _validate(config: Config) -> None:
         (config.uploads.session_ttl_seconds > 0,
          "uploads.session_ttl_seconds: expected a positive number"),
     ]
+    checks += _audio_checks(config.audio)
     if config.mirror is not None:
         for key in ("endpoint", "bucket"):
             checks.append((bool(getattr(config.mirror, key)),
@@ -257,3 +261,16 @@ def _validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _audio_checks(audio: AudioConfig) -> list[tuple[bool, str]]:
+    unknown = [t for t in audio.allowed_types if t not in AUDIO_MIME_TYPES]
+    known = ", ".join(sorted(AUDIO_MIME_TYPES))
+    return [
+        (not unknown, f"audio.allowed_types: {', '.join(unknown)} not recognised;"
+                      f" expected some of {known}"),
+        (bool(audio.allowed_types) or not audio.require_audio,
+         "audio.allowed_types: empty, so require_audio would refuse every upload"),
+        (audio.probe_timeout_seconds > 0,
+         "audio.probe_timeout_seconds: expected a positive number"),
+    ]

@@ -1,8 +1,20 @@
-"""What a blob is: its content type (and, later, audio metadata).
+"""What a blob is: its content type and audio facts, decided once at commit.
 
-Bytes win over the client's claim when they identify a known audio format;
-otherwise a specific client type is kept and a generic or absent one becomes
-``application/octet-stream``.
+A new blob is probed with mutagen (`blobd.audio.probe_async`: a worker
+thread, bounded by ``[audio] probe_timeout_seconds``, never raising), so the
+index knows its duration, bitrate, sample rate, channels and codec. A blob
+already in the index is not probed again: its row is the answer, whoever
+uploads the same bytes and whatever they call them.
+
+The content type comes from the bytes whenever they identify an audio
+format: the probe's type, else the magic-number sniff (a damaged file whose
+header still says what it is). Otherwise the client's type is kept when it
+is specific; a generic or absent one, or a claim of an audio type that the
+bytes do not bear out, becomes ``application/octet-stream``.
+
+``[audio] require_audio`` turns the facts into a gate (:func:`admit`): only
+blobs that probe as audio of an allowed type may be stored or referenced by
+upload.
 """
 
 from __future__ import annotations
@@ -11,8 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .audio import sniff_mime
+from . import index
+from .audio import AUDIO_MIME_TYPES, AudioInfo, probe_async, sniff_mime
+from .config import AudioConfig
+from .errors import BlobdError
 from .files import Digests
+from .index import BlobRecord
 from .store import Store
 
 GENERIC_TYPES = frozenset({
@@ -24,8 +40,15 @@ FALLBACK_TYPE = "application/octet-stream"
 
 @dataclass(frozen=True)
 class Description:
+    """A blob's content type and, when it probed as audio, the `audio`
+    object of ``/meta`` (`AudioInfo.to_json()`); None means not audio."""
+
     content_type: str
     audio: dict[str, Any] | None = None
+
+    @classmethod
+    def of_record(cls, blob: BlobRecord) -> Description:
+        return cls(blob.content_type, blob.audio)
 
 
 def normalise_type(value: str | None) -> str:
@@ -35,10 +58,44 @@ def normalise_type(value: str | None) -> str:
 
 async def describe(store: Store, path: Path, digests: Digests,
                    client_type: str | None) -> Description:
-    claimed = normalise_type(client_type)
-    sniffed = sniff_mime(digests.head)
+    """The description of the received file at ``path``: the index row's
+    when the blob is already stored (a cheap read), else a fresh probe."""
+    known = await index.get_blob(store.db.reader, digests.blake3)
+    if known is not None:
+        return Description.of_record(known)
+    info = await probe_async(path, store.config.audio.probe_timeout_seconds)
+    return Description(content_type(info, digests.head, client_type),
+                       info.to_json() if info is not None else None)
+
+
+def content_type(info: AudioInfo | None, head: bytes, client_type: str | None) -> str:
+    """Bytes first (probe, then magic), then a specific client claim."""
+    if info is not None:
+        return info.mime
+    sniffed = sniff_mime(head)
     if sniffed is not None:
-        return Description(sniffed)
-    if claimed not in GENERIC_TYPES:
-        return Description(claimed)
-    return Description(FALLBACK_TYPE)
+        return sniffed
+    claimed = normalise_type(client_type)
+    # blobd recognises every type in AUDIO_MIME_TYPES; bytes it did not
+    # recognise are not that type, whatever the client says.
+    if claimed in GENERIC_TYPES or claimed in AUDIO_MIME_TYPES:
+        return FALLBACK_TYPE
+    return claimed
+
+
+def admit(config: AudioConfig, description: Description) -> None:
+    """Raise 415 ``unsupported_media_type`` if ``[audio] require_audio`` is
+    on and the blob is not audio of one of ``allowed_types``. "Audio" means
+    the probe read a plausible stream, not merely that the first bytes look
+    like a header."""
+    if not config.require_audio:
+        return
+    allowed = ", ".join(config.allowed_types)
+    if description.audio is None:
+        raise BlobdError("unsupported_media_type",
+                         "this server stores audio only, and the body is not audio"
+                         f" it can read (allowed: {allowed})")
+    if description.content_type not in config.allowed_types:
+        raise BlobdError("unsupported_media_type",
+                         f"{description.content_type} is not an allowed type"
+                         f" (allowed: {allowed})")

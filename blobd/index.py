@@ -40,15 +40,19 @@ class BlobRecord:
 
     @classmethod
     def from_row(cls, row: aiosqlite.Row) -> "BlobRecord":
-        audio = json.loads(row["audio"]) if row["audio"] else None
         return cls(row["hash"], row["sha256"], row["size"], row["content_type"],
-                   row["created_at"], row["refcount"], row["zero_at"], audio,
-                   row["mirror_state"])
+                   row["created_at"], row["refcount"], row["zero_at"],
+                   decode_audio(row["audio"]), row["mirror_state"])
 
     @property
     def live(self) -> bool:
         """Referenced by someone; a blob at zero is waiting for deletion."""
         return self.refcount > 0
+
+
+def decode_audio(text: str | None) -> dict[str, Any] | None:
+    """The ``blobs.audio`` column: the probe's JSON object, or NULL."""
+    return json.loads(text) if text else None
 
 
 async def _one(conn: aiosqlite.Connection, sql: str, *params: Any) -> aiosqlite.Row | None:
@@ -284,7 +288,8 @@ async def drop_ref(conn: aiosqlite.Connection, owner: str, name: str,
 async def list_holdings(conn: aiosqlite.Connection, owner: str, limit: int,
                         after: int | None) -> list[aiosqlite.Row]:
     return await _all(
-        conn, "SELECT h.id, h.hash, h.created_at, b.size, b.content_type FROM holdings h"
+        conn, "SELECT h.id, h.hash, h.created_at, b.size, b.content_type, b.audio"
+        " FROM holdings h"
         " JOIN blobs b ON b.hash = h.hash WHERE h.owner = ? AND h.id < ?"
         " ORDER BY h.id DESC LIMIT ?", owner, after if after is not None else 1 << 62, limit)
 

@@ -6,6 +6,11 @@ the address the client claimed, then, in one index transaction, recorded,
 referenced for the caller (quota checked in the same transaction) and
 hard-linked into its final place. A failure at any step removes the temp
 file and leaves the index untouched.
+
+What the blob is (content type, audio facts) is decided by
+:mod:`blobd.describe` before the transaction, so the mutagen probe never
+runs while the index's write lock is held; ``[audio] require_audio`` refuses
+a blob there, before anything is stored.
 """
 
 from __future__ import annotations
@@ -109,6 +114,7 @@ async def commit_file(store: Store, received: Received, *, owner: str, ref: str 
     try:
         verify(received.digests, expected)
         info = await describe.describe(store, received.path, received.digests, content_type)
+        describe.admit(store.config.audio, info)
         return await shielded(_commit(store, received, owner, ref, info, uploaded, in_tx))
     finally:
         await asyncio.to_thread(files.remove_quietly, received.path)
@@ -152,6 +158,7 @@ async def add_existing(store: Store, digest: str, owner: str,
             final = store.layout.blob_path(digest)
             if blob is None or not await asyncio.to_thread(final.exists):
                 return None
+            describe.admit(store.config.audio, describe.Description.of_record(blob))
             return await _reference(store, tx, owner, ref, blob, False, time.time())
     return await shielded(run())
 

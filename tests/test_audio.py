@@ -13,51 +13,22 @@ import shutil
 import struct
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from mutagen.ogg import OggPage
 
+from audiofixtures import (AUDIO_FIXTURES, FIXTURES, NOT_AUDIO_FIXTURES,
+                           fixture, ogg_without_end)
 from blobd import audio
 from blobd.audio import (AUDIO_MIME_TYPES, AudioInfo, probe, probe_async,
                          sniff_mime)
 
-FIXTURES = Path(__file__).parent / "fixtures" / "audio"
-
-
-@dataclass(frozen=True)
-class Expected:
-    mime: str
-    codec: str
-    duration: float          # seconds of audio generated
-    sample_rate: int
-    channels: int
-    bitrate: tuple[int, int]  # plausible range, bits per second
-
-
-AUDIO_FIXTURES = {
-    "tone.mp3": Expected("audio/mpeg", "mp3", 2.0, 22050, 1, (31_000, 33_000)),
-    "tone.m4a": Expected("audio/mp4", "aac", 2.0, 44100, 2, (24_000, 40_000)),
-    "tone.aac": Expected("audio/aac", "aac", 2.0, 22050, 1, (24_000, 40_000)),
-    "tone.ogg": Expected("audio/ogg", "vorbis", 2.0, 22050, 2, (16_000, 64_000)),
-    "tone.opus": Expected("audio/opus", "opus", 2.0, 48000, 2, (16_000, 48_000)),
-    "tone.flac": Expected("audio/flac", "flac", 2.0, 8000, 1, (20_000, 128_000)),
-    "tone.wav": Expected("audio/wav", "pcm", 1.5, 8000, 1, (128_000, 128_000)),
-    "sweep.mp3": Expected("audio/mpeg", "mp3", 8.0, 22050, 1, (31_000, 33_000)),
-    # FLAC bytes under an .mp3 name: the bytes decide.
-    "flac_named.mp3": Expected("audio/flac", "flac", 2.0, 8000, 1, (20_000, 128_000)),
-}
-NOT_AUDIO_FIXTURES = ["not_audio.txt", "not_audio.png"]
 SNIFFED = {name: e.mime for name, e in AUDIO_FIXTURES.items()} | {
     "truncated.mp3": "audio/mpeg",
     "not_audio.txt": None,
     "not_audio.png": None,
 }
-
-
-def fixture(name: str) -> Path:
-    return FIXTURES / name
 
 
 def id3_tag_of(name: str) -> bytes:
@@ -387,27 +358,11 @@ async def test_probe_async_matches_probe() -> None:
     assert await probe_async(fixture("not_audio.txt"), timeout=10) is None
 
 
-def _ogg_without_end(tmp_path: Path, filler_pages: int) -> Path:
-    """tone.ogg with its end-of-stream flag cleared and `filler_pages` tiny
-    pages after it, as a live recording cut off might look. mutagen then
-    reads every page to find the stream's last one."""
-    data = bytearray(fixture("tone.ogg").read_bytes())
-    last = data.rindex(b"OggS")
-    data[last + 5] &= ~0x04
-    page = OggPage()
-    page.serial = OggPage(fixture("tone.ogg").open("rb")).serial
-    page.position = 44_100   # 2.0 s at 22050 Hz, as the real last page
-    page.packets = [b"x"]
-    path = tmp_path / f"open-ended-{filler_pages}.ogg"
-    path.write_bytes(bytes(data) + page.write() * filler_pages)
-    return path
-
-
 async def test_probe_async_gives_up_on_slow_large_input(tmp_path: Path) -> None:
-    small = _ogg_without_end(tmp_path, 1_000)
+    small = ogg_without_end(tmp_path, 1_000)
     info = await probe_async(small, timeout=10)
     assert info is not None and info.duration == pytest.approx(2.0)
-    large = _ogg_without_end(tmp_path, 400_000)   # ~12 MB, seconds to walk
+    large = ogg_without_end(tmp_path, 400_000)   # ~12 MB, seconds to walk
     started = time.monotonic()
     assert await probe_async(large, timeout=0.05) is None
     assert time.monotonic() - started < 1.0

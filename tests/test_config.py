@@ -8,6 +8,7 @@ import pytest
 
 from blobd.config import Config, config_from_dict, load_config, parse_size
 from blobd.errors import ConfigError
+from blobd.sniff import AUDIO_MIME_TYPES
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 
@@ -38,11 +39,23 @@ def test_sizes(text, value):
     ({"quotas": {"bob": {"max_blobs": "many"}}}, "quotas.bob.max_blobs"),
     ({"mirror": {"bucket": "b"}}, "mirror.endpoint"),
     ({"nonsense": {}}, "nonsense"),
+    ({"audio": {"allowed_types": ["audio/mpeg", "audio/x-wav"]}}, "audio.allowed_types"),
+    ({"audio": {"allowed_types": "audio/mpeg"}}, "audio.allowed_types"),
+    ({"audio": {"require_audio": True, "allowed_types": []}}, "audio.allowed_types"),
+    ({"audio": {"probe_timeout_seconds": 0}}, "audio.probe_timeout_seconds"),
 ])
 def test_errors_name_the_key(raw, key):
     with pytest.raises(ConfigError) as info:
         config_from_dict(raw)
     assert str(info.value).startswith(key)
+
+
+def test_allowed_types_default_to_every_recognised_type():
+    audio = config_from_dict({}).audio
+    assert audio.require_audio is False
+    assert sorted(audio.allowed_types) == sorted(AUDIO_MIME_TYPES)
+    with pytest.raises(ConfigError, match="audio/x-wav not recognised"):
+        config_from_dict({"audio": {"allowed_types": ["audio/x-wav"]}})
 
 
 def test_per_owner_quota_inherits_the_default():

@@ -169,7 +169,8 @@ async def list_blobs(request: web.Request) -> web.Response:
     rows = await index.list_holdings(store.db.reader, principal(request).owner,
                                      limit, cursor)
     blobs = [{"hash": r["hash"], "size": r["size"], "content_type": r["content_type"],
-              "created_at": iso(r["created_at"])} for r in rows]
+              "created_at": iso(r["created_at"]), "audio": index.decode_audio(r["audio"])}
+             for r in rows]
     next_cursor = str(rows[-1]["id"]) if len(rows) == limit else None
     return web.json_response({"blobs": blobs, "next": next_cursor})
 

@@ -1,0 +1,60 @@
+"""The audio fixtures in tests/fixtures/audio and what each one holds.
+
+Shared by the probe tests (test_audio), the HTTP tests (test_describe) and
+the browser test (test_player). The files were made by make.sh there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mutagen.ogg import OggPage
+
+FIXTURES = Path(__file__).parent / "fixtures" / "audio"
+
+
+@dataclass(frozen=True)
+class Expected:
+    mime: str
+    codec: str
+    duration: float          # seconds of audio generated
+    sample_rate: int
+    channels: int
+    bitrate: tuple[int, int]  # plausible range, bits per second
+
+
+AUDIO_FIXTURES = {
+    "tone.mp3": Expected("audio/mpeg", "mp3", 2.0, 22050, 1, (31_000, 33_000)),
+    "tone.m4a": Expected("audio/mp4", "aac", 2.0, 44100, 2, (24_000, 40_000)),
+    "tone.aac": Expected("audio/aac", "aac", 2.0, 22050, 1, (24_000, 40_000)),
+    "tone.ogg": Expected("audio/ogg", "vorbis", 2.0, 22050, 2, (16_000, 64_000)),
+    "tone.opus": Expected("audio/opus", "opus", 2.0, 48000, 2, (16_000, 48_000)),
+    "tone.flac": Expected("audio/flac", "flac", 2.0, 8000, 1, (20_000, 128_000)),
+    "tone.wav": Expected("audio/wav", "pcm", 1.5, 8000, 1, (128_000, 128_000)),
+    "sweep.mp3": Expected("audio/mpeg", "mp3", 8.0, 22050, 1, (31_000, 33_000)),
+    # FLAC bytes under an .mp3 name: the bytes decide.
+    "flac_named.mp3": Expected("audio/flac", "flac", 2.0, 8000, 1, (20_000, 128_000)),
+}
+NOT_AUDIO_FIXTURES = ["not_audio.txt", "not_audio.png"]
+
+
+def fixture(name: str) -> Path:
+    return FIXTURES / name
+
+
+def ogg_without_end(tmp_path: Path, filler_pages: int) -> Path:
+    """tone.ogg with its end-of-stream flag cleared and `filler_pages` tiny
+    pages after it, as a live recording cut off might look. mutagen then
+    reads every page to find the stream's last one."""
+    data = bytearray(fixture("tone.ogg").read_bytes())
+    last = data.rindex(b"OggS")
+    data[last + 5] &= ~0x04
+    page = OggPage()
+    with fixture("tone.ogg").open("rb") as f:
+        page.serial = OggPage(f).serial
+    page.position = 44_100   # 2.0 s at 22050 Hz, as the real last page
+    page.packets = [b"x"]
+    path = tmp_path / f"open-ended-{filler_pages}.ogg"
+    path.write_bytes(bytes(data) + page.write() * filler_pages)
+    return path

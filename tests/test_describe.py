@@ -1,0 +1,244 @@
+"""What blobd records about a blob at commit, against a real app and disk:
+the content type from the bytes, the audio facts in /meta and the listing,
+and the [audio] require_audio gate."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from audiofixtures import AUDIO_FIXTURES, fixture, ogg_without_end
+from conftest import Api, b3, blob_files, make_config, tmp_files
+from rawhttp import RawConnection
+from blobd import auth, index
+from blobd.http.app import create_app
+from blobd.http.keys import STORE
+from blobd.sniff import AUDIO_MIME_TYPES
+
+OCTET = "application/octet-stream"
+TEXT = fixture("not_audio.txt").read_bytes()
+
+
+async def meta_of(api: Api, digest: str) -> dict:
+    resp = await api.request("GET", f"/blobs/{digest}/meta")
+    assert resp.status == 200
+    return await resp.json()
+
+
+async def listing(api: Api) -> list[dict]:
+    return (await (await api.request("GET", "/blobs")).json())["blobs"]
+
+
+async def usage(api: Api) -> dict[str, int]:
+    return await index.usage(api.store.db.reader, api.owner)
+
+
+@pytest.mark.parametrize("name", sorted(AUDIO_FIXTURES))
+async def test_each_format_is_probed_at_commit(alice, name):
+    data, want = fixture(name).read_bytes(), AUDIO_FIXTURES[name]
+    resp = await alice.request("POST", "/blobs", data=data,
+                               headers={"Content-Type": OCTET})
+    assert resp.status == 201
+    assert (await resp.json())["content_type"] == want.mime
+    audio = (await meta_of(alice, b3(data)))["audio"]
+    assert set(audio) == {"duration", "bitrate", "sample_rate", "channels", "codec"}
+    assert audio["duration"] == pytest.approx(want.duration, rel=0.10)
+    assert (audio["sample_rate"], audio["channels"]) == (want.sample_rate, want.channels)
+    assert audio["codec"] == want.codec
+    assert want.bitrate[0] <= audio["bitrate"] <= want.bitrate[1]
+    [item] = await listing(alice)
+    assert item["audio"] == audio and item["content_type"] == want.mime
+    # The extension in the URL is decoration; the type comes from the bytes.
+    get = await alice.request("GET", f"/blobs/{b3(data)}.mp3")
+    assert get.headers["Content-Type"] == want.mime
+    assert await get.read() == data
+    head = await alice.request("HEAD", f"/blobs/{b3(data)}.ogg")
+    assert head.headers["Content-Type"] == want.mime
+
+
+@pytest.mark.parametrize("name,claim", [
+    ("flac_named.mp3", "audio/mpeg"),     # mislabelled: FLAC bytes, an MP3 claim
+    ("tone.mp3", "text/plain"),
+    ("tone.opus", "audio/ogg"),
+    ("tone.wav", "audio/x-wav"),
+])
+async def test_the_bytes_win_over_the_client(alice, name, claim):
+    data = fixture(name).read_bytes()
+    resp = await alice.put(data, headers={"Content-Type": claim})
+    assert (await resp.json())["content_type"] == AUDIO_FIXTURES[name].mime
+    get = await alice.request("GET", f"/blobs/{b3(data)}")
+    assert get.headers["Content-Type"] == AUDIO_FIXTURES[name].mime
+
+
+@pytest.mark.parametrize("data,claim,served", [
+    (TEXT, "text/plain; charset=utf-8", "text/plain"),
+    (fixture("not_audio.png").read_bytes(), "image/png", "image/png"),
+    (TEXT, None, OCTET),
+    (TEXT, "application/x-www-form-urlencoded", OCTET),
+    # Audio types blobd recognises, claimed for bytes that are not that audio.
+    (TEXT, "audio/mpeg", OCTET),
+    (os.urandom(5000), "audio/flac", OCTET),
+])
+async def test_unknown_bytes_keep_only_a_believable_claim(alice, data, claim, served):
+    headers = {"Content-Type": claim} if claim else {}
+    resp = await alice.request("POST", "/blobs", data=data, headers=headers)
+    assert resp.status == 201
+    assert (await resp.json())["content_type"] == served
+    meta = await meta_of(alice, b3(data))
+    assert meta["content_type"] == served and meta["audio"] is None
+    assert (await listing(alice))[0]["audio"] is None
+    get = await alice.request("GET", f"/blobs/{b3(data)}")
+    assert get.headers["Content-Type"] == served
+
+
+async def test_a_truncated_mp3_is_stored_with_what_is_left(alice):
+    data = fixture("truncated.mp3").read_bytes()
+    resp = await alice.put(data)
+    assert resp.status == 201
+    assert (await resp.json())["content_type"] == "audio/mpeg"
+    audio = (await meta_of(alice, b3(data)))["audio"]
+    # Half of a 2 s tone; its header alone would claim the whole length.
+    assert 0.7 < audio["duration"] < 1.3 and audio["codec"] == "mp3"
+
+
+async def test_a_header_without_a_stream_is_sniffed_but_not_audio(alice):
+    """A broken file never fails the upload: the magic still names the
+    type, the probe finds no stream, the facts are null."""
+    data = fixture("tone.mp3").read_bytes()[:200] + TEXT * 20
+    resp = await alice.put(data)
+    assert resp.status == 201
+    assert (await resp.json())["content_type"] == "audio/mpeg"
+    assert (await meta_of(alice, b3(data)))["audio"] is None
+
+
+async def test_a_slow_probe_gives_up_and_the_upload_succeeds(server, tmp_path):
+    # ~12 MB of Ogg pages with no end: about a second for mutagen to walk.
+    data = ogg_without_end(tmp_path, 400_000).read_bytes()
+    login = await server(audio={"probe_timeout_seconds": 0.05})
+    alice = await login()
+    resp = await alice.request("POST", "/blobs", data=data)
+    assert resp.status == 201
+    assert (await resp.json())["content_type"] == "audio/ogg"   # from the magic
+    assert (await meta_of(alice, b3(data)))["audio"] is None
+
+
+async def test_a_stored_blob_is_not_probed_again(server):
+    """A second upload of known bytes takes the index row as it is. The row
+    here is made to look like one written before blobd probed audio."""
+    login = await server()
+    alice, bob = await login("alice"), await login("bob")
+    data = fixture("tone.mp3").read_bytes()
+    await alice.put(data)
+    async with alice.store.write() as tx:
+        await tx.conn.execute("UPDATE blobs SET audio = NULL,"
+                              " content_type = 'audio/x-unprobed' WHERE hash = ?",
+                              (b3(data),))
+    resp = await bob.request("POST", "/blobs", data=data,
+                             headers={"Content-Type": "audio/mpeg"})
+    assert resp.status == 200
+    assert (await resp.json())["content_type"] == "audio/x-unprobed"
+    assert (await meta_of(bob, b3(data)))["audio"] is None
+
+
+# -- [audio] require_audio ----------------------------------------------------
+
+REQUIRE = {"require_audio": True}
+
+
+async def test_require_audio_accepts_every_recognised_format(server):
+    login = await server(audio=REQUIRE)
+    alice = await login()
+    for name in sorted(AUDIO_FIXTURES) + ["truncated.mp3"]:
+        resp = await alice.put(fixture(name).read_bytes())
+        assert resp.status in (200, 201), name   # flac_named.mp3 is tone.flac
+    assert {b["content_type"] for b in await listing(alice)} == AUDIO_MIME_TYPES
+
+
+async def assert_nothing_stored(api: Api) -> None:
+    assert blob_files(api.data_dir) == [] and tmp_files(api.data_dir) == []
+    assert await usage(api) == {"used_bytes": 0, "used_blobs": 0, "reserved_bytes": 0,
+                                "monthly_upload_bytes": 0}
+    assert await listing(api) == []
+
+
+@pytest.mark.parametrize("method", ["PUT", "POST"])
+@pytest.mark.parametrize("data", [
+    TEXT,
+    fixture("not_audio.png").read_bytes(),
+    os.urandom(20_000),
+    fixture("tone.mp3").read_bytes()[:200] + TEXT * 20,   # an MP3 header, no stream
+], ids=["text", "png", "random", "header-only"])
+async def test_require_audio_refuses_the_rest_and_stores_nothing(server, method, data):
+    login = await server(audio=REQUIRE)
+    alice = await login()
+    path = f"/blobs/{b3(data)}" if method == "PUT" else "/blobs"
+    resp = await alice.request(method, path, data=data,
+                               headers={"Content-Type": "audio/mpeg"})
+    assert resp.status == 415
+    body = await resp.json()
+    assert body["error"] == "unsupported_media_type" and "audio" in body["message"]
+    await assert_nothing_stored(alice)
+    assert (await alice.request("GET", f"/blobs/{b3(data)}/meta")).status == 404
+
+
+async def test_allowed_types_narrow_the_gate(server):
+    login = await server(audio={**REQUIRE, "allowed_types": ["audio/mpeg", "audio/ogg"]})
+    alice = await login()
+    for name in ("tone.flac", "flac_named.mp3", "tone.opus"):
+        resp = await alice.put(fixture(name).read_bytes())
+        assert resp.status == 415, name
+        message = (await resp.json())["message"]
+        assert AUDIO_FIXTURES[name].mime in message and "audio/ogg" in message
+    await assert_nothing_stored(alice)
+    for name in ("tone.mp3", "tone.ogg"):
+        assert (await alice.put(fixture(name).read_bytes())).status == 201
+
+
+async def test_require_audio_refuses_a_dedup_of_a_stored_non_audio_blob(
+        aiohttp_client, tmp_path):
+    """Bytes stored before require_audio was switched on: the row says they
+    are not audio, so no new upload may reference them."""
+    before = await aiohttp_client(create_app(make_config(tmp_path)))
+    alice = await _login(before, "alice")
+    assert (await alice.put(TEXT)).status == 201
+    await before.close()
+
+    after = await aiohttp_client(create_app(make_config(tmp_path, audio=REQUIRE)))
+    alice, bob = await _login(after, "alice"), await _login(after, "bob")
+    alice_usage = await usage(alice)
+    for api in (alice, bob):
+        resp = await api.put(TEXT, headers={"Blob-Ref": "again"})
+        assert resp.status == 415
+        assert (await api.request("POST", "/blobs", data=TEXT)).status == 415
+    # With Expect: 100-continue the answer comes before the body is sent.
+    conn = await RawConnection.open(after.host, after.port)
+    await conn.send_head("PUT", f"/blobs/{b3(TEXT)}", bob.headers({
+        "Content-Length": str(len(TEXT)), "Expect": "100-continue"}))
+    answer = await conn.read_response()
+    await conn.close()
+    assert answer.status == 415 and answer.json()["error"] == "unsupported_media_type"
+    assert await usage(alice) == alice_usage
+    assert await listing(bob) == [] and (await usage(bob))["used_blobs"] == 0
+    assert (await meta_of(alice, b3(TEXT)))["refcount"] == 1
+    assert (await alice.request("GET", "/refs/again")).status == 404
+    assert len(blob_files(alice.data_dir)) == 1 and tmp_files(alice.data_dir) == []
+
+
+async def test_require_audio_still_skips_the_upload_of_stored_audio(server):
+    login = await server(audio=REQUIRE)
+    alice, bob = await login("alice"), await login("bob")
+    data = fixture("tone.m4a").read_bytes()
+    assert (await alice.put(data)).status == 201
+    conn = await RawConnection.open(bob.client.host, bob.client.port)
+    await conn.send_head("PUT", f"/blobs/{b3(data)}", bob.headers({
+        "Content-Length": str(len(data)), "Expect": "100-continue"}))
+    answer = await conn.read_response()   # no body was sent
+    await conn.close()
+    assert answer.status == 200 and answer.json()["content_type"] == "audio/mp4"
+
+
+async def _login(client, owner: str) -> Api:
+    async with client.app[STORE].write() as tx:
+        _, token = await auth.create_token(tx.conn, owner, auth.parse_scopes("read,write"))
+    return Api(client, token, owner)
