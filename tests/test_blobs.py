@@ -127,7 +127,8 @@ async def test_get_headers_and_head(alice):
     assert await get.read() == DATA
     expected = {"ETag": f'"{digest}"', "Accept-Ranges": "bytes",
                 "Cache-Control": "public, max-age=31536000, immutable",
-                "Content-Length": str(len(DATA)), "Content-Type": "application/octet-stream"}
+                "Content-Length": str(len(DATA)), "Content-Type": "application/octet-stream",
+                "X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
     for key, value in expected.items():
         assert get.headers[key] == value
     assert get.headers["Last-Modified"].endswith("GMT")

@@ -22,6 +22,10 @@ from aiohttp import web
 from ..errors import BlobdError
 
 CACHE_CONTROL = "public, max-age=31536000, immutable"
+# Blobs are user content served from the API's origin: never let a browser
+# guess a more dangerous type, nor run a stored HTML page's scripts here.
+SAFETY_HEADERS = {"X-Content-Type-Options": "nosniff",
+                  "Content-Security-Policy": "sandbox"}
 _FALLBACK_CHUNK = 256 * 1024
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -92,6 +96,7 @@ async def send_blob(request: web.Request, blob: BlobFile, fobj: BinaryIO) -> web
     headers = {
         "ETag": etag, "Cache-Control": CACHE_CONTROL, "Accept-Ranges": "bytes",
         "Last-Modified": email.utils.formatdate(blob.created_at, usegmt=True),
+        **SAFETY_HEADERS,
     }
     if_none_match = request.headers.get("If-None-Match")
     if if_none_match is not None and _etag_matches(if_none_match, etag):
