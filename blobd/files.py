@@ -35,11 +35,22 @@ class Digests:
 
 
 class BodyWriter:
-    """Writes a body to a new temp file while hashing it, in one pass."""
+    """Writes a body to a new temp file while hashing it, in one pass.
 
-    def __init__(self, path: Path) -> None:
+    ``min_free_bytes``: after each write the file system's free space is
+    checked (one ``fstatvfs``, no extra thread hop), so a body of unknown
+    length, or many bodies at once, stop with ``insufficient_storage``
+    before the disk is actually full.
+    """
+
+    def __init__(self, path: Path, min_free_bytes: int = 0) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        self.min_free_bytes = min_free_bytes
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                               0o640)
+        except OSError as exc:
+            raise _storage_error(exc) from exc
         self._blake3 = blake3.blake3()
         self._sha256 = hashlib.sha256()
         self._size = 0
@@ -53,6 +64,9 @@ class BodyWriter:
                 view = view[written:]
         except OSError as exc:
             raise _storage_error(exc) from exc
+        if self.min_free_bytes and _free_at(self._fd) < self.min_free_bytes:
+            raise BlobdError("insufficient_storage",
+                             "the disk is nearly full ([storage] min_free_bytes)")
         # blake3 and hashlib release the GIL on large buffers: this runs in
         # parallel with the event loop and with other uploads.
         self._blake3.update(data)
@@ -98,13 +112,23 @@ def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> Dige
 
 def link_into_place(temp: Path, final: Path) -> None:
     """Give a verified temp file its final name (the temp name stays)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(temp, final)
-    except FileExistsError:
-        # A file nobody indexed (an orphan, or damage): ours is verified.
-        os.unlink(final)
-        os.link(temp, final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(temp, final)
+        except FileExistsError:
+            # A file nobody indexed (an orphan, or damage): ours is verified.
+            os.unlink(final)
+            os.link(temp, final)
+    except OSError as exc:
+        raise _storage_error(exc) from exc
+
+
+def unlink_if_same(final: Path, temp: Path) -> None:
+    """Undo :func:`link_into_place` after its transaction failed: remove the
+    final name only if it is still our link, never another's blob."""
+    if is_same_file(final, temp):
+        remove_quietly(final)
 
 
 def move_to_trash(final: Path, trash: Path) -> bool:
@@ -165,11 +189,26 @@ def tmp_entries(layout: Layout) -> list[TmpEntry]:
 
 
 def restore_from_trash(trash: Path, final: Path) -> None:
+    """Put a moved-aside blob back, unless its name was filled meanwhile
+    (by a verified copy of the same content)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(trash, final)
+    try:
+        os.link(trash, final)
+    except FileExistsError:
+        pass
+    os.unlink(trash)
+
+
+def _free_at(fd: int) -> int:
+    stat = os.fstatvfs(fd)
+    return stat.f_bavail * stat.f_frsize
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _storage_error(exc: OSError) -> Exception:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if is_disk_full(exc):
         return BlobdError("insufficient_storage", "the disk is full")
     return exc

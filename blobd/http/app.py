@@ -11,20 +11,23 @@ from aiohttp import web
 from .. import reaper
 from ..config import Config
 from ..store import Store
-from . import blobs, health, refs
+from ..metrics import METRICS, Metrics, metrics_middleware
+from . import admin, blobs, health, refs
 from .keys import STORE
 from .middleware import auth_middleware, error_middleware, no_expect_handler
 
 # Disk work runs in threads; the default pool (cores + 4) is too small when
 # many uploads and downloads each wait on a disk operation at once.
 THREADS = 32
-RESOURCES = (blobs, refs, health)
+RESOURCES = (blobs, refs, admin, health)
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, auth_middleware],
-                          client_max_size=1 << 20)
+    app = web.Application(
+        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+        client_max_size=1 << 20)
     app[STORE] = Store(config)
+    app[METRICS] = Metrics()
 
     def add(method: str, path: str, handler) -> None:  # type: ignore[no-untyped-def]
         app.router.add_route(method, path, handler, expect_handler=no_expect_handler)
