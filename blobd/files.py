@@ -15,7 +15,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import blake3
 
@@ -96,17 +96,22 @@ class BodyWriter:
 
 def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> Digests:
     """Hash a whole file (upload sessions, fsck --verify, mirror heal)."""
+    with open(path, "rb", buffering=0) as fh:
+        return hash_open_file(fh, progress)
+
+
+def hash_open_file(fh: BinaryIO, progress: Callable[[int], None] | None = None) -> Digests:
+    """Hash what is left of an open (unbuffered) file."""
     b3, sha = blake3.blake3(), hashlib.sha256()
     size, head = 0, b""
-    with open(path, "rb", buffering=0) as fh:
-        while chunk := fh.read(READ_SIZE):
-            b3.update(chunk)
-            sha.update(chunk)
-            if not head:
-                head = chunk[:HEAD_SIZE]
-            size += len(chunk)
-            if progress:
-                progress(len(chunk))
+    while chunk := fh.read(READ_SIZE):
+        b3.update(chunk)
+        sha.update(chunk)
+        if not head:
+            head = chunk[:HEAD_SIZE]
+        size += len(chunk)
+        if progress:
+            progress(len(chunk))
     return Digests(b3.hexdigest(), sha.hexdigest(), size, head)
 
 

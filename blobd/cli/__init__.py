@@ -8,9 +8,9 @@ import sys
 from typing import Sequence
 
 from ..errors import BlobdError, ConfigError
-from . import serve, tokens
+from . import admin, serve, tokens
 
-COMMANDS = (serve, tokens)
+COMMANDS = (serve, tokens, admin)
 
 
 def build_parser() -> argparse.ArgumentParser:
