@@ -7,6 +7,7 @@ holds the data-dir lock, as ``blobd fsck`` would with no server running).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 from pathlib import Path
@@ -231,3 +232,28 @@ async def test_empty_store_is_ok(server):
     report = await fsck.check(api.store, verify=True)
     assert report.ok and report.blobs == 0
     assert "no problems found" in "\n".join(report.summary())
+
+
+async def test_live_check_ignores_commits_in_flight(server):
+    """Uploads and deletions committing while fsck reads the tree and the
+    index must never be reported as damage."""
+    alice, _ = await filled(server)
+    stop = asyncio.Event()
+
+    async def traffic(seed: int) -> None:
+        n = 0
+        while not stop.is_set():
+            data = f"{seed}-{n}".encode() * 100
+            n += 1
+            assert (await alice.put(data)).status == 201
+            assert (await alice.request("DELETE", f"/blobs/{b3(data)}")).status == 204
+
+    workers = [asyncio.create_task(traffic(i)) for i in range(8)]
+    try:
+        reports = [await fsck.check(alice.store, live=True, verify=i % 2 == 1)
+                   for i in range(12)]
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+    assert [p.line() for r in reports for p in r.problems] == []
+    assert all(r.live for r in reports)
