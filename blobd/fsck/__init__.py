@@ -66,9 +66,13 @@ async def check(store: Store, *, verify: bool = False, repair: bool = False,
     started = time.monotonic()
     if not live:
         report.problems += await _check_tmp(store, repair)
-    report.problems += await _check_drift(store, repair)
     advance = await _start_progress(store, verify, progress)
-    await disk.check_tree(disk.Scan(store, report, verify, advance))
+    # The recount is SQL in the index's thread, the tree scan file system
+    # calls in others: run them side by side.
+    async with asyncio.TaskGroup() as group:
+        drifted = group.create_task(_check_drift(store, repair))
+        group.create_task(disk.check_tree(disk.Scan(store, report, verify, advance)))
+    report.problems += drifted.result()
     if repair:
         await repair_disk(store, report.problems)
     report.seconds = time.monotonic() - started

@@ -27,8 +27,13 @@ from . import tree
 from .report import Problem, Report
 from .tree import FileInfo
 
-# Files hashed at once by --verify: enough to keep a disk queue busy.
+# Shards read from disk ahead of the one being compared.
+SCAN_AHEAD = 1
+# Batches hashed at once by --verify: enough to keep a disk queue busy.
 VERIFY_THREADS = 4
+# A batch is one thread call: many small files, or one big one.
+VERIFY_BATCH_FILES = 256
+VERIFY_BATCH_BYTES = 64 << 20
 # Suspects confirmed per write transaction, so a server waits only briefly.
 CONFIRM_BATCH = 256
 
@@ -57,8 +62,23 @@ async def check_tree(scan: Scan) -> None:
     blobs_dir = scan.store.layout.blobs_dir
     for path, why in await asyncio.to_thread(tree.scan_top, blobs_dir):
         scan.report.problems.append(scan.suspect("stray", str(path), why, Evidence(path=path)))
-    for prefix in tree.PREFIXES:
-        await check_shard(scan, prefix)
+    # Directory reads are syscalls that wait on the disk: read a few shards
+    # ahead in threads while the one before is compared with the index.
+    ahead: list[asyncio.Future[tree.ShardScan]] = []
+    for prefix in tree.PREFIXES[:SCAN_AHEAD]:
+        ahead.append(asyncio.ensure_future(
+            asyncio.to_thread(tree.scan_shard, blobs_dir, prefix)))
+    try:
+        for i, prefix in enumerate(tree.PREFIXES):
+            found = await ahead[i]
+            if i + SCAN_AHEAD < len(tree.PREFIXES):
+                ahead.append(asyncio.ensure_future(asyncio.to_thread(
+                    tree.scan_shard, blobs_dir, tree.PREFIXES[i + SCAN_AHEAD])))
+            await check_shard(scan, prefix, found)
+    finally:
+        pending = [f for f in ahead if not f.done()]
+        if pending:
+            await asyncio.wait(pending)
 
 
 async def _rows(conn: aiosqlite.Connection, prefix: str) -> list[aiosqlite.Row]:
@@ -68,8 +88,7 @@ async def _rows(conn: aiosqlite.Connection, prefix: str) -> list[aiosqlite.Row]:
         return list(await cur.fetchall())
 
 
-async def check_shard(scan: Scan, prefix: str) -> None:
-    found = await asyncio.to_thread(tree.scan_shard, scan.store.layout.blobs_dir, prefix)
+async def check_shard(scan: Scan, prefix: str, found: tree.ShardScan) -> None:
     rows = await _rows(scan.store.db.reader, prefix)
     scan.report.blobs += len(rows)
     scan.report.files += len(found.files)
@@ -102,28 +121,49 @@ async def check_shard(scan: Scan, prefix: str) -> None:
 
 
 async def _verify(scan: Scan, rows: list[aiosqlite.Row]) -> list[Problem]:
+    """Re-hash the files of ``rows``: batches of small files per thread call
+    (a hop per file would cost more than hashing it), a few batches at once."""
     gate = asyncio.Semaphore(VERIFY_THREADS)
     layout = scan.store.layout
 
-    async def one(row: aiosqlite.Row) -> Problem | None:
+    async def batch(part: list[aiosqlite.Row]) -> list[Problem]:
+        paths = [layout.blob_path(row["hash"]) for row in part]
         async with gate:
-            hashed = await asyncio.to_thread(tree.hash_blob, layout.blob_path(row["hash"]))
-        scan.advance(row["size"])
-        if hashed is None:
-            return scan.suspect("missing", row["hash"], "no file", Evidence())
-        digests, info = hashed
-        scan.report.bytes_verified += digests.size
-        if digests.blake3 != row["hash"]:
-            return scan.suspect("corrupt", row["hash"], f"content hashes to {digests.blake3}",
-                                Evidence(file=info, digests=digests))
-        if digests.sha256 != row["sha256"]:
-            return scan.suspect("sha256", row["hash"],
-                                f"index has {row['sha256']}, content {digests.sha256}",
-                                Evidence(file=info, digests=digests))
-        return None
+            hashed = await asyncio.to_thread(tree.hash_blobs, paths)
+        scan.advance(sum(row["size"] for row in part))
+        return [p for row, h in zip(part, hashed) if (p := _judge(scan, row, h))]
 
-    results = await asyncio.gather(*(one(row) for row in rows))
-    return [p for p in results if p is not None]
+    results = await asyncio.gather(*(batch(part) for part in _batches(rows)))
+    return [problem for part in results for problem in part]
+
+
+def _batches(rows: list[aiosqlite.Row]) -> list[list[aiosqlite.Row]]:
+    parts: list[list[aiosqlite.Row]] = [[]]
+    size = 0
+    for row in rows:
+        if parts[-1] and (len(parts[-1]) >= VERIFY_BATCH_FILES
+                          or size + row["size"] > VERIFY_BATCH_BYTES):
+            parts.append([])
+            size = 0
+        parts[-1].append(row)
+        size += row["size"]
+    return [part for part in parts if part]
+
+
+def _judge(scan: Scan, row: aiosqlite.Row,
+           hashed: tuple[Digests, FileInfo] | None) -> Problem | None:
+    if hashed is None:
+        return scan.suspect("missing", row["hash"], "no file", Evidence())
+    digests, info = hashed
+    scan.report.bytes_verified += digests.size
+    if digests.blake3 != row["hash"]:
+        return scan.suspect("corrupt", row["hash"], f"content hashes to {digests.blake3}",
+                            Evidence(file=info, digests=digests))
+    if digests.sha256 != row["sha256"]:
+        return scan.suspect("sha256", row["hash"],
+                            f"index has {row['sha256']}, content {digests.sha256}",
+                            Evidence(file=info, digests=digests))
+    return None
 
 
 async def confirm(scan: Scan, suspects: list[Problem]) -> list[Problem]:

@@ -102,6 +102,10 @@ def hash_blob(path: Path) -> tuple[Digests, FileInfo] | None:
         return hash_open_file(fh), FileInfo.of(os.fstat(fh.fileno()))
 
 
+def hash_blobs(paths: list[Path]) -> list[tuple[Digests, FileInfo] | None]:
+    return [hash_blob(path) for path in paths]
+
+
 def move_aside(path: Path, quarantine: Path, stamp: str) -> Path:
     """Move a file or directory into ``quarantine/`` (never deleting it);
     returns where it went."""
