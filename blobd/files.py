@@ -9,6 +9,7 @@ a final name and a crash at any point is undone by :func:`recover_tmp`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -197,10 +198,8 @@ def restore_from_trash(trash: Path, final: Path) -> None:
     """Put a moved-aside blob back, unless its name was filled meanwhile
     (by a verified copy of the same content)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with contextlib.suppress(FileExistsError):
         os.link(trash, final)
-    except FileExistsError:
-        pass
     os.unlink(trash)
 
 

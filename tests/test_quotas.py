@@ -55,6 +55,7 @@ async def test_admin_overrides_and_resets_limits(server):
     assert body["owner"] == "bob"
     assert body["limits"]["max_bytes"] == 1024 and body["limits"]["max_blobs"] == 3
     assert (await quota(bob))["limits"] == body["limits"]
+    assert await (await admin.request("GET", "/admin/owners/bob/quota")).json() == body
     reset = await admin.request("PUT", "/admin/owners/bob/quota", json={"max_bytes": None})
     limits = (await reset.json())["limits"]
     assert limits["max_bytes"] == 50 << 30 and limits["max_blobs"] == 3

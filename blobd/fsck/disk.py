@@ -27,7 +27,7 @@ from . import tree
 from .report import Problem, Report
 from .tree import FileInfo
 
-# Shards read from disk ahead of the one being compared.
+# Shards read from disk ahead of the one being compared (see check_tree).
 SCAN_AHEAD = 1
 # Batches hashed at once by --verify: enough to keep a disk queue busy.
 VERIFY_THREADS = 4
@@ -62,8 +62,9 @@ async def check_tree(scan: Scan) -> None:
     blobs_dir = scan.store.layout.blobs_dir
     for path, why in await asyncio.to_thread(tree.scan_top, blobs_dir):
         scan.report.problems.append(scan.suspect("stray", str(path), why, Evidence(path=path)))
-    # Directory reads are syscalls that wait on the disk: read a few shards
-    # ahead in threads while the one before is compared with the index.
+    # Directory reads wait on the disk: the next shard is read in a thread
+    # while this one is compared with the index. (Reading more shards at
+    # once measured slower: they contend for the same directory locks.)
     ahead: list[asyncio.Future[tree.ShardScan]] = []
     for prefix in tree.PREFIXES[:SCAN_AHEAD]:
         ahead.append(asyncio.ensure_future(

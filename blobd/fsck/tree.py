@@ -78,9 +78,10 @@ def _classify(scan: ShardScan, entry: os.DirEntry, shard: str) -> None:
         scan.misplaced.append((path, entry.name))
     else:
         try:
-            scan.files[entry.name] = FileInfo.of(entry.stat(follow_symlinks=False))
+            st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
-            pass  # deleted while we looked: the index comparison is re-checked
+            return  # deleted while we looked: the comparison is re-checked anyway
+        scan.files[entry.name] = FileInfo.of(st)
 
 
 def stat_file(path: Path) -> FileInfo | None:
