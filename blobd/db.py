@@ -17,11 +17,14 @@ in one transaction.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import aiosqlite
+
+from .errors import BlobdError
 
 MIGRATIONS: list[str] = [
     # 1: the initial schema.
@@ -171,18 +174,29 @@ class Database:
         return self._reader
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A write transaction; commits on success, rolls back on any error."""
+    async def transaction(self, on_rollback: Callable[[], Awaitable[None]] | None = None
+                          ) -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction; commits on success, rolls back on any error
+        (then awaits ``on_rollback`` while this process still holds the
+        write lock)."""
         assert self._writer is not None, "database is not open"
         async with self._write_lock:
             conn = self._writer
             await conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
-            except BaseException:
-                await conn.execute("ROLLBACK")
+                await conn.execute("COMMIT")
+            except BaseException as exc:
+                # After a failed COMMIT (disk full, I/O error) SQLite may or
+                # may not have rolled back already; roll back regardless, or
+                # this connection would stay inside a dead transaction.
+                await _rollback(conn)
+                if on_rollback is not None:
+                    await on_rollback()
+                if is_disk_full(exc):
+                    raise BlobdError("insufficient_storage",
+                                     "the disk is full (the index cannot grow)") from exc
                 raise
-            await conn.execute("COMMIT")
 
     async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> Row | None:
         assert self._reader is not None, "database is not open"
@@ -193,6 +207,16 @@ class Database:
         assert self._reader is not None, "database is not open"
         async with self._reader.execute(sql, tuple(params)) as cur:
             return list(await cur.fetchall())
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return (isinstance(exc, sqlite3.OperationalError)
+            and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL)
+
+
+async def _rollback(conn: aiosqlite.Connection) -> None:
+    if conn.in_transaction:
+        await conn.execute("ROLLBACK")
 
 
 async def migrate(conn: aiosqlite.Connection) -> None:

@@ -9,6 +9,7 @@ a final name and a crash at any point is undone by :func:`recover_tmp`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -16,7 +17,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import blake3
 
@@ -57,13 +58,27 @@ class Digests:
 
 
 class BodyWriter:
-    """Writes a body to a new temp file while hashing it, in one pass."""
+    """Writes a body to a new temp file while hashing it, in one pass.
 
-    def __init__(self, path: Path, durable: bool = False) -> None:
+    ``min_free_bytes``: after each write the file system's free space is
+    checked (one ``fstatvfs``, no extra thread hop), so a body of unknown
+    length, or many bodies at once, stop with ``insufficient_storage``
+    before the disk is actually full.
+
+    ``durable``: disk writeback starts while the body arrives (see
+    :meth:`_start_writeback`).
+    """
+
+    def __init__(self, path: Path, min_free_bytes: int = 0, durable: bool = False) -> None:
         self.path = path
+        self.min_free_bytes = min_free_bytes
         self._durable = durable and _sync_file_range is not None
         self._flushed = 0  # bytes whose writeback has been started
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                               0o640)
+        except OSError as exc:
+            raise _storage_error(exc) from exc
         self._blake3 = blake3.blake3()
         self._sha256 = hashlib.sha256()
         self._size = 0
@@ -77,6 +92,9 @@ class BodyWriter:
                 view = view[written:]
         except OSError as exc:
             raise _storage_error(exc) from exc
+        if self.min_free_bytes and _free_at(self._fd) < self.min_free_bytes:
+            raise BlobdError("insufficient_storage",
+                             "the disk is nearly full ([storage] min_free_bytes)")
         # blake3 and hashlib release the GIL on large buffers: this runs in
         # parallel with the event loop and with other uploads.
         self._blake3.update(data)
@@ -122,29 +140,44 @@ class BodyWriter:
 
 def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> Digests:
     """Hash a whole file (upload sessions, fsck --verify, mirror heal)."""
+    with open(path, "rb", buffering=0) as fh:
+        return hash_open_file(fh, progress)
+
+
+def hash_open_file(fh: BinaryIO, progress: Callable[[int], None] | None = None) -> Digests:
+    """Hash what is left of an open (unbuffered) file."""
     b3, sha = blake3.blake3(), hashlib.sha256()
     size, head = 0, b""
-    with open(path, "rb", buffering=0) as fh:
-        while chunk := fh.read(READ_SIZE):
-            b3.update(chunk)
-            sha.update(chunk)
-            if not head:
-                head = chunk[:HEAD_SIZE]
-            size += len(chunk)
-            if progress:
-                progress(len(chunk))
+    while chunk := fh.read(READ_SIZE):
+        b3.update(chunk)
+        sha.update(chunk)
+        if not head:
+            head = chunk[:HEAD_SIZE]
+        size += len(chunk)
+        if progress:
+            progress(len(chunk))
     return Digests(b3.hexdigest(), sha.hexdigest(), size, head)
 
 
 def link_into_place(temp: Path, final: Path) -> None:
     """Give a verified temp file its final name (the temp name stays)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(temp, final)
-    except FileExistsError:
-        # A file nobody indexed (an orphan, or damage): ours is verified.
-        os.unlink(final)
-        os.link(temp, final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(temp, final)
+        except FileExistsError:
+            # A file nobody indexed (an orphan, or damage): ours is verified.
+            os.unlink(final)
+            os.link(temp, final)
+    except OSError as exc:
+        raise _storage_error(exc) from exc
+
+
+def unlink_if_same(final: Path, temp: Path) -> None:
+    """Undo :func:`link_into_place` after its transaction failed: remove the
+    final name only if it is still our link, never another's blob."""
+    if is_same_file(final, temp):
+        remove_quietly(final)
 
 
 def move_to_trash(final: Path, trash: Path) -> bool:
@@ -205,11 +238,24 @@ def tmp_entries(layout: Layout) -> list[TmpEntry]:
 
 
 def restore_from_trash(trash: Path, final: Path) -> None:
+    """Put a moved-aside blob back, unless its name was filled meanwhile
+    (by a verified copy of the same content)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(trash, final)
+    with contextlib.suppress(FileExistsError):
+        os.link(trash, final)
+    os.unlink(trash)
+
+
+def _free_at(fd: int) -> int:
+    stat = os.fstatvfs(fd)
+    return stat.f_bavail * stat.f_frsize
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _storage_error(exc: OSError) -> Exception:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if is_disk_full(exc):
         return BlobdError("insufficient_storage", "the disk is full")
     return exc

@@ -215,6 +215,11 @@ async def add_ref(conn: aiosqlite.Connection, owner: str, name: str, blob: BlobR
     old = await _one(conn, "SELECT hash FROM refs WHERE owner = ? AND name = ?", owner, name)
     if old is not None and old["hash"] == blob.hash:
         return []
+    zeroed: list[str] = []
+    if old is not None:
+        # Release first: re-pointing a name frees what it held, so an owner
+        # at a limit can still swap one blob for another.
+        zeroed = await _release(conn, owner, old["hash"], 1, now)
     await _hold(conn, owner, blob, default, now)
     if old is None:
         await conn.execute("INSERT INTO refs (owner, name, hash, created_at)"
@@ -224,9 +229,7 @@ async def add_ref(conn: aiosqlite.Connection, owner: str, name: str, blob: BlobR
                            " AND name = ?", (blob.hash, now, owner, name))
     await conn.execute("UPDATE blobs SET refcount = refcount + 1, zero_at = NULL"
                        " WHERE hash = ?", (blob.hash,))
-    if old is None:
-        return []
-    return await _release(conn, owner, old["hash"], 1, now)
+    return zeroed
 
 
 async def _hold(conn: aiosqlite.Connection, owner: str, blob: BlobRecord,

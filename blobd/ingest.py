@@ -16,6 +16,7 @@ a blob there, before anything is stored.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,9 @@ async def receive(store: Store, chunks: AsyncIterator[bytes], *, limit: int,
     in a thread. On any failure the temp file is gone.
     """
     path = store.layout.new_temp_path()
-    writer = await asyncio.to_thread(files.BodyWriter, path, store.config.storage.fsync)
+    writer = await asyncio.to_thread(files.BodyWriter, path,
+                                     store.config.storage.min_free_bytes,
+                                     store.config.storage.fsync)
     try:
         total, pending, buf = 0, None, bytearray()
         async for chunk in chunks:
@@ -142,7 +145,10 @@ async def _commit(store: Store, received: Received, owner: str, ref: str | None,
             if uploaded:
                 await index.charge_upload(tx.conn, owner, digests.size,
                                           store.config.quota_for(owner))
-            await _place(store, staged, final, created)
+            if await _place(store, staged, final, created):
+                # Should COMMIT fail (a full disk), the file must not stay
+                # under a final name without its row.
+                tx.undo.append(functools.partial(files.unlink_if_same, final, staged))
         return stored
     finally:
         await asyncio.to_thread(files.remove_quietly, staged)
@@ -176,20 +182,26 @@ async def _reference(store: Store, tx: Tx, owner: str, ref: str | None,
     return Stored(blob, created, name)
 
 
-async def _place(store: Store, staged: Path, final: Path, created: bool) -> None:
+async def _place(store: Store, staged: Path, final: Path, created: bool) -> bool:
     """Link the verified file into place (also healing a missing file of a
-    known blob) and make the new directory entry durable before COMMIT."""
-    def place() -> None:
+    known blob) and make the new directory entry durable before COMMIT.
+    True when this call made the link."""
+    def place() -> bool:
         if not created and final.exists():
-            return
+            return False
         # A new shard directory is itself an entry in its parent.
         to_sync = [final.parent] + [d.parent for d in (final.parent.parent, final.parent)
                                     if not d.exists()]
         files.link_into_place(staged, final)
-        if store.config.storage.fsync:
-            for directory in to_sync:
-                files.fsync_dir(directory)
-    await asyncio.to_thread(place)
+        try:
+            if store.config.storage.fsync:
+                for directory in to_sync:
+                    files.fsync_dir(directory)
+        except BaseException:
+            files.unlink_if_same(final, staged)
+            raise
+        return True
+    return await asyncio.to_thread(place)
 
 
 def _new_record(store: Store, digests: Digests, info: describe.Description,

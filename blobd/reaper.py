@@ -12,6 +12,7 @@ after, and is never answered for a blob that is being deleted.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -38,6 +39,7 @@ async def delete_now(store: Store, tx: Tx, digest: str) -> bool:
     final = store.layout.blob_path(digest)
     if await asyncio.to_thread(files.move_to_trash, final, trash):
         tx.trash.append(trash)
+        tx.undo.append(functools.partial(files.restore_from_trash, trash, final))
     return True
 
 

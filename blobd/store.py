@@ -16,7 +16,7 @@ import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import aiosqlite
 
@@ -32,8 +32,15 @@ T = TypeVar("T")
 
 @dataclass
 class Tx:
+    """A write transaction and the file changes made inside it.
+
+    ``trash``: files moved out of the blob tree, unlinked after COMMIT.
+    ``undo``: blocking functions that reverse a file change, run (newest
+    first) if the transaction rolls back, so disk and index agree again.
+    """
     conn: aiosqlite.Connection
     trash: list[Path] = field(default_factory=list)
+    undo: list[Callable[[], None]] = field(default_factory=list)
 
 
 class Store:
@@ -64,12 +71,21 @@ class Store:
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[Tx]:
-        tx: Tx
-        async with self.db.transaction() as conn:
+        tx: Tx | None = None
+
+        async def undo() -> None:
+            if tx is not None and tx.undo:
+                await asyncio.to_thread(_run_undo, tx.undo)
+
+        async with self.db.transaction(on_rollback=undo) as conn:
             tx = Tx(conn)
             yield tx
         if tx.trash:
-            await asyncio.to_thread(files.remove_quietly, *tx.trash)
+            # Committed: a leftover here is only litter for recover().
+            try:
+                await asyncio.to_thread(files.remove_quietly, *tx.trash)
+            except OSError as exc:
+                log.warning("could not remove deleted blob files: %s", exc)
 
     async def recover(self) -> None:
         """Undo what a crash left in tmp/; never scans the blob tree."""
@@ -101,6 +117,15 @@ class Store:
         if free - incoming < self.config.storage.min_free_bytes:
             raise BlobdError("insufficient_storage",
                              "not enough free disk space for this upload")
+
+
+def _run_undo(steps: list[Callable[[], None]]) -> None:
+    for step in reversed(steps):
+        try:
+            step()
+        except OSError:
+            # What cannot be undone now is undone by recover() at start-up.
+            log.exception("could not undo a file change of a failed transaction")
 
 
 def _take_lock(path: Path) -> int:

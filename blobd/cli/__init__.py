@@ -8,9 +8,9 @@ import sys
 from typing import Sequence
 
 from ..errors import BlobdError, ConfigError
-from . import serve, tokens, transfer
+from . import admin, serve, tokens, transfer
 
-COMMANDS = (serve, tokens, transfer)
+COMMANDS = (serve, tokens, transfer, admin)
 
 
 def build_parser() -> argparse.ArgumentParser:

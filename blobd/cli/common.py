@@ -7,7 +7,10 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from ..config import Config, load_config
+from ..errors import BlobdError
 from ..store import Store
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -20,13 +23,25 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 @asynccontextmanager
-async def open_index(config: Config) -> AsyncIterator[Store]:
+async def open_index(config: Config, *, must_exist: bool = False) -> AsyncIterator[Store]:
     """The store's index for an offline command, safe beside a running
     server (WAL plus busy timeout); takes no data-dir lock and runs no
-    recovery."""
+    recovery. ``must_exist``: refuse to create a new, empty store."""
     store = Store(config)
+    if must_exist and not store.layout.index_path.exists():
+        raise BlobdError("not_found", f"no blobd store in {store.layout.root}")
     await store.open(exclusive=False, recover=False)
     try:
         yield store
     finally:
         await store.close()
+
+
+def human_size(n: int) -> str:
+    """1536 -> "1.5 KiB"; exact bytes below 1 KiB."""
+    value = float(n)
+    for unit in _UNITS:
+        if abs(value) < 1024 or unit == _UNITS[-1]:
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

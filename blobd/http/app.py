@@ -11,7 +11,8 @@ from aiohttp import web
 from .. import reaper, sessions
 from ..config import Config
 from ..store import Store
-from . import blobs, health, refs, tus, uploads
+from ..metrics import METRICS, Metrics, metrics_middleware
+from . import admin, blobs, health, refs, tus, uploads
 from .cors import add_cors_headers, cors_middleware
 from .keys import STORE
 from .middleware import auth_middleware, error_middleware, no_expect_handler
@@ -19,16 +20,19 @@ from .middleware import auth_middleware, error_middleware, no_expect_handler
 # Disk work runs in threads; the default pool (cores + 4) is too small when
 # many uploads and downloads each wait on a disk operation at once.
 THREADS = 32
-RESOURCES = (blobs, refs, uploads, tus, health)
+RESOURCES = (blobs, refs, uploads, tus, admin, health)
 
 
 def create_app(config: Config) -> web.Application:
-    # Outermost first: CORS preflights need no route or token; tus marks
-    # every answer under /tus/, errors rendered by error_middleware included.
-    app = web.Application(middlewares=[cors_middleware, error_middleware,
-                                       tus.middleware, auth_middleware],
+    # Outermost first: metrics see every answer; CORS preflights need no
+    # route or token; tus marks every answer under /tus/, errors rendered by
+    # error_middleware included.
+    app = web.Application(middlewares=[metrics_middleware, cors_middleware,
+                                       error_middleware, tus.middleware,
+                                       auth_middleware],
                           client_max_size=1 << 20)
     app[STORE] = Store(config)
+    app[METRICS] = Metrics()
     app.on_response_prepare.append(add_cors_headers)
 
     def add(method: str, path: str, handler) -> None:  # type: ignore[no-untyped-def]

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import index, ingest, reaper
+from ..quotas import upload_limit
 from ..address import Address, parse_address, parse_ref_name
 from ..errors import BlobdError
 from ..index import BlobRecord
@@ -36,20 +37,6 @@ async def resolve_or_404(store: Store, address: Address) -> BlobRecord:
     if blob is None:
         raise BlobdError("not_found", f"no blob {address}")
     return blob
-
-
-async def upload_limit(store: Store, owner: str, declared: int | None) -> int:
-    """The most bytes this owner may send now; checked before any is read."""
-    limits = await index.limits_for(store.db.reader, owner, store.config.quota_for(owner))
-    limit = min(limits.max_blob_size, store.config.limits.max_blob_size)
-    if declared is not None:
-        index.check_blob_size(declared, limits, store.config.limits.max_blob_size)
-        used = await index.usage(store.db.reader, owner)
-        if used["monthly_upload_bytes"] + declared > limits.max_monthly_upload_bytes:
-            raise BlobdError("quota_exceeded", "quota max_monthly_upload_bytes"
-                             f" ({limits.max_monthly_upload_bytes} bytes) would be exceeded")
-        await store.check_free_space(declared)
-    return limit
 
 
 def stored_response(stored: ingest.Stored, *, close: bool = False) -> web.Response:
@@ -86,7 +73,8 @@ async def post_blob(request: web.Request) -> web.StreamResponse:
 async def _receive_and_commit(request: web.Request, store: Store, owner: str,
                               ref: str | None, address: Address | None) -> web.Response:
     declared = request.content_length
-    limit = await upload_limit(store, owner, declared)
+    digest = await resolve_any(store, address) if address is not None else None
+    limit = await upload_limit(store, owner, declared, digest)
     await send_continue(request)
     received = await ingest.receive(store, request.content.iter_any(), limit=limit,
                                     declared=declared)

@@ -13,7 +13,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
-from .. import auth
+from .. import auth, files
 from ..errors import STATUS, BlobdError
 from .keys import PRINCIPAL, STORE
 
@@ -25,13 +25,18 @@ _CODE_BY_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"
 
 
 def requires(scope: str | None, *, anonymous_read: bool = False,
+             anonymous_metrics: bool = False,
              defer_continue: bool = False) -> Callable[[Handler], Handler]:
     """Declare a handler's scope (None = public). ``anonymous_read`` lets
-    ``[auth] anonymous_read`` waive the token; ``defer_continue`` means the
-    handler answers ``Expect: 100-continue`` itself."""
+    ``[auth] anonymous_read`` waive the token (``anonymous_metrics`` the same
+    with its own flag); ``defer_continue`` means the handler answers
+    ``Expect: 100-continue`` itself."""
+    flag = ("anonymous_read" if anonymous_read
+            else "anonymous_metrics" if anonymous_metrics else None)
+
     def mark(handler: Handler) -> Handler:
         handler.blobd_scope = scope  # type: ignore[attr-defined]
-        handler.blobd_anonymous_read = anonymous_read  # type: ignore[attr-defined]
+        handler.blobd_anonymous_flag = flag  # type: ignore[attr-defined]
         handler.blobd_defer_continue = defer_continue  # type: ignore[attr-defined]
         return handler
     return mark
@@ -76,7 +81,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         err = BlobdError(code, exc.reason, status=exc.status,
                          headers={k: v for k, v in exc.headers.items() if k == "Allow"})
         return error_response(err)
-    except (ConnectionResetError, OSError) as exc:
+    except OSError as exc:
+        if files.is_disk_full(exc):
+            # A full disk met somewhere no layer mapped it: still the
+            # contract's 507, never a 500.
+            log.warning("%s %s: %s", request.method, request.path, exc)
+            return error_response(BlobdError("insufficient_storage", "the disk is full"))
         if request.transport is None or request.transport.is_closing():
             log.info("%s %s: client went away (%s)", request.method, request.path, exc)
             raise
@@ -103,11 +113,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         token = auth.bearer_token(request.headers.get("Authorization"))
         found = await auth.authenticate(store.db.reader, token) if token else None
         if found is None:
-            anonymous_ok = (getattr(route_handler, "blobd_anonymous_read", False)
-                            and store.config.auth.anonymous_read and token is None)
+            flag = getattr(route_handler, "blobd_anonymous_flag", None)
+            anonymous_ok = (flag is not None and getattr(store.config.auth, flag)
+                            and token is None)
             if not anonymous_ok:
                 raise BlobdError("unauthorized", "a valid bearer token is required")
-            found = auth.Principal("anonymous", frozenset({"read"}))
+            found = auth.Principal("anonymous", frozenset({scope}))
         if not found.allows(scope):
             raise BlobdError("forbidden", f"this token lacks the {scope!r} scope")
         request[PRINCIPAL] = found

@@ -20,6 +20,7 @@ from typing import BinaryIO
 from aiohttp import web
 
 from ..errors import BlobdError
+from ..metrics import BODY_BYTES_SENT
 
 CACHE_CONTROL = "public, max-age=31536000, immutable"
 # Blobs are user content served from the API's origin: never let a browser
@@ -115,6 +116,7 @@ async def send_blob(request: web.Request, blob: BlobFile, fobj: BinaryIO) -> web
     await response.prepare(request)
     if request.method != "HEAD" and count:
         await _send_bytes(request, response, fobj, start, count)
+        request[BODY_BYTES_SENT] = count
     await response.write_eof()
     return response
 

@@ -1,0 +1,185 @@
+"""``blobd quota set|show``, ``blobd stats``, ``blobd fsck``, ``blobd gc``.
+
+All of them are safe beside a running server: quota and stats go through
+SQLite like the server does, gc deletes under the same write lock as the
+server's own sweeper, and fsck checks read-only (``--repair`` refuses while
+a server holds the data directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Awaitable, Callable
+
+from tqdm import tqdm
+
+from .. import fsck, quotas, reaper, sessions, stats
+from ..auth import check_owner
+from ..index import LIMIT_KEYS
+from ..store import Store
+from .common import add_config_option, config_from_args, human_size, open_index
+
+Sweep = Callable[[Store, "float | None"], Awaitable[int]]
+# What ``blobd gc`` runs, in order: (what it removes, sweep(store, now) -> count).
+SWEEPS: tuple[tuple[str, Sweep], ...] = (
+    ("blobs past their grace period", reaper.sweep),
+    ("expired upload sessions", sessions.sweep_sessions),
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _register_quota(sub)
+    stats_cmd = sub.add_parser("stats", help="print deduplication and store figures",
+                               description="Print the figures of GET /stats.")
+    add_config_option(stats_cmd)
+    stats_cmd.add_argument("--json", action="store_true", help="print them as JSON")
+    stats_cmd.set_defaults(run=show_stats)
+
+    check = sub.add_parser(
+        "fsck", help="check (and repair) the blob files against the index",
+        description="Reconcile the blob tree and the index: missing, orphan, stray and "
+        "damaged files, reference counts and usage, leftover temp files. Works beside a "
+        "running server (read-only); --repair needs the server stopped. Exits 1 when "
+        "problems remain.")
+    add_config_option(check)
+    check.add_argument("--verify", action="store_true",
+                       help="also re-hash every blob (reads every byte)")
+    check.add_argument("--repair", action="store_true",
+                       help="fix what can be fixed without losing data; files that "
+                       "cannot be right are moved to quarantine/, never deleted")
+    check.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="show a progress bar (default: when stderr is a terminal)")
+    check.set_defaults(run=run_fsck)
+
+    gc = sub.add_parser("gc", help="delete what is due for deletion now",
+                        description="Run the background sweeps at once: blobs whose "
+                        "grace period is over. Safe beside a running server.")
+    add_config_option(gc)
+    gc.set_defaults(run=run_gc)
+
+
+def _register_quota(sub: argparse._SubParsersAction) -> None:
+    quota = sub.add_parser("quota", help="show or change an owner's quota",
+                           description="Show or change per-owner quota limits.")
+    actions = quota.add_subparsers(dest="action", metavar="ACTION", required=True)
+    show = actions.add_parser("show", help="an owner's usage and limits")
+    add_config_option(show)
+    show.add_argument("owner")
+    show.add_argument("--json", action="store_true", help="print the GET /quota body")
+    show.set_defaults(run=show_quota)
+
+    change = actions.add_parser(
+        "set", help="override an owner's limits",
+        description="Override limits for one owner. Sizes take integers or strings such "
+        "as 10GiB; 'default' returns a limit to the configured value.")
+    add_config_option(change)
+    change.add_argument("owner")
+    for key in LIMIT_KEYS:
+        change.add_argument(f"--{key.replace('_', '-')}", dest=key, metavar="VALUE")
+    change.set_defaults(run=set_quota)
+
+
+async def show_quota(args: argparse.Namespace) -> int:
+    owner = check_owner(args.owner)
+    config = config_from_args(args)
+    async with open_index(config, must_exist=True) as store:
+        body = await quotas.report(store.db.reader, owner, config.quota_for(owner))
+    _print_quota(body, args.json)
+    return 0
+
+
+async def set_quota(args: argparse.Namespace) -> int:
+    owner = check_owner(args.owner)
+    raw: dict[str, Any] = {}
+    for key in LIMIT_KEYS:
+        value = getattr(args, key)
+        if value is not None:
+            raw[key] = None if value == "default" else _cli_value(value)
+    if not raw:
+        raise SystemExit("blobd quota set: give at least one limit, e.g. --max-bytes 10GiB")
+    changes = quotas.parse_changes(raw)
+    async with open_index(config_from_args(args), must_exist=True) as store:
+        body = await quotas.set_limits(store, owner, changes)
+    _print_quota(body, False)
+    return 0
+
+
+def _cli_value(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
+def _print_quota(body: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(body, indent=2))
+        return
+    limits = body["limits"]
+    print(f"owner         {body['owner']}")
+    print(f"stored        {human_size(body['used_bytes'])} of "
+          f"{human_size(limits['max_bytes'])} ({body['used_bytes']} bytes)")
+    print(f"reserved      {human_size(body['reserved_bytes'])}")
+    print(f"blobs         {body['used_blobs']} of {limits['max_blobs']}")
+    print(f"this month    {human_size(body['monthly_upload_bytes'])} of "
+          f"{human_size(limits['max_monthly_upload_bytes'])} uploaded")
+    print(f"largest blob  {human_size(limits['max_blob_size'])}")
+
+
+async def show_stats(args: argparse.Namespace) -> int:
+    async with open_index(config_from_args(args), must_exist=True) as store:
+        figures = await stats.figures(store)
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return 0
+    mirror, disk = figures["mirror"], figures["disk"]
+    lines = [
+        ("blobs", f"{figures['blobs']} ({human_size(figures['stored_bytes'])} stored)"),
+        ("references", f"{figures['references']} "
+                       f"({human_size(figures['logical_bytes'])} without dedup)"),
+        ("dedup ratio", f"{figures['dedup_ratio']:.2f}"),
+        ("bytes saved", human_size(figures["bytes_saved"])),
+        ("puts", f"{figures['puts']}, {figures['put_dedup_hits']} already stored "
+                 f"(hit rate {figures['hash_hit_rate']:.1%})"),
+        ("in grace", f"{figures['grace']['blobs']} blobs "
+                     f"({human_size(figures['grace']['bytes'])})"),
+        ("open sessions", str(figures["sessions_open"])),
+        ("disk", f"{human_size(disk['free_bytes'])} free of "
+                 f"{human_size(disk['total_bytes'])}"),
+        ("mirror", f"{mirror['pending']} pending, {mirror['failed']} failing"
+                   + (f" (last error: {mirror['last_error']})" if mirror["last_error"]
+                      else "")),
+    ]
+    for label, value in lines:
+        print(f"{label:14}{value}")
+    return 0
+
+
+async def run_fsck(args: argparse.Namespace) -> int:
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    bars: list[tqdm] = []
+
+    def progress(desc: str, total: int, unit: str) -> Callable[[int], None]:
+        bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B",
+                   file=sys.stderr, disable=not show, mininterval=0.5)
+        bars.append(bar)
+        return bar.update
+
+    try:
+        report = await fsck.run(config_from_args(args), verify=args.verify,
+                                repair=args.repair, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    for problem in report.problems:
+        print(problem.line())
+    for line in report.summary():
+        print(line)
+    return 0 if report.ok else 1
+
+
+async def run_gc(args: argparse.Namespace) -> int:
+    async with open_index(config_from_args(args), must_exist=True) as store:
+        for label, sweep in SWEEPS:
+            count = await sweep(store, None)
+            print(f"{label}: {count} deleted")
+    return 0

@@ -1,0 +1,116 @@
+"""``blobd fsck``: reconcile the blob tree and the index, and the index's
+own counts, reporting (and with ``repair`` fixing) what disagrees.
+
+Beside a running server (which holds the data-dir lock) it checks
+read-only: discrepancies are confirmed under the SQLite write lock (see
+:mod:`blobd.fsck.disk`) and ``tmp/``, full of uploads in flight, is not
+judged. ``repair`` needs the data-dir lock itself and refuses while a
+server holds it. Blocking work runs in threads; ``progress`` is told the
+size of the job and each step of it.
+
+    report = await fsck.run(config, verify=True, repair=False)
+    report.ok, report.problems, report.summary()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable
+
+from .. import files
+from ..config import Config
+from ..errors import BlobdError
+from ..store import Store
+from . import disk, drift
+from .repair import repair as repair_disk
+from .report import KINDS, Problem, Report
+
+__all__ = ["run", "check", "Report", "Problem", "KINDS", "ProgressFactory"]
+
+# (description, total, unit) -> a function told each step's size.
+ProgressFactory = Callable[[str, int, str], Callable[[int], None]]
+
+
+async def run(config: Config, *, verify: bool = False, repair: bool = False,
+              progress: ProgressFactory | None = None) -> Report:
+    """Open the store the safe way for the job, check it, close it."""
+    store = Store(config)
+    if not await asyncio.to_thread(store.layout.index_path.exists):
+        raise BlobdError("not_found", f"no blobd store in {store.layout.root}")
+    live = False
+    try:
+        await store.open(exclusive=True, recover=False)
+    except BlobdError as exc:
+        if exc.code != "conflict":
+            raise
+        if repair:
+            raise BlobdError("conflict", f"a blobd server is running on {store.layout.root};"
+                             " stop it to run fsck --repair (a plain fsck works beside"
+                             " it)") from None
+        await store.open(exclusive=False, recover=False)
+        live = True
+    try:
+        return await check(store, verify=verify, repair=repair, live=live,
+                           progress=progress)
+    finally:
+        await store.close()
+
+
+async def check(store: Store, *, verify: bool = False, repair: bool = False,
+                live: bool = False, progress: ProgressFactory | None = None) -> Report:
+    """Check an open store. ``live``: a server may be writing to it (then
+    ``repair`` is not allowed)."""
+    assert not (live and repair), "repairs need the data-dir lock"
+    report = Report(live=live, verified=verify)
+    started = time.monotonic()
+    if not live:
+        report.problems += await _check_tmp(store, repair)
+    advance = await _start_progress(store, verify, progress)
+    # The recount is SQL in the index's thread, the tree scan file system
+    # calls in others: run them side by side.
+    async with asyncio.TaskGroup() as group:
+        drifted = group.create_task(_check_drift(store, repair))
+        group.create_task(disk.check_tree(disk.Scan(store, report, verify, advance)))
+    report.problems += drifted.result()
+    if repair:
+        await repair_disk(store, report.problems)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+async def _check_tmp(store: Store, repair: bool) -> list[Problem]:
+    entries = await asyncio.to_thread(files.tmp_entries, store.layout)
+    problems = [Problem("tmp", entry.path.name, "left by a server that stopped uncleanly")
+                for entry in entries]
+    if repair and problems:
+        await store.recover()
+        for problem in problems:
+            problem.repaired = True
+            problem.action = "undone as at start-up (removed, or put back in place)"
+    return problems
+
+
+async def _check_drift(store: Store, repair: bool) -> list[Problem]:
+    problems = await drift.find(store.db.reader)
+    if repair and problems:
+        async with store.write() as tx:
+            await drift.repair(tx.conn)
+        left = {(p.kind, p.subject) for p in await drift.find(store.db.reader)}
+        for problem in problems:
+            if (problem.kind, problem.subject) not in left:
+                problem.repaired = True
+                problem.action = "recounted from the references"
+    return problems
+
+
+async def _start_progress(store: Store, verify: bool,
+                          progress: ProgressFactory | None) -> Callable[[int], None]:
+    if progress is None:
+        return lambda n: None
+    row = await store.db.fetchone("SELECT count(*) AS n, coalesce(sum(size), 0) AS bytes"
+                                  " FROM blobs")
+    assert row is not None
+    if verify:
+        return progress("verifying", row["bytes"], "B")
+    return progress("checking", row["n"], "blob")

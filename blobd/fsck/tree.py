@@ -1,0 +1,127 @@
+"""The blob tree as it is on disk: blocking functions, each one whole
+operation for one ``asyncio.to_thread`` call.
+
+A shard (``blobs/ab/``) is read with ``os.scandir`` in one call: every entry
+is either a two-hex-digit directory holding files named by a digest that
+starts with its path, or it is something blobd never makes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..address import is_blake3_hex
+from ..files import Digests, hash_open_file
+
+_SHARD = re.compile(r"[0-9a-f]{2}")
+PREFIXES = [f"{i:02x}" for i in range(256)]
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    size: int
+    dev: int
+    ino: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "FileInfo":
+        return cls(st.st_size, st.st_dev, st.st_ino)
+
+
+@dataclass
+class ShardScan:
+    """One top-level shard: blob files in their right place, and the rest."""
+    files: dict[str, FileInfo] = field(default_factory=dict)
+    strays: list[tuple[Path, str]] = field(default_factory=list)      # (path, why)
+    misplaced: list[tuple[Path, str]] = field(default_factory=list)   # (path, digest)
+
+
+def scan_top(blobs_dir: Path) -> list[tuple[Path, str]]:
+    """Entries of ``blobs/`` that are not shard directories."""
+    strays: list[tuple[Path, str]] = []
+    try:
+        entries = list(os.scandir(blobs_dir))
+    except FileNotFoundError:
+        return strays
+    for entry in entries:
+        if not (_SHARD.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)):
+            strays.append((Path(entry.path), "not a shard directory"))
+    return strays
+
+
+def scan_shard(blobs_dir: Path, prefix: str) -> ShardScan:
+    scan = ShardScan()
+    try:
+        subdirs = list(os.scandir(blobs_dir / prefix))
+    except (FileNotFoundError, NotADirectoryError):
+        return scan
+    for sub in subdirs:
+        if not (_SHARD.fullmatch(sub.name) and sub.is_dir(follow_symlinks=False)):
+            scan.strays.append((Path(sub.path), "not a shard directory"))
+            continue
+        for entry in os.scandir(sub.path):
+            _classify(scan, entry, prefix + sub.name)
+    return scan
+
+
+def _classify(scan: ShardScan, entry: os.DirEntry, shard: str) -> None:
+    path = Path(entry.path)
+    if not entry.is_file(follow_symlinks=False):
+        scan.strays.append((path, "not a regular file"))
+    elif not is_blake3_hex(entry.name):
+        scan.strays.append((path, "not named by a digest"))
+    elif not entry.name.startswith(shard):
+        scan.misplaced.append((path, entry.name))
+    else:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            return  # deleted while we looked: the comparison is re-checked anyway
+        scan.files[entry.name] = FileInfo.of(st)
+
+
+def stat_file(path: Path) -> FileInfo | None:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return FileInfo.of(st)
+
+
+def hash_blob(path: Path) -> tuple[Digests, FileInfo] | None:
+    """Hash a blob file; with the identity of the file that was hashed, so
+    a live server replacing it meanwhile is not mistaken for damage."""
+    try:
+        fh = open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        return None
+    with fh:
+        return hash_open_file(fh), FileInfo.of(os.fstat(fh.fileno()))
+
+
+def hash_blobs(paths: list[Path]) -> list[tuple[Digests, FileInfo] | None]:
+    return [hash_blob(path) for path in paths]
+
+
+def move_aside(path: Path, quarantine: Path, stamp: str) -> Path:
+    """Move a file or directory into ``quarantine/`` (never deleting it);
+    returns where it went."""
+    quarantine.mkdir(parents=True, exist_ok=True)
+    target = quarantine / f"{path.name}.{stamp}"
+    n = 1
+    while target.exists() or target.is_symlink():
+        target = quarantine / f"{path.name}.{stamp}-{n}"
+        n += 1
+    shutil.move(str(path), target)
+    return target
+
+
+def put_in_place(path: Path, final: Path) -> None:
+    """Move a verified, misplaced blob file to its right name."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.link(path, final)
+    os.unlink(path)

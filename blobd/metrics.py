@@ -1,0 +1,143 @@
+"""Prometheus metrics: one registry per application.
+
+Request metrics are recorded by :func:`metrics_middleware`, labelled with the
+route's canonical path (``/blobs/{address}``), never the raw path, so the
+number of series stays bounded whatever clients ask for. Store figures
+(blobs, bytes, dedup hits, open sessions, mirror queue) are read from the
+index when ``/metrics`` is scraped (:meth:`Metrics.render`), through the
+same :func:`blobd.stats.figures` as ``/stats``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Awaitable, Callable, Iterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import stats
+from .store import Store
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Uploads of big recordings take minutes; the default buckets stop at 10 s.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                   30.0, 60.0, 300.0)
+UNMATCHED = "(unmatched)"
+METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"})
+# nginx's code for "the client closed the connection before the answer".
+CLIENT_GONE = "499"
+
+
+class StoreCollector(Collector):
+    """Exposes the last snapshot of :func:`stats.figures`."""
+
+    def __init__(self) -> None:
+        self.snapshot: dict[str, Any] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.snapshot
+        if s is None:
+            return
+        gauges = [
+            ("blobd_blobs", "Blobs somebody references", s["blobs"]),
+            ("blobd_stored_bytes", "Bytes of referenced blobs, each once", s["stored_bytes"]),
+            ("blobd_references", "References over all owners", s["references"]),
+            ("blobd_logical_bytes", "Bytes the references would take without dedup",
+             s["logical_bytes"]),
+            ("blobd_grace_blobs", "Unreferenced blobs waiting for their grace period",
+             s["grace"]["blobs"]),
+            ("blobd_upload_sessions_open", "Resumable upload sessions not completed",
+             s["sessions_open"]),
+            ("blobd_mirror_queue_depth", "Mirror operations waiting", s["mirror"]["pending"]),
+            ("blobd_mirror_failing", "Mirror operations that have failed at least once",
+             s["mirror"]["failed"]),
+            ("blobd_disk_free_bytes", "Free bytes on the data directory's file system",
+             s["disk"]["free_bytes"]),
+            ("blobd_disk_total_bytes", "Size of the data directory's file system",
+             s["disk"]["total_bytes"]),
+        ]
+        for name, text, value in gauges:
+            yield GaugeMetricFamily(name, text, value=value)
+        yield CounterMetricFamily("blobd_puts", "Blob stores (PUT, POST, sessions)",
+                                  value=s["puts"])
+        yield CounterMetricFamily("blobd_dedup_hits",
+                                  "Blob stores whose content was already stored",
+                                  value=s["put_dedup_hits"])
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("blobd_http_requests", "HTTP requests answered",
+                                ["route", "method", "status"], registry=self.registry)
+        self.latency = Histogram("blobd_http_request_duration_seconds",
+                                 "Time from request to answer", ["route", "method"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.received = Counter("blobd_http_received_bytes",
+                                "Request body bytes read", ["route"], registry=self.registry)
+        self.sent = Counter("blobd_http_sent_bytes", "Response body bytes sent",
+                            ["route"], registry=self.registry)
+        self.store = StoreCollector()
+        self.registry.register(self.store)
+
+    def observe(self, route: str, method: str, status: str, seconds: float,
+                received: int, sent: int) -> None:
+        self.requests.labels(route, method, status).inc()
+        self.latency.labels(route, method).observe(seconds)
+        if received:
+            self.received.labels(route).inc(received)
+        if sent:
+            self.sent.labels(route).inc(sent)
+
+    async def render(self, store: Store) -> bytes:
+        self.store.snapshot = await stats.figures(store)
+        return generate_latest(self.registry)
+
+
+METRICS = web.AppKey("metrics", Metrics)
+# Set by handlers that send a body themselves (sendfile), so the middleware
+# counts what actually went out rather than what was announced.
+BODY_BYTES_SENT = web.RequestKey("body_bytes_sent", int)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def route_label(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else UNMATCHED
+
+
+def _body_bytes(request: web.Request, response: web.StreamResponse | None) -> int:
+    if BODY_BYTES_SENT in request:
+        return request[BODY_BYTES_SENT]
+    if response is None or request.method == "HEAD" or response.status in (204, 304):
+        return 0
+    return response.content_length or 0
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost middleware: sees every answer, errors included."""
+    started = time.perf_counter()
+    response: web.StreamResponse | None = None
+    status = "500"
+    try:
+        response = await handler(request)
+        status = str(response.status)
+        return response
+    except web.HTTPException as exc:
+        status = str(exc.status)
+        raise
+    except asyncio.CancelledError:
+        status = CLIENT_GONE
+        raise
+    finally:
+        method = request.method if request.method in METHODS else "other"
+        request.app[METRICS].observe(
+            route_label(request), method, status,
+            time.perf_counter() - started, request.content.total_bytes,
+            _body_bytes(request, response))

@@ -1,0 +1,102 @@
+"""Per-owner quotas as the API and the CLI see them.
+
+The authoritative check is inside the transaction that adds a holding
+(:func:`blobd.index.add_ref`), so concurrent uploads can never pass a limit.
+What is here runs *before* a body is read, to refuse early what is bound to
+fail (413 from Content-Length, 507 when the month's or the owner's bytes
+are already spent), plus the ``/quota`` report and the parsing of limit
+overrides shared by ``PUT /admin/owners/<owner>/quota`` and ``blobd quota set``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import aiosqlite
+
+from . import index
+from .config import QuotaLimits, parse_size
+from .errors import BlobdError
+from .index import LIMIT_KEYS
+from .store import Store
+
+# The limits that are sizes in bytes (accepting "10GiB"); max_blobs is a count.
+SIZE_KEYS = frozenset({"max_bytes", "max_blob_size", "max_monthly_upload_bytes"})
+
+
+async def upload_limit(store: Store, owner: str, declared: int | None,
+                       digest: str | None = None) -> int:
+    """The most bytes ``owner`` may send now; raises before any is read.
+
+    ``declared`` is the Content-Length (None when chunked); ``digest`` the
+    BLAKE3 address when the client named it, so a blob the owner already
+    holds (which costs nothing) is not refused for ``max_bytes``.
+    """
+    default = store.config.quota_for(owner)
+    server_max = store.config.limits.max_blob_size
+    limits = await index.limits_for(store.db.reader, owner, default)
+    if declared is not None:
+        index.check_blob_size(declared, limits, server_max)
+        used = await index.usage(store.db.reader, owner)
+        if used["monthly_upload_bytes"] + declared > limits.max_monthly_upload_bytes:
+            raise exceeded("max_monthly_upload_bytes", limits.max_monthly_upload_bytes)
+        if (digest is not None and not await holds(store.db.reader, owner, digest)
+                and used["used_bytes"] + used["reserved_bytes"] + declared
+                > limits.max_bytes):
+            raise exceeded("max_bytes", limits.max_bytes)
+    await store.check_free_space(declared or 0)
+    return min(limits.max_blob_size, server_max)
+
+
+def exceeded(key: str, limit: int) -> BlobdError:
+    unit = "" if key == "max_blobs" else " bytes"
+    return BlobdError("quota_exceeded", f"quota {key} ({limit}{unit}) would be exceeded")
+
+
+async def holds(conn: aiosqlite.Connection, owner: str, digest: str) -> bool:
+    async with conn.execute("SELECT 1 FROM holdings WHERE owner = ? AND hash = ?",
+                            (owner, digest)) as cur:
+        return await cur.fetchone() is not None
+
+
+async def report(conn: aiosqlite.Connection, owner: str,
+                 default: QuotaLimits) -> dict[str, Any]:
+    """The ``GET /quota`` body: usage and the limits in force."""
+    used = await index.usage(conn, owner)
+    limits = await index.limits_for(conn, owner, default)
+    return {"owner": owner, "used_bytes": used["used_bytes"],
+            "used_blobs": used["used_blobs"],
+            "monthly_upload_bytes": used["monthly_upload_bytes"],
+            "reserved_bytes": used["reserved_bytes"],
+            "limits": {key: getattr(limits, key) for key in LIMIT_KEYS}}
+
+
+def parse_changes(raw: Mapping[str, Any]) -> dict[str, int | None]:
+    """Validate overrides: each key a limit, each value an integer, a size
+    string (for byte limits) or None (back to the configured default)."""
+    unknown = sorted(set(raw) - set(LIMIT_KEYS))
+    if unknown:
+        raise BlobdError("bad_request", f"unknown quota limit {unknown[0]!r}; expected"
+                         f" some of {', '.join(LIMIT_KEYS)}")
+    return {key: _parse_limit(key, value) for key, value in raw.items()}
+
+
+def _parse_limit(key: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        if key in SIZE_KEYS:
+            return parse_size(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError("expected a non-negative integer")
+        return value
+    except ValueError as exc:
+        raise BlobdError("bad_request", f"{key}: {exc}") from None
+
+
+async def set_limits(store: Store, owner: str,
+                     changes: Mapping[str, int | None]) -> dict[str, Any]:
+    """Apply overrides for ``owner``; returns its ``/quota`` body."""
+    async with store.write() as tx:
+        await index.set_owner_limits(tx.conn, owner, dict(changes))
+    return await report(store.db.reader, owner, store.config.quota_for(owner))

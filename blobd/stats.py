@@ -1,0 +1,80 @@
+"""The store's figures: what deduplication saves, how uploads fare, how
+full the disk is and how far behind the mirror is.
+
+Everything comes from the index (one SQL statement, so one consistent
+snapshot) and one ``statvfs``; the put counters live in the ``counters``
+table, so they survive restarts. ``GET /stats``, ``GET /metrics`` and
+``blobd stats`` all read :func:`figures`.
+
+Definitions (API.md, "Operations"):
+
+* ``blobs`` / ``stored_bytes``: blobs somebody references, and their size
+  on disk, each counted once however many references it has;
+* ``references`` / ``logical_bytes``: references over all owners, and the
+  bytes they would take without deduplication;
+* ``dedup_ratio`` = references / blobs (1.0 for an empty store);
+  ``bytes_saved`` = logical_bytes - stored_bytes;
+* ``hash_hit_rate`` = put_dedup_hits / puts: the share of stores that found
+  their content already there (0.0 before the first);
+* ``grace``: blobs whose last reference went and that wait for their grace
+  period to end (on disk, but in none of the figures above);
+* ``mirror.pending``: queued mirror operations; ``mirror.failed``: those
+  that have failed at least once and not yet succeeded; ``last_error``: the
+  error of the failing operation due to be retried last (the queue keeps no
+  failure times, and that one is the latest to have been rescheduled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from . import files
+from .store import Store
+
+_FIGURES_SQL = """
+SELECT b.*,
+  (SELECT value FROM counters WHERE name = 'puts') AS puts,
+  (SELECT value FROM counters WHERE name = 'put_dedup_hits') AS put_dedup_hits,
+  (SELECT count(*) FROM mirror_queue) AS mirror_pending,
+  (SELECT count(*) FROM mirror_queue WHERE attempts > 0 AND last_error IS NOT NULL)
+    AS mirror_failed,
+  (SELECT last_error FROM mirror_queue WHERE last_error IS NOT NULL
+    ORDER BY next_at DESC, id DESC LIMIT 1) AS mirror_last_error,
+  (SELECT count(*) FROM uploads WHERE result_hash IS NULL) AS sessions_open
+FROM (
+  SELECT
+    coalesce(sum(refcount > 0), 0) AS blobs,
+    coalesce(sum(CASE WHEN refcount > 0 THEN size END), 0) AS stored_bytes,
+    coalesce(sum(refcount), 0) AS refs,
+    coalesce(sum(size * refcount), 0) AS logical_bytes,
+    coalesce(sum(refcount = 0), 0) AS grace_blobs,
+    coalesce(sum(CASE WHEN refcount = 0 THEN size END), 0) AS grace_bytes
+  FROM blobs
+) AS b
+"""
+
+
+async def figures(store: Store) -> dict[str, Any]:
+    """The ``GET /stats`` body."""
+    row = await store.db.fetchone(_FIGURES_SQL)
+    assert row is not None
+    free, total = await asyncio.to_thread(files.free_bytes, store.layout.root)
+    blobs, refs = row["blobs"], row["refs"]
+    puts, hits = row["puts"] or 0, row["put_dedup_hits"] or 0
+    return {
+        "blobs": blobs,
+        "stored_bytes": row["stored_bytes"],
+        "references": refs,
+        "logical_bytes": row["logical_bytes"],
+        "dedup_ratio": refs / blobs if blobs else 1.0,
+        "bytes_saved": row["logical_bytes"] - row["stored_bytes"],
+        "puts": puts,
+        "put_dedup_hits": hits,
+        "hash_hit_rate": hits / puts if puts else 0.0,
+        "disk": {"free_bytes": free, "total_bytes": total},
+        "mirror": {"pending": row["mirror_pending"], "failed": row["mirror_failed"],
+                   "last_error": row["mirror_last_error"]},
+        "grace": {"blobs": row["grace_blobs"], "bytes": row["grace_bytes"]},
+        "sessions_open": row["sessions_open"],
+    }

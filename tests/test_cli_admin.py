@@ -1,0 +1,176 @@
+"""``blobd quota``, ``stats``, ``gc`` and ``fsck`` as real processes, beside a
+real server process or on its data directory once it has stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from pathlib import Path
+
+import blake3
+
+from serverproc import BlobdServer, run_blobd, to_toml
+from test_cli import request
+
+
+def b3(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+def blob_path(data_dir: Path, digest: str) -> Path:
+    return data_dir / "blobs" / digest[:2] / digest[2:4] / digest
+
+
+def put(server: BlobdServer, token: str, data: bytes) -> int:
+    return request("PUT", f"{server.url}/blobs/{b3(data)}", token, data)[0]
+
+
+def one_error_line(result) -> str:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def other_config(tmp_path: Path, server: BlobdServer, **sections) -> str:
+    """A second config file for the same data directory."""
+    path = tmp_path / "other.toml"
+    path.write_text(to_toml({"server": {"data_dir": str(server.data_dir)}, **sections}))
+    return str(path)
+
+
+def test_quota_commands_act_on_a_running_server(tmp_path):
+    with BlobdServer(tmp_path) as server:
+        token = server.token("alice")
+        result = server.cli("quota", "set", "alice", "--max-blobs", "1",
+                            "--max-bytes", "1KiB")
+        assert result.returncode == 0, result.stderr
+        assert re.search(r"blobs\s+0 of 1\b", result.stdout), result.stdout
+        assert put(server, token, b"one") == 201
+        assert put(server, token, b"two") == 507
+        shown = server.cli("quota", "show", "alice", "--json")
+        body = json.loads(shown.stdout)
+        assert body["used_blobs"] == 1 and body["limits"]["max_bytes"] == 1024
+        assert server.cli("quota", "set", "alice", "--max-blobs", "default").returncode == 0
+        assert put(server, token, b"two") == 201
+        bad = one_error_line(server.cli("quota", "set", "alice", "--max-bytes", "lots"))
+        assert "max_bytes" in bad
+        assert server.cli("quota", "set", "alice").returncode != 0
+
+
+def test_stats_survive_a_restart(tmp_path):
+    with BlobdServer(tmp_path) as server:
+        admin, alice = server.token("root", "admin"), server.token("alice")
+        data = os.urandom(10_000)
+        assert put(server, alice, data) == 201
+        assert put(server, alice, data) == 200
+        server.terminate()
+        server.start()
+        status, raw = request("GET", f"{server.url}/stats", admin)
+        assert status == 200
+        body = json.loads(raw)
+        assert (body["puts"], body["put_dedup_hits"], body["hash_hit_rate"]) == (2, 1, 0.5)
+        cli = json.loads(server.cli("stats", "--json").stdout)
+        assert {k: cli[k] for k in ("blobs", "puts", "put_dedup_hits", "stored_bytes")} == {
+            "blobs": 1, "puts": 2, "put_dedup_hits": 1, "stored_bytes": 10_000}
+        text = server.cli("stats")
+        assert text.returncode == 0 and "dedup ratio" in text.stdout
+
+
+def test_gc_beside_a_running_server(tmp_path):
+    with BlobdServer(tmp_path, {"gc": {"grace_seconds": 3600}}) as server:
+        alice = server.token("alice")
+        keep, drop = b"keep me", b"drop me"
+        assert put(server, alice, keep) == 201 and put(server, alice, drop) == 201
+        assert request("DELETE", f"{server.url}/blobs/{b3(drop)}", alice)[0] == 204
+        waiting = server.cli("gc")
+        assert waiting.returncode == 0 and "0 deleted" in waiting.stdout
+        assert blob_path(server.data_dir, b3(drop)).exists()
+        # The same store seen with no grace period: the blob is due now.
+        due = run_blobd("gc", "-c", other_config(tmp_path, server, gc={"grace_seconds": 0}))
+        assert due.returncode == 0 and "1 deleted" in due.stdout, due.stdout + due.stderr
+        assert not blob_path(server.data_dir, b3(drop)).exists()
+        assert request("GET", f"{server.url}/blobs/{b3(keep)}", alice) == (200, keep)
+        assert put(server, alice, drop) == 201  # gone for good, stored anew
+
+
+def test_fsck_offline_finds_repairs_and_exits_accordingly(tmp_path):
+    server = BlobdServer(tmp_path)
+    with server:
+        alice = server.token("alice")
+        bodies = [os.urandom(5000 + i) for i in range(5)]
+        for body in bodies:
+            assert put(server, alice, body) == 201
+    lost = b3(bodies[0])
+    blob_path(server.data_dir, lost).unlink()
+    stray = server.data_dir / "blobs" / "stray.txt"
+    stray.write_text("not a blob")
+
+    checked = server.cli("fsck")
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert f"missing: {lost}" in checked.stdout and f"stray: {stray}" in checked.stdout
+    assert "checked 5 indexed blobs and 4 blob files offline" in checked.stdout
+
+    repaired = server.cli("fsck", "--repair", "--progress")
+    assert repaired.returncode == 1  # the lost blob cannot be repaired here
+    assert "checking" in repaired.stderr and "blob" in repaired.stderr  # the bar
+    assert "1 repaired" in repaired.stdout and "1 problem(s) remain" in repaired.stdout
+    assert not stray.exists() and len(list((server.data_dir / "quarantine").iterdir())) == 1
+
+    with server:
+        assert put(server, server.token("alice"), bodies[0]) == 200  # heals the file
+    healed = server.cli("fsck", "--verify")
+    assert healed.returncode == 0, healed.stdout
+    assert "no problems found" in healed.stdout
+
+
+def _traffic(server: BlobdServer, token: str, stop: threading.Event, errors: list) -> None:
+    """Store and drop blobs as fast as possible: commits in flight all the time."""
+    n = 0
+    while not stop.is_set():
+        data = os.urandom(2000 + n % 500)
+        n += 1
+        statuses = (put(server, token, data), put(server, token, data),
+                    request("DELETE", f"{server.url}/blobs/{b3(data)}", token)[0])
+        if statuses != (201, 200, 204):
+            errors.append(statuses)
+
+
+def test_fsck_beside_a_busy_server_reports_no_false_damage(tmp_path):
+    with BlobdServer(tmp_path, {"storage": {"fsync": False}}) as server:
+        token = server.token("alice")
+        for i in range(50):
+            assert put(server, token, f"resident {i}".encode()) == 201
+        stop, errors = threading.Event(), []
+        workers = [threading.Thread(target=_traffic, args=(server, token, stop, errors))
+                   for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        try:
+            runs = [server.cli("fsck", *extra) for extra in ((), ("--verify",), (), ())]
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join()
+        assert errors == []
+        for run in runs:
+            assert run.returncode == 0, run.stdout + run.stderr
+            assert "beside a running server" in run.stdout
+
+        refused = one_error_line(server.cli("fsck", "--repair"))
+        assert "running" in refused and "stop it" in refused
+        victim = b3(b"resident 7")
+        blob_path(server.data_dir, victim).unlink()
+        damaged = server.cli("fsck")
+        assert damaged.returncode == 1 and f"missing: {victim}" in damaged.stdout
+
+
+def test_commands_refuse_a_directory_with_no_store(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(to_toml({"server": {"data_dir": str(tmp_path / "nothing")}}))
+    for command in (("fsck",), ("gc",), ("stats",), ("quota", "show", "alice")):
+        line = one_error_line(run_blobd(*command, "-c", str(config)))
+        assert "no blobd store" in line, (command, line)
+    assert not (tmp_path / "nothing").exists()
