@@ -11,8 +11,7 @@ from pathlib import Path
 
 import blake3
 
-from serverproc import BlobdServer, run_blobd, to_toml
-from test_cli import request
+from serverproc import BlobdServer, http as request, run_blobd, to_toml
 
 
 def b3(data: bytes) -> str:
