@@ -11,7 +11,9 @@ from aiohttp import web
 from .. import reaper
 from ..config import Config
 from ..store import Store
-from . import blobs, health, refs
+from . import accesslog, blobs, health, inflight, refs
+from .accesslog import log_aborted
+from .inflight import track_requests
 from .keys import STORE
 from .middleware import auth_middleware, error_middleware, no_expect_handler
 
@@ -22,9 +24,12 @@ RESOURCES = (blobs, refs, health)
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, auth_middleware],
+    app = web.Application(middlewares=[log_aborted, track_requests, error_middleware,
+                                       auth_middleware],
                           client_max_size=1 << 20)
     app[STORE] = Store(config)
+    accesslog.setup(app, config.logging.access_log)
+    inflight.setup(app)
 
     def add(method: str, path: str, handler) -> None:  # type: ignore[no-untyped-def]
         app.router.add_route(method, path, handler, expect_handler=no_expect_handler)

@@ -1,0 +1,74 @@
+"""The request log: one line per request.
+
+    PUT /blobs/9f2c… 201 52.3ms in=4012345 out=312 owner=alice from=192.168.1.20
+
+``in`` is the request body bytes received, ``out`` the bytes written for
+the response (status line and headers included). A request cut off before
+it was answered (cut off by the shutdown timeout) is logged
+with ``-`` for the status and ``aborted`` at the end.
+
+Never a secret: tokens travel only in the Authorization header, which is not
+logged, and the query string is left out (a client may put anything there).
+The path is logged as received, percent-encoded, with anything outside
+printable ASCII escaped, so one request can never split or forge a line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
+
+from .keys import PRINCIPAL
+from .middleware import Handler
+
+log = logging.getLogger("blobd.access")
+_ACCESS_LOG = web.AppKey("access_log", bool)
+
+
+def _safe(text: str) -> str:
+    return "".join(c if "!" <= c <= "~" else f"%{ord(c):02X}" for c in text)
+
+
+def format_line(request: BaseRequest, status: str, seconds: float, sent: int) -> str:
+    principal = request.get(PRINCIPAL)
+    received = getattr(request.content, "total_bytes", 0)
+    return (f"{_safe(request.method)} {_safe(request.rel_url.raw_path)} {status} "
+            f"{seconds * 1000:.1f}ms in={received} out={sent} "
+            f"owner={_safe(principal.owner) if principal else '-'} "
+            f"from={request.remote or '-'}")
+
+
+class AccessLogger(AbstractAccessLogger):
+    """aiohttp calls this once a response is complete (or the client left
+    while it was written)."""
+
+    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info("%s", format_line(request, str(response.status), time,
+                                           response.body_length))
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+@web.middleware
+async def log_aborted(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Log a request whose handler was cancelled (cut off by the shutdown):
+    aiohttp writes no access log line for that case."""
+    started = asyncio.get_running_loop().time()
+    try:
+        return await handler(request)
+    except asyncio.CancelledError:
+        if request.app[_ACCESS_LOG] and log.isEnabledFor(logging.INFO):
+            elapsed = asyncio.get_running_loop().time() - started
+            log.info("%s aborted", format_line(request, "-", elapsed,
+                                               request.writer.output_size))
+        raise
+
+
+def setup(app: web.Application, access_log: bool) -> None:
+    app[_ACCESS_LOG] = access_log
