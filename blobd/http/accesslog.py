@@ -20,6 +20,7 @@ import logging
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import BaseRequest
 
 from .keys import PRINCIPAL
@@ -70,5 +71,24 @@ async def log_aborted(request: web.Request, handler: Handler) -> web.StreamRespo
         raise
 
 
+class RedactBadRequests(logging.Filter):
+    """aiohttp logs a malformed request at ERROR with a traceback echoing
+    the raw request line or header, which may carry a token. It is the
+    client's mistake and already in the request log as a 400, so keep one
+    debug line naming only the kind of error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        record.msg, record.args = "%s: %s", (record.getMessage(), type(exc).__name__)
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
 def setup(app: web.Application, access_log: bool) -> None:
     app[_ACCESS_LOG] = access_log
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, RedactBadRequests) for f in server_log.filters):
+        server_log.addFilter(RedactBadRequests())
