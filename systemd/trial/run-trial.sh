@@ -54,7 +54,7 @@ if [ "${1:-}" = --inside ]; then
   U=/etc/systemd/system
   exec_start="$PYTHON /run/stage/stand_in.py"
   [ "$SERVER" = blobd ] && exec_start="$PYTHON -m blobd"
-  sed "s|^ExecStart=/usr/local/bin/blobd|ExecStart=${STAND_IN:-$exec_start}|" \
+  sed "s|^ExecStart=/opt/blobd/venv/bin/blobd|ExecStart=${STAND_IN:-$exec_start}|" \
       "$ROOT/systemd/blobd.service" > $U/blobd.service
   cp "$ROOT/systemd/blobd.socket" $U/blobd.socket
   mkdir -p $U/blobd.service.d
