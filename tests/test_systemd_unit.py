@@ -84,6 +84,18 @@ def test_verify_service_and_socket(unit_dir: Path):
     assert complaints == []
 
 
+def test_readme_installs_blobd_where_the_unit_runs_it():
+    """The README's install steps put blobd exactly where ExecStart looks."""
+    venv = INSTALLED_EXEC.removeprefix("ExecStart=").split("/bin/blobd ")[0]
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Install on a home server"):]
+    assert f"sudo python3 -m venv {venv}\n" in section
+    assert f"sudo {venv}/bin/pip install ." in section
+    assert f"{venv}/bin/blobd token create -c /etc/blobd/blobd.toml" in section
+    assert 'data_dir = "/var/lib/blobd"' in section
+    assert "\nStateDirectory=blobd\n" in (UNITS / "blobd.service").read_text()
+
+
 def test_verify_reports_a_broken_unit(unit_dir: Path):
     """The check above can fail: a typo'd key is reported."""
     service = unit_dir / "blobd.service"
