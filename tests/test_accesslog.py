@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,7 +17,7 @@ from serverproc import BlobdServer
 
 LINE = re.compile(r"(?P<method>\S+) (?P<path>\S+) (?P<status>\d{3}|-) "
                   r"(?P<ms>\d+\.\d)ms in=(?P<received>\d+) out=(?P<sent>\d+) "
-                  r"owner=(?P<owner>\S+) from=(?P<peer>\S+)$")
+                  r"owner=(?P<owner>\S+) from=(?P<peer>\S+)( aborted)?$")
 
 
 def call(url: str, method: str = "GET", token: str | None = None,
@@ -76,6 +77,32 @@ def test_one_line_per_request(tmp_path: Path):
     assert (denied["status"], denied["owner"]) == ("401", "-")
     assert (health["path"], health["owner"], health["peer"]) == ("/healthz", "-", "127.0.0.1")
     assert all(float(line["ms"]) >= 0 for line in lines)
+
+
+def test_client_hanging_up_is_one_aborted_line(tmp_path: Path):
+    """Not an error with a traceback: one request line, and no temp file."""
+    with BlobdServer(tmp_path, {"storage": {"fsync": False}}) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(f"PUT /blobs/{'a' * 64} HTTP/1.1\r\nHost: t\r\n"
+                         f"Authorization: Bearer {server.token('alice')}\r\n"
+                         f"Content-Length: 3000000\r\n\r\n".encode() + b"x" * 1_000_000)
+            tmp = server.data_dir / "tmp"
+            deadline = time.monotonic() + 10
+            while not any(tmp.iterdir()):
+                assert time.monotonic() < deadline, "the upload never started"
+                time.sleep(0.01)
+        deadline = time.monotonic() + 10
+        while any(tmp.iterdir()):
+            assert time.monotonic() < deadline, "the temp file stayed"
+            time.sleep(0.01)
+        assert call(f"{server.url}/healthz") == 200
+        server.terminate()
+    stderr = server.stderr_path.read_text()
+    (put,) = [line for line in access_lines(stderr) if line["method"] == "PUT"]
+    assert (put["status"], put["owner"], put["sent"]) == ("-", "alice", "0")
+    assert int(put["received"]) == 1_000_000
+    assert f"PUT /blobs/{'a' * 64} - " in stderr and stderr.count(" aborted\n") == 1
+    assert "Traceback" not in stderr and "ERROR" not in stderr
 
 
 def test_no_token_in_any_log_output(tmp_path: Path):

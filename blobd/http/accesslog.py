@@ -4,8 +4,8 @@
 
 ``in`` is the request body bytes received, ``out`` the bytes written for
 the response (status line and headers included). A request cut off before
-it was answered (cut off by the shutdown timeout) is logged
-with ``-`` for the status and ``aborted`` at the end.
+it was answered (the client hung up, or the shutdown timeout came) is
+logged with ``-`` for the status and ``aborted`` at the end.
 
 Never a secret: tokens travel only in the Authorization header, which is not
 logged, and the query string is left out (a client may put anything there).
@@ -58,8 +58,8 @@ class AccessLogger(AbstractAccessLogger):
 
 @web.middleware
 async def log_aborted(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Log a request whose handler was cancelled (cut off by the shutdown):
-    aiohttp writes no access log line for that case."""
+    """Log a request whose handler was cancelled (the client hung up, or the
+    shutdown cut it off): aiohttp writes no access log line for that case."""
     started = asyncio.get_running_loop().time()
     try:
         return await handler(request)
