@@ -75,9 +75,7 @@ async def run_server(config: Config, *, sockets: Sequence[socket.socket] = (),
     runner = web.AppRunner(
         app, access_log_class=AccessLogger,
         access_log=logging.getLogger("blobd.access") if config.logging.access_log else None,
-        # A client that hangs up cancels its handler, as under aiohttp's test
-        # server: an upload stops at once and removes its temp file.
-        handler_cancellation=True, shutdown_timeout=CUT_OFF_SECONDS)
+        shutdown_timeout=CUT_OFF_SECONDS)
     watchdog: asyncio.Task[None] | None = None
     try:
         await runner.setup()

@@ -28,6 +28,7 @@ from .middleware import Handler
 
 log = logging.getLogger("blobd.access")
 _ACCESS_LOG = web.AppKey("access_log", bool)
+_LOGGED_ABORTED = web.RequestKey("logged_aborted", bool)
 
 
 def _safe(text: str) -> str:
@@ -48,6 +49,8 @@ class AccessLogger(AbstractAccessLogger):
     while it was written)."""
 
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request.get(_LOGGED_ABORTED):
+            return  # aiohttp's stand-in 500 for a client that is gone
         self.logger.info("%s", format_line(request, str(response.status), time,
                                            response.body_length))
 
@@ -58,28 +61,38 @@ class AccessLogger(AbstractAccessLogger):
 
 @web.middleware
 async def log_aborted(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Log a request whose handler was cancelled (the client hung up, or the
-    shutdown cut it off): aiohttp writes no access log line for that case."""
+    """Log a request cut off before its answer: cancelled by the shutdown
+    (aiohttp logs nothing then), or its client gone (aiohttp would log a
+    500 that was never sent)."""
     started = asyncio.get_running_loop().time()
     try:
         return await handler(request)
     except asyncio.CancelledError:
-        if request.app[_ACCESS_LOG] and log.isEnabledFor(logging.INFO):
-            elapsed = asyncio.get_running_loop().time() - started
-            log.info("%s aborted", format_line(request, "-", elapsed,
-                                               request.writer.output_size))
+        _log_aborted(request, started)
+        raise
+    except ConnectionError:
+        if request.transport is None or request.transport.is_closing():
+            _log_aborted(request, started)
+            request[_LOGGED_ABORTED] = True
         raise
 
 
-class RedactBadRequests(logging.Filter):
-    """aiohttp logs a malformed request at ERROR with a traceback echoing
-    the raw request line or header, which may carry a token. It is the
-    client's mistake and already in the request log as a 400, so keep one
-    debug line naming only the kind of error."""
+def _log_aborted(request: web.Request, started: float) -> None:
+    if request.app[_ACCESS_LOG] and log.isEnabledFor(logging.INFO):
+        elapsed = asyncio.get_running_loop().time() - started
+        log.info("%s aborted", format_line(request, "-", elapsed, request.writer.output_size))
+
+
+class QuietClientErrors(logging.Filter):
+    """aiohttp logs a malformed request, or a client hanging up mid-request,
+    at ERROR with a traceback; for a malformed one it echoes the raw request
+    line or header, which may carry a token. Both are the client's doing and
+    already in the request log (400, or ``aborted``), so keep one debug
+    line naming only the kind of error."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, HttpProcessingError):
+        if not isinstance(exc, (HttpProcessingError, ConnectionError)):
             return True
         record.msg, record.args = "%s: %s", (record.getMessage(), type(exc).__name__)
         record.exc_info = record.exc_text = None
@@ -90,5 +103,5 @@ class RedactBadRequests(logging.Filter):
 def setup(app: web.Application, access_log: bool) -> None:
     app[_ACCESS_LOG] = access_log
     server_log = logging.getLogger("aiohttp.server")
-    if not any(isinstance(f, RedactBadRequests) for f in server_log.filters):
-        server_log.addFilter(RedactBadRequests())
+    if not any(isinstance(f, QuietClientErrors) for f in server_log.filters):
+        server_log.addFilter(QuietClientErrors())
