@@ -69,8 +69,8 @@ async def run_server(config: Config, *, sockets: Sequence[socket.socket] = (),
     WATCHDOG (the default speaks to systemd, a no-op outside it).
     """
     notifier = notifier if notifier is not None else Notifier()
-    stop = _stop_on_signals()
     tls = await asyncio.to_thread(tls_context, config.server)
+    stop = _stop_on_signals()
     app = create_app(config)
     runner = web.AppRunner(
         app, access_log_class=AccessLogger,
