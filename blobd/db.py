@@ -150,10 +150,14 @@ class Database:
         await self._reader.execute("PRAGMA query_only = ON")
 
     async def close(self) -> None:
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
-        self._reader = self._writer = None
+        """Close both connections once no write transaction is open: a
+        commit that outlived its request (see :func:`blobd.store.shielded`)
+        still ends in COMMIT or ROLLBACK, never in a closed connection."""
+        async with self._write_lock:
+            for conn in (self._reader, self._writer):
+                if conn is not None:
+                    await conn.close()
+            self._reader = self._writer = None
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)

@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -205,12 +206,16 @@ class BlobdServer:
     ``server.data_dir`` are filled in (a free port on every start, the data
     directory under ``workdir`` unless given). With ``embedded_defaults``
     no config file is passed at all: the server must then listen on
-    127.0.0.1:8420 with its data in ``<workdir>/blobd-data``.
+    127.0.0.1:8420 with its data in ``<workdir>/blobd-data``. ``env`` adds
+    environment variables (NOTIFY_SOCKET, ...); ``tls`` is the client-side
+    context that trusts the server's certificate, for a server configured
+    with ``tls_cert``/``tls_key`` (its url is then https).
     """
 
     def __init__(self, workdir: Path, config: dict[str, Any] | None = None, *,
                  data_dir: Path | None = None, embedded_defaults: bool = False,
-                 startup_timeout: float = 30.0) -> None:
+                 startup_timeout: float = 30.0, env: dict[str, str] | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.embedded_defaults = embedded_defaults
@@ -219,6 +224,8 @@ class BlobdServer:
         self.data_dir = Path(data_dir) if data_dir is not None else default_data
         self.config_path = self.workdir / "blobd.toml"
         self.startup_timeout = startup_timeout
+        self.env = dict(env or {})
+        self.tls = tls
         self.port = DEFAULT_PORT
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -234,12 +241,15 @@ class BlobdServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self) -> "BlobdServer":
-        """Start (again) on the same data directory; returns when /healthz is 200."""
+    def start(self, wait: bool = True) -> "BlobdServer":
+        """Start (again) on the same data directory; returns when /healthz is
+        200, or at once with ``wait=False`` (the caller then watches it)."""
         if self.running:
             raise RuntimeError("blobd is already running")
         for attempt in range(3):
             self._spawn()
+            if not wait:
+                return self
             try:
                 self._wait_healthy()
                 return self
@@ -263,7 +273,8 @@ class BlobdServer:
         self.stderr_path = self.workdir / f"serve-{self.starts}.err"
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             # Files, not pipes: a chatty access log must never block the server.
-            self.proc = subprocess.Popen(args, cwd=self.workdir, env=blobd_env(),
+            self.proc = subprocess.Popen(args, cwd=self.workdir,
+                                         env={**blobd_env(), **self.env},
                                          stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
 
@@ -303,7 +314,13 @@ class BlobdServer:
 
     def _health_status(self) -> int | None:
         try:
-            return http("GET", self.url + "/healthz", timeout=2)[0]
+            if self.tls is None:
+                return http("GET", self.url + "/healthz", timeout=2)[0]
+            with urllib.request.urlopen(self.url + "/healthz", timeout=2,
+                                        context=self.tls) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
         except OSError:
             return None
 
@@ -355,7 +372,8 @@ class BlobdServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int:

@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
-INSTALLED_EXEC = "ExecStart=/usr/local/bin/blobd serve -c /etc/blobd/blobd.toml"
+INSTALLED_EXEC = "ExecStart=/opt/blobd/venv/bin/blobd serve -c /etc/blobd/blobd.toml"
 
 # Measured with systemd 252: 1.1 ("OK"; 0 is best, 10 worst). The score is
 # rounded to 0.1 and most single protections weigh less than that, so the
@@ -56,7 +56,7 @@ def unit_dir(tmp_path: Path) -> Path:
     """The units as installed, with ExecStart pointing at this Python.
 
     `systemd-analyze verify` refuses an ExecStart binary that does not exist,
-    and /usr/local/bin/blobd does not exist on a test machine.
+    and /opt/blobd/venv/bin/blobd does not exist on a test machine.
     """
     text = (UNITS / "blobd.service").read_text()
     assert text.count(INSTALLED_EXEC) == 1, "ExecStart changed; update INSTALLED_EXEC"
@@ -84,6 +84,18 @@ def test_verify_service_and_socket(unit_dir: Path):
     assert complaints == []
 
 
+def test_readme_installs_blobd_where_the_unit_runs_it():
+    """The README's install steps put blobd exactly where ExecStart looks."""
+    venv = INSTALLED_EXEC.removeprefix("ExecStart=").split("/bin/blobd ")[0]
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Install on a home server"):]
+    assert f"sudo python3 -m venv {venv}\n" in section
+    assert f"sudo {venv}/bin/pip install ." in section
+    assert f"{venv}/bin/blobd token create -c /etc/blobd/blobd.toml" in section
+    assert 'data_dir = "/var/lib/blobd"' in section
+    assert "\nStateDirectory=blobd\n" in (UNITS / "blobd.service").read_text()
+
+
 def test_verify_reports_a_broken_unit(unit_dir: Path):
     """The check above can fail: a typo'd key is reported."""
     service = unit_dir / "blobd.service"
@@ -96,7 +108,7 @@ def test_verify_rejects_a_missing_binary(tmp_path: Path):
     """Why the fixture rewrites ExecStart: verify checks the binary exists."""
     shutil.copy(UNITS / "blobd.service", tmp_path / "blobd.service")
     _, complaints = _verify(tmp_path / "blobd.service")
-    assert any("/usr/local/bin/blobd" in line for line in complaints), complaints
+    assert any("/opt/blobd/venv/bin/blobd" in line for line in complaints), complaints
 
 
 def _security(unit: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -8,6 +8,7 @@ import sys
 from typing import Sequence
 
 from ..errors import BlobdError, ConfigError
+from ..logs import stream_is_journal
 from . import admin, serve, tokens, transfer
 
 COMMANDS = (serve, tokens, transfer, admin)
@@ -32,7 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(result or 0)
     except (BlobdError, ConfigError) as exc:
         message = exc.message if isinstance(exc, BlobdError) else str(exc)
-        print(f"blobd: error: {message}", file=sys.stderr)
+        # <3>: an error for journald, when stderr is the journal (see logs.py).
+        prefix = "<3>" if stream_is_journal(sys.stderr) else ""
+        print(f"{prefix}blobd: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 
-from aiohttp import web
-
+from .. import daemon
 from ..config import Config
-from ..http.app import create_app
+from ..logs import setup_logging
 from .common import add_config_option, config_from_args
 
 
@@ -42,12 +40,5 @@ def effective_config(args: argparse.Namespace) -> Config:
 
 def run_serve(args: argparse.Namespace) -> int:
     config = effective_config(args)
-    logging.basicConfig(level=config.logging.level.upper(),
-                        format="%(levelname)s %(name)s: %(message)s")
-    app = create_app(config)
-    print(f"blobd serving {config.data_dir.resolve()} on "
-          f"http://{config.server.host}:{config.server.port}", flush=True)
-    web.run_app(app, host=config.server.host, port=config.server.port, print=None,
-                access_log=logging.getLogger("blobd.access") if config.logging.access_log
-                else None, shutdown_timeout=config.server.shutdown_timeout_seconds)
-    return 0
+    setup_logging(config.logging.level)
+    return daemon.serve(config)

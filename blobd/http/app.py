@@ -12,8 +12,10 @@ from .. import reaper, sessions
 from ..config import Config
 from ..store import Store
 from ..metrics import METRICS, Metrics, metrics_middleware
-from . import admin, blobs, health, refs, tus, uploads
+from . import accesslog, admin, blobs, health, inflight, refs, tus, uploads
+from .accesslog import log_aborted
 from .cors import add_cors_headers, cors_middleware
+from .inflight import track_requests
 from .keys import STORE
 from .middleware import auth_middleware, error_middleware, no_expect_handler
 
@@ -24,16 +26,19 @@ RESOURCES = (blobs, refs, uploads, tus, admin, health)
 
 
 def create_app(config: Config) -> web.Application:
-    # Outermost first: metrics see every answer; CORS preflights need no
-    # route or token; tus marks every answer under /tus/, errors rendered by
-    # error_middleware included.
-    app = web.Application(middlewares=[metrics_middleware, cors_middleware,
-                                       error_middleware, tus.middleware,
-                                       auth_middleware],
+    # Outermost first: aborted requests are logged and in-flight ones
+    # tracked for the shutdown drain; metrics see every answer; CORS
+    # preflights need no route or token; tus marks every answer under /tus/,
+    # errors rendered by error_middleware included.
+    app = web.Application(middlewares=[log_aborted, track_requests, metrics_middleware,
+                                       cors_middleware, error_middleware,
+                                       tus.middleware, auth_middleware],
                           client_max_size=1 << 20)
     app[STORE] = Store(config)
     app[METRICS] = Metrics()
     app.on_response_prepare.append(add_cors_headers)
+    accesslog.setup(app, config.logging.access_log)
+    inflight.setup(app)
 
     def add(method: str, path: str, handler) -> None:  # type: ignore[no-untyped-def]
         app.router.add_route(method, path, handler, expect_handler=no_expect_handler)

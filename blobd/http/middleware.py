@@ -88,7 +88,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             log.warning("%s %s: %s", request.method, request.path, exc)
             return error_response(BlobdError("insufficient_storage", "the disk is full"))
         if request.transport is None or request.transport.is_closing():
-            log.info("%s %s: client went away (%s)", request.method, request.path, exc)
+            # The request log has it as "aborted" (see accesslog.log_aborted).
+            log.debug("%s %s: client went away (%s)", request.method, request.path, exc)
             raise
         log.exception("%s %s failed", request.method, request.path)
         return error_response(BlobdError("internal", "internal server error"))

@@ -2,21 +2,24 @@
 # Boot a throwaway systemd in fresh namespaces and run blobd.service under
 # it, sandbox and all, to prove the unit works, not just that it parses.
 #
-#   sudo systemd/trial/run-trial.sh [service|socket|watchdog|wedge]
+#   sudo [SERVER=blobd] systemd/trial/run-trial.sh [service|socket|watchdog|wedge|stop]
 #
 #   service   start blobd.service, print what the sandbox allows
 #   socket    start only blobd.socket; the first connection activates blobd
 #   watchdog  WatchdogSec=3s: the pings keep it alive (NRestarts stays 0)
 #   wedge     WatchdogSec=3s and a blocked event loop: systemd restarts it
+#             (stand-in only)
+#   stop      (SERVER=blobd) systemctl stop with an upload in flight
 #
 # The server is stand_in.py (an aiohttp app using blobd.sdnotify that
-# reports what it can and cannot do); point STAND_IN at something else to
-# try the real `blobd serve`. Needs root, cgroup2 and namespaces; manual on
-# purpose. The host is left alone: /etc and /var are overlays, /run and
+# reports what it can and cannot do), or with SERVER=blobd the real
+# `blobd serve`, exercised by exercise.py. Needs root, cgroup2 and
+# namespaces; manual on purpose. The host is left alone: /etc and /var are overlays, /run and
 # /tmp are tmpfs, and units that would touch the kernel or devices
 # (sysctl, udev, modules, binfmt, ...) are masked inside the trial.
 set -euo pipefail
 MODE=${1:-service}
+SERVER=${SERVER:-stand-in}
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$(dirname "$HERE")")
 # ProtectHome=yes hides /root and /home, so the interpreter must live
@@ -41,15 +44,22 @@ if [ "${1:-}" = --inside ]; then
 
   systemd-sysusers "$ROOT/systemd/blobd.sysusers"
   mkdir -p /etc/blobd
-  printf '[server]\ndata_dir = "/var/lib/blobd"\n' > /etc/blobd/blobd.toml
+  # In socket mode the config names another port: serving on 8420 anyway
+  # shows the socket came from systemd.
+  port=8420; [ "$MODE" = socket ] && port=8421
+  printf '[server]\ndata_dir = "/var/lib/blobd"\nport = %s\nshutdown_timeout_seconds = 3\n' \
+    $port > /etc/blobd/blobd.toml
   chown root:blobd /etc/blobd/blobd.toml && chmod 0640 /etc/blobd/blobd.toml
 
   U=/etc/systemd/system
-  sed "s|^ExecStart=/usr/local/bin/blobd|ExecStart=${STAND_IN:-$PYTHON /run/stage/stand_in.py}|" \
+  exec_start="$PYTHON /run/stage/stand_in.py"
+  [ "$SERVER" = blobd ] && exec_start="$PYTHON -m blobd"
+  sed "s|^ExecStart=/opt/blobd/venv/bin/blobd|ExecStart=${STAND_IN:-$exec_start}|" \
       "$ROOT/systemd/blobd.service" > $U/blobd.service
   cp "$ROOT/systemd/blobd.socket" $U/blobd.socket
   mkdir -p $U/blobd.service.d
-  printf '[Service]\nEnvironment=BLOBD_TRIAL_PATH=%s:%s\n' "$ROOT" "$SITE" > $U/blobd.service.d/path.conf
+  printf '[Service]\nEnvironment=BLOBD_TRIAL_PATH=%s:%s PYTHONPATH=%s:%s\n' \
+    "$ROOT" "$SITE" "$ROOT" "$SITE" > $U/blobd.service.d/path.conf
   case $MODE in
     watchdog) printf '[Service]\nWatchdogSec=3s\n' > $U/blobd.service.d/fast.conf ;;
     wedge) printf '[Service]\nWatchdogSec=3s\nEnvironment=WEDGE=1\n' > $U/blobd.service.d/fast.conf ;;
@@ -79,7 +89,7 @@ LOG=$(mktemp)
 mkdir -p $CG/blobd-trial
 ( echo $BASHPID > $CG/blobd-trial/cgroup.procs
   exec unshare --mount --pid --fork --net --uts --ipc --cgroup --propagation private \
-    env SITE="$SITE" "$0" --inside "$MODE" ) > "$LOG" 2>&1 &
+    env SITE="$SITE" SERVER="$SERVER" "$0" --inside "$MODE" ) > "$LOG" 2>&1 &
 UNSHARE=$!
 cleanup() {
   [ -n "${PID1:-}" ] && kill -9 "$PID1" 2>/dev/null
@@ -97,17 +107,49 @@ for _ in $(seq 100); do
 done
 echo "system: $state"
 fetch='import json, urllib.request; print(json.dumps(json.load(urllib.request.urlopen("http://127.0.0.1:8420/", timeout=10)), indent=1))'
-case $MODE in
-  service) $IN "$PYTHON" -c "$fetch" 2>&1 | tail -n 40 || echo "fetch failed" ;;
-  socket)
-    echo "before connecting: blobd.service $($IN systemctl is-active blobd.service || true)"
-    $IN "$PYTHON" -c "$fetch" | grep -A2 listen_fds
-    echo "after connecting: blobd.service $($IN systemctl is-active blobd.service || true)" ;;
-  watchdog|wedge) sleep 14 ;;
-esac
+health='import urllib.request; print("GET /healthz:", urllib.request.urlopen("http://127.0.0.1:8420/healthz", timeout=10).read().decode())'
+as_blobd="runuser -u blobd -- env PYTHONPATH=$ROOT:$SITE $PYTHON"
+journal() {
+  $IN journalctl -u blobd.service -o json --no-pager \
+    | "$PYTHON" -c 'import json, sys; [print("journal: PRIORITY=%s %s" % (e.get("PRIORITY"), e.get("MESSAGE"))) for e in map(json.loads, sys.stdin) if e.get("_COMM") != "systemd"]'
+}
+if [ "$SERVER" = blobd ]; then
+  case $MODE in
+    service)
+      $IN "$PYTHON" -c "$health" || echo "health check failed"
+      TOKEN=$($IN $as_blobd -m blobd token create -c /etc/blobd/blobd.toml --owner trial | tail -1)
+      $IN "$PYTHON" "$HERE/exercise.py" put-get "$TOKEN" ;;
+    socket)
+      echo "before connecting: blobd.service $($IN systemctl is-active blobd.service || true)"
+      $IN "$PYTHON" -c "$health" || echo "health check failed"
+      echo "after connecting: blobd.service $($IN systemctl is-active blobd.service || true)" ;;
+    stop)
+      TOKEN=$($IN $as_blobd -m blobd token create -c /etc/blobd/blobd.toml --owner trial | tail -1)
+      $IN "$PYTHON" "$HERE/exercise.py" stall "$TOKEN" & CLIENT=$!
+      sleep 2
+      started=$(date +%s.%N)
+      $IN systemctl stop blobd.service
+      echo "systemctl stop took $(echo "$(date +%s.%N) - $started" | bc)s"
+      wait $CLIENT || true
+      echo "left in /var/lib/blobd/tmp: [$($IN ls -A /var/lib/blobd/tmp)]" ;;
+    watchdog) sleep 14 ;;
+    *) echo "mode $MODE is for the stand-in only"; exit 2 ;;
+  esac
+else
+  case $MODE in
+    service) $IN "$PYTHON" -c "$fetch" 2>&1 | tail -n 40 || echo "fetch failed" ;;
+    socket)
+      echo "before connecting: blobd.service $($IN systemctl is-active blobd.service || true)"
+      $IN "$PYTHON" -c "$fetch" | grep -A2 listen_fds
+      echo "after connecting: blobd.service $($IN systemctl is-active blobd.service || true)" ;;
+    watchdog|wedge) sleep 14 ;;
+  esac
+fi
 $IN systemctl show blobd.service -p ActiveState -p SubState -p Result -p StatusText \
   -p NRestarts -p User -p WatchdogUSec -p WatchdogTimestamp -p ExecMainStatus
 if [ "$MODE" = service ]; then
   $IN systemctl stop blobd.service
   $IN systemctl show blobd.service -p ActiveState -p Result -p ExecMainStatus | sed 's/^/after stop: /'
 fi
+[ "$SERVER" = blobd ] && journal
+exit 0

@@ -1,0 +1,177 @@
+"""One blobd server process, from its first socket to its last log line.
+
+:func:`run_server` is the whole life of a serving process:
+
+1. SIGTERM and SIGINT both mean "stop gracefully" from here on;
+2. the app starts: the store opens (index, crash recovery), background
+   tasks start (``cleanup_ctx`` in :mod:`blobd.http.app`);
+3. it listens on the sockets it was given (systemd socket activation, or a
+   socket a parent bound for it) or else on ``[server] host``/``port``, with
+   TLS when ``tls_cert``/``tls_key`` are set;
+4. only then ``READY=1``: systemd orders dependants after that moment, so
+   the port must accept and the index be open;
+5. ``WATCHDOG=1`` pings from the event loop while systemd arms a watchdog;
+6. on the signal, ``STOPPING=1``; the listening sockets close; requests
+   in flight get ``shutdown_timeout_seconds`` to finish (uploads keep
+   receiving their bodies) and are then cut off (an upload cut off removes
+   its temp file; a commit already in its index transaction completes
+   first, see :func:`blobd.store.shielded`); connections close; background
+   tasks stop; the index closes.
+
+A second SIGTERM or SIGINT during the drain stops the process at once,
+which is as safe as ``kill -9`` (see the README's crash notes).
+
+:func:`serve` is the single-process entry point of ``blobd serve``. A
+process that serves on a socket bound by someone else (a worker sharing a
+port) calls :func:`run_server` with that socket and a notifier of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import ssl
+from typing import Sequence
+
+from aiohttp import web
+
+from . import __version__
+from .config import Config, ServerConfig
+from .errors import ConfigError
+from .http.accesslog import AccessLogger
+from .http.app import create_app
+from .http.inflight import IN_FLIGHT, InFlight
+from .sdnotify import Notifier, listen_fds
+
+log = logging.getLogger(__name__)
+# How long requests cut off at the shutdown timeout get to unwind: an upload
+# removes its temp file, a commit in its index transaction completes.
+CUT_OFF_SECONDS = 5.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def serve(config: Config) -> int:
+    """Run ``blobd serve`` in this process until SIGTERM or SIGINT."""
+    # First thing, so the LISTEN_* variables never leak into child processes.
+    sockets = listen_fds()
+    asyncio.run(run_server(config, sockets=sockets))
+    return 0
+
+
+async def run_server(config: Config, *, sockets: Sequence[socket.socket] = (),
+                     notifier: Notifier | None = None) -> None:
+    """Serve until a stop signal, then shut down gracefully.
+
+    ``sockets`` are listening sockets to serve on instead of binding
+    ``[server] host``/``port``. ``notifier`` receives READY/STOPPING/
+    WATCHDOG (the default speaks to systemd, a no-op outside it).
+    """
+    notifier = notifier if notifier is not None else Notifier()
+    tls = await asyncio.to_thread(tls_context, config.server)
+    stop = _stop_on_signals()
+    app = create_app(config)
+    runner = web.AppRunner(
+        app, access_log_class=AccessLogger,
+        access_log=logging.getLogger("blobd.access") if config.logging.access_log else None,
+        shutdown_timeout=CUT_OFF_SECONDS)
+    watchdog: asyncio.Task[None] | None = None
+    try:
+        await runner.setup()
+        sites = await _listen(runner, config, sockets, tls)
+        names = ", ".join(site.name for site in sites)
+        log.info("blobd %s serving %s on %s", __version__, config.data_dir.resolve(), names)
+        notifier.ready(f"serving on {names}")
+        watchdog = _start_watchdog(notifier)
+        await stop.wait()
+        _announce_stop(notifier, app[IN_FLIGHT].count, config.server)
+        await _drain(sites, app[IN_FLIGHT], config.server.shutdown_timeout_seconds)
+    finally:
+        await runner.cleanup()
+        if watchdog is not None:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+        _restore_signals()
+    log.info("stopped")
+
+
+async def _listen(runner: web.AppRunner, config: Config, sockets: Sequence[socket.socket],
+                  tls: ssl.SSLContext | None) -> list[web.BaseSite]:
+    sites: list[web.BaseSite]
+    if sockets:
+        sites = [web.SockSite(runner, sock, ssl_context=tls) for sock in sockets]
+    else:
+        sites = [web.TCPSite(runner, config.server.host, config.server.port,
+                             ssl_context=tls)]
+    for site in sites:
+        await site.start()
+    return sites
+
+
+async def _drain(sites: Sequence[web.BaseSite], in_flight: InFlight, timeout: float) -> None:
+    """Stop accepting, give running requests ``timeout`` seconds, then cut
+    off the rest (see :mod:`blobd.http.inflight` for why not aiohttp's)."""
+    for site in sites:
+        await site.stop()
+    in_flight.draining = True
+    if await in_flight.wait_idle(timeout):
+        return
+    log.warning("cutting off %d request(s) still running after %gs",
+                in_flight.cancel_all(), timeout)
+    if not await in_flight.wait_idle(CUT_OFF_SECONDS):
+        log.warning("%d request(s) did not stop when cut off", in_flight.count)
+
+
+def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
+    """The server's TLS context, or None without ``tls_cert``; blocking
+    (reads the files), so callers run it in a thread."""
+    if not server.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(server.tls_cert, server.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"server.tls_cert: cannot load {server.tls_cert} with key "
+                          f"{server.tls_key}: {exc}") from None
+    return context
+
+
+def _stop_on_signals() -> asyncio.Event:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def first_signal(signum: int) -> None:
+        log.info("%s received: shutting down", signal.Signals(signum).name)
+        stop.set()
+        # Back to the default actions: a second signal ends the process now.
+        _restore_signals()
+
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, first_signal, signum)
+    return stop
+
+
+def _restore_signals() -> None:
+    loop = asyncio.get_running_loop()
+    for signum in STOP_SIGNALS:
+        loop.remove_signal_handler(signum)
+
+
+def _start_watchdog(notifier: Notifier) -> asyncio.Task[None] | None:
+    interval = notifier.watchdog_interval()
+    if interval is None:
+        return None
+    log.debug("systemd watchdog armed: %.1fs", interval)
+    return asyncio.create_task(notifier.run_watchdog(interval), name="blobd-watchdog")
+
+
+def _announce_stop(notifier: Notifier, in_flight: int, server: ServerConfig) -> None:
+    if in_flight:
+        message = (f"draining {in_flight} request(s) in flight, for up to "
+                   f"{server.shutdown_timeout_seconds:g}s")
+    else:
+        message = "stopping"
+    notifier.stopping(message)
+    log.info("%s", message)
