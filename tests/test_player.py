@@ -188,7 +188,7 @@ async def test_chromium_plays_a_blob_and_seeks_to_the_middle(blobd, pages, brows
     # Chromium asks media servers for ranges from the start; blobd's own
     # access log agrees that it answered 206.
     assert ranged and all(cr.endswith(f"/{len(data)}") for _, cr in ranged), ranged
-    partial = re.compile(rf'"GET /blobs/{digest}\.mp3 HTTP/1\.1" 206 ')
+    partial = re.compile(rf"GET /blobs/{digest}\.mp3 206 ")
     assert partial.search(Path(blobd.stderr_path).read_text()), blobd.stderr_tail()
 
 

@@ -34,7 +34,7 @@ def cli(live, *args: str, cwd: Path | None = None) -> subprocess.CompletedProces
 def chunk_puts(server: BlobdServer, session_id: str) -> int:
     """PUTs of chunks of one session, from the server's access log."""
     log = server.stderr_path.read_text()
-    return len(re.findall(rf'"PUT /uploads/{session_id}/\d+ HTTP/1.1" 204', log))
+    return len(re.findall(rf"PUT /uploads/{session_id}/\d+ 204 ", log))
 
 
 def sessions(live) -> list[dict]:
