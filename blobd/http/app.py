@@ -10,9 +10,10 @@ from aiohttp import web
 
 from .. import reaper
 from ..config import Config
+from ..mirror.service import Mirror
 from ..store import Store
 from . import blobs, health, refs
-from .keys import STORE
+from .keys import MIRROR, STORE
 from .middleware import auth_middleware, error_middleware, no_expect_handler
 
 # Disk work runs in threads; the default pool (cores + 4) is too small when
@@ -25,6 +26,8 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[error_middleware, auth_middleware],
                           client_max_size=1 << 20)
     app[STORE] = Store(config)
+    if config.mirror is not None:
+        app[MIRROR] = Mirror(app[STORE], config.mirror)
 
     def add(method: str, path: str, handler) -> None:  # type: ignore[no-untyped-def]
         app.router.add_route(method, path, handler, expect_handler=no_expect_handler)
@@ -36,6 +39,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_executor)
     app.cleanup_ctx.append(_open_store)
     app.cleanup_ctx.append(_sweeper)
+    app.cleanup_ctx.append(_mirror)
     return app
 
 
@@ -60,3 +64,12 @@ async def _sweeper(app: web.Application) -> AsyncIterator[None]:
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def _mirror(app: web.Application) -> AsyncIterator[None]:
+    mirror = app.get(MIRROR)
+    if mirror is not None:
+        await mirror.start()
+    yield
+    if mirror is not None:
+        await mirror.stop()
