@@ -11,6 +11,7 @@ import time
 import uuid
 from typing import Any, Awaitable, Callable
 
+from blobd.address import is_blake3_hex
 from blobd.layout import mirror_key
 
 
@@ -57,7 +58,8 @@ class Bucket:
             token = page["NextContinuationToken"]
 
     def digests(self) -> set[str]:
-        return {key.rsplit("/", 1)[1] for key in self.keys() if "/_index/" not in key}
+        names = (key.rsplit("/", 1)[1] for key in self.keys())
+        return {name for name in names if is_blake3_hex(name)}
 
     def get(self, key: str) -> bytes | None:
         try:

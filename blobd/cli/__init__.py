@@ -8,9 +8,9 @@ import sys
 from typing import Sequence
 
 from ..errors import BlobdError, ConfigError
-from . import serve, tokens
+from . import mirror, serve, tokens
 
-COMMANDS = (serve, tokens)
+COMMANDS = (serve, tokens, mirror)
 
 
 def build_parser() -> argparse.ArgumentParser:

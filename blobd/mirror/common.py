@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Awaitable, Callable, Iterable, TypeVar
+from typing import Awaitable, Callable, Iterable, Protocol, TypeVar
 
 from .. import files, layout
 from ..config import MirrorConfig
@@ -15,6 +15,30 @@ from ..files import Digests
 from ..storage.s3 import S3Error, S3Target
 
 T = TypeVar("T")
+
+
+class Bar(Protocol):
+    """A progress bar, as tqdm makes them."""
+
+    def update(self, n: float = 1) -> object: ...
+
+    def close(self) -> None: ...
+
+
+# (description, total, unit) -> a bar; the CLI passes tqdm.
+BarFactory = Callable[[str, int, str], Bar]
+
+
+class _NoBar:
+    def update(self, n: float = 1) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def no_bar(description: str, total: int, unit: str) -> Bar:
+    return _NoBar()
 
 
 class CopyMismatch(Exception):

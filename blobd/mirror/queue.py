@@ -125,6 +125,16 @@ async def enqueue_unmirrored(conn: aiosqlite.Connection, now: float) -> int:
     return cur.rowcount
 
 
+async def mark_mirrored(conn: aiosqlite.Connection, digests: Collection[str]) -> None:
+    """These blobs are in the bucket (sync found or put them there): their
+    queued puts have nothing left to do. Deletions stay queued."""
+    marks = ",".join("?" * len(digests))
+    await conn.execute(f"UPDATE blobs SET mirror_state = 'done' WHERE hash IN ({marks})"
+                       " AND mirror_state != 'done'", tuple(digests))
+    await conn.execute(f"DELETE FROM mirror_queue WHERE op = 'put' AND hash IN ({marks})",
+                       tuple(digests))
+
+
 async def counts(conn: aiosqlite.Connection) -> dict[str, Any]:
     """Queue depth, operations failing, and the latest failure's error."""
     async with conn.execute(
