@@ -37,6 +37,10 @@ def test_sizes(text, value):
     ({"quotas": {"default": {"max_bytes": -1}}}, "quotas.default.max_bytes"),
     ({"quotas": {"bob": {"max_blobs": "many"}}}, "quotas.bob.max_blobs"),
     ({"mirror": {"bucket": "b"}}, "mirror.endpoint"),
+    ({"mirror": {"endpoint": "http://h", "bucket": "b", "backups_kept": 0}},
+     "mirror.backups_kept"),
+    ({"mirror": {"endpoint": "http://h", "bucket": "b", "retry_max_seconds": 0}},
+     "mirror.retry_max_seconds"),
     ({"nonsense": {}}, "nonsense"),
 ])
 def test_errors_name_the_key(raw, key):

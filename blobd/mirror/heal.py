@@ -58,6 +58,13 @@ class Healer:
             task.add_done_callback(lambda done: self._finished(blob.hash, done))
         return await asyncio.shield(task)
 
+    async def close(self) -> None:
+        """Stop heals still running (at shutdown, after requests ended)."""
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def _finished(self, digest: str, task: asyncio.Task[bool]) -> None:
         self._running.pop(digest, None)
         if not task.cancelled():

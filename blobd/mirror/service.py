@@ -46,6 +46,7 @@ class Mirror:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        await self.healer.close()
         await self.target.close()
 
 
