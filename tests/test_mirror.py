@@ -16,28 +16,18 @@ import pytest
 from blobd.layout import backup_time_from_key
 from blobd.mirror import queue
 from conftest import b3
-from mirrorhelp import Bucket, b64sha256, eventually, in_thread, mirror_section, unique_prefix
+from mirrorhelp import Bucket, b64sha256, eventually, in_thread, mirror_section
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def prefix() -> str:
-    return unique_prefix()
-
-
-@pytest.fixture
-def bucket(s3server, prefix) -> Bucket:
-    return Bucket(s3server, prefix)
-
-
-@pytest.fixture
-async def mirrored(server, s3server, prefix):
+async def mirrored(server, s3server, mirror_prefix):
     """``await mirrored(**mirror_options)`` -> alice on a server mirroring to
     the test's prefix (no scheduled backups unless asked)."""
     async def start(**options):
         options.setdefault("backup_interval_seconds", 0)
-        login = await server(mirror=mirror_section(s3server, prefix, **options))
+        login = await server(mirror=mirror_section(s3server, mirror_prefix, **options))
         return await login("alice")
     return start
 
@@ -168,7 +158,7 @@ async def test_queued_operations_on_one_blob_keep_their_order(mirrored, bucket, 
 
 
 async def test_blobs_stored_before_the_mirror_was_configured_are_queued(
-        server, s3server, bucket, prefix):
+        server, s3server, bucket, mirror_prefix):
     login = await server()
     plain = await login("alice")
     blobs = [os.urandom(500) for _ in range(3)]
@@ -177,7 +167,8 @@ async def test_blobs_stored_before_the_mirror_was_configured_are_queued(
     assert await state(plain, b3(blobs[0])) == "off"
     await plain.client.close()
 
-    login = await server(mirror=mirror_section(s3server, prefix, backup_interval_seconds=0))
+    section = mirror_section(s3server, mirror_prefix, backup_interval_seconds=0)
+    login = await server(mirror=section)
     alice = await login("alice")
     for data in blobs:
         await arrived(alice, bucket, data)

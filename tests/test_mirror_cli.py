@@ -13,18 +13,8 @@ import pytest
 
 from blobd.layout import Layout
 from conftest import b3, blob_files, make_config
-from mirrorhelp import Bucket, eventually, in_thread, mirror_section, unique_prefix
+from mirrorhelp import Bucket, eventually, in_thread, mirror_section
 from serverproc import run_blobd, to_toml
-
-
-@pytest.fixture
-def prefix() -> str:
-    return unique_prefix()
-
-
-@pytest.fixture
-def bucket(s3server, prefix) -> Bucket:
-    return Bucket(s3server, prefix)
 
 
 class Setup:
@@ -41,14 +31,17 @@ class Setup:
         return await in_thread(lambda: run_blobd("mirror", *args, "-c",
                                                  str(self.config_path), timeout=120))
 
-    def config(self, tmp_path: Path):
-        sections = {k: v for k, v in self.sections.items() if k != "server"}
+    def config(self, tmp_path: Path, mirror: bool = True):
+        """The config for an in-process server; ``mirror=False`` leaves
+        [mirror] out (the CLI still uses it)."""
+        skip = {"server"} if mirror else {"server", "mirror"}
+        sections = {k: v for k, v in self.sections.items() if k not in skip}
         return make_config(tmp_path, server={"data_dir": str(self.data_dir)}, **sections)
 
 
 @pytest.fixture
-def setup(tmp_path, s3server, prefix) -> Setup:
-    return Setup(tmp_path, "data", mirror_section(s3server, prefix,
+def setup(tmp_path, s3server, mirror_prefix) -> Setup:
+    return Setup(tmp_path, "data", mirror_section(s3server, mirror_prefix,
                                                    backup_interval_seconds=0))
 
 
@@ -126,7 +119,7 @@ async def test_sync_delete_and_verify(server, setup, bucket, tmp_path):
 
 
 async def test_sync_mirrors_a_store_that_never_had_a_mirror(server, setup, bucket, tmp_path):
-    login = await server(config=make_config(tmp_path, server={"data_dir": str(setup.data_dir)}))
+    login = await server(config=setup.config(tmp_path, mirror=False))
     alice = await login("alice")
     blobs = [os.urandom(700 + n) for n in range(3)]
     for data in blobs:
@@ -141,7 +134,7 @@ async def test_sync_mirrors_a_store_that_never_had_a_mirror(server, setup, bucke
 
 async def test_sync_reports_a_damaged_local_file_and_does_not_mirror_it(
         server, setup, bucket, tmp_path):
-    login = await server(config=make_config(tmp_path, server={"data_dir": str(setup.data_dir)}))
+    login = await server(config=setup.config(tmp_path, mirror=False))
     alice = await login("alice")
     data = os.urandom(5000)
     await alice.put(data)

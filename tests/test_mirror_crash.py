@@ -8,7 +8,7 @@ import sqlite3
 import aiohttp
 
 from conftest import b3
-from mirrorhelp import Bucket, eventually, in_thread, mirror_section, unique_prefix
+from mirrorhelp import eventually, in_thread, mirror_section
 from serverproc import BlobdServer
 
 
@@ -17,10 +17,9 @@ def queued(server: BlobdServer) -> int:
         return conn.execute("SELECT count(*) FROM mirror_queue").fetchone()[0]
 
 
-async def test_kill9_with_a_full_queue_then_restart_delivers_everything(tmp_path, s3server):
-    prefix = unique_prefix()
-    bucket = Bucket(s3server, prefix)
-    server = BlobdServer(tmp_path, {"mirror": mirror_section(s3server, prefix,
+async def test_kill9_with_a_full_queue_then_restart_delivers_everything(
+        tmp_path, s3server, bucket, mirror_prefix):
+    server = BlobdServer(tmp_path, {"mirror": mirror_section(s3server, mirror_prefix,
                                                              backup_interval_seconds=0)})
     blobs = [os.urandom(50_000 + n) for n in range(20)]
     try:
