@@ -284,8 +284,11 @@ async def test_the_index_is_backed_up_on_schedule_and_old_backups_pruned(
                 blobs_in_backup, bucket, keys[-1], tmp_path) == stored
         await eventually(latest_has_all, what=f"a backup with {len(stored)} blobs")
 
-    await asyncio.sleep(0.6)  # several more intervals: nothing changed, nothing uploaded
+    await eventually(lambda: _empty(alice), what="queue drained")
+    await asyncio.sleep(0.5)  # a backup with every blob marked mirrored
     keys = await in_thread(backup_keys, bucket)
+    await asyncio.sleep(0.6)  # several more intervals: nothing changed, nothing uploaded
+    assert await in_thread(backup_keys, bucket) == keys
     assert len(keys) == 2
     assert all(backup_time_from_key(bucket.prefix, key) for key in keys)
     assert await in_thread(blobs_in_backup, bucket, keys[-1], tmp_path) == stored

@@ -288,3 +288,25 @@ async def test_unreachable_mirror_is_one_clear_line(tmp_path, s3server):
     assert result.returncode == 1
     assert result.stderr.startswith("blobd: error: mirror: ")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["adopt", "skip-orphans"])
+async def test_restore_without_any_index_backup(server, setup, bucket, tmp_path, skip):
+    _, alice = await start(server, setup, tmp_path)
+    blobs = [os.urandom(2000 + n) for n in range(2)]
+    for data in blobs:
+        await alice.put(data)
+    await mirrored(alice, bucket, {b3(d) for d in blobs})
+    assert await in_thread(bucket.keys, "_index/") == []
+
+    fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
+    result = await fresh.cli("restore", *(["--skip-orphans"] if skip else []))
+    assert result.returncode == 0, result.stderr
+    assert "index backup (none)" in result.stdout
+    refs = index_rows(fresh.data_dir, "SELECT owner, hash FROM refs ORDER BY hash")
+    if skip:
+        assert "left 2 in the bucket only" in result.stdout
+        assert refs == [] and blob_files(fresh.data_dir) == []
+    else:
+        assert refs == sorted(("_restored", b3(d)) for d in blobs)
+        assert sorted(p.read_bytes() for p in blob_files(fresh.data_dir)) == sorted(blobs)
