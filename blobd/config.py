@@ -124,6 +124,7 @@ class MirrorConfig:
     multipart_threshold: int = field(default=64 << 20, metadata=SIZE)
     retry_max_seconds: float = 300.0
     backup_interval_seconds: float = 3600.0
+    backups_kept: int = 48
 
 
 @dataclass(frozen=True)
@@ -256,8 +257,14 @@ def _validate(config: Config) -> None:
         for key in ("endpoint", "bucket"):
             checks.append((bool(getattr(config.mirror, key)),
                            f"mirror.{key}: required when [mirror] is present"))
-        checks.append((config.mirror.concurrency >= 1,
-                       "mirror.concurrency: expected at least 1"))
+        checks += [
+            (config.mirror.concurrency >= 1, "mirror.concurrency: expected at least 1"),
+            (config.mirror.retry_max_seconds > 0,
+             "mirror.retry_max_seconds: expected a positive number"),
+            (config.mirror.backup_interval_seconds >= 0,
+             "mirror.backup_interval_seconds: cannot be negative"),
+            (config.mirror.backups_kept >= 1, "mirror.backups_kept: expected at least 1"),
+        ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

@@ -129,6 +129,7 @@ MIGRATIONS: list[str] = [
         enqueued_at  REAL NOT NULL
     );
     CREATE INDEX mirror_queue_next_at ON mirror_queue(next_at);
+    CREATE INDEX mirror_queue_hash ON mirror_queue(hash, id);
     """,
 ]
 

@@ -196,6 +196,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def install_verified(temp: Path, final: Path, fsync: bool) -> None:
+    """Move a verified copy of an indexed blob over its final name (heal,
+    restore). rename(2) replaces a damaged file atomically: a reader sees
+    the old file or the good one, never no file. With ``fsync`` the new
+    directory entries are durable when this returns."""
+    created = [d for d in (final.parent.parent, final.parent) if not d.exists()]
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(temp, final)
+    if fsync:
+        for directory in [final.parent] + [d.parent for d in created]:
+            fsync_dir(directory)
+
+
 def remove_quietly(*paths: Path) -> None:
     for path in paths:
         try:

@@ -100,6 +100,11 @@ async def blobs_due_for_deletion(conn: aiosqlite.Connection, zero_before: float,
     return [r["hash"] for r in rows]
 
 
+async def all_blobs(conn: aiosqlite.Connection) -> list[BlobRecord]:
+    """Every blob row, those in their grace period too (mirror sync, restore)."""
+    return [BlobRecord.from_row(r) for r in await _all(conn, "SELECT * FROM blobs")]
+
+
 async def set_mirror_state(conn: aiosqlite.Connection, digest: str, state: str) -> None:
     await conn.execute("UPDATE blobs SET mirror_state = ? WHERE hash = ?", (state, digest))
 
@@ -276,6 +281,12 @@ async def drop_blob_refs(conn: aiosqlite.Connection, owner: str, digest: str,
     if not cur.rowcount:
         return 0, []
     return cur.rowcount, await _release(conn, owner, digest, cur.rowcount, now)
+
+
+async def refs_to(conn: aiosqlite.Connection, digest: str) -> list[tuple[str, str]]:
+    """(owner, name) of every reference to a blob, over all owners."""
+    rows = await _all(conn, "SELECT owner, name FROM refs WHERE hash = ?", digest)
+    return [(r["owner"], r["name"]) for r in rows]
 
 
 async def drop_ref(conn: aiosqlite.Connection, owner: str, name: str,

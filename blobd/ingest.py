@@ -178,7 +178,7 @@ async def _reference(store: Store, tx: Tx, owner: str, ref: str | None,
     await index.bump(tx.conn, puts=1, put_dedup_hits=0 if created else 1)
     mirror = store.config.mirror
     if created and mirror is not None:
-        await index.enqueue_mirror(tx.conn, blob.hash, "put", now)
+        await tx.enqueue_mirror(blob.hash, "put", now)
     return Stored(blob, created, name)
 
 

@@ -11,9 +11,16 @@ The data directory::
                                index transaction, unlinked after it)
       uploads/<id>             preallocated data file of a resumable session
       quarantine/<hash>.<ts>   files fsck --repair moved aside
+      tmp/backup-<r>           an index snapshot on its way to the mirror
+      restoring                present while `blobd mirror restore` runs
 
-Mirror objects live at ``<prefix>/ab/cd/<hash>``, the same sharding, so a
-bucket listing reads like the local tree.
+The mirror bucket::
+
+    <prefix>/ab/cd/<hash>                       one object per blob, the same
+                                                sharding as blobs/, so a
+                                                listing reads like the tree
+    <prefix>/_index/index-<UTC stamp>.sqlite3   index backups; the stamp
+                                                sorts, so the newest is last
 
 Only validated digests (see :mod:`blobd.address`) and server-generated ids
 are ever joined into a path here.
@@ -21,8 +28,10 @@ are ever joined into a path here.
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .address import is_blake3_hex
@@ -58,6 +67,10 @@ class Layout:
     def quarantine_dir(self) -> Path:
         return self.root / "quarantine"
 
+    @property
+    def restore_marker_path(self) -> Path:
+        return self.root / "restoring"
+
     def directories(self) -> list[Path]:
         return [self.root, self.blobs_dir, self.tmp_dir, self.uploads_dir]
 
@@ -74,6 +87,10 @@ class Layout:
     def trash_path(self, digest: str) -> Path:
         _check_digest(digest)
         return self.tmp_dir / f"del-{digest}-{secrets.token_hex(8)}"
+
+    def backup_temp_path(self) -> Path:
+        """A fresh name for an index snapshot (start-up removes leftovers)."""
+        return self.tmp_dir / f"backup-{secrets.token_hex(8)}"
 
     def upload_path(self, session_id: str) -> Path:
         if not session_id or not set(session_id) <= _SESSION_ID_CHARS:
@@ -111,6 +128,36 @@ def digest_from_mirror_key(prefix: str, key: str) -> str | None:
         return None
     digest = parts[2]
     return digest if parts[0] == digest[0:2] and parts[1] == digest[2:4] else None
+
+
+BACKUP_DIR = "_index"
+_BACKUP_NAME = re.compile(r"index-(\d{8}T\d{6}\.\d{6}Z)\.sqlite3")
+
+
+def mirror_blobs_prefix(prefix: str) -> str:
+    """What every blob key (and every backup key) starts with: for listing."""
+    head = prefix.strip("/")
+    return f"{head}/" if head else ""
+
+
+def mirror_backup_prefix(prefix: str) -> str:
+    return f"{mirror_blobs_prefix(prefix)}{BACKUP_DIR}/"
+
+
+def mirror_backup_key(prefix: str, at: float) -> str:
+    """The key of an index backup taken at ``at`` (Unix time, UTC stamp)."""
+    moment = datetime.fromtimestamp(at, tz=timezone.utc)
+    return f"{mirror_backup_prefix(prefix)}index-{moment:%Y%m%dT%H%M%S.%f}Z.sqlite3"
+
+
+def backup_time_from_key(prefix: str, key: str) -> float | None:
+    """When the backup at ``key`` was taken; None for any other key."""
+    head = mirror_backup_prefix(prefix)
+    match = _BACKUP_NAME.fullmatch(key[len(head):]) if key.startswith(head) else None
+    if match is None:
+        return None
+    moment = datetime.strptime(match[1], "%Y%m%dT%H%M%S.%fZ")
+    return moment.replace(tzinfo=timezone.utc).timestamp()
 
 
 def _check_digest(digest: str) -> None:

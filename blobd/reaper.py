@@ -34,7 +34,7 @@ async def delete_now(store: Store, tx: Tx, digest: str) -> bool:
         return False
     mirror = store.config.mirror
     if mirror is not None and not mirror.keep_deleted:
-        await index.enqueue_mirror(tx.conn, digest, "delete", time.time())
+        await tx.enqueue_mirror(digest, "delete", time.time())
     trash = store.layout.trash_path(digest)
     final = store.layout.blob_path(digest)
     if await asyncio.to_thread(files.move_to_trash, final, trash):

@@ -41,6 +41,13 @@ class Tx:
     conn: aiosqlite.Connection
     trash: list[Path] = field(default_factory=list)
     undo: list[Callable[[], None]] = field(default_factory=list)
+    mirror_enqueued: bool = False
+
+    async def enqueue_mirror(self, digest: str, op: str, now: float) -> None:
+        """Queue a mirror 'put' or 'delete' in this transaction; the mirror
+        worker is woken once it commits."""
+        await index.enqueue_mirror(self.conn, digest, op, now)
+        self.mirror_enqueued = True
 
 
 class Store:
@@ -49,6 +56,8 @@ class Store:
         self.layout = Layout(config.data_dir.resolve())
         self.db = Database(self.layout.index_path, durable=config.storage.fsync)
         self._lock_fd: int | None = None
+        # Set after a commit that queued mirror work (see Tx.enqueue_mirror).
+        self.mirror_wakeup = asyncio.Event()
 
     async def open(self, *, exclusive: bool = True, recover: bool = True) -> None:
         """Open the index; ``exclusive`` takes the data-dir lock a server holds."""
@@ -80,6 +89,8 @@ class Store:
         async with self.db.transaction(on_rollback=undo) as conn:
             tx = Tx(conn)
             yield tx
+        if tx.mirror_enqueued:
+            self.mirror_wakeup.set()
         if tx.trash:
             # Committed: a leftover here is only litter for recover().
             try:

@@ -14,6 +14,7 @@ from blobd import auth
 from blobd.config import Config, config_from_dict
 from blobd.http.app import create_app
 from blobd.http.keys import STORE
+from mirrorhelp import Bucket, unique_prefix
 from s3server import SeaweedS3
 
 
@@ -109,3 +110,15 @@ def s3server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def mirror_prefix() -> str:
+    """A key prefix of the test's own in the shared bucket."""
+    return unique_prefix()
+
+
+@pytest.fixture
+def bucket(s3server, mirror_prefix) -> Bucket:
+    """What the S3 server holds under the test's prefix."""
+    return Bucket(s3server, mirror_prefix)

@@ -8,7 +8,8 @@ import pytest
 
 from blobd.address import parse_address
 from blobd.errors import BlobdError
-from blobd.layout import Layout, digest_from_mirror_key, mirror_key, parse_tmp_name
+from blobd.layout import (Layout, backup_time_from_key, digest_from_mirror_key,
+                          mirror_backup_key, mirror_blobs_prefix, mirror_key, parse_tmp_name)
 
 DIGEST = "ab" + "cd" + "0" * 60
 
@@ -47,6 +48,17 @@ def test_mirror_keys_round_trip(prefix):
     assert key.endswith(f"ab/cd/{DIGEST}")
     assert digest_from_mirror_key(prefix, key) == DIGEST
     assert digest_from_mirror_key(prefix, key + "x") is None
+
+
+@pytest.mark.parametrize("prefix", ["blobs", "a/b/", ""])
+def test_backup_keys_sort_by_time_and_are_never_blob_keys(prefix):
+    times = [1_700_000_000.25, 1_700_000_000.5, 1_800_000_000.0]
+    keys = [mirror_backup_key(prefix, at) for at in times]
+    assert sorted(keys) == keys
+    assert all(key.startswith(mirror_blobs_prefix(prefix)) for key in keys)
+    assert [backup_time_from_key(prefix, key) for key in keys] == times
+    assert [digest_from_mirror_key(prefix, key) for key in keys] == [None] * 3
+    assert backup_time_from_key(prefix, mirror_key(prefix, DIGEST)) is None
 
 
 @pytest.mark.parametrize("text,algorithm,digest", [

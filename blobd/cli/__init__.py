@@ -9,9 +9,9 @@ from typing import Sequence
 
 from ..errors import BlobdError, ConfigError
 from ..logs import stream_is_journal
-from . import admin, serve, tokens, transfer
+from . import admin, mirror, serve, tokens, transfer
 
-COMMANDS = (serve, tokens, transfer, admin)
+COMMANDS = (serve, tokens, transfer, admin, mirror)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,13 +10,14 @@ from aiohttp import web
 
 from .. import reaper, sessions
 from ..config import Config
+from ..mirror.service import Mirror
 from ..store import Store
 from ..metrics import METRICS, Metrics, metrics_middleware
 from . import accesslog, admin, blobs, health, inflight, refs, tus, uploads
 from .accesslog import log_aborted
 from .cors import add_cors_headers, cors_middleware
 from .inflight import track_requests
-from .keys import STORE
+from .keys import MIRROR, STORE
 from .middleware import auth_middleware, error_middleware, no_expect_handler
 
 # Disk work runs in threads; the default pool (cores + 4) is too small when
@@ -39,6 +40,8 @@ def create_app(config: Config) -> web.Application:
     app.on_response_prepare.append(add_cors_headers)
     accesslog.setup(app, config.logging.access_log)
     inflight.setup(app)
+    if config.mirror is not None:
+        app[MIRROR] = Mirror(app[STORE], config.mirror)
 
     def add(method: str, path: str, handler) -> None:  # type: ignore[no-untyped-def]
         app.router.add_route(method, path, handler, expect_handler=no_expect_handler)
@@ -51,6 +54,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_open_store)
     app.cleanup_ctx.append(_sweeper)
     app.cleanup_ctx.append(_session_sweeper)
+    app.cleanup_ctx.append(_mirror)
     return app
 
 
@@ -84,3 +88,12 @@ async def _session_sweeper(app: web.Application) -> AsyncIterator[None]:
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def _mirror(app: web.Application) -> AsyncIterator[None]:
+    mirror = app.get(MIRROR)
+    if mirror is not None:
+        await mirror.start()
+    yield
+    if mirror is not None:
+        await mirror.stop()

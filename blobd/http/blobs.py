@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, BinaryIO
 
 from aiohttp import web
 
@@ -15,7 +15,8 @@ from ..address import Address, parse_address, parse_ref_name
 from ..errors import BlobdError
 from ..index import BlobRecord
 from ..store import Store, shielded
-from .keys import STORE
+from ..mirror.heal import HealError
+from .keys import MIRROR, STORE
 from .params import iso, page_params
 from .middleware import expects_continue, principal, requires, send_continue
 from .sendblob import BlobFile, open_blob, send_blob
@@ -103,14 +104,33 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     path = store.layout.blob_path(blob.hash)
     fobj = await asyncio.to_thread(open_blob, path, blob.size)
     if fobj is None:
-        log.error("blob %s is indexed but its file is missing or damaged", blob.hash)
-        raise BlobdError("internal", "the blob's file is missing or damaged;"
-                         " run blobd fsck")
+        fobj = await _heal(request, blob)
     try:
         return await send_blob(request, BlobFile(path, blob.hash, blob.size,
                                                  blob.content_type, blob.created_at), fobj)
     finally:
         await asyncio.to_thread(fobj.close)
+
+
+async def _heal(request: web.Request, blob: BlobRecord) -> BinaryIO:
+    """The blob's file is missing or the wrong size: fetch it back from the
+    mirror (verified) and open it, or fail with 500."""
+    store, mirror = request.app[STORE], request.app.get(MIRROR)
+    if mirror is None:
+        log.error("blob %s is indexed but its file is missing or damaged", blob.hash)
+        raise BlobdError("internal", "the blob's file is missing or damaged;"
+                         " run blobd fsck")
+    log.warning("blob %s: file missing or damaged; healing from the mirror", blob.hash)
+    try:
+        await mirror.healer.heal(blob)
+    except HealError as exc:
+        log.error("blob %s could not be healed: %s", blob.hash, exc)
+        raise BlobdError("internal", "the blob's file is missing or damaged, and the"
+                         " mirror has no good copy") from None
+    fobj = await asyncio.to_thread(open_blob, store.layout.blob_path(blob.hash), blob.size)
+    if fobj is None:  # deleted while it was being healed
+        raise BlobdError("not_found", f"blob {blob.hash} was deleted")
+    return fobj
 
 
 @requires("read", anonymous_read=True)

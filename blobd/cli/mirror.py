@@ -1,0 +1,201 @@
+"""``blobd mirror sync|restore|backup|heal|status``."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Any, Awaitable, Callable
+
+from tqdm import tqdm
+
+from ..address import parse_address
+from ..config import Config, MirrorConfig
+from ..errors import BlobdError, ConfigError
+from ..index import BlobRecord, all_blobs, get_blob, hash_for_sha256
+from ..mirror import backup, queue
+from ..mirror.common import Bar, BarFactory, list_backups, make_target
+from ..mirror.heal import Healer, check_and_heal
+from ..mirror.restore import ORPHANS_OWNER, restore
+from ..mirror.sync import sync
+from ..storage.s3 import S3Error
+from ..store import Store
+from .common import add_config_option, config_from_args, open_index
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    mirror = sub.add_parser("mirror", help="reconcile, restore and heal from the S3 mirror",
+                            description="Work with the S3-compatible mirror of [mirror].")
+    actions = mirror.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    syncing = _action(actions, "sync", run_sync, "reconcile the store with the bucket",
+                      "List the store and the bucket and upload what the bucket lacks, "
+                      "rsync-style; ends with a fresh index backup. Run it again to "
+                      "resume an interrupted sync.")
+    syncing.add_argument("--delete", action="store_true",
+                         help="also delete objects of blobs the index no longer has")
+    syncing.add_argument("--dry-run", action="store_true",
+                         help="list what would be done; change nothing")
+    syncing.add_argument("--verify", action="store_true",
+                         help="compare each object's SHA-256 with the index; re-upload "
+                         "mismatches")
+
+    restoring = _action(actions, "restore", run_restore, "rebuild an empty server from "
+                        "the bucket", "Restore the newest index backup and every blob "
+                        "(verified) into an empty data directory. Run it again to resume.")
+    orphans = restoring.add_mutually_exclusive_group()
+    orphans.add_argument("--orphans-owner", default=ORPHANS_OWNER, metavar="NAME",
+                         help="owner given the blobs the backup does not know "
+                         f"(default: {ORPHANS_OWNER})")
+    orphans.add_argument("--skip-orphans", action="store_true",
+                         help="leave blobs the backup does not know in the bucket only")
+
+    _action(actions, "backup", run_backup, "upload an index backup now",
+            "Upload a consistent snapshot of the index to <prefix>/_index/.", jobs=False)
+
+    healing = _action(actions, "heal", run_heal, "verify local files, heal from the bucket",
+                      "Hash every local blob file (or the ones named) and replace any that "
+                      "is missing or damaged with a verified copy from the bucket.")
+    healing.add_argument("hashes", nargs="*", metavar="HASH", help="only these blobs")
+
+    _action(actions, "status", run_status, "show the queue and the newest backup",
+            "Show the mirror queue and the newest index backup.", jobs=False)
+
+
+def _action(actions: argparse._SubParsersAction, name: str, run: Callable[..., Any],
+            summary: str, description: str, jobs: bool = True) -> argparse.ArgumentParser:
+    parser = actions.add_parser(name, help=summary, description=description)
+    add_config_option(parser)
+    if jobs:
+        parser.add_argument("-j", "--jobs", type=int, metavar="N",
+                            help="transfers at once (default: [mirror] concurrency)")
+        parser.add_argument("--progress", action="store_true", default=None,
+                            help="show progress bars even when stderr is not a terminal")
+    parser.set_defaults(run=_mirror_errors(run))
+    return parser
+
+
+def _mirror_errors(run: Callable[[argparse.Namespace], Awaitable[int]]
+                   ) -> Callable[[argparse.Namespace], Awaitable[int]]:
+    @functools.wraps(run)
+    async def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return await run(args)
+        except S3Error as exc:
+            raise BlobdError("unavailable", f"mirror: {exc}") from None
+    return wrapped
+
+
+def _setup(args: argparse.Namespace) -> tuple[Config, MirrorConfig, int, BarFactory]:
+    config = config_from_args(args)
+    if config.mirror is None:
+        raise ConfigError("mirror: the config has no [mirror] section")
+    jobs = getattr(args, "jobs", None) or config.mirror.concurrency
+    show = getattr(args, "progress", None)
+
+    def bar(description: str, total: int, unit: str) -> Bar:
+        return tqdm(desc=description, total=total, unit=unit, unit_scale=unit == "B",
+                    unit_divisor=1024, disable=None if show is None else False,
+                    file=sys.stderr)
+    return config, config.mirror, jobs, bar
+
+
+async def run_sync(args: argparse.Namespace) -> int:
+    config, mirror, jobs, bar = _setup(args)
+    async with open_index(config) as store, make_target(mirror) as target:
+        report = await sync(store, target, mirror, delete=args.delete, dry_run=args.dry_run,
+                            verify=args.verify, jobs=jobs, bar=bar)
+    if args.dry_run:
+        for blob in report.to_upload:
+            print(f"would upload {blob.hash} ({blob.size} bytes)")
+        for digest in report.to_delete:
+            print(f"would delete {digest}")
+    for what, error in report.failed.items():
+        print(f"failed {what}: {error}", file=sys.stderr)
+    print(f"sync: {report.local} blobs in the index, {report.remote} in the bucket;"
+          f" {report.in_sync} in sync, {report.mismatched} mismatched;"
+          f" {len(report.to_upload)} to upload, {len(report.to_delete)} to delete"
+          + ("" if args.dry_run else
+             f"; uploaded {report.uploaded} ({report.uploaded_bytes} bytes),"
+             f" deleted {report.deleted}, failed {len(report.failed)}"))
+    if report.backup:
+        print(f"index backup: {report.backup}")
+    return 1 if report.failed else 0
+
+
+async def run_restore(args: argparse.Namespace) -> int:
+    config, mirror, jobs, bar = _setup(args)
+    owner = None if args.skip_orphans else args.orphans_owner
+    async with make_target(mirror) as target:
+        report = await restore(config, target, jobs=jobs, orphans_owner=owner, bar=bar)
+    for digest in report.missing:
+        print(f"not in the bucket, dropped: {digest}", file=sys.stderr)
+    for digest, why in report.corrupt.items():
+        print(f"damaged in the bucket, dropped: {digest}: {why}", file=sys.stderr)
+    orphans = (f"left {len(report.orphans)} in the bucket only" if owner is None
+               else f"{len(report.orphans)} given to owner {owner}")
+    print(f"restore: index backup {report.backup or '(none)'};"
+          f" restored {report.restored} blobs ({report.restored_bytes} bytes),"
+          f" {report.already} already in place; not in the backup: {orphans};"
+          f" dropped {len(report.missing) + len(report.corrupt)} blobs"
+          f" and {report.dropped_refs} references")
+    return 1 if report.corrupt else 0
+
+
+async def run_backup(args: argparse.Namespace) -> int:
+    config, mirror, _, _ = _setup(args)
+    async with open_index(config) as store, make_target(mirror) as target:
+        done = await backup.backup_index(store, target, mirror)
+    state = "uploaded" if done.uploaded else "unchanged since"
+    print(f"index backup {state} {target.url(done.key)} ({done.size} bytes)")
+    return 0
+
+
+async def run_heal(args: argparse.Namespace) -> int:
+    config, mirror, jobs, bar = _setup(args)
+    async with open_index(config) as store, make_target(mirror) as target:
+        blobs = await _named_blobs(store, args.hashes) if args.hashes else \
+            await all_blobs(store.db.reader)
+        progress = bar("verify", sum(b.size for b in blobs), "B")
+        try:
+            checkup = await check_and_heal(store, Healer(store, target, mirror), blobs,
+                                           jobs, progress.update)
+        finally:
+            progress.close()
+    for digest in checkup.healed:
+        print(f"healed {digest}")
+    for digest, why in checkup.unhealable.items():
+        print(f"cannot heal {digest}: {why}", file=sys.stderr)
+    print(f"heal: {checkup.checked} checked, {len(checkup.healed)} healed,"
+          f" {len(checkup.unhealable)} could not be healed")
+    return 1 if checkup.unhealable else 0
+
+
+async def _named_blobs(store: Store, names: list[str]) -> list[BlobRecord]:
+    found, unknown = [], []
+    for name in names:
+        address = parse_address(name)
+        digest = address.digest if address.is_blake3 else \
+            await hash_for_sha256(store.db.reader, address.digest)
+        blob = await get_blob(store.db.reader, digest) if digest else None
+        if blob is None:
+            unknown.append(name)
+        else:
+            found.append(blob)
+    if unknown:
+        raise BlobdError("not_found", "no such blob: " + ", ".join(unknown))
+    return found
+
+
+async def run_status(args: argparse.Namespace) -> int:
+    config, mirror, _, _ = _setup(args)
+    async with open_index(config) as store:
+        counts = await queue.counts(store.db.reader)
+    print(f"queue: {counts['pending']} pending, {counts['failed']} failing")
+    if counts["last_error"]:
+        print(f"last error: {counts['last_error']}")
+    async with make_target(mirror) as target:
+        backups = await list_backups(target, mirror)
+    print(f"index backups: {len(backups)}"
+          + (f", newest {target.url(backups[-1][1])}" if backups else ""))
+    return 0

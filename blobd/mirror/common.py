@@ -1,0 +1,116 @@
+"""What the parts of the mirror share: the target built from the config,
+listings of the bucket, verification of a downloaded copy, and a bounded
+pool of concurrent jobs."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Awaitable, Callable, Iterable, Protocol, TypeVar
+
+from .. import files, layout
+from ..config import MirrorConfig
+from ..errors import ConfigError
+from ..files import Digests
+from ..storage.s3 import S3Error, S3Target
+
+T = TypeVar("T")
+
+
+class Bar(Protocol):
+    """A progress bar, as tqdm makes them."""
+
+    def update(self, n: float = 1) -> object: ...
+
+    def close(self) -> None: ...
+
+
+# (description, total, unit) -> a bar; the CLI passes tqdm.
+BarFactory = Callable[[str, int, str], Bar]
+
+
+class _NoBar:
+    def update(self, n: float = 1) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def no_bar(description: str, total: int, unit: str) -> Bar:
+    return _NoBar()
+
+
+class CopyMismatch(Exception):
+    """A copy from the mirror is not the blob it should be."""
+
+
+def make_target(config: MirrorConfig) -> S3Target:
+    """The bucket of ``[mirror]``, not yet opened (no connection is made)."""
+    try:
+        return S3Target(config.endpoint, config.bucket, config.access_key,
+                        config.secret_key, config.region, config.prefix,
+                        multipart_threshold=config.multipart_threshold,
+                        # The queue retries with its own backoff; one quick
+                        # retry here covers a dropped keep-alive connection.
+                        max_attempts=2)
+    except S3Error as exc:  # aiobotocore is missing
+        raise ConfigError(f"mirror: {exc}") from None
+
+
+def blob_key(config: MirrorConfig, digest: str) -> str:
+    return layout.mirror_key(config.prefix, digest)
+
+
+async def list_blob_objects(target: S3Target, config: MirrorConfig) -> dict[str, int]:
+    """{digest: size} of every blob object under the prefix; other keys
+    (index backups, anything a person put there) are left out."""
+    found: dict[str, int] = {}
+    async for key, size in target.list(layout.mirror_blobs_prefix(config.prefix)):
+        digest = layout.digest_from_mirror_key(config.prefix, key)
+        if digest is not None:
+            found[digest] = size
+    return found
+
+
+async def list_backups(target: S3Target, config: MirrorConfig) -> list[tuple[float, str]]:
+    """(taken_at, key) of every index backup, oldest first."""
+    found = []
+    async for key, _ in target.list(layout.mirror_backup_prefix(config.prefix)):
+        taken_at = layout.backup_time_from_key(config.prefix, key)
+        if taken_at is not None:
+            found.append((taken_at, key))
+    return sorted(found)
+
+
+def verify_copy(path: Path, digest: str, sha256: str | None = None,
+                size: int | None = None) -> Digests:
+    """Hash a downloaded file and check it is the blob ``digest`` (and has
+    the SHA-256 and size the index or the object claims). Runs in a thread."""
+    got = files.hash_file(path)
+    wrong = []
+    if got.blake3 != digest:
+        wrong.append(f"BLAKE3 {got.blake3}")
+    if sha256 is not None and got.sha256 != sha256:
+        wrong.append(f"SHA-256 {got.sha256} (expected {sha256})")
+    if size is not None and got.size != size:
+        wrong.append(f"{got.size} bytes (expected {size})")
+    if wrong:
+        raise CopyMismatch(f"the mirror's copy of {digest} has " + ", ".join(wrong))
+    return got
+
+
+async def run_pool(items: Iterable[T], jobs: int,
+                   work: Callable[[T], Awaitable[None]]) -> None:
+    """Run ``work`` on every item, at most ``jobs`` at once, without making
+    a task per item (a store may hold millions). The first exception stops
+    the pool; ``work`` handles what should not."""
+    pending = iter(items)
+
+    async def worker() -> None:
+        for item in pending:
+            await work(item)
+
+    async with asyncio.TaskGroup() as group:
+        for _ in range(max(1, jobs)):
+            group.create_task(worker())

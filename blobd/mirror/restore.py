@@ -1,0 +1,278 @@
+"""``blobd mirror restore``: rebuild an empty server from the bucket.
+
+1. The data directory must hold no blobs; its lock is taken, so no server
+   runs on it meanwhile.
+2. The newest index backup (:mod:`blobd.mirror.backup`) is downloaded,
+   checked against its SHA-256 and by ``PRAGMA integrity_check``, and
+   becomes the index: references, owners, quotas and tokens come back as
+   they were when it was taken. Work that only made sense on the old disk
+   is forgotten: the mirror queue and unfinished upload sessions.
+3. Every blob the index names is downloaded to tmp/, verified (BLAKE3,
+   SHA-256, size) and moved into place. A blob whose object is absent was
+   deleted after the backup, or never reached the mirror; one whose object
+   fails verification cannot be trusted. Both are dropped from the index
+   with their references, so the index matches the files, and reported.
+4. Objects the backup does not know (blobs stored after it was taken) are
+   restored too, verified against their key and recorded SHA-256. Nobody's
+   references to them survive, so each gets one reference, named by its
+   hash, held by the owner ``--orphans-owner`` (default ``_restored``),
+   whose quota they do not count against; an admin can hand them back.
+   ``--skip-orphans`` leaves them in the bucket only.
+
+A marker file (``<data_dir>/restoring``, naming the backup) stays until
+the end, so an interrupted restore is resumed by running it again: files
+already in place are kept, the rest fetched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import files, index
+from ..config import Config, MirrorConfig, QuotaLimits
+from ..errors import BlobdError
+from ..index import BlobRecord
+from ..storage.s3 import S3Error, S3Target
+from ..store import Store
+from .common import (BarFactory, CopyMismatch, blob_key, list_backups, list_blob_objects,
+                     no_bar, run_pool, verify_copy)
+
+log = logging.getLogger(__name__)
+ORPHANS_OWNER = "_restored"
+FALLBACK_TYPE = "application/octet-stream"
+# Restored blobs of no known owner are charged to nobody's quota.
+_NO_LIMITS = QuotaLimits(max_bytes=1 << 62, max_blobs=1 << 62, max_blob_size=1 << 62,
+                         max_monthly_upload_bytes=1 << 62)
+
+
+@dataclass
+class RestoreReport:
+    backup: str | None = None  # the index backup used; None if there was none
+    restored: int = 0
+    restored_bytes: int = 0
+    already: int = 0  # in place from an interrupted run
+    missing: list[str] = field(default_factory=list)  # named by the backup, not in the bucket
+    corrupt: dict[str, str] = field(default_factory=dict)  # digest -> why
+    dropped_refs: int = 0
+    orphans: list[str] = field(default_factory=list)  # adopted (or skipped)
+
+
+async def restore(config: Config, target: S3Target, *, jobs: int = 4,
+                  orphans_owner: str | None = ORPHANS_OWNER,
+                  bar: BarFactory = no_bar) -> RestoreReport:
+    mirror = config.mirror
+    assert mirror is not None
+    store = Store(config)
+    await store.open()
+    try:
+        report = RestoreReport()
+        report.backup = await _install_index(store, target, mirror)
+        remote = await list_blob_objects(target, mirror)
+        blobs = await index.all_blobs(store.db.reader)
+        await _fetch_all(store, target, mirror, blobs, remote, report, jobs, bar)
+        await _drop(store, [*report.missing, *report.corrupt], report)
+        known = {b.hash for b in blobs}
+        report.orphans = sorted(set(remote) - known)
+        if orphans_owner is not None:
+            await _adopt(store, target, mirror, report, orphans_owner, jobs, bar)
+        async with store.write() as tx:
+            await tx.conn.execute("UPDATE blobs SET mirror_state = 'done'")
+        await asyncio.to_thread(files.remove_quietly, store.layout.restore_marker_path)
+        return report
+    finally:
+        await store.close()
+
+
+async def _install_index(store: Store, target: S3Target, mirror: MirrorConfig) -> str | None:
+    """Make the newest backup the index, or pick up an interrupted restore.
+
+    The marker is written before the index is replaced and says whether
+    that is done, so a crash at any point is resumed correctly."""
+    marker = store.layout.restore_marker_path
+    state = await asyncio.to_thread(_read_marker, marker)
+    if state is None:
+        row = await store.db.fetchone("SELECT count(*) FROM blobs")
+        if row is not None and row[0]:
+            raise BlobdError("conflict", f"{store.layout.root} already holds {row[0]} blobs;"
+                             " restore only rebuilds an empty server")
+        backups = await list_backups(target, mirror)
+        state = {"backup": backups[-1][1] if backups else None, "installed": False}
+        await asyncio.to_thread(_write_marker, marker, state)
+    key = state["backup"]
+    if state["installed"]:
+        return key
+    if key is None:
+        log.warning("no index backup under %s: blobs come back without references",
+                    target.url(mirror.prefix))
+    else:
+        await _install_backup(store, target, key)
+    await _forget_local_state(store)
+    await asyncio.to_thread(_write_marker, marker, {**state, "installed": True})
+    return key
+
+
+def _read_marker(marker: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(marker.read_text()))
+    except FileNotFoundError:
+        return None
+
+
+def _write_marker(marker: Path, state: dict[str, Any]) -> None:
+    temp = marker.with_name(marker.name + ".new")
+    temp.write_text(json.dumps(state))
+    os.replace(temp, marker)
+    files.fsync_dir(marker.parent)
+
+
+async def _install_backup(store: Store, target: S3Target, key: str) -> None:
+    temp = store.layout.backup_temp_path()
+    try:
+        await _download_backup(target, key, temp)
+        await store.db.close()
+        await asyncio.to_thread(_replace_index, temp, store.layout.index_path)
+        await store.db.open()  # runs the migrations if the backup is older
+    finally:
+        await asyncio.to_thread(files.remove_quietly, temp)
+
+
+async def _download_backup(target: S3Target, key: str, temp: Path) -> None:
+    head = await target.head(key)
+    await target.download_to(key, temp)
+    got = await asyncio.to_thread(files.hash_file, temp)
+    if head is None or got.sha256 != head["sha256"]:
+        raise BlobdError("internal", f"index backup {target.url(key)} does not match"
+                         " its recorded SHA-256")
+    verdict = await asyncio.to_thread(_integrity, temp)
+    if verdict != "ok":
+        raise BlobdError("internal", f"index backup {target.url(key)} is damaged: {verdict}")
+
+
+def _integrity(path: Path) -> str:
+    conn = sqlite3.connect(path)
+    try:
+        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _replace_index(temp: Path, index_path: Path) -> None:
+    """Swap in the backup while no connection is open (we hold the lock)."""
+    for suffix in ("-wal", "-shm"):
+        files.remove_quietly(index_path.with_name(index_path.name + suffix))
+    os.replace(temp, index_path)
+    files.fsync_dir(index_path.parent)
+
+
+async def _forget_local_state(store: Store) -> None:
+    """The queue and upload sessions described the old disk, not this one."""
+    async with store.write() as tx:
+        for sql in ("DELETE FROM mirror_queue", "DELETE FROM upload_chunks",
+                    "DELETE FROM uploads", "UPDATE owners SET reserved_bytes = 0"):
+            await tx.conn.execute(sql)
+
+
+async def _fetch_all(store: Store, target: S3Target, mirror: MirrorConfig,
+                     blobs: list[BlobRecord], remote: dict[str, int],
+                     report: RestoreReport, jobs: int, bar: BarFactory) -> None:
+    progress = bar("restore", sum(b.size for b in blobs), "B")
+
+    async def fetch(blob: BlobRecord) -> None:
+        final = store.layout.blob_path(blob.hash)
+        if await asyncio.to_thread(_has_size, final, blob.size):
+            report.already += 1  # placed, verified, by an interrupted run
+        elif blob.hash not in remote:
+            report.missing.append(blob.hash)
+        else:
+            try:
+                await fetch_verified(store, target, mirror, blob.hash, blob.sha256, blob.size)
+                report.restored += 1
+                report.restored_bytes += blob.size
+            except CopyMismatch as exc:
+                report.corrupt[blob.hash] = str(exc)
+            except S3Error as exc:
+                if not exc.not_found:
+                    raise  # the mirror is unreachable: stop; run again to resume
+                report.missing.append(blob.hash)
+        progress.update(blob.size)
+
+    try:
+        await run_pool(blobs, jobs, fetch)
+    finally:
+        progress.close()
+
+
+def _has_size(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except FileNotFoundError:
+        return False
+
+
+async def fetch_verified(store: Store, target: S3Target, mirror: MirrorConfig,
+                         digest: str, sha256: str | None, size: int | None) -> files.Digests:
+    """Download one blob object, verify it, and move it into place."""
+    temp = store.layout.new_temp_path(digest)
+    try:
+        await target.download_to(blob_key(mirror, digest), temp)
+        got = await asyncio.to_thread(verify_copy, temp, digest, sha256, size)
+        await asyncio.to_thread(files.install_verified, temp, store.layout.blob_path(digest),
+                                store.config.storage.fsync)
+        return got
+    finally:
+        await asyncio.to_thread(files.remove_quietly, temp)
+
+
+async def _drop(store: Store, digests: list[str], report: RestoreReport) -> None:
+    """Remove blobs that could not be restored, with every reference to them."""
+    now = time.time()
+    for digest in digests:
+        async with store.write() as tx:
+            for owner, name in await index.refs_to(tx.conn, digest):
+                await index.drop_ref(tx.conn, owner, name, now)
+                report.dropped_refs += 1
+            await index.delete_blob(tx.conn, digest)
+
+
+async def _adopt(store: Store, target: S3Target, mirror: MirrorConfig,
+                 report: RestoreReport, owner: str, jobs: int, bar: BarFactory) -> None:
+    progress = bar("orphans", len(report.orphans), "blob")
+
+    async def adopt(digest: str) -> None:
+        try:
+            await adopt_orphan(store, target, mirror, digest, owner, report)
+        finally:
+            progress.update(1)
+
+    try:
+        await run_pool(report.orphans, jobs, adopt)
+    finally:
+        progress.close()
+
+
+async def adopt_orphan(store: Store, target: S3Target, mirror: MirrorConfig, digest: str,
+                       owner: str, report: RestoreReport) -> None:
+    """Restore a blob the backup does not know, referenced by ``owner``."""
+    head = await target.head(blob_key(mirror, digest))
+    if head is None:
+        return  # deleted since the listing
+    try:
+        got = await fetch_verified(store, target, mirror, digest, head["sha256"], head["size"])
+    except CopyMismatch as exc:
+        report.corrupt[digest] = str(exc)
+        return
+    blob = BlobRecord(digest, got.sha256, got.size, head["content_type"] or FALLBACK_TYPE,
+                      time.time(), mirror_state="done")
+    async with store.write() as tx:
+        await index.insert_blob(tx.conn, blob)
+        await index.add_ref(tx.conn, owner, digest, blob, _NO_LIMITS, time.time())
+    report.restored += 1
+    report.restored_bytes += got.size

@@ -1,0 +1,55 @@
+"""The mirror inside a running server: one bucket client, the queue worker,
+the scheduled index backups, and the healer GET calls on."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ..config import MirrorConfig
+from ..store import Store
+from . import backup
+from .common import make_target
+from .heal import Healer
+from .worker import MirrorWorker
+
+log = logging.getLogger(__name__)
+
+
+class Mirror:
+    """Built with the app (no connection is made until :meth:`start`);
+    raises ConfigError at once when aiobotocore is missing."""
+
+    def __init__(self, store: Store, config: MirrorConfig) -> None:
+        self.config = config
+        self.target = make_target(config)
+        self.worker = MirrorWorker(store, self.target, config)
+        self.healer = Healer(store, self.target, config)
+        self._store = store
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """After the store is open: start draining the queue and backing up."""
+        await self.target.open()
+        self._tasks = [
+            asyncio.create_task(self.worker.run(), name="blobd-mirror-worker"),
+            asyncio.create_task(backup.run_scheduled(self._store, self.target, self.config),
+                                name="blobd-mirror-backup"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(_report_crash)
+        log.info("mirroring to %s", self.target.url(self.config.prefix))
+
+    async def stop(self) -> None:
+        """Before the store closes; whatever is unfinished stays queued."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        await self.healer.close()
+        await self.target.close()
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s stopped", task.get_name(), exc_info=task.exception())

@@ -1,0 +1,152 @@
+"""``blobd mirror sync``: reconcile the whole store with the bucket, rsync-style.
+
+Both sides are listed, the bucket first: an object listed there was put
+for a blob committed before the index is listed, so an object missing from
+the index listing really is one the index no longer has. Then:
+
+* a blob the bucket lacks, or holds at another size, is uploaded from its
+  local file (whose SHA-256 the upload checks, so a damaged file is refused,
+  never mirrored);
+* ``--verify``: for every blob both sides have, the SHA-256 recorded with
+  the object is compared with the index's; a mismatch is uploaded again;
+* ``--delete``: objects of blobs the index no longer has are deleted, each
+  after checking the index once more (never the object of a live blob);
+* blobs found in the bucket, or put there, are marked ``done`` and their
+  queued puts dropped; a fresh index backup ends the run.
+
+Nothing is remembered between runs, so an interrupted sync is resumed by
+running it again: what was done is found done. ``--dry-run`` lists the plan
+and changes nothing. It is safe beside a running server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .. import index
+from ..config import MirrorConfig
+from ..index import BlobRecord
+from ..storage.s3 import S3Error, S3Target
+from ..store import Store
+from . import backup, queue
+from .common import BarFactory, blob_key, list_blob_objects, no_bar, run_pool
+
+# Blobs marked done per index transaction.
+MARK_BATCH = 500
+
+
+@dataclass
+class SyncReport:
+    local: int = 0  # blobs in the index
+    remote: int = 0  # blob objects in the bucket
+    in_sync: int = 0
+    to_upload: list[BlobRecord] = field(default_factory=list)
+    to_delete: list[str] = field(default_factory=list)  # digests
+    mismatched: int = 0  # --verify found the object's SHA-256 wrong
+    uploaded: int = 0
+    uploaded_bytes: int = 0
+    deleted: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # digest -> error
+    backup: str | None = None
+
+
+async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
+               delete: bool = False, dry_run: bool = False, verify: bool = False,
+               jobs: int = 4, bar: BarFactory = no_bar) -> SyncReport:
+    remote = await list_blob_objects(target, config)
+    local = {blob.hash: blob for blob in await index.all_blobs(store.db.reader)}
+    report = SyncReport(local=len(local), remote=len(remote))
+    present = [b for b in local.values() if remote.get(b.hash) == b.size]
+    report.to_upload = [b for b in local.values() if remote.get(b.hash) != b.size]
+    if verify:
+        wrong = await _verify(target, config, present, jobs, bar)
+        report.mismatched = len(wrong)
+        report.to_upload += [b for b in present if b.hash in wrong]
+        present = [b for b in present if b.hash not in wrong]
+    report.in_sync = len(present)
+    if delete:
+        report.to_delete = sorted(set(remote) - set(local))
+    if dry_run:
+        return report
+    await _mark(store, [b.hash for b in present])
+    await _upload(store, target, config, report, jobs, bar)
+    await _delete(store, target, config, report, jobs, bar)
+    try:
+        report.backup = (await backup.backup_index(store, target, config)).key
+    except S3Error as exc:
+        report.failed["index backup"] = str(exc)
+    return report
+
+
+async def _verify(target: S3Target, config: MirrorConfig, blobs: list[BlobRecord],
+                  jobs: int, bar: BarFactory) -> set[str]:
+    """Digests whose object's recorded SHA-256 is not the index's."""
+    wrong: set[str] = set()
+    progress = bar("verify", len(blobs), "blob")
+
+    async def check(blob: BlobRecord) -> None:
+        head = await target.head(blob_key(config, blob.hash))
+        if head is None or head["sha256"] != blob.sha256:
+            wrong.add(blob.hash)
+        progress.update(1)
+
+    try:
+        await run_pool(blobs, jobs, check)
+    finally:
+        progress.close()
+    return wrong
+
+
+async def _mark(store: Store, digests: list[str]) -> None:
+    for start in range(0, len(digests), MARK_BATCH):
+        async with store.write() as tx:
+            await queue.mark_mirrored(tx.conn, digests[start:start + MARK_BATCH])
+
+
+async def _upload(store: Store, target: S3Target, config: MirrorConfig,
+                  report: SyncReport, jobs: int, bar: BarFactory) -> None:
+    progress = bar("upload", sum(b.size for b in report.to_upload), "B")
+    done: list[str] = []
+
+    async def upload(blob: BlobRecord) -> None:
+        try:
+            if await index.get_blob(store.db.reader, blob.hash) is not None:
+                await target.put_file(blob_key(config, blob.hash),
+                                      store.layout.blob_path(blob.hash), blob.size,
+                                      blob.sha256, blob.content_type)
+                report.uploaded += 1
+                report.uploaded_bytes += blob.size
+                done.append(blob.hash)
+        except FileNotFoundError:
+            report.failed[blob.hash] = "the local file is missing (blobd mirror heal)"
+        except (S3Error, OSError) as exc:
+            report.failed[blob.hash] = str(exc)
+        progress.update(blob.size)
+        if len(done) >= MARK_BATCH:
+            batch, done[:] = list(done), []
+            await _mark(store, batch)
+
+    try:
+        await run_pool(report.to_upload, jobs, upload)
+    finally:
+        progress.close()
+        await _mark(store, done)
+
+
+async def _delete(store: Store, target: S3Target, config: MirrorConfig,
+                  report: SyncReport, jobs: int, bar: BarFactory) -> None:
+    progress = bar("delete", len(report.to_delete), "object")
+
+    async def remove(digest: str) -> None:
+        try:
+            if await index.get_blob(store.db.reader, digest) is None:
+                await target.delete(blob_key(config, digest))
+                report.deleted += 1
+        except S3Error as exc:
+            report.failed[digest] = str(exc)
+        progress.update(1)
+
+    try:
+        await run_pool(report.to_delete, jobs, remove)
+    finally:
+        progress.close()

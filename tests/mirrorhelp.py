@@ -1,0 +1,106 @@
+"""Helpers for mirror tests: a [mirror] section for the shared SeaweedFS
+server, a blocking view of the bucket, and polling for what happens in the
+background."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import time
+import uuid
+from typing import Any, Awaitable, Callable
+
+from blobd.address import is_blake3_hex
+from blobd.layout import mirror_key
+
+
+def unique_prefix() -> str:
+    """A key prefix of the test's own in the shared bucket."""
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+def mirror_section(s3server, prefix: str, **extra: Any) -> dict[str, Any]:
+    section = {"endpoint": s3server.endpoint, "bucket": s3server.bucket,
+               "prefix": prefix, "access_key": s3server.access_key,
+               "secret_key": s3server.secret_key, "region": s3server.region,
+               "retry_max_seconds": 1}
+    section.update(extra)
+    return section
+
+
+def b64sha256(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+class Bucket:
+    """What the S3 server holds under one prefix, read with plain botocore
+    (blocking; the async helpers run it in a thread)."""
+
+    def __init__(self, s3server, prefix: str) -> None:
+        self.server = s3server
+        self.prefix = prefix
+        self.name = s3server.bucket
+        self.client = s3server.client()
+
+    def key(self, digest: str) -> str:
+        return mirror_key(self.prefix, digest)
+
+    def keys(self, under: str = "") -> list[str]:
+        keys, token = [], None
+        while True:
+            extra = {"ContinuationToken": token} if token else {}
+            page = self.client.list_objects_v2(Bucket=self.name,
+                                               Prefix=f"{self.prefix}/{under}", **extra)
+            keys += [item["Key"] for item in page.get("Contents", ())]
+            if not page.get("IsTruncated"):
+                return keys
+            token = page["NextContinuationToken"]
+
+    def digests(self) -> set[str]:
+        names = (key.rsplit("/", 1)[1] for key in self.keys())
+        return {name for name in names if is_blake3_hex(name)}
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self.client.get_object(Bucket=self.name, Key=key)["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            return None
+
+    def head(self, key: str) -> dict[str, Any]:
+        return self.client.head_object(Bucket=self.name, Key=key, ChecksumMode="ENABLED")
+
+    def put(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.name, Key=key, Body=data)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.name, Key=key)
+
+    def empty(self) -> int:
+        keys = self.keys()
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 30.0,
+                     interval: float = 0.1, what: str = "condition") -> Any:
+    """Poll ``check`` until it returns (or its awaitable gives) a truthy
+    value; fail the test after ``timeout`` seconds. Blocking checks go
+    through ``asyncio.to_thread`` so the server under test keeps running."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        result = check()
+        if isinstance(result, Awaitable):
+            last = await result
+        else:
+            last = result
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"{what} not reached within {timeout}s (last: {last!r})")
+
+
+async def in_thread(func: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.to_thread(func, *args)

@@ -1,0 +1,319 @@
+"""The mirror inside a running server, against a real SeaweedFS: the queue
+worker, deletions, heal on GET, and the scheduled index backups."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blobd.layout import backup_time_from_key
+from blobd.mirror import queue
+from conftest import b3
+from mirrorhelp import Bucket, b64sha256, eventually, in_thread, mirror_section
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+async def mirrored(server, s3server, mirror_prefix):
+    """``await mirrored(**mirror_options)`` -> alice on a server mirroring to
+    the test's prefix (no scheduled backups unless asked)."""
+    async def start(**options):
+        options.setdefault("backup_interval_seconds", 0)
+        login = await server(mirror=mirror_section(s3server, mirror_prefix, **options))
+        return await login("alice")
+    return start
+
+
+async def state(api, digest: str) -> str:
+    meta = await api.request("GET", f"/blobs/{digest}/meta")
+    return (await meta.json())["mirror"]["state"]
+
+
+async def arrived(api, bucket: Bucket, data: bytes) -> None:
+    """Wait until the blob's object holds ``data`` and /meta says done."""
+    digest = b3(data)
+    await eventually(lambda: in_thread(bucket.get, bucket.key(digest)),
+                     what=f"object for {digest}")
+    assert await in_thread(bucket.get, bucket.key(digest)) == data
+    await eventually(lambda: _is(state(api, digest), "done"), what="mirror state done")
+
+
+async def _is(awaitable, expected) -> bool:
+    return await awaitable == expected
+
+
+async def queue_rows(api) -> list[dict]:
+    rows = await api.store.db.fetchall("SELECT * FROM mirror_queue ORDER BY id")
+    return [dict(row) for row in rows]
+
+
+async def test_blob_appears_with_its_key_bytes_type_and_checksum(mirrored, bucket):
+    alice = await mirrored()
+    data = os.urandom(50_000)
+    resp = await alice.put(data, headers={"Content-Type": "text/plain"})
+    assert resp.status == 201
+    digest = b3(data)
+    assert await state(alice, digest) in ("pending", "done")
+
+    await arrived(alice, bucket, data)
+    key = f"{bucket.prefix}/{digest[:2]}/{digest[2:4]}/{digest}"
+    assert await in_thread(bucket.keys) == [key]
+    head = await in_thread(bucket.head, key)
+    assert head["ContentType"] == "text/plain"
+    assert head["Metadata"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert head["ChecksumSHA256"] == b64sha256(data)
+    assert await queue_rows(alice) == []
+
+
+async def test_big_blob_goes_up_in_parts(mirrored, bucket):
+    alice = await mirrored(multipart_threshold="5MiB")
+    data = os.urandom(6 << 20)
+    assert (await alice.put(data)).status == 201
+    await arrived(alice, bucket, data)
+    head = await in_thread(bucket.head, bucket.key(b3(data)))
+    assert head["ChecksumType"] == "COMPOSITE"
+    assert head["Metadata"]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+async def test_blobs_put_while_the_mirror_is_down_arrive_when_it_returns(
+        mirrored, bucket, s3server):
+    alice = await mirrored()
+    blobs = [os.urandom(1000 + n) for n in range(12)]
+    await s3server.astop()
+    try:
+        for data in blobs:
+            assert (await alice.put(data)).status == 201
+        # The worker has tried, failed, and kept every row with its error.
+        await eventually(lambda: _failing(alice, len(blobs)), what="all rows failing")
+        counts = await queue.counts(alice.store.db.reader)
+        assert counts["pending"] == len(blobs) and counts["last_error"]
+        assert await state(alice, b3(blobs[0])) in ("pending", "failed")
+    finally:
+        await s3server.astart()
+    for data in blobs:
+        await arrived(alice, bucket, data)
+    assert await queue_rows(alice) == []
+    assert await in_thread(bucket.digests) == {b3(d) for d in blobs}
+
+
+async def _failing(api, count: int) -> bool:
+    counts = await queue.counts(api.store.db.reader)
+    return counts["failed"] == count
+
+
+@pytest.mark.parametrize("keep_deleted", [False, True])
+async def test_delete_propagates_unless_keep_deleted(mirrored, bucket, keep_deleted):
+    alice = await mirrored(keep_deleted=keep_deleted)
+    data = os.urandom(3000)
+    await alice.put(data)
+    await arrived(alice, bucket, data)
+    assert (await alice.request("DELETE", f"/blobs/{b3(data)}")).status == 204
+
+    if keep_deleted:
+        assert await queue_rows(alice) == []  # no deletion was even queued
+        await asyncio.sleep(0.5)
+        assert await in_thread(bucket.get, bucket.key(b3(data))) == data
+    else:
+        await eventually(lambda: _gone(bucket, b3(data)), what="object deleted")
+        await eventually(lambda: _empty(alice), what="queue drained")
+
+
+async def _gone(bucket: Bucket, digest: str) -> bool:
+    return await in_thread(bucket.get, bucket.key(digest)) is None
+
+
+async def _empty(api) -> bool:
+    return await queue_rows(api) == []
+
+
+async def test_queued_operations_on_one_blob_keep_their_order(mirrored, bucket, s3server):
+    """Down mirror: blob A is stored then deleted (its put is moot), blob B
+    is deleted then stored again (its delete must not remove the object)."""
+    alice = await mirrored()
+    a, b = os.urandom(2000), os.urandom(2001)
+    await alice.put(b)
+    await arrived(alice, bucket, b)
+    await s3server.astop()
+    try:
+        await alice.put(a)
+        await alice.request("DELETE", f"/blobs/{b3(a)}")
+        await alice.request("DELETE", f"/blobs/{b3(b)}")
+        await alice.put(b)
+        ops = [(row["hash"], row["op"]) for row in await queue_rows(alice)]
+        assert ops == [(b3(a), "put"), (b3(a), "delete"), (b3(b), "delete"),
+                       (b3(b), "put")]
+    finally:
+        await s3server.astart()
+    await eventually(lambda: _empty(alice), what="queue drained")
+    assert await in_thread(bucket.digests) == {b3(b)}
+    assert await state(alice, b3(b)) == "done"
+
+
+async def test_blobs_stored_before_the_mirror_was_configured_are_queued(
+        server, s3server, bucket, mirror_prefix):
+    login = await server()
+    plain = await login("alice")
+    blobs = [os.urandom(500) for _ in range(3)]
+    for data in blobs:
+        await plain.put(data)
+    assert await state(plain, b3(blobs[0])) == "off"
+    await plain.client.close()
+
+    section = mirror_section(s3server, mirror_prefix, backup_interval_seconds=0)
+    login = await server(mirror=section)
+    alice = await login("alice")
+    for data in blobs:
+        await arrived(alice, bucket, data)
+
+
+# -- heal ---------------------------------------------------------------------
+
+def blob_path(api, data: bytes) -> Path:
+    return api.store.layout.blob_path(b3(data))
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "longer"])
+async def test_get_heals_a_missing_or_damaged_file(mirrored, bucket, damage):
+    alice = await mirrored()
+    data = os.urandom(200_000)
+    await alice.put(data)
+    await arrived(alice, bucket, data)
+    path = blob_path(alice, data)
+    if damage == "missing":
+        path.unlink()
+    elif damage == "truncated":
+        path.write_bytes(data[:1000])
+    else:
+        path.write_bytes(data + b"junk")
+
+    resp = await alice.request("GET", f"/blobs/{b3(data)}")
+    assert resp.status == 200
+    assert await resp.read() == data
+    assert path.read_bytes() == data
+    ranged = await alice.request("GET", f"/blobs/{b3(data)}", headers={"Range": "bytes=10-19"})
+    assert ranged.status == 206 and await ranged.read() == data[10:20]
+
+
+async def test_concurrent_gets_share_one_heal(mirrored, bucket):
+    alice = await mirrored()
+    data = os.urandom(300_000)
+    await alice.put(data)
+    await arrived(alice, bucket, data)
+    blob_path(alice, data).unlink()
+
+    async def get() -> bytes:
+        resp = await alice.request("GET", f"/blobs/{b3(data)}")
+        assert resp.status == 200
+        return await resp.read()
+
+    bodies = await asyncio.gather(*(get() for _ in range(8)))
+    assert all(body == data for body in bodies)
+    assert blob_path(alice, data).read_bytes() == data
+    leftovers = [p for p in (alice.data_dir / "tmp").iterdir()]
+    assert leftovers == []
+
+
+async def test_a_bad_copy_in_the_mirror_is_refused(mirrored, bucket):
+    alice = await mirrored()
+    data = os.urandom(10_000)
+    await alice.put(data)
+    await arrived(alice, bucket, data)
+    await in_thread(bucket.put, bucket.key(b3(data)), os.urandom(10_000))
+    path = blob_path(alice, data)
+    path.unlink()
+
+    resp = await alice.request("GET", f"/blobs/{b3(data)}")
+    assert resp.status == 500
+    assert (await resp.json())["error"] == "internal"
+    assert not path.exists()
+    assert list((alice.data_dir / "tmp").iterdir()) == []
+
+
+async def test_heal_of_a_blob_the_mirror_does_not_have(mirrored, bucket, s3server):
+    alice = await mirrored()
+    data = os.urandom(10_000)
+    await alice.put(data)
+    await arrived(alice, bucket, data)
+    await in_thread(bucket.delete, bucket.key(b3(data)))
+    blob_path(alice, data).unlink()
+    resp = await alice.request("GET", f"/blobs/{b3(data)}")
+    assert resp.status == 500
+
+
+async def test_without_a_mirror_a_missing_file_is_still_a_500(alice):
+    data = os.urandom(1000)
+    await alice.put(data)
+    alice.store.layout.blob_path(b3(data)).unlink()
+    resp = await alice.request("GET", f"/blobs/{b3(data)}")
+    assert resp.status == 500 and (await resp.json())["error"] == "internal"
+
+
+# -- scheduled index backups --------------------------------------------------
+
+def backup_keys(bucket: Bucket) -> list[str]:
+    return sorted(bucket.keys("_index/"))
+
+
+def blobs_in_backup(bucket: Bucket, key: str, tmp_path: Path) -> set[str]:
+    copy = tmp_path / "backup.sqlite3"
+    copy.write_bytes(bucket.get(key))
+    with sqlite3.connect(copy) as conn:
+        return {row[0] for row in conn.execute("SELECT hash FROM blobs")}
+
+
+async def test_the_index_is_backed_up_on_schedule_and_old_backups_pruned(
+        mirrored, bucket, tmp_path):
+    alice = await mirrored(backup_interval_seconds=0.2, backups_kept=2)
+    stored: set[str] = set()
+    for n in range(3):
+        data = os.urandom(100 + n)
+        await alice.put(data)
+        stored.add(b3(data))
+
+        async def latest_has_all() -> bool:
+            keys = await in_thread(backup_keys, bucket)
+            return bool(keys) and await in_thread(
+                blobs_in_backup, bucket, keys[-1], tmp_path) == stored
+        await eventually(latest_has_all, what=f"a backup with {len(stored)} blobs")
+
+    await eventually(lambda: _empty(alice), what="queue drained")
+    await asyncio.sleep(0.5)  # a backup with every blob marked mirrored
+    keys = await in_thread(backup_keys, bucket)
+    await asyncio.sleep(0.6)  # several more intervals: nothing changed, nothing uploaded
+    assert await in_thread(backup_keys, bucket) == keys
+    assert len(keys) == 2
+    assert all(backup_time_from_key(bucket.prefix, key) for key in keys)
+    assert await in_thread(blobs_in_backup, bucket, keys[-1], tmp_path) == stored
+
+
+# -- without aiobotocore ------------------------------------------------------
+
+def test_blobd_runs_without_aiobotocore_unless_a_mirror_is_configured(tmp_path):
+    script = (
+        "import sys\n"
+        "sys.modules['aiobotocore'] = None  # as if not installed\n"
+        "from blobd.config import config_from_dict\n"
+        "from blobd.errors import ConfigError\n"
+        "from blobd.http.app import create_app\n"
+        f"data = {{'server': {{'data_dir': {str(tmp_path)!r}}}}}\n"
+        "create_app(config_from_dict(data))\n"
+        "print('plain ok')\n"
+        "data['mirror'] = {'endpoint': 'http://127.0.0.1:1', 'bucket': 'b'}\n"
+        "try:\n"
+        "    create_app(config_from_dict(data))\n"
+        "except ConfigError as e:\n"
+        "    print(e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, check=True)
+    lines = result.stdout.splitlines()
+    assert lines[0] == "plain ok"
+    assert lines[1].startswith("mirror: ") and "pip install blobd[s3]" in lines[1]

@@ -1,0 +1,312 @@
+"""``blobd mirror sync|restore|backup|heal|status``, run as real processes
+against a real SeaweedFS and a real store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from blobd.layout import Layout
+from conftest import b3, blob_files, make_config
+from mirrorhelp import Bucket, eventually, in_thread, mirror_section
+from serverproc import run_blobd, to_toml
+
+
+class Setup:
+    """A data directory, a config file for it, and a server on it."""
+
+    def __init__(self, tmp_path: Path, name: str, mirror: dict) -> None:
+        self.data_dir = tmp_path / name
+        self.sections = {"server": {"data_dir": str(self.data_dir)},
+                         "storage": {"fsync": False}, "mirror": mirror}
+        self.config_path = tmp_path / f"{name}.toml"
+        self.config_path.write_text(to_toml(self.sections))
+
+    async def cli(self, *args: str):
+        return await in_thread(lambda: run_blobd("mirror", *args, "-c",
+                                                 str(self.config_path), timeout=120))
+
+    def config(self, tmp_path: Path, mirror: bool = True):
+        """The config for an in-process server; ``mirror=False`` leaves
+        [mirror] out (the CLI still uses it)."""
+        skip = {"server"} if mirror else {"server", "mirror"}
+        sections = {k: v for k, v in self.sections.items() if k not in skip}
+        return make_config(tmp_path, server={"data_dir": str(self.data_dir)}, **sections)
+
+
+@pytest.fixture
+def setup(tmp_path, s3server, mirror_prefix) -> Setup:
+    return Setup(tmp_path, "data", mirror_section(s3server, mirror_prefix,
+                                                   backup_interval_seconds=0))
+
+
+async def start(server, setup: Setup, tmp_path: Path, owner: str = "alice"):
+    login = await server(config=setup.config(tmp_path))
+    return login, await login(owner)
+
+
+async def drained(api) -> bool:
+    return not await api.store.db.fetchall("SELECT id FROM mirror_queue")
+
+
+async def mirrored(api, bucket: Bucket, digests: set[str]) -> None:
+    await eventually(lambda: drained(api), what="mirror queue drained")
+    assert digests <= await in_thread(bucket.digests)
+
+
+def index_rows(data_dir: Path, sql: str) -> list[tuple]:
+    with sqlite3.connect(Layout(data_dir).index_path) as conn:
+        return conn.execute(sql).fetchall()
+
+
+async def test_sync_after_the_bucket_was_emptied_uploads_everything(
+        server, setup, bucket, tmp_path):
+    _, alice = await start(server, setup, tmp_path)
+    blobs = [os.urandom(20_000 + n) for n in range(5)]
+    for data in blobs:
+        await alice.put(data)
+    digests = {b3(d) for d in blobs}
+    await mirrored(alice, bucket, digests)
+    assert await in_thread(bucket.empty) == len(blobs)
+
+    dry = await setup.cli("sync", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert {line.split()[2] for line in dry.stdout.splitlines()
+            if line.startswith("would upload")} == digests
+    assert await in_thread(bucket.keys) == []
+
+    result = await setup.cli("sync", "-j", "3", "--progress")
+    assert result.returncode == 0, result.stderr
+    assert await in_thread(bucket.digests) == digests
+    for data in blobs:
+        assert await in_thread(bucket.get, bucket.key(b3(data))) == data
+    assert "5 to upload" in result.stdout and "uploaded 5" in result.stdout
+    assert "upload" in result.stderr  # the progress bar
+    backup_key = result.stdout.split("index backup: ")[1].strip()
+    assert backup_key in await in_thread(bucket.keys, "_index/")
+
+    again = await setup.cli("sync")
+    assert again.returncode == 0, again.stderr
+    assert "5 in sync" in again.stdout and "0 to upload" in again.stdout
+
+
+async def test_sync_delete_and_verify(server, setup, bucket, tmp_path):
+    _, alice = await start(server, setup, tmp_path)
+    kept, damaged = os.urandom(3000), os.urandom(3001)
+    for data in (kept, damaged):
+        await alice.put(data)
+    await mirrored(alice, bucket, {b3(kept), b3(damaged)})
+    stray = os.urandom(100)
+    await in_thread(bucket.put, bucket.key(b3(stray)), stray)
+    await in_thread(bucket.put, f"{bucket.prefix}/NOTES.txt", b"not a blob")
+    await in_thread(bucket.put, bucket.key(b3(damaged)), os.urandom(3001))
+
+    plain = await setup.cli("sync")
+    assert plain.returncode == 0 and "2 in sync" in plain.stdout
+    assert b3(stray) in await in_thread(bucket.digests)
+
+    full = await setup.cli("sync", "--delete", "--verify")
+    assert full.returncode == 0, full.stderr
+    assert "1 mismatched" in full.stdout and "deleted 1" in full.stdout
+    assert await in_thread(bucket.digests) == {b3(kept), b3(damaged)}
+    assert await in_thread(bucket.get, bucket.key(b3(damaged))) == damaged
+    assert await in_thread(bucket.get, f"{bucket.prefix}/NOTES.txt") == b"not a blob"
+
+
+async def test_sync_mirrors_a_store_that_never_had_a_mirror(server, setup, bucket, tmp_path):
+    login = await server(config=setup.config(tmp_path, mirror=False))
+    alice = await login("alice")
+    blobs = [os.urandom(700 + n) for n in range(3)]
+    for data in blobs:
+        await alice.put(data)
+    assert index_rows(setup.data_dir, "SELECT DISTINCT mirror_state FROM blobs") == [("off",)]
+
+    result = await setup.cli("sync")
+    assert result.returncode == 0, result.stderr
+    assert await in_thread(bucket.digests) == {b3(d) for d in blobs}
+    assert index_rows(setup.data_dir, "SELECT DISTINCT mirror_state FROM blobs") == [("done",)]
+
+
+async def test_sync_reports_a_damaged_local_file_and_does_not_mirror_it(
+        server, setup, bucket, tmp_path):
+    login = await server(config=setup.config(tmp_path, mirror=False))
+    alice = await login("alice")
+    data = os.urandom(5000)
+    await alice.put(data)
+    path = alice.store.layout.blob_path(b3(data))
+    path.write_bytes(bytes(5000))  # same size, wrong bytes
+    result = await setup.cli("sync")
+    assert result.returncode == 1
+    assert f"failed {b3(data)}" in result.stderr
+    assert await in_thread(bucket.digests) == set()
+
+
+async def test_backup_and_status(server, setup, bucket, tmp_path):
+    _, alice = await start(server, setup, tmp_path)
+    await alice.put(b"some bytes")
+    first = await setup.cli("backup")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("index backup uploaded s3://")
+    second = await setup.cli("backup")
+    assert "unchanged since" in second.stdout
+    assert len(await in_thread(bucket.keys, "_index/")) == 1
+    status = await setup.cli("status")
+    assert status.returncode == 0, status.stderr
+    assert "queue: " in status.stdout and "index backups: 1" in status.stdout
+
+
+async def test_heal_command_repairs_same_size_damage(server, setup, bucket, tmp_path):
+    _, alice = await start(server, setup, tmp_path)
+    good, unmirrored = os.urandom(40_000), os.urandom(1000)
+    await alice.put(good)
+    await mirrored(alice, bucket, {b3(good)})
+    path = alice.store.layout.blob_path(b3(good))
+    path.write_bytes(good[:100] + bytes(1000) + good[1100:])
+
+    healed = await setup.cli("heal")
+    assert healed.returncode == 0, healed.stderr
+    assert f"healed {b3(good)}" in healed.stdout
+    assert path.read_bytes() == good
+
+    await alice.put(unmirrored)
+    await mirrored(alice, bucket, {b3(unmirrored)})
+    await in_thread(bucket.delete, bucket.key(b3(unmirrored)))
+    alice.store.layout.blob_path(b3(unmirrored)).unlink()
+    failed = await setup.cli("heal", b3(unmirrored))
+    assert failed.returncode == 1
+    assert f"cannot heal {b3(unmirrored)}: missing" in failed.stderr
+    assert "1 checked" in failed.stdout
+
+
+# -- restore --------------------------------------------------------------------
+
+async def get_ok(api, path: str):
+    resp = await api.request("GET", path)
+    assert resp.status == 200, (path, resp.status, await resp.text())
+    return resp
+
+
+async def test_restore_into_an_empty_data_dir(server, setup, bucket, s3server, tmp_path):
+    login, alice = await start(server, setup, tmp_path)
+    bob = await login("bob")
+    songs = {f"songs:{n}": os.urandom(30_000 + n) for n in range(4)}
+    for name, data in songs.items():
+        assert (await alice.put(data, headers={"Blob-Ref": name})).status == 201
+    shared = os.urandom(9000)
+    await alice.put(shared)
+    await bob.put(shared, headers={"Blob-Ref": "mine"})
+    doomed = os.urandom(500)
+    await bob.put(doomed)
+    await mirrored(alice, bucket, {b3(d) for d in [*songs.values(), shared, doomed]})
+    assert (await setup.cli("backup")).returncode == 0
+    # After the backup: one blob deleted (its object goes too), one stored.
+    await bob.request("DELETE", f"/blobs/{b3(doomed)}")
+    late = os.urandom(1234)
+    await alice.put(late, headers={"Content-Type": "text/plain"})
+    await mirrored(alice, bucket, {b3(late)})
+    assert b3(doomed) not in await in_thread(bucket.digests)
+
+    fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
+    result = await fresh.cli("restore", "-j", "2")
+    assert result.returncode == 0, result.stderr
+    assert "1 given to owner _restored" in result.stdout
+    assert f"not in the bucket, dropped: {b3(doomed)}" in result.stderr
+    assert not (fresh.data_dir / "restoring").exists()
+    again = await fresh.cli("restore")
+    assert again.returncode == 1 and "already holds" in again.stderr
+
+    login2 = await server(config=fresh.config(tmp_path))
+    alice2 = await login2("alice")
+    alice2.token, bob2 = alice.token, await login2("bob")
+    bob2.token = bob.token  # tokens came back with the index
+    for name, data in songs.items():
+        ref = await (await get_ok(alice2, f"/refs/{name}")).json()
+        assert ref["hash"] == b3(data)
+        assert await (await get_ok(alice2, f"/blobs/{b3(data)}")).read() == data
+    assert (await (await get_ok(bob2, "/refs/mine")).json())["hash"] == b3(shared)
+    assert (await (await get_ok(bob2, f"/blobs/{b3(shared)}/meta")).json())["refcount"] == 2
+    assert (await bob2.request("GET", f"/blobs/{b3(doomed)}")).status == 404
+    orphan = await (await get_ok(alice2, f"/blobs/{b3(late)}/meta")).json()
+    assert orphan["refcount"] == 1 and orphan["content_type"] == "text/plain"
+    assert orphan["mirror"]["state"] == "done"
+    assert await (await get_ok(alice2, f"/blobs/{b3(late)}")).read() == late
+    assert index_rows(fresh.data_dir, "SELECT owner, name FROM refs WHERE hash = '%s'"
+                      % b3(late)) == [("_restored", b3(late))]
+    assert len(blob_files(fresh.data_dir)) == len(songs) + 2
+    assert index_rows(fresh.data_dir, "SELECT count(*) FROM mirror_queue") == [(0,)]
+    usage = dict(index_rows(fresh.data_dir, "SELECT owner, used_blobs FROM owners"))
+    assert usage["alice"] == len(songs) + 1 and usage["bob"] == 1
+
+    served = await fresh.cli("restore")
+    assert served.returncode == 1 and "another blobd is serving" in served.stderr
+
+
+async def test_an_interrupted_restore_resumes(server, setup, bucket, tmp_path):
+    _, alice = await start(server, setup, tmp_path)
+    blobs = [os.urandom(10_000 + n) for n in range(4)]
+    for data in blobs:
+        await alice.put(data)
+    await mirrored(alice, bucket, {b3(d) for d in blobs})
+    assert (await setup.cli("backup")).returncode == 0
+
+    fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
+    assert (await fresh.cli("restore")).returncode == 0
+    # The state a crash half-way leaves: marker present, index in place,
+    # some files not yet fetched.
+    marker = {"backup": (await in_thread(bucket.keys, "_index/"))[0], "installed": True}
+    (fresh.data_dir / "restoring").write_text(json.dumps(marker))
+    for data in blobs[:2]:
+        Layout(fresh.data_dir).blob_path(b3(data)).unlink()
+
+    resumed = await fresh.cli("restore")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "restored 2 blobs" in resumed.stdout and "2 already in place" in resumed.stdout
+    for data in blobs:
+        assert Layout(fresh.data_dir).blob_path(b3(data)).read_bytes() == data
+    assert not (fresh.data_dir / "restoring").exists()
+
+
+async def test_restore_needs_a_mirror_section(tmp_path):
+    config = tmp_path / "plain.toml"
+    config.write_text(to_toml({"server": {"data_dir": str(tmp_path / "d")}}))
+    result = await in_thread(lambda: run_blobd("mirror", "restore", "-c", str(config)))
+    assert result.returncode == 1
+    assert result.stderr.strip() == "blobd: error: mirror: the config has no [mirror] section"
+
+
+async def test_unreachable_mirror_is_one_clear_line(tmp_path, s3server):
+    from s3server import _free_ports
+    (port,) = _free_ports(1)
+    section = mirror_section(s3server, "x", endpoint=f"http://127.0.0.1:{port}")
+    setup = Setup(tmp_path, "data", section)
+    result = await setup.cli("status")
+    assert result.returncode == 1
+    assert result.stderr.startswith("blobd: error: mirror: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["adopt", "skip-orphans"])
+async def test_restore_without_any_index_backup(server, setup, bucket, tmp_path, skip):
+    _, alice = await start(server, setup, tmp_path)
+    blobs = [os.urandom(2000 + n) for n in range(2)]
+    for data in blobs:
+        await alice.put(data)
+    await mirrored(alice, bucket, {b3(d) for d in blobs})
+    assert await in_thread(bucket.keys, "_index/") == []
+
+    fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
+    result = await fresh.cli("restore", *(["--skip-orphans"] if skip else []))
+    assert result.returncode == 0, result.stderr
+    assert "index backup (none)" in result.stdout
+    refs = index_rows(fresh.data_dir, "SELECT owner, hash FROM refs ORDER BY hash")
+    if skip:
+        assert "left 2 in the bucket only" in result.stdout
+        assert refs == [] and blob_files(fresh.data_dir) == []
+    else:
+        assert refs == sorted(("_restored", b3(d)) for d in blobs)
+        assert sorted(p.read_bytes() for p in blob_files(fresh.data_dir)) == sorted(blobs)
