@@ -39,7 +39,7 @@ from aiohttp import web
 
 from . import __version__
 from .config import Config, ServerConfig
-from .errors import ConfigError
+from .errors import BlobdError, ConfigError
 from .http.accesslog import AccessLogger
 from .http.app import create_app
 from .http.inflight import IN_FLIGHT, InFlight
@@ -105,7 +105,11 @@ async def _listen(runner: web.AppRunner, config: Config, sockets: Sequence[socke
         sites = [web.TCPSite(runner, config.server.host, config.server.port,
                              ssl_context=tls)]
     for site in sites:
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise BlobdError("unavailable", f"cannot listen on {site.name}: "
+                             f"{exc.strerror or exc}") from None
     return sites
 
 

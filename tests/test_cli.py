@@ -119,3 +119,25 @@ def test_second_server_on_same_data_dir_refuses(tmp_path: Path) -> None:
         assert str(first.data_dir) in lines[0] and "another blobd" in lines[0]
         assert first.running
         assert http("GET", f"{first.url}/healthz")[0] == 200
+
+
+def test_busy_port_is_one_line(tmp_path: Path) -> None:
+    with BlobdServer(tmp_path / "first") as first:
+        port = first.url.rsplit(":", 1)[1]
+        result = run_blobd("serve", "--data-dir", str(tmp_path / "other"), "--port", port,
+                           cwd=tmp_path)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "cannot listen on" in lines[0], result.stderr
+        assert "address already in use" in lines[0]
+
+
+def test_half_restored_data_dir_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "restoring").write_text("index-x.sqlite3\n")
+    result = run_blobd("serve", "--data-dir", str(data), "--port", str(free_port()),
+                       cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "mirror restore" in lines[0], result.stderr

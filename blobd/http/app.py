@@ -10,6 +10,7 @@ from aiohttp import web
 
 from .. import reaper, sessions
 from ..config import Config
+from ..errors import BlobdError
 from ..mirror.service import Mirror
 from ..store import Store
 from ..metrics import METRICS, Metrics, metrics_middleware
@@ -68,6 +69,9 @@ async def _executor(app: web.Application) -> AsyncIterator[None]:
 
 async def _open_store(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
+    if await asyncio.to_thread(store.layout.restore_marker_path.exists):
+        raise BlobdError("conflict", "an interrupted 'blobd mirror restore' left this data"
+                         " dir half-restored; run it again to finish before serving")
     await store.open()
     yield
     await store.close()
