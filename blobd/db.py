@@ -42,6 +42,7 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE UNIQUE INDEX blobs_sha256 ON blobs(sha256);
     CREATE INDEX blobs_zero_at ON blobs(zero_at) WHERE zero_at IS NOT NULL;
+    CREATE INDEX blobs_unmirrored ON blobs(mirror_state) WHERE mirror_state = 'off';
 
     CREATE TABLE refs (
         owner       TEXT NOT NULL,
@@ -212,6 +213,17 @@ class Database:
         assert self._reader is not None, "database is not open"
         async with self._reader.execute(sql, tuple(params)) as cur:
             return list(await cur.fetchall())
+
+    async def fetchone_aside(self, sql: str, params: Iterable[Any] = ()) -> Row | None:
+        """A long read (a scan of every blob) on a connection of its own, so
+        it never queues the per-request lookups behind it."""
+        conn = await self._connect()
+        try:
+            await conn.execute("PRAGMA query_only = ON")
+            async with conn.execute(sql, tuple(params)) as cur:
+                return await cur.fetchone()
+        finally:
+            await conn.close()
 
 
 def is_disk_full(exc: BaseException) -> bool:

@@ -57,7 +57,7 @@ FROM (
 
 async def figures(store: Store) -> dict[str, Any]:
     """The ``GET /stats`` body."""
-    row = await store.db.fetchone(_FIGURES_SQL)
+    row = await store.db.fetchone_aside(_FIGURES_SQL)
     assert row is not None
     free, total = await asyncio.to_thread(files.free_bytes, store.layout.root)
     blobs, refs = row["blobs"], row["refs"]
