@@ -211,10 +211,8 @@ def install_verified(temp: Path, final: Path, fsync: bool) -> None:
 
 def remove_quietly(*paths: Path) -> None:
     for path in paths:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 def make_dirs(layout: Layout) -> None:
