@@ -12,14 +12,21 @@ With ``fsync = false`` the operator has chosen speed, so ``NORMAL``.
 
 Migrations are a plain list stepped by ``PRAGMA user_version``, each applied
 in one transaction.
+
+Besides the aiosqlite connections there is a third, plain ``sqlite3``
+connection owned by one "commit thread": :meth:`Database.on_commit_thread`
+runs a whole synchronous function there (a batch of commits, see
+:mod:`blobd.groupcommit`) in a single trip, under the same write lock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable, TypeVar
 
 import aiosqlite
 
@@ -130,6 +137,7 @@ MIGRATIONS: list[str] = [
 ]
 
 Row = aiosqlite.Row
+T = TypeVar("T")
 
 
 class Database:
@@ -139,31 +147,65 @@ class Database:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
+        self._commit_thread: ThreadPoolExecutor | None = None
+        self._commit_conn: sqlite3.Connection | None = None
 
     async def open(self) -> None:
         self._writer = await self._connect()
         await migrate(self._writer)
         self._reader = await self._connect()
         await self._reader.execute("PRAGMA query_only = ON")
+        self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="blobd-commit")
+        self._commit_conn = await asyncio.get_running_loop().run_in_executor(
+            self._commit_thread, self._connect_sync)
 
     async def close(self) -> None:
         for conn in (self._reader, self._writer):
             if conn is not None:
                 await conn.close()
         self._reader = self._writer = None
+        if self._commit_thread is not None:
+            if self._commit_conn is not None:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._commit_thread, self._commit_conn.close)
+            self._commit_thread.shutdown()
+        self._commit_thread = self._commit_conn = None
 
-    async def _connect(self) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(self.path, isolation_level=None)
-        conn.row_factory = aiosqlite.Row
+    def _pragmas(self) -> list[str]:
         sync = "FULL" if self.durable else "NORMAL"
-        for pragma in (
+        return [f"PRAGMA {pragma}" for pragma in (
             "journal_mode = WAL",
             f"synchronous = {sync}",
             "busy_timeout = 30000",
             "foreign_keys = ON",
-        ):
-            await conn.execute(f"PRAGMA {pragma}")
+        )]
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        conn.row_factory = aiosqlite.Row
+        for pragma in self._pragmas():
+            await conn.execute(pragma)
         return conn
+
+    def _connect_sync(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        for pragma in self._pragmas():
+            conn.execute(pragma)
+        return conn
+
+    @property
+    def write_lock(self) -> asyncio.Lock:
+        """Held by every write transaction of this process."""
+        return self._write_lock
+
+    async def on_commit_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` on the commit thread's connection. The caller
+        holds :attr:`write_lock`; ``fn`` begins and ends its transaction."""
+        if self._commit_thread is None or self._commit_conn is None:
+            raise RuntimeError("database is not open")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._commit_thread, fn, self._commit_conn)
 
     @property
     def reader(self) -> aiosqlite.Connection:

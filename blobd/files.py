@@ -120,6 +120,31 @@ class BodyWriter:
         remove_quietly(self.path)
 
 
+def digests_of(data: bytes | bytearray) -> Digests:
+    """The digests of a body held whole in memory."""
+    return Digests(blake3.blake3(data).hexdigest(), hashlib.sha256(data).hexdigest(),
+                   len(data), bytes(data[:HEAD_SIZE]))
+
+
+def write_new_file(path: Path, data: bytes | bytearray, fsync: bool) -> None:
+    """Create ``path`` with ``data`` (fsynced when asked); nothing is left
+    behind on failure."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if fsync:
+            os.fsync(fd)
+    except BaseException as exc:
+        os.close(fd)
+        remove_quietly(path)
+        if isinstance(exc, OSError):
+            raise _storage_error(exc) from exc
+        raise
+    os.close(fd)
+
+
 def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> Digests:
     """Hash a whole file (upload sessions, fsck --verify, mirror heal)."""
     b3, sha = blake3.blake3(), hashlib.sha256()
@@ -161,6 +186,13 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dirs(paths: list[Path]) -> None:
+    """fsync each directory once. The first call commits the file system's
+    journal with every entry made so far, so the others cost little."""
+    for path in dict.fromkeys(paths):
+        fsync_dir(path)
 
 
 def remove_quietly(*paths: Path) -> None:

@@ -51,14 +51,16 @@ class BlobRecord:
         return self.refcount > 0
 
 
+# execute_fetchall is one trip to the connection's thread; execute, fetchone
+# and the cursor's close would be three, and each trip costs more CPU (thread
+# wake-ups) than the query itself.
 async def _one(conn: aiosqlite.Connection, sql: str, *params: Any) -> aiosqlite.Row | None:
-    async with conn.execute(sql, params) as cur:
-        return await cur.fetchone()
+    rows = await conn.execute_fetchall(sql, params)
+    return rows[0] if rows else None
 
 
 async def _all(conn: aiosqlite.Connection, sql: str, *params: Any) -> list[aiosqlite.Row]:
-    async with conn.execute(sql, params) as cur:
-        return list(await cur.fetchall())
+    return list(await conn.execute_fetchall(sql, params))
 
 
 # -- blobs -------------------------------------------------------------------

@@ -21,6 +21,7 @@ from .address import Address
 from .errors import BlobdError
 from .files import Digests
 from .index import BlobRecord
+from .layout import parse_tmp_name
 from .store import Store, Tx, shielded
 
 # Bodies are handed to a writer thread in pieces of this size: large enough
@@ -50,30 +51,59 @@ async def receive(store: Store, chunks: AsyncIterator[bytes], *, limit: int,
                   declared: int | None = None) -> Received:
     """Stream a body to a temp file, hashing it; enforce ``limit`` as it comes.
 
-    The next network read overlaps with the previous chunk's write and hash
-    in a thread. On any failure the temp file is gone.
+    A body that ends within its first ``WRITE_CHUNK`` bytes (most uploads
+    on a busy server) is hashed and written in one thread call, straight
+    under its digest's temp name, so the commit need not rename it. A longer
+    one streams: the next network read overlaps with the previous chunk's
+    write and hash in a thread. On any failure the temp file is gone.
     """
+    chunks = chunks.__aiter__()
+    total, buf = 0, bytearray()
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise BlobdError("too_large", f"body is over the {limit}-byte limit")
+        buf += chunk
+        if len(buf) >= WRITE_CHUNK:
+            return await _stream(store, chunks, buf, limit=limit, declared=declared)
+    _check_length(total, declared)
+    return await asyncio.to_thread(_write_small, store, buf)
+
+
+def _write_small(store: Store, data: bytearray) -> Received:
+    digests = files.digests_of(data)
+    path = store.layout.new_temp_path(digests.blake3)
+    files.write_new_file(path, data, store.config.storage.fsync)
+    return Received(path, digests)
+
+
+def _check_length(total: int, declared: int | None) -> None:
+    if declared is not None and total != declared:
+        raise BlobdError("bad_request", f"body ended after {total} of {declared} bytes")
+
+
+async def _stream(store: Store, chunks: AsyncIterator[bytes], buf: bytearray, *,
+                  limit: int, declared: int | None) -> Received:
+    """The rest of a long body, after its first ``buf``, through a BodyWriter."""
     path = store.layout.new_temp_path()
     writer = await asyncio.to_thread(files.BodyWriter, path, store.config.storage.fsync)
+    total, pending = len(buf), None
     try:
-        total, pending, buf = 0, None, bytearray()
+        data, buf = buf, bytearray()
+        pending = asyncio.ensure_future(asyncio.to_thread(writer.write, data))
         async for chunk in chunks:
             total += len(chunk)
             if total > limit:
                 raise BlobdError("too_large", f"body is over the {limit}-byte limit")
             buf += chunk
             if len(buf) >= WRITE_CHUNK:
-                if pending is not None:
-                    await pending
+                await pending
                 data, buf = buf, bytearray()
                 pending = asyncio.ensure_future(asyncio.to_thread(writer.write, data))
-        if pending is not None:
-            await pending
+        await pending
         if buf:
             await asyncio.to_thread(writer.write, buf)
-        if declared is not None and total != declared:
-            raise BlobdError("bad_request",
-                             f"body ended after {total} of {declared} bytes")
+        _check_length(total, declared)
         digests = await asyncio.to_thread(writer.finish, store.config.storage.fsync)
     except BaseException:
         if pending is not None and not pending.done():
@@ -104,56 +134,71 @@ async def commit_file(store: Store, received: Received, *, owner: str, ref: str 
 
     ``uploaded`` counts the bytes against the owner's monthly upload quota.
     ``in_tx`` lets an upload session release its quota reservation and mark
-    itself committed in the very transaction that references the blob.
+    itself committed in the very transaction that references the blob; like
+    the rest of the commit it may await only ``tx.conn`` and ``tx.blocking``.
     """
     try:
         verify(received.digests, expected)
         info = await describe.describe(store, received.path, received.digests, content_type)
-        return await shielded(_commit(store, received, owner, ref, info, uploaded, in_tx))
-    finally:
+    except BaseException:
         await asyncio.to_thread(files.remove_quietly, received.path)
+        raise
+    return await shielded(_commit(store, received, owner, ref, info, uploaded, in_tx))
 
 
 async def _commit(store: Store, received: Received, owner: str, ref: str | None,
                   info: describe.Description, uploaded: bool,
                   in_tx: InTx | None) -> Stored:
-    digests, now = received.digests, time.time()
+    digests = received.digests
     final = store.layout.blob_path(digests.blake3)
-    # Name the temp file after its digest before it is linked, so crash
-    # recovery can tell an uncommitted link from a committed blob.
-    staged = store.layout.new_temp_path(digests.blake3)
-    await asyncio.to_thread(received.path.rename, staged)
-    try:
-        async with store.write() as tx:
-            blob = await index.get_blob(tx.conn, digests.blake3)
-            created = blob is None
-            if blob is None:
-                blob = _new_record(store, digests, info, now)
-                await index.insert_blob(tx.conn, blob)
-            if in_tx is not None:
-                await in_tx(tx, blob.hash)
-            stored = await _reference(store, tx, owner, ref, blob, created, now)
-            if uploaded:
-                await index.charge_upload(tx.conn, owner, digests.size,
-                                          store.config.quota_for(owner))
-            await _place(store, staged, final, created)
+    staged = await _staged(store, received)
+
+    async def body(tx: Tx) -> Stored:
+        now = time.time()
+        blob = await index.get_blob(tx.conn, digests.blake3)
+        created = blob is None
+        if blob is None:
+            blob = _new_record(store, digests, info, now)
+            await index.insert_blob(tx.conn, blob)
+        if in_tx is not None:
+            await in_tx(tx, blob.hash)
+        stored = await _reference(store, tx, owner, ref, blob, created, now)
+        if uploaded:
+            await index.charge_upload(tx.conn, owner, digests.size,
+                                      store.config.quota_for(owner))
+        await _place(store, tx, staged, final, created)
         return stored
-    finally:
-        await asyncio.to_thread(files.remove_quietly, staged)
+
+    return await store.commit(body, cleanup=[staged])
+
+
+async def _staged(store: Store, received: Received) -> Path:
+    """The received file under its digest's temp name (given it now if it
+    has another), so crash recovery can tell an uncommitted link from a
+    committed blob."""
+    digest = received.digests.blake3
+    if parse_tmp_name(received.path.name) == ("put", digest):
+        return received.path
+    staged = store.layout.new_temp_path(digest)
+    try:
+        await asyncio.to_thread(received.path.rename, staged)
+    except BaseException:
+        await asyncio.to_thread(files.remove_quietly, received.path)
+        raise
+    return staged
 
 
 async def add_existing(store: Store, digest: str, owner: str,
                        ref: str | None) -> Stored | None:
     """Reference an already stored blob without a body (Expect: 100-continue,
     upload sessions for known content); None when the blob must be uploaded."""
-    async def run() -> Stored | None:
-        async with store.write() as tx:
-            blob = await index.get_blob(tx.conn, digest)
-            final = store.layout.blob_path(digest)
-            if blob is None or not await asyncio.to_thread(final.exists):
-                return None
-            return await _reference(store, tx, owner, ref, blob, False, time.time())
-    return await shielded(run())
+    async def body(tx: Tx) -> Stored | None:
+        blob = await index.get_blob(tx.conn, digest)
+        final = store.layout.blob_path(digest)
+        if blob is None or not await tx.blocking(final.exists):
+            return None
+        return await _reference(store, tx, owner, ref, blob, False, time.time())
+    return await shielded(store.commit(body))
 
 
 async def _reference(store: Store, tx: Tx, owner: str, ref: str | None,
@@ -169,20 +214,20 @@ async def _reference(store: Store, tx: Tx, owner: str, ref: str | None,
     return Stored(blob, created, name)
 
 
-async def _place(store: Store, staged: Path, final: Path, created: bool) -> None:
+async def _place(store: Store, tx: Tx, staged: Path, final: Path, created: bool) -> None:
     """Link the verified file into place (also healing a missing file of a
-    known blob) and make the new directory entry durable before COMMIT."""
-    def place() -> None:
+    known blob); the new directory entries are made durable before COMMIT."""
+    def place() -> list[Path]:
         if not created and final.exists():
-            return
+            return []
         # A new shard directory is itself an entry in its parent.
         to_sync = [final.parent] + [d.parent for d in (final.parent.parent, final.parent)
                                     if not d.exists()]
         files.link_into_place(staged, final)
-        if store.config.storage.fsync:
-            for directory in to_sync:
-                files.fsync_dir(directory)
-    await asyncio.to_thread(place)
+        return to_sync
+    to_sync = await tx.blocking(place)
+    if store.config.storage.fsync:
+        tx.sync_dirs.extend(to_sync)
 
 
 def _new_record(store: Store, digests: Digests, info: describe.Description,

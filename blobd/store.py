@@ -5,6 +5,10 @@ what exists (link into place, move to trash) happen *inside* them, so the
 SQLite write lock is also the lock that orders "add a reference" against
 "delete at zero", across tasks and across processes. Trash is unlinked after
 the commit.
+
+:meth:`Store.commit` is the fast form of :meth:`Store.write` for the hot
+paths (uploads, deletes): the body runs on the commit thread, batched with
+concurrent ones into one transaction (see :mod:`blobd.groupcommit`).
 """
 
 from __future__ import annotations
@@ -16,14 +20,13 @@ import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
-import aiosqlite
-
-from . import files, index
+from . import auth, files, index
 from .config import Config
 from .db import Database
 from .errors import BlobdError
+from .groupcommit import GroupCommit
 from .layout import Layout
 
 log = logging.getLogger(__name__)
@@ -32,8 +35,25 @@ T = TypeVar("T")
 
 @dataclass
 class Tx:
-    conn: aiosqlite.Connection
+    """A write transaction and the file changes made inside it.
+
+    ``conn``: an aiosqlite connection, or a :class:`blobd.syncdb.SyncConnection`
+    when ``inline`` (the body runs on the commit thread, see
+    :meth:`Store.commit`). ``trash``: files moved out of the blob tree,
+    unlinked after COMMIT. ``sync_dirs``: directories that gained an entry,
+    fsynced before COMMIT.
+    """
+    conn: Any
     trash: list[Path] = field(default_factory=list)
+    sync_dirs: list[Path] = field(default_factory=list)
+    inline: bool = False
+
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Blocking file work that belongs in the transaction: in place on
+        the commit thread, else in a thread of its own."""
+        if self.inline:
+            return fn(*args)
+        return await asyncio.to_thread(fn, *args)
 
 
 class Store:
@@ -42,6 +62,8 @@ class Store:
         self.layout = Layout(config.data_dir.resolve())
         self.db = Database(self.layout.index_path, durable=config.storage.fsync)
         self._lock_fd: int | None = None
+        self.tokens = auth.TokenCache()
+        self._commits = GroupCommit(self.db, lambda conn: Tx(conn, inline=True))
 
     async def open(self, *, exclusive: bool = True, recover: bool = True) -> None:
         """Open the index; ``exclusive`` takes the data-dir lock a server holds."""
@@ -68,8 +90,21 @@ class Store:
         async with self.db.transaction() as conn:
             tx = Tx(conn)
             yield tx
+            if tx.sync_dirs:
+                await asyncio.to_thread(files.fsync_dirs, tx.sync_dirs)
         if tx.trash:
             await asyncio.to_thread(files.remove_quietly, *tx.trash)
+
+    async def commit(self, body: Callable[[Tx], Awaitable[T]],
+                     cleanup: Sequence[Path] = ()) -> T:
+        """Run ``body`` as a write transaction, shared with concurrent ones.
+
+        ``body`` may await only ``tx.conn`` (the index functions) and
+        ``tx.blocking``; it sees and must keep the same invariants as a
+        :meth:`write` body, and its caller is answered after the COMMIT.
+        ``cleanup`` files are removed once the transaction is over.
+        """
+        return await self._commits.run(body, cleanup)  # type: ignore[no-any-return]
 
     async def recover(self) -> None:
         """Undo what a crash left in tmp/; never scans the blob tree."""

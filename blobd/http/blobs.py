@@ -13,11 +13,11 @@ from .. import index, ingest, reaper
 from ..address import Address, parse_address, parse_ref_name
 from ..errors import BlobdError
 from ..index import BlobRecord
-from ..store import Store, shielded
+from ..store import Store, Tx, shielded
 from .keys import STORE
 from .params import iso, page_params
 from .middleware import expects_continue, principal, requires, send_continue
-from .sendblob import BlobFile, open_blob, send_blob
+from .sendblob import BlobFile, load_blob, send_blob
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +113,18 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     store = request.app[STORE]
     blob = await resolve_or_404(store, parse_address(request.match_info["address"]))
     path = store.layout.blob_path(blob.hash)
-    fobj = await asyncio.to_thread(open_blob, path, blob.size)
-    if fobj is None:
+    body = await asyncio.to_thread(load_blob, path, blob.size,
+                                   head=request.method == "HEAD")
+    if body is None:
         log.error("blob %s is indexed but its file is missing or damaged", blob.hash)
         raise BlobdError("internal", "the blob's file is missing or damaged;"
                          " run blobd fsck")
     try:
         return await send_blob(request, BlobFile(path, blob.hash, blob.size,
-                                                 blob.content_type, blob.created_at), fobj)
+                                                 blob.content_type, blob.created_at), body)
     finally:
-        await asyncio.to_thread(fobj.close)
+        if body.fobj is not None:
+            await asyncio.to_thread(body.fobj.close)
 
 
 @requires("read", anonymous_read=True)
@@ -146,14 +148,13 @@ async def delete_blob(request: web.Request) -> web.Response:
     owner = principal(request).owner
     digest = await resolve_any(store, address)
 
-    async def run() -> int:
-        async with store.write() as tx:
-            dropped, zeroed = await index.drop_blob_refs(tx.conn, owner, digest or "",
-                                                         time.time())
-            await reaper.release_zeroed(store, tx, zeroed)
-            return dropped
+    async def body(tx: Tx) -> int:
+        dropped, zeroed = await index.drop_blob_refs(tx.conn, owner, digest or "",
+                                                     time.time())
+        await reaper.release_zeroed(store, tx, zeroed)
+        return dropped
 
-    if digest is None or not await shielded(run()):
+    if digest is None or not await shielded(store.commit(body)):
         raise BlobdError("not_found", f"you hold no reference to {address}")
     return web.Response(status=204)
 

@@ -101,7 +101,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if scope is not None:
         store = request.app[STORE]
         token = auth.bearer_token(request.headers.get("Authorization"))
-        found = await auth.authenticate(store.db.reader, token) if token else None
+        found = (await auth.authenticate(store.db.reader, token, store.tokens)
+                 if token else None)
         if found is None:
             anonymous_ok = (getattr(route_handler, "blobd_anonymous_read", False)
                             and store.config.auth.anonymous_read and token is None)
