@@ -13,6 +13,11 @@ With ``fsync = false`` the operator has chosen speed, so ``NORMAL``.
 Migrations are a plain list stepped by ``PRAGMA user_version``, each applied
 in one transaction.
 
+Across processes, writers also take :class:`WriterLock` (an ``flock``)
+before ``BEGIN IMMEDIATE``: SQLite's busy handler only sleeps and polls,
+which with several worker processes made waiting, not work, the tail
+latency of every upload.
+
 Besides the aiosqlite connections there is a third, plain ``sqlite3``
 connection owned by one "commit thread": :meth:`Database.on_commit_thread`
 runs a whole synchronous function there (a batch of commits, see
@@ -22,6 +27,8 @@ runs a whole synchronous function there (a batch of commits, see
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -140,10 +147,56 @@ Row = aiosqlite.Row
 T = TypeVar("T")
 
 
+class WriterLock:
+    """Orders the index's writers across processes: an ``flock`` on a file
+    beside the index, held from before ``BEGIN IMMEDIATE`` to after
+    ``COMMIT``, so a waiting writer wakes the moment the holder is done.
+    ``flock`` belongs to an open file, not a thread: within one process the
+    asyncio write lock orders writers, and this one only orders processes.
+    A process that dies holding it releases it with its files."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+
+    def open(self) -> None:
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def hold(self) -> None:
+        """Take the lock, waiting as long as it takes (blocking)."""
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    async def acquire(self) -> None:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # never blocks
+            return
+        except BlockingIOError:
+            pass
+        waiting = asyncio.ensure_future(asyncio.to_thread(self.hold))
+        try:
+            await asyncio.shield(waiting)
+        except asyncio.CancelledError:
+            # The thread may still get the lock: it must not be kept.
+            await asyncio.wait([waiting])
+            if not waiting.cancelled() and waiting.exception() is None:
+                self.release()
+            raise
+
+
 class Database:
-    def __init__(self, path: Path, *, durable: bool = True) -> None:
+    def __init__(self, path: Path, *, durable: bool = True,
+                 writer_lock: Path | None = None) -> None:
         self.path = path
         self.durable = durable
+        self._writers = WriterLock(writer_lock or path.with_name(path.name + "-writer"))
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
@@ -151,6 +204,7 @@ class Database:
         self._commit_conn: sqlite3.Connection | None = None
 
     async def open(self) -> None:
+        await asyncio.to_thread(self._writers.open)
         self._writer = await self._connect()
         await migrate(self._writer)
         self._reader = await self._connect()
@@ -170,6 +224,7 @@ class Database:
                     self._commit_thread, self._commit_conn.close)
             self._commit_thread.shutdown()
         self._commit_thread = self._commit_conn = None
+        self._writers.close()
 
     def _pragmas(self) -> list[str]:
         sync = "FULL" if self.durable else "NORMAL"
@@ -205,7 +260,14 @@ class Database:
         if self._commit_thread is None or self._commit_conn is None:
             raise RuntimeError("database is not open")
         return await asyncio.get_running_loop().run_in_executor(
-            self._commit_thread, fn, self._commit_conn)
+            self._commit_thread, self._run_held, fn, self._commit_conn)
+
+    def _run_held(self, fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
+        self._writers.hold()
+        try:
+            return fn(conn)
+        finally:
+            self._writers.release()
 
     @property
     def reader(self) -> aiosqlite.Connection:
@@ -218,13 +280,17 @@ class Database:
         assert self._writer is not None, "database is not open"
         async with self._write_lock:
             conn = self._writer
-            await conn.execute("BEGIN IMMEDIATE")
+            await self._writers.acquire()
             try:
-                yield conn
-            except BaseException:
-                await conn.execute("ROLLBACK")
-                raise
-            await conn.execute("COMMIT")
+                await conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    await conn.execute("ROLLBACK")
+                    raise
+                await conn.execute("COMMIT")
+            finally:
+                self._writers.release()
 
     async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> Row | None:
         assert self._reader is not None, "database is not open"

@@ -21,7 +21,7 @@ from typing import Callable
 import blake3
 
 from .errors import BlobdError
-from .layout import Layout, parse_tmp_name
+from .layout import Layout, parse_tmp_name, tmp_pid
 
 READ_SIZE = 1 << 20
 HEAD_SIZE = 64
@@ -225,6 +225,7 @@ class TmpEntry:
     path: Path
     kind: str | None  # "put", "del" or None for a name we never make
     digest: str | None
+    pid: int | None = None  # the process that made it
 
 
 def tmp_entries(layout: Layout) -> list[TmpEntry]:
@@ -232,7 +233,7 @@ def tmp_entries(layout: Layout) -> list[TmpEntry]:
     for entry in os.scandir(layout.tmp_dir):
         parsed = parse_tmp_name(entry.name)
         kind, digest = parsed if parsed else (None, None)
-        entries.append(TmpEntry(Path(entry.path), kind, digest))
+        entries.append(TmpEntry(Path(entry.path), kind, digest, tmp_pid(entry.name)))
     return entries
 
 

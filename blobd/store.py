@@ -60,7 +60,8 @@ class Store:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.layout = Layout(config.data_dir.resolve())
-        self.db = Database(self.layout.index_path, durable=config.storage.fsync)
+        self.db = Database(self.layout.index_path, durable=config.storage.fsync,
+                           writer_lock=self.layout.writer_lock_path)
         self._lock_fd: int | None = None
         self.tokens = auth.TokenCache()
         self._commits = GroupCommit(self.db, lambda conn: Tx(conn, inline=True))
@@ -69,7 +70,7 @@ class Store:
         """Open the index; ``exclusive`` takes the data-dir lock a server holds."""
         await asyncio.to_thread(files.make_dirs, self.layout)
         if exclusive:
-            self._lock_fd = await asyncio.to_thread(_take_lock, self.layout.lock_path)
+            self._lock_fd = await asyncio.to_thread(take_lock, self.layout.lock_path)
         try:
             await self.db.open()
             if recover:
@@ -131,6 +132,17 @@ class Store:
                 return
         await asyncio.to_thread(files.remove_quietly, entry.path)
 
+    async def recover_dead(self, pid: int) -> int:
+        """Undo what a dead worker process left in tmp/ while its siblings
+        serve. Under the write lock, like every file move of a live process,
+        so nothing is half-way while this looks; returns the entries seen."""
+        async with self.write():
+            entries = [e for e in await asyncio.to_thread(files.tmp_entries, self.layout)
+                       if e.pid == pid]
+            for entry in entries:
+                await self._recover_entry(entry)
+        return len(entries)
+
     async def check_free_space(self, incoming: int) -> None:
         free, _ = await asyncio.to_thread(files.free_bytes, self.layout.root)
         if free - incoming < self.config.storage.min_free_bytes:
@@ -138,7 +150,8 @@ class Store:
                              "not enough free disk space for this upload")
 
 
-def _take_lock(path: Path) -> int:
+def take_lock(path: Path) -> int:
+    """flock the data dir's lock file (held by the serving process); the fd."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import socket
+from typing import Callable
 
 from aiohttp import web
 
+from .. import workers
 from ..config import Config
 from ..http.app import create_app
 from .common import add_config_option, config_from_args
@@ -44,6 +47,8 @@ def run_serve(args: argparse.Namespace) -> int:
     config = effective_config(args)
     logging.basicConfig(level=config.logging.level.upper(),
                         format="%(levelname)s %(name)s: %(message)s")
+    if config.server.workers > 1:
+        return workers.serve(config, serve_worker)
     app = create_app(config)
     print(f"blobd serving {config.data_dir.resolve()} on "
           f"http://{config.server.host}:{config.server.port}", flush=True)
@@ -51,3 +56,17 @@ def run_serve(args: argparse.Namespace) -> int:
                 access_log=logging.getLogger("blobd.access") if config.logging.access_log
                 else None, shutdown_timeout=config.server.shutdown_timeout_seconds)
     return 0
+
+
+def serve_worker(config: Config, sock: socket.socket, background: bool,
+                 ready: Callable[[], None]) -> None:
+    """One of ``[server] workers`` processes, on the socket its supervisor
+    bound (see :mod:`blobd.workers`)."""
+    app = create_app(config, background=background, primary=False)
+
+    async def started(app: web.Application) -> None:
+        ready()
+    app.on_startup.append(started)
+    web.run_app(app, sock=sock, print=None,
+                access_log=logging.getLogger("blobd.access") if config.logging.access_log
+                else None, shutdown_timeout=config.server.shutdown_timeout_seconds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
@@ -22,7 +23,13 @@ THREADS = 32
 RESOURCES = (blobs, refs, uploads, tus, health)
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, *, background: bool = True,
+               primary: bool = True) -> web.Application:
+    """The app of one server process. ``primary``: it owns the data dir
+    (takes its lock, recovers from a crash); ``background``: it runs the
+    sweepers. A lone server is both; of ``[server] workers = N`` processes
+    none is primary (their parent is) and exactly one runs the background
+    work (see :mod:`blobd.workers`)."""
     # Outermost first: CORS preflights need no route or token; tus marks
     # every answer under /tus/, errors rendered by error_middleware included.
     app = web.Application(middlewares=[cors_middleware, error_middleware,
@@ -39,9 +46,10 @@ def create_app(config: Config) -> web.Application:
     for resource in RESOURCES:
         resource.setup(app, add)
     app.cleanup_ctx.append(_executor)
-    app.cleanup_ctx.append(_open_store)
-    app.cleanup_ctx.append(_sweeper)
-    app.cleanup_ctx.append(_session_sweeper)
+    app.cleanup_ctx.append(functools.partial(_open_store, primary=primary))
+    if background:
+        app.cleanup_ctx.append(_sweeper)
+        app.cleanup_ctx.append(_session_sweeper)
     return app
 
 
@@ -53,9 +61,9 @@ async def _executor(app: web.Application) -> AsyncIterator[None]:
     pool.shutdown(wait=False)
 
 
-async def _open_store(app: web.Application) -> AsyncIterator[None]:
+async def _open_store(app: web.Application, *, primary: bool) -> AsyncIterator[None]:
     store = app[STORE]
-    await store.open()
+    await store.open(exclusive=primary, recover=primary)
     yield
     await store.close()
 
