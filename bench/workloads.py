@@ -53,6 +53,7 @@ class Settings:
     index_samples: int
     dd_size: int
     hash_size: int
+    blobd_workers: int = 1
 
     @classmethod
     def for_mode(cls, quick: bool) -> "Settings":

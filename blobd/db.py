@@ -18,9 +18,11 @@ before ``BEGIN IMMEDIATE``: SQLite's busy handler only sleeps and polls,
 which with several worker processes made waiting, not work, the tail
 latency of every upload.
 
-Besides the aiosqlite connections there is a third, plain ``sqlite3``
-connection owned by one "commit thread": :meth:`Database.on_commit_thread`
-runs a whole synchronous function there (a batch of commits, see
+Besides the aiosqlite connections there are plain ``sqlite3`` connections
+for work that is more than SQL: each of a few reader threads has its own
+(:meth:`Database.read` runs a lookup and the file work that follows it in one
+trip, for GET), and one "commit thread" has another, on which
+:meth:`Database.on_commit_thread` runs a whole synchronous function (a batch of commits, see
 :mod:`blobd.groupcommit`) in a single trip, under the same write lock.
 """
 
@@ -30,6 +32,7 @@ import asyncio
 import fcntl
 import os
 import sqlite3
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -145,6 +148,9 @@ MIGRATIONS: list[str] = [
 
 Row = aiosqlite.Row
 T = TypeVar("T")
+# Reader threads for Database.read: a GET's file read may wait on the disk,
+# so more than one; each holds a connection (and its page cache).
+READ_THREADS = 4
 
 
 class WriterLock:
@@ -202,6 +208,9 @@ class Database:
         self._write_lock = asyncio.Lock()
         self._commit_thread: ThreadPoolExecutor | None = None
         self._commit_conn: sqlite3.Connection | None = None
+        self._read_threads: ThreadPoolExecutor | None = None
+        self._read_local = threading.local()
+        self._read_conns: list[sqlite3.Connection] = []
 
     async def open(self) -> None:
         await asyncio.to_thread(self._writers.open)
@@ -209,6 +218,7 @@ class Database:
         await migrate(self._writer)
         self._reader = await self._connect()
         await self._reader.execute("PRAGMA query_only = ON")
+        self._read_threads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="blobd-read")
         self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="blobd-commit")
         self._commit_conn = await asyncio.get_running_loop().run_in_executor(
             self._commit_thread, self._connect_sync)
@@ -224,6 +234,10 @@ class Database:
                     self._commit_thread, self._commit_conn.close)
             self._commit_thread.shutdown()
         self._commit_thread = self._commit_conn = None
+        if self._read_threads is not None:
+            self._read_threads.shutdown()
+            await asyncio.to_thread(_close_all, self._read_conns)
+        self._read_threads = None
         self._writers.close()
 
     def _pragmas(self) -> list[str]:
@@ -242,12 +256,31 @@ class Database:
             await conn.execute(pragma)
         return conn
 
-    def _connect_sync(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None)
+    def _connect_sync(self, *, check_same_thread: bool = True) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None,
+                               check_same_thread=check_same_thread)
         conn.row_factory = sqlite3.Row
         for pragma in self._pragmas():
             conn.execute(pragma)
         return conn
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` on a reader thread, over that thread's own
+        read-only connection (``fn`` may do blocking file work too)."""
+        if self._read_threads is None:
+            raise RuntimeError("database is not open")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._read_threads, self._run_read, fn)
+
+    def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = getattr(self._read_local, "conn", None)
+        if conn is None:
+            # Closed by close() from another thread, after this one is gone.
+            conn = self._connect_sync(check_same_thread=False)
+            conn.execute("PRAGMA query_only = ON")
+            self._read_local.conn = conn
+            self._read_conns.append(conn)
+        return fn(conn)
 
     @property
     def write_lock(self) -> asyncio.Lock:
@@ -301,6 +334,11 @@ class Database:
         assert self._reader is not None, "database is not open"
         async with self._reader.execute(sql, tuple(params)) as cur:
             return list(await cur.fetchall())
+
+
+def _close_all(conns: list[sqlite3.Connection]) -> None:
+    while conns:
+        conns.pop().close()
 
 
 async def migrate(conn: aiosqlite.Connection) -> None:

@@ -48,7 +48,7 @@ class Stored:
 
 
 async def receive(store: Store, chunks: AsyncIterator[bytes], *, limit: int,
-                  declared: int | None = None) -> Received:
+                  declared: int | None = None, check_space: bool = False) -> Received:
     """Stream a body to a temp file, hashing it; enforce ``limit`` as it comes.
 
     A body that ends within its first ``WRITE_CHUNK`` bytes (most uploads
@@ -56,6 +56,8 @@ async def receive(store: Store, chunks: AsyncIterator[bytes], *, limit: int,
     under its digest's temp name, so the commit need not rename it. A longer
     one streams: the next network read overlaps with the previous chunk's
     write and hash in a thread. On any failure the temp file is gone.
+    ``check_space``: check free disk space (the caller has not) before the
+    first byte is written.
     """
     chunks = chunks.__aiter__()
     total, buf = 0, bytearray()
@@ -65,12 +67,16 @@ async def receive(store: Store, chunks: AsyncIterator[bytes], *, limit: int,
             raise BlobdError("too_large", f"body is over the {limit}-byte limit")
         buf += chunk
         if len(buf) >= WRITE_CHUNK:
+            if check_space:
+                await store.check_free_space(declared or len(buf))
             return await _stream(store, chunks, buf, limit=limit, declared=declared)
     _check_length(total, declared)
-    return await asyncio.to_thread(_write_small, store, buf)
+    return await asyncio.to_thread(_write_small, store, buf, check_space)
 
 
-def _write_small(store: Store, data: bytearray) -> Received:
+def _write_small(store: Store, data: bytearray, check_space: bool) -> Received:
+    if check_space:
+        store.ensure_free_space(len(data))
     digests = files.digests_of(data)
     path = store.layout.new_temp_path(digests.blake3)
     files.write_new_file(path, data, store.config.storage.fsync)

@@ -144,7 +144,11 @@ class Store:
         return len(entries)
 
     async def check_free_space(self, incoming: int) -> None:
-        free, _ = await asyncio.to_thread(files.free_bytes, self.layout.root)
+        await asyncio.to_thread(self.ensure_free_space, incoming)
+
+    def ensure_free_space(self, incoming: int) -> None:
+        """:meth:`check_free_space`, blocking."""
+        free, _ = files.free_bytes(self.layout.root)
         if free - incoming < self.config.storage.min_free_bytes:
             raise BlobdError("insufficient_storage",
                              "not enough free disk space for this upload")

@@ -9,7 +9,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from .. import reaper, sessions
+from .. import memory, reaper, sessions
 from ..config import Config
 from ..store import Store
 from . import blobs, health, refs, tus, uploads
@@ -30,6 +30,7 @@ def create_app(config: Config, *, background: bool = True,
     sweepers. A lone server is both; of ``[server] workers = N`` processes
     none is primary (their parent is) and exactly one runs the background
     work (see :mod:`blobd.workers`)."""
+    memory.keep_large_buffers_unpooled()
     # Outermost first: CORS preflights need no route or token; tus marks
     # every answer under /tus/, errors rendered by error_middleware included.
     app = web.Application(middlewares=[cors_middleware, error_middleware,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import sqlite3
 import time
 from typing import Any
 
@@ -14,25 +16,26 @@ from ..address import Address, parse_address, parse_ref_name
 from ..errors import BlobdError
 from ..index import BlobRecord
 from ..store import Store, Tx, shielded
+from ..syncdb import SyncConnection, drive
 from .keys import STORE
 from .params import iso, page_params
 from .middleware import expects_continue, principal, requires, send_continue
-from .sendblob import BlobFile, load_blob, send_blob
+from .sendblob import BlobBody, BlobFile, load_blob, send_blob
 
 log = logging.getLogger(__name__)
 
 
-async def resolve(store: Store, address: Address) -> BlobRecord | None:
+async def resolve(conn: Any, address: Address) -> BlobRecord | None:
     """The live blob an address names, through the sha256 alias if need be."""
     digest: str | None = address.digest
     if not address.is_blake3:
-        digest = await index.hash_for_sha256(store.db.reader, address.digest)
-    blob = await index.get_blob(store.db.reader, digest) if digest else None
+        digest = await index.hash_for_sha256(conn, address.digest)
+    blob = await index.get_blob(conn, digest) if digest else None
     return blob if blob is not None and blob.live else None
 
 
 async def resolve_or_404(store: Store, address: Address) -> BlobRecord:
-    blob = await resolve(store, address)
+    blob = await resolve(store.db.reader, address)
     if blob is None:
         raise BlobdError("not_found", f"no blob {address}")
     return blob
@@ -86,10 +89,18 @@ async def post_blob(request: web.Request) -> web.StreamResponse:
 async def _receive_and_commit(request: web.Request, store: Store, owner: str,
                               ref: str | None, address: Address | None) -> web.Response:
     declared = request.content_length
-    limit = await upload_limit(store, owner, declared)
+    small = (declared is not None and declared <= ingest.WRITE_CHUNK
+             and not expects_continue(request))
+    if small:
+        # The body is here already and costs nothing to read: the owner's
+        # limits are checked by the commit, free space where it is written.
+        limit = store.config.limits.max_blob_size
+        index.check_blob_size(declared or 0, store.config.quota_for(owner), limit)
+    else:
+        limit = await upload_limit(store, owner, declared)
     await send_continue(request)
     received = await ingest.receive(store, request.content.iter_any(), limit=limit,
-                                    declared=declared)
+                                    declared=declared, check_space=small)
     stored = await ingest.commit_file(store, received, owner=owner, ref=ref,
                                       content_type=request.headers.get("Content-Type"),
                                       expected=address)
@@ -111,10 +122,12 @@ def _blob_ref(request: web.Request) -> str | None:
 @requires("read", anonymous_read=True)
 async def get_blob(request: web.Request) -> web.StreamResponse:
     store = request.app[STORE]
-    blob = await resolve_or_404(store, parse_address(request.match_info["address"]))
+    address = parse_address(request.match_info["address"])
+    blob, body = await store.db.read(functools.partial(
+        _find_and_load, store, address, request.method == "HEAD"))
+    if blob is None:
+        raise BlobdError("not_found", f"no blob {address}")
     path = store.layout.blob_path(blob.hash)
-    body = await asyncio.to_thread(load_blob, path, blob.size,
-                                   head=request.method == "HEAD")
     if body is None:
         log.error("blob %s is indexed but its file is missing or damaged", blob.hash)
         raise BlobdError("internal", "the blob's file is missing or damaged;"
@@ -125,6 +138,16 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     finally:
         if body.fobj is not None:
             await asyncio.to_thread(body.fobj.close)
+
+
+def _find_and_load(store: Store, address: Address, head: bool,
+                   conn: sqlite3.Connection) -> tuple[BlobRecord | None, BlobBody | None]:
+    """Look the blob up and open (or read) its file: one trip to a reader
+    thread for the whole GET. Runs there."""
+    blob = drive(resolve(SyncConnection(conn), address))
+    if blob is None:
+        return None, None
+    return blob, load_blob(store.layout.blob_path(blob.hash), blob.size, head=head)
 
 
 @requires("read", anonymous_read=True)
