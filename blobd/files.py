@@ -161,15 +161,45 @@ def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> Dige
     return Digests(b3.hexdigest(), sha.hexdigest(), size, head)
 
 
-def link_into_place(temp: Path, final: Path) -> None:
-    """Give a verified temp file its final name (the temp name stays)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
+def link_into_place(temp: Path, final: Path) -> list[Path]:
+    """Give a verified temp file its final name (the temp name stays).
+
+    Returns the directories that gained an entry, to be fsynced before the
+    index says the blob exists: the file's own, and the parent of each shard
+    directory made for it. Shard directories are made only when the link
+    finds one missing: most of the time it is one system call.
+    """
+    changed = [final.parent]
+    try:
+        _link(temp, final)
+    except FileNotFoundError:
+        changed += _make_dirs(final.parent)
+        _link(temp, final)
+    return changed
+
+
+def _link(temp: Path, final: Path) -> None:
     try:
         os.link(temp, final)
     except FileExistsError:
         # A file nobody indexed (an orphan, or damage): ours is verified.
         os.unlink(final)
         os.link(temp, final)
+
+
+def _make_dirs(directory: Path) -> list[Path]:
+    """Make ``directory`` and its missing parents; the directories that
+    gained an entry."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            pass  # made by a concurrent upload (another worker) meanwhile
+    return [path.parent for path in missing]
 
 
 def move_to_trash(final: Path, trash: Path) -> bool:

@@ -136,7 +136,8 @@ def _transaction(conn: sqlite3.Connection, make_tx: MakeTx,
     sync = SyncConnection(conn)
     conn.execute("BEGIN IMMEDIATE")
     try:
-        outcomes = [_run_body(conn, make_tx(sync), item.body) for item in batch]
+        alone = len(batch) == 1
+        outcomes = [_run_body(conn, make_tx(sync), item.body, alone) for item in batch]
         dirs = [d for o in outcomes if o.ok for d in o.tx.sync_dirs]
         if dirs:
             files.fsync_dirs(dirs)
@@ -148,19 +149,23 @@ def _transaction(conn: sqlite3.Connection, make_tx: MakeTx,
     return outcomes
 
 
-def _run_body(conn: sqlite3.Connection, tx: Any, body: Body) -> _Outcome:
-    conn.execute("SAVEPOINT body")
+def _run_body(conn: sqlite3.Connection, tx: Any, body: Body, alone: bool) -> _Outcome:
+    """One body in its savepoint (a lone body needs none: should it fail,
+    the caller rolls the whole transaction back)."""
+    if not alone:
+        conn.execute("SAVEPOINT body")
     try:
         value = drive(body(tx))
     except Exception as exc:
-        if not conn.in_transaction:
-            # SQLite gave up the whole transaction (disk full, I/O error):
-            # the bodies before this one are gone too.
+        if alone or not conn.in_transaction:
+            # Alone, or SQLite gave up the whole transaction (disk full, I/O
+            # error), the bodies before this one with it.
             raise
         conn.execute("ROLLBACK TO body")
         conn.execute("RELEASE body")
         return _Outcome(False, exc, tx)
-    conn.execute("RELEASE body")
+    if not alone:
+        conn.execute("RELEASE body")
     return _Outcome(True, value, tx)
 
 

@@ -175,6 +175,15 @@ def check_room(row: aiosqlite.Row, limits: QuotaLimits, add_bytes: int,
 async def charge_upload(conn: aiosqlite.Connection, owner: str, nbytes: int,
                         default: QuotaLimits) -> None:
     """Count bytes received this month against max_monthly_upload_bytes."""
+    # One statement when the owner exists, this month's counter is running
+    # and the bytes fit (nearly always); otherwise the full check below.
+    fits = await conn.execute(
+        "UPDATE owners SET monthly_upload_bytes = monthly_upload_bytes + ?"
+        " WHERE owner = ? AND upload_month = ? AND monthly_upload_bytes + ?"
+        " <= COALESCE(max_monthly_upload_bytes, ?)",
+        (nbytes, owner, current_month(), nbytes, default.max_monthly_upload_bytes))
+    if fits.rowcount:
+        return
     row = await owner_row(conn, owner)
     limits = effective_limits(row, default)
     if row["monthly_upload_bytes"] + nbytes > limits.max_monthly_upload_bytes:

@@ -226,11 +226,7 @@ async def _place(store: Store, tx: Tx, staged: Path, final: Path, created: bool)
     def place() -> list[Path]:
         if not created and final.exists():
             return []
-        # A new shard directory is itself an entry in its parent.
-        to_sync = [final.parent] + [d.parent for d in (final.parent.parent, final.parent)
-                                    if not d.exists()]
-        files.link_into_place(staged, final)
-        return to_sync
+        return files.link_into_place(staged, final)
     to_sync = await tx.blocking(place)
     if store.config.storage.fsync:
         tx.sync_dirs.extend(to_sync)
