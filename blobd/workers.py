@@ -172,7 +172,7 @@ class Supervisor:
                   ready_r.close, *(w.ready.close for w in self.workers.values())]
         process = self._ctx.Process(
             target=_worker_main, name=f"blobd-worker-{number}",
-            args=(self.serve_one, self.config, sock, number == 0, ready_w, theirs))
+            args=(self.serve_one, self.config, sock, number, ready_w, theirs))
         process.start()
         # The worker has its copies; ours would keep a dead worker's socket
         # (and the connections queued on it) alive.
@@ -263,9 +263,12 @@ class Supervisor:
 
 
 def _worker_main(serve_one: ServeOne, config: Config, sock: socket.socket,
-                 background: bool, ready: multiprocessing.connection.Connection,
+                 number: int, ready: multiprocessing.connection.Connection,
                  closers: list[Callable[[], None]]) -> None:
     """The first thing a forked worker runs."""
+    background = number == 0
+    log.info("worker %d (pid %d) started%s", number, os.getpid(),
+             ", running the background work" if background else "")
     os.setpgid(0, 0)
     signal.set_wakeup_fd(-1)
     for signum in STOP_SIGNALS:
