@@ -6,12 +6,13 @@ again with :func:`hmac.compare_digest`, so neither the lookup nor the
 comparison leaks how much of a guessed token was right.
 
 Every request carries a token, so a server keeps the tokens it has just
-seen valid in a :class:`TokenCache` for ``TOKEN_CACHE_SECONDS``. A token
-revoked through the same store is dropped from it at once; one revoked by
-another process (``blobd token revoke``, another worker) is still accepted
-for at most that long, which is why the CLI waits that long before it says
-the token is revoked. Unknown tokens are never cached, so a new token works
-at once and guessing cannot fill the cache.
+seen valid in a :class:`TokenCache` (``Store.tokens``) for
+``TOKEN_CACHE_SECONDS``. Code that revokes a token inside a server process
+clears that cache, so the revocation holds at once there; a token revoked
+by another process (``blobd token revoke``, another worker) is still
+accepted for at most that long, which is why the CLI waits that long before
+it says the token is revoked. Unknown tokens are never cached, so a new
+token works at once and guessing cannot fill the cache.
 """
 
 from __future__ import annotations

@@ -71,6 +71,7 @@ class GroupCommit:
 
     db: Database
     make_tx: MakeTx
+    transactions: int = 0  # how many batches have run (tests, metrics)
     _pending: list[_Item] = field(default_factory=list)
     _flusher: asyncio.Task[None] | None = None
 
@@ -90,6 +91,7 @@ class GroupCommit:
                 # Taken only now: whatever queued while the lock was busy joins.
                 batch = self._pending[:MAX_BATCH]
                 del self._pending[:MAX_BATCH]
+                self.transactions += 1
                 work = asyncio.ensure_future(self.db.on_commit_thread(
                     functools.partial(run_batch, make_tx=self.make_tx, batch=batch)))
                 try:

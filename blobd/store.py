@@ -64,7 +64,7 @@ class Store:
                            writer_lock=self.layout.writer_lock_path)
         self._lock_fd: int | None = None
         self.tokens = auth.TokenCache()
-        self._commits = GroupCommit(self.db, lambda conn: Tx(conn, inline=True))
+        self.commits = GroupCommit(self.db, lambda conn: Tx(conn, inline=True))
 
     async def open(self, *, exclusive: bool = True, recover: bool = True) -> None:
         """Open the index; ``exclusive`` takes the data-dir lock a server holds."""
@@ -105,7 +105,7 @@ class Store:
         :meth:`write` body, and its caller is answered after the COMMIT.
         ``cleanup`` files are removed once the transaction is over.
         """
-        return await self._commits.run(body, cleanup)  # type: ignore[no-any-return]
+        return await self.commits.run(body, cleanup)  # type: ignore[no-any-return]
 
     async def recover(self) -> None:
         """Undo what a crash left in tmp/; never scans the blob tree."""
