@@ -87,6 +87,10 @@ class BodyWriter:
         if self._durable and self._size - self._flushed >= WRITEBACK_WINDOW:
             self._start_writeback()
 
+    def write_all(self, parts: list[bytes]) -> None:
+        for part in parts:
+            self.write(part)
+
     def _start_writeback(self) -> None:
         """Keep the disk busy while the body is still arriving, so the final
         fsync has little left to do: start writeback of the new window and

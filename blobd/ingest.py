@@ -60,23 +60,35 @@ async def receive(store: Store, chunks: AsyncIterator[bytes], *, limit: int,
     first byte is written.
     """
     chunks = chunks.__aiter__()
-    total, buf = 0, bytearray()
+    total, parts = 0, Parts()
     async for chunk in chunks:
         total += len(chunk)
         if total > limit:
             raise BlobdError("too_large", f"body is over the {limit}-byte limit")
-        buf += chunk
-        if len(buf) >= WRITE_CHUNK:
+        if parts.add(chunk) >= WRITE_CHUNK:
             if check_space:
-                await store.check_free_space(declared or len(buf))
-            return await _stream(store, chunks, buf, limit=limit, declared=declared)
+                await store.check_free_space(declared or parts.size)
+            return await _stream(store, chunks, parts, limit=limit, declared=declared)
     _check_length(total, declared)
-    return await asyncio.to_thread(_write_small, store, buf, check_space)
+    return await asyncio.to_thread(_write_small, store, parts, check_space)
 
 
-def _write_small(store: Store, data: bytearray, check_space: bool) -> Received:
+class Parts(list[bytes]):
+    """Body pieces as they came off the socket, handed to a thread as they
+    are: the event loop never copies them into one buffer."""
+
+    size = 0
+
+    def add(self, chunk: bytes) -> int:
+        self.append(chunk)
+        self.size += len(chunk)
+        return self.size
+
+
+def _write_small(store: Store, parts: Parts, check_space: bool) -> Received:
     if check_space:
-        store.ensure_free_space(len(data))
+        store.ensure_free_space(parts.size)
+    data = b"".join(parts)
     digests = files.digests_of(data)
     path = store.layout.new_temp_path(digests.blake3)
     files.write_new_file(path, data, store.config.storage.fsync)
@@ -88,27 +100,26 @@ def _check_length(total: int, declared: int | None) -> None:
         raise BlobdError("bad_request", f"body ended after {total} of {declared} bytes")
 
 
-async def _stream(store: Store, chunks: AsyncIterator[bytes], buf: bytearray, *,
+async def _stream(store: Store, chunks: AsyncIterator[bytes], parts: Parts, *,
                   limit: int, declared: int | None) -> Received:
-    """The rest of a long body, after its first ``buf``, through a BodyWriter."""
+    """The rest of a long body, after its first ``parts``, through a BodyWriter."""
     path = store.layout.new_temp_path()
     writer = await asyncio.to_thread(files.BodyWriter, path, store.config.storage.fsync)
-    total, pending = len(buf), None
+    total, pending = parts.size, None
     try:
-        data, buf = buf, bytearray()
-        pending = asyncio.ensure_future(asyncio.to_thread(writer.write, data))
+        pending = asyncio.ensure_future(asyncio.to_thread(writer.write_all, parts))
+        parts = Parts()
         async for chunk in chunks:
             total += len(chunk)
             if total > limit:
                 raise BlobdError("too_large", f"body is over the {limit}-byte limit")
-            buf += chunk
-            if len(buf) >= WRITE_CHUNK:
+            if parts.add(chunk) >= WRITE_CHUNK:
                 await pending
-                data, buf = buf, bytearray()
-                pending = asyncio.ensure_future(asyncio.to_thread(writer.write, data))
+                pending = asyncio.ensure_future(asyncio.to_thread(writer.write_all, parts))
+                parts = Parts()
         await pending
-        if buf:
-            await asyncio.to_thread(writer.write, buf)
+        if parts:
+            await asyncio.to_thread(writer.write_all, parts)
         _check_length(total, declared)
         digests = await asyncio.to_thread(writer.finish, store.config.storage.fsync)
     except BaseException:
@@ -117,6 +128,19 @@ async def _stream(store: Store, chunks: AsyncIterator[bytes], buf: bytearray, *,
         await asyncio.to_thread(writer.discard)
         raise
     return Received(path, digests)
+
+
+async def body_chunks(content: Any) -> AsyncIterator[bytes]:
+    """A request body as the pieces aiohttp received (``readchunk``), not
+    joined into one bytes object first as ``iter_any`` does when several
+    are waiting."""
+    while True:
+        chunk, _ = await content.readchunk()
+        if not chunk:
+            if content.at_eof():
+                return
+            continue  # the end of an HTTP chunk, with no data
+        yield chunk
 
 
 def verify(digests: Digests, expected: Address | None) -> None:

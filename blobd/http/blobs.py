@@ -99,7 +99,7 @@ async def _receive_and_commit(request: web.Request, store: Store, owner: str,
     else:
         limit = await upload_limit(store, owner, declared)
     await send_continue(request)
-    received = await ingest.receive(store, request.content.iter_any(), limit=limit,
+    received = await ingest.receive(store, ingest.body_chunks(request.content), limit=limit,
                                     declared=declared, check_space=small)
     stored = await ingest.commit_file(store, received, owner=owner, ref=ref,
                                       content_type=request.headers.get("Content-Type"),
