@@ -43,7 +43,8 @@ async def measure_at(bench: Bench, n: int) -> dict[str, float]:
     data_dir = workdir / "data"
     (port,) = free_ports(1)
     base_url = f"http://127.0.0.1:{port}"
-    cfg = write_blobd_config(workdir, data_dir, port, fsync=True)
+    cfg = write_blobd_config(workdir, data_dir, port, fsync=True,
+                             workers=bench.settings.blobd_workers)
     headers = {"Authorization": f"Bearer {await asyncio.to_thread(create_blobd_token, cfg, workdir)}"}
     proc = None
     try:

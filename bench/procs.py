@@ -48,6 +48,24 @@ def tree_rss_bytes(pid: int) -> int:
     return sum(rss_bytes(p) for p in [pid, *descendants(pid)])
 
 
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: pages shared with other processes (a forked
+    worker's copy-on-write pages) count once over all sharers; 0 when gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return 0
+
+
+def tree_pss_bytes(pid: int) -> int:
+    """PSS of pid plus all its descendants: the tree's share of memory."""
+    return sum(pss_bytes(p) for p in [pid, *descendants(pid)])
+
+
 def stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     """SIGTERM the process, SIGKILL it after grace_s, then SIGKILL any descendant left behind.
 

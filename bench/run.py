@@ -37,10 +37,11 @@ from bench.workloads import PER_SERVER, Bench, Settings, WorkloadError, limits
 WORKLOADS = [*PER_SERVER, "index_scale", "limits"]
 SEEDED = ("large_get", "small_get")         # workloads that read objects stored beforehand
 STARTERS = {
-    report.BLOBD: lambda root: servers.start_blobd(root, report.BLOBD, fsync=True),
-    report.BLOBD_NOFSYNC: lambda root: servers.start_blobd(root, report.BLOBD_NOFSYNC, fsync=False),
-    "nginx": servers.start_nginx,
-    "seaweedfs": servers.start_seaweedfs,
+    report.BLOBD: lambda root, s: servers.start_blobd(root, report.BLOBD, True, s.blobd_workers),
+    report.BLOBD_NOFSYNC: lambda root, s: servers.start_blobd(root, report.BLOBD_NOFSYNC, False,
+                                                              s.blobd_workers),
+    "nginx": lambda root, s: servers.start_nginx(root),
+    "seaweedfs": lambda root, s: servers.start_seaweedfs(root),
 }
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 
@@ -55,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, help="seconds per small-object load (default 5 quick, 15 full)")
     p.add_argument("--workdir", type=Path, help="where the temp dirs go (default: the system temp dir); "
                                                 "pick the disk you want measured")
+    p.add_argument("--blobd-workers", type=int, default=1,
+                   help="[server] workers for both blobd columns (default 1)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (server logs, data) afterwards")
     args = p.parse_args(argv)
     args.only = _choices(args.only, WORKLOADS, "--only")
@@ -85,18 +88,20 @@ def log(message: str) -> None:
 
 def settings_for(args: argparse.Namespace) -> Settings:
     s = Settings.for_mode(args.quick)
-    overrides = {k: v for k, v in (("reps", args.reps), ("duration_s", args.duration)) if v is not None}
+    overrides = {k: v for k, v in (("reps", args.reps), ("duration_s", args.duration),
+                                   ("blobd_workers", args.blobd_workers)) if v is not None}
     return Settings(**{**s.__dict__, **overrides})
 
 
 # ---------------------------------------------------------------- servers
 
 
-async def start_servers(root: Path, names: list[str], results: report.Results) -> dict[str, Server]:
+async def start_servers(root: Path, names: list[str], results: report.Results,
+                        settings: Settings) -> dict[str, Server]:
     """Start the servers side by side; one that fails is logged and marked n/a."""
     async def one(name: str) -> Server | None:
         try:
-            return await asyncio.to_thread(STARTERS[name], root)
+            return await asyncio.to_thread(STARTERS[name], root, settings)
         except (ServerStartError, OSError) as exc:
             results.unavailable[name] = str(exc)
             log(f"{name}: n/a, did not start: {exc}")
@@ -195,7 +200,7 @@ async def run(args: argparse.Namespace, results: report.Results, meta: dict) -> 
         results.selected = [w for w in args.only if w != "index_scale" or report.BLOBD in args.servers]
         per_server = [w for w in PER_SERVER if w in args.only]
         if per_server:
-            running = await start_servers(root, args.servers, results)
+            running = await start_servers(root, args.servers, results, settings)
         timeout = aiohttp.ClientTimeout(total=900)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             bench = Bench(settings, root, session)
@@ -272,7 +277,7 @@ def render_summary(results: report.Results, meta: dict) -> str:
     mib = 1024 * 1024
     head = (f"blobd benchmark ({'quick' if meta['quick'] else 'full'}): large object {s['large_size'] // mib} MiB, "
             f"small loads {s['duration_s']:g} s, RSS during {s['rss_streams']} x {s['rss_size'] // mib} MiB PUTs, "
-            f"{s['reps']} repetition(s), {meta['host']['cpus']} CPUs")
+            f"{s['reps']} repetition(s), {meta['host']['cpus']} CPUs, blobd workers = {s['blobd_workers']}")
     return f"\n{head}\n{report.render_table(results)}"
 
 

@@ -193,12 +193,14 @@ def blobd_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)}
 
 
-def write_blobd_config(workdir: Path, data_dir: Path, port: int, fsync: bool) -> Path:
+def write_blobd_config(workdir: Path, data_dir: Path, port: int, fsync: bool,
+                       workers: int = 1) -> Path:
     cfg = workdir / "blobd.toml"
     cfg.write_text(
-        f'[server]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data_dir}"\n\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data_dir}"\nworkers = {workers}\n\n'
         f"[storage]\nfsync = {'true' if fsync else 'false'}\n\n"
-        f"[auth]\nanonymous_read = false\n{BLOBD_QUOTAS}"
+        # No request log, like nginx's `access_log off` below and weed's defaults.
+        f"[auth]\nanonymous_read = false\n\n[logging]\naccess_log = false\n{BLOBD_QUOTAS}"
     )
     return cfg
 
@@ -224,11 +226,11 @@ def launch_blobd(cfg: Path, cwd: Path, base_url: str, timeout_s: float = 60) -> 
     return proc, time.perf_counter() - start
 
 
-def start_blobd(root: Path, name: str, fsync: bool) -> Server:
+def start_blobd(root: Path, name: str, fsync: bool, workers: int = 1) -> Server:
     workdir = root / name.replace("(", "-").replace(")", "")
     workdir.mkdir()
     (port,) = free_ports(1)
-    cfg = write_blobd_config(workdir, workdir / "data", port, fsync)
+    cfg = write_blobd_config(workdir, workdir / "data", port, fsync, workers)
     token = create_blobd_token(cfg, workdir)
     base_url = f"http://127.0.0.1:{port}"
     proc, _ = launch_blobd(cfg, workdir, base_url)

@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import aiohttp
 import blake3
@@ -53,6 +54,7 @@ class Settings:
     index_samples: int
     dd_size: int
     hash_size: int
+    blobd_workers: int = 1
 
     @classmethod
     def for_mode(cls, quick: bool) -> "Settings":
@@ -86,6 +88,7 @@ METRICS: dict[str, Metric] = {
     "small_put_rps": Metric("small_put", "small PUT 64 KiB, 32 conns", "req/s", True),
     "small_put_p99_ms": Metric("small_put", "small PUT p99", "ms", False),
     "rss_peak_mb": Metric("rss", "peak RSS, 8 parallel PUTs", "MB", False, "max"),
+    "pss_peak_mb": Metric("rss", "peak PSS, 8 parallel PUTs", "MB", False, "max"),
     "dd_fsync_mb_s": Metric("limits", "disk: dd conv=fsync", "MB/s", True),
     "blake3_mb_s": Metric("limits", "BLAKE3, 1 thread", "MB/s", True),
     "sha256_mb_s": Metric("limits", "SHA-256, 1 thread", "MB/s", True),
@@ -298,36 +301,41 @@ async def peak_rss(bench: Bench, server: Server) -> dict[str, float]:
     """Peak RSS of the server's process tree, sampled every 50 ms during parallel large PUTs."""
     paths = [server.object_path(f"rss-{bench.hashes[f][:16]}", bench.hashes[f]) for f in bench.rss_files]
     sampler = RssSampler(server.pid)
+    pss = RssSampler(server.pid, measure=procs.tree_pss_bytes, interval_s=0.2)
     sampler.start()
+    pss.start()
     try:
         await asyncio.gather(*(curl_put(server, p, f) for p, f in zip(paths, bench.rss_files)))
     finally:
         sampler.stop()
+        pss.stop()
     for path in paths:
         await bench.delete(server, path)
-    return {"rss_peak_mb": sampler.peak / 1e6}
+    return {"rss_peak_mb": sampler.peak / 1e6, "pss_peak_mb": pss.peak / 1e6}
 
 
 class RssSampler:
-    """Samples a process tree's RSS every interval_s in a thread, keeping the peak."""
+    """Samples a process tree's memory (RSS unless told) every interval_s in a thread,
+    keeping the peak."""
 
-    def __init__(self, pid: int, interval_s: float = 0.05) -> None:
-        self.pid, self.interval_s, self.peak = pid, interval_s, 0
+    def __init__(self, pid: int, interval_s: float = 0.05,
+                 measure: Callable[[int], int] = procs.tree_rss_bytes) -> None:
+        self.pid, self.interval_s, self.peak, self.measure = pid, interval_s, 0, measure
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> None:
-        self.peak = procs.tree_rss_bytes(self.pid)
+        self.peak = self.measure(self.pid)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, procs.tree_rss_bytes(self.pid))
+        self.peak = max(self.peak, self.measure(self.pid))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, procs.tree_rss_bytes(self.pid))
+            self.peak = max(self.peak, self.measure(self.pid))
 
 
 PER_SERVER = {

@@ -4,6 +4,15 @@ A token is ``bd_<id>_<secret>``; the index keeps only the SHA-256 of the
 whole token. The lookup is by that digest, and the stored digest is compared
 again with :func:`hmac.compare_digest`, so neither the lookup nor the
 comparison leaks how much of a guessed token was right.
+
+Every request carries a token, so a server keeps the tokens it has just
+seen valid in a :class:`TokenCache` (``Store.tokens``) for
+``TOKEN_CACHE_SECONDS``. Code that revokes a token inside a server process
+clears that cache, so the revocation holds at once there; a token revoked
+by another process (``blobd token revoke``, another worker) is still
+accepted for at most that long, which is why the CLI waits that long before
+it says the token is revoked. Unknown tokens are never cached, so a new
+token works at once and guessing cannot fill the cache.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ import aiosqlite
 from .errors import BlobdError
 
 SCOPES = ("read", "write", "admin")
+TOKEN_CACHE_SECONDS = 1.0
+TOKEN_CACHE_SIZE = 1024
 _OWNER = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 
 
@@ -30,6 +41,33 @@ class Principal:
 
     def allows(self, scope: str) -> bool:
         return scope in self.scopes or "admin" in self.scopes
+
+
+class TokenCache:
+    """Token digest -> the principal it authenticated, for a short while."""
+
+    def __init__(self, ttl: float = TOKEN_CACHE_SECONDS,
+                 size: int = TOKEN_CACHE_SIZE) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._entries: dict[str, tuple[float, Principal]] = {}
+
+    def get(self, digest: str) -> Principal | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        if entry[0] <= time.monotonic():
+            del self._entries[digest]
+            return None
+        return entry[1]
+
+    def put(self, digest: str, principal: Principal) -> None:
+        if len(self._entries) >= self.size:
+            del self._entries[next(iter(self._entries))]  # the oldest entry
+        self._entries[digest] = (time.monotonic() + self.ttl, principal)
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 def check_owner(owner: str) -> str:
@@ -80,14 +118,21 @@ async def revoke_token(conn: aiosqlite.Connection, token_id: str) -> bool:
     return cur.rowcount == 1
 
 
-async def authenticate(conn: aiosqlite.Connection, token: str) -> Principal | None:
+async def authenticate(conn: aiosqlite.Connection, token: str,
+                       cache: TokenCache | None = None) -> Principal | None:
     digest = token_digest(token)
-    async with conn.execute("SELECT token_hash, owner, scopes FROM tokens"
-                            " WHERE token_hash = ?", (digest,)) as cur:
-        row = await cur.fetchone()
+    found = cache.get(digest) if cache is not None else None
+    if found is not None:
+        return found
+    rows = await conn.execute_fetchall("SELECT token_hash, owner, scopes FROM tokens"
+                                       " WHERE token_hash = ?", (digest,))
+    row = rows[0] if rows else None
     if row is None or not hmac.compare_digest(row["token_hash"], digest):
         return None
-    return Principal(row["owner"], frozenset(row["scopes"].split(",")))
+    found = Principal(row["owner"], frozenset(row["scopes"].split(",")))
+    if cache is not None:
+        cache.put(digest, found)
+    return found
 
 
 def bearer_token(header: str | None) -> str | None:

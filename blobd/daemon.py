@@ -61,17 +61,20 @@ def serve(config: Config) -> int:
 
 
 async def run_server(config: Config, *, sockets: Sequence[socket.socket] = (),
-                     notifier: Notifier | None = None) -> None:
+                     notifier: Notifier | None = None, background: bool = True,
+                     primary: bool = True) -> None:
     """Serve until a stop signal, then shut down gracefully.
 
     ``sockets`` are listening sockets to serve on instead of binding
     ``[server] host``/``port``. ``notifier`` receives READY/STOPPING/
     WATCHDOG (the default speaks to systemd, a no-op outside it).
+    ``background`` and ``primary``: see :func:`blobd.http.app.create_app`
+    (a worker of ``[server] workers = N`` is not primary).
     """
     notifier = notifier if notifier is not None else Notifier()
     tls = await asyncio.to_thread(tls_context, config.server)
     stop = _stop_on_signals()
-    app = create_app(config)
+    app = create_app(config, background=background, primary=primary)
     runner = web.AppRunner(
         app, access_log_class=AccessLogger,
         access_log=logging.getLogger("blobd.access") if config.logging.access_log else None,

@@ -12,15 +12,31 @@ With ``fsync = false`` the operator has chosen speed, so ``NORMAL``.
 
 Migrations are a plain list stepped by ``PRAGMA user_version``, each applied
 in one transaction.
+
+Across processes, writers also take :class:`WriterLock` (an ``flock``)
+before ``BEGIN IMMEDIATE``: SQLite's busy handler only sleeps and polls,
+which with several worker processes made waiting, not work, the tail
+latency of every upload.
+
+Besides the aiosqlite connections there are plain ``sqlite3`` connections
+for work that is more than SQL: each of a few reader threads has its own
+(:meth:`Database.read` runs a lookup and the file work that follows it in one
+trip, for GET), and one "commit thread" has another, on which
+:meth:`Database.on_commit_thread` runs a whole synchronous function (a batch of commits, see
+:mod:`blobd.groupcommit`) in a single trip, under the same write lock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
 
 import aiosqlite
 
@@ -135,24 +151,89 @@ MIGRATIONS: list[str] = [
 ]
 
 Row = aiosqlite.Row
+T = TypeVar("T")
+# Reader threads for Database.read: a GET's file read may wait on the disk,
+# so more than one; each holds a connection (and its page cache).
+READ_THREADS = 4
+
+
+class WriterLock:
+    """Orders the index's writers across processes: an ``flock`` on a file
+    beside the index, held from before ``BEGIN IMMEDIATE`` to after
+    ``COMMIT``, so a waiting writer wakes the moment the holder is done.
+    ``flock`` belongs to an open file, not a thread: within one process the
+    asyncio write lock orders writers, and this one only orders processes.
+    A process that dies holding it releases it with its files."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+
+    def open(self) -> None:
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def hold(self) -> None:
+        """Take the lock, waiting as long as it takes (blocking)."""
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _try_hold(self) -> bool:
+        """Take the lock if it is free; never blocks."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    async def acquire(self) -> None:
+        if self._try_hold():
+            return
+        waiting = asyncio.ensure_future(asyncio.to_thread(self.hold))
+        try:
+            await asyncio.shield(waiting)
+        except asyncio.CancelledError:
+            # The thread may still get the lock: it must not be kept.
+            await asyncio.wait([waiting])
+            if not waiting.cancelled() and waiting.exception() is None:
+                self.release()
+            raise
 
 
 class Database:
-    def __init__(self, path: Path, *, durable: bool = True) -> None:
+    def __init__(self, path: Path, *, durable: bool = True,
+                 writer_lock: Path | None = None) -> None:
         self.path = path
         self.durable = durable
+        self._writers = WriterLock(writer_lock or path.with_name(path.name + "-writer"))
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
+        self._commit_thread: ThreadPoolExecutor | None = None
+        self._commit_conn: sqlite3.Connection | None = None
+        self._read_threads: ThreadPoolExecutor | None = None
+        self._read_local = threading.local()
+        self._read_conns: list[sqlite3.Connection] = []
 
     async def open(self) -> None:
+        await asyncio.to_thread(self._writers.open)
         self._writer = await self._connect()
         await migrate(self._writer)
         self._reader = await self._connect()
         await self._reader.execute("PRAGMA query_only = ON")
+        self._read_threads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="blobd-read")
+        self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="blobd-commit")
+        self._commit_conn = await asyncio.get_running_loop().run_in_executor(
+            self._commit_thread, self._connect_sync)
 
     async def close(self) -> None:
-        """Close both connections once no write transaction is open: a
+        """Close every connection once no write transaction is open: a
         commit that outlived its request (see :func:`blobd.store.shielded`)
         still ends in COMMIT or ROLLBACK, never in a closed connection."""
         async with self._write_lock:
@@ -160,19 +241,81 @@ class Database:
                 if conn is not None:
                     await conn.close()
             self._reader = self._writer = None
+            if self._read_threads is not None:
+                self._read_threads.shutdown()
+            self._read_threads = None
+            if self._commit_thread is not None:
+                # On our own thread, not the loop's default executor: an app
+                # may already have shut that down (see blobd.http.app).
+                conns = [*self._read_conns, *filter(None, [self._commit_conn])]
+                await asyncio.get_running_loop().run_in_executor(
+                    self._commit_thread, _close_all, conns)
+                self._read_conns.clear()
+                self._commit_thread.shutdown()
+            self._commit_thread = self._commit_conn = None
+            self._writers.close()
 
-    async def _connect(self) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(self.path, isolation_level=None)
-        conn.row_factory = aiosqlite.Row
+    def _pragmas(self) -> list[str]:
         sync = "FULL" if self.durable else "NORMAL"
-        for pragma in (
+        return [f"PRAGMA {pragma}" for pragma in (
             "journal_mode = WAL",
             f"synchronous = {sync}",
             "busy_timeout = 30000",
             "foreign_keys = ON",
-        ):
-            await conn.execute(f"PRAGMA {pragma}")
+        )]
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        conn.row_factory = aiosqlite.Row
+        for pragma in self._pragmas():
+            await conn.execute(pragma)
         return conn
+
+    def _connect_sync(self, *, check_same_thread: bool = True) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None,
+                               check_same_thread=check_same_thread)
+        conn.row_factory = sqlite3.Row
+        for pragma in self._pragmas():
+            conn.execute(pragma)
+        return conn
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` on a reader thread, over that thread's own
+        read-only connection (``fn`` may do blocking file work too)."""
+        if self._read_threads is None:
+            raise RuntimeError("database is not open")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._read_threads, self._run_read, fn)
+
+    def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = getattr(self._read_local, "conn", None)
+        if conn is None:
+            # Closed by close() from another thread, after this one is gone.
+            conn = self._connect_sync(check_same_thread=False)
+            conn.execute("PRAGMA query_only = ON")
+            self._read_local.conn = conn
+            self._read_conns.append(conn)
+        return fn(conn)
+
+    @property
+    def write_lock(self) -> asyncio.Lock:
+        """Held by every write transaction of this process."""
+        return self._write_lock
+
+    async def on_commit_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` on the commit thread's connection. The caller
+        holds :attr:`write_lock`; ``fn`` begins and ends its transaction."""
+        if self._commit_thread is None or self._commit_conn is None:
+            raise RuntimeError("database is not open")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._commit_thread, self._run_held, fn, self._commit_conn)
+
+    def _run_held(self, fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
+        self._writers.hold()
+        try:
+            return fn(conn)
+        finally:
+            self._writers.release()
 
     @property
     def reader(self) -> aiosqlite.Connection:
@@ -188,8 +331,9 @@ class Database:
         assert self._writer is not None, "database is not open"
         async with self._write_lock:
             conn = self._writer
-            await conn.execute("BEGIN IMMEDIATE")
+            await self._writers.acquire()
             try:
+                await conn.execute("BEGIN IMMEDIATE")
                 yield conn
                 await conn.execute("COMMIT")
             except BaseException as exc:
@@ -203,6 +347,8 @@ class Database:
                     raise BlobdError("insufficient_storage",
                                      "the disk is full (the index cannot grow)") from exc
                 raise
+            finally:
+                self._writers.release()
 
     async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> Row | None:
         assert self._reader is not None, "database is not open"
@@ -234,6 +380,11 @@ def is_disk_full(exc: BaseException) -> bool:
 async def _rollback(conn: aiosqlite.Connection) -> None:
     if conn.in_transaction:
         await conn.execute("ROLLBACK")
+
+
+def _close_all(conns: list[sqlite3.Connection]) -> None:
+    while conns:
+        conns.pop().close()
 
 
 async def migrate(conn: aiosqlite.Connection) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from typing import BinaryIO, Callable
 import blake3
 
 from .errors import BlobdError
-from .layout import Layout, parse_tmp_name
+from .layout import Layout, parse_tmp_name, tmp_pid
+
+log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 20
 HEAD_SIZE = 64
@@ -105,6 +108,10 @@ class BodyWriter:
         if self._durable and self._size - self._flushed >= WRITEBACK_WINDOW:
             self._start_writeback()
 
+    def write_all(self, parts: list[bytes]) -> None:
+        for part in parts:
+            self.write(part)
+
     def _start_writeback(self) -> None:
         """Keep the disk busy while the body is still arriving, so the final
         fsync has little left to do: start writeback of the new window and
@@ -138,6 +145,31 @@ class BodyWriter:
         remove_quietly(self.path)
 
 
+def digests_of(data: bytes | bytearray) -> Digests:
+    """The digests of a body held whole in memory."""
+    return Digests(blake3.blake3(data).hexdigest(), hashlib.sha256(data).hexdigest(),
+                   len(data), bytes(data[:HEAD_SIZE]))
+
+
+def write_new_file(path: Path, data: bytes | bytearray, fsync: bool) -> None:
+    """Create ``path`` with ``data`` (fsynced when asked); nothing is left
+    behind on failure."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if fsync:
+            os.fsync(fd)
+    except BaseException as exc:
+        os.close(fd)
+        remove_quietly(path)
+        if isinstance(exc, OSError):
+            raise _storage_error(exc) from exc
+        raise
+    os.close(fd)
+
+
 def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> Digests:
     """Hash a whole file (upload sessions, fsck --verify, mirror heal)."""
     with open(path, "rb", buffering=0) as fh:
@@ -159,18 +191,44 @@ def hash_open_file(fh: BinaryIO, progress: Callable[[int], None] | None = None) 
     return Digests(b3.hexdigest(), sha.hexdigest(), size, head)
 
 
-def link_into_place(temp: Path, final: Path) -> None:
-    """Give a verified temp file its final name (the temp name stays)."""
+def link_into_place(temp: Path, final: Path) -> list[Path]:
+    """Give a verified temp file its final name (the temp name stays).
+
+    Returns the directories that gained an entry, to be fsynced before the
+    index says the blob exists: the file's own, and the parent of each shard
+    directory made for it. Shard directories are made only when the link
+    finds one missing: most of the time it is one system call.
+    """
+    changed = [final.parent]
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(temp, final)
-        except FileExistsError:
-            # A file nobody indexed (an orphan, or damage): ours is verified.
-            os.unlink(final)
-            os.link(temp, final)
+            _link(temp, final)
+        except FileNotFoundError:
+            changed += _make_dirs(final.parent)
+            _link(temp, final)
     except OSError as exc:
         raise _storage_error(exc) from exc
+    return changed
+
+
+def _link(temp: Path, final: Path) -> None:
+    try:
+        os.link(temp, final)
+    except FileExistsError:
+        # A file nobody indexed (an orphan, or damage): ours is verified.
+        os.unlink(final)
+        os.link(temp, final)
+
+
+def run_undo(steps: list[Callable[[], None]]) -> None:
+    """Reverse the file changes of a transaction that rolled back, newest
+    first (see :attr:`blobd.store.Tx.undo`)."""
+    for step in reversed(steps):
+        try:
+            step()
+        except OSError:
+            # What cannot be undone now is undone by recover() at start-up.
+            log.exception("could not undo a file change of a failed transaction")
 
 
 def unlink_if_same(final: Path, temp: Path) -> None:
@@ -178,6 +236,20 @@ def unlink_if_same(final: Path, temp: Path) -> None:
     final name only if it is still our link, never another's blob."""
     if is_same_file(final, temp):
         remove_quietly(final)
+
+
+def _make_dirs(directory: Path) -> list[Path]:
+    """Make ``directory`` and its missing parents; the directories that
+    gained an entry."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        # FileExistsError: made by a concurrent upload (another worker) meanwhile.
+        with contextlib.suppress(FileExistsError):
+            path.mkdir()
+    return [path.parent for path in missing]
 
 
 def move_to_trash(final: Path, trash: Path) -> bool:
@@ -209,6 +281,13 @@ def install_verified(temp: Path, final: Path, fsync: bool) -> None:
             fsync_dir(directory)
 
 
+def fsync_dirs(paths: list[Path]) -> None:
+    """fsync each directory once. The first call commits the file system's
+    journal with every entry made so far, so the others cost little."""
+    for path in dict.fromkeys(paths):
+        fsync_dir(path)
+
+
 def remove_quietly(*paths: Path) -> None:
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
@@ -237,6 +316,7 @@ class TmpEntry:
     path: Path
     kind: str | None  # "put", "del" or None for a name we never make
     digest: str | None
+    pid: int | None = None  # the process that made it
 
 
 def tmp_entries(layout: Layout) -> list[TmpEntry]:
@@ -244,7 +324,7 @@ def tmp_entries(layout: Layout) -> list[TmpEntry]:
     for entry in os.scandir(layout.tmp_dir):
         parsed = parse_tmp_name(entry.name)
         kind, digest = parsed if parsed else (None, None)
-        entries.append(TmpEntry(Path(entry.path), kind, digest))
+        entries.append(TmpEntry(Path(entry.path), kind, digest, tmp_pid(entry.name)))
     return entries
 
 

@@ -27,6 +27,7 @@ from .address import Address
 from .errors import BlobdError
 from .files import Digests
 from .index import BlobRecord
+from .layout import parse_tmp_name
 from .store import Store, Tx, shielded
 
 # Bodies are handed to a writer thread in pieces of this size: large enough
@@ -56,32 +57,74 @@ async def receive(store: Store, chunks: AsyncIterator[bytes], *, limit: int,
                   declared: int | None = None) -> Received:
     """Stream a body to a temp file, hashing it; enforce ``limit`` as it comes.
 
-    The next network read overlaps with the previous chunk's write and hash
-    in a thread. On any failure the temp file is gone.
+    A body that ends within its first ``WRITE_CHUNK`` bytes (most uploads
+    on a busy server) is hashed and written in one thread call, straight
+    under its digest's temp name, so the commit need not rename it. A longer
+    one streams: the next network read overlaps with the previous chunk's
+    write and hash in a thread. Either way ``[storage] min_free_bytes`` is
+    checked as the bytes are written. On any failure the temp file is gone.
     """
+    chunks = chunks.__aiter__()
+    total, parts = 0, Parts()
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise BlobdError("too_large", f"body is over the {limit}-byte limit")
+        if parts.add(chunk) >= WRITE_CHUNK:
+            return await _stream(store, chunks, parts, limit=limit, declared=declared)
+    _check_length(total, declared)
+    return await asyncio.to_thread(_write_small, store, parts)
+
+
+class Parts(list[bytes]):
+    """Body pieces as they came off the socket, handed to a thread as they
+    are: the event loop never copies them into one buffer."""
+
+    size = 0
+
+    def add(self, chunk: bytes) -> int:
+        self.append(chunk)
+        self.size += len(chunk)
+        return self.size
+
+
+def _write_small(store: Store, parts: Parts) -> Received:
+    store.ensure_free_space(parts.size)
+    data = b"".join(parts)
+    digests = files.digests_of(data)
+    path = store.layout.new_temp_path(digests.blake3)
+    files.write_new_file(path, data, store.config.storage.fsync)
+    return Received(path, digests)
+
+
+def _check_length(total: int, declared: int | None) -> None:
+    if declared is not None and total != declared:
+        raise BlobdError("bad_request", f"body ended after {total} of {declared} bytes")
+
+
+async def _stream(store: Store, chunks: AsyncIterator[bytes], parts: Parts, *,
+                  limit: int, declared: int | None) -> Received:
+    """The rest of a long body, after its first ``parts``, through a BodyWriter."""
     path = store.layout.new_temp_path()
     writer = await asyncio.to_thread(files.BodyWriter, path,
                                      store.config.storage.min_free_bytes,
                                      store.config.storage.fsync)
+    total, pending = parts.size, None
     try:
-        total, pending, buf = 0, None, bytearray()
+        pending = asyncio.ensure_future(asyncio.to_thread(writer.write_all, parts))
+        parts = Parts()
         async for chunk in chunks:
             total += len(chunk)
             if total > limit:
                 raise BlobdError("too_large", f"body is over the {limit}-byte limit")
-            buf += chunk
-            if len(buf) >= WRITE_CHUNK:
-                if pending is not None:
-                    await pending
-                data, buf = buf, bytearray()
-                pending = asyncio.ensure_future(asyncio.to_thread(writer.write, data))
-        if pending is not None:
-            await pending
-        if buf:
-            await asyncio.to_thread(writer.write, buf)
-        if declared is not None and total != declared:
-            raise BlobdError("bad_request",
-                             f"body ended after {total} of {declared} bytes")
+            if parts.add(chunk) >= WRITE_CHUNK:
+                await pending
+                pending = asyncio.ensure_future(asyncio.to_thread(writer.write_all, parts))
+                parts = Parts()
+        await pending
+        if parts:
+            await asyncio.to_thread(writer.write_all, parts)
+        _check_length(total, declared)
         digests = await asyncio.to_thread(writer.finish, store.config.storage.fsync)
     except BaseException:
         if pending is not None and not pending.done():
@@ -89,6 +132,19 @@ async def receive(store: Store, chunks: AsyncIterator[bytes], *, limit: int,
         await asyncio.to_thread(writer.discard)
         raise
     return Received(path, digests)
+
+
+async def body_chunks(content: Any) -> AsyncIterator[bytes]:
+    """A request body as the pieces aiohttp received (``readchunk``), not
+    joined into one bytes object first as ``iter_any`` does when several
+    are waiting."""
+    while True:
+        chunk, _ = await content.readchunk()
+        if not chunk:
+            if content.at_eof():
+                return
+            continue  # the end of an HTTP chunk, with no data
+        yield chunk
 
 
 def verify(digests: Digests, expected: Address | None) -> None:
@@ -112,61 +168,76 @@ async def commit_file(store: Store, received: Received, *, owner: str, ref: str 
 
     ``uploaded`` counts the bytes against the owner's monthly upload quota.
     ``in_tx`` lets an upload session release its quota reservation and mark
-    itself committed in the very transaction that references the blob.
+    itself committed in the very transaction that references the blob (an
+    ordinary :meth:`Store.write` transaction, not a group commit).
     """
     try:
         verify(received.digests, expected)
         info = await describe.describe(store, received.path, received.digests, content_type)
         describe.admit(store.config.audio, info)
-        return await shielded(_commit(store, received, owner, ref, info, uploaded, in_tx))
-    finally:
+    except BaseException:
         await asyncio.to_thread(files.remove_quietly, received.path)
+        raise
+    return await shielded(_commit(store, received, owner, ref, info, uploaded, in_tx))
 
 
 async def _commit(store: Store, received: Received, owner: str, ref: str | None,
                   info: describe.Description, uploaded: bool,
                   in_tx: InTx | None) -> Stored:
-    digests, now = received.digests, time.time()
+    digests = received.digests
     final = store.layout.blob_path(digests.blake3)
-    # Name the temp file after its digest before it is linked, so crash
-    # recovery can tell an uncommitted link from a committed blob.
-    staged = store.layout.new_temp_path(digests.blake3)
-    await asyncio.to_thread(received.path.rename, staged)
-    try:
-        async with store.write() as tx:
-            blob = await index.get_blob(tx.conn, digests.blake3)
-            created = blob is None
-            if blob is None:
-                blob = _new_record(store, digests, info, now)
-                await index.insert_blob(tx.conn, blob)
-            if in_tx is not None:
-                await in_tx(tx, blob.hash)
-            stored = await _reference(store, tx, owner, ref, blob, created, now)
-            if uploaded:
-                await index.charge_upload(tx.conn, owner, digests.size,
-                                          store.config.quota_for(owner))
-            if await _place(store, staged, final, created):
-                # Should COMMIT fail (a full disk), the file must not stay
-                # under a final name without its row.
-                tx.undo.append(functools.partial(files.unlink_if_same, final, staged))
+    staged = await _staged(store, received)
+
+    async def body(tx: Tx) -> Stored:
+        now = time.time()
+        blob = await index.get_blob(tx.conn, digests.blake3)
+        created = blob is None
+        if blob is None:
+            blob = _new_record(store, digests, info, now)
+            await index.insert_blob(tx.conn, blob)
+        if in_tx is not None:
+            await in_tx(tx, blob.hash)
+        stored = await _reference(store, tx, owner, ref, blob, created, now)
+        if uploaded:
+            await index.charge_upload(tx.conn, owner, digests.size,
+                                      store.config.quota_for(owner))
+        await _place(store, tx, staged, final, created)
         return stored
-    finally:
-        await asyncio.to_thread(files.remove_quietly, staged)
+
+    # Group commit (the commit thread) can run only bodies that await
+    # nothing but the index; a caller's in_tx may await anything, so it
+    # gets a transaction of its own. Both run this same body.
+    return await store.commit(body, cleanup=[staged], grouped=in_tx is None)
+
+
+async def _staged(store: Store, received: Received) -> Path:
+    """The received file under its digest's temp name (given it now if it
+    has another), so crash recovery can tell an uncommitted link from a
+    committed blob."""
+    digest = received.digests.blake3
+    if parse_tmp_name(received.path.name) == ("put", digest):
+        return received.path
+    staged = store.layout.new_temp_path(digest)
+    try:
+        await asyncio.to_thread(received.path.rename, staged)
+    except BaseException:
+        await asyncio.to_thread(files.remove_quietly, received.path)
+        raise
+    return staged
 
 
 async def add_existing(store: Store, digest: str, owner: str,
                        ref: str | None) -> Stored | None:
     """Reference an already stored blob without a body (Expect: 100-continue,
     upload sessions for known content); None when the blob must be uploaded."""
-    async def run() -> Stored | None:
-        async with store.write() as tx:
-            blob = await index.get_blob(tx.conn, digest)
-            final = store.layout.blob_path(digest)
-            if blob is None or not await asyncio.to_thread(final.exists):
-                return None
-            describe.admit(store.config.audio, describe.Description.of_record(blob))
-            return await _reference(store, tx, owner, ref, blob, False, time.time())
-    return await shielded(run())
+    async def body(tx: Tx) -> Stored | None:
+        blob = await index.get_blob(tx.conn, digest)
+        final = store.layout.blob_path(digest)
+        if blob is None or not await tx.blocking(final.exists):
+            return None
+        describe.admit(store.config.audio, describe.Description.of_record(blob))
+        return await _reference(store, tx, owner, ref, blob, False, time.time())
+    return await shielded(store.commit(body))
 
 
 async def _reference(store: Store, tx: Tx, owner: str, ref: str | None,
@@ -182,26 +253,22 @@ async def _reference(store: Store, tx: Tx, owner: str, ref: str | None,
     return Stored(blob, created, name)
 
 
-async def _place(store: Store, staged: Path, final: Path, created: bool) -> bool:
+async def _place(store: Store, tx: Tx, staged: Path, final: Path, created: bool) -> None:
     """Link the verified file into place (also healing a missing file of a
-    known blob) and make the new directory entry durable before COMMIT.
-    True when this call made the link."""
-    def place() -> bool:
+    known blob); the new directory entries are made durable before COMMIT,
+    and the link is undone should the transaction roll back."""
+    def place() -> list[Path]:
         if not created and final.exists():
-            return False
-        # A new shard directory is itself an entry in its parent.
-        to_sync = [final.parent] + [d.parent for d in (final.parent.parent, final.parent)
-                                    if not d.exists()]
-        files.link_into_place(staged, final)
-        try:
-            if store.config.storage.fsync:
-                for directory in to_sync:
-                    files.fsync_dir(directory)
-        except BaseException:
-            files.unlink_if_same(final, staged)
-            raise
-        return True
-    return await asyncio.to_thread(place)
+            return []
+        return files.link_into_place(staged, final)
+    to_sync = await tx.blocking(place)
+    if not to_sync:
+        return
+    # Should COMMIT fail (a full disk), the file must not stay under a final
+    # name without its row.
+    tx.undo.append(functools.partial(files.unlink_if_same, final, staged))
+    if store.config.storage.fsync:
+        tx.sync_dirs.extend(to_sync)
 
 
 def _new_record(store: Store, digests: Digests, info: describe.Description,

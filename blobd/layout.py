@@ -4,10 +4,12 @@ The data directory::
 
     <data_dir>/
       index.sqlite3            the index (plus -wal and -shm beside it)
+      index.sqlite3-writer     flock()ed by whichever process writes the index
       lock                     flock()ed by the serving process
       blobs/ab/cd/<hash>       committed blobs, sharded by the first 2+2 hex
-      tmp/put-<hash|new>-<r>   bodies being received; hard-linked into blobs/
-      tmp/del-<hash>-<r>       blobs being deleted (moved here inside the
+      tmp/put-<hash|new>-<pid>.<r>
+                               bodies being received; hard-linked into blobs/
+      tmp/del-<hash>-<pid>.<r> blobs being deleted (moved here inside the
                                index transaction, unlinked after it)
       uploads/<id>             preallocated data file of a resumable session
       quarantine/<hash>.<ts>   files fsck --repair moved aside
@@ -23,11 +25,14 @@ The mirror bucket::
                                                 sorts, so the newest is last
 
 Only validated digests (see :mod:`blobd.address`) and server-generated ids
-are ever joined into a path here.
+are ever joined into a path here. A tmp/ name carries the id of the process
+that made it, so what a dead worker process left behind can be told from
+what its live siblings are working on (see :func:`tmp_pid`).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -46,6 +51,10 @@ class Layout:
     @property
     def index_path(self) -> Path:
         return self.root / "index.sqlite3"
+
+    @property
+    def writer_lock_path(self) -> Path:
+        return self.root / "index.sqlite3-writer"
 
     @property
     def lock_path(self) -> Path:
@@ -82,11 +91,11 @@ class Layout:
         """A fresh name for a body being received (the hash may be unknown)."""
         if digest is not None:
             _check_digest(digest)
-        return self.tmp_dir / f"put-{digest or 'new'}-{secrets.token_hex(8)}"
+        return self.tmp_dir / f"put-{digest or 'new'}-{_unique()}"
 
     def trash_path(self, digest: str) -> Path:
         _check_digest(digest)
-        return self.tmp_dir / f"del-{digest}-{secrets.token_hex(8)}"
+        return self.tmp_dir / f"del-{digest}-{_unique()}"
 
     def backup_temp_path(self) -> Path:
         """A fresh name for an index snapshot (start-up removes leftovers)."""
@@ -108,6 +117,17 @@ def parse_tmp_name(name: str) -> tuple[str, str | None] | None:
         return None
     digest = parts[1] if is_blake3_hex(parts[1]) else None
     return parts[0], digest
+
+
+def tmp_pid(name: str) -> int | None:
+    """The id of the process that made a tmp/ entry, if the name has one."""
+    parts = name.split("-")
+    pid = parts[2].split(".")[0] if len(parts) == 3 and "." in parts[2] else ""
+    return int(pid) if pid.isdigit() else None
+
+
+def _unique() -> str:
+    return f"{os.getpid()}.{secrets.token_hex(6)}"
 
 
 def mirror_key(prefix: str, digest: str) -> str:

@@ -37,7 +37,7 @@ async def delete_now(store: Store, tx: Tx, digest: str) -> bool:
         await tx.enqueue_mirror(digest, "delete", time.time())
     trash = store.layout.trash_path(digest)
     final = store.layout.blob_path(digest)
-    if await asyncio.to_thread(files.move_to_trash, final, trash):
+    if await tx.blocking(files.move_to_trash, final, trash):
         tx.trash.append(trash)
         tx.undo.append(functools.partial(files.restore_from_trash, trash, final))
     return True

@@ -5,6 +5,13 @@ what exists (link into place, move to trash) happen *inside* them, so the
 SQLite write lock is also the lock that orders "add a reference" against
 "delete at zero", across tasks and across processes. Trash is unlinked after
 the commit.
+
+:meth:`Store.commit` is the fast form of :meth:`Store.write` for the hot
+paths (uploads, deletes): the body runs on the commit thread, batched with
+concurrent ones into one transaction (see :mod:`blobd.groupcommit`). A body
+that must await more than the index (an upload session's ``in_tx``) runs
+the same way with ``grouped=False``, in a :meth:`write` transaction: same
+body, same undo, mirror wake-up and directory fsyncs, either way.
 """
 
 from __future__ import annotations
@@ -16,14 +23,13 @@ import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
-import aiosqlite
-
-from . import files, index
+from . import auth, files, index
 from .config import Config
 from .db import Database
 from .errors import BlobdError
+from .groupcommit import GroupCommit
 from .layout import Layout
 
 log = logging.getLogger(__name__)
@@ -34,14 +40,20 @@ T = TypeVar("T")
 class Tx:
     """A write transaction and the file changes made inside it.
 
-    ``trash``: files moved out of the blob tree, unlinked after COMMIT.
-    ``undo``: blocking functions that reverse a file change, run (newest
-    first) if the transaction rolls back, so disk and index agree again.
+    ``conn``: an aiosqlite connection, or a :class:`blobd.syncdb.SyncConnection`
+    when ``inline`` (the body runs on the commit thread, see
+    :meth:`Store.commit`). ``trash``: files moved out of the blob tree,
+    unlinked after COMMIT. ``undo``: blocking functions that reverse a file
+    change, run (newest first) if the transaction rolls back, so disk and
+    index agree again. ``sync_dirs``: directories that gained an entry,
+    fsynced before COMMIT.
     """
-    conn: aiosqlite.Connection
+    conn: Any
     trash: list[Path] = field(default_factory=list)
     undo: list[Callable[[], None]] = field(default_factory=list)
+    sync_dirs: list[Path] = field(default_factory=list)
     mirror_enqueued: bool = False
+    inline: bool = False
 
     async def enqueue_mirror(self, digest: str, op: str, now: float) -> None:
         """Queue a mirror 'put' or 'delete' in this transaction; the mirror
@@ -49,21 +61,32 @@ class Tx:
         await index.enqueue_mirror(self.conn, digest, op, now)
         self.mirror_enqueued = True
 
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Blocking file work that belongs in the transaction: in place on
+        the commit thread, else in a thread of its own."""
+        if self.inline:
+            return fn(*args)
+        return await asyncio.to_thread(fn, *args)
+
 
 class Store:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.layout = Layout(config.data_dir.resolve())
-        self.db = Database(self.layout.index_path, durable=config.storage.fsync)
+        self.db = Database(self.layout.index_path, durable=config.storage.fsync,
+                           writer_lock=self.layout.writer_lock_path)
         self._lock_fd: int | None = None
         # Set after a commit that queued mirror work (see Tx.enqueue_mirror).
         self.mirror_wakeup = asyncio.Event()
+        self.tokens = auth.TokenCache()
+        self.commits = GroupCommit(self.db, lambda conn: Tx(conn, inline=True),
+                                   on_committed=self._committed)
 
     async def open(self, *, exclusive: bool = True, recover: bool = True) -> None:
         """Open the index; ``exclusive`` takes the data-dir lock a server holds."""
         await asyncio.to_thread(files.make_dirs, self.layout)
         if exclusive:
-            self._lock_fd = await asyncio.to_thread(_take_lock, self.layout.lock_path)
+            self._lock_fd = await asyncio.to_thread(take_lock, self.layout.lock_path)
         try:
             await self.db.open()
             if recover:
@@ -84,11 +107,13 @@ class Store:
 
         async def undo() -> None:
             if tx is not None and tx.undo:
-                await asyncio.to_thread(_run_undo, tx.undo)
+                await asyncio.to_thread(files.run_undo, tx.undo)
 
         async with self.db.transaction(on_rollback=undo) as conn:
             tx = Tx(conn)
             yield tx
+            if tx.sync_dirs:
+                await asyncio.to_thread(files.fsync_dirs, tx.sync_dirs)
         if tx.mirror_enqueued:
             self.mirror_wakeup.set()
         if tx.trash:
@@ -97,6 +122,30 @@ class Store:
                 await asyncio.to_thread(files.remove_quietly, *tx.trash)
             except OSError as exc:
                 log.warning("could not remove deleted blob files: %s", exc)
+
+    async def commit(self, body: Callable[[Tx], Awaitable[T]],
+                     cleanup: Sequence[Path] = (), *, grouped: bool = True) -> T:
+        """Run ``body`` as a write transaction, shared with concurrent ones.
+
+        ``body`` may await only ``tx.conn`` (the index functions) and
+        ``tx.blocking``; it sees and must keep the same invariants as a
+        :meth:`write` body, and its caller is answered after the COMMIT.
+        ``cleanup`` files are removed once the transaction is over.
+        ``grouped=False`` runs the same body in a :meth:`write` transaction
+        of its own instead (for a body that awaits other things).
+        """
+        if grouped:
+            return await self.commits.run(body, cleanup)  # type: ignore[no-any-return]
+        try:
+            async with self.write() as tx:
+                return await body(tx)
+        finally:
+            await asyncio.to_thread(files.remove_quietly, *cleanup)
+
+    def _committed(self, txs: Sequence[Tx]) -> None:
+        """After a group commit, on the event loop."""
+        if any(tx.mirror_enqueued for tx in txs):
+            self.mirror_wakeup.set()
 
     async def recover(self) -> None:
         """Undo what a crash left in tmp/; never scans the blob tree."""
@@ -123,23 +172,30 @@ class Store:
                 return
         await asyncio.to_thread(files.remove_quietly, entry.path)
 
+    async def recover_dead(self, pid: int) -> int:
+        """Undo what a dead worker process left in tmp/ while its siblings
+        serve. Under the write lock, like every file move of a live process,
+        so nothing is half-way while this looks; returns the entries seen."""
+        async with self.write():
+            entries = [e for e in await asyncio.to_thread(files.tmp_entries, self.layout)
+                       if e.pid == pid]
+            for entry in entries:
+                await self._recover_entry(entry)
+        return len(entries)
+
     async def check_free_space(self, incoming: int) -> None:
-        free, _ = await asyncio.to_thread(files.free_bytes, self.layout.root)
+        await asyncio.to_thread(self.ensure_free_space, incoming)
+
+    def ensure_free_space(self, incoming: int) -> None:
+        """:meth:`check_free_space`, blocking."""
+        free, _ = files.free_bytes(self.layout.root)
         if free - incoming < self.config.storage.min_free_bytes:
             raise BlobdError("insufficient_storage",
                              "not enough free disk space for this upload")
 
 
-def _run_undo(steps: list[Callable[[], None]]) -> None:
-    for step in reversed(steps):
-        try:
-            step()
-        except OSError:
-            # What cannot be undone now is undone by recover() at start-up.
-            log.exception("could not undo a file change of a failed transaction")
-
-
-def _take_lock(path: Path) -> int:
+def take_lock(path: Path) -> int:
+    """flock the data dir's lock file (held by the serving process); the fd."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

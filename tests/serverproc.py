@@ -113,6 +113,22 @@ def owns_listener(pid: int, port: int) -> bool:
     return False
 
 
+def children(pid: int) -> list[int]:
+    """The direct children of a process (``[server] workers`` > 1: its workers)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                found.extend(int(child) for child in fh.read().split())
+        except FileNotFoundError:
+            continue
+    return found
+
+
 def port_is_free(port: int) -> bool:
     """Whether a server could listen on the port now. SO_REUSEADDR, as
     aiohttp sets it, so connections of an earlier server lingering in
@@ -305,12 +321,19 @@ class BlobdServer:
                                    f"{self.stderr_tail()}")
             # Some other server may answer on the port while ours is still
             # starting (and about to fail to bind): the answer must be ours.
-            if self._health_status() == 200 and owns_listener(self.proc.pid, self.port):
+            if self._health_status() == 200 and self._listens():
                 return
             time.sleep(0.05)
         self.kill9()
         raise TimeoutError(f"blobd did not answer GET /healthz with 200 within "
                            f"{self.startup_timeout}s:\n{self.stderr_tail()}")
+
+    def _listens(self) -> bool:
+        """Our process, or (with workers) one of its children, holds the
+        listening socket."""
+        assert self.proc is not None
+        return any(owns_listener(pid, self.port)
+                   for pid in (self.proc.pid, *children(self.proc.pid)))
 
     def _health_status(self) -> int | None:
         try:
@@ -379,6 +402,10 @@ class BlobdServer:
     def pid(self) -> int:
         assert self.proc is not None, "blobd was never started"
         return self.proc.pid
+
+    def workers(self) -> list[int]:
+        """Pids of the worker processes (``[server] workers`` > 1)."""
+        return sorted(children(self.pid))
 
     def state(self) -> str:
         """For failure messages: is it running, and what did it last say."""

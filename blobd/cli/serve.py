@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import asyncio
+import socket
+from typing import Callable
 
-from .. import daemon
+from .. import daemon, workers
 from ..config import Config
 from ..logs import setup_logging
+from ..sdnotify import Notifier
 from .common import add_config_option, config_from_args
 
 
@@ -41,4 +45,39 @@ def effective_config(args: argparse.Namespace) -> Config:
 def run_serve(args: argparse.Namespace) -> int:
     config = effective_config(args)
     setup_logging(config.logging.level)
+    if config.server.workers > 1:
+        return workers.serve(config, serve_worker)
     return daemon.serve(config)
+
+
+def serve_worker(config: Config, sock: socket.socket, background: bool,
+                 ready: Callable[[], None]) -> None:
+    """One of ``[server] workers`` processes, on the socket its supervisor
+    bound (see :mod:`blobd.workers`). It tells its supervisor, not systemd,
+    when it serves; the supervisor speaks to systemd for all of them."""
+    asyncio.run(daemon.run_server(config, sockets=[sock], notifier=WorkerNotifier(ready),
+                                  background=background, primary=False))
+
+
+class WorkerNotifier(Notifier):
+    """A worker's notifier: READY goes to the supervisor; the rest (STOPPING,
+    WATCHDOG) are the supervisor's to send, so they are dropped here."""
+
+    def __init__(self, ready: Callable[[], None]) -> None:
+        self._ready = ready
+
+    def ready(self, status: str | None = None) -> bool:
+        self._ready()
+        return True
+
+    def stopping(self, status: str | None = None) -> bool:
+        return False
+
+    def status(self, text: str) -> bool:
+        return False
+
+    def watchdog(self) -> bool:
+        return False
+
+    def watchdog_interval(self) -> float | None:
+        return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 
 from .. import auth
@@ -63,5 +64,8 @@ async def revoke_token(args: argparse.Namespace) -> int:
             found = await auth.revoke_token(tx.conn, args.id)
     if not found:
         raise BlobdError("not_found", f"no token with id {args.id}")
+    # A running server may have the token in its cache: once this command
+    # returns, every server refuses it.
+    await asyncio.sleep(auth.TOKEN_CACHE_SECONDS)
     print(f"revoked token {args.id}")
     return 0

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 from aiohttp import web
 
-from .. import reaper, sessions
+from .. import memory, reaper, sessions
 from ..config import Config
 from ..errors import BlobdError
 from ..mirror.service import Mirror
@@ -27,7 +28,14 @@ THREADS = 32
 RESOURCES = (blobs, refs, uploads, tus, admin, health)
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, *, background: bool = True,
+               primary: bool = True) -> web.Application:
+    """The app of one server process. ``primary``: it owns the data dir
+    (takes its lock, recovers from a crash); ``background``: it runs the
+    sweepers and the mirror worker. A lone server is both; of ``[server]
+    workers = N`` processes none is primary (their parent is) and exactly
+    one runs the background work (see :mod:`blobd.workers`)."""
+    memory.keep_large_buffers_unpooled()
     # Outermost first: aborted requests are logged and in-flight ones
     # tracked for the shutdown drain; metrics see every answer; CORS
     # preflights need no route or token; tus marks every answer under /tus/,
@@ -52,10 +60,11 @@ def create_app(config: Config) -> web.Application:
     for resource in RESOURCES:
         resource.setup(app, add)
     app.cleanup_ctx.append(_executor)
-    app.cleanup_ctx.append(_open_store)
-    app.cleanup_ctx.append(_sweeper)
-    app.cleanup_ctx.append(_session_sweeper)
-    app.cleanup_ctx.append(_mirror)
+    app.cleanup_ctx.append(functools.partial(_open_store, primary=primary))
+    if background:
+        app.cleanup_ctx.append(_sweeper)
+        app.cleanup_ctx.append(_session_sweeper)
+    app.cleanup_ctx.append(functools.partial(_mirror, background=background))
     return app
 
 
@@ -67,12 +76,12 @@ async def _executor(app: web.Application) -> AsyncIterator[None]:
     pool.shutdown(wait=False)
 
 
-async def _open_store(app: web.Application) -> AsyncIterator[None]:
+async def _open_store(app: web.Application, *, primary: bool) -> AsyncIterator[None]:
     store = app[STORE]
     if await asyncio.to_thread(store.layout.restore_marker_path.exists):
         raise BlobdError("conflict", "an interrupted 'blobd mirror restore' left this data"
                          " dir half-restored; run it again to finish before serving")
-    await store.open()
+    await store.open(exclusive=primary, recover=primary)
     yield
     await store.close()
 
@@ -94,10 +103,10 @@ async def _session_sweeper(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(task, return_exceptions=True)
 
 
-async def _mirror(app: web.Application) -> AsyncIterator[None]:
+async def _mirror(app: web.Application, *, background: bool) -> AsyncIterator[None]:
     mirror = app.get(MIRROR)
     if mirror is not None:
-        await mirror.start()
+        await mirror.start(background)
     yield
     if mirror is not None:
         await mirror.stop()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import sqlite3
 import time
-from typing import Any, BinaryIO
+from typing import Any
 
 from aiohttp import web
 
@@ -14,27 +16,28 @@ from ..quotas import upload_limit
 from ..address import Address, parse_address, parse_ref_name
 from ..errors import BlobdError
 from ..index import BlobRecord
-from ..store import Store, shielded
+from ..store import Store, Tx, shielded
 from ..mirror.heal import HealError
+from ..syncdb import SyncConnection, drive
 from .keys import MIRROR, STORE
 from .params import iso, page_params
 from .middleware import expects_continue, principal, requires, send_continue
-from .sendblob import BlobFile, open_blob, send_blob
+from .sendblob import BlobBody, BlobFile, load_blob, send_blob
 
 log = logging.getLogger(__name__)
 
 
-async def resolve(store: Store, address: Address) -> BlobRecord | None:
+async def resolve(conn: Any, address: Address) -> BlobRecord | None:
     """The live blob an address names, through the sha256 alias if need be."""
     digest: str | None = address.digest
     if not address.is_blake3:
-        digest = await index.hash_for_sha256(store.db.reader, address.digest)
-    blob = await index.get_blob(store.db.reader, digest) if digest else None
+        digest = await index.hash_for_sha256(conn, address.digest)
+    blob = await index.get_blob(conn, digest) if digest else None
     return blob if blob is not None and blob.live else None
 
 
 async def resolve_or_404(store: Store, address: Address) -> BlobRecord:
-    blob = await resolve(store, address)
+    blob = await resolve(store.db.reader, address)
     if blob is None:
         raise BlobdError("not_found", f"no blob {address}")
     return blob
@@ -74,10 +77,12 @@ async def post_blob(request: web.Request) -> web.StreamResponse:
 async def _receive_and_commit(request: web.Request, store: Store, owner: str,
                               ref: str | None, address: Address | None) -> web.Response:
     declared = request.content_length
+    # Checked before any body byte is read, small bodies too: the API
+    # promises 413/403 before the body (tests/test_quotas.py).
     digest = await resolve_any(store, address) if address is not None else None
     limit = await upload_limit(store, owner, declared, digest)
     await send_continue(request)
-    received = await ingest.receive(store, request.content.iter_any(), limit=limit,
+    received = await ingest.receive(store, ingest.body_chunks(request.content), limit=limit,
                                     declared=declared)
     stored = await ingest.commit_file(store, received, owner=owner, ref=ref,
                                       content_type=request.headers.get("Content-Type"),
@@ -100,21 +105,35 @@ def _blob_ref(request: web.Request) -> str | None:
 @requires("read", anonymous_read=True)
 async def get_blob(request: web.Request) -> web.StreamResponse:
     store = request.app[STORE]
-    blob = await resolve_or_404(store, parse_address(request.match_info["address"]))
+    address = parse_address(request.match_info["address"])
+    blob, body = await store.db.read(functools.partial(
+        _find_and_load, store, address, request.method == "HEAD"))
+    if blob is None:
+        raise BlobdError("not_found", f"no blob {address}")
     path = store.layout.blob_path(blob.hash)
-    fobj = await asyncio.to_thread(open_blob, path, blob.size)
-    if fobj is None:
-        fobj = await _heal(request, blob)
+    if body is None:
+        body = await _heal(request, blob)
     try:
         return await send_blob(request, BlobFile(path, blob.hash, blob.size,
-                                                 blob.content_type, blob.created_at), fobj)
+                                                 blob.content_type, blob.created_at), body)
     finally:
-        await asyncio.to_thread(fobj.close)
+        if body.fobj is not None:
+            await asyncio.to_thread(body.fobj.close)
 
 
-async def _heal(request: web.Request, blob: BlobRecord) -> BinaryIO:
+def _find_and_load(store: Store, address: Address, head: bool,
+                   conn: sqlite3.Connection) -> tuple[BlobRecord | None, BlobBody | None]:
+    """Look the blob up and open (or read) its file: one trip to a reader
+    thread for the whole GET. Runs there."""
+    blob = drive(resolve(SyncConnection(conn), address))
+    if blob is None:
+        return None, None
+    return blob, load_blob(store.layout.blob_path(blob.hash), blob.size, head=head)
+
+
+async def _heal(request: web.Request, blob: BlobRecord) -> BlobBody:
     """The blob's file is missing or the wrong size: fetch it back from the
-    mirror (verified) and open it, or fail with 500."""
+    mirror (verified) and load it, or fail with 500."""
     store, mirror = request.app[STORE], request.app.get(MIRROR)
     if mirror is None:
         log.error("blob %s is indexed but its file is missing or damaged", blob.hash)
@@ -127,10 +146,11 @@ async def _heal(request: web.Request, blob: BlobRecord) -> BinaryIO:
         log.error("blob %s could not be healed: %s", blob.hash, exc)
         raise BlobdError("internal", "the blob's file is missing or damaged, and the"
                          " mirror has no good copy") from None
-    fobj = await asyncio.to_thread(open_blob, store.layout.blob_path(blob.hash), blob.size)
-    if fobj is None:  # deleted while it was being healed
+    body = await asyncio.to_thread(load_blob, store.layout.blob_path(blob.hash), blob.size,
+                                   head=request.method == "HEAD")
+    if body is None:  # deleted while it was being healed
         raise BlobdError("not_found", f"blob {blob.hash} was deleted")
-    return fobj
+    return body
 
 
 @requires("read", anonymous_read=True)
@@ -154,14 +174,13 @@ async def delete_blob(request: web.Request) -> web.Response:
     owner = principal(request).owner
     digest = await resolve_any(store, address)
 
-    async def run() -> int:
-        async with store.write() as tx:
-            dropped, zeroed = await index.drop_blob_refs(tx.conn, owner, digest or "",
-                                                         time.time())
-            await reaper.release_zeroed(store, tx, zeroed)
-            return dropped
+    async def body(tx: Tx) -> int:
+        dropped, zeroed = await index.drop_blob_refs(tx.conn, owner, digest or "",
+                                                     time.time())
+        await reaper.release_zeroed(store, tx, zeroed)
+        return dropped
 
-    if digest is None or not await shielded(run()):
+    if digest is None or not await shielded(store.commit(body)):
         raise BlobdError("not_found", f"you hold no reference to {address}")
     return web.Response(status=204)
 

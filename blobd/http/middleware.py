@@ -112,7 +112,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if scope is not None:
         store = request.app[STORE]
         token = auth.bearer_token(request.headers.get("Authorization"))
-        found = await auth.authenticate(store.db.reader, token) if token else None
+        found = (await auth.authenticate(store.db.reader, token, store.tokens)
+                 if token else None)
         if found is None:
             flag = getattr(route_handler, "blobd_anonymous_flag", None)
             anonymous_ok = (flag is not None and getattr(store.config.auth, flag)

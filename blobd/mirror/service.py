@@ -28,9 +28,13 @@ class Mirror:
         self._store = store
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def start(self) -> None:
-        """After the store is open: start draining the queue and backing up."""
+    async def start(self, background: bool = True) -> None:
+        """After the store is open: start draining the queue and backing up
+        (only in the process that runs the background work; the others of
+        ``[server] workers = N`` only heal on GET)."""
         await self.target.open()
+        if not background:
+            return
         self._tasks = [
             asyncio.create_task(self.worker.run(), name="blobd-mirror-worker"),
             asyncio.create_task(backup.run_scheduled(self._store, self.target, self.config),

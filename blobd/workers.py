@@ -1,0 +1,359 @@
+"""Several server processes on one port: ``[server] workers = N``.
+
+One Python process serves from one core. With ``workers = N`` the process
+started by ``blobd serve`` becomes a supervisor of N worker processes:
+
+1. It takes the data-dir lock (and keeps it: no second ``blobd serve`` can
+   start on the same data), creates or migrates the index and recovers what
+   a crash left in ``tmp/`` -- all before any worker exists, so no worker
+   ever does either.
+2. It forks the workers. Each gets a listening socket of its own on the one
+   port (``SO_REUSEPORT``), so the kernel spreads new connections evenly;
+   one shared socket would let whichever worker wakes first accept a whole
+   burst of keep-alive connections. Forking, rather than starting a new
+   interpreter, costs a worker milliseconds, not a second of imports.
+3. Exactly one worker, number 0, runs the background work (sweepers); its
+   replacement after a crash is number 0 again.
+4. A worker that dies is replaced. First, what it left in ``tmp/`` (every
+   temp name carries its process id) is undone under the index write lock,
+   exactly as start-up recovery would (see :meth:`blobd.store.Store.recover_dead`).
+   One that keeps dying right after start is restarted with a growing delay.
+5. SIGTERM or SIGINT: each worker gets one SIGTERM and shuts down gracefully
+   (requests in flight finish); the supervisor waits for them, then exits.
+   A second signal kills the workers at once, as safe as ``kill -9``. Workers
+   run in a process group of their own, so a terminal's Ctrl-C reaches the
+   supervisor alone and no worker is signalled twice. (Under systemd, use
+   ``KillMode=mixed`` so that systemd, too, signals only the supervisor.)
+6. Toward systemd the supervisor is the service: it sends ``READY=1`` once
+   every worker serves, ``WATCHDOG=1`` from its loop while a watchdog is
+   armed, and ``STOPPING=1`` on shutdown. Each worker runs
+   :func:`blobd.daemon.run_server` (graceful drain, access log, TLS) with a
+   notifier that tells the supervisor, not systemd. Socket activation is
+   not used with workers: the supervisor binds the port itself.
+
+Correctness across processes rests on SQLite: every write transaction starts
+with ``BEGIN IMMEDIATE`` and waits for the others on ``busy_timeout``, and
+every file move that decides what exists (link into place, move to trash)
+happens inside one, so the PUT-versus-DELETE ordering and the quota checks
+hold between workers as they do between the requests of one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import files
+from .config import Config
+from .errors import BlobdError
+from .layout import Layout
+from .sdnotify import Notifier
+from .store import Store, take_lock
+
+log = logging.getLogger(__name__)
+
+# serve_one(config, sock, background, ready): run one server process on the
+# listening socket until SIGTERM/SIGINT; call ready() once it is serving.
+ServeOne = Callable[[Config, socket.socket, bool, Callable[[], None]], None]
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+BACKLOG = 1024
+# A worker that lived shorter than this counts as failing to start.
+HEALTHY_SECONDS = 5.0
+MAX_RESTART_DELAY = 10.0
+# How long to wait for all workers of a new server to come up.
+STARTUP_TIMEOUT = 60.0
+
+
+def serve(config: Config, serve_one: ServeOne) -> int:
+    """Run ``config.server.workers`` worker processes until a stop signal;
+    the exit status (1 when the workers could not start)."""
+    layout = Layout(config.data_dir.resolve())
+    if layout.restore_marker_path.exists():
+        raise BlobdError("conflict", "an interrupted 'blobd mirror restore' left this data"
+                         " dir half-restored; run it again to finish before serving")
+    files.make_dirs(layout)
+    lock_fd = take_lock(layout.lock_path)
+    try:
+        asyncio.run(_prepare(config))
+        return Supervisor(config, serve_one).run()
+    finally:
+        os.close(lock_fd)
+
+
+async def _prepare(config: Config) -> None:
+    """Create or migrate the index and recover from a crash, before any
+    worker exists (the caller holds the data-dir lock)."""
+    store = Store(config)
+    await store.open(exclusive=False, recover=True)
+    await store.close()
+
+
+async def _recover_dead(config: Config, pid: int) -> int:
+    store = Store(config)
+    await store.open(exclusive=False, recover=False)
+    try:
+        return await store.recover_dead(pid)
+    finally:
+        await store.close()
+
+
+@dataclass
+class _Worker:
+    number: int
+    process: Any  # multiprocessing.Process (fork context)
+    ready: multiprocessing.connection.Connection
+    started_at: float
+    serving: bool = False
+
+
+@dataclass
+class Supervisor:
+    config: Config
+    serve_one: ServeOne
+    workers: dict[int, _Worker] = field(default_factory=dict)
+    signals: int = 0
+    _delays: dict[int, float] = field(default_factory=dict)
+    _due: dict[int, float] = field(default_factory=dict)  # number -> restart time
+
+    def __post_init__(self) -> None:
+        self._notifier = Notifier()
+        self._watchdog = self._notifier.watchdog_interval()
+        self._pinged = 0.0
+        self._ctx = multiprocessing.get_context("fork")
+        self._wake_r, self._wake_w = os.pipe()
+
+    def run(self) -> int:
+        previous = self._catch_signals()
+        # Held, bound but not listening, so the port stays ours while a
+        # worker is being replaced; the kernel routes nothing to it.
+        try:
+            self._port_hold = _bind(self.config, listen=False)
+        except BaseException:
+            self._restore_signals(previous)
+            raise
+        try:
+            for number in range(self.config.server.workers):
+                self._start(number)
+            if not self._wait_started():
+                return 0 if self.signals else 1
+            self._announce()
+            while not self.signals:
+                self._supervise_once()
+            return 0
+        finally:
+            self._notifier.stopping()
+            self._stop_all()
+            self._port_hold.close()
+            self._restore_signals(previous)
+
+    def _restore_signals(self, previous: dict[int, Any]) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(-1)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _catch_signals(self) -> dict[int, Any]:
+        def on_signal(signum: int, frame: object) -> None:
+            self.signals += 1
+            if self.signals > 1:
+                self._kill_all()
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+        signal.set_wakeup_fd(self._wake_w)
+        return {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
+
+    def _announce(self) -> None:
+        server = self.config.server
+        message = (f"blobd serving {self.config.data_dir.resolve()} on "
+                   f"http://{server.host}:{server.port} with {server.workers} workers")
+        print(message, flush=True)
+        self._notifier.ready(message)
+        log.info("%s (pids %s)", message,
+                 ", ".join(str(w.process.pid) for w in self.workers.values()))
+
+    # -- starting -------------------------------------------------------------
+
+    def _start(self, number: int) -> None:
+        _await_lone_thread()
+        sock = _bind(self.config, listen=True)
+        ready_r, ready_w = self._ctx.Pipe(duplex=False)
+        # What of the supervisor's own the worker must not keep open.
+        theirs = [functools.partial(os.close, self._wake_r),
+                  functools.partial(os.close, self._wake_w), self._port_hold.close,
+                  ready_r.close, *(w.ready.close for w in self.workers.values())]
+        process = self._ctx.Process(
+            target=_worker_main, name=f"blobd-worker-{number}",
+            args=(self.serve_one, self.config, sock, number, ready_w, theirs))
+        process.start()
+        # The worker has its copies; ours would keep a dead worker's socket
+        # (and the connections queued on it) alive.
+        sock.close()
+        ready_w.close()
+        self.workers[number] = _Worker(number, process, ready_r, time.monotonic())
+
+    def _wait_started(self) -> bool:
+        """Until every worker serves; False (and why, logged) if one died."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not all(w.serving for w in self.workers.values()):
+            if self.signals:
+                return False
+            self._wait(deadline - time.monotonic())
+            for worker in self.workers.values():
+                if worker.process.exitcode is not None:
+                    log.error("worker %d exited with %s while starting", worker.number,
+                              worker.process.exitcode)
+                    return False
+            if time.monotonic() > deadline:
+                log.error("the workers did not start within %gs", STARTUP_TIMEOUT)
+                return False
+        return True
+
+    def _wait(self, timeout: float) -> None:
+        handles: list[Any] = [self._wake_r]
+        for worker in self.workers.values():
+            handles.append(worker.process.sentinel)
+            if not worker.serving:
+                handles.append(worker.ready)
+        for handle in multiprocessing.connection.wait(handles, max(0.0, timeout)):
+            if handle == self._wake_r:
+                _drain(self._wake_r)
+        for worker in self.workers.values():
+            if not worker.serving and worker.ready.poll():
+                worker.serving = True
+
+    # -- supervising ----------------------------------------------------------
+
+    def _supervise_once(self) -> None:
+        self._ping_watchdog()
+        now = time.monotonic()
+        timeout = min([due - now for due in self._due.values()], default=1.0)
+        self._wait(min(timeout, 1.0))
+        if self.signals:
+            return
+        for worker in list(self.workers.values()):
+            if worker.process.exitcode is not None:
+                self._replace_later(worker)
+        for number, due in list(self._due.items()):
+            if due <= time.monotonic():
+                del self._due[number]
+                self._start(number)
+
+    def _ping_watchdog(self) -> None:
+        # The loop wakes at least once a second; ping at half the timeout.
+        if self._watchdog and time.monotonic() - self._pinged >= self._watchdog / 2:
+            self._notifier.watchdog()
+            self._pinged = time.monotonic()
+
+    def _replace_later(self, worker: _Worker) -> None:
+        del self.workers[worker.number]
+        worker.ready.close()
+        pid, code = worker.process.pid, worker.process.exitcode
+        lived = time.monotonic() - worker.started_at
+        log.error("worker %d (pid %d) exited with %s after %.1fs; replacing it",
+                  worker.number, pid, code, lived)
+        recovered = asyncio.run(_recover_dead(self.config, pid))
+        if recovered:
+            log.info("undid %d temp files worker %d left behind", recovered, worker.number)
+        delay = 0.0
+        if lived < HEALTHY_SECONDS:
+            delay = min(MAX_RESTART_DELAY, max(0.5, 2 * self._delays.get(worker.number, 0)))
+        self._delays[worker.number] = delay
+        self._due[worker.number] = time.monotonic() + delay
+
+    # -- stopping -------------------------------------------------------------
+
+    def _stop_all(self) -> None:
+        for worker in self.workers.values():
+            _signal(worker.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.server.shutdown_timeout_seconds + 10
+        for worker in self.workers.values():
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+        self._kill_all()
+        for worker in self.workers.values():
+            worker.process.join()
+            worker.ready.close()
+        log.info("all workers stopped")
+
+    def _kill_all(self) -> None:
+        for worker in self.workers.values():
+            if worker.process.exitcode is None:
+                _signal(worker.process.pid, signal.SIGKILL)
+
+
+def _worker_main(serve_one: ServeOne, config: Config, sock: socket.socket,
+                 number: int, ready: multiprocessing.connection.Connection,
+                 closers: list[Callable[[], None]]) -> None:
+    """The first thing a forked worker runs."""
+    background = number == 0
+    log.info("worker %d (pid %d) started%s", number, os.getpid(),
+             ", running the background work" if background else "")
+    os.setpgid(0, 0)
+    signal.set_wakeup_fd(-1)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    for close in closers:
+        close()
+
+    def serving() -> None:
+        ready.send_bytes(b"1")
+        ready.close()
+    serve_one(config, sock, background, serving)
+
+
+def _bind(config: Config, *, listen: bool) -> socket.socket:
+    host, port = config.server.host, config.server.port
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        if listen:
+            sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise BlobdError("unavailable", f"cannot listen on {host}:{port}: "
+                         f"{exc.strerror or exc}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _await_lone_thread(timeout: float = 5.0) -> None:
+    """fork() copies only the calling thread: threads left from the last
+    asyncio.run (aiosqlite's, finishing) must be gone first."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+    others = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    if others:
+        raise RuntimeError(f"cannot fork workers while threads run: {others}")
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            continue
+    except BlockingIOError:
+        return

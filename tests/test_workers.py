@@ -1,0 +1,317 @@
+"""``[server] workers = 2``: two server processes on one port, one index.
+
+Real ``blobd serve`` processes (see serverproc.py). What one process
+guarantees must hold between two: a PUT racing the DELETE of the last
+reference, quota checks under concurrent uploads, and ``kill -9`` of a
+worker (the supervisor replaces it; what was acknowledged is intact; what it
+left half-done is undone, with its sibling still serving).
+
+Requests go out on fresh connections, which the kernel spreads over the
+workers' sockets; each test checks that both workers did work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import aiohttp
+import blake3
+import pytest
+
+from blobd.layout import tmp_pid
+from serverproc import BlobdServer, free_port, http, owns_listener, run_blobd
+from test_crash import check_index_matches_files
+
+TIMEOUT = aiohttp.ClientTimeout(total=60)
+BACKGROUND = re.compile(r"worker (\d+) \(pid (\d+)\) started, running the background work")
+
+
+def b3(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(what: str, check, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_replaced(server: BlobdServer, dead: int) -> list[int]:
+    """Until the supervisor has a new second worker serving in place of ``dead``."""
+    def replaced() -> bool:
+        pids = server.workers()
+        return (len(pids) == 2 and dead not in pids
+                and all(owns_listener(pid, server.port) for pid in pids))
+    wait_for(f"worker {dead} to be replaced", replaced)
+    return server.workers()
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[BlobdServer]:
+    with BlobdServer(tmp_path, {"server": {"workers": 2},
+                                "storage": {"fsync": False}}) as server:
+        yield server
+
+
+def test_two_workers_share_the_port_and_one_data_dir_lock(pair: BlobdServer) -> None:
+    workers = pair.workers()
+    assert len(workers) == 2
+    assert all(owns_listener(pid, pair.port) for pid in workers)
+    assert not owns_listener(pair.pid, pair.port)  # the supervisor only holds the port
+    assert http("GET", f"{pair.url}/healthz")[0] == 200
+    # Exactly one of them runs the background work.
+    assert len(BACKGROUND.findall(pair.stderr_tail(200))) == 1
+    # The supervisor holds the data dir: another server on it stops at once.
+    other = run_blobd("serve", "-c", str(pair.config_path), "--port", str(free_port()),
+                      timeout=60)
+    assert other.returncode != 0
+    assert "another blobd is serving" in other.stderr
+
+
+async def _race_once(http_: aiohttp.ClientSession, url: str, alice: str, bob: str,
+                     data: bytes, expect: bool) -> None:
+    digest = b3(data)
+    async with http_.put(f"{url}/blobs/{digest}", data=data, headers=auth(bob)) as resp:
+        assert resp.status == 201
+    put, delete = await asyncio.gather(
+        http_.put(f"{url}/blobs/{digest}", data=data, headers=auth(alice),
+                  expect100=expect),
+        http_.delete(f"{url}/blobs/{digest}", headers=auth(bob)))
+    put.release()
+    delete.release()
+    assert delete.status == 204
+    assert put.status in (200, 201)
+    # Alice was answered 200/201: she holds a reference, so the blob exists,
+    # whichever worker answers next.
+    async with http_.get(f"{url}/blobs/{digest}", headers=auth(alice)) as get:
+        assert get.status == 200, f"PUT said {put.status} but GET says {get.status}"
+        assert await get.read() == data
+    async with http_.get(f"{url}/blobs/{digest}/meta", headers=auth(alice)) as meta:
+        assert (await meta.json())["refcount"] == 1
+    async with http_.delete(f"{url}/blobs/{digest}", headers=auth(alice)) as gone:
+        assert gone.status == 204
+
+
+async def test_put_racing_delete_of_the_last_reference_across_workers(
+        pair: BlobdServer) -> None:
+    alice, bob = pair.token("alice"), pair.token("bob")
+    before = {pid: cpu_ticks(pid) for pid in pair.workers()}
+    connector = aiohttp.TCPConnector(force_close=True)  # a new connection each time
+    async with aiohttp.ClientSession(connector=connector, timeout=TIMEOUT) as session:
+        for i in range(200):
+            await _race_once(session, pair.url, alice, bob, os.urandom(2000 + i),
+                             expect=bool(i % 2))
+        datas = [os.urandom(3000) for _ in range(100)]
+        await asyncio.gather(*(_race_once(session, pair.url, alice, bob, d, expect=True)
+                               for d in datas))
+    assert all(cpu_ticks(pid) > ticks for pid, ticks in before.items()), "one worker idle"
+    assert pair.terminate() == 0
+    assert check_index_matches_files(pair.data_dir) == {}
+
+
+def _usage(data_dir: Path, owner: str) -> tuple[int, int, int, int]:
+    """(used_blobs, used_bytes, holdings, bytes of the holdings) from the index."""
+    with sqlite3.connect(data_dir / "index.sqlite3") as db:
+        used_blobs, used_bytes = db.execute(
+            "SELECT used_blobs, used_bytes FROM owners WHERE owner = ?", (owner,)).fetchone()
+        held, held_bytes = db.execute(
+            "SELECT count(*), coalesce(sum(b.size), 0) FROM holdings h"
+            " JOIN blobs b ON b.hash = h.hash WHERE h.owner = ?", (owner,)).fetchone()
+    return used_blobs, used_bytes, held, held_bytes
+
+
+async def _upload_many(url: str, token: str, bodies: list[bytes]) -> list[int]:
+    connector = aiohttp.TCPConnector(force_close=True, limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=TIMEOUT) as session:
+        async def one(i: int, body: bytes) -> int:
+            # Half announce their size and wait for 100 Continue: those are
+            # checked before their bodies are read, the rest at commit.
+            async with session.post(f"{url}/blobs", data=body, headers=auth(token),
+                                    expect100=bool(i % 2)) as resp:
+                if resp.status != 201:
+                    assert (await resp.json())["error"] == "quota_exceeded"
+                return resp.status
+        return await asyncio.gather(*(one(i, body) for i, body in enumerate(bodies)))
+
+
+async def test_concurrent_uploads_never_pass_a_quota_across_workers(tmp_path: Path) -> None:
+    quotas = {"default": {"max_blobs": 10},
+              "bob": {"max_blobs": 1000, "max_bytes": 100_000}}
+    with BlobdServer(tmp_path, {"server": {"workers": 2}, "quotas": quotas}) as server:
+        alice, bob = server.token("alice"), server.token("bob")
+        before = {pid: cpu_ticks(pid) for pid in server.workers()}
+        by_count = await _upload_many(server.url, alice,
+                                      [os.urandom(1000) for _ in range(40)])
+        by_bytes = await _upload_many(server.url, bob,
+                                      [os.urandom(9000) for _ in range(40)])
+        assert all(cpu_ticks(pid) > ticks for pid, ticks in before.items()), "one worker idle"
+        assert server.terminate() == 0
+    assert by_count.count(201) == 10, by_count
+    assert by_bytes.count(201) == 100_000 // 9000, by_bytes
+    assert _usage(server.data_dir, "alice") == (10, 10_000, 10, 10_000)
+    assert _usage(server.data_dir, "bob") == (11, 99_000, 11, 99_000)
+    check_index_matches_files(server.data_dir)
+
+
+def _stalled_upload(server: BlobdServer, token: str, sent: int, size: int) -> socket.socket:
+    """A POST that announces ``size`` bytes, sends ``sent`` of them, and waits."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(f"POST /blobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}"
+                 f"\r\nContent-Length: {size}\r\n\r\n".encode())
+    sock.sendall(os.urandom(sent))
+    return sock
+
+
+def test_kill9_of_a_worker_mid_upload(tmp_path: Path) -> None:
+    with BlobdServer(tmp_path, {"server": {"workers": 2}}) as server:
+        token = server.token()
+        acked = {}
+        for i in range(20):
+            data = os.urandom(50_000 + i)
+            status, _ = http("POST", f"{server.url}/blobs", token, data)
+            assert status == 201
+            acked[b3(data)] = data
+        tmp = server.data_dir / "tmp"
+        upload = _stalled_upload(server, token, sent=3 << 20, size=8 << 20)
+        wait_for("the upload's temp file", lambda: any(
+            name.startswith("put-new-") for name in os.listdir(tmp)))
+        (name,) = [n for n in os.listdir(tmp) if n.startswith("put-new-")]
+        victim = tmp_pid(name)
+        assert victim in server.workers()
+
+        os.kill(victim, signal.SIGKILL)
+        upload.settimeout(10)
+        assert upload.recv(100) == b""  # the connection died with its worker
+        upload.close()
+        wait_replaced(server, victim)
+        # What the dead worker left in tmp/ was undone before its
+        # replacement started, with the other worker serving all along.
+        assert os.listdir(tmp) == []
+        assert "undid 1 temp files worker" in server.stderr_tail(200)
+        for digest, data in acked.items():
+            assert http("GET", f"{server.url}/blobs/{digest}", token) == (200, data)
+        fresh = os.urandom(70_000)
+        assert http("POST", f"{server.url}/blobs", token, fresh)[0] == 201
+        assert server.terminate() == 0
+    check_index_matches_files(server.data_dir)
+
+
+def test_kill9_of_a_worker_inside_a_commit(tmp_path: Path) -> None:
+    """The kill lands between the link into blobs/ and the COMMIT (a staged
+    temp file with a second name): the replacement starts only once the
+    link is undone, and the index and the blob tree agree."""
+    with BlobdServer(tmp_path, {"server": {"workers": 2}}) as server:
+        token = server.token()
+        tmp = server.data_dir / "tmp"
+        killed: list[int] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set() and not killed:
+                for name in os.listdir(tmp):
+                    if name.startswith("put-") and not name.startswith("put-new-"):
+                        try:
+                            linked = os.stat(tmp / name).st_nlink >= 2
+                        except FileNotFoundError:
+                            continue
+                        pid = tmp_pid(name)
+                        if linked and pid in server.workers():
+                            os.kill(pid, signal.SIGKILL)
+                            killed.append(pid)
+                            return
+                time.sleep(0.0002)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        acked: dict[str, bytes] = {}
+
+        def client() -> None:
+            while not stop.is_set():
+                data = os.urandom(200_000)
+                try:
+                    status, _ = http("POST", f"{server.url}/blobs", token, data)
+                except OSError:
+                    continue  # its worker was killed
+                if status == 201:
+                    acked[b3(data)] = data
+
+        clients = [threading.Thread(target=client, daemon=True) for _ in range(8)]
+        for thread in clients:
+            thread.start()
+        wait_for("a kill inside a commit", lambda: bool(killed), timeout=60)
+        stop.set()
+        for thread in [watcher, *clients]:
+            thread.join()
+        wait_replaced(server, killed[0])
+        assert re.search(r"undid \d+ temp files worker \d left behind", server.stderr_tail(200))
+        for digest, data in acked.items():
+            assert http("GET", f"{server.url}/blobs/{digest}", token) == (200, data)
+        assert server.terminate() == 0
+    rows = check_index_matches_files(server.data_dir)
+    assert set(acked) <= set(rows)
+    assert not any(name.startswith(f"put-") for name in os.listdir(tmp))
+
+
+def test_background_work_moves_with_worker_zero(tmp_path: Path) -> None:
+    config = {"server": {"workers": 2},
+              "gc": {"grace_seconds": 1, "sweep_interval_seconds": 1}}
+    with BlobdServer(tmp_path, config) as server:
+        token = server.token()
+        (first,) = BACKGROUND.findall(server.stderr_tail(200))
+        background = int(first[1])
+        os.kill(background, signal.SIGKILL)
+        wait_replaced(server, background)
+        wait_for("a new background worker", lambda: len(
+            BACKGROUND.findall(server.stderr_tail(200))) == 2)
+        (_, second) = BACKGROUND.findall(server.stderr_tail(200))
+        assert second[0] == "0" and int(second[1]) in server.workers()
+        # ...and it works: a blob at zero references goes after its grace.
+        data = os.urandom(5000)
+        assert http("POST", f"{server.url}/blobs", token, data)[0] == 201
+        assert http("DELETE", f"{server.url}/blobs/{b3(data)}", token)[0] == 204
+        path = server.data_dir / "blobs" / b3(data)[:2] / b3(data)[2:4] / b3(data)
+        wait_for("the sweeper", lambda: not path.exists(), timeout=20)
+
+
+def test_sigterm_stops_every_worker(pair: BlobdServer) -> None:
+    workers = pair.workers()
+    assert pair.terminate() == 0
+    assert not any(alive(pid) for pid in workers)
+    assert "all workers stopped" in pair.stderr_tail()
+
+
+def test_tmp_names_carry_the_process_id() -> None:
+    assert tmp_pid(f"put-new-{os.getpid()}.0a1b2c") == os.getpid()
+    assert tmp_pid("del-" + "a" * 64 + "-42.ffff") == 42
+    assert tmp_pid("put-new-0a1b2c3d4e5f6a7b") is None  # an older name
+    assert tmp_pid("junk") is None
