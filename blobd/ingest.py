@@ -32,7 +32,7 @@ from .store import Store, Tx, shielded
 
 # Bodies are handed to a writer thread in pieces of this size: large enough
 # that the hop to the thread is noise, small enough to keep memory flat.
-WRITE_CHUNK = 1 << 20
+WRITE_CHUNK = 512 << 10
 
 
 @dataclass(frozen=True)

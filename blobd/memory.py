@@ -18,18 +18,22 @@ import logging
 log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+M_ARENA_MAX = -8
 MMAP_THRESHOLD = 128 * 1024
+ARENA_MAX = 2
 
 
 def keep_large_buffers_unpooled() -> bool:
-    """Fix glibc's mmap threshold; False where there is no glibc ``mallopt``."""
+    """Fix glibc's mmap threshold and cap its arenas; False where there is
+    no glibc ``mallopt``. Call before the threads start."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    done = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    done = (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+            and mallopt(M_ARENA_MAX, ARENA_MAX) == 1)
     if not done:
-        log.debug("mallopt(M_MMAP_THRESHOLD) refused; memory may grow after bursts")
+        log.debug("mallopt refused; memory may grow after bursts")
     return done

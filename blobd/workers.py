@@ -232,7 +232,9 @@ class Supervisor:
                 _drain(self._wake_r)
         for worker in self.workers.values():
             if not worker.serving and worker.ready.poll():
-                worker.serving = True
+                # EOFError/OSError: it died before it served; its sentinel says so.
+                with contextlib.suppress(EOFError, OSError):
+                    worker.serving = worker.ready.recv_bytes() == b"1"
 
     # -- supervising ----------------------------------------------------------
 
@@ -264,9 +266,16 @@ class Supervisor:
         lived = time.monotonic() - worker.started_at
         log.error("worker %d (pid %d) exited with %s after %.1fs; replacing it",
                   worker.number, pid, code, lived)
-        recovered = asyncio.run(_recover_dead(self.config, pid))
-        if recovered:
-            log.info("undid %d temp files worker %d left behind", recovered, worker.number)
+        try:
+            recovered = asyncio.run(_recover_dead(self.config, pid))
+        except Exception:
+            # Not worth stopping the server for: start-up recovery will
+            # undo it at the next restart.
+            log.exception("could not undo what worker %d left in tmp/", worker.number)
+        else:
+            if recovered:
+                log.info("undid %d temp files worker %d left behind", recovered,
+                         worker.number)
         delay = 0.0
         if lived < HEALTHY_SECONDS:
             delay = min(MAX_RESTART_DELAY, max(0.5, 2 * self._delays.get(worker.number, 0)))
