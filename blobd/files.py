@@ -29,8 +29,11 @@ log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 20
 HEAD_SIZE = 64
-# Start disk writeback every this many bytes while a durable body arrives.
-WRITEBACK_WINDOW = 8 << 20
+# Start disk writeback every this many bytes while a durable body arrives
+# (and wait for the window before). 8 MiB drained the disk's queue between
+# windows: 1 GiB PUTs ran at 0.89x dd conv=fsync, at 32 MiB at ~1.0x. Dirty
+# page cache per upload stays under two windows.
+WRITEBACK_WINDOW = 32 << 20
 
 _SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
