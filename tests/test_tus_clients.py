@@ -95,6 +95,26 @@ def drop_mid_patch(url: str, token: str, offset: int, body: bytes, sent: int) ->
         time.sleep(0.2)
 
 
+def wait_for_offset(url: str, token: str, expected: int, timeout: float = 10.0) -> int:
+    """The server records a dropped PATCH's bytes when it notices the hang-up;
+    a phone's app restarts long after that, so wait for it as the app would."""
+    deadline = time.monotonic() + timeout
+    while True:
+        parts = urllib.parse.urlsplit(url)
+        with socket.create_connection((parts.hostname, parts.port)) as sock:
+            sock.sendall((f"HEAD {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                          f"Authorization: Bearer {token}\r\nTus-Resumable: 1.0.0\r\n"
+                          "Connection: close\r\n\r\n").encode())
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        offset = next((int(line.split(b":", 1)[1]) for line in reply.split(b"\r\n")
+                       if line.lower().startswith(b"upload-offset:")), -1)
+        if offset == expected or time.monotonic() > deadline:
+            return offset
+        time.sleep(0.05)
+
+
 def test_tuspy_interrupted_upload_resumes_in_a_fresh_client(live, tmp_path: Path) -> None:
     path = tmp_path / "long.m4a"
     data = sample(path, 6 * CHUNK + 99)
@@ -106,6 +126,7 @@ def test_tuspy_interrupted_upload_resumes_in_a_fresh_client(live, tmp_path: Path
     # ... in the middle of the third: 10 000 of its bytes reached the server.
     server, token = live
     drop_mid_patch(first.url, token, first.offset, data[2 * CHUNK:3 * CHUNK], 10_000)
+    assert wait_for_offset(first.url, token, 2 * CHUNK + 10_000) == 2 * CHUNK + 10_000
 
     fresh = tuspy(live).uploader(str(path), chunk_size=CHUNK, store_url=True,
                                  url_storage=FileStorage(str(tmp_path / "tus-urls.json")))
