@@ -16,7 +16,7 @@ import functools
 import logging
 import time
 
-from . import files, index
+from . import files, index, periodic
 from .store import Store, Tx
 
 log = logging.getLogger(__name__)
@@ -62,11 +62,5 @@ async def run_sweeper(store: Store) -> None:
     # so a blob never outlives its grace by much more than the grace itself.
     gc = store.config.gc
     interval = min(gc.sweep_interval_seconds, max(gc.grace_seconds, 1.0))
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            count = await sweep(store)
-            if count:
-                log.info("deleted %d blobs after their grace period", count)
-        except Exception:
-            log.exception("sweep failed; will retry")
+    await periodic.every(interval, lambda: sweep(store),
+                         "deleted %d blobs after their grace period")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import aiosqlite
 
-from . import files, index, index_sessions, ingest, sessionfiles
+from . import files, index, index_sessions, ingest, periodic, sessionfiles
 from .address import Address, parse_address
 from .errors import BlobdError
 from .index_sessions import NATIVE, TUS, Session
@@ -275,11 +275,5 @@ async def run_session_sweeper(store: Store) -> None:
     down), then periodically until cancelled."""
     ttl = store.config.uploads.session_ttl_seconds
     interval = max(1.0, min(60.0, ttl / 2))
-    while True:
-        try:
-            count = await sweep_sessions(store)
-            if count:
-                log.info("removed %d expired or abandoned upload sessions", count)
-        except Exception:
-            log.exception("session sweep failed; will retry")
-        await asyncio.sleep(interval)
+    await periodic.every(interval, lambda: sweep_sessions(store),
+                         "removed %d expired or abandoned upload sessions", at_start=True)
