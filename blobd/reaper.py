@@ -11,15 +11,12 @@ after, and is never answered for a blob that is being deleted.
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import logging
 import time
 
 from . import files, index, periodic
 from .store import Store, Tx
 
-log = logging.getLogger(__name__)
 
 
 async def release_zeroed(store: Store, tx: Tx, digests: list[str]) -> None:
