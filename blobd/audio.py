@@ -42,12 +42,12 @@ from mutagen.oggopus import OggOpus
 from mutagen.oggvorbis import OggVorbis
 from mutagen.wave import WaveStreamInfo
 
-from blobd.sniff import (AUDIO_MIME_TYPES, MAX_MPEG_FRAME, SNIFF_BYTES,
-                         mpeg_frame_length, ogg_first_packet,
-                         same_mpeg_stream, sniff_mime)
+from blobd.sniff import (AUDIO_MIME_TYPES, MAX_MP3_JUNK, MAX_MPEG_FRAME,
+                         MP3_CHAIN_FRAMES, SNIFF_BYTES, could_be_audio,
+                         mpeg_chain_at, ogg_first_packet, sniff_mime)
 
-__all__ = ["AUDIO_MIME_TYPES", "AudioInfo", "probe", "probe_async",
-           "sniff_mime"]
+__all__ = ["AUDIO_MIME_TYPES", "MAX_MP3_JUNK", "AudioInfo", "could_be_audio",
+           "probe", "probe_async", "sniff_mime"]
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +69,6 @@ _MP4_CONTAINERS = frozenset({   # the boxes mutagen descends into
     b"moov", b"udta", b"trak", b"mdia", b"meta", b"ilst",
     b"stbl", b"minf", b"moof", b"traf",
 })
-
-# With no magic at the start, an MP3 is still accepted when its first frame
-# sits within this many bytes: zero padding or a damaged tag before the
-# audio. A sync found deeper is more likely MP3 data inside another file.
-_MAX_MP3_JUNK = 8 * 1024
-# mutagen accepts an MP3 after four chained frames (or one with a VBR
-# header), a test that runs of bytes in executables and data files pass now
-# and then; a real stream goes on much longer.
-_MP3_CHAIN_FRAMES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +150,7 @@ def _probe_file(f: IO[bytes]) -> AudioInfo | None:
     head = f.read(SNIFF_BYTES)
     mime = sniff_mime(head)
     if mime is None and start == 0:
-        info = _read_mp3(f, 0, head, max_junk=_MAX_MP3_JUNK)
+        info = _read_mp3(f, 0, head, max_junk=MAX_MP3_JUNK)
     elif mime is None:
         # A tag, then padding beyond its declared size: still MP3 territory.
         info = _read_mp3(f, start, head)
@@ -249,18 +240,8 @@ def _read_mp3(f: IO[bytes], start: int, head: bytes,
 
 
 def _has_frame_chain(f: IO[bytes], offset: int) -> bool:
-    """Whether _MP3_CHAIN_FRAMES frames of one stream follow each other,
-    each header where the previous frame's length says, from `offset`."""
     f.seek(offset)
-    data = f.read(_MP3_CHAIN_FRAMES * MAX_MPEG_FRAME + 4)
-    first, pos = data[:4], 0
-    for _ in range(_MP3_CHAIN_FRAMES):
-        header = data[pos:pos + 4]
-        length = mpeg_frame_length(header)
-        if length is None or not same_mpeg_stream(first, header):
-            return False
-        pos += length
-    return True
+    return mpeg_chain_at(f.read(MP3_CHAIN_FRAMES * MAX_MPEG_FRAME + 4), 0)
 
 
 def _read_aac(f: IO[bytes], start: int, head: bytes) -> AudioInfo:

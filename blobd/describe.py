@@ -57,9 +57,14 @@ def normalise_type(value: str | None) -> str:
 
 
 async def describe(store: Store, path: Path, digests: Digests,
-                   client_type: str | None) -> Description:
+                   client_type: str | None, *, may_be_audio: bool = True) -> Description:
     """The description of the received file at ``path``: the index row's
-    when the blob is already stored (a cheap read), else a fresh probe."""
+    when the blob is already stored (a cheap read), else a fresh probe.
+    Bytes that cannot be audio (``may_be_audio`` False) need neither: the
+    type comes from the bytes and the client, and for a blob already
+    stored the commit keeps its row's, as it does for every upload."""
+    if not may_be_audio:
+        return Description(content_type(None, digests.head, client_type))
     known = await index.get_blob(store.db.reader, digests.blake3)
     if known is not None:
         return Description.of_record(known)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from . import describe, files, index, reaper
+from . import describe, files, index, reaper, sniff
 from .address import Address
 from .errors import BlobdError
 from .files import Digests
@@ -39,6 +39,9 @@ WRITE_CHUNK = 512 << 10
 class Received:
     path: Path
     digests: Digests
+    # False when the bytes cannot probe as audio (sniff.could_be_audio),
+    # known for bodies received whole in memory; True means "probe it".
+    may_be_audio: bool = True
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ def _write_small(store: Store, parts: Parts) -> Received:
     digests = files.digests_of(data)
     path = store.layout.new_temp_path(digests.blake3)
     files.write_new_file(path, data, store.config.storage.fsync)
-    return Received(path, digests)
+    return Received(path, digests, sniff.could_be_audio(data))
 
 
 def _check_length(total: int, declared: int | None) -> None:
@@ -173,7 +176,8 @@ async def commit_file(store: Store, received: Received, *, owner: str, ref: str 
     """
     try:
         verify(received.digests, expected)
-        info = await describe.describe(store, received.path, received.digests, content_type)
+        info = await describe.describe(store, received.path, received.digests, content_type,
+                                       may_be_audio=received.may_be_audio)
         describe.admit(store.config.audio, info)
     except BaseException:
         await asyncio.to_thread(files.remove_quietly, received.path)

@@ -10,6 +10,8 @@ overrides shared by ``PUT /admin/owners/<owner>/quota`` and ``blobd quota set``.
 
 from __future__ import annotations
 
+import functools
+import sqlite3
 from typing import Any, Mapping
 
 import aiosqlite
@@ -19,6 +21,7 @@ from .config import QuotaLimits, parse_size
 from .errors import BlobdError
 from .index import LIMIT_KEYS
 from .store import Store
+from .syncdb import SyncConnection, drive
 
 # The limits that are sizes in bytes (accepting "10GiB"); max_blobs is a count.
 SIZE_KEYS = frozenset({"max_bytes", "max_blob_size", "max_monthly_upload_bytes"})
@@ -30,21 +33,28 @@ async def upload_limit(store: Store, owner: str, declared: int | None,
 
     ``declared`` is the Content-Length (None when chunked); ``digest`` the
     BLAKE3 address when the client named it, so a blob the owner already
-    holds (which costs nothing) is not refused for ``max_bytes``.
+    holds (which costs nothing) is not refused for ``max_bytes``. Every
+    check, free disk space included, is one trip to a reader thread.
     """
-    default = store.config.quota_for(owner)
+    return await store.db.read(functools.partial(_upload_limit, store, owner,
+                                                 declared, digest))
+
+
+def _upload_limit(store: Store, owner: str, declared: int | None, digest: str | None,
+                  conn: sqlite3.Connection) -> int:
+    sync = SyncConnection(conn)
     server_max = store.config.limits.max_blob_size
-    limits = await index.limits_for(store.db.reader, owner, default)
+    limits = drive(index.limits_for(sync, owner, store.config.quota_for(owner)))
     if declared is not None:
         index.check_blob_size(declared, limits, server_max)
-        used = await index.usage(store.db.reader, owner)
+        used = drive(index.usage(sync, owner))
         if used["monthly_upload_bytes"] + declared > limits.max_monthly_upload_bytes:
             raise exceeded("max_monthly_upload_bytes", limits.max_monthly_upload_bytes)
-        if (digest is not None and not await holds(store.db.reader, owner, digest)
+        if (digest is not None and not drive(holds(sync, owner, digest))
                 and used["used_bytes"] + used["reserved_bytes"] + declared
                 > limits.max_bytes):
             raise exceeded("max_bytes", limits.max_bytes)
-    await store.check_free_space(declared or 0)
+    store.ensure_free_space(declared or 0)
     return min(limits.max_blob_size, server_max)
 
 

@@ -2,7 +2,9 @@
 
 Pure functions over bytes already in memory: no I/O, nothing to await.
 `blobd.audio` re-exports `sniff_mime` and `AUDIO_MIME_TYPES`; the frame
-header helpers here are shared with its MP3 reader.
+header helpers here are shared with its MP3 reader. `could_be_audio` is the
+probe's own acceptance test run backwards: bytes it refuses would never
+probe as audio, so a body held in memory that fails it skips the probe.
 """
 
 from __future__ import annotations
@@ -16,6 +18,15 @@ AUDIO_MIME_TYPES: frozenset[str] = frozenset({
 
 #: How many leading bytes `sniff_mime` needs to decide.
 SNIFF_BYTES = 64
+
+#: With no magic at the start, an MP3 is still accepted when its first frame
+#: sits within this many bytes: zero padding or a damaged tag before the
+#: audio. A sync found deeper is more likely MP3 data inside another file.
+MAX_MP3_JUNK = 8 * 1024
+#: mutagen accepts an MP3 after four chained frames (or one with a VBR
+#: header), a test that runs of bytes in executables and data files pass now
+#: and then; a real stream goes on much longer.
+MP3_CHAIN_FRAMES = 8
 
 # ftyp major brands of MP4 files that hold audio, or that ffmpeg and other
 # muxers write for audio-only MP4. Video-only (M4V, qt), image (heic, avif)
@@ -137,3 +148,34 @@ def same_mpeg_stream(a: bytes, b: bytes) -> bool:
     """Whether two frame headers agree on version, layer and sample rate,
     as consecutive frames of one stream must."""
     return a[1] & 0xFE == b[1] & 0xFE and a[2] & 0x0C == b[2] & 0x0C
+
+
+def mpeg_chain_at(data: bytes, offset: int) -> bool:
+    """Whether MP3_CHAIN_FRAMES frames of one stream follow each other in
+    ``data`` from ``offset``, each header where the previous frame's length
+    says."""
+    first, pos = data[offset:offset + 4], offset
+    for _ in range(MP3_CHAIN_FRAMES):
+        header = data[pos:pos + 4]
+        length = mpeg_frame_length(header)
+        if length is None or not same_mpeg_stream(first, header):
+            return False
+        pos += length
+    return True
+
+
+def could_be_audio(data: bytes) -> bool:
+    """False only for a whole file (all of it in ``data``) that
+    `blobd.audio.probe` cannot take for audio: no ID3 tag, no magic
+    `sniff_mime` knows, and no chain of MPEG frames starting within
+    MAX_MP3_JUNK bytes (where the probe's MP3 reader would have to find
+    one). Costs a few microseconds where the probe, hunting frame syncs
+    through noise, costs milliseconds."""
+    if data.startswith(b"ID3") or sniff_mime(data[:SNIFF_BYTES]) is not None:
+        return True
+    pos = data.find(b"\xff", 0, MAX_MP3_JUNK + 1)
+    while pos != -1:
+        if mpeg_chain_at(data, pos):
+            return True
+        pos = data.find(b"\xff", pos + 1, MAX_MP3_JUNK + 1)
+    return False

@@ -413,3 +413,45 @@ async def test_stuck_probes_leave_the_default_executor_alone(tmp_path: Path) -> 
             _release_fifo(fifo)
     assert await asyncio.gather(*stuck) == [None] * len(fifos)
     assert await probe_async(fixture("tone.mp3"), timeout=10) is not None
+
+
+# --- sniff.could_be_audio: the probe's shortcut for bodies held in memory ---
+
+def _variants(seed: int) -> list[bytes]:
+    """Audio, damaged audio, audio behind junk, and noise."""
+    rng = random.Random(seed)
+    out = []
+    for name in sorted(AUDIO_FIXTURES) + ["truncated.mp3"]:
+        data = fixture(name).read_bytes()
+        bare = data[len(id3_tag_of(name)):] if data.startswith(b"ID3") else data
+        out += [data, bare, data[:rng.randrange(1, len(data) + 1)]]
+        for junk in (1, 417, audio.MAX_MP3_JUNK, audio.MAX_MP3_JUNK + 1, 20_000):
+            out.append(bytes(junk) + bare)
+            out.append(rng.randbytes(junk) + bare)
+        damaged = bytearray(bare)
+        for _ in range(rng.choice([1, 10, 100])):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        out.append(bytes(damaged))
+    out += [rng.randbytes(65536), b"\xff\xfb\x90\x00" * 5_000, bytes(20_000), b""]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_could_be_audio_never_refuses_what_probes_as_audio(tmp_path: Path,
+                                                           seed: int) -> None:
+    path = tmp_path / "body"
+    probed = 0
+    for data in _variants(seed):
+        path.write_bytes(data)
+        if probe(path) is not None:
+            probed += 1
+            assert audio.could_be_audio(data), data[:16]
+    assert probed > 20   # the variants include plenty of real audio
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_could_be_audio_refuses_noise(seed: int) -> None:
+    noise = random.Random(seed).randbytes(65536)
+    assert not audio.could_be_audio(noise)
+    assert not audio.could_be_audio(fixture("not_audio.png").read_bytes())
+    assert not audio.could_be_audio(b"just some words\n" * 4096)
