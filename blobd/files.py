@@ -1,8 +1,8 @@
 """Blocking file operations on the store; callers run each in a thread.
 
 Every function here is one whole operation, so one ``asyncio.to_thread``
-call covers it. Blobs enter their final place by hard link from a fsynced
-temp file and leave it by rename into tmp/ (see :mod:`blobd.layout`), both
+call covers it. Blobs enter their final place by hard link from a temp file
+(its data durable before the commit, see :func:`make_durable`) and leave it by rename into tmp/ (see :mod:`blobd.layout`), both
 inside the index transaction, so the store never shows a partial file under
 a final name and a crash at any point is undone by :func:`recover_tmp`.
 """
@@ -53,6 +53,29 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _sync_file_range = _load_sync_file_range()
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    """Linux's syncfs(2): everything written to one file system, durable."""
+    try:
+        func = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int]
+    func.restype = ctypes.c_int
+    return func
+
+
+_syncfs = _load_syncfs()
+
+# A commit with more entries than this to make durable uses one syncfs(2)
+# of the store's file system instead of an fsync per file and directory.
+# Each fsync of a directory whose journal transaction has already been
+# committed still flushes the disk's cache, so ten uploads in ten shard
+# directories cost ten flushes; syncfs costs one journal commit and one
+# flush for all of them. A lone upload keeps its own fsyncs, which never
+# wait for anybody else's dirty data.
+SYNCFS_THRESHOLD = 2
 
 
 @dataclass(frozen=True)
@@ -285,10 +308,36 @@ def install_verified(temp: Path, final: Path, fsync: bool) -> None:
 
 
 def fsync_dirs(paths: list[Path]) -> None:
-    """fsync each directory once. The first call commits the file system's
-    journal with every entry made so far, so the others cost little."""
+    """fsync each directory once."""
     for path in dict.fromkeys(paths):
         fsync_dir(path)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_durable(root: Path, files: list[Path], dirs: list[Path]) -> None:
+    """Make the data of ``files`` and the entries of ``dirs`` (all on the
+    file system of ``root``) durable: one syncfs(2) when there are many
+    (see SYNCFS_THRESHOLD), else an fsync each, files first."""
+    dirs = list(dict.fromkeys(dirs))
+    if _syncfs is not None and len(files) + len(dirs) > SYNCFS_THRESHOLD:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if _syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+        return
+    for path in files:
+        fsync_file(path)
+    fsync_dirs(dirs)
 
 
 def remove_quietly(*paths: Path) -> None:

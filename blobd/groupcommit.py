@@ -6,7 +6,9 @@ Each costs milliseconds whatever it carries, and both must happen under the
 write lock, so one commit at a time capped a server at a few hundred small
 uploads per second. Here, commits that arrive while a transaction is running
 wait for it and then go together: one ``BEGIN IMMEDIATE``, each body in its
-own ``SAVEPOINT``, every new directory entry fsynced, one ``COMMIT``. Nothing
+own ``SAVEPOINT``, every new file and directory entry made durable (one
+``syncfs`` for a busy batch, see :func:`blobd.files.make_durable`), one
+``COMMIT``. Nothing
 waits on purpose; a lone commit goes at once, alone.
 
 A body is an ``async`` function of a :class:`~blobd.store.Tx`, written
@@ -54,6 +56,7 @@ MAX_BATCH = 64
 
 Body = Callable[[Any], Awaitable[Any]]  # (tx: blobd.store.Tx) -> result
 MakeTx = Callable[[SyncConnection], Any]
+MakeDurable = Callable[[list[Path], list[Path]], None]  # (files, dirs)
 OnCommitted = Callable[[list[Any]], None]  # the committed txs, on the event loop
 
 
@@ -77,6 +80,7 @@ class GroupCommit:
 
     db: Database
     make_tx: MakeTx
+    make_durable: MakeDurable
     on_committed: OnCommitted | None = None
     transactions: int = 0  # how many batches have run (tests, metrics)
     _pending: list[_Item] = field(default_factory=list)
@@ -100,7 +104,8 @@ class GroupCommit:
                 del self._pending[:MAX_BATCH]
                 self.transactions += 1
                 work = asyncio.ensure_future(self.db.on_commit_thread(
-                    functools.partial(run_batch, make_tx=self.make_tx, batch=batch)))
+                    functools.partial(run_batch, make_tx=self.make_tx,
+                                      make_durable=self.make_durable, batch=batch)))
                 try:
                     # wait() never raises the batch's error: every caller
                     # of the batch gets it, in _settle.
@@ -133,11 +138,11 @@ def _answer(batch: list[_Item], work: asyncio.Future[list[_Outcome]]) -> None:
             item.future.set_exception(outcome.value)
 
 
-def run_batch(conn: sqlite3.Connection, make_tx: MakeTx,
+def run_batch(conn: sqlite3.Connection, make_tx: MakeTx, make_durable: MakeDurable,
               batch: list[_Item]) -> list[_Outcome]:
     """One transaction for the whole batch; runs on the commit thread."""
     try:
-        outcomes = _transaction(conn, make_tx, batch)
+        outcomes = _transaction(conn, make_tx, make_durable, batch)
         _after_commit(outcomes)
         return outcomes
     finally:
@@ -145,7 +150,7 @@ def run_batch(conn: sqlite3.Connection, make_tx: MakeTx,
             _remove(item.cleanup)
 
 
-def _transaction(conn: sqlite3.Connection, make_tx: MakeTx,
+def _transaction(conn: sqlite3.Connection, make_tx: MakeTx, make_durable: MakeDurable,
                  batch: list[_Item]) -> list[_Outcome]:
     sync = SyncConnection(conn)
     txs: list[Any] = []
@@ -156,9 +161,11 @@ def _transaction(conn: sqlite3.Connection, make_tx: MakeTx,
         for item in batch:
             txs.append(make_tx(sync))
             outcomes.append(_run_body(conn, txs[-1], item.body, alone))
-        dirs = [d for o in outcomes if o.ok for d in o.tx.sync_dirs]
-        if dirs:
-            files.fsync_dirs(dirs)
+        done = [o.tx for o in outcomes if o.ok]
+        to_sync = [f for tx in done for f in tx.sync_files]
+        dirs = [d for tx in done for d in tx.sync_dirs]
+        if to_sync or dirs:
+            make_durable(to_sync, dirs)
         conn.execute("COMMIT")
     except BaseException as exc:
         # After a failed COMMIT SQLite may or may not have rolled back.

@@ -1,7 +1,7 @@
 """The one commit pipeline: every blob enters the store through here.
 
 PUT, POST, completed upload sessions and tus uploads all end in
-:func:`commit_file`: a fully received, fsynced file that is verified against
+:func:`commit_file`: a fully received file that is verified against
 the address the client claimed, then, in one index transaction, recorded,
 referenced for the caller (quota checked in the same transaction) and
 hard-linked into its final place. A failure at any step removes the temp
@@ -42,6 +42,9 @@ class Received:
     # False when the bytes cannot probe as audio (sniff.could_be_audio),
     # known for bodies received whole in memory; True means "probe it".
     may_be_audio: bool = True
+    # False when the file's data is not durable yet (a small body, written
+    # without its own fsync): the commit makes it so, with the batch.
+    synced: bool = True
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,12 @@ def _write_small(store: Store, parts: Parts) -> Received:
     data = b"".join(parts)
     digests = files.digests_of(data)
     path = store.layout.new_temp_path(digests.blake3)
-    files.write_new_file(path, data, store.config.storage.fsync)
-    return Received(path, digests, sniff.could_be_audio(data))
+    # No fsync here: should the blob be new, its commit makes the file
+    # durable together with the rest of its batch (one syncfs for many);
+    # should it be a duplicate, the file is thrown away unsynced.
+    files.write_new_file(path, data, fsync=False)
+    return Received(path, digests, sniff.could_be_audio(data),
+                    synced=not store.config.storage.fsync)
 
 
 def _check_length(total: int, declared: int | None) -> None:
@@ -191,6 +198,7 @@ async def _commit(store: Store, received: Received, owner: str, ref: str | None,
     digests = received.digests
     final = store.layout.blob_path(digests.blake3)
     staged = await _staged(store, received)
+    unsynced = None if received.synced else staged
 
     async def body(tx: Tx) -> Stored:
         now = time.time()
@@ -205,7 +213,7 @@ async def _commit(store: Store, received: Received, owner: str, ref: str | None,
         if uploaded:
             await index.charge_upload(tx.conn, owner, digests.size,
                                       store.config.quota_for(owner))
-        await _place(store, tx, staged, final, created)
+        await _place(store, tx, staged, final, created, unsynced)
         return stored
 
     # Group commit (the commit thread) can run only bodies that await
@@ -257,10 +265,12 @@ async def _reference(store: Store, tx: Tx, owner: str, ref: str | None,
     return Stored(blob, created, name)
 
 
-async def _place(store: Store, tx: Tx, staged: Path, final: Path, created: bool) -> None:
+async def _place(store: Store, tx: Tx, staged: Path, final: Path, created: bool,
+                 unsynced: Path | None) -> None:
     """Link the verified file into place (also healing a missing file of a
-    known blob); the new directory entries are made durable before COMMIT,
-    and the link is undone should the transaction roll back."""
+    known blob); the new directory entries, and the file's data when it is
+    ``unsynced``, are made durable before COMMIT, and the link is undone
+    should the transaction roll back."""
     def place() -> list[Path]:
         if not created and final.exists():
             return []
@@ -273,6 +283,8 @@ async def _place(store: Store, tx: Tx, staged: Path, final: Path, created: bool)
     tx.undo.append(functools.partial(files.unlink_if_same, final, staged))
     if store.config.storage.fsync:
         tx.sync_dirs.extend(to_sync)
+        if unsynced is not None:
+            tx.sync_files.append(unsynced)
 
 
 def _new_record(store: Store, digests: Digests, info: describe.Description,

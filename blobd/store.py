@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -46,12 +47,14 @@ class Tx:
     unlinked after COMMIT. ``undo``: blocking functions that reverse a file
     change, run (newest first) if the transaction rolls back, so disk and
     index agree again. ``sync_dirs``: directories that gained an entry,
-    fsynced before COMMIT.
+    and ``sync_files``: files whose data is not durable yet, both made
+    durable (:func:`blobd.files.make_durable`) before COMMIT.
     """
     conn: Any
     trash: list[Path] = field(default_factory=list)
     undo: list[Callable[[], None]] = field(default_factory=list)
     sync_dirs: list[Path] = field(default_factory=list)
+    sync_files: list[Path] = field(default_factory=list)
     mirror_enqueued: bool = False
     inline: bool = False
 
@@ -80,6 +83,7 @@ class Store:
         self.mirror_wakeup = asyncio.Event()
         self.tokens = auth.TokenCache()
         self.commits = GroupCommit(self.db, lambda conn: Tx(conn, inline=True),
+                                   functools.partial(files.make_durable, self.layout.root),
                                    on_committed=self._committed)
 
     async def open(self, *, exclusive: bool = True, recover: bool = True) -> None:
@@ -112,8 +116,9 @@ class Store:
         async with self.db.transaction(on_rollback=undo) as conn:
             tx = Tx(conn)
             yield tx
-            if tx.sync_dirs:
-                await asyncio.to_thread(files.fsync_dirs, tx.sync_dirs)
+            if tx.sync_dirs or tx.sync_files:
+                await asyncio.to_thread(files.make_durable, self.layout.root,
+                                        tx.sync_files, tx.sync_dirs)
         if tx.mirror_enqueued:
             self.mirror_wakeup.set()
         if tx.trash:
