@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from typing import Any, Mapping
+import time
+from typing import TYPE_CHECKING, Any, Mapping
 
 import aiosqlite
 
@@ -20,11 +21,61 @@ from . import index
 from .config import QuotaLimits, parse_size
 from .errors import BlobdError
 from .index import LIMIT_KEYS
-from .store import Store
 from .syncdb import SyncConnection, drive
+
+if TYPE_CHECKING:
+    from .store import Store
+
+# How long the early checks of a small upload trust an owner's limits read
+# for an earlier one: a burst of small uploads then costs no index lookup
+# before the body. The commit transaction always reads the row itself, so
+# a limit changed meanwhile (by another worker process; this one forgets
+# its copy at once) is still enforced; only the early refusal lags.
+LIMITS_CACHE_SECONDS = 1.0
+LIMITS_CACHE_SIZE = 1024
 
 # The limits that are sizes in bytes (accepting "10GiB"); max_blobs is a count.
 SIZE_KEYS = frozenset({"max_bytes", "max_blob_size", "max_monthly_upload_bytes"})
+
+
+class LimitsCache:
+    """Owner -> their effective limits, for LIMITS_CACHE_SECONDS."""
+
+    def __init__(self, ttl: float = LIMITS_CACHE_SECONDS,
+                 size: int = LIMITS_CACHE_SIZE) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._entries: dict[str, tuple[float, QuotaLimits]] = {}
+
+    def get(self, owner: str) -> QuotaLimits | None:
+        entry = self._entries.get(owner)
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, owner: str, limits: QuotaLimits) -> None:
+        self._entries.pop(owner, None)
+        if len(self._entries) >= self.size:
+            del self._entries[next(iter(self._entries))]  # the oldest entry
+        self._entries[owner] = (time.monotonic() + self.ttl, limits)
+
+    def forget(self, owner: str) -> None:
+        self._entries.pop(owner, None)
+
+
+async def small_upload_limit(store: Store, owner: str, declared: int) -> int:
+    """:func:`upload_limit` for a body of ``declared`` bytes small enough to
+    arrive whole with its headers (and sent without ``Expect:
+    100-continue``): only the size limit is checked before it is read, from
+    limits read at most LIMITS_CACHE_SECONDS ago. Reading such a body costs
+    nothing worth refusing early for; the quota, usage and free-space checks
+    that decide are made as it is written and committed."""
+    limits = store.owner_limits.get(owner)
+    if limits is None:
+        return await upload_limit(store, owner, declared)
+    server_max = store.config.limits.max_blob_size
+    index.check_blob_size(declared, limits, server_max)
+    return min(limits.max_blob_size, server_max)
 
 
 async def upload_limit(store: Store, owner: str, declared: int | None,
@@ -36,12 +87,16 @@ async def upload_limit(store: Store, owner: str, declared: int | None,
     holds (which costs nothing) is not refused for ``max_bytes``. Every
     check, free disk space included, is one trip to a reader thread.
     """
-    return await store.db.read(functools.partial(_upload_limit, store, owner,
-                                                 declared, digest))
+    limits = await store.db.read(functools.partial(_check_upload, store, owner,
+                                                   declared, digest))
+    store.owner_limits.put(owner, limits)
+    return min(limits.max_blob_size, store.config.limits.max_blob_size)
 
 
-def _upload_limit(store: Store, owner: str, declared: int | None, digest: str | None,
-                  conn: sqlite3.Connection) -> int:
+def _check_upload(store: Store, owner: str, declared: int | None, digest: str | None,
+                  conn: sqlite3.Connection) -> QuotaLimits:
+    """The checks of :func:`upload_limit`, on a reader thread; the owner's
+    limits if all pass."""
     sync = SyncConnection(conn)
     server_max = store.config.limits.max_blob_size
     limits = drive(index.limits_for(sync, owner, store.config.quota_for(owner)))
@@ -55,7 +110,7 @@ def _upload_limit(store: Store, owner: str, declared: int | None, digest: str | 
                 > limits.max_bytes):
             raise exceeded("max_bytes", limits.max_bytes)
     store.ensure_free_space(declared or 0)
-    return min(limits.max_blob_size, server_max)
+    return limits
 
 
 def exceeded(key: str, limit: int) -> BlobdError:
@@ -109,4 +164,5 @@ async def set_limits(store: Store, owner: str,
     """Apply overrides for ``owner``; returns its ``/quota`` body."""
     async with store.write() as tx:
         await index.set_owner_limits(tx.conn, owner, dict(changes))
+    store.owner_limits.forget(owner)
     return await report(store.db.reader, owner, store.config.quota_for(owner))

@@ -32,6 +32,7 @@ from .db import Database
 from .errors import BlobdError
 from .groupcommit import GroupCommit
 from .layout import Layout
+from .quotas import LimitsCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,6 +83,7 @@ class Store:
         # Set after a commit that queued mirror work (see Tx.enqueue_mirror).
         self.mirror_wakeup = asyncio.Event()
         self.tokens = auth.TokenCache()
+        self.owner_limits = LimitsCache()
         self.commits = GroupCommit(self.db, lambda conn: Tx(conn, inline=True),
                                    functools.partial(files.make_durable, self.layout.root),
                                    on_committed=self._committed)

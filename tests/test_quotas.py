@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import os
+import sqlite3
 
 import pytest
 
@@ -282,3 +283,23 @@ async def test_min_free_bytes_refuses_before_the_disk_is_full(server):
                          "insufficient_storage", "disk")
     assert blob_files(alice.data_dir) == [] and tmp_files(alice.data_dir) == []
     assert await usage_row(alice) == {}
+
+
+async def test_limits_lowered_elsewhere_bind_small_uploads_at_once(server):
+    # Small bodies are checked early against limits this process read up
+    # to a second ago; a limit lowered meanwhile by another process (here:
+    # straight in the index) must still hold, in the commit.
+    login = await server()
+    alice = await login("alice")
+    assert (await alice.put(os.urandom(2000))).status == 201   # limits now cached
+    db = sqlite3.connect(alice.data_dir / "index.sqlite3")
+    with db:
+        db.execute("UPDATE owners SET max_blob_size = 1000, max_blobs = 1"
+                   " WHERE owner = 'alice'")
+    db.close()
+    before = await usage_row(alice)
+    resp = await alice.request("POST", "/blobs", data=os.urandom(2000))
+    assert resp.status == 413 and (await resp.json())["error"] == "too_large"
+    await assert_refused(await alice.put(os.urandom(500)), "quota_exceeded", "max_blobs")
+    assert await usage_row(alice) == before
+    assert len(blob_files(alice.data_dir)) == 1 and tmp_files(alice.data_dir) == []
