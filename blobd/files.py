@@ -264,6 +264,17 @@ def unlink_if_same(final: Path, temp: Path) -> None:
         remove_quietly(final)
 
 
+def make_shard_dirs(final: Path) -> list[Path]:
+    """Make the shard directories of a blob's final path ahead of its
+    commit, outside the index's write lock (nothing removes an empty shard
+    directory); the directories that gained an entry, to be made durable
+    with the blob."""
+    try:
+        return _make_dirs(final.parent)
+    except OSError as exc:
+        raise _storage_error(exc) from exc
+
+
 def _make_dirs(directory: Path) -> list[Path]:
     """Make ``directory`` and its missing parents; the directories that
     gained an entry."""

@@ -45,6 +45,9 @@ class Received:
     # False when the file's data is not durable yet (a small body, written
     # without its own fsync): the commit makes it so, with the batch.
     synced: bool = True
+    # Directories that gained an entry when the blob's shard directories
+    # were made ahead of the commit; made durable with the blob.
+    new_dirs: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,15 @@ def _write_small(store: Store, parts: Parts) -> Received:
     # durable together with the rest of its batch (one syncfs for many);
     # should it be a duplicate, the file is thrown away unsynced.
     files.write_new_file(path, data, fsync=False)
+    # Here rather than in the commit: a fresh store makes a shard directory
+    # for most uploads, and the commit runs under the index's write lock.
+    try:
+        new_dirs = files.make_shard_dirs(store.layout.blob_path(digests.blake3))
+    except BaseException:
+        files.remove_quietly(path)
+        raise
     return Received(path, digests, sniff.could_be_audio(data),
-                    synced=not store.config.storage.fsync)
+                    synced=not store.config.storage.fsync, new_dirs=tuple(new_dirs))
 
 
 def _check_length(total: int, declared: int | None) -> None:
@@ -213,7 +223,7 @@ async def _commit(store: Store, received: Received, owner: str, ref: str | None,
         if uploaded:
             await index.charge_upload(tx.conn, owner, digests.size,
                                       store.config.quota_for(owner))
-        await _place(store, tx, staged, final, created, unsynced)
+        await _place(store, tx, staged, final, created, unsynced, received.new_dirs)
         return stored
 
     # Group commit (the commit thread) can run only bodies that await
@@ -266,7 +276,7 @@ async def _reference(store: Store, tx: Tx, owner: str, ref: str | None,
 
 
 async def _place(store: Store, tx: Tx, staged: Path, final: Path, created: bool,
-                 unsynced: Path | None) -> None:
+                 unsynced: Path | None, new_dirs: tuple[Path, ...]) -> None:
     """Link the verified file into place (also healing a missing file of a
     known blob); the new directory entries, and the file's data when it is
     ``unsynced``, are made durable before COMMIT, and the link is undone
@@ -283,6 +293,7 @@ async def _place(store: Store, tx: Tx, staged: Path, final: Path, created: bool,
     tx.undo.append(functools.partial(files.unlink_if_same, final, staged))
     if store.config.storage.fsync:
         tx.sync_dirs.extend(to_sync)
+        tx.sync_dirs.extend(new_dirs)
         if unsynced is not None:
             tx.sync_files.append(unsynced)
 
