@@ -39,11 +39,12 @@ import asyncio
 import functools
 import logging
 import sqlite3
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
-from . import files
+from . import files, index
 from .db import Database, is_disk_full
 from .errors import BlobdError
 from .syncdb import SyncConnection, drive
@@ -162,6 +163,11 @@ def _transaction(conn: sqlite3.Connection, make_tx: MakeTx, make_durable: MakeDu
             txs.append(make_tx(sync))
             outcomes.append(_run_body(conn, txs[-1], item.body, alone))
         done = [o.tx for o in outcomes if o.ok]
+        counts: Counter[str] = Counter()
+        for tx in done:
+            counts.update(tx.counters)
+        if counts:
+            drive(index.bump(sync, **counts))
         to_sync = [f for tx in done for f in tx.sync_files]
         dirs = [d for tx in done for d in tx.sync_dirs]
         if to_sync or dirs:

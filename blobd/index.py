@@ -118,15 +118,16 @@ def current_month(now: float | None = None) -> str:
 
 
 async def owner_row(conn: aiosqlite.Connection, owner: str) -> aiosqlite.Row:
-    """The owner's row, created on first use, with the monthly counter rolled."""
-    month = current_month()
-    await conn.execute(
+    """The owner's row, created on first use, with the monthly counter rolled
+    (one statement: it runs inside every upload's commit)."""
+    row = await _one(
+        conn,
         "INSERT INTO owners (owner, upload_month) VALUES (?, ?)"
-        " ON CONFLICT(owner) DO UPDATE SET upload_month = excluded.upload_month,"
-        " monthly_upload_bytes = 0 WHERE owners.upload_month != excluded.upload_month",
-        (owner, month),
-    )
-    row = await _one(conn, "SELECT * FROM owners WHERE owner = ?", owner)
+        " ON CONFLICT(owner) DO UPDATE SET monthly_upload_bytes = CASE"
+        " WHEN owners.upload_month = excluded.upload_month"
+        " THEN owners.monthly_upload_bytes ELSE 0 END,"
+        " upload_month = excluded.upload_month RETURNING *",
+        owner, current_month())
     assert row is not None
     return row
 
@@ -222,11 +223,13 @@ async def get_ref(conn: aiosqlite.Connection, owner: str, name: str) -> aiosqlit
 
 
 async def add_ref(conn: aiosqlite.Connection, owner: str, name: str, blob: BlobRecord,
-                  default: QuotaLimits, now: float) -> list[str]:
+                  default: QuotaLimits, now: float, *, new_blob: bool = False) -> list[str]:
     """Point ``owner``'s ``name`` at ``blob``; idempotent.
 
     Returns the digests whose refcount fell to zero because the name was
     re-pointed away from them (the caller deletes or schedules them).
+    ``new_blob``: the blob's row was inserted in this transaction, so
+    nobody holds it yet.
     """
     old = await _one(conn, "SELECT hash FROM refs WHERE owner = ? AND name = ?", owner, name)
     if old is not None and old["hash"] == blob.hash:
@@ -236,7 +239,7 @@ async def add_ref(conn: aiosqlite.Connection, owner: str, name: str, blob: BlobR
         # Release first: re-pointing a name frees what it held, so an owner
         # at a limit can still swap one blob for another.
         zeroed = await _release(conn, owner, old["hash"], 1, now)
-    await _hold(conn, owner, blob, default, now)
+    await _hold(conn, owner, blob, default, now, new_blob)
     if old is None:
         await conn.execute("INSERT INTO refs (owner, name, hash, created_at)"
                            " VALUES (?, ?, ?, ?)", (owner, name, blob.hash, now))
@@ -249,11 +252,12 @@ async def add_ref(conn: aiosqlite.Connection, owner: str, name: str, blob: BlobR
 
 
 async def _hold(conn: aiosqlite.Connection, owner: str, blob: BlobRecord,
-                default: QuotaLimits, now: float) -> None:
-    held = await conn.execute("UPDATE holdings SET refs = refs + 1 WHERE owner = ?"
-                              " AND hash = ?", (owner, blob.hash))
-    if held.rowcount:
-        return
+                default: QuotaLimits, now: float, new_blob: bool = False) -> None:
+    if not new_blob:
+        held = await conn.execute("UPDATE holdings SET refs = refs + 1 WHERE owner = ?"
+                                  " AND hash = ?", (owner, blob.hash))
+        if held.rowcount:
+            return
     row = await owner_row(conn, owner)
     limits = effective_limits(row, default)
     check_blob_size(blob.size, limits, limits.max_blob_size)

@@ -266,9 +266,9 @@ async def _reference(store: Store, tx: Tx, owner: str, ref: str | None,
                      blob: BlobRecord, created: bool, now: float) -> Stored:
     name = ref or blob.hash
     zeroed = await index.add_ref(tx.conn, owner, name, blob,
-                                 store.config.quota_for(owner), now)
+                                 store.config.quota_for(owner), now, new_blob=created)
     await reaper.release_zeroed(store, tx, zeroed)
-    await index.bump(tx.conn, puts=1, put_dedup_hits=0 if created else 1)
+    tx.count(puts=1, put_dedup_hits=0 if created else 1)
     mirror = store.config.mirror
     if created and mirror is not None:
         await tx.enqueue_mirror(blob.hash, "put", now)

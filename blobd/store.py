@@ -50,12 +50,15 @@ class Tx:
     index agree again. ``sync_dirs``: directories that gained an entry,
     and ``sync_files``: files whose data is not durable yet, both made
     durable (:func:`blobd.files.make_durable`) before COMMIT.
+    ``counters``: increments of the index's counters (``/stats``), written
+    once per transaction however many bodies a group commit holds.
     """
     conn: Any
     trash: list[Path] = field(default_factory=list)
     undo: list[Callable[[], None]] = field(default_factory=list)
     sync_dirs: list[Path] = field(default_factory=list)
     sync_files: list[Path] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
     mirror_enqueued: bool = False
     inline: bool = False
 
@@ -64,6 +67,10 @@ class Tx:
         worker is woken once it commits."""
         await index.enqueue_mirror(self.conn, digest, op, now)
         self.mirror_enqueued = True
+
+    def count(self, **deltas: int) -> None:
+        for name, delta in deltas.items():
+            self.counters[name] = self.counters.get(name, 0) + delta
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Blocking file work that belongs in the transaction: in place on
@@ -118,6 +125,8 @@ class Store:
         async with self.db.transaction(on_rollback=undo) as conn:
             tx = Tx(conn)
             yield tx
+            if tx.counters:
+                await index.bump(conn, **tx.counters)
             if tx.sync_dirs or tx.sync_files:
                 await asyncio.to_thread(files.make_durable, self.layout.root,
                                         tx.sync_files, tx.sync_dirs)
