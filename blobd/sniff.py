@@ -9,6 +9,8 @@ probe as audio, so a body held in memory that fails it skips the probe.
 
 from __future__ import annotations
 
+import re
+
 #: The audio Content-Types blobd recognises, one canonical name per format,
 #: spelled as `sniff_mime` and `blobd.audio.probe` report them.
 AUDIO_MIME_TYPES: frozenset[str] = frozenset({
@@ -173,9 +175,11 @@ def could_be_audio(data: bytes) -> bool:
     through noise, costs milliseconds."""
     if data.startswith(b"ID3") or sniff_mime(data[:SNIFF_BYTES]) is not None:
         return True
-    pos = data.find(b"\xff", 0, MAX_MP3_JUNK + 1)
-    while pos != -1:
-        if mpeg_chain_at(data, pos):
-            return True
-        pos = data.find(b"\xff", pos + 1, MAX_MP3_JUNK + 1)
-    return False
+    # Only a frame sync (eleven set bits) can start a chain: let the regex
+    # engine skip the rest of the bytes.
+    return any(mpeg_chain_at(data, match.start())
+               for match in _FRAME_SYNC.finditer(data, 0, MAX_MP3_JUNK + 2))
+
+
+# A lookahead, so that in FF FF E0 the second FF is a candidate too.
+_FRAME_SYNC = re.compile(rb"\xff(?=[\xe0-\xff])")

@@ -455,3 +455,12 @@ def test_could_be_audio_refuses_noise(seed: int) -> None:
     assert not audio.could_be_audio(noise)
     assert not audio.could_be_audio(fixture("not_audio.png").read_bytes())
     assert not audio.could_be_audio(b"just some words\n" * 4096)
+
+
+def test_could_be_audio_finds_a_chain_behind_a_run_of_ff(tmp_path: Path) -> None:
+    frames = fixture("tone.mp3").read_bytes()[len(id3_tag_of("tone.mp3")):]
+    for junk in (b"\xff", b"\xff\xff", b"\x00\xff\xff\xff"):
+        path = tmp_path / "body"
+        path.write_bytes(junk + frames)
+        assert probe(path) is not None
+        assert audio.could_be_audio(junk + frames)
