@@ -48,7 +48,7 @@ DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small sizes, 5 s loads, 1 repetition (~1-2 min)")
+    p.add_argument("--quick", action="store_true", help="small sizes, 3 s loads, 1 repetition (~1.5 min)")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
     p.add_argument("--only", help=f"comma-separated workloads out of: {', '.join(WORKLOADS)}")
     p.add_argument("--servers", help=f"comma-separated servers out of: {', '.join(STARTERS)} (default all)")

@@ -62,7 +62,7 @@ class Settings:
         return cls(
             quick=quick, reps=1 if quick else 3,
             large_size=(256 if quick else 1024) * MIB, small_size=64 * 1024,
-            small_objects=256 if quick else 1000, duration_s=5.0 if quick else 15.0,
+            small_objects=256 if quick else 1000, duration_s=3.0 if quick else 15.0,
             small_get_connections=64, small_put_connections=32,
             load_processes=min(2, cpus), wrk_threads=min(2, cpus),
             rss_streams=8, rss_size=(64 if quick else 256) * MIB,
