@@ -16,6 +16,8 @@ import hashlib
 import logging
 import os
 import shutil
+import concurrent.futures
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -73,9 +75,15 @@ _syncfs = _load_syncfs()
 # Each fsync of a directory whose journal transaction has already been
 # committed still flushes the disk's cache, so ten uploads in ten shard
 # directories cost ten flushes; syncfs costs one journal commit and one
-# flush for all of them. A lone upload keeps its own fsyncs, which never
-# wait for anybody else's dirty data.
+# flush for all of them (a batch of 8 uploads: ~1 ms, against ~2.4 ms for
+# the fsyncs in parallel and ~3.8 ms one after another, here).
 SYNCFS_THRESHOLD = 2
+# But syncfs also writes out whatever else is dirty on that file system,
+# other programs' data included: with more than this much dirty in the page
+# cache (system-wide, /proc/meminfo), a batch fsyncs its own entries instead
+# (in parallel), so an unrelated bulk write never stalls the uploads.
+SYNCFS_MAX_DIRTY = 16 << 20
+_syncers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="blobd-sync")
 
 
 @dataclass(frozen=True)
@@ -334,10 +342,11 @@ def fsync_file(path: Path) -> None:
 
 def make_durable(root: Path, files: list[Path], dirs: list[Path]) -> None:
     """Make the data of ``files`` and the entries of ``dirs`` (all on the
-    file system of ``root``) durable: one syncfs(2) when there are many
-    (see SYNCFS_THRESHOLD), else an fsync each, files first."""
+    file system of ``root``) durable: one syncfs(2) when there are many and
+    little else is dirty (see SYNCFS_THRESHOLD), else an fsync each."""
     dirs = list(dict.fromkeys(dirs))
-    if _syncfs is not None and len(files) + len(dirs) > SYNCFS_THRESHOLD:
+    entries = len(files) + len(dirs)
+    if entries > SYNCFS_THRESHOLD and _syncfs is not None and _little_dirty():
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             if _syncfs(fd) != 0:
@@ -345,10 +354,31 @@ def make_durable(root: Path, files: list[Path], dirs: list[Path]) -> None:
                 raise OSError(err, f"syncfs: {os.strerror(err)}")
         finally:
             os.close(fd)
-        return
-    for path in files:
-        fsync_file(path)
-    fsync_dirs(dirs)
+    elif entries > 1:
+        pending = [_syncers.submit(fsync_file, path) for path in files]
+        pending += [_syncers.submit(fsync_dir, path) for path in dirs]
+        concurrent.futures.wait(pending)
+        for future in pending:
+            future.result()  # the first error, if any
+    else:
+        for path in files:
+            fsync_file(path)
+        fsync_dirs(dirs)
+
+
+def _little_dirty() -> bool:
+    """Whether the page cache holds at most SYNCFS_MAX_DIRTY bytes not yet
+    written (False when /proc/meminfo cannot tell)."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            text = f.read()
+    except OSError:
+        return False
+    pending = 0
+    for line in text.splitlines():
+        if line.startswith((b"Dirty:", b"Writeback:")):
+            pending += int(line.split()[1]) << 10  # kB
+    return pending <= SYNCFS_MAX_DIRTY
 
 
 def remove_quietly(*paths: Path) -> None:
