@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from blobd import files
 from conftest import blob_files
 
 _SYS_CACHESTAT = 451  # x86_64 and aarch64 alike (the generic syscall table)
@@ -73,19 +72,3 @@ async def test_without_fsync_the_probe_sees_dirty_pages(server):
     await _upload_many(alice, 24, concurrently=True)
     assert sum(not_yet_durable(f) for f in blob_files(alice.data_dir)) > 0
 
-
-async def test_with_much_else_dirty_each_entry_is_synced(server):
-    # Another program's unsynced bulk write on the same file system: the
-    # commit then fsyncs its own files and directories (in parallel) rather
-    # than syncfs, which would write all of that out first.
-    alice = await (await server())("alice")
-    bulk = alice.data_dir.parent / "bulk.bin"
-    with open(bulk, "wb") as f:
-        for _ in range(48):
-            f.write(os.urandom(1 << 20))
-    assert not files._little_dirty()
-    await _upload_many(alice, 24, concurrently=True)
-    blobs = blob_files(alice.data_dir)
-    assert {f.name: not_yet_durable(f) for f in blobs} == {f.name: 0 for f in blobs}
-    assert not_yet_durable(bulk) > 0   # nobody wrote the bulk data out
-    bulk.unlink()
