@@ -168,6 +168,10 @@ async def run_repetition(bench: Bench, rep: int, running: dict[str, Server], sel
             if server.proc.poll() is not None:
                 results.fail(workload, server.name, f"server exited with code {server.proc.returncode}")
                 continue
+            # What the previous measurement left unwritten in the page cache
+            # (nginx and SeaweedFS do not fsync: GiBs after the large and RSS
+            # loads) would otherwise be flushed by whichever server syncs next.
+            await asyncio.to_thread(os.sync)
             await attempt(results, workload, server.name, PER_SERVER[workload](bench, server))
     if "limits" in selected:
         await attempt(results, "limits", report.MACHINE, limits(bench))
