@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import aiosqlite
 
 from .errors import BlobdError
+from .ttlcache import TtlCache
 
 SCOPES = ("read", "write", "admin")
 TOKEN_CACHE_SECONDS = 1.0
@@ -43,31 +44,12 @@ class Principal:
         return scope in self.scopes or "admin" in self.scopes
 
 
-class TokenCache:
+class TokenCache(TtlCache[str, Principal]):
     """Token digest -> the principal it authenticated, for a short while."""
 
     def __init__(self, ttl: float = TOKEN_CACHE_SECONDS,
                  size: int = TOKEN_CACHE_SIZE) -> None:
-        self.ttl = ttl
-        self.size = size
-        self._entries: dict[str, tuple[float, Principal]] = {}
-
-    def get(self, digest: str) -> Principal | None:
-        entry = self._entries.get(digest)
-        if entry is None:
-            return None
-        if entry[0] <= time.monotonic():
-            del self._entries[digest]
-            return None
-        return entry[1]
-
-    def put(self, digest: str, principal: Principal) -> None:
-        if len(self._entries) >= self.size:
-            del self._entries[next(iter(self._entries))]  # the oldest entry
-        self._entries[digest] = (time.monotonic() + self.ttl, principal)
-
-    def clear(self) -> None:
-        self._entries.clear()
+        super().__init__(ttl, size)
 
 
 def check_owner(owner: str) -> str:

@@ -308,7 +308,15 @@ def move_to_trash(final: Path, trash: Path) -> bool:
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync(path, os.O_DIRECTORY)
+
+
+def fsync_file(path: Path) -> None:
+    _fsync(path)
+
+
+def _fsync(path: Path, flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         os.fsync(fd)
     finally:
@@ -332,14 +340,6 @@ def fsync_dirs(paths: list[Path]) -> None:
     """fsync each directory once."""
     for path in dict.fromkeys(paths):
         fsync_dir(path)
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def make_durable(root: Path, files: list[Path], dirs: list[Path]) -> None:

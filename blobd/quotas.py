@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-import time
 from typing import TYPE_CHECKING, Any, Mapping
 
 import aiosqlite
@@ -22,6 +21,7 @@ from .config import QuotaLimits, parse_size
 from .errors import BlobdError
 from .index import LIMIT_KEYS
 from .syncdb import SyncConnection, drive
+from .ttlcache import TtlCache
 
 if TYPE_CHECKING:
     from .store import Store
@@ -38,29 +38,12 @@ LIMITS_CACHE_SIZE = 1024
 SIZE_KEYS = frozenset({"max_bytes", "max_blob_size", "max_monthly_upload_bytes"})
 
 
-class LimitsCache:
+class LimitsCache(TtlCache[str, QuotaLimits]):
     """Owner -> their effective limits, for LIMITS_CACHE_SECONDS."""
 
     def __init__(self, ttl: float = LIMITS_CACHE_SECONDS,
                  size: int = LIMITS_CACHE_SIZE) -> None:
-        self.ttl = ttl
-        self.size = size
-        self._entries: dict[str, tuple[float, QuotaLimits]] = {}
-
-    def get(self, owner: str) -> QuotaLimits | None:
-        entry = self._entries.get(owner)
-        if entry is None or entry[0] <= time.monotonic():
-            return None
-        return entry[1]
-
-    def put(self, owner: str, limits: QuotaLimits) -> None:
-        self._entries.pop(owner, None)
-        if len(self._entries) >= self.size:
-            del self._entries[next(iter(self._entries))]  # the oldest entry
-        self._entries[owner] = (time.monotonic() + self.ttl, limits)
-
-    def forget(self, owner: str) -> None:
-        self._entries.pop(owner, None)
+        super().__init__(ttl, size)
 
 
 async def small_upload_limit(store: Store, owner: str, declared: int) -> int:
