@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from . import describe, files, index, reaper, sniff
+from . import describe, files, index, reaper, sniff, sockbody
 from .address import Address
 from .errors import BlobdError
 from .files import Digests
 from .index import BlobRecord
 from .layout import parse_tmp_name
+from .sockbody import SocketBody
 from .store import Store, Tx, shielded
 
 # Bodies are handed to a writer thread in pieces of this size: large enough
@@ -152,6 +153,28 @@ async def _stream(store: Store, chunks: AsyncIterator[bytes], parts: Parts, *,
         await asyncio.to_thread(writer.discard)
         raise
     return Received(path, digests)
+
+
+async def receive_socket(store: Store, body: SocketBody, *, limit: int) -> Received:
+    """A declared-length body read straight off its socket (see
+    :mod:`blobd.sockbody`) to a temp file, hashed. On any failure the temp
+    file is gone; ``body`` is closed either way."""
+    config = store.config.storage
+    try:
+        if body.length > limit:
+            raise BlobdError("too_large", f"body is over the {limit}-byte limit")
+        writer = await asyncio.to_thread(files.BodyWriter, store.layout.new_temp_path(),
+                                         config.min_free_bytes, config.fsync, direct=True)
+    except BaseException:
+        body.close()
+        raise
+    try:
+        await sockbody.receive_into(body, writer)
+        digests = await asyncio.to_thread(writer.finish, config.fsync)
+    except BaseException:
+        await asyncio.to_thread(writer.discard)
+        raise
+    return Received(writer.path, digests)
 
 
 async def body_chunks(content: Any) -> AsyncIterator[bytes]:

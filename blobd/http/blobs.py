@@ -23,6 +23,7 @@ from .keys import MIRROR, STORE
 from .params import iso, page_params
 from .middleware import expects_continue, principal, requires, send_continue
 from .sendblob import BlobBody, BlobFile, load_blob, send_blob
+from .takeover import take_body
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,12 @@ async def _receive_and_commit(request: web.Request, store: Store, owner: str,
         digest = await resolve_any(store, address) if address is not None else None
         limit = await upload_limit(store, owner, declared, digest)
     await send_continue(request)
-    received = await ingest.receive(store, ingest.body_chunks(request.content), limit=limit,
-                                    declared=declared)
+    taken = take_body(request)
+    if taken is not None:
+        received = await ingest.receive_socket(store, taken, limit=limit)
+    else:
+        received = await ingest.receive(store, ingest.body_chunks(request.content),
+                                        limit=limit, declared=declared)
     stored = await ingest.commit_file(store, received, owner=owner, ref=ref,
                                       content_type=request.headers.get("Content-Type"),
                                       expected=address)

@@ -15,6 +15,7 @@ from aiohttp.http import HttpVersion11
 
 from .. import auth, files
 from ..errors import STATUS, BlobdError
+from . import takeover
 from .keys import PRINCIPAL, STORE
 
 log = logging.getLogger("blobd.http")
@@ -70,6 +71,12 @@ def expects_continue(request: web.Request) -> bool:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await _respond(request, handler)
+    takeover.close_after(request, response)
+    return response
+
+
+async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except BlobdError as exc:
