@@ -21,6 +21,7 @@ import os
 import queue
 import select
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -39,6 +40,8 @@ BUFFER_SIZE = 1 << 20
 POOL_BUFFERS = 16
 # How often a receiver waiting on a silent client checks it was told to stop.
 POLL_SECONDS = 0.2
+# How long the rest of a body is read and dropped after a failed write.
+LINGER_SECONDS = 10.0
 
 
 @dataclass
@@ -99,6 +102,7 @@ async def receive_into(body: SocketBody, writer: BodyWriter) -> None:
                 await asyncio.wait([done])
             except asyncio.CancelledError:
                 continue
+        done.exception()  # what the stopped threads raised is moot
         raise
     finally:
         body.close()
@@ -125,17 +129,22 @@ def _pump(body: SocketBody, writer: BodyWriter, stop: threading.Event) -> None:
     with _POOL.user():
         try:
             while received < body.length:
-                for stage in (writing, hashing):
-                    stage.raise_error()
+                if writing.failed or hashing.failed:
+                    _linger(body, poller, stop, received)
+                    break
                 buffer = _POOL.take()
-                with memoryview(buffer) as whole:
-                    view = whole[: min(len(buffer), body.length - received)]
-                    copied = min(len(head), len(view))
-                    view[:copied] = head[:copied]
-                    head = head[copied:]
-                    filled = copied + _fill(body, view[copied:], poller, stop,
-                                            received + copied)
-                    del view
+                try:
+                    with memoryview(buffer) as whole:
+                        view = whole[: min(len(buffer), body.length - received)]
+                        copied = min(len(head), len(view))
+                        view[:copied] = head[:copied]
+                        head = head[copied:]
+                        filled = copied + _fill(body, view[copied:], poller, stop,
+                                                received + copied)
+                        del view
+                except BaseException:
+                    _POOL.give(buffer)
+                    raise
                 received += filled
                 writing.put(buffer, filled)
             writing.close()
@@ -143,6 +152,22 @@ def _pump(body: SocketBody, writer: BodyWriter, stop: threading.Event) -> None:
         finally:
             writing.close(quiet=True)
             hashing.close(quiet=True)
+
+
+def _linger(body: SocketBody, poller: select.poll, stop: threading.Event,
+            received: int) -> None:
+    """After a write failed (a full disk), read and drop the rest of the body
+    for up to LINGER_SECONDS, as aiohttp does for a body a handler left
+    unread: a client still sending would otherwise be reset by the close
+    and might never read the error answered to it."""
+    deadline = time.monotonic() + LINGER_SECONDS
+    with mmap.mmap(-1, BUFFER_SIZE) as scratch, memoryview(scratch) as view:
+        while received < body.length and time.monotonic() < deadline:
+            want = min(len(view), body.length - received)
+            try:
+                received += _fill(body, view[:want], poller, stop, received)
+            except (BlobdError, _Stopped):
+                return
 
 
 def _fill(body: SocketBody, view: memoryview, poller: select.poll,
@@ -183,6 +208,10 @@ class _Stage:
 
     def put(self, buffer: mmap.mmap, size: int) -> None:
         self._queue.put((buffer, size))
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
 
     def raise_error(self) -> None:
         if self._error is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import blake3
 import pytest
 
+from blobd.http.takeover import MIN_SIZE
 from serverproc import BlobdServer, blobd_env, free_port, port_is_free, to_toml
 from storecheck import assert_store_consistent
 
@@ -84,10 +85,16 @@ def sigterm_with_upload_in_flight(server: BlobdServer, data: bytes, first: int
     return sock, signalled
 
 
-def test_sigterm_cuts_off_a_stalled_upload_and_leaves_a_clean_store(tmp_path: Path):
+# 4 MiB goes through aiohttp; 9 MiB is read off the socket (blobd.sockbody).
+assert 4 << 20 < MIN_SIZE <= 9 << 20
+
+
+@pytest.mark.parametrize("size", [4 << 20, 9 << 20])
+def test_sigterm_cuts_off_a_stalled_upload_and_leaves_a_clean_store(tmp_path: Path,
+                                                                     size: int):
     timeout = 2.0
     config = {**FAST, "server": {"shutdown_timeout_seconds": timeout}}
-    kept, stalled = b"kept before the shutdown", os.urandom(4 << 20)
+    kept, stalled = b"kept before the shutdown", os.urandom(size)
     with BlobdServer(tmp_path, config) as server:
         assert put(server, server.token("alice"), kept) == 201
         sock, signalled = sigterm_with_upload_in_flight(server, stalled, 1 << 20)
