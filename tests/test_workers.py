@@ -211,7 +211,10 @@ def test_kill9_of_a_worker_mid_upload(tmp_path: Path) -> None:
 
         os.kill(victim, signal.SIGKILL)
         upload.settimeout(10)
-        assert upload.recv(100) == b""  # the connection died with its worker
+        try:  # the connection died with its worker: closed, or reset
+            assert upload.recv(100) == b""
+        except ConnectionResetError:
+            pass
         upload.close()
         wait_replaced(server, victim)
         # What the dead worker left in tmp/ was undone before its
