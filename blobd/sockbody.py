@@ -32,12 +32,12 @@ from .files import BodyWriter
 # uploads; each filled buffer is written, then hashed, on two more threads,
 # then reused. The file is written with O_DIRECT (files.BodyWriter), from
 # page-aligned buffers (mmap), so the bytes are not copied once more into the
-# page cache. Measured on a 1 GiB PUT: three stages with 8 x 1 MiB ran at
-# 900-980 MB/s, two stages (receive+write, hash) with the page cache at
-# 530-900 (bench/README.md). POOL_BUFFERS bounds the memory of any number
-# of parallel uploads (16 MiB).
+# page cache. Measured on a 1 GiB PUT (bench/README.md, third round): these
+# three stages ran at ~1,000 MB/s, with 4, 8 or 16 buffers alike; two stages
+# (receive and write, hash) through the page cache at 530-900. POOL_BUFFERS
+# bounds the memory of any number of parallel uploads (4 MiB).
 BUFFER_SIZE = 1 << 20
-POOL_BUFFERS = 16
+POOL_BUFFERS = 4
 # How often a receiver waiting on a silent client checks it was told to stop.
 POLL_SECONDS = 0.2
 # How long the rest of a body is read and dropped after a failed write.
