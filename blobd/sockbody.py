@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from .errors import BlobdError
-from .files import BodyWriter
+from .files import DIRECT_ALIGN, BodyWriter
 
 # Reads fill buffers of this size from a pool shared by the process's
 # uploads; each filled buffer is written, then hashed, on two more threads,
@@ -40,6 +40,12 @@ BUFFER_SIZE = 1 << 20
 POOL_BUFFERS = 4
 # How often a receiver waiting on a silent client checks it was told to stop.
 POLL_SECONDS = 0.2
+# A receiver gathers this much in a small buffer of its own before it
+# takes one from the pool.
+GATHER = 64 << 10
+# The longest a receiver holds a buffer it is filling: a pausing client's
+# buffer goes on part full (whole blocks), the rest is carried over.
+HOLD_SECONDS = 0.05
 # How long the rest of a body is read and dropped after a failed write.
 LINGER_SECONDS = 10.0
 
@@ -119,34 +125,39 @@ def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
 
 def _pump(body: SocketBody, writer: BodyWriter, stop: threading.Event) -> None:
     """The receiver: fill a free buffer from what aiohttp had, then from the
-    socket, and pass it down the stages; runs on its own thread."""
+    socket, and pass it down the stages; runs on its own thread.
+
+    A buffer is taken only once GATHER bytes have come, and held for at most
+    HOLD_SECONDS: a client that goes quiet, or trickles, never sits on a
+    buffer the process's other uploads wait for.
+    """
     hashing = _Stage("blobd-hash", writer.digest, _POOL.give)
     writing = _Stage("blobd-write", writer.store, hashing.put)
-    poller = select.poll()
-    poller.register(body.fd, select.POLLIN)
-    head = memoryview(body.head)
-    received = 0
+    sock = _Socket(body, stop)
+    carry = body.head  # received, not passed on yet
+    passed = 0
     with _POOL.user():
         try:
-            while received < body.length:
+            while passed < body.length:
                 if writing.failed or hashing.failed:
-                    _linger(body, poller, stop, received)
+                    _linger(sock)
                     break
-                buffer = _POOL.take()
+                if len(carry) < GATHER and passed + len(carry) < body.length:
+                    # Not worth a buffer yet: gather a little first.
+                    sock.wait(None)
+                    carry += sock.read(GATHER - len(carry))
+                    continue
+                buffer = _POOL.take(stop)
                 try:
-                    with memoryview(buffer) as whole:
-                        view = whole[: min(len(buffer), body.length - received)]
-                        copied = min(len(head), len(view))
-                        view[:copied] = head[:copied]
-                        head = head[copied:]
-                        filled = copied + _fill(body, view[copied:], poller, stop,
-                                                received + copied)
-                        del view
+                    size, carry = _fill(sock, buffer, carry, body.length - passed)
                 except BaseException:
                     _POOL.give(buffer)
                     raise
-                received += filled
-                writing.put(buffer, filled)
+                if not size:
+                    _POOL.give(buffer)
+                    continue
+                passed += size
+                writing.put(buffer, size)
             writing.close()
             hashing.close()
         finally:
@@ -154,41 +165,90 @@ def _pump(body: SocketBody, writer: BodyWriter, stop: threading.Event) -> None:
             hashing.close(quiet=True)
 
 
-def _linger(body: SocketBody, poller: select.poll, stop: threading.Event,
-            received: int) -> None:
+def _fill(sock: _Socket, buffer: mmap.mmap, carry: bytes, left: int) -> tuple[int, bytes]:
+    """Fill ``buffer`` with ``carry``, then from the socket until it is full
+    or HOLD_SECONDS pass. Returns how many bytes to pass on (the whole
+    buffer, the rest of the body, or else whole DIRECT_ALIGN blocks, which
+    keep the file's writes aligned) and what to carry over."""
+    deadline = time.monotonic() + HOLD_SECONDS
+    with memoryview(buffer) as whole:
+        view = whole[: min(len(whole), left)]
+        filled = min(len(carry), len(view))
+        view[:filled] = carry[:filled]
+        carry = carry[filled:]
+        while filled < len(view):
+            count = sock.read_into(view[filled:])
+            filled += count
+            if not count and not sock.wait(deadline - time.monotonic()):
+                break
+        if filled < len(view):  # the client paused; carry is empty here
+            keep = filled % DIRECT_ALIGN
+            carry = bytes(view[filled - keep:filled])
+            filled -= keep
+        del view
+    return filled, carry
+
+
+def _linger(sock: _Socket) -> None:
     """After a write failed (a full disk), read and drop the rest of the body
     for up to LINGER_SECONDS, as aiohttp does for a body a handler left
     unread: a client still sending would otherwise be reset by the close
     and might never read the error answered to it."""
     deadline = time.monotonic() + LINGER_SECONDS
+    length = sock.body.length
     with mmap.mmap(-1, BUFFER_SIZE) as scratch, memoryview(scratch) as view:
-        while received < body.length and time.monotonic() < deadline:
-            want = min(len(view), body.length - received)
+        while sock.got < length and time.monotonic() < deadline:
             try:
-                received += _fill(body, view[:want], poller, stop, received)
+                if not sock.read_into(view[: min(len(view), length - sock.got)]):
+                    sock.wait(deadline - time.monotonic())
             except (BlobdError, _Stopped):
                 return
 
 
-def _fill(body: SocketBody, view: memoryview, poller: select.poll,
-          stop: threading.Event, received: int) -> int:
-    """Read from the socket until ``view`` is full; the count read."""
-    filled = 0
-    while filled < len(view):
-        if stop.is_set():
-            raise _Stopped()
+class _Socket:
+    """The body's socket, as the receiver reads it."""
+
+    def __init__(self, body: SocketBody, stop: threading.Event) -> None:
+        self.body = body
+        self.stop = stop
+        self.got = len(body.head)  # body bytes received, aiohttp's included
+        self._poller = select.poll()
+        self._poller.register(body.fd, select.POLLIN)
+
+    def wait(self, seconds: float | None) -> bool:
+        """Wait until there is something to read (True) or ``seconds`` pass
+        (None: no limit); raises _Stopped once the request is cancelled."""
+        deadline = None if seconds is None else time.monotonic() + seconds
+        while True:
+            if self.stop.is_set():
+                raise _Stopped()
+            step = POLL_SECONDS
+            if deadline is not None:
+                step = min(step, deadline - time.monotonic())
+                if step <= 0:
+                    return False
+            if self._poller.poll(step * 1000):
+                return True
+
+    def read(self, most: int) -> bytes:
+        """What has arrived, up to ``most`` bytes (b"" when nothing has)."""
+        with memoryview(bytearray(most)) as view:
+            return bytes(view[: self.read_into(view)])
+
+    def read_into(self, view: memoryview) -> int:
+        """Read what has arrived into ``view`` (not empty); 0 when nothing
+        has. The client hanging up early is ``bad_request``."""
         try:
-            count = os.readv(body.fd, [view[filled:]])
+            count = os.readv(self.body.fd, [view])
         except BlockingIOError:
-            poller.poll(POLL_SECONDS * 1000)
-            continue
+            return 0
         except ConnectionError:
             count = 0
         if count == 0:
-            raise BlobdError("bad_request", f"body ended after {received + filled} of"
-                             f" {body.length} bytes")
-        filled += count
-    return filled
+            raise BlobdError("bad_request", f"body ended after {self.got} of"
+                             f" {self.body.length} bytes")
+        self.got += count
+        return count
 
 
 class _Stage:
@@ -267,10 +327,12 @@ class _BufferPool:
                     self._free.clear()
                     self._made = 0
 
-    def take(self) -> mmap.mmap:
+    def take(self, stop: threading.Event) -> mmap.mmap:
         with self._cond:
             while not self._free and self._made >= self._count:
-                self._cond.wait()
+                if stop.is_set():
+                    raise _Stopped()
+                self._cond.wait(POLL_SECONDS)
             if self._free:
                 return self._free.pop()
             self._made += 1

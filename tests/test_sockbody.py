@@ -102,6 +102,30 @@ async def test_client_hanging_up_mid_body_leaves_nothing(alice):
     assert (await alice.put(BIG)).status == 201
 
 
+async def test_quiet_clients_do_not_hold_the_buffers(alice):
+    """More stalled large uploads than the process has buffers: each sent
+    a little and went quiet. Another large upload still goes through."""
+    quiet = []
+    for i in range(sockbody.POOL_BUFFERS + 2):
+        conn = await RawConnection.open(alice.client.host, alice.client.port)
+        await conn.send_head("PUT", f"/blobs/{b3(BIG)}", alice.headers({
+            "Content-Length": str(len(BIG))}))
+        await conn.send(BIG[: 3 * DIRECT_ALIGN + 100 * i])  # odd sizes: a carried tail
+        quiet.append(conn)
+    await asyncio.sleep(0.3)
+    other = os.urandom(MIN_SIZE + 1)
+    resp = await asyncio.wait_for(alice.put(other), 20)
+    assert resp.status == 201
+    # The quiet ones were not harmed either: one finishes its body now.
+    await quiet[-1].send(BIG[3 * DIRECT_ALIGN + 100 * (len(quiet) - 1):])
+    done = await quiet[-1].read_response(timeout=20)
+    assert done.status == 201 and done.json()["hash"] == b3(BIG)
+    for conn in quiet:
+        await conn.close()
+    await gone(alice.data_dir)
+    assert sorted(p.name for p in blob_files(alice.data_dir)) == sorted([b3(BIG), b3(other)])
+
+
 async def test_expect_continue_then_a_large_body(alice):
     conn = await RawConnection.open(alice.client.host, alice.client.port)
     await conn.send_head("PUT", f"/blobs/{b3(BIG)}", alice.headers({
