@@ -5,9 +5,9 @@ object that its parser copies into the request's stream, and the pieces then
 travel to a writer thread. For one 1 GiB upload that path tops out near
 300 MB/s, the event loop's core being the bound (bench/README.md). A body
 whose length is declared, on a plain TCP connection, is instead read by a
-thread of its own into buffers it reuses and written to the file there,
-while a second thread hashes what the first has written: nothing of it
-touches the event loop. The HTTP side (which requests qualify, and closing
+thread of its own into buffers it reuses, which a second thread writes to
+the file and a third hashes: nothing of it touches the event loop. The
+HTTP side (which requests qualify, and closing
 the connection afterwards, since aiohttp's parser never sees the body) is
 :mod:`blobd.http.takeover`.
 """
@@ -85,12 +85,13 @@ async def receive_into(body: SocketBody, writer: BodyWriter) -> None:
     stop = threading.Event()
 
     def run() -> None:
+        outcome: BaseException | None = None
         try:
             _pump(body, writer, stop)
         except BaseException as exc:  # handed to the awaiting task
-            loop.call_soon_threadsafe(_settle, done, exc)
-        else:
-            loop.call_soon_threadsafe(_settle, done, None)
+            outcome = exc
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+            loop.call_soon_threadsafe(_settle, done, outcome)
 
     # A thread per upload, not the default executor: a large upload holds
     # its threads for its whole length, and eight of them would starve
