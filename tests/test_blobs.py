@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import os
 
 import pytest
 
+from blobd.http.takeover import MIN_SIZE
 from conftest import b3, blob_files, tmp_files
 from rawhttp import RawConnection
 
@@ -354,3 +356,21 @@ async def test_unknown_route_is_json_404(alice):
     assert resp.status == 404 and (await resp.json())["error"] == "not_found"
     resp = await alice.request("PATCH", f"/blobs/{b3(DATA)}")
     assert resp.status == 405
+
+
+@pytest.mark.parametrize("size", [50_000, MIN_SIZE + 1000])
+async def test_content_encoded_body_is_stored_decoded(alice, size):
+    """A gzip-encoded upload stores the decoded bytes, under their hash,
+    whether or not the encoded body is large enough to be read off the
+    socket (it never is: aiohttp decodes it)."""
+    data = os.urandom(size)
+    encoded = gzip.compress(data, compresslevel=1)
+    resp = await alice.request("PUT", f"/blobs/{b3(data)}", data=encoded,
+                               headers={"Content-Encoding": "gzip"})
+    assert resp.status == 201, await resp.text()
+    assert (await resp.json())["size"] == len(data)
+    got = await alice.request("GET", f"/blobs/{b3(data)}")
+    assert await got.read() == data
+    posted = await alice.request("POST", "/blobs", data=gzip.compress(data[::-1]),
+                                 headers={"Content-Encoding": "gzip"})
+    assert posted.status == 201 and (await posted.json())["hash"] == b3(data[::-1])

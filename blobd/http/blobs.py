@@ -23,7 +23,7 @@ from .keys import MIRROR, STORE
 from .params import iso, page_params
 from .middleware import expects_continue, principal, requires, send_continue
 from .sendblob import BlobBody, BlobFile, load_blob, send_blob
-from .takeover import take_body
+from .takeover import content_encoded, take_body
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,11 @@ async def post_blob(request: web.Request) -> web.StreamResponse:
 async def _receive_and_commit(request: web.Request, store: Store, owner: str,
                               ref: str | None, address: Address | None) -> web.Response:
     declared = request.content_length
+    if content_encoded(request):
+        # aiohttp decodes the body (the blob is what was encoded); the
+        # Content-Length counted the encoded bytes, so it says nothing of
+        # the blob's size, which is checked as it streams instead.
+        declared = None
     # Checked before any body byte is read, small bodies too: the API
     # promises 413 from Content-Length before the body (tests/test_quotas.py).
     if (declared is not None and declared <= ingest.WRITE_CHUNK

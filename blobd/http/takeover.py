@@ -25,9 +25,11 @@ _TAKEN = web.RequestKey("body_taken", bool)
 
 def take_body(request: web.Request) -> SocketBody | None:
     """The request's body to read from its socket, or None when it must go
-    through aiohttp (no declared length, too short, TLS, not a TCP socket)."""
+    through aiohttp (no declared length, too short, content-encoded, TLS,
+    not a TCP socket)."""
     length = request.content_length
-    if length is None or length < MIN_SIZE or "Transfer-Encoding" in request.headers:
+    if (length is None or length < MIN_SIZE or "Transfer-Encoding" in request.headers
+            or content_encoded(request)):
         return None
     transport = request.transport
     if transport is None or transport.is_closing():
@@ -53,6 +55,12 @@ def take_body(request: web.Request) -> SocketBody | None:
     transport.pause_reading()
     request[_TAKEN] = True
     return SocketBody(os.dup(sock.fileno()), b"".join(pieces), length)
+
+
+def content_encoded(request: web.Request) -> bool:
+    """Whether the body comes with a Content-Encoding (gzip, deflate, br),
+    which aiohttp decodes while it receives."""
+    return request.headers.get("Content-Encoding", "identity").strip().lower() != "identity"
 
 
 def close_after(request: web.Request, response: web.StreamResponse) -> None:
