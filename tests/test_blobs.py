@@ -289,16 +289,21 @@ async def test_expect_continue_skips_the_upload_of_a_stored_blob(alice):
     assert resp.json()["created"] is False and resp.json()["ref"] == "again"
 
 
-async def test_expect_continue_for_a_new_blob_sends_100(alice):
+# The larger body is read off the socket (blobd.sockbody) once 100 is sent.
+@pytest.mark.parametrize("size", [len(DATA), MIN_SIZE + 1])
+async def test_expect_continue_for_a_new_blob_sends_100(alice, size):
+    data = DATA if size == len(DATA) else os.urandom(size)
     conn = await RawConnection.open(alice.client.host, alice.client.port)
-    await conn.send_head("PUT", f"/blobs/{b3(DATA)}", alice.headers({
-        "Content-Length": str(len(DATA)), "Expect": "100-continue"}))
+    await conn.send_head("PUT", f"/blobs/{b3(data)}", alice.headers({
+        "Content-Length": str(len(data)), "Expect": "100-continue"}))
     interim = await conn.read_response()
     assert interim.status == 100
-    await conn.send(DATA)
-    final = await conn.read_response()
+    await conn.send(data)
+    final = await conn.read_response(timeout=30)
     await conn.close()
-    assert final.status == 201
+    assert final.status == 201 and final.json()["hash"] == b3(data)
+    got = await alice.request("GET", f"/blobs/{b3(data)}")
+    assert await got.read() == data
 
 
 async def test_expect_continue_rejects_before_the_body(server):

@@ -126,20 +126,6 @@ async def test_quiet_clients_do_not_hold_the_buffers(alice):
     assert sorted(p.name for p in blob_files(alice.data_dir)) == sorted([b3(BIG), b3(other)])
 
 
-async def test_expect_continue_then_a_large_body(alice):
-    conn = await RawConnection.open(alice.client.host, alice.client.port)
-    await conn.send_head("PUT", f"/blobs/{b3(BIG)}", alice.headers({
-        "Content-Length": str(len(BIG)), "Expect": "100-continue"}))
-    interim = await conn.read_response()
-    assert interim.status == 100
-    await conn.send(BIG)
-    final = await conn.read_response(timeout=30)
-    assert final.status == 201 and final.json()["hash"] == b3(BIG)
-    assert final.headers["connection"].lower() == "close"
-    assert await conn.reader.read() == b""  # and the server closed it
-    await conn.close()
-
-
 async def test_a_pipelined_request_after_the_body_is_not_misread(alice):
     """The next request's bytes are never taken for body bytes, nor run."""
     conn = await RawConnection.open(alice.client.host, alice.client.port)
