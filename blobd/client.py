@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator, Callable
 import aiohttp
 
 from . import files
+from .bodywriter import BodyWriter
 from .address import parse_address
 from .errors import STATUS, BlobdError
 
@@ -245,7 +246,7 @@ def _sha256(data: bytes) -> bytes:
 
 
 async def _save(pieces: AsyncIterator[bytes], temp: Path, progress: Progress) -> files.Digests:
-    writer = await asyncio.to_thread(files.BodyWriter, temp)
+    writer = await asyncio.to_thread(BodyWriter, temp)
     try:
         async for piece in pieces:
             await asyncio.to_thread(writer.write, piece)

@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from . import describe, files, index, reaper, sniff, sockbody
 from .address import Address
 from .errors import BlobdError
+from .bodywriter import BodyWriter
 from .files import Digests
 from .index import BlobRecord
 from .layout import parse_tmp_name
@@ -127,7 +128,7 @@ async def _stream(store: Store, chunks: AsyncIterator[bytes], parts: Parts, *,
                   limit: int, declared: int | None) -> Received:
     """The rest of a long body, after its first ``parts``, through a BodyWriter."""
     path = store.layout.new_temp_path()
-    writer = await asyncio.to_thread(files.BodyWriter, path,
+    writer = await asyncio.to_thread(BodyWriter, path,
                                      store.config.storage.min_free_bytes,
                                      store.config.storage.fsync)
     total, pending = parts.size, None
@@ -163,7 +164,7 @@ async def receive_socket(store: Store, body: SocketBody, *, limit: int) -> Recei
     try:
         if body.length > limit:
             raise BlobdError("too_large", f"body is over the {limit}-byte limit")
-        writer = await asyncio.to_thread(files.BodyWriter, store.layout.new_temp_path(),
+        writer = await asyncio.to_thread(BodyWriter, store.layout.new_temp_path(),
                                          config.min_free_bytes, config.fsync, direct=True)
     except BaseException:
         body.close()

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from .errors import BlobdError
-from .files import DIRECT_ALIGN, BodyWriter
+from .bodywriter import DIRECT_ALIGN, BodyWriter
 
 # Reads fill buffers of this size from a pool shared by the process's
 # uploads; each filled buffer is written, then hashed, on two more threads,
-# then reused. The file is written with O_DIRECT (files.BodyWriter), from
+# then reused. The file is written with O_DIRECT (bodywriter.BodyWriter), from
 # page-aligned buffers (mmap), so the bytes are not copied once more into the
 # page cache. Measured on a 1 GiB PUT (bench/README.md, third round): these
 # three stages ran at ~1,000 MB/s, with 4, 8 or 16 buffers alike; two stages

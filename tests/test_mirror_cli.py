@@ -3,7 +3,6 @@ against a real SeaweedFS and a real store."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sqlite3

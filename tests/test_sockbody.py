@@ -14,7 +14,8 @@ import pytest
 
 from blobd import sockbody
 from blobd.errors import BlobdError
-from blobd.files import DIRECT_ALIGN, BodyWriter, digests_of
+from blobd.bodywriter import DIRECT_ALIGN, BodyWriter
+from blobd.files import digests_of
 from blobd.http.takeover import MIN_SIZE
 from blobd.sockbody import SocketBody, receive_into
 from conftest import b3, blob_files, make_config, tmp_files

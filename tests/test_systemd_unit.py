@@ -8,7 +8,6 @@ file is exactly what they exist to prevent.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess

@@ -282,7 +282,7 @@ def test_kill9_of_a_worker_inside_a_commit(tmp_path: Path) -> None:
         assert server.terminate() == 0
     rows = check_index_matches_files(server.data_dir)
     assert set(acked) <= set(rows)
-    assert not any(name.startswith(f"put-") for name in os.listdir(tmp))
+    assert not any(name.startswith("put-") for name in os.listdir(tmp))
 
 
 def test_background_work_moves_with_worker_zero(tmp_path: Path) -> None:
