@@ -15,6 +15,7 @@ from pathlib import Path
 import blake3
 import pytest
 
+from blobd.http.takeover import MIN_SIZE
 from serverproc import BlobdServer, free_port, run_blobd, to_toml
 
 
@@ -63,6 +64,12 @@ def test_https_upload_download_and_ranges(tmp_path: Path, certificate):
         assert status == 201
         status, _, body = fetch(f"{server.url}/blobs/{digest}", context, headers=auth)
         assert status == 200 and body == data
+        # A body large enough to be read off a plain socket is received by
+        # aiohttp over TLS, which decrypts it (read raw, it would not match).
+        large = os.urandom(MIN_SIZE + 1)
+        large_url = f"{server.url}/blobs/{blake3.blake3(large).hexdigest()}"
+        assert fetch(large_url, context, "PUT", data=large, headers=auth)[0] == 201
+        assert fetch(large_url, context, headers=auth)[2] == large
         for spec, start, end in [("bytes=1000-300000", 1000, 300001),
                                  ("bytes=262140-", 262140, len(data)),
                                  ("bytes=-70000", len(data) - 70000, len(data))]:
