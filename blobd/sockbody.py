@@ -22,7 +22,7 @@ import queue
 import select
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from .errors import BlobdError
@@ -60,6 +60,12 @@ class SocketBody:
     fd: int
     head: bytes  # what aiohttp had already received
     length: int  # the declared length, head included
+    # Body bytes received so far, head included (the request log's "in=");
+    # only the receiver thread writes it.
+    received: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.received = len(self.head)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -198,9 +204,10 @@ def _linger(sock: _Socket) -> None:
     deadline = time.monotonic() + LINGER_SECONDS
     length = sock.body.length
     with mmap.mmap(-1, BUFFER_SIZE) as scratch, memoryview(scratch) as view:
-        while sock.got < length and time.monotonic() < deadline:
+        while sock.body.received < length and time.monotonic() < deadline:
             try:
-                if not sock.read_into(view[: min(len(view), length - sock.got)]):
+                received = sock.body.received
+                if not sock.read_into(view[: min(len(view), length - received)]):
                     sock.wait(deadline - time.monotonic())
             except (BlobdError, _Stopped):
                 return
@@ -212,7 +219,6 @@ class _Socket:
     def __init__(self, body: SocketBody, stop: threading.Event) -> None:
         self.body = body
         self.stop = stop
-        self.got = len(body.head)  # body bytes received, aiohttp's included
         self._poller = select.poll()
         self._poller.register(body.fd, select.POLLIN)
 
@@ -246,9 +252,9 @@ class _Socket:
         except ConnectionError:
             count = 0
         if count == 0:
-            raise BlobdError("bad_request", f"body ended after {self.got} of"
+            raise BlobdError("bad_request", f"body ended after {self.body.received} of"
                              f" {self.body.length} bytes")
-        self.got += count
+        self.body.received += count
         return count
 
 

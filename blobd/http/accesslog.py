@@ -25,6 +25,7 @@ from aiohttp.web_request import BaseRequest
 
 from .keys import PRINCIPAL
 from .middleware import Handler
+from .takeover import received_bytes
 
 log = logging.getLogger("blobd.access")
 _ACCESS_LOG = web.AppKey("access_log", bool)
@@ -37,7 +38,7 @@ def _safe(text: str) -> str:
 
 def format_line(request: BaseRequest, status: str, seconds: float, sent: int) -> str:
     principal = request.get(PRINCIPAL)
-    received = getattr(request.content, "total_bytes", 0)
+    received = received_bytes(request)
     return (f"{_safe(request.method)} {_safe(request.rel_url.raw_path)} {status} "
             f"{seconds * 1000:.1f}ms in={received} out={sent} "
             f"owner={_safe(principal.owner) if principal else '-'} "

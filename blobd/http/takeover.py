@@ -14,13 +14,14 @@ import os
 import socket
 
 from aiohttp import web
+from aiohttp.web_request import BaseRequest
 
 from ..sockbody import SocketBody
 
 # Bodies at least this long are taken: smaller ones are over before the
 # threads would pay for themselves, and most fit in aiohttp's buffers.
 MIN_SIZE = 8 << 20
-_TAKEN = web.RequestKey("body_taken", bool)
+_TAKEN = web.RequestKey("body_taken", SocketBody)
 
 
 def take_body(request: web.Request) -> SocketBody | None:
@@ -53,8 +54,9 @@ def take_body(request: web.Request) -> SocketBody | None:
         pieces.append(piece)
     content.feed_eof()
     transport.pause_reading()
-    request[_TAKEN] = True
-    return SocketBody(os.dup(sock.fileno()), b"".join(pieces), length)
+    body = SocketBody(os.dup(sock.fileno()), b"".join(pieces), length)
+    request[_TAKEN] = body
+    return body
 
 
 def content_encoded(request: web.Request) -> bool:
@@ -66,5 +68,13 @@ def content_encoded(request: web.Request) -> bool:
 def close_after(request: web.Request, response: web.StreamResponse) -> None:
     """Make the response to a request whose body was taken the last one on
     its connection (success and error responses alike)."""
-    if request.get(_TAKEN):
+    if request.get(_TAKEN) is not None:
         response.force_close()
+
+
+def received_bytes(request: BaseRequest) -> int:
+    """How many body bytes the request has received, wherever they went."""
+    taken = request.get(_TAKEN)
+    if taken is not None:
+        return taken.received
+    return getattr(request.content, "total_bytes", 0)
