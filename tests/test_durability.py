@@ -17,8 +17,10 @@ import ctypes
 import os
 from pathlib import Path
 
+import blake3
 import pytest
 
+from blobd.http.takeover import MIN_SIZE
 from conftest import blob_files
 
 _SYS_CACHESTAT = 451  # x86_64 and aarch64 alike (the generic syscall table)
@@ -72,3 +74,20 @@ async def test_without_fsync_the_probe_sees_dirty_pages(server):
     await _upload_many(alice, 24, concurrently=True)
     assert sum(not_yet_durable(f) for f in blob_files(alice.data_dir)) > 0
 
+
+
+async def test_a_body_read_off_the_socket_has_no_dirty_pages(server):
+    """Large bodies are written with O_DIRECT (no page cache) but for an
+    unaligned tail, which the fsync before the answer covers."""
+    alice = await (await server())("alice")
+    body = os.urandom(MIN_SIZE + 4096 * 3 + 123)
+    # Its shard directories made beforehand: the commit then fsyncs one
+    # directory, where a syncfs (for new directories) would flush the file
+    # too and hide a missing fsync of its own.
+    digest = blake3.blake3(body).hexdigest()
+    (alice.data_dir / "blobs" / digest[:2] / digest[2:4]).mkdir(parents=True)
+    resp = await alice.request("POST", "/blobs", data=body)
+    assert resp.status == 201
+    (path,) = blob_files(alice.data_dir)
+    assert path.stat().st_size == len(body)
+    assert not_yet_durable(path) == 0
