@@ -79,7 +79,7 @@ async def _receive_and_commit(request: web.Request, store: Store, owner: str,
                               ref: str | None, address: Address | None) -> web.Response:
     declared = request.content_length
     if content_encoded(request):
-        # aiohttp decodes the body (the blob is what was encoded); the
+        # aiohttp decodes the body (the blob is the decoded bytes); the
         # Content-Length counted the encoded bytes, so it says nothing of
         # the blob's size, which is checked as it streams instead.
         declared = None
