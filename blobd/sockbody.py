@@ -48,6 +48,24 @@ GATHER = 64 << 10
 HOLD_SECONDS = 0.05
 # How long the rest of a body is read and dropped after a failed write.
 LINGER_SECONDS = 10.0
+# At most this many bodies are read off sockets at once in a process (three
+# threads each); further ones go through aiohttp, slower but without threads
+# of their own, so a crowd of stalled uploads cannot exhaust the tasks a
+# service may start.
+MAX_BODIES = 32
+_slots = threading.BoundedSemaphore(MAX_BODIES)
+
+
+def reserve() -> bool:
+    """Claim a slot for a body to read off its socket (False when all
+    MAX_BODIES are taken), to hand to a ``SocketBody(holds_slot=True)``,
+    whose close gives it back."""
+    return _slots.acquire(blocking=False)
+
+
+def unreserve() -> None:
+    """Give back a slot :func:`reserve` claimed when no SocketBody got it."""
+    _slots.release()
 
 
 @dataclass
@@ -60,6 +78,7 @@ class SocketBody:
     fd: int
     head: bytes  # what aiohttp had already received
     length: int  # the declared length, head included
+    holds_slot: bool = False  # one of the MAX_BODIES (see reserve)
     # Body bytes received so far, head included (the request log's "in=");
     # only the receiver thread writes it.
     received: int = field(init=False)
@@ -68,9 +87,13 @@ class SocketBody:
         self.received = len(self.head)
 
     def close(self) -> None:
+        """Close the socket's duplicate and give back the slot (once)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+            if self.holds_slot:
+                self.holds_slot = False
+                _slots.release()
 
 
 class _Stopped(Exception):

@@ -127,6 +127,36 @@ async def test_quiet_clients_do_not_hold_the_buffers(alice):
     assert sorted(p.name for p in blob_files(alice.data_dir)) == sorted([b3(BIG), b3(other)])
 
 
+async def test_beyond_max_bodies_uploads_go_through_aiohttp(alice):
+    """Stalled large uploads hold the process's MAX_BODIES slots (three
+    threads each); one more is received by aiohttp instead, and the slots
+    come back when the stalled ones end."""
+    async def receivers(count: int) -> None:
+        for _ in range(300):
+            if sockbody_threads().count("blobd-sockbody") == count:
+                return
+            await asyncio.sleep(0.02)
+        assert sockbody_threads().count("blobd-sockbody") == count
+    stalled = []
+    for _ in range(sockbody.MAX_BODIES):
+        conn = await RawConnection.open(alice.client.host, alice.client.port)
+        await conn.send_head("PUT", f"/blobs/{b3(BIG)}", alice.headers({
+            "Content-Length": str(len(BIG))}))
+        await conn.send(BIG[:1000])
+        stalled.append(conn)
+    await receivers(sockbody.MAX_BODIES)
+    resp = await asyncio.wait_for(alice.put(BIG), 30)
+    assert resp.status == 201
+    assert resp.headers.get("Connection", "").lower() != "close"  # aiohttp's
+    for conn in stalled:
+        await conn.close()
+    await receivers(0)
+    other = os.urandom(MIN_SIZE + 5)
+    resp = await alice.put(other)
+    assert resp.status == 201 and resp.headers["Connection"].lower() == "close"
+    await gone(alice.data_dir)
+
+
 async def test_a_pipelined_request_after_the_body_is_not_misread(alice):
     """The next request's bytes are never taken for body bytes, nor run."""
     conn = await RawConnection.open(alice.client.host, alice.client.port)

@@ -16,6 +16,7 @@ import socket
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
+from .. import sockbody
 from ..sockbody import SocketBody
 
 # Bodies at least this long are taken: smaller ones are over before the
@@ -27,7 +28,7 @@ _TAKEN = web.RequestKey("body_taken", SocketBody)
 def take_body(request: web.Request) -> SocketBody | None:
     """The request's body to read from its socket, or None when it must go
     through aiohttp (no declared length, too short, content-encoded, TLS,
-    not a TCP socket)."""
+    not a TCP socket, or sockbody.MAX_BODIES being read already)."""
     length = request.content_length
     if (length is None or length < MIN_SIZE or "Transfer-Encoding" in request.headers
             or content_encoded(request)):
@@ -43,6 +44,13 @@ def take_body(request: web.Request) -> SocketBody | None:
     content = request.content
     if content.exception() is not None or content.is_eof():
         return None
+    if not sockbody.reserve():
+        return None
+    try:
+        fd = os.dup(sock.fileno())
+    except OSError:  # out of descriptors: aiohttp can still receive it
+        sockbody.unreserve()
+        return None
     # Whatever aiohttp already holds, then no more reads by the event loop.
     # Draining its stream can resume its paused parser, which then moves
     # bytes it held into the stream at once: drain until nothing comes.
@@ -54,7 +62,7 @@ def take_body(request: web.Request) -> SocketBody | None:
         pieces.append(piece)
     content.feed_eof()
     transport.pause_reading()
-    body = SocketBody(os.dup(sock.fileno()), b"".join(pieces), length)
+    body = SocketBody(fd, b"".join(pieces), length, holds_slot=True)
     request[_TAKEN] = body
     return body
 
