@@ -26,8 +26,8 @@ from typing import Any, AsyncIterator, Callable
 import aiohttp
 
 from . import files
-from .bodywriter import BodyWriter
 from .address import parse_address
+from .bodywriter import BodyWriter
 from .errors import STATUS, BlobdError
 
 Progress = Callable[[int], None]

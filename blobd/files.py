@@ -9,6 +9,7 @@ a final name and a crash at any point is undone by :func:`recover_tmp`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import errno
@@ -16,8 +17,6 @@ import hashlib
 import logging
 import os
 import shutil
-import concurrent.futures
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -59,7 +58,8 @@ SYNCFS_THRESHOLD = 2
 # req/s) and their p99 worse (153 vs 65 ms): on ext4 (data=ordered) the
 # journal commit an fsync waits for must write the other files' newly
 # allocated data too, so per-entry fsyncs do not escape it either.
-_syncers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="blobd-sync")
+_syncers = concurrent.futures.ThreadPoolExecutor(max_workers=16,
+                                                 thread_name_prefix="blobd-sync")
 
 
 @dataclass(frozen=True)

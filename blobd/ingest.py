@@ -24,8 +24,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from . import describe, files, index, reaper, sniff, sockbody
 from .address import Address
-from .errors import BlobdError
 from .bodywriter import BodyWriter
+from .errors import BlobdError
 from .files import Digests
 from .index import BlobRecord
 from .layout import parse_tmp_name
