@@ -29,6 +29,7 @@ port) calls :func:`run_server` with that socket and a notifier of its own.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -92,6 +93,10 @@ async def run_server(config: Config, *, sockets: Sequence[socket.socket] = (),
         names = ", ".join(site.name for site in sites)
         log.info("blobd %s serving %s on %s", __version__, config.data_dir.resolve(), names)
         notifier.ready(f"serving on {names}")
+        # What start-up made lives as long as the server: the full
+        # collections that would scan it again and again would only add
+        # pauses to requests.
+        gc.freeze()
         watchdog = _start_watchdog(notifier)
         await stop.wait()
         _announce_stop(notifier, app[IN_FLIGHT].count, config.server)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -197,6 +198,9 @@ class Supervisor:
         process = self._ctx.Process(
             target=_worker_main, name=f"blobd-worker-{number}",
             args=(self.serve_one, self.config, sock, number, ready_w, theirs))
+        # Out of the collector's sight, what the workers inherit stays shared:
+        # a collection writes to every object it scans, copying its page.
+        gc.freeze()
         process.start()
         # The worker has its copies; ours would keep a dead worker's socket
         # (and the connections queued on it) alive.
