@@ -1,5 +1,6 @@
 """S3Target against a real SeaweedFS server (the session `s3server` fixture)."""
 
+import asyncio
 import base64
 import hashlib
 import os
@@ -258,3 +259,39 @@ def test_blobd_imports_without_aiobotocore():
     )
     assert "pip install blobd[s3]" in result.stdout
     assert result.stdout.strip().endswith("False")
+
+
+@pytest.mark.parametrize("jobs", [4, 16])
+async def test_the_pool_holds_every_transfer_run_at_once(jobs):
+    """`[mirror] concurrency` (or `-j`) transfers are on the wire together:
+    with botocore's default pool of 10, the 11th and later queued unseen.
+    Counted at an endpoint that accepts connections and never answers."""
+    from blobd.config import MirrorConfig
+    from blobd.mirror.common import make_target as target_for
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = MirrorConfig(endpoint=f"http://127.0.0.1:{port}", bucket="b",
+                          access_key="k", secret_key="s", concurrency=jobs)
+    try:
+        async with target_for(config) as t:
+            heads = [asyncio.create_task(t.head(f"key-{i}")) for i in range(jobs + 8)]
+            for _ in range(100):
+                if len(held) >= jobs:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # let any extra connection show up too
+            assert jobs <= len(held) <= jobs + 8
+            for head in heads:
+                head.cancel()
+            await asyncio.gather(*heads, return_exceptions=True)
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()

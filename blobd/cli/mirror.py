@@ -102,7 +102,7 @@ def _setup(args: argparse.Namespace) -> tuple[Config, MirrorConfig, int, BarFact
 
 async def run_sync(args: argparse.Namespace) -> int:
     config, mirror, jobs, bar = _setup(args)
-    async with open_index(config) as store, make_target(mirror) as target:
+    async with open_index(config) as store, make_target(mirror, jobs) as target:
         report = await sync(store, target, mirror, delete=args.delete, dry_run=args.dry_run,
                             verify=args.verify, jobs=jobs, bar=bar)
     if args.dry_run:
@@ -126,7 +126,7 @@ async def run_sync(args: argparse.Namespace) -> int:
 async def run_restore(args: argparse.Namespace) -> int:
     config, mirror, jobs, bar = _setup(args)
     owner = None if args.skip_orphans else args.orphans_owner
-    async with make_target(mirror) as target:
+    async with make_target(mirror, jobs) as target:
         report = await restore(config, target, jobs=jobs, orphans_owner=owner, bar=bar)
     for digest in report.missing:
         print(f"not in the bucket, dropped: {digest}", file=sys.stderr)
@@ -153,7 +153,7 @@ async def run_backup(args: argparse.Namespace) -> int:
 
 async def run_heal(args: argparse.Namespace) -> int:
     config, mirror, jobs, bar = _setup(args)
-    async with open_index(config) as store, make_target(mirror) as target:
+    async with open_index(config) as store, make_target(mirror, jobs) as target:
         blobs = await _named_blobs(store, args.hashes) if args.hashes else \
             await all_blobs(store.db.reader)
         progress = bar("verify", sum(b.size for b in blobs), "B")

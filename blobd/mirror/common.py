@@ -45,15 +45,18 @@ class CopyMismatch(Exception):
     """A copy from the mirror is not the blob it should be."""
 
 
-def make_target(config: MirrorConfig) -> S3Target:
-    """The bucket of ``[mirror]``, not yet opened (no connection is made)."""
+def make_target(config: MirrorConfig, jobs: int | None = None) -> S3Target:
+    """The bucket of ``[mirror]``, not yet opened (no connection is made),
+    with connections for ``jobs`` transfers at once (default ``[mirror]
+    concurrency``) and a few to spare (index backups, heals on GET)."""
+    connections = max(10, (jobs or config.concurrency) + 4)
     try:
         return S3Target(config.endpoint, config.bucket, config.access_key,
                         config.secret_key, config.region, config.prefix,
                         multipart_threshold=config.multipart_threshold,
                         # The queue retries with its own backoff; one quick
                         # retry here covers a dropped keep-alive connection.
-                        max_attempts=2)
+                        max_attempts=2, max_connections=connections)
     except S3Error as exc:  # aiobotocore is missing
         raise ConfigError(f"mirror: {exc}") from None
 

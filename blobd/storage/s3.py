@@ -105,6 +105,7 @@ class S3Target:
         max_attempts: int = 3,
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
+        max_connections: int = 10,
     ) -> None:
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes")
@@ -118,6 +119,7 @@ class S3Target:
         self._credentials = (access_key, secret_key)
         self._attempts = max_attempts
         self._timeouts = (connect_timeout, read_timeout)
+        self.max_connections = max_connections
         self._stack: contextlib.AsyncExitStack | None = None
         self._s3: Any = None
 
@@ -134,6 +136,9 @@ class S3Target:
             retries={"mode": "standard", "total_max_attempts": self._attempts},
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
+            # Requests beyond the pool queue for a connection without a word:
+            # the pool must fit every transfer the caller runs at once.
+            max_pool_connections=self.max_connections,
             # botocore must not compute checksums itself: it would read file
             # bodies on the event loop. Every upload sends its own SHA-256.
             request_checksum_calculation="when_required",
