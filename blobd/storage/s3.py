@@ -39,40 +39,22 @@ import contextlib
 import hashlib
 import os
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, BinaryIO
+from typing import Any
 
 import aiohttp
 
-MiB = 1024 * 1024
+from .s3errors import S3Error, client_error, status_of
+from .s3files import (MiB, b64_digest, open_sized, part_size_for, read_part,
+                      stream_to_file)
+
+__all__ = ["MiB", "S3Error", "S3Target"]
+
 DEFAULT_MULTIPART_THRESHOLD = 64 * MiB
 DEFAULT_PART_SIZE = 16 * MiB
 MIN_PART_SIZE = 5 * MiB  # S3's floor for every part but the last
-MAX_PARTS = 10_000  # S3's ceiling on parts per upload
-DOWNLOAD_BUFFER = 1 * MiB  # bytes gathered before one write in a thread
 SHA256_METADATA = "sha256"  # sent as x-amz-meta-sha256
 ABORT_TIMEOUT = 10.0  # seconds a failed multipart upload may spend aborting
 
-# Error codes a later attempt may get past; any 5xx and 429 are retryable too.
-_RETRYABLE_CODES = frozenset(
-    {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable",
-     "Throttling", "ThrottlingException", "RequestTimeTooSkewed"}
-)
-_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
-
-
-class S3Error(Exception):
-    """Any failure talking to the mirror. `retryable` says whether the same
-    request may succeed later (connection trouble, 5xx, throttling); `code`
-    is the S3 error code when the server gave one."""
-
-    def __init__(self, message: str, retryable: bool, code: str | None = None) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-        self.code = code
-
-    @property
-    def not_found(self) -> bool:
-        return self.code in _NOT_FOUND_CODES
 
 
 def _import_aiobotocore() -> tuple[Any, Any, Any]:
@@ -186,7 +168,7 @@ class S3Target:
         try:
             yield
         except exc.ClientError as error:
-            raise _client_error(action, error) from error
+            raise client_error(action, error) from error
         except (
             exc.ConnectionError,  # refused, connect timeout, DNS, proxy
             exc.HTTPClientError,  # closed mid-request, read timeout, body stream
@@ -224,7 +206,7 @@ class S3Target:
         self, key: str, path: str | os.PathLike[str], size: int, sha256_hex: str,
         content_type: str, metadata: dict[str, str],
     ) -> None:
-        source = await asyncio.to_thread(_open_sized, path, size)
+        source = await asyncio.to_thread(open_sized, path, size)
         try:
             with self._errors(f"PUT {self.url(key)}"):
                 await self._client.put_object(
@@ -234,7 +216,7 @@ class S3Target:
                     ContentLength=size,
                     ContentType=content_type,
                     Metadata=metadata,
-                    ChecksumSHA256=_b64_digest(sha256_hex),
+                    ChecksumSHA256=b64_digest(sha256_hex),
                 )
         finally:
             await asyncio.to_thread(source.close)
@@ -277,15 +259,15 @@ class S3Target:
         self, key: str, upload_id: str, path: str | os.PathLike[str], size: int,
         sha256_hex: str,
     ) -> list[dict[str, Any]]:
-        part_size = _part_size_for(size, self.part_size)
+        part_size = part_size_for(size, self.part_size)
         whole = hashlib.sha256()
         parts: list[dict[str, Any]] = []
-        source = await asyncio.to_thread(_open_sized, path, size)
+        source = await asyncio.to_thread(open_sized, path, size)
         try:
             sent = 0
             while sent < size:
                 data, checksum = await asyncio.to_thread(
-                    _read_part, source, min(part_size, size - sent), whole
+                    read_part, source, min(part_size, size - sent), whole
                 )
                 if not data:
                     break  # the file shrank; caught by the digest check below
@@ -314,7 +296,7 @@ class S3Target:
             try:
                 answer = await self._client.head_object(Bucket=self.bucket, Key=key)
             except self._exc.ClientError as error:
-                if _status(error) == 404:
+                if status_of(error) == 404:
                     return None
                 raise
         metadata = answer.get("Metadata", {})
@@ -333,7 +315,7 @@ class S3Target:
             answer = await self._client.get_object(Bucket=self.bucket, Key=key)
             body = answer["Body"]
             try:
-                return await _stream_to_file(body, path)
+                return await stream_to_file(body, path)
             finally:
                 body.close()
 
@@ -343,7 +325,7 @@ class S3Target:
             try:
                 await self._client.delete_object(Bucket=self.bucket, Key=key)
             except self._exc.ClientError as error:
-                if _status(error) != 404:
+                if status_of(error) != 404:
                     raise
 
     async def list(self, prefix: str, page_size: int = 1000) -> AsyncIterator[tuple[str, int]]:
@@ -385,71 +367,3 @@ class S3Target:
                 return await body.read()
             finally:
                 body.close()
-
-
-def _client_error(action: str, error: Any) -> S3Error:
-    details = error.response.get("Error", {})
-    status = _status(error)
-    code = str(details.get("Code") or status)
-    retryable = status >= 500 or status == 429 or code in _RETRYABLE_CODES
-    message = details.get("Message") or ""
-    return S3Error(f"{action}: {code} {message}".rstrip(), retryable, code=code)
-
-
-def _status(error: Any) -> int:
-    return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-
-
-def _b64_digest(sha256_hex: str) -> str:
-    return base64.b64encode(bytes.fromhex(sha256_hex)).decode("ascii")
-
-
-def _part_size_for(size: int, part_size: int) -> int:
-    """`part_size`, grown in whole MiB when `size` would need over MAX_PARTS."""
-    needed = -(-size // MAX_PARTS)
-    if needed <= part_size:
-        return part_size
-    return -(-needed // MiB) * MiB
-
-
-def _open_sized(path: str | os.PathLike[str], size: int) -> BinaryIO:
-    """Open `path` for reading, refusing a file whose size is not `size`."""
-    source = open(path, "rb")
-    actual = os.fstat(source.fileno()).st_size
-    if actual != size:
-        source.close()
-        raise S3Error(f"{path} is {actual} bytes, expected {size}; not uploaded",
-                      retryable=False, code="BadDigest")
-    return source
-
-
-def _read_part(source: BinaryIO, length: int, whole: Any) -> tuple[bytes, str]:
-    """Read up to `length` bytes, fold them into `whole`, and return them with
-    their own base64 SHA-256. Runs in a thread."""
-    data = source.read(length)
-    whole.update(data)
-    return data, base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
-
-
-async def _stream_to_file(body: Any, path: str | os.PathLike[str]) -> int:
-    """Copy a response body to `path`, one thread call per DOWNLOAD_BUFFER."""
-    target = await asyncio.to_thread(open, path, "wb")
-    written = 0
-    try:
-        buffer = bytearray()
-        while chunk := await body.read(DOWNLOAD_BUFFER):
-            buffer += chunk
-            if len(buffer) >= DOWNLOAD_BUFFER:
-                written += await asyncio.to_thread(target.write, buffer)
-                buffer.clear()
-        written += await asyncio.to_thread(_finish_file, target, buffer)
-    finally:
-        await asyncio.to_thread(target.close)
-    return written
-
-
-def _finish_file(target: BinaryIO, rest: bytearray) -> int:
-    written = target.write(rest)
-    target.flush()
-    os.fsync(target.fileno())
-    return written
