@@ -95,7 +95,8 @@ async def run_server(config: Config, *, sockets: Sequence[socket.socket] = (),
         notifier.ready(f"serving on {names}")
         # What start-up made lives as long as the server: the full
         # collections that would scan it again and again would only add
-        # pauses to requests.
+        # pauses to requests (its garbage goes first, or it would stay).
+        gc.collect()
         gc.freeze()
         watchdog = _start_watchdog(notifier)
         await stop.wait()

@@ -200,6 +200,7 @@ class Supervisor:
             args=(self.serve_one, self.config, sock, number, ready_w, theirs))
         # Out of the collector's sight, what the workers inherit stays shared:
         # a collection writes to every object it scans, copying its page.
+        gc.collect()
         gc.freeze()
         process.start()
         # The worker has its copies; ours would keep a dead worker's socket
