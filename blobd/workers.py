@@ -28,8 +28,11 @@ started by ``blobd serve`` becomes a supervisor of N worker processes:
    every worker serves, ``WATCHDOG=1`` from its loop while a watchdog is
    armed, and ``STOPPING=1`` on shutdown. Each worker runs
    :func:`blobd.daemon.run_server` (graceful drain, access log, TLS) with a
-   notifier that tells the supervisor, not systemd. Socket activation is
-   not used with workers: the supervisor binds the port itself.
+   notifier that tells the supervisor, not systemd. Under socket
+   activation (``blobd.socket``) the supervisor binds nothing: every worker,
+   replacements too, serves on the sockets systemd passed, which the
+   supervisor keeps open, so connections queue there while a worker is
+   replaced or the service restarts.
 
 Correctness across processes rests on SQLite: every write transaction starts
 with ``BEGIN IMMEDIATE`` and waits for the others on ``busy_timeout``, and
@@ -59,14 +62,14 @@ from . import files
 from .config import Config
 from .errors import BlobdError
 from .layout import Layout
-from .sdnotify import Notifier
+from .sdnotify import Notifier, listen_fds
 from .store import Store, take_lock
 
 log = logging.getLogger(__name__)
 
-# serve_one(config, sock, background, ready): run one server process on the
+# serve_one(config, sockets, background, ready): run one server process on the
 # listening socket until SIGTERM/SIGINT; call ready() once it is serving.
-ServeOne = Callable[[Config, socket.socket, bool, Callable[[], None]], None]
+ServeOne = Callable[[Config, list[socket.socket], bool, Callable[[], None]], None]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 BACKLOG = 1024
@@ -80,6 +83,8 @@ STARTUP_TIMEOUT = 60.0
 def serve(config: Config, serve_one: ServeOne) -> int:
     """Run ``config.server.workers`` worker processes until a stop signal;
     the exit status (1 when the workers could not start)."""
+    # First thing, so the LISTEN_* variables never reach the workers.
+    activated = listen_fds()
     layout = Layout(config.data_dir.resolve())
     if layout.restore_marker_path.exists():
         raise BlobdError("conflict", "an interrupted 'blobd mirror restore' left this data"
@@ -88,7 +93,7 @@ def serve(config: Config, serve_one: ServeOne) -> int:
     lock_fd = take_lock(layout.lock_path)
     try:
         asyncio.run(_prepare(config))
-        return Supervisor(config, serve_one).run()
+        return Supervisor(config, serve_one, activated).run()
     finally:
         os.close(lock_fd)
 
@@ -123,6 +128,8 @@ class _Worker:
 class Supervisor:
     config: Config
     serve_one: ServeOne
+    # Passed by systemd (socket activation): every worker serves on these.
+    activated: list[socket.socket] = field(default_factory=list)
     workers: dict[int, _Worker] = field(default_factory=dict)
     signals: int = 0
     _delays: dict[int, float] = field(default_factory=dict)
@@ -138,9 +145,12 @@ class Supervisor:
     def run(self) -> int:
         previous = self._catch_signals()
         # Held, bound but not listening, so the port stays ours while a
-        # worker is being replaced; the kernel routes nothing to it.
+        # worker is being replaced; the kernel routes nothing to it. (The
+        # activated sockets hold themselves.)
+        self._port_hold: socket.socket | None = None
         try:
-            self._port_hold = _bind(self.config, listen=False)
+            if not self.activated:
+                self._port_hold = _bind(self.config, listen=False)
         except BaseException:
             self._restore_signals(previous)
             raise
@@ -156,7 +166,8 @@ class Supervisor:
         finally:
             self._notifier.stopping()
             self._stop_all()
-            self._port_hold.close()
+            for sock in [*filter(None, [self._port_hold]), *self.activated]:
+                sock.close()
             self._restore_signals(previous)
 
     def _restore_signals(self, previous: dict[int, Any]) -> None:
@@ -178,8 +189,10 @@ class Supervisor:
 
     def _announce(self) -> None:
         server = self.config.server
-        message = (f"blobd serving {self.config.data_dir.resolve()} on "
-                   f"http://{server.host}:{server.port} with {server.workers} workers")
+        where = (", ".join(_url(sock) for sock in self.activated) if self.activated
+                 else f"http://{server.host}:{server.port}")
+        message = (f"blobd serving {self.config.data_dir.resolve()} on {where}"
+                   f" with {server.workers} workers")
         print(message, flush=True)
         self._notifier.ready(message)
         log.info("%s (pids %s)", message,
@@ -189,23 +202,27 @@ class Supervisor:
 
     def _start(self, number: int) -> None:
         _await_lone_thread()
-        sock = _bind(self.config, listen=True)
+        own = [] if self.activated else [_bind(self.config, listen=True)]
         ready_r, ready_w = self._ctx.Pipe(duplex=False)
         # What of the supervisor's own the worker must not keep open.
         theirs = [functools.partial(os.close, self._wake_r),
-                  functools.partial(os.close, self._wake_w), self._port_hold.close,
+                  functools.partial(os.close, self._wake_w),
+                  *(sock.close for sock in filter(None, [self._port_hold])),
                   ready_r.close, *(w.ready.close for w in self.workers.values())]
         process = self._ctx.Process(
             target=_worker_main, name=f"blobd-worker-{number}",
-            args=(self.serve_one, self.config, sock, number, ready_w, theirs))
+            args=(self.serve_one, self.config, own or self.activated, number, ready_w,
+                  theirs))
         # Out of the collector's sight, what the workers inherit stays shared:
         # a collection writes to every object it scans, copying its page.
         gc.collect()
         gc.freeze()
         process.start()
         # The worker has its copies; ours would keep a dead worker's socket
-        # (and the connections queued on it) alive.
-        sock.close()
+        # (and the connections queued on it) alive. The activated sockets are
+        # shared by every worker and stay open here.
+        for sock in own:
+            sock.close()
         ready_w.close()
         self.workers[number] = _Worker(number, process, ready_r, time.monotonic())
 
@@ -307,7 +324,7 @@ class Supervisor:
                 _signal(worker.process.pid, signal.SIGKILL)
 
 
-def _worker_main(serve_one: ServeOne, config: Config, sock: socket.socket,
+def _worker_main(serve_one: ServeOne, config: Config, sockets: list[socket.socket],
                  number: int, ready: multiprocessing.connection.Connection,
                  closers: list[Callable[[], None]]) -> None:
     """The first thing a forked worker runs."""
@@ -324,7 +341,12 @@ def _worker_main(serve_one: ServeOne, config: Config, sock: socket.socket,
     def serving() -> None:
         ready.send_bytes(b"1")
         ready.close()
-    serve_one(config, sock, background, serving)
+    serve_one(config, sockets, background, serving)
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _bind(config: Config, *, listen: bool) -> socket.socket:

@@ -18,6 +18,8 @@ import re
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,7 +30,8 @@ import blake3
 import pytest
 
 from blobd.layout import tmp_pid
-from serverproc import BlobdServer, free_port, http, owns_listener, run_blobd
+from serverproc import (BlobdServer, blobd_env, children, free_port, http, owns_listener,
+                        port_is_free, run_blobd, to_toml)
 from test_crash import check_index_matches_files
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)
@@ -318,3 +321,50 @@ def test_tmp_names_carry_the_process_id() -> None:
     assert tmp_pid("del-" + "a" * 64 + "-42.ffff") == 42
     assert tmp_pid("put-new-0a1b2c3d4e5f6a7b") is None  # an older name
     assert tmp_pid("junk") is None
+
+
+def test_socket_activation_every_worker_serves_on_the_passed_socket(tmp_path: Path) -> None:
+    """Under systemd socket activation (blobd.socket) the workers serve on
+    the socket systemd passed -- a replaced worker too -- and nothing binds
+    [server] port."""
+    activated, configured = free_port(), free_port()
+    config_path = tmp_path / "blobd.toml"
+    config_path.write_text(to_toml({"server": {"port": configured, "workers": 2,
+                                               "data_dir": str(tmp_path / "data")},
+                                    "storage": {"fsync": False}}))
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen(
+            ["systemd-socket-activate", "-l", f"127.0.0.1:{activated}",
+             sys.executable, "-m", "blobd", "serve", "-c", str(config_path)],
+            env=blobd_env(), stdout=stdout, stderr=stderr)
+    url = f"http://127.0.0.1:{activated}/healthz"
+
+    def serving(dead: int | None = None) -> bool:
+        # systemd-socket-activate starts blobd at the first connection.
+        if not _answers(url):
+            return False
+        pids = children(proc.pid)
+        return (len(pids) == 2 and dead not in pids
+                and all(owns_listener(pid, activated) for pid in pids))
+    try:
+        wait_for("the activated workers", serving)
+        assert port_is_free(configured)
+        assert not owns_listener(proc.pid, configured)
+        victim = max(children(proc.pid))
+        os.kill(victim, signal.SIGKILL)
+        wait_for(f"worker {victim} to be replaced", lambda: serving(dead=victim))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert f"on http://127.0.0.1:{activated} with 2 workers" in out.read_text(), \
+            err.read_text()[-2000:]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return http("GET", url, timeout=2)[0] == 200
+    except OSError:
+        return False

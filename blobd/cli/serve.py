@@ -50,12 +50,13 @@ def run_serve(args: argparse.Namespace) -> int:
     return daemon.serve(config)
 
 
-def serve_worker(config: Config, sock: socket.socket, background: bool,
+def serve_worker(config: Config, sockets: list[socket.socket], background: bool,
                  ready: Callable[[], None]) -> None:
-    """One of ``[server] workers`` processes, on the socket its supervisor
-    bound (see :mod:`blobd.workers`). It tells its supervisor, not systemd,
-    when it serves; the supervisor speaks to systemd for all of them."""
-    asyncio.run(daemon.run_server(config, sockets=[sock], notifier=WorkerNotifier(ready),
+    """One of ``[server] workers`` processes, on the sockets its supervisor
+    bound or systemd passed (see :mod:`blobd.workers`). It tells its
+    supervisor, not systemd, when it serves; the supervisor speaks to
+    systemd for all of them."""
+    asyncio.run(daemon.run_server(config, sockets=sockets, notifier=WorkerNotifier(ready),
                                   background=background, primary=False))
 
 
