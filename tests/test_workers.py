@@ -13,6 +13,7 @@ workers' sockets; each test checks that both workers did work.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -359,6 +360,11 @@ def test_socket_activation_every_worker_serves_on_the_passed_socket(tmp_path: Pa
         assert f"on http://127.0.0.1:{activated} with 2 workers" in out.read_text(), \
             err.read_text()[-2000:]
     finally:
+        # The workers run in a process group of their own: kill -9 of the
+        # supervisor alone would leave them serving.
+        for pid in children(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.kill()
         proc.wait()
 
