@@ -345,6 +345,8 @@ def _worker_main(serve_one: ServeOne, config: Config, sockets: list[socket.socke
 
 
 def _url(sock: socket.socket) -> str:
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{sock.getsockname()}"
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
