@@ -69,7 +69,9 @@ def parse_scopes(text: str) -> frozenset[str]:
 
 
 def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    # surrogateescape: aiohttp hands header bytes that are not UTF-8 over as
+    # surrogates; such a token matches nothing, and must say so (401).
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 async def create_token(conn: aiosqlite.Connection, owner: str, scopes: frozenset[str],

@@ -30,18 +30,27 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
 SIZE = {"size": True}
 
 
+# Sizes and counts end up in SQLite, whose integers are 64-bit.
+INT64_MAX = 2**63 - 1
+
+
 def parse_size(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("expected a size")
+    size: int | None = None
     if isinstance(value, int):
         if value < 0:
             raise ValueError("a size cannot be negative")
-        return value
-    if isinstance(value, str):
+        size = value
+    elif isinstance(value, str):
         match = _SIZE.fullmatch(value)
         if match and match[2].lower() in _UNITS:
-            return int(float(match[1]) * _UNITS[match[2].lower()])
-    raise ValueError(f"expected a size such as 1048576 or \"512MiB\", got {value!r}")
+            size = int(float(match[1]) * _UNITS[match[2].lower()])
+    if size is None:
+        raise ValueError(f"expected a size such as 1048576 or \"512MiB\", got {value!r}")
+    if size > INT64_MAX:
+        raise ValueError(f"{value!r} is more than {INT64_MAX} bytes")
+    return size
 
 
 @dataclass(frozen=True)

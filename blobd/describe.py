@@ -19,6 +19,7 @@ upload.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from .files import Digests
 from .index import BlobRecord
 from .store import Store
 
+_TOKEN = r"[!#$%&'*+.^_`|~0-9a-z-]+"
+_MEDIA_TYPE = re.compile(f"{_TOKEN}/{_TOKEN}")
 GENERIC_TYPES = frozenset({
     "", "application/octet-stream", "application/x-www-form-urlencoded",
     "binary/octet-stream",
@@ -52,8 +55,11 @@ class Description:
 
 
 def normalise_type(value: str | None) -> str:
-    """The media type without parameters, lower case ('' when absent)."""
-    return (value or "").split(";", 1)[0].strip().lower()
+    """The media type without parameters, lower case; '' when absent or
+    not a media type at all (RFC 9110 ``type/subtype``, ASCII tokens), which
+    is then treated as no claim."""
+    claimed = (value or "").split(";", 1)[0].strip().lower()
+    return claimed if _MEDIA_TYPE.fullmatch(claimed) else ""
 
 
 async def describe(store: Store, path: Path, digests: Digests,

@@ -272,14 +272,18 @@ async def _staged(store: Store, received: Received) -> Path:
     return staged
 
 
-async def add_existing(store: Store, digest: str, owner: str,
-                       ref: str | None) -> Stored | None:
+async def add_existing(store: Store, digest: str, owner: str, ref: str | None,
+                       size: int | None = None) -> Stored | None:
     """Reference an already stored blob without a body (Expect: 100-continue,
-    upload sessions for known content); None when the blob must be uploaded."""
+    upload sessions for known content); None when the blob must be uploaded,
+    also when the client announced a ``size`` that is not the blob's: those
+    bytes are something else, which only reading them can tell."""
     async def body(tx: Tx) -> Stored | None:
         blob = await index.get_blob(tx.conn, digest)
         final = store.layout.blob_path(digest)
-        if blob is None or not await tx.blocking(final.exists):
+        if blob is None or (size is not None and size != blob.size):
+            return None
+        if not await tx.blocking(final.exists):
             return None
         describe.admit(store.config.audio, describe.Description.of_record(blob))
         return await _reference(store, tx, owner, ref, blob, False, time.time())

@@ -123,7 +123,7 @@ def tmp_pid(name: str) -> int | None:
     """The id of the process that made a tmp/ entry, if the name has one."""
     parts = name.split("-")
     pid = parts[2].split(".")[0] if len(parts) == 3 and "." in parts[2] else ""
-    return int(pid) if pid.isdigit() else None
+    return int(pid) if pid.isascii() and pid.isdigit() else None
 
 
 def _unique() -> str:

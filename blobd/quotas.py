@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import aiosqlite
 
 from . import index
-from .config import QuotaLimits, parse_size
+from .config import INT64_MAX, QuotaLimits, parse_size
 from .errors import BlobdError
 from .index import LIMIT_KEYS
 from .syncdb import SyncConnection, drive
@@ -134,10 +134,14 @@ def _parse_limit(key: str, value: Any) -> int | None:
         return None
     try:
         if key in SIZE_KEYS:
-            return parse_size(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            limit = parse_size(value)
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError("expected a non-negative integer")
-        return value
+        else:
+            limit = value
+        if limit > INT64_MAX:
+            raise ValueError(f"at most {INT64_MAX}")
+        return limit
     except ValueError as exc:
         raise BlobdError("bad_request", f"{key}: {exc}") from None
 

@@ -195,14 +195,24 @@ async def receive_at_offset(store: Store, session: Session, offset: int,
         await asyncio.to_thread(sessionfiles.close, fd)
 
 
+def check_room(store: Store, session: Session, length: int | None,
+               new_length: int | None = None) -> int:
+    """Refuse a declared body that would end past the upload's length (or
+    the blob size limit, while the length is deferred); the upload's end.
+    Also called before ``100 Continue``, so such a body is never sent."""
+    end = (new_length if new_length is not None else session.size
+           if session.size is not None else store.config.limits.max_blob_size)
+    if length is not None and length > end - session.upload_offset:
+        raise BlobdError("bad_request", f"{length} bytes at offset"
+                         f" {session.upload_offset} would end past {end}")
+    return end
+
+
 async def _append(store: Store, session: Session, fd: int, body: AsyncIterator[bytes],
                   length: int | None, checks: list[Check],
                   status_on_mismatch: int | None) -> Session:
-    end = session.size if session.size is not None else store.config.limits.max_blob_size
+    end = check_room(store, session, length)
     room = end - session.upload_offset
-    if length is not None and length > room:
-        raise BlobdError("bad_request", f"{length} bytes at offset"
-                         f" {session.upload_offset} would end past {end}")
     sink = _Sink(fd, session.upload_offset, checks)
 
     def too_long() -> BlobdError:

@@ -38,8 +38,8 @@ def create_app(config: Config, *, background: bool = True,
     memory.keep_large_buffers_unpooled()
     # Outermost first: aborted requests are logged and in-flight ones
     # tracked for the shutdown drain; metrics see every answer; CORS
-    # preflights need no route or token; tus marks every answer under /tus/,
-    # errors rendered by error_middleware included.
+    # preflights need no route or token; tus refuses a request of another
+    # tus version before auth (and marks every answer, see tus.add_marks).
     app = web.Application(middlewares=[log_aborted, track_requests, metrics_middleware,
                                        cors_middleware, error_middleware,
                                        tus.middleware, auth_middleware],
@@ -47,6 +47,7 @@ def create_app(config: Config, *, background: bool = True,
     app[STORE] = Store(config)
     app[METRICS] = Metrics()
     app.on_response_prepare.append(add_cors_headers)
+    app.on_response_prepare.append(tus.add_marks)
     accesslog.setup(app, config.logging.access_log)
     inflight.setup(app)
     if config.mirror is not None:

@@ -20,7 +20,7 @@ from ..store import Store, Tx, shielded
 from ..mirror.heal import HealError
 from ..syncdb import SyncConnection, drive
 from .keys import MIRROR, STORE
-from .params import iso, page_params
+from .params import iso, page_params, parse_uint
 from .middleware import expects_continue, principal, requires, send_continue
 from .sendblob import BlobBody, BlobFile, load_blob, send_blob
 from .takeover import content_encoded, take_body
@@ -62,7 +62,9 @@ async def put_blob(request: web.Request) -> web.StreamResponse:
     if expects_continue(request):
         known = await resolve_any(store, address)
         if known is not None:
-            stored = await ingest.add_existing(store, known, owner, ref)
+            # A decoded body's size is unknown until it is read.
+            size = None if content_encoded(request) else request.content_length
+            stored = await ingest.add_existing(store, known, owner, ref, size)
             if stored is not None:
                 return stored_response(stored, close=True)
     return await _receive_and_commit(request, store, owner, ref, address)
@@ -203,10 +205,7 @@ async def delete_blob(request: web.Request) -> web.Response:
 async def list_blobs(request: web.Request) -> web.Response:
     store = request.app[STORE]
     limit, after = page_params(request)
-    try:
-        cursor = int(after) if after else None
-    except ValueError:
-        raise BlobdError("bad_request", "after: not a cursor from this listing") from None
+    cursor = parse_uint(after, "after (a cursor from this listing)") if after else None
     rows = await index.list_holdings(store.db.reader, principal(request).owner,
                                      limit, cursor)
     blobs = [{"hash": r["hash"], "size": r["size"], "content_type": r["content_type"],
@@ -220,9 +219,11 @@ async def list_blobs(request: web.Request) -> web.Response:
 async def other_blob_paths(request: web.Request) -> web.Response:
     """Whatever no route above matched: a malformed address, or a method
     the resource does not have."""
-    address = request.match_info["tail"].removesuffix("/meta")
-    parse_address(address)
-    raise BlobdError("method_not_allowed", f"{request.method} is not allowed here")
+    tail = request.match_info["tail"]
+    parse_address(tail.removesuffix("/meta"))
+    allow = "GET,HEAD" if tail.endswith("/meta") else "DELETE,GET,HEAD,PUT"
+    raise BlobdError("method_not_allowed", f"{request.method} is not allowed here",
+                     headers={"Allow": allow})
 
 
 def setup(app: web.Application, add: Any) -> None:

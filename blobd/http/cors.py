@@ -59,9 +59,14 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
     errors included, just before its headers go out."""
     if "Access-Control-Allow-Origin" in response.headers:
         return
+    if not request.app[STORE].config.server.cors_origins:
+        return
+    # The answer depends on Origin whether or not this one is allowed: a
+    # cache must not hand a copy made for a plain <audio> request (no CORS
+    # headers, cached for a year) to a page's fetch() from an allowed origin.
+    response.headers.add("Vary", "Origin")
     origin = allowed_origin(request)
     if origin is None:
         return
     response.headers["Access-Control-Allow-Origin"] = origin
     response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
-    response.headers.add("Vary", "Origin")

@@ -12,6 +12,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11
+from aiohttp.web_protocol import RequestPayloadError
 
 from .. import auth, files
 from ..errors import STATUS, BlobdError
@@ -21,6 +22,9 @@ from .keys import PRINCIPAL, STORE
 log = logging.getLogger("blobd.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _CONTINUE_SENT = web.RequestKey("continue_sent", bool)
+# Request body codings aiohttp decodes (br only with the Brotli package, which
+# the parser refuses without it); identity is no coding at all.
+DECODED = frozenset({"identity", "gzip", "deflate"})
 _CODE_BY_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "too_large",
                    415: "unsupported_media_type", 416: "bad_range", 412: "precondition_failed"}
 
@@ -57,22 +61,29 @@ async def send_continue(request: web.Request) -> None:
     expect = request.headers.get("Expect", "")
     if request.get(_CONTINUE_SENT) or not expect:
         return
-    if expect.lower() != "100-continue" or request.version != HttpVersion11:
+    if expect.strip().lower() != "100-continue":
         raise BlobdError("bad_request", f"cannot meet Expect: {expect}", status=417)
+    if request.version < HttpVersion11:
+        return  # RFC 9110 section 10.1.1: ignored in HTTP/1.0; the body just comes
     request[_CONTINUE_SENT] = True
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     request.writer.output_size = 0
 
 
 def expects_continue(request: web.Request) -> bool:
-    return request.headers.get("Expect", "").lower() == "100-continue" and not request.get(
-        _CONTINUE_SENT)
+    """The client waits for ``100 Continue`` before it sends the body."""
+    return (request.headers.get("Expect", "").strip().lower() == "100-continue"
+            and request.version >= HttpVersion11 and not request.get(_CONTINUE_SENT))
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     response = await _respond(request, handler)
     takeover.close_after(request, response)
+    if expects_continue(request) and request.body_exists:
+        # Answered without inviting the body: should the client send it
+        # anyway, it must not be read as the connection's next request.
+        response.force_close()
     return response
 
 
@@ -81,6 +92,10 @@ async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse
         return await handler(request)
     except BlobdError as exc:
         return error_response(exc)
+    except RequestPayloadError as exc:
+        # The body broke off mid-way in a way the parser noticed: a gzip
+        # that does not decode, a malformed chunk.
+        return error_response(BlobdError("bad_request", f"unreadable request body: {exc}"))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -131,6 +146,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if not found.allows(scope):
             raise BlobdError("forbidden", f"this token lacks the {scope!r} scope")
         request[PRINCIPAL] = found
+    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding not in DECODED and request.body_exists:
+        # aiohttp would hand such a body over still encoded, to be stored
+        # as if it were the blob.
+        raise BlobdError("unsupported_media_type",
+                         f"Content-Encoding {coding!r}: only gzip and deflate are decoded")
     if not getattr(route_handler, "blobd_defer_continue", False):
         await send_continue(request)
     return await handler(request)

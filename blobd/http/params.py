@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from typing import Any
 
@@ -12,13 +13,24 @@ from ..errors import BlobdError
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+# ASCII digits only (str.isdigit() also takes "²", which int() refuses), and
+# few enough that every value fits SQLite's 64-bit integers.
+_UINT = re.compile(r"[0-9]{1,18}")
+
+
+def parse_uint(raw: str, what: str) -> int:
+    """A non-negative integer from a header, path or query value, or 400."""
+    if not _UINT.fullmatch(raw):
+        raise BlobdError("bad_request", f"{what}: expected a non-negative integer")
+    return int(raw)
 
 
 def page_params(request: web.Request) -> tuple[int, str | None]:
     raw = request.query.get("limit", str(DEFAULT_LIMIT))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    limit = int(raw) if _UINT.fullmatch(raw) else 0
+    if not 1 <= limit <= MAX_LIMIT:
         raise BlobdError("bad_request", f"limit: expected an integer from 1 to {MAX_LIMIT}")
-    return int(raw), request.query.get("after") or None
+    return limit, request.query.get("after") or None
 
 
 def iso(timestamp: float) -> str:

@@ -91,8 +91,18 @@ async def delete_ref(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+@requires(None)
+async def other_ref_paths(request: web.Request) -> web.Response:
+    """Whatever no route above matched: a name with a "/" or an empty one
+    (400, as any invalid name), or a method the resource does not have."""
+    parse_ref_name(request.match_info["tail"])
+    raise BlobdError("method_not_allowed", f"{request.method} is not allowed here",
+                     headers={"Allow": "DELETE,GET,HEAD,PUT"})
+
+
 def setup(app: web.Application, add: Any) -> None:
     add("PUT", "/refs/{name}", put_ref)
     add("GET", "/refs/{name}", get_ref)
     add("DELETE", "/refs/{name}", delete_ref)
     add("GET", "/refs", list_refs)
+    add("*", "/refs/{tail:.*}", other_ref_paths)

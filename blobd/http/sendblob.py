@@ -37,7 +37,7 @@ SAFETY_HEADERS = {"X-Content-Type-Options": "nosniff",
                   "Content-Security-Policy": "sandbox"}
 INLINE_MAX = 128 * 1024
 _FALLBACK_CHUNK = 256 * 1024
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)  # units are case-insensitive
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,16 @@ def _range_applies(request: web.Request, etag: str, created_at: float) -> bool:
     if_range = request.headers.get("If-Range")
     if if_range is None:
         return True
+    if_range = if_range.strip()
     if if_range.startswith('"'):
-        return if_range.strip() == etag
-    parsed = email.utils.parsedate_to_datetime(if_range) if if_range else None
-    return parsed is not None and parsed.timestamp() >= int(created_at)
+        return if_range == etag
+    # A weak ETag never matches here, and what is not a date is no
+    # validator: either way the whole blob goes out, as the RFC says.
+    try:
+        parsed = email.utils.parsedate_to_datetime(if_range)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return False
+    return parsed.timestamp() >= int(created_at)
 
 
 @dataclass(frozen=True)

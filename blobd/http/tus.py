@@ -31,9 +31,10 @@ from ..address import parse_address, parse_ref_name
 from ..describe import normalise_type
 from ..errors import BlobdError
 from ..sessions import TUS, NewSession, Session
-from ..sessionwrite import Check, receive_at_offset
+from ..sessionwrite import Check, check_room, receive_at_offset
 from .keys import STORE
 from .middleware import Handler, principal, requires, send_continue
+from .params import parse_uint
 
 TUS_VERSION = "1.0.0"
 EXTENSIONS = ("creation,creation-with-upload,creation-defer-length,termination,"
@@ -51,19 +52,18 @@ def _is_tus(path: str) -> bool:
 
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if not _is_tus(request.path):
-        return await handler(request)
-    marks = {} if request.method == "OPTIONS" else {"Tus-Resumable": TUS_VERSION}
-    try:
-        if marks and request.headers.get("Tus-Resumable") != TUS_VERSION:
-            raise BlobdError("precondition_failed", "this server speaks tus 1.0.0; send"
-                             " Tus-Resumable: 1.0.0", headers={"Tus-Version": TUS_VERSION})
-        response = await handler(request)
-    except BlobdError as exc:
-        exc.headers.update(marks)
-        raise
-    response.headers.update(marks)
-    return response
+    if (_is_tus(request.path) and request.method != "OPTIONS"
+            and request.headers.get("Tus-Resumable") != TUS_VERSION):
+        raise BlobdError("precondition_failed", "this server speaks tus 1.0.0; send"
+                         " Tus-Resumable: 1.0.0", headers={"Tus-Version": TUS_VERSION})
+    return await handler(request)
+
+
+async def add_marks(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every answer under /tus/ but OPTIONS says
+    which tus it speaks, errors of any kind included (a 500 too)."""
+    if _is_tus(request.path) and request.method != "OPTIONS":
+        response.headers["Tus-Resumable"] = TUS_VERSION
 
 
 @requires(None)
@@ -101,18 +101,22 @@ async def create(request: web.Request) -> web.Response:
 
 async def _created(request: web.Request, session: Session, has_body: bool) -> web.Response:
     headers = {"Location": f"{PREFIX}/{session.id}"}
-    if has_body:
-        try:
+    store = request.app[STORE]
+    try:
+        if has_body:
+            check_room(store, session, request.content_length)
             await send_continue(request)
             session = await receive_at_offset(
-                request.app[STORE], session, 0, request.content.iter_any(),
+                store, session, 0, request.content.iter_any(),
                 length=request.content_length, checks=_checksums(request),
                 status_on_mismatch=CHECKSUM_MISMATCH)
-        except BlobdError as exc:
-            exc.headers.update(headers)  # the upload exists; the client may resume it
-            raise
-        headers["Upload-Offset"] = str(session.upload_offset)
-    headers.update(await _finish(request, session))
+            headers["Upload-Offset"] = str(session.upload_offset)
+        headers.update(await _finish(request, session))
+    except _Removed:
+        raise
+    except BlobdError as exc:
+        exc.headers.update(headers)  # the upload exists; the client may resume it
+        raise
     return web.Response(status=201, headers=headers)
 
 
@@ -133,6 +137,10 @@ def parse_metadata(raw: str | None) -> dict[str, bytes]:
     meta: dict[str, bytes] = {}
     if raw is None or not raw.strip():
         return meta
+    if not raw.isascii():
+        # Keys are ASCII and values base64 (the tus spec): anything else in
+        # the header is not metadata, and could not be stored as text either.
+        raise BlobdError("bad_request", "Upload-Metadata: only ASCII keys and base64 values")
     for pair in raw.split(","):
         parts = pair.strip().split(" ")
         if not parts[0] or len(parts) > 2 or parts[0] in meta:
@@ -170,9 +178,7 @@ def _length(request: web.Request) -> int | None:
 
 
 def _non_negative(name: str, value: str) -> int:
-    if not value.strip().isdigit() or len(value.strip()) > 18:
-        raise BlobdError("bad_request", f"{name}: expected a non-negative integer")
-    return int(value)
+    return parse_uint(value.strip(), name)
 
 
 def _part_ids(urls: str) -> list[str]:
@@ -228,12 +234,34 @@ def _complete(session: Session) -> bool:
             and session.upload_offset >= session.size)
 
 
+# Commit failures no retry can mend: the bytes, all here, are not the
+# declared blob, or are refused as such.
+FINAL_FAILURES = frozenset({"digest_mismatch", "unsupported_media_type", "too_large"})
+
+
+class _Removed(BlobdError):
+    """A commit failed for good and its upload was removed (see _finish)."""
+
+
 async def _finish(request: web.Request, session: Session) -> dict[str, str]:
     """Commit an upload whose last byte is here (again, if a commit was cut
-    short); the headers every answer about the upload carries."""
+    short); the headers every answer about the upload carries.
+
+    A commit that can never succeed removes the upload before the error is
+    answered: tus has no way to list uploads, so one left behind would hold
+    its bytes against the owner's quota until it expired."""
     headers = {"Upload-Expires": email.utils.formatdate(session.expires_at, usegmt=True)}
     if _complete(session):
-        stored = await sessions.commit_session(request.app[STORE], session)
+        store = request.app[STORE]
+        try:
+            stored = await sessions.commit_session(store, session)
+        except BlobdError as exc:
+            if exc.code not in FINAL_FAILURES:
+                raise
+            await sessions.abort_session(store, session)
+            raise _Removed(exc.code, f"{exc.message}; the upload is removed",
+                           extra=exc.extra, headers=exc.headers,
+                           status=exc.status) from exc
         headers["Blob-Hash"] = stored.blob.hash
     return headers
 
@@ -272,11 +300,12 @@ async def patch(request: web.Request) -> web.Response:
         if offset != session.upload_offset:  # checked again under the lock
             raise BlobdError("conflict", f"Upload-Offset is {offset}, but the upload"
                              f" stands at {session.upload_offset}")
+        length = _non_negative("Upload-Length", new_length) if new_length else None
+        check_room(request.app[STORE], session, request.content_length, length)
         await send_continue(request)
         session = await receive_at_offset(
             request.app[STORE], session, offset, request.content.iter_any(),
-            length=request.content_length, checks=checks,
-            new_length=_non_negative("Upload-Length", new_length) if new_length else None,
+            length=request.content_length, checks=checks, new_length=length,
             status_on_mismatch=CHECKSUM_MISMATCH)
     headers = {"Upload-Offset": str(session.upload_offset)}
     if session.committed:

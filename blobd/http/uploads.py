@@ -24,7 +24,7 @@ from ..store import Store
 from .blobs import resolve_any, stored_response
 from .keys import STORE
 from .middleware import principal, requires, send_continue
-from .params import iso, read_json
+from .params import iso, parse_uint, read_json
 
 # Content-Digest algorithms (RFC 9530) we check; others are ignored.
 _DIGEST_ALGORITHMS = {"sha-256": ("sha256", 32), "sha-512": ("sha512", 64)}
@@ -59,6 +59,8 @@ async def create_upload(request: web.Request) -> web.Response:
         stored = await _known_blob(store, expected, size, owner, ref)
         if stored is not None:
             return stored_response(stored)
+    # Limits first: a size over them is 413 / 507 whatever the chunking.
+    await sessions.precheck(store, owner, size)
     chunk_size = _int_field(body, "chunk_size") or sessions.pick_chunk_size(size)
     sessions.check_chunk_size(size, chunk_size)
     session = await sessions.create_session(store, NewSession(
@@ -127,15 +129,13 @@ async def get_upload(request: web.Request) -> web.Response:
 @requires("write", defer_continue=True)
 async def put_chunk(request: web.Request) -> web.Response:
     session = await _session(request)
-    raw = request.match_info["index"]
-    if not raw.isdigit() or len(raw) > 9:
-        raise BlobdError("bad_request", f"chunk index {raw!r}: expected an integer")
+    number = parse_uint(request.match_info["index"], "chunk index")
     checks = chunk_checks(request)
-    check_chunk(session, int(raw), request.content_length)
+    check_chunk(session, number, request.content_length)
     # Only a chunk that can be taken is invited: a phone never sends the
     # bytes of a wrong or finished one.
     await send_continue(request)
-    await receive_chunk(request.app[STORE], session, int(raw), request.content.iter_any(),
+    await receive_chunk(request.app[STORE], session, number, request.content.iter_any(),
                         length=request.content_length, checks=checks)
     return web.Response(status=204)
 
