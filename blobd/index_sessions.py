@@ -139,11 +139,17 @@ async def touch(conn: aiosqlite.Connection, session_id: str, expires_at: float) 
                        (expires_at, session_id))
 
 
-async def set_length(conn: aiosqlite.Connection, session: Session, size: int) -> None:
-    """Fix a deferred tus length, reserving it against the owner's quota."""
-    await conn.execute("UPDATE uploads SET size = ?, reserved_bytes = ? WHERE id = ?",
-                       (size, size, session.id))
+async def set_length(conn: aiosqlite.Connection, session: Session, size: int) -> bool:
+    """Fix a deferred tus length, reserving it against the owner's quota;
+    False (nothing reserved) when the session is gone, committed, or has its
+    length already: the reservation must have a row that will release it."""
+    cur = await conn.execute(
+        "UPDATE uploads SET size = ?, reserved_bytes = ? WHERE id = ? AND size IS NULL"
+        " AND result_hash IS NULL", (size, size, session.id))
+    if cur.rowcount != 1:
+        return False
     await index.reserve(conn, session.owner, size)
+    return True
 
 
 async def mark_committed(conn: aiosqlite.Connection, session: Session, digest: str,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import struct
 from pathlib import Path
 
 from .errors import BlobdError
@@ -76,6 +77,30 @@ def open_locked(path: Path, exclusive: bool) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+# struct flock on Linux (x86-64, arm64): l_type, l_whence, l_start, l_len,
+# l_pid (0 for an open file description lock), padded to 32 bytes.
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def lock_range(fd: int, start: int, length: int) -> bool:
+    """Take a write lock on ``length`` bytes at ``start`` without waiting;
+    False when another open of the file holds any of them.
+
+    An open file description lock (``F_OFD_SETLK``): it belongs to this
+    open of the file, so two requests conflict whether they run in one
+    worker process or in two, and closing ``fd`` (or dying) lets it go.
+    A native chunk holds one over its range while it is received, so a
+    second copy of the chunk can never write over the first."""
+    request = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
 
 
 def write_at(fd: int, data: bytes | bytearray, offset: int) -> None:

@@ -25,10 +25,6 @@ from .store import Store, shielded
 
 log = logging.getLogger(__name__)
 
-# (session id, chunk index) being received by this process: a second copy
-# of a chunk in flight is refused rather than allowed to interleave with it.
-_IN_FLIGHT: set[tuple[str, int]] = set()
-
 
 @dataclass(frozen=True)
 class Check:
@@ -119,18 +115,16 @@ async def receive_chunk(store: Store, session: Session, idx: int,
     """Write chunk ``idx``; a chunk received before is read, checked and
     dropped, so a repeat can never change bytes already acknowledged."""
     start, span = check_chunk(session, idx, length)
-    key = (session.id, idx)
-    if key in _IN_FLIGHT:
-        raise BlobdError("conflict", f"chunk {idx} is being received already")
-    _IN_FLIGHT.add(key)
+    fd = await _open(store, session, exclusive=False)
     try:
-        fd = await _open(store, session, exclusive=False)
-        try:
-            await _receive_chunk(store, session, idx, body, checks, fd, start, span)
-        finally:
-            await asyncio.to_thread(sessionfiles.close, fd)
+        # A second copy of the chunk in flight, in this worker or another,
+        # is refused rather than let write over (or under) this one; once
+        # it holds the range, it sees whether the chunk is recorded.
+        if span and not await asyncio.to_thread(sessionfiles.lock_range, fd, start, span):
+            raise BlobdError("conflict", f"chunk {idx} is being received already")
+        await _receive_chunk(store, session, idx, body, checks, fd, start, span)
     finally:
-        _IN_FLIGHT.discard(key)
+        await asyncio.to_thread(sessionfiles.close, fd)
 
 
 async def _receive_chunk(store: Store, session: Session, idx: int,
@@ -267,7 +261,10 @@ async def _fix_length(store: Store, session: Session, size: int) -> Session:
     async def run() -> None:
         async with store.write() as tx:
             await check_reservation(store, tx, session.owner, size)
-            await index_sessions.set_length(tx.conn, session, size)
+            # Deleted or expired since it was read (the free-space check and
+            # the lock are waits): nothing to reserve for.
+            if not await index_sessions.set_length(tx.conn, session, size):
+                raise BlobdError("not_found", f"no upload session {session.id}")
 
     await store.check_free_space(size - session.upload_offset)
     await shielded(run())

@@ -184,6 +184,17 @@ async def test_holdings_and_usage_drift_are_recounted(server):
     assert digest in {b["hash"] for b in listing["blobs"]}
 
 
+async def test_reserved_bytes_drift_is_recounted_from_open_sessions(server):
+    alice, _ = await filled(server)
+    created = await alice.request("POST", "/uploads", json={"size": 4096})
+    assert created.status == 201
+    sql(alice, "UPDATE owners SET reserved_bytes = reserved_bytes + 1000 WHERE owner = 'alice'")
+    _, after = await check_and_repair(alice, {("reserved", "alice")})
+    assert after.ok
+    quota = await (await alice.request("GET", "/quota")).json()
+    assert quota["reserved_bytes"] == 4096
+
+
 async def test_wrong_sha256_in_the_index_is_rewritten(server):
     alice, _ = await filled(server)
     digest = b3(BODIES[6])

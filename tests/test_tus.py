@@ -8,6 +8,7 @@ import hashlib
 
 import pytest
 
+from blobd import index_sessions
 from conftest import Api, b3
 from rawhttp import RawConnection
 from test_uploads import payload
@@ -267,6 +268,21 @@ async def test_deferred_length(alice: Api) -> None:
     resp = await patch(alice, url, 1000, data[1000:],
                        headers={"Upload-Length": str(len(data))})
     assert resp.headers["Blob-Hash"] == b3(data)
+
+
+async def test_a_length_set_on_a_session_gone_meanwhile_reserves_nothing(alice: Api) -> None:
+    """The PATCH that fixes a deferred length read its session before a
+    DELETE (or the sweeper) removed it: setting the length must find no
+    row, and reserve nothing no row would ever release."""
+    url = await create(alice, None, headers={"Upload-Defer-Length": "1"})
+    store = alice.store
+    session_id = url.rsplit("/", 1)[1]
+    session = await index_sessions.get(store.db.reader, session_id, "alice", 0.0)
+    assert (await alice.request("DELETE", url, headers=TUS)).status == 204
+    async with store.write() as tx:
+        assert await index_sessions.set_length(tx.conn, session, 4096) is False
+    quota = await (await alice.request("GET", "/quota")).json()
+    assert quota["reserved_bytes"] == 0
 
 
 async def test_concatenation(alice: Api) -> None:

@@ -5,7 +5,9 @@ with the ``refs`` rows, recounted from those rows.
   and ``zero_at`` set exactly when nothing does;
 * ``holdings``: one row per (owner, blob) with the owner's reference count;
 * ``usage``: ``owners.used_bytes`` / ``used_blobs`` against the distinct
-  blobs each owner references.
+  blobs each owner references;
+* ``reserved``: ``owners.reserved_bytes`` against what the owner's open
+  upload sessions reserve.
 
 Each check is one SQL statement, so it sees one snapshot even while a
 server writes. Repairs make the counts match the references, which are the
@@ -56,6 +58,17 @@ WHERE held.owner NOT IN (SELECT owner FROM owners)
 """
 
 
+_RESERVED_SQL = """
+WITH open AS (SELECT owner, sum(reserved_bytes) AS bytes FROM uploads GROUP BY owner)
+SELECT o.owner, o.reserved_bytes, coalesce(open.bytes, 0) AS bytes
+FROM owners o LEFT JOIN open ON open.owner = o.owner
+WHERE o.reserved_bytes != coalesce(open.bytes, 0)
+UNION ALL
+SELECT open.owner, 0, open.bytes FROM open
+WHERE open.bytes != 0 AND open.owner NOT IN (SELECT owner FROM owners)
+"""
+
+
 async def _rows(conn: aiosqlite.Connection, sql: str) -> list[aiosqlite.Row]:
     async with conn.execute(sql) as cur:
         return list(await cur.fetchall())
@@ -82,7 +95,11 @@ async def find_usage(conn: aiosqlite.Connection) -> list[Problem]:
     return [Problem("usage", row["owner"],
                     f"usage {row['used_bytes']} bytes / {row['used_blobs']} blobs,"
                     f" references hold {row['bytes']} bytes / {row['n']} blobs")
-            for row in await _rows(conn, _USAGE_SQL)]
+            for row in await _rows(conn, _USAGE_SQL)] + [
+        Problem("reserved", row["owner"],
+                f"{row['reserved_bytes']} bytes reserved, open upload sessions"
+                f" reserve {row['bytes']}")
+        for row in await _rows(conn, _RESERVED_SQL)]
 
 
 async def repair(conn: aiosqlite.Connection) -> int:
@@ -102,6 +119,11 @@ async def repair(conn: aiosqlite.Connection) -> int:
         await index.owner_row(conn, row["owner"])
         await conn.execute("UPDATE owners SET used_bytes = ?, used_blobs = ? WHERE owner = ?",
                            (row["bytes"], row["n"], row["owner"]))
+        changed += 1
+    for row in await _rows(conn, _RESERVED_SQL):
+        await index.owner_row(conn, row["owner"])
+        await conn.execute("UPDATE owners SET reserved_bytes = ? WHERE owner = ?",
+                           (row["bytes"], row["owner"]))
         changed += 1
     return changed
 

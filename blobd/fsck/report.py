@@ -18,6 +18,7 @@ KINDS = {
     "refcount": "reference count that differs from the references",
     "holdings": "per-owner holding that differs from the references",
     "usage": "owner usage that differs from its references",
+    "reserved": "owner reservation that differs from its open upload sessions",
 }
 
 
