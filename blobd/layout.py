@@ -97,6 +97,11 @@ class Layout:
         _check_digest(digest)
         return self.tmp_dir / f"del-{digest}-{_unique()}"
 
+    def trash_paths(self, digest: str) -> list[Path]:
+        """The names a blob's file may have while its deletion commits."""
+        _check_digest(digest)
+        return sorted(self.tmp_dir.glob(f"del-{digest}-*"))
+
     def backup_temp_path(self) -> Path:
         """A fresh name for an index snapshot (start-up removes leftovers)."""
         return self.tmp_dir / f"backup-{secrets.token_hex(8)}"

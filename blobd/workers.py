@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import gc
 import logging
@@ -212,7 +213,7 @@ class Supervisor:
         process = self._ctx.Process(
             target=_worker_main, name=f"blobd-worker-{number}",
             args=(self.serve_one, self.config, own or self.activated, number, ready_w,
-                  theirs))
+                  theirs, os.getpid()))
         # Out of the collector's sight, what the workers inherit stays shared:
         # a collection writes to every object it scans, copying its page.
         gc.collect()
@@ -326,7 +327,7 @@ class Supervisor:
 
 def _worker_main(serve_one: ServeOne, config: Config, sockets: list[socket.socket],
                  number: int, ready: multiprocessing.connection.Connection,
-                 closers: list[Callable[[], None]]) -> None:
+                 closers: list[Callable[[], None]], supervisor: int) -> None:
     """The first thing a forked worker runs."""
     background = number == 0
     log.info("worker %d (pid %d) started%s", number, os.getpid(),
@@ -335,6 +336,7 @@ def _worker_main(serve_one: ServeOne, config: Config, sockets: list[socket.socke
     signal.set_wakeup_fd(-1)
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
+    _stop_with(supervisor)
     for close in closers:
         close()
 
@@ -342,6 +344,26 @@ def _worker_main(serve_one: ServeOne, config: Config, sockets: list[socket.socke
         ready.send_bytes(b"1")
         ready.close()
     serve_one(config, sockets, background, serving)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _stop_with(supervisor: int) -> None:
+    """A worker must not outlive its supervisor (killed with -9, say):
+    nobody would replace it when it died, and it would hold the data dir's
+    lock against the next ``blobd serve``. The kernel sends it SIGTERM, a
+    graceful stop, when the supervisor goes; one gone already (before this
+    took effect) means stopping now."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG): %s", os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError) as exc:
+        log.warning("cannot tie the worker to its supervisor: %s", exc)
+    if os.getppid() != supervisor:
+        log.warning("the supervisor (pid %d) is gone; worker stopping", supervisor)
+        os._exit(0)
 
 
 def _url(sock: socket.socket) -> str:

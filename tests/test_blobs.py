@@ -379,3 +379,26 @@ async def test_content_encoded_body_is_stored_decoded(alice, size):
     posted = await alice.request("POST", "/blobs", data=gzip.compress(data[::-1]),
                                  headers={"Content-Encoding": "gzip"})
     assert posted.status == 201 and (await posted.json())["hash"] == b3(data[::-1])
+
+
+async def test_get_racing_the_delete_of_the_last_reference_is_200_or_404(alice):
+    """The GET finds the row, the DELETE moves the file out and commits,
+    the GET opens nothing: the blob is gone, not damaged (never a 500)."""
+    data = os.urandom(4096)
+    digest = b3(data)
+    seen: dict[int, int] = {}
+    stop = asyncio.get_running_loop().time() + 4
+
+    async def churn():
+        while asyncio.get_running_loop().time() < stop:
+            (await alice.put(data)).release()
+            (await alice.request("DELETE", f"/blobs/{digest}")).release()
+
+    async def read():
+        while asyncio.get_running_loop().time() < stop:
+            resp = await alice.request("GET", f"/blobs/{digest}")
+            await resp.read()
+            seen[resp.status] = seen.get(resp.status, 0) + 1
+
+    await asyncio.gather(churn(), *(read() for _ in range(6)))
+    assert set(seen) <= {200, 404} and seen.get(200) and seen.get(404), seen

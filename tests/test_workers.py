@@ -425,3 +425,17 @@ def _put_chunk(url: str, token: str, data: bytes, md5: str) -> int:
             return resp.status
     except urllib.error.HTTPError as exc:
         return exc.code
+
+
+def test_kill9_of_the_supervisor_stops_its_workers(tmp_path: Path) -> None:
+    """Outside systemd nothing else would stop them: orphaned workers would
+    serve on unsupervised and hold the data dir against a restart."""
+    with BlobdServer(tmp_path, {"server": {"workers": 2, "shutdown_timeout_seconds": 5},
+                                "storage": {"fsync": False}}) as server:
+        workers = server.workers()
+        assert len(workers) == 2
+        server.kill9()
+        wait_for("the orphaned workers to stop", lambda: not any(map(alive, workers)))
+        server.start()
+        assert http("GET", f"{server.url}/healthz")[0] == 200
+        assert len(server.workers()) == 2

@@ -26,6 +26,9 @@ from .sendblob import BlobBody, BlobFile, load_blob, send_blob
 from .takeover import content_encoded, take_body
 
 log = logging.getLogger(__name__)
+# A GET that finds a row but no file looks again at once, then once more
+# after a DELETE's commit (milliseconds) has had time to land.
+RECHECK_PAUSES = (0.0, 0.05)
 
 
 async def resolve(conn: Any, address: Address) -> BlobRecord | None:
@@ -144,7 +147,32 @@ def _find_and_load(store: Store, address: Address, head: bool,
     blob = drive(resolve(SyncConnection(conn), address))
     if blob is None:
         return None, None
-    return blob, load_blob(store.layout.blob_path(blob.hash), blob.size, head=head)
+    body = load_blob(store.layout.blob_path(blob.hash), blob.size, head=head)
+    # No file: most likely a DELETE of the last reference moved it out
+    # between the lookup and the open. Until that DELETE commits, the file
+    # waits in tmp/ under its deletion name: this GET, which saw the blob
+    # live, serves it from there; once it has committed, the blob is gone
+    # (404). Only a file missing for neither reason is damage (500).
+    for pause in RECHECK_PAUSES:
+        if body is not None:
+            break
+        time.sleep(pause)
+        body = _load_leaving(store, blob, head)
+        if body is None:
+            blob = drive(resolve(SyncConnection(conn), address))
+            if blob is None:
+                return None, None
+            body = load_blob(store.layout.blob_path(blob.hash), blob.size, head=head)
+    return blob, body
+
+
+def _load_leaving(store: Store, blob: BlobRecord, head: bool) -> BlobBody | None:
+    """The file of a blob whose deletion is under way (see above), if any."""
+    for path in store.layout.trash_paths(blob.hash):
+        body = load_blob(path, blob.size, head=head)
+        if body is not None:
+            return body
+    return None
 
 
 async def _heal(request: web.Request, blob: BlobRecord) -> BlobBody:
