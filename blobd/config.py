@@ -9,9 +9,11 @@ strings such as ``"512MiB"``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,13 +232,18 @@ def _convert(value: Any, kind: Any, metadata: Any) -> Any:
         if not isinstance(value, bool):
             raise ValueError("expected true or false")
         return value
+    # No count, size or duration here is meaningfully negative (or infinite).
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError("expected an integer")
+        if value < 0:
+            raise ValueError("cannot be negative")
         return value
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError("expected a number")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError("expected a finite number, not negative")
         return float(value)
     if kind is str:
         if not isinstance(value, str):
@@ -258,6 +265,10 @@ def _validate(config: Config) -> None:
         (config.logging.level.lower() in ("debug", "info", "warning", "error"),
          "logging.level: expected debug, info, warning or error"),
         (config.gc.grace_seconds >= 0, "gc.grace_seconds: cannot be negative"),
+        # The sweeper waits this long between rounds: 0 would spin.
+        (config.gc.sweep_interval_seconds > 0,
+         "gc.sweep_interval_seconds: expected a positive number"),
+        (config.limits.max_blob_size >= 1, "limits.max_blob_size: expected at least 1 byte"),
         (config.uploads.session_ttl_seconds > 0,
          "uploads.session_ttl_seconds: expected a positive number"),
     ]
@@ -266,7 +277,14 @@ def _validate(config: Config) -> None:
         for key in ("endpoint", "bucket"):
             checks.append((bool(getattr(config.mirror, key)),
                            f"mirror.{key}: required when [mirror] is present"))
+        endpoint = urllib.parse.urlsplit(config.mirror.endpoint)
         checks += [
+            (not config.mirror.endpoint or (endpoint.scheme in ("http", "https")
+                                            and bool(endpoint.hostname)),
+             "mirror.endpoint: expected an http:// or https:// URL with a host"),
+            # S3 refuses parts under 5 MiB (all but the last) in a multipart upload.
+            (config.mirror.multipart_threshold >= 5 << 20,
+             "mirror.multipart_threshold: expected at least 5MiB"),
             (config.mirror.concurrency >= 1, "mirror.concurrency: expected at least 1"),
             (config.mirror.retry_max_seconds > 0,
              "mirror.retry_max_seconds: expected a positive number"),

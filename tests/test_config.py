@@ -47,6 +47,18 @@ def test_sizes(text, value):
     ({"audio": {"allowed_types": "audio/mpeg"}}, "audio.allowed_types"),
     ({"audio": {"require_audio": True, "allowed_types": []}}, "audio.allowed_types"),
     ({"audio": {"probe_timeout_seconds": 0}}, "audio.probe_timeout_seconds"),
+    ({"gc": {"sweep_interval_seconds": 0}}, "gc.sweep_interval_seconds"),
+    ({"gc": {"sweep_interval_seconds": -5}}, "gc.sweep_interval_seconds"),
+    ({"quotas": {"default": {"max_blobs": -1}}}, "quotas.default.max_blobs"),
+    ({"uploads": {"max_sessions_per_owner": -1}}, "uploads.max_sessions_per_owner"),
+    ({"server": {"shutdown_timeout_seconds": -1}}, "server.shutdown_timeout_seconds"),
+    ({"server": {"shutdown_timeout_seconds": float("inf")}}, "server.shutdown_timeout_seconds"),
+    ({"limits": {"max_blob_size": 0}}, "limits.max_blob_size"),
+    ({"limits": {"max_blob_size": "99999999999 TiB"}}, "limits.max_blob_size"),
+    ({"mirror": {"endpoint": "127.0.0.1:9000", "bucket": "b"}}, "mirror.endpoint"),
+    ({"mirror": {"endpoint": "ftp://h", "bucket": "b"}}, "mirror.endpoint"),
+    ({"mirror": {"endpoint": "http://h", "bucket": "b", "multipart_threshold": 0}},
+     "mirror.multipart_threshold"),
 ])
 def test_errors_name_the_key(raw, key):
     with pytest.raises(ConfigError) as info:
