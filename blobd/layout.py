@@ -13,7 +13,8 @@ The data directory::
                                index transaction, unlinked after it)
       uploads/<id>             preallocated data file of a resumable session
       quarantine/<hash>.<ts>   files fsck --repair moved aside
-      tmp/backup-<r>           an index snapshot on its way to the mirror
+      tmp/backup-index-<pid>.<r>
+                               an index snapshot on its way to the mirror
       restoring                present while `blobd mirror restore` runs
 
 The mirror bucket::
@@ -104,7 +105,7 @@ class Layout:
 
     def backup_temp_path(self) -> Path:
         """A fresh name for an index snapshot (start-up removes leftovers)."""
-        return self.tmp_dir / f"backup-{secrets.token_hex(8)}"
+        return self.tmp_dir / f"backup-index-{_unique()}"
 
     def upload_path(self, session_id: str) -> Path:
         if not session_id or not set(session_id) <= _SESSION_ID_CHARS:

@@ -35,7 +35,7 @@ import aiohttp
 import blake3
 import pytest
 
-from blobd.layout import tmp_pid
+from blobd.layout import Layout, tmp_pid
 from serverproc import (BlobdServer, blobd_env, children, free_port, http, owns_listener,
                         port_is_free, run_blobd, to_toml)
 from test_crash import check_index_matches_files
@@ -327,6 +327,9 @@ def test_tmp_names_carry_the_process_id() -> None:
     assert tmp_pid("del-" + "a" * 64 + "-42.ffff") == 42
     assert tmp_pid("put-new-0a1b2c3d4e5f6a7b") is None  # an older name
     assert tmp_pid("junk") is None
+    # Index snapshots for the mirror too: a dead worker 0's is cleaned up.
+    backup = Layout(Path("/x")).backup_temp_path().name
+    assert tmp_pid(backup) == os.getpid() and backup.startswith("backup-")
 
 
 def test_socket_activation_every_worker_serves_on_the_passed_socket(tmp_path: Path) -> None:
