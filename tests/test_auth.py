@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import Api, b3
 
 
@@ -53,3 +55,50 @@ async def test_tokens_are_stored_hashed(alice):
 async def test_healthz_needs_no_token(alice):
     resp = await Api(alice.client, None, "").request("GET", "/healthz")
     assert resp.status == 200 and await resp.json() == {"status": "ok"}
+
+
+async def test_admin_api_creates_lists_and_revokes_tokens(server):
+    login = await server()
+    admin = await login("root", "admin")
+    resp = await admin.request("POST", "/admin/tokens", json={
+        "owner": "bob", "scopes": ["read"], "label": "kitchen speaker"})
+    assert resp.status == 201
+    created = await resp.json()
+    assert created["owner"] == "bob" and created["scopes"] == ["read"]
+    assert created["label"] == "kitchen speaker"
+    assert resp.headers["Location"] == f"/admin/tokens/{created['id']}"
+    bob = {"Authorization": f"Bearer {created['token']}"}
+    assert (await admin.client.get("/quota", headers=bob)).status == 200
+    assert (await admin.client.post("/blobs", data=b"x", headers=bob)).status == 403
+
+    listing = await (await admin.request("GET", "/admin/tokens?owner=bob")).json()
+    assert [t["id"] for t in listing["tokens"]] == [created["id"]]
+    assert "token" not in listing["tokens"][0]
+    everyone = await (await admin.request("GET", "/admin/tokens")).json()
+    assert {t["owner"] for t in everyone["tokens"]} == {"root", "bob"}
+
+    gone = await admin.request("DELETE", f"/admin/tokens/{created['id']}")
+    assert gone.status == 204
+    assert (await admin.client.get("/quota", headers=bob)).status == 401
+    again = await admin.request("DELETE", f"/admin/tokens/{created['id']}")
+    assert again.status == 404
+
+
+@pytest.mark.parametrize("body", [
+    {}, {"owner": "no spaces"}, {"owner": "bob", "scopes": ["root"]},
+    {"owner": "bob", "scopes": []}, {"owner": "bob", "label": "x" * 201},
+    {"owner": "bob", "secret": "mine"}, {"owner": 7},
+])
+async def test_admin_token_creation_refuses_bad_fields(server, body):
+    login = await server()
+    admin = await login("root", "admin")
+    resp = await admin.request("POST", "/admin/tokens", json=body)
+    assert resp.status == 400 and (await resp.json())["error"] == "bad_request"
+    listing = await (await admin.request("GET", "/admin/tokens")).json()
+    assert len(listing["tokens"]) == 1  # the admin's own
+
+
+async def test_only_admins_manage_tokens(alice):
+    assert (await alice.request("GET", "/admin/tokens")).status == 403
+    resp = await alice.request("POST", "/admin/tokens", json={"owner": "alice"})
+    assert resp.status == 403

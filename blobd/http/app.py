@@ -15,7 +15,7 @@ from ..errors import BlobdError
 from ..mirror.service import Mirror
 from ..store import Store
 from ..metrics import METRICS, Metrics, metrics_middleware
-from . import accesslog, admin, blobs, health, inflight, refs, tus, uploads
+from . import accesslog, admin, blobs, health, inflight, refs, tokens, tus, uploads
 from .accesslog import log_aborted
 from .cors import add_cors_headers, cors_middleware
 from .inflight import track_requests
@@ -25,7 +25,7 @@ from .middleware import auth_middleware, error_middleware, no_expect_handler
 # Disk work runs in threads; the default pool (cores + 4) is too small when
 # many uploads and downloads each wait on a disk operation at once.
 THREADS = 32
-RESOURCES = (blobs, refs, uploads, tus, admin, health)
+RESOURCES = (blobs, refs, uploads, tus, admin, tokens, health)
 
 
 def create_app(config: Config, *, background: bool = True,
