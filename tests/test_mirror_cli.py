@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -29,6 +30,12 @@ class Setup:
     async def cli(self, *args: str):
         return await in_thread(lambda: run_blobd("mirror", *args, "-c",
                                                  str(self.config_path), timeout=120))
+
+    async def init(self) -> None:
+        """Make the store, as an admin's first token does."""
+        made = await in_thread(lambda: run_blobd("token", "create", "--owner", "admin",
+                                                 "-c", str(self.config_path)))
+        assert made.returncode == 0, made.stderr
 
     def config(self, tmp_path: Path, mirror: bool = True):
         """The config for an in-process server; ``mirror=False`` leaves
@@ -309,3 +316,88 @@ async def test_restore_without_any_index_backup(server, setup, bucket, tmp_path,
     else:
         assert refs == sorted(("_restored", b3(d)) for d in blobs)
         assert sorted(p.read_bytes() for p in blob_files(fresh.data_dir)) == sorted(blobs)
+
+
+# -- which store a command works on, which backup a restore takes --------------
+
+def store_id(data_dir: Path) -> str:
+    return index_rows(data_dir, "SELECT value FROM meta WHERE name = 'store_id'")[0][0]
+
+
+async def test_a_new_disk_does_not_back_up_over_the_store_it_replaces(
+        server, setup, bucket, tmp_path):
+    _, alice = await start(server, setup, tmp_path)
+    data = os.urandom(3000)
+    await alice.put(data, headers={"Blob-Ref": "songs:1"})
+    await mirrored(alice, bucket, {b3(data)})
+    assert (await setup.cli("backup")).returncode == 0
+    [key] = await in_thread(bucket.keys, "_index/")
+    assert key.endswith(f"-{store_id(setup.data_dir)}.sqlite3")
+
+    # The disk died; the same config on a new one, where a store was made.
+    fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
+    await fresh.init()
+    assert store_id(fresh.data_dir) != store_id(setup.data_dir)
+    for action in ("backup", "sync"):
+        refused = await fresh.cli(action)
+        assert refused.returncode == 1
+        assert "is of another store" in refused.stderr
+        assert "`blobd mirror restore`" in refused.stderr
+    assert await in_thread(bucket.keys, "_index/") == [key]
+
+    shutil.rmtree(fresh.data_dir)
+    restored = await fresh.cli("restore")
+    assert restored.returncode == 0, restored.stderr
+    assert f"index backup {key};" in restored.stdout
+    assert index_rows(fresh.data_dir, "SELECT owner, name FROM refs") == [("alice", "songs:1")]
+    assert store_id(fresh.data_dir) == store_id(setup.data_dir)  # it is that store again
+    onwards = await fresh.cli("backup")
+    assert onwards.returncode == 0, onwards.stderr
+    assert store_id(fresh.data_dir) in onwards.stdout
+
+
+async def test_an_empty_index_does_not_back_up_over_a_bucket_of_blobs(setup, bucket):
+    stray = os.urandom(100)
+    await in_thread(bucket.put, bucket.key(b3(stray)), stray)
+    # A backup from before store ids: it names no store, so says nothing.
+    legacy = f"{bucket.prefix}/_index/index-20240101T000000.000000Z.sqlite3"
+    await in_thread(bucket.put, legacy, b"an old backup")
+    await setup.init()
+    refused = await setup.cli("backup")
+    assert refused.returncode == 1
+    assert "this index holds no blobs but the bucket" in refused.stderr
+    assert "`blobd mirror restore`" in refused.stderr
+
+    forced = await setup.cli("backup", "--force")
+    assert forced.returncode == 0, forced.stderr
+    # Now the newest backup is this store's own: its empty index is its
+    # real state (its blobs deleted, the objects kept), so no --force.
+    again = await setup.cli("backup")
+    assert again.returncode == 0 and "unchanged since" in again.stdout
+    assert len(await in_thread(bucket.keys, "_index/")) == 2
+
+
+async def test_restore_between_two_stores_needs_one_named(server, setup, bucket, tmp_path):
+    _, alice = await start(server, setup, tmp_path)
+    data = os.urandom(3000)
+    await alice.put(data, headers={"Blob-Ref": "mine"})
+    await mirrored(alice, bucket, {b3(data)})
+    assert (await setup.cli("backup")).returncode == 0
+    other = Setup(tmp_path, "other", setup.sections["mirror"])
+    await other.init()
+    assert (await other.cli("backup", "--force")).returncode == 0
+    first, second = sorted(await in_thread(bucket.keys, "_index/"))
+
+    fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
+    refused = await fresh.cli("restore")
+    assert refused.returncode == 1
+    assert "index backups of 2 stores" in refused.stderr and "--backup KEY" in refused.stderr
+    assert store_id(setup.data_dir) in refused.stderr and store_id(other.data_dir) in refused.stderr
+    assert not (fresh.data_dir / "restoring").exists()
+
+    unknown = await fresh.cli("restore", "--backup", "index-nope.sqlite3")
+    assert unknown.returncode == 1 and "not an index backup key" in unknown.stderr
+    chosen = await fresh.cli("restore", "--backup", first.rsplit("/", 1)[1])
+    assert chosen.returncode == 0, chosen.stderr
+    assert f"index backup {first};" in chosen.stdout
+    assert index_rows(fresh.data_dir, "SELECT owner, name FROM refs") == [("alice", "mine")]

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from ..address import parse_address
 from ..config import Config, MirrorConfig
 from ..errors import BlobdError, ConfigError
-from ..index import BlobRecord, all_blobs, get_blob, hash_for_sha256
+from ..index import BlobRecord, all_blobs, get_blob, hash_for_sha256, store_id
 from ..mirror import backup, queue
 from ..mirror.common import Bar, BarFactory, list_backups, make_target
 from ..mirror.heal import Healer, check_and_heal
@@ -43,6 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     restoring = _action(actions, "restore", run_restore, "rebuild an empty server from "
                         "the bucket", "Restore the newest index backup and every blob "
                         "(verified) into an empty data directory. Run it again to resume.")
+    restoring.add_argument("--backup", metavar="KEY",
+                           help="restore this index backup (its key, or its name under "
+                           "_index/) rather than the newest; needed when the bucket holds "
+                           "backups of several stores")
     orphans = restoring.add_mutually_exclusive_group()
     orphans.add_argument("--orphans-owner", default=ORPHANS_OWNER, metavar="NAME",
                          help="owner given the blobs the backup does not know "
@@ -50,8 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     orphans.add_argument("--skip-orphans", action="store_true",
                          help="leave blobs the backup does not know in the bucket only")
 
-    _action(actions, "backup", run_backup, "upload an index backup now",
-            "Upload a consistent snapshot of the index to <prefix>/_index/.", jobs=False)
+    backing = _action(actions, "backup", run_backup, "upload an index backup now",
+                      "Upload a consistent snapshot of the index to <prefix>/_index/. "
+                      "Refused when the newest backup there is of another store, or when "
+                      "this index holds no blobs and the bucket does.", jobs=False)
+    backing.add_argument("--force", action="store_true",
+                         help="back up even so (the newest backup is what restore takes)")
 
     healing = _action(actions, "heal", run_heal, "verify local files, heal from the bucket",
                       "Hash every local blob file (or the ones named) and replace any that "
@@ -127,7 +135,8 @@ async def run_restore(args: argparse.Namespace) -> int:
     config, mirror, jobs, bar = _setup(args)
     owner = None if args.skip_orphans else args.orphans_owner
     async with make_target(mirror, jobs) as target:
-        report = await restore(config, target, jobs=jobs, orphans_owner=owner, bar=bar)
+        report = await restore(config, target, jobs=jobs, orphans_owner=owner,
+                               backup=args.backup, bar=bar)
     for digest in report.missing:
         print(f"not in the bucket, dropped: {digest}", file=sys.stderr)
     for digest, why in report.corrupt.items():
@@ -145,7 +154,7 @@ async def run_restore(args: argparse.Namespace) -> int:
 async def run_backup(args: argparse.Namespace) -> int:
     config, mirror, _, _ = _setup(args)
     async with open_index(config) as store, make_target(mirror) as target:
-        done = await backup.backup_index(store, target, mirror)
+        done = await backup.backup_index(store, target, mirror, force=args.force)
     state = "uploaded" if done.uploaded else "unchanged since"
     print(f"index backup {state} {target.url(done.key)} ({done.size} bytes)")
     return 0
@@ -191,11 +200,15 @@ async def run_status(args: argparse.Namespace) -> int:
     config, mirror, _, _ = _setup(args)
     async with open_index(config) as store:
         counts = await queue.counts(store.db.reader)
+        own = await store_id(store.db.reader)
+    print(f"store id: {own}")
     print(f"queue: {counts['pending']} pending, {counts['failed']} failing")
     if counts["last_error"]:
         print(f"last error: {counts['last_error']}")
     async with make_target(mirror) as target:
         backups = await list_backups(target, mirror)
+    newest = backups[-1] if backups else None
     print(f"index backups: {len(backups)}"
-          + (f", newest {target.url(backups[-1][1])}" if backups else ""))
+          + (f", newest {target.url(newest.key)}" if newest else "")
+          + (" (of another store)" if newest and newest.store_id not in (None, own) else ""))
     return 0

@@ -2,11 +2,13 @@
 
 1. The data directory must hold no blobs; its lock is taken, so no server
    runs on it meanwhile.
-2. The newest index backup (:mod:`blobd.mirror.backup`) is downloaded,
-   checked against its SHA-256 and by ``PRAGMA integrity_check``, and
-   becomes the index: references, owners, quotas and tokens come back as
-   they were when it was taken. Work that only made sense on the old disk
-   is forgotten: the mirror queue and unfinished upload sessions.
+2. The newest index backup (:mod:`blobd.mirror.backup`), or the one named
+   with ``--backup``, is downloaded, checked against its SHA-256 and by
+   ``PRAGMA integrity_check``, and becomes the index: references, owners,
+   quotas, tokens and the store's id come back as they were when it was
+   taken. If the bucket holds backups of several stores, one must be named.
+   Work that only made sense on the old disk is forgotten: the mirror queue
+   and unfinished upload sessions.
 3. Every blob the index names is downloaded to tmp/, verified (BLAKE3,
    SHA-256, size) and moved into place. A blob whose object is absent was
    deleted after the backup, or never reached the mirror; one whose object
@@ -42,8 +44,9 @@ from ..errors import BlobdError
 from ..index import BlobRecord
 from ..storage.s3 import S3Error, S3Target
 from ..store import Store
-from .common import (BarFactory, CopyMismatch, blob_key, list_backups, list_blob_objects,
-                     no_bar, run_pool, verify_copy)
+from .backup import backup_key_named, choose_for_restore
+from .common import (BarFactory, CopyMismatch, blob_key, list_blob_objects, no_bar,
+                     run_pool, verify_copy)
 
 log = logging.getLogger(__name__)
 ORPHANS_OWNER = "_restored"
@@ -66,15 +69,17 @@ class RestoreReport:
 
 
 async def restore(config: Config, target: S3Target, *, jobs: int = 4,
-                  orphans_owner: str | None = ORPHANS_OWNER,
+                  orphans_owner: str | None = ORPHANS_OWNER, backup: str | None = None,
                   bar: BarFactory = no_bar) -> RestoreReport:
+    """``backup``: the key (or name under ``_index/``) of the backup to
+    restore; by default the newest, of the one store the bucket holds."""
     mirror = config.mirror
     assert mirror is not None
     store = Store(config)
     await store.open()
     try:
         report = RestoreReport()
-        report.backup = await _install_index(store, target, mirror)
+        report.backup = await _install_index(store, target, mirror, backup)
         remote = await list_blob_objects(target, mirror)
         blobs = await index.all_blobs(store.db.reader)
         await _fetch_all(store, target, mirror, blobs, remote, report, jobs, bar)
@@ -91,8 +96,9 @@ async def restore(config: Config, target: S3Target, *, jobs: int = 4,
         await store.close()
 
 
-async def _install_index(store: Store, target: S3Target, mirror: MirrorConfig) -> str | None:
-    """Make the newest backup the index, or pick up an interrupted restore.
+async def _install_index(store: Store, target: S3Target, mirror: MirrorConfig,
+                         named: str | None) -> str | None:
+    """Make the chosen backup the index, or pick up an interrupted restore.
 
     The marker is written before the index is replaced and says whether
     that is done, so a crash at any point is resumed correctly."""
@@ -103,9 +109,13 @@ async def _install_index(store: Store, target: S3Target, mirror: MirrorConfig) -
         if row is not None and row[0]:
             raise BlobdError("conflict", f"{store.layout.root} already holds {row[0]} blobs;"
                              " restore only rebuilds an empty server")
-        backups = await list_backups(target, mirror)
-        state = {"backup": backups[-1][1] if backups else None, "installed": False}
+        key = await choose_for_restore(target, mirror, named)
+        state = {"backup": key, "installed": False}
         await asyncio.to_thread(_write_marker, marker, state)
+    elif named is not None and backup_key_named(mirror, named) != state["backup"]:
+        raise BlobdError("conflict", f"{store.layout.root} is half-way through restoring"
+                         f" {state['backup'] or '(no backup)'}; run the restore again"
+                         " without --backup to finish it")
     key = state["backup"]
     if state["installed"]:
         return key

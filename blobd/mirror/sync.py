@@ -73,7 +73,7 @@ async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
     await _delete(store, target, config, report, jobs, bar)
     try:
         report.backup = (await backup.backup_index(store, target, config)).key
-    except S3Error as exc:
+    except (S3Error, backup.BackupRefused) as exc:
         report.failed["index backup"] = str(exc)
     return report
 
