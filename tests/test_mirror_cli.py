@@ -290,6 +290,7 @@ async def test_unreachable_mirror_is_one_clear_line(tmp_path, s3server):
     (port,) = _free_ports(1)
     section = mirror_section(s3server, "x", endpoint=f"http://127.0.0.1:{port}")
     setup = Setup(tmp_path, "data", section)
+    await setup.init()
     result = await setup.cli("status")
     assert result.returncode == 1
     assert result.stderr.startswith("blobd: error: mirror: ")
@@ -401,3 +402,43 @@ async def test_restore_between_two_stores_needs_one_named(server, setup, bucket,
     assert chosen.returncode == 0, chosen.stderr
     assert f"index backup {first};" in chosen.stdout
     assert index_rows(fresh.data_dir, "SELECT owner, name FROM refs") == [("alice", "mine")]
+
+
+@pytest.mark.parametrize("action", [["sync", "--delete"], ["backup"], ["heal"], ["status"]],
+                         ids=lambda action: action[0])
+async def test_mirror_commands_need_an_existing_store(setup, bucket, action):
+    stray = os.urandom(100)
+    await in_thread(bucket.put, bucket.key(b3(stray)), stray)
+    result = await setup.cli(*action)  # data_dir mistyped, or relative from elsewhere
+    assert result.returncode == 1
+    assert result.stderr.startswith("blobd: error: no blobd store in ")
+    assert not setup.data_dir.exists()
+    assert await in_thread(bucket.keys) == [bucket.key(b3(stray))]
+
+
+async def test_mirror_commands_refuse_a_half_restored_store(setup, bucket):
+    await setup.init()
+    (setup.data_dir / "restoring").write_text("{}")
+    for action in ("sync", "backup", "heal", "status"):
+        result = await setup.cli(action)
+        assert result.returncode == 1
+        assert "half-restored; run it again to finish first" in result.stderr
+    assert await in_thread(bucket.keys) == []
+
+
+async def test_sync_delete_refuses_an_empty_index_unless_forced(setup, bucket):
+    await setup.init()
+    strays = [os.urandom(100 + n) for n in range(2)]
+    for data in strays:
+        await in_thread(bucket.put, bucket.key(b3(data)), data)
+    refused = await setup.cli("sync", "--delete")
+    assert refused.returncode == 1
+    assert "holds no blobs, so --delete would delete all 2 blob objects" in refused.stderr
+    dry = await setup.cli("sync", "--delete", "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.count("would delete") == 2
+    assert await in_thread(bucket.digests) == {b3(d) for d in strays}
+
+    forced = await setup.cli("sync", "--delete", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "deleted 2" in forced.stdout
+    assert await in_thread(bucket.digests) == set()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from typing import Any, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from tqdm import tqdm
 
@@ -13,6 +14,7 @@ from ..address import parse_address
 from ..config import Config, MirrorConfig
 from ..errors import BlobdError, ConfigError
 from ..index import BlobRecord, all_blobs, get_blob, hash_for_sha256, store_id
+from ..layout import Layout
 from ..mirror import backup, queue
 from ..mirror.common import Bar, BarFactory, list_backups, make_target
 from ..mirror.heal import Healer, check_and_heal
@@ -39,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     syncing.add_argument("--verify", action="store_true",
                          help="compare each object's SHA-256 with the index; re-upload "
                          "mismatches")
+    syncing.add_argument("--force", action="store_true",
+                         help="with --delete: delete even when the index holds no blobs")
 
     restoring = _action(actions, "restore", run_restore, "rebuild an empty server from "
                         "the bucket", "Restore the newest index backup and every blob "
@@ -108,11 +112,24 @@ def _setup(args: argparse.Namespace) -> tuple[Config, MirrorConfig, int, BarFact
     return config, config.mirror, jobs, bar
 
 
+@asynccontextmanager
+async def _open_store(config: Config) -> AsyncIterator[Store]:
+    """The existing store of the config: a mistyped data_dir must not become
+    a new, empty store (whose sync --delete would empty the bucket, whose
+    backup would be restored), nor a half-restored one be worked on."""
+    layout = Layout(config.data_dir.resolve())
+    if layout.restore_marker_path.exists():
+        raise BlobdError("conflict", f"an interrupted 'blobd mirror restore' left {layout.root}"
+                         " half-restored; run it again to finish first")
+    async with open_index(config, must_exist=True) as store:
+        yield store
+
+
 async def run_sync(args: argparse.Namespace) -> int:
     config, mirror, jobs, bar = _setup(args)
-    async with open_index(config) as store, make_target(mirror, jobs) as target:
+    async with _open_store(config) as store, make_target(mirror, jobs) as target:
         report = await sync(store, target, mirror, delete=args.delete, dry_run=args.dry_run,
-                            verify=args.verify, jobs=jobs, bar=bar)
+                            verify=args.verify, force=args.force, jobs=jobs, bar=bar)
     if args.dry_run:
         for blob in report.to_upload:
             print(f"would upload {blob.hash} ({blob.size} bytes)")
@@ -153,7 +170,7 @@ async def run_restore(args: argparse.Namespace) -> int:
 
 async def run_backup(args: argparse.Namespace) -> int:
     config, mirror, _, _ = _setup(args)
-    async with open_index(config) as store, make_target(mirror) as target:
+    async with _open_store(config) as store, make_target(mirror) as target:
         done = await backup.backup_index(store, target, mirror, force=args.force)
     state = "uploaded" if done.uploaded else "unchanged since"
     print(f"index backup {state} {target.url(done.key)} ({done.size} bytes)")
@@ -162,7 +179,7 @@ async def run_backup(args: argparse.Namespace) -> int:
 
 async def run_heal(args: argparse.Namespace) -> int:
     config, mirror, jobs, bar = _setup(args)
-    async with open_index(config) as store, make_target(mirror, jobs) as target:
+    async with _open_store(config) as store, make_target(mirror, jobs) as target:
         blobs = await _named_blobs(store, args.hashes) if args.hashes else \
             await all_blobs(store.db.reader)
         progress = bar("verify", sum(b.size for b in blobs), "B")
@@ -198,7 +215,7 @@ async def _named_blobs(store: Store, names: list[str]) -> list[BlobRecord]:
 
 async def run_status(args: argparse.Namespace) -> int:
     config, mirror, _, _ = _setup(args)
-    async with open_index(config) as store:
+    async with _open_store(config) as store:
         counts = await queue.counts(store.db.reader)
         own = await store_id(store.db.reader)
     print(f"store id: {own}")

@@ -10,7 +10,10 @@ the index listing really is one the index no longer has. Then:
 * ``--verify``: for every blob both sides have, the SHA-256 recorded with
   the object is compared with the index's; a mismatch is uploaded again;
 * ``--delete``: objects of blobs the index no longer has are deleted, each
-  after checking the index once more (never the object of a live blob);
+  after checking the index once more (never the object of a live blob).
+  An index that
+  holds no blobs at all is refused (``force`` overrides): that is a wrong or
+  new data directory far more often than a store whose blobs all went;
 * blobs found in the bucket, or put there, are marked ``done`` and their
   queued puts dropped; a fresh index backup ends the run.
 
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 
 from .. import index
 from ..config import MirrorConfig
+from ..errors import BlobdError
 from ..index import BlobRecord
 from ..storage.s3 import S3Error, S3Target
 from ..store import Store
@@ -52,10 +56,18 @@ class SyncReport:
 
 async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
                delete: bool = False, dry_run: bool = False, verify: bool = False,
-               jobs: int = 4, bar: BarFactory = no_bar) -> SyncReport:
+               force: bool = False, jobs: int = 4, bar: BarFactory = no_bar) -> SyncReport:
     remote = await list_blob_objects(target, config)
     local = {blob.hash: blob for blob in await index.all_blobs(store.db.reader)}
     report = SyncReport(local=len(local), remote=len(remote))
+    if delete:
+        report.to_delete = sorted(set(remote) - set(local))
+        if report.to_delete and not local and not dry_run and not force:
+            raise BlobdError(
+                "conflict", f"the index in {store.layout.root} holds no blobs, so --delete"
+                f" would delete all {len(report.to_delete)} blob objects in the bucket;"
+                " check the config's data_dir (to rebuild a lost store from the bucket,"
+                " run `blobd mirror restore`), or add --force if they are to go")
     present = [b for b in local.values() if remote.get(b.hash) == b.size]
     report.to_upload = [b for b in local.values() if remote.get(b.hash) != b.size]
     if verify:
@@ -64,8 +76,6 @@ async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
         report.to_upload += [b for b in present if b.hash in wrong]
         present = [b for b in present if b.hash not in wrong]
     report.in_sync = len(present)
-    if delete:
-        report.to_delete = sorted(set(remote) - set(local))
     if dry_run:
         return report
     await _mark(store, [b.hash for b in present])
