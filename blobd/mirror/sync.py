@@ -15,7 +15,9 @@ the index listing really is one the index no longer has. Then:
   holds no blobs at all is refused (``force`` overrides): that is a wrong or
   new data directory far more often than a store whose blobs all went;
 * blobs found in the bucket, or put there, are marked ``done`` and their
-  queued puts dropped; a fresh index backup ends the run.
+  queued puts dropped, but only puts queued before the sync began (see
+  :func:`blobd.mirror.queue.mark_mirrored`): a blob deleted and stored again
+  while the sync ran keeps its newer put; a fresh index backup ends the run.
 
 Nothing is remembered between runs, so an interrupted sync is resumed by
 running it again: what was done is found done. ``--dry-run`` lists the plan
@@ -57,6 +59,7 @@ class SyncReport:
 async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
                delete: bool = False, dry_run: bool = False, verify: bool = False,
                force: bool = False, jobs: int = 4, bar: BarFactory = no_bar) -> SyncReport:
+    since = await queue.position(store.db.reader)
     remote = await list_blob_objects(target, config)
     local = {blob.hash: blob for blob in await index.all_blobs(store.db.reader)}
     report = SyncReport(local=len(local), remote=len(remote))
@@ -78,8 +81,8 @@ async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
     report.in_sync = len(present)
     if dry_run:
         return report
-    await _mark(store, [b.hash for b in present])
-    await _upload(store, target, config, report, jobs, bar)
+    await _mark(store, [b.hash for b in present], since)
+    await _upload(store, target, config, report, since, jobs, bar)
     await _delete(store, target, config, report, jobs, bar)
     try:
         report.backup = (await backup.backup_index(store, target, config)).key
@@ -107,14 +110,15 @@ async def _verify(target: S3Target, config: MirrorConfig, blobs: list[BlobRecord
     return wrong
 
 
-async def _mark(store: Store, digests: list[str]) -> None:
+async def _mark(store: Store, digests: list[str], since: queue.Position) -> None:
     for start in range(0, len(digests), MARK_BATCH):
         async with store.write() as tx:
-            await queue.mark_mirrored(tx.conn, digests[start:start + MARK_BATCH])
+            await queue.mark_mirrored(tx.conn, digests[start:start + MARK_BATCH], since)
 
 
 async def _upload(store: Store, target: S3Target, config: MirrorConfig,
-                  report: SyncReport, jobs: int, bar: BarFactory) -> None:
+                  report: SyncReport, since: queue.Position, jobs: int,
+                  bar: BarFactory) -> None:
     progress = bar("upload", sum(b.size for b in report.to_upload), "B")
     done: list[str] = []
 
@@ -134,13 +138,13 @@ async def _upload(store: Store, target: S3Target, config: MirrorConfig,
         progress.update(blob.size)
         if len(done) >= MARK_BATCH:
             batch, done[:] = list(done), []
-            await _mark(store, batch)
+            await _mark(store, batch, since)
 
     try:
         await run_pool(report.to_upload, jobs, upload)
     finally:
         progress.close()
-        await _mark(store, done)
+        await _mark(store, done, since)
 
 
 async def _delete(store: Store, target: S3Target, config: MirrorConfig,

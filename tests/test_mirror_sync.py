@@ -1,0 +1,98 @@
+"""``blobd mirror sync`` run in-process beside a serving store, against a
+real SeaweedFS: what happens when the server changes a blob while the sync
+works. The target is the real one; where a test needs something to
+happen at one precise moment of the sync, it wraps the target
+(:class:`Interleaved`)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from blobd import auth
+from blobd.http.app import create_app
+from blobd.http.keys import STORE
+from blobd.mirror.common import make_target
+from blobd.mirror.sync import sync
+from conftest import Api, b3, make_config
+from mirrorhelp import eventually, in_thread, mirror_section
+
+
+class Interleaved:
+    """The real target, running ``after_list`` once a listing is read to
+    its end."""
+
+    def __init__(self, target: Any, *,
+                 after_list: Callable[[], Awaitable[None]] | None = None) -> None:
+        self._target = target
+        self._after_list = after_list
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+    async def list(self, prefix: str, page_size: int = 1000) -> AsyncIterator[tuple[str, int]]:
+        async for item in self._target.list(prefix, page_size):
+            yield item
+        after, self._after_list = self._after_list, None
+        if after is not None:
+            await after()
+
+
+async def login(client, owner: str = "alice") -> Api:
+    async with client.app[STORE].write() as tx:
+        _, token = await auth.create_token(tx.conn, owner, auth.parse_scopes("read,write"))
+    return Api(client, token, owner)
+
+
+async def mirror_state(api: Api, digest: str) -> str:
+    meta = await api.request("GET", f"/blobs/{digest}/meta")
+    return (await meta.json())["mirror"]["state"]
+
+
+async def drained(api: Api) -> bool:
+    return not await api.store.db.fetchall("SELECT id FROM mirror_queue")
+
+
+async def mirrored_as(api: Api, bucket, data: bytes) -> bool:
+    """The object holds ``data``, and the blob says so."""
+    return (await in_thread(bucket.get, bucket.key(b3(data))) == data
+            and await mirror_state(api, b3(data)) == "done")
+
+
+@pytest.fixture
+def mirror_config(tmp_path, s3server, mirror_prefix):
+    def make(**options: Any):
+        options.setdefault("backup_interval_seconds", 0)
+        return make_config(tmp_path, mirror=mirror_section(s3server, mirror_prefix, **options))
+    return make
+
+
+async def test_a_blob_stored_again_while_sync_runs_keeps_its_put(
+        aiohttp_client, mirror_config, bucket):
+    config = mirror_config()
+    alice = await login(await aiohttp_client(create_app(config)))
+    # A sibling process of [server] workers = 2: its commits do not wake the
+    # first one's mirror worker, which notices them at its next poll.
+    sibling = await login(await aiohttp_client(create_app(config, background=False,
+                                                          primary=False)))
+    data = os.urandom(20_000)
+    await alice.put(data)
+    await eventually(lambda: mirrored_as(alice, bucket, data), what="first upload")
+
+    async def deleted_and_stored_again() -> None:
+        # After sync listed the bucket (the object there): the blob is
+        # deleted, its object with it, and it is stored again.
+        assert (await alice.request("DELETE", f"/blobs/{b3(data)}")).status == 204
+        await eventually(lambda: drained(alice), what="object deleted")
+        assert await in_thread(bucket.get, bucket.key(b3(data))) is None
+        assert (await sibling.put(data)).status == 201
+
+    async with make_target(config.mirror) as target:
+        await sync(alice.store, Interleaved(target, after_list=deleted_and_stored_again),
+                   config.mirror)
+    assert await mirror_state(alice, b3(data)) != "done"
+    alice.store.mirror_wakeup.set()  # rather than wait for the worker's poll
+    await eventually(lambda: mirrored_as(alice, bucket, data), timeout=10,
+                     what="the put of the blob stored again")
