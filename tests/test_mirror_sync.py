@@ -22,12 +22,13 @@ from mirrorhelp import eventually, in_thread, mirror_section
 
 class Interleaved:
     """The real target, running ``after_list`` once a listing is read to
-    its end."""
+    its end and ``before_delete`` before each DELETE."""
 
-    def __init__(self, target: Any, *,
-                 after_list: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(self, target: Any, *, after_list: Callable[[], Awaitable[None]] | None = None,
+                 before_delete: Callable[[str], Awaitable[None]] | None = None) -> None:
         self._target = target
         self._after_list = after_list
+        self._before_delete = before_delete
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._target, name)
@@ -38,6 +39,11 @@ class Interleaved:
         after, self._after_list = self._after_list, None
         if after is not None:
             await after()
+
+    async def delete(self, key: str) -> None:
+        if self._before_delete is not None:
+            await self._before_delete(key)
+        await self._target.delete(key)
 
 
 async def login(client, owner: str = "alice") -> Api:
@@ -96,3 +102,27 @@ async def test_a_blob_stored_again_while_sync_runs_keeps_its_put(
     alice.store.mirror_wakeup.set()  # rather than wait for the worker's poll
     await eventually(lambda: mirrored_as(alice, bucket, data), timeout=10,
                      what="the put of the blob stored again")
+
+
+async def test_sync_delete_puts_back_a_blob_stored_again_before_its_delete(
+        server, mirror_config, bucket):
+    config = mirror_config(keep_deleted=True)  # a deleted blob's object stays
+    alice = await (await server(config=config))("alice")
+    data, kept = os.urandom(20_000), os.urandom(100)
+    for blob in (data, kept):
+        await alice.put(blob)
+        await eventually(lambda: mirrored_as(alice, bucket, blob), what="first upload")
+    assert (await alice.request("DELETE", f"/blobs/{b3(data)}")).status == 204
+
+    async def stored_again(key: str) -> None:
+        # Between sync's check of the index and its DELETE: the blob's new
+        # put finds the object still there and has nothing to upload.
+        assert (await alice.put(data)).status == 201
+        await eventually(lambda: drained(alice), what="the put done")
+
+    async with make_target(config.mirror) as target:
+        report = await sync(alice.store, Interleaved(target, before_delete=stored_again),
+                            config.mirror, delete=True)
+    assert report.deleted == 1 and report.requeued == [b3(data)]
+    await eventually(lambda: mirrored_as(alice, bucket, data), timeout=10,
+                     what="the object back")

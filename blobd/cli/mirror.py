@@ -135,6 +135,9 @@ async def run_sync(args: argparse.Namespace) -> int:
             print(f"would upload {blob.hash} ({blob.size} bytes)")
         for digest in report.to_delete:
             print(f"would delete {digest}")
+    for digest in report.requeued:
+        print(f"stored again while its object was deleted, queued for upload: {digest}",
+              file=sys.stderr)
     for what, error in report.failed.items():
         print(f"failed {what}: {error}", file=sys.stderr)
     print(f"sync: {report.local} blobs in the index, {report.remote} in the bucket;"

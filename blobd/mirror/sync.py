@@ -11,7 +11,9 @@ the index listing really is one the index no longer has. Then:
   the object is compared with the index's; a mismatch is uploaded again;
 * ``--delete``: objects of blobs the index no longer has are deleted, each
   after checking the index once more (never the object of a live blob).
-  An index that
+  The index is checked again after the DELETE too: a blob stored again in
+  between (whose queued put may have found the old object and skipped the
+  upload) gets a new put queued, so its object comes back. An index that
   holds no blobs at all is refused (``force`` overrides): that is a wrong or
   new data directory far more often than a store whose blobs all went;
 * blobs found in the bucket, or put there, are marked ``done`` and their
@@ -26,6 +28,7 @@ and changes nothing. It is safe beside a running server.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from .. import index
@@ -52,6 +55,7 @@ class SyncReport:
     uploaded: int = 0
     uploaded_bytes: int = 0
     deleted: int = 0
+    requeued: list[str] = field(default_factory=list)  # stored again while deleted
     failed: dict[str, str] = field(default_factory=dict)  # digest -> error
     backup: str | None = None
 
@@ -154,8 +158,12 @@ async def _delete(store: Store, target: S3Target, config: MirrorConfig,
     async def remove(digest: str) -> None:
         try:
             if await index.get_blob(store.db.reader, digest) is None:
-                await target.delete(blob_key(config, digest))
-                report.deleted += 1
+                try:
+                    await target.delete(blob_key(config, digest))
+                    report.deleted += 1
+                finally:
+                    if await _queue_put_if_stored(store, digest):
+                        report.requeued.append(digest)
         except S3Error as exc:
             report.failed[digest] = str(exc)
         progress.update(1)
@@ -164,3 +172,17 @@ async def _delete(store: Store, target: S3Target, config: MirrorConfig,
         await run_pool(report.to_delete, jobs, remove)
     finally:
         progress.close()
+
+
+async def _queue_put_if_stored(store: Store, digest: str) -> bool:
+    """After deleting an object: if its blob was stored again since the
+    index was checked, that blob's put may already have run, found the old
+    object and skipped the upload. Queue another, behind everything queued
+    for the blob, so the worker uploads it again. Whatever commits after
+    this check queues a put that runs after the DELETE, as usual."""
+    async with store.write() as tx:
+        if await index.get_blob(tx.conn, digest) is None:
+            return False
+        await tx.enqueue_mirror(digest, "put", time.time())
+        await index.set_mirror_state(tx.conn, digest, "pending")
+    return True
