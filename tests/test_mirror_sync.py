@@ -1,11 +1,12 @@
 """``blobd mirror sync`` run in-process beside a serving store, against a
 real SeaweedFS: what happens when the server changes a blob while the sync
-works. The target is the real one; where a test needs something to
-happen at one precise moment of the sync, it wraps the target
-(:class:`Interleaved`)."""
+works, and failures of single requests. The target is the real one; where
+a test needs something to happen at one precise moment of the sync (or one
+request to fail), it wraps the target (:class:`Interleaved`)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -14,21 +15,25 @@ import pytest
 from blobd import auth
 from blobd.http.app import create_app
 from blobd.http.keys import STORE
-from blobd.mirror.common import make_target
+from blobd.mirror.common import make_target, run_pool
 from blobd.mirror.sync import sync
+from blobd.storage.s3 import S3Error
 from conftest import Api, b3, make_config
 from mirrorhelp import eventually, in_thread, mirror_section
 
 
 class Interleaved:
     """The real target, running ``after_list`` once a listing is read to
-    its end and ``before_delete`` before each DELETE."""
+    its end and ``before_delete`` before each DELETE; ``failing_heads``:
+    keys whose HEAD fails as an unreachable endpoint does."""
 
     def __init__(self, target: Any, *, after_list: Callable[[], Awaitable[None]] | None = None,
-                 before_delete: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 before_delete: Callable[[str], Awaitable[None]] | None = None,
+                 failing_heads: set[str] = frozenset()) -> None:
         self._target = target
         self._after_list = after_list
         self._before_delete = before_delete
+        self._failing_heads = failing_heads
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._target, name)
@@ -44,6 +49,12 @@ class Interleaved:
         if self._before_delete is not None:
             await self._before_delete(key)
         await self._target.delete(key)
+
+    async def head(self, key: str) -> dict[str, Any] | None:
+        if key in self._failing_heads:
+            raise S3Error(f"HEAD {self.url(key)}: Read timeout on endpoint URL",
+                          retryable=True)
+        return await self._target.head(key)
 
 
 async def login(client, owner: str = "alice") -> Api:
@@ -126,3 +137,37 @@ async def test_sync_delete_puts_back_a_blob_stored_again_before_its_delete(
     assert report.deleted == 1 and report.requeued == [b3(data)]
     await eventually(lambda: mirrored_as(alice, bucket, data), timeout=10,
                      what="the object back")
+
+
+async def test_sync_verify_reports_a_failed_head_and_goes_on(server, mirror_config, bucket):
+    config = mirror_config()
+    alice = await (await server(config=config))("alice")
+    blobs = [os.urandom(3000 + n) for n in range(4)]
+    for data in blobs:
+        await alice.put(data)
+    for data in blobs:
+        await eventually(lambda: mirrored_as(alice, bucket, data), what="mirrored")
+    unlucky = b3(blobs[1])
+
+    async with make_target(config.mirror) as target:
+        failing = Interleaved(target, failing_heads={bucket.key(unlucky)})
+        report = await sync(alice.store, failing, config.mirror, verify=True, jobs=2)
+    assert list(report.failed) == [unlucky]
+    assert report.failed[unlucky].startswith("verify: HEAD ")
+    assert report.in_sync == 3 and report.mismatched == 0 and report.uploaded == 0
+    assert report.backup is not None
+
+
+async def test_the_first_failure_in_a_job_pool_is_raised_as_itself():
+    started: list[int] = []
+
+    async def work(item: int) -> None:
+        started.append(item)
+        await asyncio.sleep(0.01)
+        if item == 3:
+            raise S3Error("GET s3://b/k: Could not connect to the endpoint URL",
+                          retryable=True)
+
+    with pytest.raises(S3Error, match="Could not connect"):
+        await run_pool(range(100), 4, work)
+    assert len(started) < 100  # the failure stopped the pool

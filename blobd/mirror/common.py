@@ -125,13 +125,23 @@ async def run_pool(items: Iterable[T], jobs: int,
                    work: Callable[[T], Awaitable[None]]) -> None:
     """Run ``work`` on every item, at most ``jobs`` at once, without making
     a task per item (a store may hold millions). The first exception stops
-    the pool; ``work`` handles what should not."""
+    the pool and is raised as itself; ``work`` handles what should not."""
     pending = iter(items)
 
     async def worker() -> None:
         for item in pending:
             await work(item)
 
-    async with asyncio.TaskGroup() as group:
-        for _ in range(max(1, jobs)):
-            group.create_task(worker())
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(max(1, jobs)):
+                group.create_task(worker())
+    except ExceptionGroup as failures:
+        # Callers (and the CLI's one-line errors) handle an S3Error or a
+        # BlobdError, as with one job. Others in the group failed at about
+        # the same moment, mostly for the same reason (an unreachable
+        # mirror): the first one stands for them.
+        first: BaseException = failures
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None

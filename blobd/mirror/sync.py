@@ -8,7 +8,8 @@ the index listing really is one the index no longer has. Then:
   local file (whose SHA-256 the upload checks, so a damaged file is refused,
   never mirrored);
 * ``--verify``: for every blob both sides have, the SHA-256 recorded with
-  the object is compared with the index's; a mismatch is uploaded again;
+  the object is compared with the index's; a mismatch is uploaded again (a
+  HEAD that fails is reported for that blob, and the rest go on);
 * ``--delete``: objects of blobs the index no longer has are deleted, each
   after checking the index once more (never the object of a live blob).
   The index is checked again after the DELETE too: a blob stored again in
@@ -78,10 +79,10 @@ async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
     present = [b for b in local.values() if remote.get(b.hash) == b.size]
     report.to_upload = [b for b in local.values() if remote.get(b.hash) != b.size]
     if verify:
-        wrong = await _verify(target, config, present, jobs, bar)
+        wrong = await _verify(target, config, present, report, jobs, bar)
         report.mismatched = len(wrong)
         report.to_upload += [b for b in present if b.hash in wrong]
-        present = [b for b in present if b.hash not in wrong]
+        present = [b for b in present if b.hash not in wrong and b.hash not in report.failed]
     report.in_sync = len(present)
     if dry_run:
         return report
@@ -96,15 +97,20 @@ async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
 
 
 async def _verify(target: S3Target, config: MirrorConfig, blobs: list[BlobRecord],
-                  jobs: int, bar: BarFactory) -> set[str]:
-    """Digests whose object's recorded SHA-256 is not the index's."""
+                  report: SyncReport, jobs: int, bar: BarFactory) -> set[str]:
+    """Digests whose object's recorded SHA-256 is not the index's. A blob
+    whose object cannot be looked at is recorded in ``report.failed``."""
     wrong: set[str] = set()
     progress = bar("verify", len(blobs), "blob")
 
     async def check(blob: BlobRecord) -> None:
-        head = await target.head(blob_key(config, blob.hash))
-        if head is None or head["sha256"] != blob.sha256:
-            wrong.add(blob.hash)
+        try:
+            head = await target.head(blob_key(config, blob.hash))
+        except S3Error as exc:
+            report.failed[blob.hash] = f"verify: {exc}"
+        else:
+            if head is None or head["sha256"] != blob.sha256:
+                wrong.add(blob.hash)
         progress.update(1)
 
     try:
