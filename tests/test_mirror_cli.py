@@ -442,3 +442,55 @@ async def test_sync_delete_refuses_an_empty_index_unless_forced(setup, bucket):
     assert forced.returncode == 0, forced.stderr
     assert "deleted 2" in forced.stdout
     assert await in_thread(bucket.digests) == set()
+
+
+# -- what restore trusts --------------------------------------------------------
+
+async def test_restore_refuses_a_data_dir_with_files_in_blobs(server, setup, bucket, tmp_path):
+    _, alice = await start(server, setup, tmp_path)
+    data = os.urandom(3000)
+    await alice.put(data)
+    await mirrored(alice, bucket, {b3(data)})
+    assert (await setup.cli("backup")).returncode == 0
+    # A salvaged blob tree without its index: the names say nothing of the bytes.
+    fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
+    salvaged = Layout(fresh.data_dir).blob_path(b3(data))
+    salvaged.parent.mkdir(parents=True)
+    salvaged.write_bytes(bytes(len(data)))
+
+    refused = await fresh.cli("restore")
+    assert refused.returncode == 1
+    assert f"{fresh.data_dir / 'blobs'} is not empty" in refused.stderr
+    assert not (fresh.data_dir / "restoring").exists()
+    assert salvaged.read_bytes() == bytes(len(data))
+
+
+async def test_a_resumed_restore_keeps_only_files_it_recorded_or_verified(
+        server, setup, bucket, tmp_path):
+    _, alice = await start(server, setup, tmp_path)
+    blobs = [os.urandom(10_000 + n) for n in range(4)]
+    for data in blobs:
+        await alice.put(data)
+    await mirrored(alice, bucket, {b3(d) for d in blobs})
+    assert (await setup.cli("backup")).returncode == 0
+    fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
+    assert (await fresh.cli("restore")).returncode == 0
+
+    # The state a crash leaves: marker, index installed, blobs[0] recorded
+    # as placed, the others placed but not yet recorded; of those, one was
+    # damaged since (the same size) and one is gone.
+    [key] = await in_thread(bucket.keys, "_index/")
+    marker = {"backup": key, "installed": True, "records_placed": True}
+    (fresh.data_dir / "restoring").write_text(json.dumps(marker))
+    with sqlite3.connect(Layout(fresh.data_dir).index_path) as conn:
+        conn.execute("UPDATE blobs SET mirror_state = 'pending' WHERE hash != ?",
+                     (b3(blobs[0]),))
+    paths = [Layout(fresh.data_dir).blob_path(b3(d)) for d in blobs]
+    paths[1].write_bytes(bytes(len(blobs[1])))
+    paths[2].unlink()
+
+    resumed = await fresh.cli("restore")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "restored 2 blobs" in resumed.stdout and "2 already in place" in resumed.stdout
+    assert [path.read_bytes() for path in paths] == blobs
+    assert index_rows(fresh.data_dir, "SELECT DISTINCT mirror_state FROM blobs") == [("done",)]
