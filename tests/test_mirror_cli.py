@@ -494,3 +494,11 @@ async def test_a_resumed_restore_keeps_only_files_it_recorded_or_verified(
     assert "restored 2 blobs" in resumed.stdout and "2 already in place" in resumed.stdout
     assert [path.read_bytes() for path in paths] == blobs
     assert index_rows(fresh.data_dir, "SELECT DISTINCT mirror_state FROM blobs") == [("done",)]
+
+
+async def test_restore_checks_the_orphans_owner(setup):
+    result = await setup.cli("restore", "--orphans-owner", "Old Files/2024")
+    assert result.returncode == 1
+    assert result.stderr == ("blobd: error: an owner is 1-64 characters from"
+                             " A-Z a-z 0-9 . _ @ -\n")
+    assert not setup.data_dir.exists()

@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from tqdm import tqdm
 
 from ..address import parse_address
+from ..auth import check_owner
 from ..config import Config, MirrorConfig
 from ..errors import BlobdError, ConfigError
 from ..index import BlobRecord, all_blobs, get_blob, hash_for_sha256, store_id
@@ -153,7 +154,7 @@ async def run_sync(args: argparse.Namespace) -> int:
 
 async def run_restore(args: argparse.Namespace) -> int:
     config, mirror, jobs, bar = _setup(args)
-    owner = None if args.skip_orphans else args.orphans_owner
+    owner = None if args.skip_orphans else check_owner(args.orphans_owner)
     async with make_target(mirror, jobs) as target:
         report = await restore(config, target, jobs=jobs, orphans_owner=owner,
                                backup=args.backup, bar=bar)
