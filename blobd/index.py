@@ -111,6 +111,18 @@ async def set_mirror_state(conn: aiosqlite.Connection, digest: str, state: str) 
     await conn.execute("UPDATE blobs SET mirror_state = ? WHERE hash = ?", (state, digest))
 
 
+async def store_id(conn: aiosqlite.Connection) -> str:
+    """The id this index was given when it was made (schema 2)."""
+    row = await _one(conn, "SELECT value FROM meta WHERE name = 'store_id'")
+    if row is None:
+        raise BlobdError("internal", "the index has no store id")
+    return str(row["value"])
+
+
+async def has_blobs(conn: aiosqlite.Connection) -> bool:
+    return await _one(conn, "SELECT 1 FROM blobs LIMIT 1") is not None
+
+
 # -- owners and quotas -------------------------------------------------------
 
 def current_month(now: float | None = None) -> str:

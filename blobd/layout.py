@@ -22,8 +22,12 @@ The mirror bucket::
     <prefix>/ab/cd/<hash>                       one object per blob, the same
                                                 sharding as blobs/, so a
                                                 listing reads like the tree
-    <prefix>/_index/index-<UTC stamp>.sqlite3   index backups; the stamp
-                                                sorts, so the newest is last
+    <prefix>/_index/index-<UTC stamp>-<store id>.sqlite3
+                                                index backups; the stamp
+                                                sorts, so the newest is last,
+                                                and the id names the index
+                                                (keys without one were made
+                                                before backups carried it)
 
 Only validated digests (see :mod:`blobd.address`) and server-generated ids
 are ever joined into a path here. A tmp/ name carries the id of the process
@@ -157,7 +161,8 @@ def digest_from_mirror_key(prefix: str, key: str) -> str | None:
 
 
 BACKUP_DIR = "_index"
-_BACKUP_NAME = re.compile(r"index-(\d{8}T\d{6}\.\d{6}Z)\.sqlite3")
+_BACKUP_NAME = re.compile(r"index-(\d{8}T\d{6}\.\d{6}Z)(?:-([0-9a-f]{32}))?\.sqlite3")
+_STORE_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def mirror_blobs_prefix(prefix: str) -> str:
@@ -170,20 +175,31 @@ def mirror_backup_prefix(prefix: str) -> str:
     return f"{mirror_blobs_prefix(prefix)}{BACKUP_DIR}/"
 
 
-def mirror_backup_key(prefix: str, at: float) -> str:
-    """The key of an index backup taken at ``at`` (Unix time, UTC stamp)."""
+def mirror_backup_key(prefix: str, at: float, store_id: str) -> str:
+    """The key of an index backup of store ``store_id`` taken at ``at``
+    (Unix time, UTC stamp)."""
+    if not _STORE_ID.fullmatch(store_id):
+        raise ValueError(f"not a store id: {store_id!r}")
     moment = datetime.fromtimestamp(at, tz=timezone.utc)
-    return f"{mirror_backup_prefix(prefix)}index-{moment:%Y%m%dT%H%M%S.%f}Z.sqlite3"
+    return (f"{mirror_backup_prefix(prefix)}index-{moment:%Y%m%dT%H%M%S.%f}Z"
+            f"-{store_id}.sqlite3")
 
 
-def backup_time_from_key(prefix: str, key: str) -> float | None:
-    """When the backup at ``key`` was taken; None for any other key."""
+def parse_backup_key(prefix: str, key: str) -> tuple[float, str | None] | None:
+    """(when taken, store id or None) of the backup at ``key``; None for any
+    other key. Backups from before store ids have none."""
     head = mirror_backup_prefix(prefix)
     match = _BACKUP_NAME.fullmatch(key[len(head):]) if key.startswith(head) else None
     if match is None:
         return None
     moment = datetime.strptime(match[1], "%Y%m%dT%H%M%S.%fZ")
-    return moment.replace(tzinfo=timezone.utc).timestamp()
+    return moment.replace(tzinfo=timezone.utc).timestamp(), match[2]
+
+
+def backup_time_from_key(prefix: str, key: str) -> float | None:
+    """When the backup at ``key`` was taken; None for any other key."""
+    parsed = parse_backup_key(prefix, key)
+    return parsed[0] if parsed is not None else None
 
 
 def _check_digest(digest: str) -> None:

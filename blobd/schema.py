@@ -114,6 +114,17 @@ MIGRATIONS: list[str] = [
     CREATE INDEX mirror_queue_next_at ON mirror_queue(next_at);
     CREATE INDEX mirror_queue_hash ON mirror_queue(hash, id);
     """,
+    # 2: the store's id, made once. Index backups carry it, so the mirror
+    # can tell this store's backups from those of another index (a new,
+    # empty disk under the same config). A backup restored as the index
+    # keeps the id it was made with: it is that store.
+    """
+    CREATE TABLE meta (
+        name   TEXT PRIMARY KEY,
+        value  TEXT NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO meta (name, value) VALUES ('store_id', lower(hex(randomblob(16))));
+    """,
 ]
 
 

@@ -8,7 +8,8 @@ import pytest
 from blobd.address import parse_address
 from blobd.errors import BlobdError
 from blobd.layout import (Layout, backup_time_from_key, digest_from_mirror_key,
-                          mirror_backup_key, mirror_blobs_prefix, mirror_key, parse_tmp_name)
+                          mirror_backup_key, mirror_blobs_prefix, mirror_key,
+                          parse_backup_key, parse_tmp_name)
 
 DIGEST = "ab" + "cd" + "0" * 60
 
@@ -52,12 +53,22 @@ def test_mirror_keys_round_trip(prefix):
 @pytest.mark.parametrize("prefix", ["blobs", "a/b/", ""])
 def test_backup_keys_sort_by_time_and_are_never_blob_keys(prefix):
     times = [1_700_000_000.25, 1_700_000_000.5, 1_800_000_000.0]
-    keys = [mirror_backup_key(prefix, at) for at in times]
+    stores = ["f" * 32, "0" * 32, "e" * 32]  # the stamp decides the order, not the id
+    keys = [mirror_backup_key(prefix, at, store) for at, store in zip(times, stores)]
     assert sorted(keys) == keys
     assert all(key.startswith(mirror_blobs_prefix(prefix)) for key in keys)
+    assert [parse_backup_key(prefix, key) for key in keys] == list(zip(times, stores))
     assert [backup_time_from_key(prefix, key) for key in keys] == times
     assert [digest_from_mirror_key(prefix, key) for key in keys] == [None] * 3
     assert backup_time_from_key(prefix, mirror_key(prefix, DIGEST)) is None
+
+
+def test_backup_keys_from_before_store_ids_are_still_read():
+    key = "blobs/_index/index-20231114T221320.250000Z.sqlite3"
+    assert parse_backup_key("blobs", key) == (1_700_000_000.25, None)
+    assert parse_backup_key("blobs", key.replace(".sqlite3", "-XYZ.sqlite3")) is None
+    with pytest.raises(ValueError):
+        mirror_backup_key("blobs", 0.0, "not-an-id")
 
 
 @pytest.mark.parametrize("text,algorithm,digest", [

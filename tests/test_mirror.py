@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -299,6 +301,31 @@ async def test_the_index_is_backed_up_on_schedule_and_old_backups_pruned(
     assert len(keys) == 2
     assert all(backup_time_from_key(bucket.prefix, key) for key in keys)
     assert await in_thread(blobs_in_backup, bucket, keys[-1], tmp_path) == stored
+
+
+async def test_a_server_on_a_new_disk_skips_backups_over_the_old_store(
+        server, s3server, mirror_prefix, bucket, tmp_path, caplog):
+    section = mirror_section(s3server, mirror_prefix, backup_interval_seconds=0.2)
+    alice = await (await server(mirror=section))("alice")
+    data = os.urandom(100)
+    await alice.put(data, headers={"Blob-Ref": "song"})
+
+    async def backed_up() -> bool:
+        keys = await in_thread(backup_keys, bucket)
+        return bool(keys) and b3(data) in await in_thread(blobs_in_backup, bucket, keys[-1],
+                                                          tmp_path)
+    await eventually(backed_up, what="a backup with the blob")
+    await alice.client.close()
+    keys = backup_keys(bucket)  # blocking: the closed app shut the loop's executor down
+
+    # The disk died; the server starts at boot on a new one, the same config.
+    shutil.rmtree(alice.data_dir)
+    caplog.set_level(logging.WARNING, logger="blobd.mirror.backup")
+    await (await server(mirror=section))("admin")
+    await eventually(lambda: caplog.text.count("index backup skipped") >= 2,
+                     what="two scheduled backups skipped")
+    assert "is of another store" in caplog.text and "`blobd mirror restore`" in caplog.text
+    assert await in_thread(backup_keys, bucket) == keys
 
 
 # -- without aiobotocore ------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -29,6 +30,12 @@ class Setup:
     async def cli(self, *args: str):
         return await in_thread(lambda: run_blobd("mirror", *args, "-c",
                                                  str(self.config_path), timeout=120))
+
+    async def init(self) -> None:
+        """Make the store, as an admin's first token does."""
+        made = await in_thread(lambda: run_blobd("token", "create", "--owner", "admin",
+                                                 "-c", str(self.config_path)))
+        assert made.returncode == 0, made.stderr
 
     def config(self, tmp_path: Path, mirror: bool = True):
         """The config for an in-process server; ``mirror=False`` leaves
@@ -283,6 +290,7 @@ async def test_unreachable_mirror_is_one_clear_line(tmp_path, s3server):
     (port,) = _free_ports(1)
     section = mirror_section(s3server, "x", endpoint=f"http://127.0.0.1:{port}")
     setup = Setup(tmp_path, "data", section)
+    await setup.init()
     result = await setup.cli("status")
     assert result.returncode == 1
     assert result.stderr.startswith("blobd: error: mirror: ")
@@ -309,3 +317,188 @@ async def test_restore_without_any_index_backup(server, setup, bucket, tmp_path,
     else:
         assert refs == sorted(("_restored", b3(d)) for d in blobs)
         assert sorted(p.read_bytes() for p in blob_files(fresh.data_dir)) == sorted(blobs)
+
+
+# -- which store a command works on, which backup a restore takes --------------
+
+def store_id(data_dir: Path) -> str:
+    return index_rows(data_dir, "SELECT value FROM meta WHERE name = 'store_id'")[0][0]
+
+
+async def test_a_new_disk_does_not_back_up_over_the_store_it_replaces(
+        server, setup, bucket, tmp_path):
+    _, alice = await start(server, setup, tmp_path)
+    data = os.urandom(3000)
+    await alice.put(data, headers={"Blob-Ref": "songs:1"})
+    await mirrored(alice, bucket, {b3(data)})
+    assert (await setup.cli("backup")).returncode == 0
+    [key] = await in_thread(bucket.keys, "_index/")
+    assert key.endswith(f"-{store_id(setup.data_dir)}.sqlite3")
+
+    # The disk died; the same config on a new one, where a store was made.
+    fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
+    await fresh.init()
+    assert store_id(fresh.data_dir) != store_id(setup.data_dir)
+    for action in ("backup", "sync"):
+        refused = await fresh.cli(action)
+        assert refused.returncode == 1
+        assert "is of another store" in refused.stderr
+        assert "`blobd mirror restore`" in refused.stderr
+    assert await in_thread(bucket.keys, "_index/") == [key]
+
+    shutil.rmtree(fresh.data_dir)
+    restored = await fresh.cli("restore")
+    assert restored.returncode == 0, restored.stderr
+    assert f"index backup {key};" in restored.stdout
+    assert index_rows(fresh.data_dir, "SELECT owner, name FROM refs") == [("alice", "songs:1")]
+    assert store_id(fresh.data_dir) == store_id(setup.data_dir)  # it is that store again
+    onwards = await fresh.cli("backup")
+    assert onwards.returncode == 0, onwards.stderr
+    assert store_id(fresh.data_dir) in onwards.stdout
+
+
+async def test_an_empty_index_does_not_back_up_over_a_bucket_of_blobs(setup, bucket):
+    stray = os.urandom(100)
+    await in_thread(bucket.put, bucket.key(b3(stray)), stray)
+    # A backup from before store ids: it names no store, so says nothing.
+    legacy = f"{bucket.prefix}/_index/index-20240101T000000.000000Z.sqlite3"
+    await in_thread(bucket.put, legacy, b"an old backup")
+    await setup.init()
+    refused = await setup.cli("backup")
+    assert refused.returncode == 1
+    assert "this index holds no blobs but the bucket" in refused.stderr
+    assert "`blobd mirror restore`" in refused.stderr
+
+    forced = await setup.cli("backup", "--force")
+    assert forced.returncode == 0, forced.stderr
+    # Now the newest backup is this store's own: its empty index is its
+    # real state (its blobs deleted, the objects kept), so no --force.
+    again = await setup.cli("backup")
+    assert again.returncode == 0 and "unchanged since" in again.stdout
+    assert len(await in_thread(bucket.keys, "_index/")) == 2
+
+
+async def test_restore_between_two_stores_needs_one_named(server, setup, bucket, tmp_path):
+    _, alice = await start(server, setup, tmp_path)
+    data = os.urandom(3000)
+    await alice.put(data, headers={"Blob-Ref": "mine"})
+    await mirrored(alice, bucket, {b3(data)})
+    assert (await setup.cli("backup")).returncode == 0
+    other = Setup(tmp_path, "other", setup.sections["mirror"])
+    await other.init()
+    assert (await other.cli("backup", "--force")).returncode == 0
+    first, second = sorted(await in_thread(bucket.keys, "_index/"))
+
+    fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
+    refused = await fresh.cli("restore")
+    assert refused.returncode == 1
+    assert "index backups of 2 stores" in refused.stderr and "--backup KEY" in refused.stderr
+    assert store_id(setup.data_dir) in refused.stderr and store_id(other.data_dir) in refused.stderr
+    assert not (fresh.data_dir / "restoring").exists()
+
+    unknown = await fresh.cli("restore", "--backup", "index-nope.sqlite3")
+    assert unknown.returncode == 1 and "not an index backup key" in unknown.stderr
+    chosen = await fresh.cli("restore", "--backup", first.rsplit("/", 1)[1])
+    assert chosen.returncode == 0, chosen.stderr
+    assert f"index backup {first};" in chosen.stdout
+    assert index_rows(fresh.data_dir, "SELECT owner, name FROM refs") == [("alice", "mine")]
+
+
+@pytest.mark.parametrize("action", [["sync", "--delete"], ["backup"], ["heal"], ["status"]],
+                         ids=lambda action: action[0])
+async def test_mirror_commands_need_an_existing_store(setup, bucket, action):
+    stray = os.urandom(100)
+    await in_thread(bucket.put, bucket.key(b3(stray)), stray)
+    result = await setup.cli(*action)  # data_dir mistyped, or relative from elsewhere
+    assert result.returncode == 1
+    assert result.stderr.startswith("blobd: error: no blobd store in ")
+    assert not setup.data_dir.exists()
+    assert await in_thread(bucket.keys) == [bucket.key(b3(stray))]
+
+
+async def test_mirror_commands_refuse_a_half_restored_store(setup, bucket):
+    await setup.init()
+    (setup.data_dir / "restoring").write_text("{}")
+    for action in ("sync", "backup", "heal", "status"):
+        result = await setup.cli(action)
+        assert result.returncode == 1
+        assert "half-restored; run it again to finish first" in result.stderr
+    assert await in_thread(bucket.keys) == []
+
+
+async def test_sync_delete_refuses_an_empty_index_unless_forced(setup, bucket):
+    await setup.init()
+    strays = [os.urandom(100 + n) for n in range(2)]
+    for data in strays:
+        await in_thread(bucket.put, bucket.key(b3(data)), data)
+    refused = await setup.cli("sync", "--delete")
+    assert refused.returncode == 1
+    assert "holds no blobs, so --delete would delete all 2 blob objects" in refused.stderr
+    dry = await setup.cli("sync", "--delete", "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.count("would delete") == 2
+    assert await in_thread(bucket.digests) == {b3(d) for d in strays}
+
+    forced = await setup.cli("sync", "--delete", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "deleted 2" in forced.stdout
+    assert await in_thread(bucket.digests) == set()
+
+
+# -- what restore trusts --------------------------------------------------------
+
+async def test_restore_refuses_a_data_dir_with_files_in_blobs(server, setup, bucket, tmp_path):
+    _, alice = await start(server, setup, tmp_path)
+    data = os.urandom(3000)
+    await alice.put(data)
+    await mirrored(alice, bucket, {b3(data)})
+    assert (await setup.cli("backup")).returncode == 0
+    # A salvaged blob tree without its index: the names say nothing of the bytes.
+    fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
+    salvaged = Layout(fresh.data_dir).blob_path(b3(data))
+    salvaged.parent.mkdir(parents=True)
+    salvaged.write_bytes(bytes(len(data)))
+
+    refused = await fresh.cli("restore")
+    assert refused.returncode == 1
+    assert f"{fresh.data_dir / 'blobs'} is not empty" in refused.stderr
+    assert not (fresh.data_dir / "restoring").exists()
+    assert salvaged.read_bytes() == bytes(len(data))
+
+
+async def test_a_resumed_restore_keeps_only_files_it_recorded_or_verified(
+        server, setup, bucket, tmp_path):
+    _, alice = await start(server, setup, tmp_path)
+    blobs = [os.urandom(10_000 + n) for n in range(4)]
+    for data in blobs:
+        await alice.put(data)
+    await mirrored(alice, bucket, {b3(d) for d in blobs})
+    assert (await setup.cli("backup")).returncode == 0
+    fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
+    assert (await fresh.cli("restore")).returncode == 0
+
+    # The state a crash leaves: marker, index installed, blobs[0] recorded
+    # as placed, the others placed but not yet recorded; of those, one was
+    # damaged since (the same size) and one is gone.
+    [key] = await in_thread(bucket.keys, "_index/")
+    marker = {"backup": key, "installed": True, "records_placed": True}
+    (fresh.data_dir / "restoring").write_text(json.dumps(marker))
+    with sqlite3.connect(Layout(fresh.data_dir).index_path) as conn:
+        conn.execute("UPDATE blobs SET mirror_state = 'pending' WHERE hash != ?",
+                     (b3(blobs[0]),))
+    paths = [Layout(fresh.data_dir).blob_path(b3(d)) for d in blobs]
+    paths[1].write_bytes(bytes(len(blobs[1])))
+    paths[2].unlink()
+
+    resumed = await fresh.cli("restore")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "restored 2 blobs" in resumed.stdout and "2 already in place" in resumed.stdout
+    assert [path.read_bytes() for path in paths] == blobs
+    assert index_rows(fresh.data_dir, "SELECT DISTINCT mirror_state FROM blobs") == [("done",)]
+
+
+async def test_restore_checks_the_orphans_owner(setup):
+    result = await setup.cli("restore", "--orphans-owner", "Old Files/2024")
+    assert result.returncode == 1
+    assert result.stderr == ("blobd: error: an owner is 1-64 characters from"
+                             " A-Z a-z 0-9 . _ @ -\n")
+    assert not setup.data_dir.exists()

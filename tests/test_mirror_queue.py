@@ -48,3 +48,34 @@ async def test_enqueue_wakes_the_worker_only_after_commit(alice):
         await tx.enqueue_mirror(b3(b"x"), "put", time.time())
         assert not store.mirror_wakeup.is_set()
     assert store.mirror_wakeup.is_set()
+
+
+async def test_sync_marks_only_puts_queued_before_it_began(alice):
+    """``blobd mirror sync`` found these blobs in the bucket after the queue
+    stood at ``since``: their earlier puts are done, a later one is not (the
+    blob was stored again after its object may have been deleted), and a
+    blob with a deletion queued at ``since`` is left to the worker."""
+    store = alice.store
+    again, plain, deleting = b3(b"again"), b3(b"plain"), b3(b"deleting")
+    for data in (b"again", b"plain", b"deleting"):
+        await alice.put(data)
+    now = time.time()
+    async with store.write() as tx:
+        for digest, op in [(again, "put"), (plain, "put"), (deleting, "delete"),
+                           (deleting, "put")]:
+            await tx.enqueue_mirror(digest, op, now)
+    since = await queue.position(store.db.reader)
+    assert since.deleting == {deleting}
+    async with store.write() as tx:
+        await tx.enqueue_mirror(again, "put", now)  # stored again while sync ran
+
+    async with store.write() as tx:
+        await queue.mark_mirrored(tx.conn, [again, plain, deleting], since)
+    rows = await store.db.fetchall("SELECT hash, op, id FROM mirror_queue ORDER BY id")
+    assert [(row["hash"], row["op"]) for row in rows] == [
+        (deleting, "delete"), (deleting, "put"), (again, "put")]
+    assert rows[-1]["id"] > since.last_id
+    states = {row["hash"]: row["mirror_state"] for row in
+              await store.db.fetchall("SELECT hash, mirror_state FROM blobs")}
+    assert states[plain] == "done"
+    assert states[again] != "done" and states[deleting] != "done"

@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from typing import Any, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from tqdm import tqdm
 
 from ..address import parse_address
+from ..auth import check_owner
 from ..config import Config, MirrorConfig
 from ..errors import BlobdError, ConfigError
-from ..index import BlobRecord, all_blobs, get_blob, hash_for_sha256
+from ..index import BlobRecord, all_blobs, get_blob, hash_for_sha256, store_id
+from ..layout import Layout
 from ..mirror import backup, queue
 from ..mirror.common import Bar, BarFactory, list_backups, make_target
 from ..mirror.heal import Healer, check_and_heal
@@ -39,10 +42,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     syncing.add_argument("--verify", action="store_true",
                          help="compare each object's SHA-256 with the index; re-upload "
                          "mismatches")
+    syncing.add_argument("--force", action="store_true",
+                         help="with --delete: delete even when the index holds no blobs")
 
     restoring = _action(actions, "restore", run_restore, "rebuild an empty server from "
                         "the bucket", "Restore the newest index backup and every blob "
                         "(verified) into an empty data directory. Run it again to resume.")
+    restoring.add_argument("--backup", metavar="KEY",
+                           help="restore this index backup (its key, or its name under "
+                           "_index/) rather than the newest; needed when the bucket holds "
+                           "backups of several stores")
     orphans = restoring.add_mutually_exclusive_group()
     orphans.add_argument("--orphans-owner", default=ORPHANS_OWNER, metavar="NAME",
                          help="owner given the blobs the backup does not know "
@@ -50,8 +59,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     orphans.add_argument("--skip-orphans", action="store_true",
                          help="leave blobs the backup does not know in the bucket only")
 
-    _action(actions, "backup", run_backup, "upload an index backup now",
-            "Upload a consistent snapshot of the index to <prefix>/_index/.", jobs=False)
+    backing = _action(actions, "backup", run_backup, "upload an index backup now",
+                      "Upload a consistent snapshot of the index to <prefix>/_index/. "
+                      "Refused when the newest backup there is of another store, or when "
+                      "this index holds no blobs and the bucket does.", jobs=False)
+    backing.add_argument("--force", action="store_true",
+                         help="back up even so (the newest backup is what restore takes)")
 
     healing = _action(actions, "heal", run_heal, "verify local files, heal from the bucket",
                       "Hash every local blob file (or the ones named) and replace any that "
@@ -100,16 +113,32 @@ def _setup(args: argparse.Namespace) -> tuple[Config, MirrorConfig, int, BarFact
     return config, config.mirror, jobs, bar
 
 
+@asynccontextmanager
+async def _open_store(config: Config) -> AsyncIterator[Store]:
+    """The existing store of the config: a mistyped data_dir must not become
+    a new, empty store (whose sync --delete would empty the bucket, whose
+    backup would be restored), nor a half-restored one be worked on."""
+    layout = Layout(config.data_dir.resolve())
+    if layout.restore_marker_path.exists():
+        raise BlobdError("conflict", f"an interrupted 'blobd mirror restore' left {layout.root}"
+                         " half-restored; run it again to finish first")
+    async with open_index(config, must_exist=True) as store:
+        yield store
+
+
 async def run_sync(args: argparse.Namespace) -> int:
     config, mirror, jobs, bar = _setup(args)
-    async with open_index(config) as store, make_target(mirror, jobs) as target:
+    async with _open_store(config) as store, make_target(mirror, jobs) as target:
         report = await sync(store, target, mirror, delete=args.delete, dry_run=args.dry_run,
-                            verify=args.verify, jobs=jobs, bar=bar)
+                            verify=args.verify, force=args.force, jobs=jobs, bar=bar)
     if args.dry_run:
         for blob in report.to_upload:
             print(f"would upload {blob.hash} ({blob.size} bytes)")
         for digest in report.to_delete:
             print(f"would delete {digest}")
+    for digest in report.requeued:
+        print(f"stored again while its object was deleted, queued for upload: {digest}",
+              file=sys.stderr)
     for what, error in report.failed.items():
         print(f"failed {what}: {error}", file=sys.stderr)
     print(f"sync: {report.local} blobs in the index, {report.remote} in the bucket;"
@@ -125,9 +154,10 @@ async def run_sync(args: argparse.Namespace) -> int:
 
 async def run_restore(args: argparse.Namespace) -> int:
     config, mirror, jobs, bar = _setup(args)
-    owner = None if args.skip_orphans else args.orphans_owner
+    owner = None if args.skip_orphans else check_owner(args.orphans_owner)
     async with make_target(mirror, jobs) as target:
-        report = await restore(config, target, jobs=jobs, orphans_owner=owner, bar=bar)
+        report = await restore(config, target, jobs=jobs, orphans_owner=owner,
+                               backup=args.backup, bar=bar)
     for digest in report.missing:
         print(f"not in the bucket, dropped: {digest}", file=sys.stderr)
     for digest, why in report.corrupt.items():
@@ -144,8 +174,8 @@ async def run_restore(args: argparse.Namespace) -> int:
 
 async def run_backup(args: argparse.Namespace) -> int:
     config, mirror, _, _ = _setup(args)
-    async with open_index(config) as store, make_target(mirror) as target:
-        done = await backup.backup_index(store, target, mirror)
+    async with _open_store(config) as store, make_target(mirror) as target:
+        done = await backup.backup_index(store, target, mirror, force=args.force)
     state = "uploaded" if done.uploaded else "unchanged since"
     print(f"index backup {state} {target.url(done.key)} ({done.size} bytes)")
     return 0
@@ -153,7 +183,7 @@ async def run_backup(args: argparse.Namespace) -> int:
 
 async def run_heal(args: argparse.Namespace) -> int:
     config, mirror, jobs, bar = _setup(args)
-    async with open_index(config) as store, make_target(mirror, jobs) as target:
+    async with _open_store(config) as store, make_target(mirror, jobs) as target:
         blobs = await _named_blobs(store, args.hashes) if args.hashes else \
             await all_blobs(store.db.reader)
         progress = bar("verify", sum(b.size for b in blobs), "B")
@@ -189,13 +219,17 @@ async def _named_blobs(store: Store, names: list[str]) -> list[BlobRecord]:
 
 async def run_status(args: argparse.Namespace) -> int:
     config, mirror, _, _ = _setup(args)
-    async with open_index(config) as store:
+    async with _open_store(config) as store:
         counts = await queue.counts(store.db.reader)
+        own = await store_id(store.db.reader)
+    print(f"store id: {own}")
     print(f"queue: {counts['pending']} pending, {counts['failed']} failing")
     if counts["last_error"]:
         print(f"last error: {counts['last_error']}")
     async with make_target(mirror) as target:
         backups = await list_backups(target, mirror)
+    newest = backups[-1] if backups else None
     print(f"index backups: {len(backups)}"
-          + (f", newest {target.url(backups[-1][1])}" if backups else ""))
+          + (f", newest {target.url(newest.key)}" if newest else "")
+          + (" (of another store)" if newest and newest.store_id not in (None, own) else ""))
     return 0

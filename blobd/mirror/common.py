@@ -5,6 +5,8 @@ pool of concurrent jobs."""
 from __future__ import annotations
 
 import asyncio
+from contextlib import aclosing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Iterable, Protocol, TypeVar
 
@@ -76,14 +78,30 @@ async def list_blob_objects(target: S3Target, config: MirrorConfig) -> dict[str,
     return found
 
 
-async def list_backups(target: S3Target, config: MirrorConfig) -> list[tuple[float, str]]:
-    """(taken_at, key) of every index backup, oldest first."""
+async def any_blob_object(target: S3Target, config: MirrorConfig) -> bool:
+    """Whether the bucket holds at least one blob object (stops at the first)."""
+    async with aclosing(target.list(layout.mirror_blobs_prefix(config.prefix))) as keys:
+        async for key, _ in keys:
+            if layout.digest_from_mirror_key(config.prefix, key) is not None:
+                return True
+    return False
+
+
+@dataclass(frozen=True)
+class IndexBackup:
+    taken_at: float
+    key: str
+    store_id: str | None  # None: made before backups carried the store's id
+
+
+async def list_backups(target: S3Target, config: MirrorConfig) -> list[IndexBackup]:
+    """Every index backup, oldest first."""
     found = []
     async for key, _ in target.list(layout.mirror_backup_prefix(config.prefix)):
-        taken_at = layout.backup_time_from_key(config.prefix, key)
-        if taken_at is not None:
-            found.append((taken_at, key))
-    return sorted(found)
+        parsed = layout.parse_backup_key(config.prefix, key)
+        if parsed is not None:
+            found.append(IndexBackup(parsed[0], key, parsed[1]))
+    return sorted(found, key=lambda backup: (backup.taken_at, backup.key))
 
 
 def verify_copy(path: Path, digest: str, sha256: str | None = None,
@@ -107,13 +125,23 @@ async def run_pool(items: Iterable[T], jobs: int,
                    work: Callable[[T], Awaitable[None]]) -> None:
     """Run ``work`` on every item, at most ``jobs`` at once, without making
     a task per item (a store may hold millions). The first exception stops
-    the pool; ``work`` handles what should not."""
+    the pool and is raised as itself; ``work`` handles what should not."""
     pending = iter(items)
 
     async def worker() -> None:
         for item in pending:
             await work(item)
 
-    async with asyncio.TaskGroup() as group:
-        for _ in range(max(1, jobs)):
-            group.create_task(worker())
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(max(1, jobs)):
+                group.create_task(worker())
+    except ExceptionGroup as failures:
+        # Callers (and the CLI's one-line errors) handle an S3Error or a
+        # BlobdError, as with one job. Others in the group failed at about
+        # the same moment, mostly for the same reason (an unreachable
+        # mirror): the first one stands for them.
+        first: BaseException = failures
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None

@@ -125,14 +125,46 @@ async def enqueue_unmirrored(conn: aiosqlite.Connection, now: float) -> int:
     return cur.rowcount
 
 
-async def mark_mirrored(conn: aiosqlite.Connection, digests: Collection[str]) -> None:
-    """These blobs are in the bucket (sync found or put them there): their
-    queued puts have nothing left to do. Deletions stay queued."""
+@dataclass(frozen=True)
+class Position:
+    """Where the queue stood when a sync began: its newest row, and the
+    blobs with a deletion queued up to it."""
+    last_id: int
+    deleting: frozenset[str]
+
+
+async def position(conn: aiosqlite.Connection) -> Position:
+    """The queue's position now. Ids only grow (AUTOINCREMENT) and a row
+    committed later gets a larger one, so every row up to ``last_id`` is
+    committed by the time this reads them."""
+    async with conn.execute("SELECT coalesce(max(id), 0) FROM mirror_queue") as cur:
+        (last,) = await cur.fetchone()
+    async with conn.execute("SELECT DISTINCT hash FROM mirror_queue WHERE op = 'delete'"
+                            " AND id <= ?", (last,)) as cur:
+        deleting = frozenset(row[0] for row in await cur.fetchall())
+    return Position(last, deleting)
+
+
+async def mark_mirrored(conn: aiosqlite.Connection, digests: Collection[str],
+                        since: Position) -> None:
+    """These blobs were in the bucket (sync found or put them there) after
+    the queue stood at ``since``: their puts up to it have nothing left to
+    do. A later put (the blob deleted and stored again meanwhile, its object
+    perhaps deleted) stays, and so does its state; deletions stay.
+
+    A blob with a deletion queued at ``since`` is left to the worker: that
+    deletion may be under way (checked the index, not yet deleted) and
+    remove the object the bucket listing showed, so the put behind it must
+    still run. A blob is marked done only once no row is left for it."""
+    digests = [digest for digest in digests if digest not in since.deleting]
+    if not digests:
+        return
     marks = ",".join("?" * len(digests))
+    await conn.execute(f"DELETE FROM mirror_queue WHERE op = 'put' AND id <= ?"
+                       f" AND hash IN ({marks})", (since.last_id, *digests))
     await conn.execute(f"UPDATE blobs SET mirror_state = 'done' WHERE hash IN ({marks})"
-                       " AND mirror_state != 'done'", tuple(digests))
-    await conn.execute(f"DELETE FROM mirror_queue WHERE op = 'put' AND hash IN ({marks})",
-                       tuple(digests))
+                       " AND mirror_state != 'done' AND NOT EXISTS (SELECT 1 FROM"
+                       " mirror_queue q WHERE q.hash = blobs.hash)", tuple(digests))
 
 
 async def counts(conn: aiosqlite.Connection) -> dict[str, Any]:

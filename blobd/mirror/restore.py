@@ -1,14 +1,19 @@
 """``blobd mirror restore``: rebuild an empty server from the bucket.
 
-1. The data directory must hold no blobs; its lock is taken, so no server
-   runs on it meanwhile.
-2. The newest index backup (:mod:`blobd.mirror.backup`) is downloaded,
-   checked against its SHA-256 and by ``PRAGMA integrity_check``, and
-   becomes the index: references, owners, quotas and tokens come back as
-   they were when it was taken. Work that only made sense on the old disk
-   is forgotten: the mirror queue and unfinished upload sessions.
+1. The data directory must hold no blobs, neither in its index nor as
+   files in blobs/ (a file there would be taken for the blob it is named
+   after); its lock is taken, so no server runs on it meanwhile.
+2. The newest index backup (:mod:`blobd.mirror.backup`), or the one named
+   with ``--backup``, is downloaded, checked against its SHA-256 and by
+   ``PRAGMA integrity_check``, and becomes the index: references, owners,
+   quotas, tokens and the store's id come back as they were when it was
+   taken. If the bucket holds backups of several stores, one must be named.
+   Work that only made sense on the old disk is forgotten: the mirror queue
+   and unfinished upload sessions.
 3. Every blob the index names is downloaded to tmp/, verified (BLAKE3,
-   SHA-256, size) and moved into place. A blob whose object is absent was
+   SHA-256, size) and moved into place, and recorded as placed (its mirror
+   state set to ``done``, every other blob's having been set to ``pending``
+   when the index was installed). A blob whose object is absent was
    deleted after the backup, or never reached the mirror; one whose object
    fails verification cannot be trusted. Both are dropped from the index
    with their references, so the index matches the files, and reported.
@@ -21,7 +26,9 @@
 
 A marker file (``<data_dir>/restoring``, naming the backup) stays until
 the end, so an interrupted restore is resumed by running it again: files
-already in place are kept, the rest fetched.
+recorded as placed are kept; any other file already there (placed just
+before the interruption, before it was recorded) is kept only if it hashes
+to its blob; the rest are fetched.
 """
 
 from __future__ import annotations
@@ -42,8 +49,10 @@ from ..errors import BlobdError
 from ..index import BlobRecord
 from ..storage.s3 import S3Error, S3Target
 from ..store import Store
-from .common import (BarFactory, CopyMismatch, blob_key, list_backups, list_blob_objects,
-                     no_bar, run_pool, verify_copy)
+from .backup import backup_key_named, choose_for_restore
+from .common import (BarFactory, CopyMismatch, blob_key, list_blob_objects, no_bar,
+                     run_pool, verify_copy)
+from .heal import local_file_fault
 
 log = logging.getLogger(__name__)
 ORPHANS_OWNER = "_restored"
@@ -51,6 +60,9 @@ FALLBACK_TYPE = "application/octet-stream"
 # Restored blobs of no known owner are charged to nobody's quota.
 _NO_LIMITS = QuotaLimits(max_bytes=1 << 62, max_blobs=1 << 62, max_blob_size=1 << 62,
                          max_monthly_upload_bytes=1 << 62)
+# Blobs recorded as placed per index transaction; after a crash, those not
+# yet recorded are hashed again, not downloaded again.
+RECORD_BATCH = 200
 
 
 @dataclass
@@ -66,18 +78,20 @@ class RestoreReport:
 
 
 async def restore(config: Config, target: S3Target, *, jobs: int = 4,
-                  orphans_owner: str | None = ORPHANS_OWNER,
+                  orphans_owner: str | None = ORPHANS_OWNER, backup: str | None = None,
                   bar: BarFactory = no_bar) -> RestoreReport:
+    """``backup``: the key (or name under ``_index/``) of the backup to
+    restore; by default the newest, of the one store the bucket holds."""
     mirror = config.mirror
     assert mirror is not None
     store = Store(config)
     await store.open()
     try:
         report = RestoreReport()
-        report.backup = await _install_index(store, target, mirror)
+        report.backup, trusted = await _install_index(store, target, mirror, backup)
         remote = await list_blob_objects(target, mirror)
         blobs = await index.all_blobs(store.db.reader)
-        await _fetch_all(store, target, mirror, blobs, remote, report, jobs, bar)
+        await _fetch_all(store, target, mirror, blobs, remote, trusted, report, jobs, bar)
         await _drop(store, [*report.missing, *report.corrupt], report)
         known = {b.hash for b in blobs}
         report.orphans = sorted(set(remote) - known)
@@ -91,24 +105,29 @@ async def restore(config: Config, target: S3Target, *, jobs: int = 4,
         await store.close()
 
 
-async def _install_index(store: Store, target: S3Target, mirror: MirrorConfig) -> str | None:
-    """Make the newest backup the index, or pick up an interrupted restore.
+async def _install_index(store: Store, target: S3Target, mirror: MirrorConfig,
+                         named: str | None) -> tuple[str | None, bool]:
+    """Make the chosen backup the index, or pick up an interrupted restore.
+    Returns the backup's key, and whether blobs recorded as placed can be
+    trusted (not so after a restore begun by a version that did not record).
 
     The marker is written before the index is replaced and says whether
     that is done, so a crash at any point is resumed correctly."""
     marker = store.layout.restore_marker_path
     state = await asyncio.to_thread(_read_marker, marker)
     if state is None:
-        row = await store.db.fetchone("SELECT count(*) FROM blobs")
-        if row is not None and row[0]:
-            raise BlobdError("conflict", f"{store.layout.root} already holds {row[0]} blobs;"
-                             " restore only rebuilds an empty server")
-        backups = await list_backups(target, mirror)
-        state = {"backup": backups[-1][1] if backups else None, "installed": False}
+        await _check_empty(store)
+        key = await choose_for_restore(target, mirror, named)
+        state = {"backup": key, "installed": False, "records_placed": True}
         await asyncio.to_thread(_write_marker, marker, state)
+    elif named is not None and backup_key_named(mirror, named) != state["backup"]:
+        raise BlobdError("conflict", f"{store.layout.root} is half-way through restoring"
+                         f" {state['backup'] or '(no backup)'}; run the restore again"
+                         " without --backup to finish it")
     key = state["backup"]
+    trusted = bool(state.get("records_placed"))
     if state["installed"]:
-        return key
+        return key, trusted
     if key is None:
         log.warning("no index backup under %s: blobs come back without references",
                     target.url(mirror.prefix))
@@ -116,7 +135,28 @@ async def _install_index(store: Store, target: S3Target, mirror: MirrorConfig) -
         await _install_backup(store, target, key)
     await _forget_local_state(store)
     await asyncio.to_thread(_write_marker, marker, {**state, "installed": True})
-    return key
+    return key, trusted
+
+
+async def _check_empty(store: Store) -> None:
+    """Restore only fills an empty data directory. A file in blobs/ would
+    be kept as the blob it is named after: it could be anything (a salvaged
+    tree, another store's), so it is refused rather than trusted."""
+    row = await store.db.fetchone("SELECT count(*) FROM blobs")
+    if row is not None and row[0]:
+        raise BlobdError("conflict", f"{store.layout.root} already holds {row[0]} blobs;"
+                         " restore only rebuilds an empty server")
+    found = await asyncio.to_thread(_any_file, store.layout.blobs_dir)
+    if found is not None:
+        raise BlobdError("conflict", f"{store.layout.blobs_dir} is not empty ({found});"
+                         " restore only rebuilds an empty server: move blobs/ away first")
+
+
+def _any_file(directory: Path) -> Path | None:
+    for parent, _, names in os.walk(directory):
+        if names:
+            return Path(parent) / names[0]
+    return None
 
 
 def _read_marker(marker: Path) -> dict[str, Any] | None:
@@ -173,22 +213,29 @@ def _replace_index(temp: Path, index_path: Path) -> None:
 
 
 async def _forget_local_state(store: Store) -> None:
-    """The queue and upload sessions described the old disk, not this one."""
+    """The queue and upload sessions described the old disk, not this one.
+    No blob is in place yet: each is marked ``done`` once it is."""
     async with store.write() as tx:
         for sql in ("DELETE FROM mirror_queue", "DELETE FROM upload_chunks",
-                    "DELETE FROM uploads", "UPDATE owners SET reserved_bytes = 0"):
+                    "DELETE FROM uploads", "UPDATE owners SET reserved_bytes = 0",
+                    "UPDATE blobs SET mirror_state = 'pending'"):
             await tx.conn.execute(sql)
 
 
 async def _fetch_all(store: Store, target: S3Target, mirror: MirrorConfig,
-                     blobs: list[BlobRecord], remote: dict[str, int],
+                     blobs: list[BlobRecord], remote: dict[str, int], trusted: bool,
                      report: RestoreReport, jobs: int, bar: BarFactory) -> None:
     progress = bar("restore", sum(b.size for b in blobs), "B")
+    placed: list[str] = []
 
     async def fetch(blob: BlobRecord) -> None:
         final = store.layout.blob_path(blob.hash)
-        if await asyncio.to_thread(_has_size, final, blob.size):
-            report.already += 1  # placed, verified, by an interrupted run
+        if trusted and blob.mirror_state == "done" and \
+                await asyncio.to_thread(_has_size, final, blob.size):
+            report.already += 1  # placed, verified and recorded by an interrupted run
+        elif await asyncio.to_thread(_good_in_place, store, blob):
+            report.already += 1  # placed by an interrupted run, not yet recorded
+            placed.append(blob.hash)
         elif blob.hash not in remote:
             report.missing.append(blob.hash)
         else:
@@ -196,6 +243,7 @@ async def _fetch_all(store: Store, target: S3Target, mirror: MirrorConfig,
                 await fetch_verified(store, target, mirror, blob.hash, blob.sha256, blob.size)
                 report.restored += 1
                 report.restored_bytes += blob.size
+                placed.append(blob.hash)
             except CopyMismatch as exc:
                 report.corrupt[blob.hash] = str(exc)
             except S3Error as exc:
@@ -203,11 +251,39 @@ async def _fetch_all(store: Store, target: S3Target, mirror: MirrorConfig,
                     raise  # the mirror is unreachable: stop; run again to resume
                 report.missing.append(blob.hash)
         progress.update(blob.size)
+        if len(placed) >= RECORD_BATCH:
+            batch, placed[:] = list(placed), []
+            await _record_placed(store, batch)
 
     try:
         await run_pool(blobs, jobs, fetch)
     finally:
         progress.close()
+        await _record_placed(store, placed)
+
+
+async def _record_placed(store: Store, digests: list[str]) -> None:
+    if not digests:
+        return
+    marks = ",".join("?" * len(digests))
+    async with store.write() as tx:
+        await tx.conn.execute(f"UPDATE blobs SET mirror_state = 'done' WHERE hash IN ({marks})",
+                              tuple(digests))
+
+
+def _good_in_place(store: Store, blob: BlobRecord) -> bool:
+    """Whether the file in place is the blob (hashed). One that is not is
+    removed: it is nobody's, and the blob may be dropped, not fetched."""
+    final = store.layout.blob_path(blob.hash)
+    if not final.exists():
+        return False
+    fault = local_file_fault(store, blob)
+    if fault is None:
+        return True
+    log.warning("blob %s: the file in place is not the blob (%s); removed", blob.hash,
+                fault)
+    files.remove_quietly(final)
+    return False
 
 
 def _has_size(path: Path, size: int) -> bool:

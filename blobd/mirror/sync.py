@@ -8,11 +8,19 @@ the index listing really is one the index no longer has. Then:
   local file (whose SHA-256 the upload checks, so a damaged file is refused,
   never mirrored);
 * ``--verify``: for every blob both sides have, the SHA-256 recorded with
-  the object is compared with the index's; a mismatch is uploaded again;
+  the object is compared with the index's; a mismatch is uploaded again (a
+  HEAD that fails is reported for that blob, and the rest go on);
 * ``--delete``: objects of blobs the index no longer has are deleted, each
-  after checking the index once more (never the object of a live blob);
+  after checking the index once more (never the object of a live blob).
+  The index is checked again after the DELETE too: a blob stored again in
+  between (whose queued put may have found the old object and skipped the
+  upload) gets a new put queued, so its object comes back. An index that
+  holds no blobs at all is refused (``force`` overrides): that is a wrong or
+  new data directory far more often than a store whose blobs all went;
 * blobs found in the bucket, or put there, are marked ``done`` and their
-  queued puts dropped; a fresh index backup ends the run.
+  queued puts dropped, but only puts queued before the sync began (see
+  :func:`blobd.mirror.queue.mark_mirrored`): a blob deleted and stored again
+  while the sync ran keeps its newer put; a fresh index backup ends the run.
 
 Nothing is remembered between runs, so an interrupted sync is resumed by
 running it again: what was done is found done. ``--dry-run`` lists the plan
@@ -21,10 +29,12 @@ and changes nothing. It is safe beside a running server.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from .. import index
 from ..config import MirrorConfig
+from ..errors import BlobdError
 from ..index import BlobRecord
 from ..storage.s3 import S3Error, S3Target
 from ..store import Store
@@ -46,48 +56,61 @@ class SyncReport:
     uploaded: int = 0
     uploaded_bytes: int = 0
     deleted: int = 0
+    requeued: list[str] = field(default_factory=list)  # stored again while deleted
     failed: dict[str, str] = field(default_factory=dict)  # digest -> error
     backup: str | None = None
 
 
 async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
                delete: bool = False, dry_run: bool = False, verify: bool = False,
-               jobs: int = 4, bar: BarFactory = no_bar) -> SyncReport:
+               force: bool = False, jobs: int = 4, bar: BarFactory = no_bar) -> SyncReport:
+    since = await queue.position(store.db.reader)
     remote = await list_blob_objects(target, config)
     local = {blob.hash: blob for blob in await index.all_blobs(store.db.reader)}
     report = SyncReport(local=len(local), remote=len(remote))
+    if delete:
+        report.to_delete = sorted(set(remote) - set(local))
+        if report.to_delete and not local and not dry_run and not force:
+            raise BlobdError(
+                "conflict", f"the index in {store.layout.root} holds no blobs, so --delete"
+                f" would delete all {len(report.to_delete)} blob objects in the bucket;"
+                " check the config's data_dir (to rebuild a lost store from the bucket,"
+                " run `blobd mirror restore`), or add --force if they are to go")
     present = [b for b in local.values() if remote.get(b.hash) == b.size]
     report.to_upload = [b for b in local.values() if remote.get(b.hash) != b.size]
     if verify:
-        wrong = await _verify(target, config, present, jobs, bar)
+        wrong = await _verify(target, config, present, report, jobs, bar)
         report.mismatched = len(wrong)
         report.to_upload += [b for b in present if b.hash in wrong]
-        present = [b for b in present if b.hash not in wrong]
+        present = [b for b in present if b.hash not in wrong and b.hash not in report.failed]
     report.in_sync = len(present)
-    if delete:
-        report.to_delete = sorted(set(remote) - set(local))
     if dry_run:
         return report
-    await _mark(store, [b.hash for b in present])
-    await _upload(store, target, config, report, jobs, bar)
+    await _mark(store, [b.hash for b in present], since)
+    await _upload(store, target, config, report, since, jobs, bar)
     await _delete(store, target, config, report, jobs, bar)
     try:
         report.backup = (await backup.backup_index(store, target, config)).key
-    except S3Error as exc:
+    except (S3Error, backup.BackupRefused) as exc:
         report.failed["index backup"] = str(exc)
     return report
 
 
 async def _verify(target: S3Target, config: MirrorConfig, blobs: list[BlobRecord],
-                  jobs: int, bar: BarFactory) -> set[str]:
-    """Digests whose object's recorded SHA-256 is not the index's."""
+                  report: SyncReport, jobs: int, bar: BarFactory) -> set[str]:
+    """Digests whose object's recorded SHA-256 is not the index's. A blob
+    whose object cannot be looked at is recorded in ``report.failed``."""
     wrong: set[str] = set()
     progress = bar("verify", len(blobs), "blob")
 
     async def check(blob: BlobRecord) -> None:
-        head = await target.head(blob_key(config, blob.hash))
-        if head is None or head["sha256"] != blob.sha256:
-            wrong.add(blob.hash)
+        try:
+            head = await target.head(blob_key(config, blob.hash))
+        except S3Error as exc:
+            report.failed[blob.hash] = f"verify: {exc}"
+        else:
+            if head is None or head["sha256"] != blob.sha256:
+                wrong.add(blob.hash)
         progress.update(1)
 
     try:
@@ -97,14 +120,15 @@ async def _verify(target: S3Target, config: MirrorConfig, blobs: list[BlobRecord
     return wrong
 
 
-async def _mark(store: Store, digests: list[str]) -> None:
+async def _mark(store: Store, digests: list[str], since: queue.Position) -> None:
     for start in range(0, len(digests), MARK_BATCH):
         async with store.write() as tx:
-            await queue.mark_mirrored(tx.conn, digests[start:start + MARK_BATCH])
+            await queue.mark_mirrored(tx.conn, digests[start:start + MARK_BATCH], since)
 
 
 async def _upload(store: Store, target: S3Target, config: MirrorConfig,
-                  report: SyncReport, jobs: int, bar: BarFactory) -> None:
+                  report: SyncReport, since: queue.Position, jobs: int,
+                  bar: BarFactory) -> None:
     progress = bar("upload", sum(b.size for b in report.to_upload), "B")
     done: list[str] = []
 
@@ -124,13 +148,13 @@ async def _upload(store: Store, target: S3Target, config: MirrorConfig,
         progress.update(blob.size)
         if len(done) >= MARK_BATCH:
             batch, done[:] = list(done), []
-            await _mark(store, batch)
+            await _mark(store, batch, since)
 
     try:
         await run_pool(report.to_upload, jobs, upload)
     finally:
         progress.close()
-        await _mark(store, done)
+        await _mark(store, done, since)
 
 
 async def _delete(store: Store, target: S3Target, config: MirrorConfig,
@@ -140,8 +164,12 @@ async def _delete(store: Store, target: S3Target, config: MirrorConfig,
     async def remove(digest: str) -> None:
         try:
             if await index.get_blob(store.db.reader, digest) is None:
-                await target.delete(blob_key(config, digest))
-                report.deleted += 1
+                try:
+                    await target.delete(blob_key(config, digest))
+                    report.deleted += 1
+                finally:
+                    if await _queue_put_if_stored(store, digest):
+                        report.requeued.append(digest)
         except S3Error as exc:
             report.failed[digest] = str(exc)
         progress.update(1)
@@ -150,3 +178,17 @@ async def _delete(store: Store, target: S3Target, config: MirrorConfig,
         await run_pool(report.to_delete, jobs, remove)
     finally:
         progress.close()
+
+
+async def _queue_put_if_stored(store: Store, digest: str) -> bool:
+    """After deleting an object: if its blob was stored again since the
+    index was checked, that blob's put may already have run, found the old
+    object and skipped the upload. Queue another, behind everything queued
+    for the blob, so the worker uploads it again. Whatever commits after
+    this check queues a put that runs after the DELETE, as usual."""
+    async with store.write() as tx:
+        if await index.get_blob(tx.conn, digest) is None:
+            return False
+        await tx.enqueue_mirror(digest, "put", time.time())
+        await index.set_mirror_state(tx.conn, digest, "pending")
+    return True

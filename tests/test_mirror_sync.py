@@ -1,0 +1,173 @@
+"""``blobd mirror sync`` run in-process beside a serving store, against a
+real SeaweedFS: what happens when the server changes a blob while the sync
+works, and failures of single requests. The target is the real one; where
+a test needs something to happen at one precise moment of the sync (or one
+request to fail), it wraps the target (:class:`Interleaved`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from blobd import auth
+from blobd.http.app import create_app
+from blobd.http.keys import STORE
+from blobd.mirror.common import make_target, run_pool
+from blobd.mirror.sync import sync
+from blobd.storage.s3 import S3Error
+from conftest import Api, b3, make_config
+from mirrorhelp import eventually, in_thread, mirror_section
+
+
+class Interleaved:
+    """The real target, running ``after_list`` once a listing is read to
+    its end and ``before_delete`` before each DELETE; ``failing_heads``:
+    keys whose HEAD fails as an unreachable endpoint does."""
+
+    def __init__(self, target: Any, *, after_list: Callable[[], Awaitable[None]] | None = None,
+                 before_delete: Callable[[str], Awaitable[None]] | None = None,
+                 failing_heads: set[str] = frozenset()) -> None:
+        self._target = target
+        self._after_list = after_list
+        self._before_delete = before_delete
+        self._failing_heads = failing_heads
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+    async def list(self, prefix: str, page_size: int = 1000) -> AsyncIterator[tuple[str, int]]:
+        async for item in self._target.list(prefix, page_size):
+            yield item
+        after, self._after_list = self._after_list, None
+        if after is not None:
+            await after()
+
+    async def delete(self, key: str) -> None:
+        if self._before_delete is not None:
+            await self._before_delete(key)
+        await self._target.delete(key)
+
+    async def head(self, key: str) -> dict[str, Any] | None:
+        if key in self._failing_heads:
+            raise S3Error(f"HEAD {self.url(key)}: Read timeout on endpoint URL",
+                          retryable=True)
+        return await self._target.head(key)
+
+
+async def login(client, owner: str = "alice") -> Api:
+    async with client.app[STORE].write() as tx:
+        _, token = await auth.create_token(tx.conn, owner, auth.parse_scopes("read,write"))
+    return Api(client, token, owner)
+
+
+async def mirror_state(api: Api, digest: str) -> str:
+    meta = await api.request("GET", f"/blobs/{digest}/meta")
+    return (await meta.json())["mirror"]["state"]
+
+
+async def drained(api: Api) -> bool:
+    return not await api.store.db.fetchall("SELECT id FROM mirror_queue")
+
+
+async def mirrored_as(api: Api, bucket, data: bytes) -> bool:
+    """The object holds ``data``, and the blob says so."""
+    return (await in_thread(bucket.get, bucket.key(b3(data))) == data
+            and await mirror_state(api, b3(data)) == "done")
+
+
+@pytest.fixture
+def mirror_config(tmp_path, s3server, mirror_prefix):
+    def make(**options: Any):
+        options.setdefault("backup_interval_seconds", 0)
+        return make_config(tmp_path, mirror=mirror_section(s3server, mirror_prefix, **options))
+    return make
+
+
+async def test_a_blob_stored_again_while_sync_runs_keeps_its_put(
+        aiohttp_client, mirror_config, bucket):
+    config = mirror_config()
+    alice = await login(await aiohttp_client(create_app(config)))
+    # A sibling process of [server] workers = 2: its commits do not wake the
+    # first one's mirror worker, which notices them at its next poll.
+    sibling = await login(await aiohttp_client(create_app(config, background=False,
+                                                          primary=False)))
+    data = os.urandom(20_000)
+    await alice.put(data)
+    await eventually(lambda: mirrored_as(alice, bucket, data), what="first upload")
+
+    async def deleted_and_stored_again() -> None:
+        # After sync listed the bucket (the object there): the blob is
+        # deleted, its object with it, and it is stored again.
+        assert (await alice.request("DELETE", f"/blobs/{b3(data)}")).status == 204
+        await eventually(lambda: drained(alice), what="object deleted")
+        assert await in_thread(bucket.get, bucket.key(b3(data))) is None
+        assert (await sibling.put(data)).status == 201
+
+    async with make_target(config.mirror) as target:
+        await sync(alice.store, Interleaved(target, after_list=deleted_and_stored_again),
+                   config.mirror)
+    assert await mirror_state(alice, b3(data)) != "done"
+    alice.store.mirror_wakeup.set()  # rather than wait for the worker's poll
+    await eventually(lambda: mirrored_as(alice, bucket, data), timeout=10,
+                     what="the put of the blob stored again")
+
+
+async def test_sync_delete_puts_back_a_blob_stored_again_before_its_delete(
+        server, mirror_config, bucket):
+    config = mirror_config(keep_deleted=True)  # a deleted blob's object stays
+    alice = await (await server(config=config))("alice")
+    data, kept = os.urandom(20_000), os.urandom(100)
+    for blob in (data, kept):
+        await alice.put(blob)
+        await eventually(lambda: mirrored_as(alice, bucket, blob), what="first upload")
+    assert (await alice.request("DELETE", f"/blobs/{b3(data)}")).status == 204
+
+    async def stored_again(key: str) -> None:
+        # Between sync's check of the index and its DELETE: the blob's new
+        # put finds the object still there and has nothing to upload.
+        assert (await alice.put(data)).status == 201
+        await eventually(lambda: drained(alice), what="the put done")
+
+    async with make_target(config.mirror) as target:
+        report = await sync(alice.store, Interleaved(target, before_delete=stored_again),
+                            config.mirror, delete=True)
+    assert report.deleted == 1 and report.requeued == [b3(data)]
+    await eventually(lambda: mirrored_as(alice, bucket, data), timeout=10,
+                     what="the object back")
+
+
+async def test_sync_verify_reports_a_failed_head_and_goes_on(server, mirror_config, bucket):
+    config = mirror_config()
+    alice = await (await server(config=config))("alice")
+    blobs = [os.urandom(3000 + n) for n in range(4)]
+    for data in blobs:
+        await alice.put(data)
+    for data in blobs:
+        await eventually(lambda: mirrored_as(alice, bucket, data), what="mirrored")
+    unlucky = b3(blobs[1])
+
+    async with make_target(config.mirror) as target:
+        failing = Interleaved(target, failing_heads={bucket.key(unlucky)})
+        report = await sync(alice.store, failing, config.mirror, verify=True, jobs=2)
+    assert list(report.failed) == [unlucky]
+    assert report.failed[unlucky].startswith("verify: HEAD ")
+    assert report.in_sync == 3 and report.mismatched == 0 and report.uploaded == 0
+    assert report.backup is not None
+
+
+async def test_the_first_failure_in_a_job_pool_is_raised_as_itself():
+    started: list[int] = []
+
+    async def work(item: int) -> None:
+        started.append(item)
+        await asyncio.sleep(0.01)
+        if item == 3:
+            raise S3Error("GET s3://b/k: Could not connect to the endpoint URL",
+                          retryable=True)
+
+    with pytest.raises(S3Error, match="Could not connect"):
+        await run_pool(range(100), 4, work)
+    assert len(started) < 100  # the failure stopped the pool
