@@ -31,6 +31,17 @@ async def _raw(api) -> RawConnection:
 # ---------------------------------------------------------------- Expect
 
 
+async def _announce(api, digest: str, length: int):
+    """A PUT that announces its size and waits for 100 Continue; the first answer."""
+    conn = await _raw(api)
+    try:
+        await conn.send_head("PUT", f"/blobs/{digest}", {
+            **api.headers(), "Content-Length": str(length), "Expect": "100-continue"})
+        return await conn.read_response()
+    finally:
+        await conn.close()
+
+
 async def test_expect_shortcut_is_not_taken_for_a_body_of_another_size(alice):
     """Content-Length says the bytes are not the stored blob: they are read
     and refused as any wrong body is, never answered with the blob's 200."""
@@ -57,25 +68,13 @@ async def test_expect_shortcut_still_checks_the_size_limit(server):
     login = await server(limits={"max_blob_size": 1 << 20})
     alice = await login()
     await alice.put(DATA)
-    conn = await _raw(alice)
-    try:
-        await conn.send_head("PUT", f"/blobs/{b3(DATA)}", {
-            **alice.headers(), "Content-Length": str(1 << 30), "Expect": "100-continue"})
-        resp = await conn.read_response()
-    finally:
-        await conn.close()
+    resp = await _announce(alice, b3(DATA), 1 << 30)
     assert resp.status == 413 and resp.json()["error"] == "too_large"
 
 
 async def test_expect_shortcut_with_the_right_size_skips_the_body(alice):
     await alice.put(DATA)
-    conn = await _raw(alice)
-    try:
-        await conn.send_head("PUT", f"/blobs/{b3(DATA)}", {
-            **alice.headers(), "Content-Length": str(len(DATA)), "Expect": "100-continue"})
-        resp = await conn.read_response()
-    finally:
-        await conn.close()
+    resp = await _announce(alice, b3(DATA), len(DATA))
     assert resp.status == 200 and resp.headers["connection"] == "close"
 
 

@@ -252,13 +252,20 @@ async def test_restore_into_an_empty_data_dir(server, setup, bucket, s3server, t
     assert served.returncode == 1 and "another blobd is serving" in served.stderr
 
 
-async def test_an_interrupted_restore_resumes(server, setup, bucket, tmp_path):
+async def _four_blobs_backed_up(server, setup, bucket, tmp_path) -> list[bytes]:
+    """A store of four mirrored blobs, its index backed up: what a restore
+    that gets cut short starts from."""
     _, alice = await start(server, setup, tmp_path)
     blobs = [os.urandom(10_000 + n) for n in range(4)]
     for data in blobs:
         await alice.put(data)
     await mirrored(alice, bucket, {b3(d) for d in blobs})
     assert (await setup.cli("backup")).returncode == 0
+    return blobs
+
+
+async def test_an_interrupted_restore_resumes(server, setup, bucket, tmp_path):
+    blobs = await _four_blobs_backed_up(server, setup, bucket, tmp_path)
 
     fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
     assert (await fresh.cli("restore")).returncode == 0
@@ -467,12 +474,7 @@ async def test_restore_refuses_a_data_dir_with_files_in_blobs(server, setup, buc
 
 async def test_a_resumed_restore_keeps_only_files_it_recorded_or_verified(
         server, setup, bucket, tmp_path):
-    _, alice = await start(server, setup, tmp_path)
-    blobs = [os.urandom(10_000 + n) for n in range(4)]
-    for data in blobs:
-        await alice.put(data)
-    await mirrored(alice, bucket, {b3(d) for d in blobs})
-    assert (await setup.cli("backup")).returncode == 0
+    blobs = await _four_blobs_backed_up(server, setup, bucket, tmp_path)
     fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
     assert (await fresh.cli("restore")).returncode == 0
 
