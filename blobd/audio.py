@@ -37,9 +37,9 @@ from typing import IO, Any
 from mutagen.aac import AAC
 from mutagen.flac import StreamInfo as FLACStreamInfo
 from mutagen.mp3 import MPEGInfo
-from mutagen.mp4 import MP4
-from mutagen.oggopus import OggOpus
-from mutagen.oggvorbis import OggVorbis
+from mutagen.mp4 import Atoms, MP4Info
+from mutagen.oggopus import OggOpusInfo
+from mutagen.oggvorbis import OggVorbisInfo
 from mutagen.wave import WaveStreamInfo
 
 from blobd.sniff import (AUDIO_MIME_TYPES, MAX_MP3_JUNK, MAX_MPEG_FRAME,
@@ -64,6 +64,7 @@ _MAX_CHANNELS = 255
 _MAX_ID3_TAGS = 8
 _MAX_FLAC_BLOCKS = 1_024
 _MAX_RIFF_CHUNKS = 1_024
+_MAX_WAVE_FORMAT = 64 << 10  # a WAVEFORMATEXTENSIBLE is 40 bytes
 _MAX_MP4_BOXES = 50_000
 _MP4_CONTAINERS = frozenset({   # the boxes mutagen descends into
     b"moov", b"udta", b"trak", b"mdia", b"meta", b"ilst",
@@ -288,7 +289,10 @@ def _read_mp4(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     if not _mp4_boxes_bounded(f):
         return None
     f.seek(0)
-    stream = MP4(f).info
+    # The stream facts only: MP4(f) would also load every tag, cover art
+    # and all, into memory (a 64 MB 'covr' cost ~190 MB).
+    stream = MP4Info()
+    stream.load(Atoms(f), f)
     return _make_info(stream, _mp4_codec(stream.codec), "audio/mp4")
 
 
@@ -296,9 +300,9 @@ def _mp4_boxes_bounded(f: IO[bytes]) -> bool:
     """Whether the box tree mutagen would build (ISO/IEC 14496-12 section
     4.2) has at most _MAX_MP4_BOXES boxes. Reads box headers only."""
     end = _file_size(f)
-    ranges, count = [(0, end)], 0
+    ranges, count = [(0, end, False)], 0
     while ranges:
-        pos, stop = ranges.pop()
+        pos, stop, nested = ranges.pop()
         while pos + 8 <= stop:
             f.seek(pos)
             header = f.read(16)
@@ -310,9 +314,15 @@ def _mp4_boxes_bounded(f: IO[bytes]) -> bool:
             count += 1
             if size < body - pos or count > _MAX_MP4_BOXES:
                 return False
+            if nested and pos + size > stop:
+                # mutagen reads a box's children up to the box's own end,
+                # not its parent's: past it, this count and mutagen's walk
+                # would part ways (a crafted file then costs mutagen
+                # millions of boxes). A whole file is never built so.
+                return False
             if name in _MP4_CONTAINERS:
                 skip = 4 if name == b"meta" else 0   # its version and flags
-                ranges.append((body + skip, min(pos + size, stop)))
+                ranges.append((body + skip, pos + size, True))
             pos += size
     return True
 
@@ -323,15 +333,25 @@ def _read_vorbis(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     if not ogg_first_packet(head).startswith(b"\x01vorbis"):
         return None
     f.seek(0)
-    return _make_info(OggVorbis(f).info, "vorbis", "audio/ogg")
+    return _make_info(_ogg_stream(OggVorbisInfo, f), "vorbis", "audio/ogg")
 
 
 def _read_opus(f: IO[bytes], start: int, head: bytes) -> AudioInfo:
     # Opus always decodes at 48 kHz (RFC 7845 section 5.1); the input rate
     # in its header is informational only, so mutagen does not report it.
     f.seek(0)
-    stream = OggOpus(f).info
+    stream = _ogg_stream(OggOpusInfo, f)
     return _make_info(stream, "opus", "audio/opus", sample_rate=48_000)
+
+
+def _ogg_stream(info_class: Any, f: IO[bytes]) -> Any:
+    """An Ogg stream's facts as mutagen's OggVorbis/OggOpus load them, but
+    without parsing the comment packet between the two steps: its tags
+    (millions of empty comments, or one of 64 MB) would all be held in
+    memory, ~35 times the bytes they take in the file."""
+    stream = info_class(f)
+    stream._post_tags(f)  # the length, from the stream's last page
+    return stream
 
 
 # WAVE format tags (RFC 2361 appendix A). WAVE_FORMAT_EXTENSIBLE hides the
@@ -358,8 +378,11 @@ def _riff_chunks_bounded(f: IO[bytes]) -> bool:
     for _ in range(_MAX_RIFF_CHUNKS):
         if pos + 8 > end:
             return True
-        f.seek(pos + 4)
-        size = int.from_bytes(f.read(4), "little")
+        f.seek(pos)
+        header = f.read(8)
+        size = int.from_bytes(header[4:8], "little")
+        if header[:4] == b"fmt " and size > _MAX_WAVE_FORMAT:
+            return False  # mutagen reads the whole 'fmt ' chunk into memory
         pos += 8 + size + (size & 1)   # chunks are padded to even length
     return pos + 8 > end
 

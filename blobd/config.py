@@ -108,6 +108,7 @@ class GcConfig:
 class UploadsConfig:
     session_ttl_seconds: float = 86400.0
     max_sessions_per_owner: int = 100
+    idle_timeout_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,8 @@ def _validate(config: Config) -> None:
         (config.limits.max_blob_size >= 1, "limits.max_blob_size: expected at least 1 byte"),
         (config.uploads.session_ttl_seconds > 0,
          "uploads.session_ttl_seconds: expected a positive number"),
+        (config.uploads.idle_timeout_seconds > 0,
+         "uploads.idle_timeout_seconds: expected a positive number"),
     ]
     checks += _audio_checks(config.audio)
     if config.mirror is not None:

@@ -57,18 +57,41 @@ class _Sink:
                                  " does not match the digest sent with it", status=status)
 
 
+class BodyStalled(BlobdError):
+    """No byte of the body came for ``[uploads] idle_timeout_seconds``."""
+
+    def __init__(self, idle: float) -> None:
+        super().__init__("bad_request", f"no bytes of the body came for {idle:g} s;"
+                         " send the rest again (the upload resumes where it stands)")
+
+
 async def _pump(body: AsyncIterator[bytes], sink: _Sink, limit: int,
-                too_long: Callable[[], BlobdError], keep_partial: bool) -> None:
+                too_long: Callable[[], BlobdError], keep_partial: bool,
+                idle: float) -> None:
+    """Write ``body`` through ``sink``. A body that stops coming ends the
+    request after ``idle`` seconds: a client whose network vanished without
+    a FIN would otherwise hold its chunk's range (or the tus upload's lock)
+    until TCP gave up, hours later, and refuse its own retries meanwhile."""
     buf = bytearray()
+    pieces = body.__aiter__()
     try:
-        async for piece in body:
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    piece = await anext(pieces)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise BodyStalled(idle) from None
             if sink.written + len(buf) + len(piece) > limit:
                 raise too_long()
             buf += piece
             if len(buf) >= WRITE_CHUNK:
                 data, buf = buf, bytearray()
                 await asyncio.to_thread(sink.write, data)
-    except BlobdError:
+    except BlobdError as exc:
+        if isinstance(exc, BodyStalled) and keep_partial and buf:
+            await shielded(asyncio.to_thread(sink.write, buf))
         raise
     except BaseException:
         # The body broke off (client gone, or the handler cancelled with
@@ -139,7 +162,8 @@ async def _receive_chunk(store: Store, session: Session, idx: int,
     def too_long() -> BlobdError:
         return BlobdError("bad_request", f"chunk {idx} is {span} bytes; more were sent")
 
-    await _pump(body, sink, span, too_long, keep_partial=False)
+    await _pump(body, sink, span, too_long, keep_partial=False,
+                idle=store.config.uploads.idle_timeout_seconds)
     if sink.written != span:
         raise BlobdError("bad_request",
                          f"chunk {idx} ended after {sink.written} of {span} bytes")
@@ -213,8 +237,11 @@ async def _append(store: Store, session: Session, fd: int, body: AsyncIterator[b
         return BlobdError("bad_request", f"the body would end past byte {end}")
 
     try:
-        await _pump(body, sink, room, too_long, keep_partial=not checks)
-    except BlobdError:
+        await _pump(body, sink, room, too_long, keep_partial=not checks,
+                    idle=store.config.uploads.idle_timeout_seconds)
+    except BlobdError as exc:
+        if isinstance(exc, BodyStalled) and not checks and sink.written:
+            await shielded(_keep_progress(store, session, fd, sink.written))
         raise
     except BaseException:
         if not checks and sink.written:

@@ -413,3 +413,26 @@ async def test_expect_continue_invites_only_a_chunk_that_fits(alice: Api) -> Non
     finally:
         await conn.close()
     assert (await status_of(alice, session))["received"] == [1]
+
+
+async def test_a_chunk_whose_body_stops_coming_lets_go_of_its_range(server) -> None:
+    """A phone's network vanishes mid-chunk without a FIN: after
+    [uploads] idle_timeout_seconds the request ends, and the retry of that
+    chunk is taken instead of refused as 'being received'."""
+    login = await server(uploads={"idle_timeout_seconds": 0.5})
+    alice = await login()
+    data = payload(CHUNK)
+    session = await create(alice, data)
+    conn = await RawConnection.open(alice.client.host, alice.client.port)
+    try:
+        await conn.send_head("PUT", f"/uploads/{session['id']}/0", {
+            **alice.headers(), "Content-Length": str(CHUNK)})
+        await conn.send(data[:500])
+        await send(alice, session, 0, data, status=409)  # the stalled copy holds it
+        stalled = await conn.read_response(timeout=5)
+        assert stalled.status == 400 and "no bytes" in stalled.json()["message"]
+    finally:
+        await conn.close()
+    await send(alice, session, 0, data)
+    done = await alice.request("POST", f"/uploads/{session['id']}/complete")
+    assert done.status == 201 and (await done.json())["hash"] == b3(data)

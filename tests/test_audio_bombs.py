@@ -1,0 +1,107 @@
+"""Crafted files a client may upload to make the audio probe eat memory.
+
+Every upload is probed (in a thread, with a timeout that cannot stop the
+thread), so the probe's memory must stay bounded by what it needs, not by
+what a file claims. Measured with tracemalloc around the probe of a real
+file on disk: mutagen's allocations are Python objects.
+"""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+from pathlib import Path
+
+from mutagen.mp4 import MP4, MP4Cover
+from mutagen.ogg import OggPage
+
+from audiofixtures import fixture
+from blobd import audio
+
+MIB = 1 << 20
+
+
+def _peak_while(probe_path: Path) -> tuple[audio.AudioInfo | None, int]:
+    tracemalloc.start()
+    try:
+        info = audio.probe(probe_path)
+        return info, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _ogg_with_comment_packet(comment: bytes) -> bytes:
+    """tone.ogg with its Vorbis comment packet replaced."""
+    with fixture("tone.ogg").open("rb") as src:
+        pages = []
+        while True:
+            try:
+                pages.append(OggPage(src))
+            except EOFError:
+                break
+    head = pages[:1]
+    for page in pages[1:]:
+        head.append(page)
+        if len(OggPage.to_packets(head, strict=False)) >= 3 and page.complete:
+            break
+    setup = OggPage.to_packets(head, strict=False)[2]
+    new = OggPage.from_packets([comment, setup], sequence=1, default_size=65025)
+    for page in new:
+        page.serial, page.position = head[0].serial, 0
+    out = [head[0], *new, *pages[len(head):]]
+    for number, page in enumerate(out):
+        page.sequence = number
+    return b"".join(page.write() for page in out)
+
+
+def test_a_vorbis_comment_bomb_is_read_without_its_comments(tmp_path: Path) -> None:
+    count = 300_000  # 1.2 MB of empty comments; ~40 MB as mutagen's tags
+    comment = b"\x03vorbis" + struct.pack("<II", 0, count) + b"\0\0\0\0" * count + b"\x01"
+    path = tmp_path / "bomb.ogg"
+    path.write_bytes(_ogg_with_comment_packet(comment))
+    info, peak = _peak_while(path)
+    assert info is not None and info.codec == "vorbis"
+    assert abs(info.duration - 2.0) < 0.05  # the stream facts are all still there
+    assert peak < 4 * MIB, f"{peak / MIB:.1f} MiB"
+
+
+def test_nested_mp4_boxes_claiming_more_than_their_parent_are_not_audio(
+        tmp_path: Path) -> None:
+    """A 'udta' inside a 24-byte 'moov' claims to run to the end of the file:
+    mutagen would then read every 8 bytes of the following 'free' box as a
+    box of its own (200,000 here)."""
+    boxes = 200_000
+    ftyp = struct.pack(">I4s4sI4s", 20, b"ftyp", b"M4A ", 0, b"M4A ")
+    body = struct.pack(">I4s", 8, b"abcd") * boxes
+    total = 20 + 24 + 8 + len(body)
+    moov = (struct.pack(">I4s", 24, b"moov") + struct.pack(">I4s", total - 28, b"udta")
+            + struct.pack(">I4s", 16, b"skip"))
+    path = tmp_path / "bomb.m4a"
+    path.write_bytes(ftyp + moov + struct.pack(">I4s", 8 + len(body), b"free") + body)
+    info, peak = _peak_while(path)
+    assert info is None
+    assert peak < 4 * MIB, f"{peak / MIB:.1f} MiB"
+
+
+def test_mp4_tags_are_not_loaded(tmp_path: Path) -> None:
+    """Cover art (or any tag) of any size costs the probe nothing."""
+    path = tmp_path / "cover.m4a"
+    path.write_bytes(fixture("tone.m4a").read_bytes())
+    tagged = MP4(path)
+    tagged["covr"] = [MP4Cover(bytes(8 * MIB))]
+    tagged.save()
+    info, peak = _peak_while(path)
+    assert info is not None and info.codec == "aac"
+    assert peak < 4 * MIB, f"{peak / MIB:.1f} MiB"
+
+
+def test_a_wave_format_chunk_of_megabytes_is_not_audio(tmp_path: Path) -> None:
+    data = fixture("tone.wav").read_bytes()
+    huge_fmt = struct.pack("<4sI", b"fmt ", 4 * MIB) + bytes(4 * MIB)
+    riff = data[12:]
+    body = b"WAVE" + huge_fmt + riff
+    path = tmp_path / "bomb.wav"
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    info, peak = _peak_while(path)
+    assert info is None
+    assert peak < 2 * MIB, f"{peak / MIB:.1f} MiB"
