@@ -419,7 +419,7 @@ async def test_a_chunk_whose_body_stops_coming_lets_go_of_its_range(server) -> N
     """A phone's network vanishes mid-chunk without a FIN: after
     [uploads] idle_timeout_seconds the request ends, and the retry of that
     chunk is taken instead of refused as 'being received'."""
-    login = await server(uploads={"idle_timeout_seconds": 0.5})
+    login = await server(uploads={"idle_timeout_seconds": 1.5})
     alice = await login()
     data = payload(CHUNK)
     session = await create(alice, data)
@@ -428,6 +428,7 @@ async def test_a_chunk_whose_body_stops_coming_lets_go_of_its_range(server) -> N
         await conn.send_head("PUT", f"/uploads/{session['id']}/0", {
             **alice.headers(), "Content-Length": str(CHUNK)})
         await conn.send(data[:500])
+        await asyncio.sleep(0.3)  # its handler has the chunk's range by now
         await send(alice, session, 0, data, status=409)  # the stalled copy holds it
         stalled = await conn.read_response(timeout=5)
         assert stalled.status == 400 and "no bytes" in stalled.json()["message"]
