@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from . import stats
+from .http import takeover
 from .store import Store
 
 # The *_created series double every counter's output and nobody graphs them.
@@ -136,12 +137,13 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     except web.HTTPException as exc:
         status = str(exc.status)
         raise
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, ConnectionError):
+        # Gone mid-answer (a download dropped): no status reached anyone.
         status = CLIENT_GONE
         raise
     finally:
         method = request.method if request.method in METHODS else "other"
         request.app[METRICS].observe(
             route_label(request), method, status,
-            time.perf_counter() - started, request.content.total_bytes,
+            time.perf_counter() - started, takeover.received_bytes(request),
             _body_bytes(request, response))

@@ -8,6 +8,7 @@ import sqlite3
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from blobd.http.takeover import MIN_SIZE
 from conftest import b3
 
 DATA = os.urandom(50_000)
@@ -54,6 +55,17 @@ async def test_requests_latency_and_bytes_by_route(server):
     # sendfile'd bodies are counted as sent; HEAD sends none.
     assert value(s, "blobd_http_sent_bytes_total", route=route) >= len(DATA) + 1000
     assert value(s, "blobd_http_sent_bytes_total", route=route) < len(DATA) + 2000
+
+
+async def test_large_bodies_read_off_the_socket_are_counted(server):
+    """Bodies of 8 MiB and more bypass aiohttp's stream (sockbody.py):
+    most audio files. Their bytes count all the same."""
+    login = await server()
+    admin, alice = await login("root", "admin"), await login("alice")
+    big = os.urandom(MIN_SIZE + 12345)
+    assert (await alice.put(big)).status == 201
+    s = await scrape(admin)
+    assert value(s, "blobd_http_received_bytes_total", route="/blobs/{address}") == len(big)
 
 
 async def test_labels_stay_bounded_whatever_the_paths(server):

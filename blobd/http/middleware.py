@@ -93,6 +93,10 @@ async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse
     except BlobdError as exc:
         return error_response(exc)
     except RequestPayloadError as exc:
+        if request.transport is None or request.transport.is_closing():
+            # The client hung up mid-body: nobody to answer (the request
+            # log and metrics have it as aborted).
+            raise ConnectionResetError("client went away") from exc
         # The body broke off mid-way in a way the parser noticed: a gzip
         # that does not decode, a malformed chunk.
         return error_response(BlobdError("bad_request", f"unreadable request body: {exc}"))
