@@ -150,11 +150,20 @@ def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(server.tls_cert, server.tls_key)
+        context.load_cert_chain(server.tls_cert, server.tls_key, password=_no_passphrase)
+    except ConfigError:
+        raise
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"server.tls_cert: cannot load {server.tls_cert} with key "
                           f"{server.tls_key}: {exc}") from None
     return context
+
+
+def _no_passphrase() -> str:
+    # Called only for an encrypted key; without it OpenSSL would prompt on
+    # the terminal (or fail obscurely under systemd).
+    raise ConfigError("server.tls_key: the key is encrypted; blobd needs it"
+                      " unencrypted (e.g. openssl pkey -in KEY -out KEY.plain)")
 
 
 def _stop_on_signals() -> asyncio.Event:

@@ -190,8 +190,9 @@ class Supervisor:
 
     def _announce(self) -> None:
         server = self.config.server
-        where = (", ".join(_url(sock) for sock in self.activated) if self.activated
-                 else f"http://{server.host}:{server.port}")
+        scheme = "https" if server.tls_cert else "http"
+        where = (", ".join(_url(sock, scheme) for sock in self.activated) if self.activated
+                 else f"{scheme}://{server.host}:{server.port}")
         message = (f"blobd serving {self.config.data_dir.resolve()} on {where}"
                    f" with {server.workers} workers")
         print(message, flush=True)
@@ -366,11 +367,11 @@ def _stop_with(supervisor: int) -> None:
         os._exit(0)
 
 
-def _url(sock: socket.socket) -> str:
+def _url(sock: socket.socket, scheme: str = "http") -> str:
     if sock.family == socket.AF_UNIX:
         return f"unix:{sock.getsockname()}"
     host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def _bind(config: Config, *, listen: bool) -> socket.socket:

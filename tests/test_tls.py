@@ -93,11 +93,13 @@ def test_https_upload_download_and_ranges(tmp_path: Path, certificate):
     assert len(data) < sent < len(data) + 1024, whole
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("which", ["tls_cert", "tls_key"])
-def test_unusable_certificate_is_one_line(tmp_path: Path, certificate, which: str):
+def test_unusable_certificate_is_one_line(tmp_path: Path, certificate, which: str,
+                                          workers: int):
     cert, key = certificate
     server = {"port": free_port(), "data_dir": str(tmp_path / "data"),
-              "tls_cert": str(cert), "tls_key": str(key)}
+              "tls_cert": str(cert), "tls_key": str(key), "workers": workers}
     server[which] = str(tmp_path / "missing.pem")
     config = tmp_path / "blobd.toml"
     config.write_text(to_toml({"server": server}))
@@ -107,3 +109,22 @@ def test_unusable_certificate_is_one_line(tmp_path: Path, certificate, which: st
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("blobd: error: server.tls_cert: cannot load")
     assert "missing.pem" in lines[0]
+
+
+def test_an_encrypted_key_is_one_line_not_a_passphrase_prompt(tmp_path: Path, certificate):
+    cert, key = certificate
+    encrypted = tmp_path / "encrypted.pem"
+    subprocess.run(["openssl", "pkey", "-in", str(key), "-out", str(encrypted),
+                    "-aes256", "-passout", "pass:secret"], check=True, capture_output=True,
+                   timeout=60)
+    config = tmp_path / "blobd.toml"
+    config.write_text(to_toml({"server": {
+        "port": free_port(), "data_dir": str(tmp_path / "data"),
+        "tls_cert": str(cert), "tls_key": str(encrypted)}}))
+    # stdin from the terminal would make OpenSSL ask and wait; here it is
+    # empty, and the answer must be an error naming the key either way.
+    result = run_blobd("serve", "-c", str(config), cwd=tmp_path, timeout=30)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "blobd: error: server.tls_key: the key is encrypted; blobd needs it unencrypted"
+        " (e.g. openssl pkey -in KEY -out KEY.plain)"]

@@ -46,6 +46,9 @@ def run_serve(args: argparse.Namespace) -> int:
     config = effective_config(args)
     setup_logging(config.logging.level)
     if config.server.workers > 1:
+        # Checked once, here: each worker failing on it would only say so in
+        # a traceback of its own.
+        daemon.tls_context(config.server)
         return workers.serve(config, serve_worker)
     return daemon.serve(config)
 
