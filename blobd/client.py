@@ -133,7 +133,11 @@ class BlobdClient:
             await asyncio.to_thread(files.remove_quietly, temp)
             raise BlobdError("digest_mismatch", f"the server sent bytes that hash to"
                              f" {actual}, not {parsed.digest}; nothing was saved")
-        await asyncio.to_thread(os.replace, temp, dest)
+        try:
+            await asyncio.to_thread(os.replace, temp, dest)
+        except BaseException:
+            await asyncio.to_thread(files.remove_quietly, temp)
+            raise
         return digests
 
     # -- upload sessions -----------------------------------------------------

@@ -12,7 +12,7 @@ import blake3
 import pytest
 
 from blobd.cli import build_parser
-from serverproc import DEFAULT_PORT, BlobdServer, free_port, http, port_is_free, run_blobd
+from serverproc import DEFAULT_PORT, BlobdServer, free_port, http, port_is_free, run_blobd, to_toml
 
 
 def command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
@@ -141,3 +141,15 @@ def test_half_restored_data_dir_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "mirror restore" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("action", [("list",), ("revoke", "0123abcd")])
+def test_token_list_and_revoke_never_create_a_store(tmp_path: Path, action: tuple) -> None:
+    """Run from the wrong directory, they would otherwise make an empty
+    store and report no tokens, as if the real ones were gone."""
+    config = tmp_path / "blobd.toml"
+    config.write_text(to_toml({"server": {"data_dir": str(tmp_path / "nowhere")}}))
+    result = run_blobd("token", *action, "-c", str(config), timeout=60)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "nowhere").exists()

@@ -164,3 +164,22 @@ def test_put_with_a_bad_token_or_no_server(live, tmp_path: Path) -> None:
     assert bad.returncode == 1 and "token" in bad.stderr
     gone = run_blobd("put", "--server", "http://127.0.0.1:9", "--token", "t", str(src))
     assert gone.returncode == 1 and "cannot reach" in gone.stderr
+
+
+def test_get_to_a_place_it_cannot_write_is_one_line_and_leaves_nothing(
+        live, tmp_path: Path) -> None:
+    data = os.urandom(100_000)
+    src = tmp_path / "x.bin"
+    src.write_bytes(data)
+    assert cli(live, "put", str(src)).returncode == 0
+    digest = b3(data)
+    out = tmp_path / "out"
+    (out / "isdir").mkdir(parents=True)
+    for target, words in ((out / "isdir", "Is a directory"),
+                          (out / "nodir" / "a.bin", "No such file or directory")):
+        result = cli(live, "get", digest, "-o", str(target))
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["isdir"]  # no .part file left
+    assert list((out / "isdir").iterdir()) == []

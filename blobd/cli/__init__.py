@@ -31,11 +31,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if asyncio.iscoroutine(result):
             result = asyncio.run(result)
         return int(result or 0)
-    except (BlobdError, ConfigError) as exc:
-        message = exc.message if isinstance(exc, BlobdError) else str(exc)
+    except (BlobdError, ConfigError, OSError) as exc:
         # <3>: an error for journald, when stderr is the journal (see logs.py).
         prefix = "<3>" if stream_is_journal(sys.stderr) else ""
-        print(f"{prefix}blobd: error: {message}", file=sys.stderr)
+        print(f"{prefix}blobd: error: {_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, BlobdError):
+        return exc.message
+    if isinstance(exc, OSError) and exc.strerror:
+        # A file the command was pointed at: a missing directory, one that is
+        # a directory, a data dir that is a file, no permission.
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return str(exc)

@@ -48,7 +48,7 @@ async def create_token(args: argparse.Namespace) -> int:
 
 
 async def list_tokens(args: argparse.Namespace) -> int:
-    async with open_index(config_from_args(args)) as store:
+    async with open_index(config_from_args(args), must_exist=True) as store:
         rows = await auth.list_tokens(store.db.reader, args.owner)
     print(f"{'ID':10} {'OWNER':20} {'SCOPES':18} {'CREATED':20} LABEL")
     for row in rows:
@@ -59,7 +59,7 @@ async def list_tokens(args: argparse.Namespace) -> int:
 
 
 async def revoke_token(args: argparse.Namespace) -> int:
-    async with open_index(config_from_args(args)) as store:
+    async with open_index(config_from_args(args), must_exist=True) as store:
         async with store.write() as tx:
             found = await auth.revoke_token(tx.conn, args.id)
     if not found:
