@@ -34,6 +34,7 @@ from .store import Store
 
 _TOKEN = r"[!#$%&'*+.^_`|~0-9a-z-]+"
 _MEDIA_TYPE = re.compile(f"{_TOKEN}/{_TOKEN}")
+WEAK_MAGIC = frozenset({"audio/mpeg", "audio/aac"})
 GENERIC_TYPES = frozenset({
     "", "application/octet-stream", "application/x-www-form-urlencoded",
     "binary/octet-stream",
@@ -84,9 +85,13 @@ def content_type(info: AudioInfo | None, head: bytes, client_type: str | None) -
     if info is not None:
         return info.mime
     sniffed = sniff_mime(head)
-    if sniffed is not None:
-        return sniffed
     claimed = normalise_type(client_type)
+    specific = claimed not in GENERIC_TYPES and claimed not in AUDIO_MIME_TYPES
+    # A bare MPEG or ADTS frame header is a dozen bits of sync that text
+    # starts with by chance (a UTF-16 byte-order mark, FF FE, is one): when
+    # the probe found no stream behind it, a specific claim weighs more.
+    if sniffed is not None and not (specific and sniffed in WEAK_MAGIC):
+        return sniffed
     # blobd recognises every type in AUDIO_MIME_TYPES; bytes it did not
     # recognise are not that type, whatever the client says.
     if claimed in GENERIC_TYPES or claimed in AUDIO_MIME_TYPES:

@@ -62,22 +62,24 @@ async def small_upload_limit(store: Store, owner: str, declared: int) -> int:
 
 
 async def upload_limit(store: Store, owner: str, declared: int | None,
-                       digest: str | None = None) -> int:
+                       digest: str | None = None, *, unknown: bool = False) -> int:
     """The most bytes ``owner`` may send now; raises before any is read.
 
     ``declared`` is the Content-Length (None when chunked); ``digest`` the
     BLAKE3 address when the client named it, so a blob the owner already
-    holds (which costs nothing) is not refused for ``max_bytes``. Every
-    check, free disk space included, is one trip to a reader thread.
+    holds (which costs nothing) is not refused for ``max_bytes``;
+    ``unknown``: the client named a blob the index has never seen (a
+    ``sha256:`` address not in it), which nobody can hold. Every check,
+    free disk space included, is one trip to a reader thread.
     """
     limits = await store.db.read(functools.partial(_check_upload, store, owner,
-                                                   declared, digest))
+                                                   declared, digest, unknown))
     store.owner_limits.put(owner, limits)
     return min(limits.max_blob_size, store.config.limits.max_blob_size)
 
 
 def _check_upload(store: Store, owner: str, declared: int | None, digest: str | None,
-                  conn: sqlite3.Connection) -> QuotaLimits:
+                  unknown: bool, conn: sqlite3.Connection) -> QuotaLimits:
     """The checks of :func:`upload_limit`, on a reader thread; the owner's
     limits if all pass."""
     sync = SyncConnection(conn)
@@ -88,8 +90,9 @@ def _check_upload(store: Store, owner: str, declared: int | None, digest: str | 
         used = drive(index.usage(sync, owner))
         if used["monthly_upload_bytes"] + declared > limits.max_monthly_upload_bytes:
             raise exceeded("max_monthly_upload_bytes", limits.max_monthly_upload_bytes)
-        if (digest is not None and not drive(holds(sync, owner, digest))
-                and used["used_bytes"] + used["reserved_bytes"] + declared
+        new_to_owner = unknown or (digest is not None
+                                   and not drive(holds(sync, owner, digest)))
+        if (new_to_owner and used["used_bytes"] + used["reserved_bytes"] + declared
                 > limits.max_bytes):
             raise exceeded("max_bytes", limits.max_bytes)
     store.ensure_free_space(declared or 0)

@@ -242,3 +242,11 @@ async def _login(client, owner: str) -> Api:
     async with client.app[STORE].write() as tx:
         _, token = await auth.create_token(tx.conn, owner, auth.parse_scopes("read,write"))
     return Api(client, token, owner)
+
+
+async def test_utf16_text_is_not_mp3_because_of_its_byte_order_mark(alice):
+    """FF FE passes for an MPEG frame header; the probe finds no stream, and
+    the client's specific type stands."""
+    text = "\ufeffWindows Registry Editor Version 5.00\r\n".encode("utf-16-le") * 20
+    resp = await alice.put(text, headers={"Content-Type": "text/plain; charset=utf-16"})
+    assert (await resp.json())["content_type"] == "text/plain"

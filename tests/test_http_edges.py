@@ -313,3 +313,18 @@ async def test_tus_upload_whose_commit_can_never_succeed_is_removed(alice):
     assert "Location" not in resp.headers
     assert (await _usage(alice))["reserved_bytes"] == 0
     assert list((alice.data_dir / "uploads").iterdir()) == []
+
+
+async def test_a_sha256_address_nobody_has_is_held_to_max_bytes_before_its_body(server):
+    login = await server(**{"quotas": {"default": {"max_bytes": 1000}}})
+    alice = await login()
+    import hashlib
+    body = os.urandom(600_000)
+    conn = await _raw(alice)
+    try:
+        await conn.send_head("PUT", f"/blobs/sha256:{hashlib.sha256(body).hexdigest()}", {
+            **alice.headers(), "Content-Length": str(len(body)), "Expect": "100-continue"})
+        resp = await conn.read_response()
+    finally:
+        await conn.close()
+    assert resp.status == 507 and resp.json()["error"] == "quota_exceeded"

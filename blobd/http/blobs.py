@@ -95,7 +95,8 @@ async def _receive_and_commit(request: web.Request, store: Store, owner: str,
         limit = await small_upload_limit(store, owner, declared)
     else:
         digest = await resolve_any(store, address) if address is not None else None
-        limit = await upload_limit(store, owner, declared, digest)
+        limit = await upload_limit(store, owner, declared, digest,
+                                   unknown=address is not None and digest is None)
     await send_continue(request)
     taken = take_body(request)
     if taken is not None:
