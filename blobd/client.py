@@ -200,13 +200,21 @@ class BlobdClient:
     async def _open_session(self, digests: files.Digests, ref: str | None,
                             content_type: str | None,
                             chunk_size: int | None) -> tuple[dict[str, Any], str]:
-        for session in await self.list_uploads():
-            if (session["hash"] == digests.blake3 and session["size"] == digests.size
-                    and session["ref"] == ref):
-                return session, "resumed"
+        stale = [s for s in await self.list_uploads()
+                 if s["hash"] == digests.blake3 and s["size"] == digests.size
+                 and s["ref"] == ref]
+        # (A token without the read scope cannot look: 403, then resume.)
+        status, _ = await self._call("HEAD", f"/blobs/{digests.blake3}", (200, 403, 404))
+        if stale and status != 200:
+            return stale[0], "resumed"
+        # The server has the content (stored since, by anyone): answered at
+        # once with the reference, and an old session's bytes are not needed.
         status, answer = await self.create_upload(
             digests.size, digest=digests.blake3, ref=ref, content_type=content_type,
             chunk_size=chunk_size)
+        if status == 200:
+            for session in stale:
+                await self.abort_upload(session["id"])
         return answer, "skipped" if status == 200 else "session"
 
     async def _send_chunks(self, path: Path, session: dict[str, Any], parallel: int,

@@ -183,3 +183,28 @@ def test_get_to_a_place_it_cannot_write_is_one_line_and_leaves_nothing(
         assert len(lines) == 1 and words in lines[0], result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["isdir"]  # no .part file left
     assert list((out / "isdir").iterdir()) == []
+
+
+def test_put_skips_a_stale_session_when_the_server_has_the_blob_meanwhile(
+        live, tmp_path: Path) -> None:
+    """A run cut off mid-session, then the same bytes stored by another
+    client: the next run sends nothing and drops the old session."""
+    src = tmp_path / "stale.flac"
+    data = os.urandom(10 * 16 * KIB)
+    src.write_bytes(data)
+    server, token = live
+
+    async def earlier_run_then_another_client() -> str:
+        async with BlobdClient(server.url, token) as client:
+            _, session = await client.create_upload(len(data), digest=b3(data),
+                                                    chunk_size=16 * KIB)
+            await client.put_chunk(session["id"], 0, data[:16 * KIB])
+        assert request("PUT", f"{server.url}/blobs/{b3(data)}", token, data)[0] == 201
+        return session["id"]
+
+    session_id = asyncio.run(earlier_run_then_another_client())
+    put = cli(live, "put", "--session-threshold", "64KiB", str(src))
+    assert put.returncode == 0, put.stderr
+    assert "resumed" not in put.stderr and "nothing was sent" in put.stderr, put.stderr
+    assert chunk_puts(server, session_id) == 1
+    assert session_id not in {s["id"] for s in sessions(live)}
