@@ -187,7 +187,9 @@ class BlobdClient:
         if digests.size < session_threshold:
             blob, sent = await self.put_file(path, digests.blake3, ref=ref,
                                              content_type=content_type, progress=progress)
-            return UploadResult(blob, "put" if sent else "skipped",
+            # An empty file sends no byte and is still new when created.
+            stored = sent or blob.get("created", False)
+            return UploadResult(blob, "put" if stored else "skipped",
                                 digests.size if sent else 0)
         session, mode = await self._open_session(digests, ref, content_type, chunk_size)
         if mode == "skipped":

@@ -266,7 +266,10 @@ class Supervisor:
         self._ping_watchdog()
         now = time.monotonic()
         timeout = min([due - now for due in self._due.values()], default=1.0)
-        self._wait(min(timeout, 1.0))
+        if self._watchdog:
+            # Woken in time for the next ping, however short WatchdogSec= is.
+            timeout = min(timeout, self._pinged + self._watchdog / 2 - now)
+        self._wait(max(0.0, min(timeout, 1.0)))
         if self.signals:
             return
         for worker in list(self.workers.values()):
@@ -278,7 +281,7 @@ class Supervisor:
                 self._start(number)
 
     def _ping_watchdog(self) -> None:
-        # The loop wakes at least once a second; ping at half the timeout.
+        # The loop wakes by the next ping (see above); ping at half the timeout.
         if self._watchdog and time.monotonic() - self._pinged >= self._watchdog / 2:
             self._notifier.watchdog()
             self._pinged = time.monotonic()

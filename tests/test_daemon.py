@@ -248,3 +248,23 @@ def _answers(url: str) -> bool:
             return resp.status == 200
     except OSError:
         return False
+
+
+def test_workers_ping_the_watchdog_at_half_its_timeout(tmp_path: Path):
+    """The supervisor speaks for its workers; with WatchdogSec=1 it must
+    ping every half second, not at its once-a-second housekeeping."""
+    receiver = notify_socket(tmp_path / "notify.sock")
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "1000000"}
+    server = BlobdServer(tmp_path, {**FAST, "server": {"workers": 2}}, env=env)
+    try:
+        server.start(wait=False)
+        assert receiver.recv(4096).decode().startswith("READY=1")
+        pings = []
+        while len(pings) < 5:
+            if receiver.recv(4096).decode() == "WATCHDOG=1":
+                pings.append(time.monotonic())
+        gaps = [b - a for a, b in zip(pings, pings[1:])]
+        assert max(gaps) < 0.8, gaps
+    finally:
+        server.stop()
+        receiver.close()
