@@ -56,7 +56,9 @@ CUT_OFF_SECONDS = 5.0
 # 1 GiB PUT ran at 224 MB/s, at 256 KiB at 297 MB/s (bench/README.md).
 # Per connection sending a body, so 8 parallel uploads hold 4 MiB more.
 READ_BUFSIZE = 256 << 10
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP too: a server run from a terminal that closes drains like any
+# other stop, instead of dying mid-request (blobd has nothing to reload).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def serve(config: Config) -> int:

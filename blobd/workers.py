@@ -61,6 +61,7 @@ from typing import Any, Callable
 
 from . import files
 from .config import Config
+from .daemon import STOP_SIGNALS
 from .errors import BlobdError
 from .layout import Layout
 from .sdnotify import Notifier, listen_fds
@@ -72,7 +73,6 @@ log = logging.getLogger(__name__)
 # listening socket until SIGTERM/SIGINT; call ready() once it is serving.
 ServeOne = Callable[[Config, list[socket.socket], bool, Callable[[], None]], None]
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 BACKLOG = 1024
 # A worker that lived shorter than this counts as failing to start.
 HEALTHY_SECONDS = 5.0

@@ -268,3 +268,17 @@ def test_workers_ping_the_watchdog_at_half_its_timeout(tmp_path: Path):
     finally:
         server.stop()
         receiver.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_stops_like_sigterm(tmp_path: Path, workers: int):
+    """A terminal that closes sends SIGHUP: a drain and exit 0, not a death
+    mid-request."""
+    server = BlobdServer(tmp_path, {**FAST, "server": {"workers": workers}})
+    try:
+        server.start()
+        server.proc.send_signal(signal.SIGHUP)
+        assert server.proc.wait(20) == 0
+        assert "stopped" in server.stderr_tail(50)
+    finally:
+        server.stop()
