@@ -75,11 +75,11 @@ _MP4_CONTAINERS = frozenset({   # the boxes mutagen descends into
 @dataclass(frozen=True, slots=True)
 class AudioInfo:
     """Stream facts of one audio file. `duration` is in seconds (rounded to
-    milliseconds), `bitrate` in bits per second; `mime` is one of
-    AUDIO_MIME_TYPES and is not part of the JSON shape (the blob's
-    content_type carries it)."""
+    milliseconds; None when the file does not say, see _plausible),
+    `bitrate` in bits per second; `mime` is one of AUDIO_MIME_TYPES and is
+    not part of the JSON shape (the blob's content_type carries it)."""
 
-    duration: float
+    duration: float | None
     bitrate: int | None
     sample_rate: int | None
     channels: int | None
@@ -103,7 +103,7 @@ class AudioInfo:
         round-trip is corruption, and should be loud."""
         try:
             info = cls(
-                duration=float(data["duration"]),
+                duration=None if data["duration"] is None else float(data["duration"]),
                 bitrate=_optional_int(data["bitrate"]),
                 sample_rate=_optional_int(data["sample_rate"]),
                 channels=_optional_int(data["channels"]),
@@ -176,9 +176,20 @@ def _skip_id3v2(f: IO[bytes]) -> int | None:
     return None
 
 
+# Formats whose valid files may not say how long they are: FLAC written to a
+# pipe (STREAMINFO's total_samples 0) and fragmented MP4 (the moov's
+# duration 0, the samples in the fragments). Elsewhere a missing duration
+# means the header is not what it seems.
+_DURATION_MAY_BE_UNKNOWN = frozenset({"audio/flac", "audio/mp4"})
+
+
 def _plausible(info: AudioInfo) -> bool:
+    if info.duration is None:
+        known = info.mime in _DURATION_MAY_BE_UNKNOWN
+    else:
+        known = math.isfinite(info.duration) and 0 < info.duration <= _MAX_DURATION
     return (
-        math.isfinite(info.duration) and 0 < info.duration <= _MAX_DURATION
+        known
         and info.sample_rate is not None
         and _MIN_SAMPLE_RATE <= info.sample_rate <= _MAX_SAMPLE_RATE
         and info.channels is not None and 1 <= info.channels <= _MAX_CHANNELS
@@ -190,8 +201,9 @@ def _make_info(stream: Any, codec: str, mime: str, *,
                sample_rate: int | None = None) -> AudioInfo:
     """AudioInfo from a mutagen StreamInfo, with overrides; zero or missing
     numbers become None (mutagen uses 0 for "unknown")."""
+    length = float(stream.length if duration is None else duration)
     return AudioInfo(
-        duration=round(float(stream.length if duration is None else duration), 3),
+        duration=round(length, 3) if length else None,
         bitrate=_positive_int(bitrate or getattr(stream, "bitrate", 0)),
         sample_rate=_positive_int(sample_rate or getattr(stream, "sample_rate", 0)),
         channels=_positive_int(getattr(stream, "channels", 0)),
@@ -271,8 +283,10 @@ def _read_flac(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     else:
         return None
     audio_bytes = _file_size(f) - pos
-    if audio_bytes <= 0 or not stream.length:
+    if audio_bytes <= 0:
         return None   # the metadata claims to run past the end of the file
+    if not stream.length:   # streamed: the length was not known when written
+        return _make_info(stream, "flac", "audio/flac")
     return _make_info(stream, "flac", "audio/flac",
                       bitrate=audio_bytes * 8 / stream.length)
 

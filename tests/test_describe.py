@@ -155,6 +155,20 @@ async def test_require_audio_accepts_every_recognised_format(server):
     assert {b["content_type"] for b in await listing(alice)} == AUDIO_MIME_TYPES
 
 
+@pytest.mark.parametrize("name,codec", [("streamed.flac", "flac"), ("fragmented.m4a", "aac")])
+async def test_audio_that_does_not_say_its_length_is_still_audio(server, name, codec):
+    """A FLAC written to a pipe and a fragmented MP4 play fine; they just do
+    not state a duration up front. Audio, with a null duration."""
+    login = await server(audio=REQUIRE)
+    alice = await login()
+    data = fixture(name).read_bytes()
+    resp = await alice.put(data)
+    assert resp.status == 201, await resp.text()
+    meta = await (await alice.request("GET", f"/blobs/{b3(data)}/meta")).json()
+    assert meta["audio"]["duration"] is None and meta["audio"]["codec"] == codec
+    assert meta["audio"]["sample_rate"] in (8000, 44100)
+
+
 async def assert_nothing_stored(api: Api) -> None:
     assert blob_files(api.data_dir) == [] and tmp_files(api.data_dir) == []
     assert await usage(api) == {"used_bytes": 0, "used_blobs": 0, "reserved_bytes": 0,
