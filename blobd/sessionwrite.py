@@ -65,6 +65,12 @@ class BodyStalled(BlobdError):
                          " send the rest again (the upload resumes where it stands)")
 
 
+def broke_off(exc: BaseException) -> bool:
+    """The body stopped coming (as opposed to being refused): what arrived
+    before is kept where the protocol allows it (a tus PATCH)."""
+    return isinstance(exc, BodyStalled) or not isinstance(exc, BlobdError)
+
+
 async def _pump(body: AsyncIterator[bytes], sink: _Sink, limit: int,
                 too_long: Callable[[], BlobdError], keep_partial: bool,
                 idle: float) -> None:
@@ -89,14 +95,10 @@ async def _pump(body: AsyncIterator[bytes], sink: _Sink, limit: int,
             if len(buf) >= WRITE_CHUNK:
                 data, buf = buf, bytearray()
                 await asyncio.to_thread(sink.write, data)
-    except BlobdError as exc:
-        if isinstance(exc, BodyStalled) and keep_partial and buf:
-            await shielded(asyncio.to_thread(sink.write, buf))
-        raise
-    except BaseException:
-        # The body broke off (client gone, or the handler cancelled with
-        # it): keep what did arrive.
-        if keep_partial and buf:
+    except BaseException as exc:
+        # The body broke off (client gone or silent, or the handler
+        # cancelled with it): keep what did arrive.
+        if keep_partial and buf and broke_off(exc):
             await shielded(asyncio.to_thread(sink.write, buf))
         raise
     if buf:
@@ -239,12 +241,8 @@ async def _append(store: Store, session: Session, fd: int, body: AsyncIterator[b
     try:
         await _pump(body, sink, room, too_long, keep_partial=not checks,
                     idle=store.config.uploads.idle_timeout_seconds)
-    except BlobdError as exc:
-        if isinstance(exc, BodyStalled) and not checks and sink.written:
-            await shielded(_keep_progress(store, session, fd, sink.written))
-        raise
-    except BaseException:
-        if not checks and sink.written:
+    except BaseException as exc:
+        if not checks and sink.written and broke_off(exc):
             await shielded(_keep_progress(store, session, fd, sink.written))
         raise
     sink.verify(status_on_mismatch)
