@@ -122,7 +122,7 @@ class Database:
         self._read_threads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="blobd-read")
         self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="blobd-commit")
         self._commit_conn = await asyncio.get_running_loop().run_in_executor(
-            self._commit_thread, self._connect_sync)
+            self._commit_thread, self._connect_committer)
 
     async def close(self) -> None:
         """Close every connection once no write transaction is open: a
@@ -169,6 +169,16 @@ class Database:
         conn.row_factory = sqlite3.Row
         for pragma in self._pragmas():
             conn.execute(pragma)
+        return conn
+
+    def _connect_committer(self) -> sqlite3.Connection:
+        conn = self._connect_sync()
+        # A batch gives each body a SAVEPOINT, whose journal holds the
+        # first copy of every page the batch changes: past 64 KiB SQLite
+        # spills it to a new file in /var/tmp, one per transaction, and
+        # writes each page to it (as many writes as the WAL gets). The
+        # commit connection's transactions are small: keep it in memory.
+        conn.execute("PRAGMA temp_store = MEMORY")
         return conn
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
