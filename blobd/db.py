@@ -154,6 +154,11 @@ class Database:
             f"synchronous = {sync}",
             "busy_timeout = 30000",
             "foreign_keys = ON",
+            # Checkpoint every 16 MiB of WAL rather than 4 MiB: a busy
+            # server rewrites the same hot pages (owners, counters, the
+            # trees' upper levels) into the database file a quarter as
+            # often. Measured: small POSTs +10 %, bench/README.md.
+            "wal_autocheckpoint = 4000",
         )]
 
     async def _connect(self) -> aiosqlite.Connection:
