@@ -19,7 +19,7 @@ from typing import Callable
 import blake3
 
 from .errors import BlobdError
-from .files import HEAD_SIZE, Digests, remove_quietly, storage_error
+from .files import DIRECT_ALIGN, HEAD_SIZE, O_DIRECT, Digests, remove_quietly, storage_error
 
 # Start disk writeback every this many bytes while a durable body arrives
 # (and wait for the window before). 8 MiB drained the disk's queue between
@@ -27,10 +27,6 @@ from .files import HEAD_SIZE, Digests, remove_quietly, storage_error
 # page cache per upload stays under two windows.
 WRITEBACK_WINDOW = 32 << 20
 
-# Buffers and sizes written with O_DIRECT are multiples of this (a page,
-# which covers 512- and 4096-byte logical blocks alike).
-DIRECT_ALIGN = 4096
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 _SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
@@ -77,9 +73,9 @@ class BodyWriter:
         self.min_free_bytes = min_free_bytes
         self._flushed = 0  # bytes whose writeback has been started
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        self._direct = direct and _O_DIRECT != 0
+        self._direct = direct and O_DIRECT != 0
         try:
-            self._fd = os.open(path, flags | (_O_DIRECT if self._direct else 0), 0o640)
+            self._fd = os.open(path, flags | (O_DIRECT if self._direct else 0), 0o640)
         except OSError as exc:
             if not (self._direct and exc.errno == errno.EINVAL):
                 raise storage_error(exc) from exc
@@ -129,7 +125,7 @@ class BodyWriter:
             self._start_writeback()
 
     def _end_direct(self) -> None:
-        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~_O_DIRECT)
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~O_DIRECT)
         self._direct = False
 
     def digest(self, data: bytes | bytearray | memoryview) -> None:

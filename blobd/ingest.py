@@ -107,7 +107,7 @@ def _write_small(store: Store, parts: Parts) -> Received:
     # No fsync here: should the blob be new, its commit makes the file
     # durable together with the rest of its batch (one syncfs for many);
     # should it be a duplicate, the file is thrown away unsynced.
-    files.write_new_file(path, data, fsync=False)
+    files.write_new_file(path, data, fsync=False, direct=store.config.storage.fsync)
     # Here rather than in the commit: a fresh store makes a shard directory
     # for most uploads, and the commit runs under the index's write lock.
     try:

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from .errors import BlobdError
-from .bodywriter import DIRECT_ALIGN, BodyWriter
+from .bodywriter import BodyWriter
+from .files import DIRECT_ALIGN
 
 # Reads fill buffers of this size from a pool shared by the process's
 # uploads; each filled buffer is written, then hashed, on two more threads,

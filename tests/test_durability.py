@@ -20,6 +20,7 @@ from pathlib import Path
 import blake3
 import pytest
 
+from blobd import files
 from blobd.http.takeover import MIN_SIZE
 from conftest import blob_files
 
@@ -35,8 +36,7 @@ class _Stat(ctypes.Structure):
                 ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
 
 
-def not_yet_durable(path: Path) -> int:
-    """Pages of ``path`` dirty or under writeback (cachestat(2))."""
+def cachestat(path: Path) -> _Stat:
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -45,9 +45,45 @@ def not_yet_durable(path: Path) -> int:
                         ctypes.byref(stat), 0) != 0:
             err = ctypes.get_errno()
             pytest.skip(f"cachestat(2) unavailable here: {os.strerror(err)}")
-        return stat.dirty + stat.writeback
+        return stat
     finally:
         os.close(fd)
+
+
+def not_yet_durable(path: Path) -> int:
+    """Pages of ``path`` dirty or under writeback (cachestat(2))."""
+    stat = cachestat(path)
+    return stat.dirty + stat.writeback
+
+
+def takes_o_direct(directory: Path) -> bool:
+    probe = directory / "o_direct-probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600))
+    except OSError:
+        return False
+    probe.unlink()
+    return True
+
+
+@pytest.mark.parametrize("size", [0, 100, 4096, 4097, 65536, 65536 + 123,
+                                  (512 << 10) + 5000, (1 << 20) + 8192])
+def test_a_direct_write_leaves_only_its_last_partial_page_cached(tmp_path, size):
+    """write_new_file(direct=True): whole pages go around the page cache
+    (from an aligned copy, in pieces when over the buffer), the partial
+    last page through it; the file is the data either way. Where the file
+    system refuses O_DIRECT, the ordinary write is the fallback."""
+    data = os.urandom(size)
+    path = tmp_path / "file"
+    files.write_new_file(path, data, fsync=False, direct=True)
+    assert path.read_bytes() == data
+    files.remove_quietly(path)  # reading it cached every page: measure an unread copy
+    files.write_new_file(path, data, fsync=False, direct=True)
+    cached = cachestat(path).cache
+    if takes_o_direct(tmp_path):
+        assert cached == (1 if size % 4096 else 0)
+    else:
+        assert cached == -(-size // 4096)
 
 
 async def _upload_many(alice, count: int, concurrently: bool) -> None:
@@ -91,3 +127,17 @@ async def test_a_body_read_off_the_socket_has_no_dirty_pages(server):
     (path,) = blob_files(alice.data_dir)
     assert path.stat().st_size == len(body)
     assert not_yet_durable(path) == 0
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+async def test_a_small_durable_body_is_written_around_the_page_cache(server, fsync):
+    """With fsync on, a body held in memory reaches the disk before its
+    answer anyway: its whole pages skip the page cache (only the last,
+    partial one is cached). With fsync off it is written through it."""
+    body = os.urandom(65536 + 123)
+    alice = await (await server(storage={"fsync": fsync}))("alice")
+    resp = await alice.request("POST", "/blobs", data=body)
+    assert resp.status == 201
+    (path,) = blob_files(alice.data_dir)
+    direct = fsync and takes_o_direct(path.parent)
+    assert cachestat(path).cache == (1 if direct else 17)
