@@ -125,6 +125,16 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     INSERT INTO meta (name, value) VALUES ('store_id', lower(hex(randomblob(16))));
     """,
+    # 3: the unmirrored blobs (all of them while no mirror is configured)
+    # indexed by creation time rather than by hash: each new blob then
+    # lands on the index's last page, which a batch of uploads shares,
+    # instead of a random page of its own (a WAL frame per upload).
+    # Entries carry the hash all the same (the table's key), so the
+    # queue's "every blob with state 'off'" still reads only the index.
+    """
+    DROP INDEX blobs_unmirrored;
+    CREATE INDEX blobs_unmirrored ON blobs(created_at) WHERE mirror_state = 'off';
+    """,
 ]
 
 

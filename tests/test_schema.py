@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 from blobd import index
+from blobd.mirror import queue
 from blobd.db import Database
 from blobd.schema import MIGRATIONS, _statements
 
@@ -40,3 +41,35 @@ async def test_an_index_from_before_store_ids_gets_one(tmp_path):
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         assert conn.execute("SELECT value FROM counters").fetchall() == [(7,)]
+
+
+async def test_unmirrored_blobs_are_found_through_their_index_after_migrating(tmp_path):
+    """Migration 3 re-keys the unmirrored index by creation time (new blobs
+    share its last page); the mirror queue's start-up query still reads
+    that index alone, and finds the same blobs, old and new."""
+    path = tmp_path / "v2.sqlite3"
+    with sqlite3.connect(path) as conn:
+        for statement in _statements(MIGRATIONS[0]) + _statements(MIGRATIONS[1]):
+            conn.execute(statement)
+        conn.executemany(
+            "INSERT INTO blobs (hash, sha256, size, content_type, created_at, mirror_state)"
+            " VALUES (?, ?, 1, 'x/y', ?, ?)",
+            [(f"{i:064x}", f"{i:064x}", float(i), "off" if i % 3 else "done")
+             for i in range(300)])
+        conn.execute("PRAGMA user_version = 2")
+    db = Database(path, durable=False)
+    await db.open()
+    try:
+        async with db.transaction() as conn:
+            await index.insert_blob(conn, index.BlobRecord(
+                "f" * 64, "e" * 64, 1, "x/y", 1e9))
+        plan = await db.reader.execute_fetchall(
+            "EXPLAIN QUERY PLAN SELECT hash FROM blobs WHERE mirror_state = 'off'")
+        async with db.transaction() as conn:
+            queued = await queue.enqueue_unmirrored(conn, 0.0)
+        rows = await db.reader.execute_fetchall("SELECT hash FROM mirror_queue ORDER BY hash")
+    finally:
+        await db.close()
+    assert [row[3] for row in plan] == ["SCAN blobs USING INDEX blobs_unmirrored"]
+    expected = sorted([f"{i:064x}" for i in range(300) if i % 3] + ["f" * 64])
+    assert queued == len(expected) and [row[0] for row in rows] == expected
