@@ -21,7 +21,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import aiohttp
 
@@ -31,8 +31,13 @@ from .bodywriter import BodyWriter
 from .errors import STATUS, BlobdError
 
 Progress = Callable[[int], None]
+T = TypeVar("T")
 READ_SIZE = 1 << 20
 DEFAULT_URL = "http://127.0.0.1:8420"
+# How long a chunk or a completion keeps being retried while the server
+# answers that another request still holds it: past the server's default
+# [uploads] idle_timeout_seconds (60), after which a stalled one lets go.
+BUSY_PATIENCE = 90.0
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ class BlobdClient:
             async with self._http.request(method, self.url + path, **kwargs) as resp:
                 raw = await resp.read()
                 if resp.status not in ok:
-                    raise _error_from(resp.status, raw)
+                    raise _error_from(resp.status, raw, resp.headers.get("Retry-After"))
                 is_json = resp.content_type == "application/json" and raw
                 return resp.status, (await resp.json() if is_json else None)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -162,11 +167,29 @@ class BlobdClient:
 
     async def put_chunk(self, session_id: str, idx: int, data: bytes) -> None:
         digest = base64.b64encode(await asyncio.to_thread(_sha256, data)).decode()
-        await self._call("PUT", f"/uploads/{session_id}/{idx}", (204,), data=data,
-                         headers={"Content-Digest": f"sha-256=:{digest}:"})
+        await self._while_busy(lambda: self._call(
+            "PUT", f"/uploads/{session_id}/{idx}", (204,), data=data,
+            headers={"Content-Digest": f"sha-256=:{digest}:"}))
 
     async def complete_upload(self, session_id: str) -> dict[str, Any]:
-        return (await self._call("POST", f"/uploads/{session_id}/complete", (200, 201)))[1]
+        return (await self._while_busy(lambda: self._call(
+            "POST", f"/uploads/{session_id}/complete", (200, 201))))[1]
+
+    async def _while_busy(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, again after the server's Retry-After for as long as it
+        answers that another request still holds this part of the upload
+        (a resumed upload whose earlier try is still stalled there: the
+        server lets go of it after its idle timeout), up to BUSY_PATIENCE."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BUSY_PATIENCE
+        while True:
+            try:
+                return await call()
+            except BlobdError as exc:
+                wait = _busy_wait(exc)
+                if wait is None or loop.time() + wait > deadline:
+                    raise
+            await asyncio.sleep(wait)
 
     async def abort_upload(self, session_id: str) -> None:
         await self._call("DELETE", f"/uploads/{session_id}", (204,))
@@ -271,7 +294,8 @@ async def _save(pieces: AsyncIterator[bytes], temp: Path, progress: Progress) ->
         raise
 
 
-def _error_from(status: int, raw: bytes) -> BlobdError:
+def _error_from(status: int, raw: bytes, retry_after: str | None = None) -> BlobdError:
+    headers = {"Retry-After": retry_after} if retry_after is not None else None
     try:
         body = json.loads(raw)
     except ValueError:
@@ -279,6 +303,16 @@ def _error_from(status: int, raw: bytes) -> BlobdError:
     if isinstance(body, dict) and isinstance(body.get("error"), str):
         code = body["error"] if body["error"] in STATUS else "internal"
         extra = {k: v for k, v in body.items() if k not in ("error", "message")}
-        return BlobdError(code, str(body.get("message", "")), extra=extra, status=status)
+        return BlobdError(code, str(body.get("message", "")), extra=extra, status=status,
+                          headers=headers)
     text = raw.decode(errors="replace").strip()[:200]
-    return BlobdError("internal", text or f"HTTP {status}", status=status)
+    return BlobdError("internal", text or f"HTTP {status}", status=status, headers=headers)
+
+
+def _busy_wait(exc: BlobdError) -> float | None:
+    """Seconds to wait before trying again, for a 409 the server marks as
+    transient (another request still holds that part of the upload)."""
+    value = exc.headers.get("Retry-After", "")
+    if exc.status != 409 or not value.isdigit():
+        return None
+    return min(max(float(value), 0.2), 10.0)

@@ -44,6 +44,10 @@ MAX_CHUNKS = 100_000
 # A file in uploads/ without a row is left alone this long: a session being
 # created writes its file just before it inserts the row.
 STRAY_GRACE_SECONDS = 600.0
+# On a refusal because another request is still at work on the same part
+# of an upload (a chunk's range, the commit): a retry will succeed once it
+# is done, which an idle body ends within [uploads] idle_timeout_seconds.
+BUSY = {"Retry-After": "1"}
 
 
 @dataclass(frozen=True)
@@ -196,7 +200,7 @@ async def commit_session(store: Store, session: Session) -> ingest.Stored:
     if fd is None:
         raise BlobdError("locked" if session.protocol == TUS else "conflict",
                          "parts of this upload are still being received;"
-                         " try again when they are done")
+                         " try again when they are done", headers=BUSY)
     try:
         current = await reload(store, session)
         if current.committed:

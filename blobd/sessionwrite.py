@@ -20,7 +20,7 @@ from . import index, index_sessions, sessionfiles
 from .errors import BlobdError
 from .index_sessions import TUS, Session
 from .ingest import WRITE_CHUNK
-from .sessions import check_reservation, expiry, reload
+from .sessions import BUSY, check_reservation, expiry, reload
 from .store import Store, shielded
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ async def _open(store: Store, session: Session, exclusive: bool) -> int:
     if fd is None:
         if session.protocol == TUS:
             raise BlobdError("locked", "another request is writing to this upload")
-        raise BlobdError("conflict", "this upload is being completed")
+        raise BlobdError("conflict", "this upload is being completed", headers=BUSY)
     return fd
 
 
@@ -146,7 +146,8 @@ async def receive_chunk(store: Store, session: Session, idx: int,
         # is refused rather than let write over (or under) this one; once
         # it holds the range, it sees whether the chunk is recorded.
         if span and not await asyncio.to_thread(sessionfiles.lock_range, fd, start, span):
-            raise BlobdError("conflict", f"chunk {idx} is being received already")
+            raise BlobdError("conflict", f"chunk {idx} is being received already",
+                             headers=BUSY)
         await _receive_chunk(store, session, idx, body, checks, fd, start, span)
     finally:
         await asyncio.to_thread(sessionfiles.close, fd)

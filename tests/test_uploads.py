@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from blobd import index
+from blobd.client import BlobdClient
 from blobd.sessions import sweep_sessions
 from conftest import Api, b3, tmp_files
 from rawhttp import RawConnection
@@ -437,3 +438,36 @@ async def test_a_chunk_whose_body_stops_coming_lets_go_of_its_range(server) -> N
     await send(alice, session, 0, data)
     done = await alice.request("POST", f"/uploads/{session['id']}/complete")
     assert done.status == 201 and (await done.json())["hash"] == b3(data)
+
+
+async def test_the_client_waits_for_a_stalled_copy_of_its_chunk_to_let_go(server, tmp_path) -> None:
+    """An earlier try of `blobd put` stalled mid-chunk (its network gone)
+    still holds that chunk on the server: the resumed upload's copy is
+    refused with 409 and Retry-After, and the client retries until the
+    server's idle timeout ends the stalled request, instead of giving up."""
+    login = await server(uploads={"idle_timeout_seconds": 1.5})
+    alice = await login()
+    data = payload(CHUNK * 2 + 10)
+    path = tmp_path / "song.bin"
+    path.write_bytes(data)
+    session = await create(alice, data, hash=b3(data))
+    conn = await RawConnection.open(alice.client.host, alice.client.port)
+    try:
+        await conn.send_head("PUT", f"/uploads/{session['id']}/0", {
+            **alice.headers(), "Content-Length": str(CHUNK)})
+        await conn.send(data[:500])
+        await asyncio.sleep(0.3)  # its handler has the chunk's range by now
+        refused = await alice.request("PUT", f"/uploads/{session['id']}/0", data=data[:CHUNK])
+        assert refused.status == 409 and refused.headers["Retry-After"] == "1"
+        url = f"http://{alice.client.host}:{alice.client.port}"
+        token = alice.headers()["Authorization"].removeprefix("Bearer ")
+        started = time.monotonic()
+        async with BlobdClient(url, token) as client:
+            result = await client.upload_file(path, session_threshold=1, chunk_size=CHUNK)
+        assert time.monotonic() - started >= 0.8  # it waited for the stalled copy
+    finally:
+        await conn.close()
+    assert result.mode == "resumed" and result.session_id == session["id"]
+    assert result.blob["hash"] == b3(data)
+    got = await alice.request("GET", f"/blobs/{b3(data)}")
+    assert await got.read() == data
