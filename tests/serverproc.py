@@ -113,6 +113,11 @@ def owns_listener(pid: int, port: int) -> bool:
     return False
 
 
+def descendants(pid: int) -> list[int]:
+    """The process and all its descendants (workers, or a wrapper's server)."""
+    return [pid, *(d for child in children(pid) for d in descendants(child))]
+
+
 def children(pid: int) -> list[int]:
     """The direct children of a process (``[server] workers`` > 1: its workers)."""
     found: list[int] = []
@@ -225,14 +230,16 @@ class BlobdServer:
     127.0.0.1:8420 with its data in ``<workdir>/blobd-data``. ``env`` adds
     environment variables (NOTIFY_SOCKET, ...); ``tls`` is the client-side
     context that trusts the server's certificate, for a server configured
-    with ``tls_cert``/``tls_key`` (its url is then https).
+    with ``tls_cert``/``tls_key`` (its url is then https). ``wrapper`` is a
+    command the server runs under (it ends with the server's argv).
     """
 
     def __init__(self, workdir: Path, config: dict[str, Any] | None = None, *,
                  data_dir: Path | None = None, embedded_defaults: bool = False,
                  startup_timeout: float = 30.0, env: dict[str, str] | None = None,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, wrapper: list[str] | None = None) -> None:
         self.workdir = Path(workdir)
+        self.wrapper = list(wrapper or [])
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.embedded_defaults = embedded_defaults
         self.config = {name: dict(values) for name, values in (config or {}).items()}
@@ -278,7 +285,7 @@ class BlobdServer:
         raise AssertionError("unreachable")
 
     def _spawn(self) -> None:
-        args = [sys.executable, "-m", "blobd", "serve"]
+        args = [*self.wrapper, sys.executable, "-m", "blobd", "serve"]
         if not self.embedded_defaults:
             self._reservation = reserve_port()
             self.port = self._reservation.getsockname()[1]
@@ -332,8 +339,7 @@ class BlobdServer:
         """Our process, or (with workers) one of its children, holds the
         listening socket."""
         assert self.proc is not None
-        return any(owns_listener(pid, self.port)
-                   for pid in (self.proc.pid, *children(self.proc.pid)))
+        return any(owns_listener(pid, self.port) for pid in descendants(self.proc.pid))
 
     def _health_status(self) -> int | None:
         try:

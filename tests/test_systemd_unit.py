@@ -8,14 +8,20 @@ file is exactly what they exist to prevent.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
+
+from conftest import b3
+from serverproc import BlobdServer, descendants, http
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -35,7 +41,6 @@ ACCEPTED_EXPOSURES = {
     "IPAddressDeny=",  # LAN/VPN clients, off-site S3; see the unit's comment
     "RootDirectory=/RootImage=",  # blobd runs from the host's Python
     "DeviceAllow=",  # ProtectClock= itself grants char-rtc:r
-    "ProcSubset=",  # prometheus-client's process_* metrics need /proc/stat
 }
 
 
@@ -221,3 +226,50 @@ def test_python_stack_needs_no_writable_executable_memory():
     result = _run(sys.executable, "-c", W_X_CHILD)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# The unit's ProtectProc=invisible and ProcSubset=pid, as a mount of /proc.
+_PROC_AS_THE_UNIT_SETS_IT = (
+    'mount -t proc -o subset=pid,hidepid=invisible proc /proc && '
+    'test ! -e /proc/stat && exec "$@"')
+
+
+def test_blobd_needs_nothing_in_proc_beyond_its_own_processes(tmp_path: Path) -> None:
+    """ProcSubset=pid hides all of /proc but the process directories (no
+    /proc/stat, /proc/meminfo, /proc/sys). Under such a /proc, in a mount
+    and PID namespace of its own, blobd with two workers serves, stores a
+    small and a large body, reads them back, answers /metrics, replaces a
+    killed worker and stops cleanly."""
+    # unshare does not pass SIGTERM on: the test signals the supervisor
+    # itself; should it fail first, unshare's death takes the namespace.
+    wrapper = [_tool("unshare"), "--mount", "--pid", "--fork", "--kill-child=SIGKILL",
+               "--propagation", "private", "sh", "-c", _PROC_AS_THE_UNIT_SETS_IT, "sh"]
+    with BlobdServer(tmp_path, {"server": {"workers": 2}}, wrapper=wrapper) as server:
+        token = server.token("alice", "read,write,admin")
+        bodies = [os.urandom(70_000), os.urandom(9 << 20)]
+        for body in bodies:
+            status, _ = http("POST", f"{server.url}/blobs", token, body)
+            assert status == 201
+        for body in bodies:
+            assert http("GET", f"{server.url}/blobs/{b3(body)}", token) == (200, body)
+        status, metrics = http("GET", f"{server.url}/metrics", token)
+        assert status == 200 and b"blobd_http_requests_total" in metrics
+        workers = [p for p in descendants(server.proc.pid)
+                   if _cmdline(p).startswith(sys.executable.encode())]
+        assert len(workers) == 3  # the supervisor and two workers
+        os.kill(max(workers), signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while b"replacing it" not in server.stderr_path.read_bytes():
+            assert time.monotonic() < deadline, server.stderr_tail()
+            time.sleep(0.1)
+        assert http("GET", f"{server.url}/blobs/{b3(bodies[0])}", token) == (200, bodies[0])
+        os.kill(min(workers), signal.SIGTERM)  # the supervisor, forked first
+        assert server.proc.wait(20) == 0  # unshare exits as its child did
+    assert b"all workers stopped" in server.stderr_path.read_bytes()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
