@@ -30,6 +30,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping
+from io import BytesIO
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any
@@ -38,6 +39,7 @@ from mutagen.aac import AAC
 from mutagen.flac import StreamInfo as FLACStreamInfo
 from mutagen.mp3 import MPEGInfo
 from mutagen.mp4 import Atoms, MP4Info
+from mutagen.ogg import error as OggError
 from mutagen.oggopus import OggOpusInfo
 from mutagen.oggvorbis import OggVorbisInfo
 from mutagen.wave import WaveStreamInfo
@@ -177,10 +179,11 @@ def _skip_id3v2(f: IO[bytes]) -> int | None:
 
 
 # Formats whose valid files may not say how long they are: FLAC written to a
-# pipe (STREAMINFO's total_samples 0) and fragmented MP4 (the moov's
-# duration 0, the samples in the fragments). Elsewhere a missing duration
-# means the header is not what it seems.
-_DURATION_MAY_BE_UNKNOWN = frozenset({"audio/flac", "audio/mp4"})
+# pipe (STREAMINFO's total_samples 0), fragmented MP4 (the moov's duration
+# 0, the samples in the fragments), and Ogg whose audio stream has no page
+# in the file's last OGG_TAIL bytes (another stream muxed with it runs on).
+# Elsewhere a missing duration means the header is not what it seems.
+_DURATION_MAY_BE_UNKNOWN = frozenset({"audio/flac", "audio/mp4", "audio/ogg", "audio/opus"})
 
 
 def _plausible(info: AudioInfo) -> bool:
@@ -364,8 +367,31 @@ def _ogg_stream(info_class: Any, f: IO[bytes]) -> Any:
     (millions of empty comments, or one of 64 MB) would all be held in
     memory, ~35 times the bytes they take in the file."""
     stream = info_class(f)
-    stream._post_tags(f)  # the length, from the stream's last page
+    try:
+        # The length, from the stream's last page, looked for in the
+        # file's last OGG_TAIL bytes only.
+        stream._post_tags(_ogg_tail(f))
+    except OggError:
+        stream.length = 0  # no page of the stream there: duration unknown
     return stream
+
+
+# mutagen finds an Ogg stream's length on its last page; when the file's
+# final page does not end the stream (a live recording cut off, several
+# streams muxed) it walks every page from the start, a probe thread busy
+# for as long as the file is big (and on after the probe's timeout).
+OGG_TAIL = 256 << 10
+
+
+def _ogg_tail(f: IO[bytes]) -> BytesIO:
+    """The file's last OGG_TAIL bytes, from their first page on."""
+    start = max(0, _file_size(f) - OGG_TAIL)
+    f.seek(start)
+    data = f.read(OGG_TAIL)
+    if start:
+        first = data.find(b"OggS")
+        data = data[first:] if first >= 0 else b""
+    return BytesIO(data)
 
 
 # WAVE format tags (RFC 2361 appendix A). WAVE_FORMAT_EXTENSIBLE hides the

@@ -113,9 +113,10 @@ async def test_a_header_without_a_stream_is_sniffed_but_not_audio(alice):
 
 
 async def test_a_slow_probe_gives_up_and_the_upload_succeeds(server, tmp_path):
-    # ~12 MB of Ogg pages with no end: about a second for mutagen to walk.
+    # ~12 MB of Ogg pages with no end: the probe reads its last 256 KiB,
+    # thousands of pages, ~15 ms; 1 ms is not enough.
     data = ogg_without_end(tmp_path, 400_000).read_bytes()
-    login = await server(audio={"probe_timeout_seconds": 0.05})
+    login = await server(audio={"probe_timeout_seconds": 0.001})
     alice = await login()
     resp = await alice.request("POST", "/blobs", data=data)
     assert resp.status == 201
