@@ -30,9 +30,9 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping
-from io import BytesIO
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from io import BytesIO
 from typing import IO, Any
 
 from mutagen.aac import AAC

@@ -27,7 +27,6 @@ from .files import DIRECT_ALIGN, HEAD_SIZE, O_DIRECT, Digests, remove_quietly, s
 # page cache per upload stays under two windows.
 WRITEBACK_WINDOW = 32 << 20
 
-
 _SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
 _SYNC_FILE_RANGE_WAIT_AFTER = 4

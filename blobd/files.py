@@ -114,8 +114,9 @@ class _AlignedBuffers:
                 buffer.close()
 
 
-# As many as the threads that write small bodies at once (asyncio's default
-# executor: 6 on 2 cores); only the pages a body touched are resident.
+# Kept: 8, a busy server's usual number of small bodies being written at
+# once (more are made as needed, and closed after); only the pages a body
+# touched are resident.
 _BUFFERS = _AlignedBuffers(512 << 10, keep=8)
 
 
