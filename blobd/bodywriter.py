@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import hashlib
 import os
 from pathlib import Path
@@ -19,7 +18,8 @@ from typing import Callable
 import blake3
 
 from .errors import BlobdError
-from .files import DIRECT_ALIGN, HEAD_SIZE, O_DIRECT, Digests, remove_quietly, storage_error
+from .files import (DIRECT_ALIGN, HEAD_SIZE, Digests, create_new, end_direct,
+                    remove_quietly, storage_error)
 
 # Start disk writeback every this many bytes while a durable body arrives
 # (and wait for the window before). 8 MiB drained the disk's queue between
@@ -71,19 +71,7 @@ class BodyWriter:
         self.path = path
         self.min_free_bytes = min_free_bytes
         self._flushed = 0  # bytes whose writeback has been started
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        self._direct = direct and O_DIRECT != 0
-        try:
-            self._fd = os.open(path, flags | (O_DIRECT if self._direct else 0), 0o640)
-        except OSError as exc:
-            if not (self._direct and exc.errno == errno.EINVAL):
-                raise storage_error(exc) from exc
-            # tmpfs and a few others refuse O_DIRECT.
-            self._direct = False
-            try:
-                self._fd = os.open(path, flags, 0o640)
-            except OSError as again:
-                raise storage_error(again) from again
+        self._fd, self._direct = create_new(path, direct)
         # Writes that skip the page cache leave no writeback to start.
         self._durable = durable and _sync_file_range is not None and not self._direct
         self._blake3 = blake3.blake3()
@@ -124,7 +112,7 @@ class BodyWriter:
             self._start_writeback()
 
     def _end_direct(self) -> None:
-        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~O_DIRECT)
+        end_direct(self._fd)
         self._direct = False
 
     def digest(self, data: bytes | bytearray | memoryview) -> None:

@@ -133,18 +133,7 @@ def write_new_file(path: Path, data: bytes | bytearray, fsync: bool,
     page reporting, a fault of the host too) and then writeback. A file
     system that refuses ``O_DIRECT`` (tmpfs) gets ordinary writes.
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    direct = direct and O_DIRECT != 0 and len(data) >= DIRECT_ALIGN
-    try:
-        fd = os.open(path, flags | (O_DIRECT if direct else 0), 0o640)
-    except OSError as exc:
-        if not (direct and exc.errno == errno.EINVAL):
-            raise storage_error(exc) from exc
-        direct = False
-        try:
-            fd = os.open(path, flags, 0o640)
-        except OSError as again:
-            raise storage_error(again) from again
+    fd, direct = create_new(path, direct=direct and len(data) >= DIRECT_ALIGN)
     try:
         view = memoryview(data)
         if direct:
@@ -178,8 +167,30 @@ def _write_direct(fd: int, view: memoryview) -> memoryview:
         # A device whose blocks O_DIRECT cannot meet at page alignment.
         if exc.errno != errno.EINVAL:
             raise
-    fcntl.fcntl(fd, fcntl.F_SETFL, 0)  # O_DIRECT off; no other status flag is set
+    end_direct(fd)
     return view
+
+
+def create_new(path: Path, direct: bool = False) -> tuple[int, bool]:
+    """Create ``path`` (never an existing file) for writing; with ``direct``
+    opened ``O_DIRECT`` where the file system allows it (tmpfs and a few
+    others refuse). The descriptor, and whether it is ``O_DIRECT``."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    direct = direct and O_DIRECT != 0
+    try:
+        return os.open(path, flags | (O_DIRECT if direct else 0), 0o640), direct
+    except OSError as exc:
+        if not (direct and exc.errno == errno.EINVAL):
+            raise storage_error(exc) from exc
+    try:
+        return os.open(path, flags, 0o640), False
+    except OSError as exc:
+        raise storage_error(exc) from exc
+
+
+def end_direct(fd: int) -> None:
+    """Ordinary writes from here on (a piece O_DIRECT cannot take)."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~O_DIRECT)
 
 
 def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> Digests:

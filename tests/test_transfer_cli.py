@@ -37,6 +37,19 @@ def chunk_puts(server: BlobdServer, session_id: str) -> int:
     return len(re.findall(rf"PUT /uploads/{session_id}/\d+ 204 ", log))
 
 
+async def cut_off_run(live, data: bytes, sent: tuple[int, ...]) -> str:
+    """The session a `blobd put` of ``data`` leaves on the server when cut
+    off after sending the 16 KiB chunks ``sent``; its id."""
+    server, token = live
+    async with BlobdClient(server.url, token) as client:
+        _, session = await client.create_upload(len(data), digest=b3(data),
+                                                chunk_size=16 * KIB)
+        for idx in sent:
+            await client.put_chunk(session["id"], idx,
+                                   data[idx * 16 * KIB:(idx + 1) * 16 * KIB])
+    return session["id"]
+
+
 def sessions(live) -> list[dict]:
     server, token = live
     status, body = request("GET", f"{server.url}/uploads", token)
@@ -88,18 +101,8 @@ def test_put_resumes_an_interrupted_session(live, tmp_path: Path) -> None:
     data = os.urandom(10 * 16 * KIB)
     src.write_bytes(data)
     server, token = live
-
-    async def earlier_run() -> str:
-        # What a run cut off after three chunks leaves on the server.
-        async with BlobdClient(server.url, token) as client:
-            _, session = await client.create_upload(len(data), digest=b3(data),
-                                                    chunk_size=16 * KIB)
-            for idx in (0, 3, 7):
-                await client.put_chunk(session["id"], idx,
-                                       data[idx * 16 * KIB:(idx + 1) * 16 * KIB])
-            return session["id"]
-
-    session_id = asyncio.run(earlier_run())
+    # What a run cut off after three chunks leaves on the server.
+    session_id = asyncio.run(cut_off_run(live, data, (0, 3, 7)))
     put = cli(live, "put", "--session-threshold", "64KiB", str(src))
     assert put.returncode == 0, put.stderr
     assert f"resumed upload session {session_id}" in put.stderr
@@ -193,16 +196,8 @@ def test_put_skips_a_stale_session_when_the_server_has_the_blob_meanwhile(
     data = os.urandom(10 * 16 * KIB)
     src.write_bytes(data)
     server, token = live
-
-    async def earlier_run_then_another_client() -> str:
-        async with BlobdClient(server.url, token) as client:
-            _, session = await client.create_upload(len(data), digest=b3(data),
-                                                    chunk_size=16 * KIB)
-            await client.put_chunk(session["id"], 0, data[:16 * KIB])
-        assert request("PUT", f"{server.url}/blobs/{b3(data)}", token, data)[0] == 201
-        return session["id"]
-
-    session_id = asyncio.run(earlier_run_then_another_client())
+    session_id = asyncio.run(cut_off_run(live, data, (0,)))
+    assert request("PUT", f"{server.url}/blobs/{b3(data)}", token, data)[0] == 201
     put = cli(live, "put", "--session-threshold", "64KiB", str(src))
     assert put.returncode == 0, put.stderr
     assert "resumed" not in put.stderr and "nothing was sent" in put.stderr, put.stderr
