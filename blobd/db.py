@@ -239,11 +239,21 @@ class Database:
         async with self._write_lock:
             conn = self._writer
             await self._writers.acquire()
+            commit: asyncio.Future[Any] | None = None
             try:
                 await conn.execute("BEGIN IMMEDIATE")
                 yield conn
-                await conn.execute("COMMIT")
+                commit = asyncio.ensure_future(conn.execute("COMMIT"))
+                await asyncio.shield(commit)
             except BaseException as exc:
+                if commit is not None and isinstance(exc, asyncio.CancelledError):
+                    # Cancelled (a shutdown stopping a sweeper) while the
+                    # COMMIT runs on in aiosqlite's thread: learn how it
+                    # ended. What committed is neither rolled back nor
+                    # undone, and the cancellation goes on.
+                    await asyncio.wait([commit])
+                    if not commit.cancelled() and commit.exception() is None:
+                        raise
                 # After a failed COMMIT (disk full, I/O error) SQLite may or
                 # may not have rolled back already; roll back regardless, or
                 # this connection would stay inside a dead transaction.

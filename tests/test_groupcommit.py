@@ -16,6 +16,7 @@ import aiosqlite
 import pytest
 
 from blobd import files, index
+from blobd.db import Database
 from blobd.errors import BlobdError
 from blobd.index import BlobRecord
 from blobd.store import Store, Tx
@@ -261,3 +262,32 @@ async def test_a_big_batch_keeps_its_savepoint_journal_in_memory(store: Store) -
     await asyncio.gather(*(store.commit(body(i)) for i in range(40)))
     assert len(seen) == 40 and store.commits.transactions < 10  # real batches
     assert seen == [[]] * 40
+
+
+async def test_a_transaction_cancelled_during_its_commit_stays_committed(tmp_path):
+    """A shutdown cancels a sweeper while its COMMIT runs in aiosqlite's
+    thread. The transaction committed: it must not be rolled back or its
+    file work undone, and the cancellation must go on (a sweeper that
+    swallowed it kept a stopping server alive)."""
+    db = Database(tmp_path / "index.sqlite3", durable=False)
+    await db.open()
+    undone: list[bool] = []
+
+    async def undo() -> None:
+        undone.append(True)
+
+    async def sweep() -> None:
+        async with db.transaction(on_rollback=undo) as conn:
+            await conn.execute("INSERT INTO counters (name, value) VALUES ('swept', 1)")
+            # Lands once the COMMIT is under way, before it is done.
+            asyncio.get_running_loop().call_soon(asyncio.current_task().cancel)
+
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.create_task(sweep())
+        rows = await db.reader.execute_fetchall("SELECT value FROM counters WHERE name = 'swept'")
+        async with db.transaction() as conn:  # the connection is usable, not stuck
+            await conn.execute("UPDATE counters SET value = 2 WHERE name = 'swept'")
+    finally:
+        await db.close()
+    assert [tuple(row) for row in rows] == [(1,)] and undone == []
