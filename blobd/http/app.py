@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable, Coroutine
 
 from aiohttp import web
 
@@ -63,9 +63,13 @@ def create_app(config: Config, *, background: bool = True,
     app.cleanup_ctx.append(_executor)
     app.cleanup_ctx.append(functools.partial(_open_store, primary=primary))
     if background:
-        app.cleanup_ctx.append(_sweeper)
-        app.cleanup_ctx.append(_session_sweeper)
+        app.cleanup_ctx.append(_running(
+            "blobd-sweeper", lambda app: reaper.run_sweeper(app[STORE])))
+        app.cleanup_ctx.append(_running(
+            "blobd-session-sweeper", lambda app: sessions.run_session_sweeper(app[STORE])))
     app.cleanup_ctx.append(functools.partial(_mirror, background=background))
+    app.cleanup_ctx.append(_running(
+        "blobd-memory-trim", lambda app: memory.trim_periodically()))
     return app
 
 
@@ -87,21 +91,15 @@ async def _open_store(app: web.Application, *, primary: bool) -> AsyncIterator[N
     await store.close()
 
 
-async def _sweeper(app: web.Application) -> AsyncIterator[None]:
-    store = app[STORE]
-    task = asyncio.create_task(reaper.run_sweeper(store), name="blobd-sweeper")
-    yield
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-
-
-async def _session_sweeper(app: web.Application) -> AsyncIterator[None]:
-    store = app[STORE]
-    task = asyncio.create_task(sessions.run_session_sweeper(store),
-                               name="blobd-session-sweeper")
-    yield
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+def _running(name: str, job: Callable[[web.Application], Coroutine[Any, Any, None]]
+             ) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context that runs ``job(app)`` as a task while the app serves."""
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(job(app), name=name)
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return context
 
 
 async def _mirror(app: web.Application, *, background: bool) -> AsyncIterator[None]:
