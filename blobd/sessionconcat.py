@@ -41,8 +41,9 @@ async def concatenate(store: Store, spec: NewSession, part_ids: list[str]) -> Se
         expires_at=expiry(store, now))
     path = store.layout.upload_path(session.id)
     sources = [store.layout.upload_path(p.id) for p in parts]
-    await asyncio.to_thread(sessionfiles.concatenate, sources, path,
-                            store.config.storage.fsync)
+    await asyncio.to_thread(sessionfiles.concatenate,
+                            [(source, p.size or 0) for source, p in zip(sources, parts)],
+                            path, store.config.storage.fsync)
     try:
         await shielded(_swap(store, session, parts))
     except BaseException:

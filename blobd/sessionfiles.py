@@ -59,10 +59,15 @@ def _allocate(fd: int, size: int) -> None:
 
 
 def extend(path: Path, size: int) -> None:
-    """Allocate a deferred-length file once its length is known."""
+    """Allocate a deferred-length file once its length is known, and cut
+    what lies past it: a refused PATCH (a checksum mismatch, a full disk)
+    may have written bytes past the offset it never recorded, and the file
+    must hold the upload's bytes and nothing else."""
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
         _allocate(fd, size)
+        if os.fstat(fd).st_size > size:
+            os.ftruncate(fd, size)
     finally:
         os.close(fd)
 
@@ -124,15 +129,15 @@ def close(fd: int) -> None:
     os.close(fd)
 
 
-def concatenate(sources: list[Path], dest: Path, fsync: bool) -> None:
-    """Build a session file from finished parts (tus concatenation), copied
-    in the kernel (``copy_file_range``, a reflink where the file system can)."""
+def concatenate(sources: list[tuple[Path, int]], dest: Path, fsync: bool) -> None:
+    """Build a session file from finished parts (tus concatenation), the
+    first ``size`` bytes of each ``(path, size)``, copied in the kernel
+    (``copy_file_range``, a reflink where the file system can)."""
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     try:
         offset = 0
-        for source in sources:
+        for source, remaining in sources:
             with open(source, "rb", buffering=0) as src:
-                remaining = os.fstat(src.fileno()).st_size
                 while remaining:
                     copied = os.copy_file_range(src.fileno(), fd, remaining,
                                                 offset_dst=offset)

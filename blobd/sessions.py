@@ -215,6 +215,10 @@ async def commit_session(store: Store, session: Session) -> ingest.Stored:
 
 async def _commit(store: Store, session: Session, path: os.PathLike) -> ingest.Stored:
     digests = await asyncio.to_thread(files.hash_file, path)
+    if digests.size != session.size:
+        # Never a blob of other bytes than were received and recorded.
+        raise BlobdError("internal", f"upload {session.id}: its file holds {digests.size}"
+                         f" bytes, not the {session.size} received")
     # The pipeline consumes the file it is given; give it a second name, so
     # that a failed commit (wrong hash, quota) leaves the session intact.
     link = store.layout.new_temp_path()

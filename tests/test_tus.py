@@ -383,3 +383,39 @@ async def test_a_patch_that_cannot_fit_is_refused_before_its_body(alice: Api) ->
         assert (await conn.read_response()).headers["blob-hash"] == b3(b"a" * 100)
     finally:
         await conn.close()
+
+
+def wrong_checksum() -> dict:
+    return {"Upload-Checksum": "sha1 " + base64.b64encode(hashlib.sha1(b"not it").digest()).decode()}
+
+
+async def test_bytes_of_a_refused_patch_never_join_a_deferred_length_upload(alice: Api) -> None:
+    """A PATCH refused for its checksum wrote its bytes before they were
+    checked; with no length set yet they lay past the offset, and the
+    file kept them when the length came: the blob was 1,000 bytes with
+    the refused ones at its end, and a declared hash failed for good."""
+    data = payload(500)
+    url = await create(alice, None, headers={"Upload-Defer-Length": "1",
+                                             "Upload-Metadata": meta(hash=b3(data))})
+    await patch(alice, url, 0, b"J" * 1000, status=460, headers=wrong_checksum())
+    assert (await head(alice, url)).headers["Upload-Offset"] == "0"
+    resp = await patch(alice, url, 0, data, headers={"Upload-Length": "500"})
+    assert resp.headers["Blob-Hash"] == b3(data)
+    assert await (await alice.request("GET", f"/blobs/{b3(data)}")).read() == data
+    quota = await (await alice.request("GET", "/quota")).json()
+    assert quota["used_bytes"] == 500
+
+
+async def test_concatenation_takes_each_part_s_recorded_bytes_only(alice: Api) -> None:
+    data = payload(200)
+    first = await create(alice, None, headers={"Upload-Defer-Length": "1",
+                                               "Upload-Concat": "partial"})
+    await patch(alice, first, 0, b"j" * 300, status=460, headers=wrong_checksum())
+    await patch(alice, first, 0, data[:100], headers={"Upload-Length": "100"})
+    second = await create(alice, 100, headers={"Upload-Concat": "partial"})
+    await patch(alice, second, 0, data[100:])
+    resp = await alice.request("POST", "/tus/", headers={
+        **TUS, "Upload-Concat": f"final;{first} {second}"})
+    assert resp.status == 201, await resp.text()
+    assert resp.headers["Blob-Hash"] == b3(data)
+    assert await (await alice.request("GET", f"/blobs/{b3(data)}")).read() == data
