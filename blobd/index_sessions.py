@@ -66,6 +66,11 @@ class Session:
     def is_partial(self) -> bool:
         return self.concat == "partial"
 
+    @property
+    def is_final(self) -> bool:
+        """A tus concatenation's result: made whole, it takes no PATCH."""
+        return self.concat is not None and self.concat.startswith("final")
+
 
 _COLUMNS = ("id", "owner", "protocol", "size", "chunk_size", "expected_hash",
             "content_type", "ref", "metadata", "concat", "upload_offset",

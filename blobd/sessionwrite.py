@@ -23,6 +23,8 @@ from .ingest import WRITE_CHUNK
 from .sessions import BUSY, check_reservation, expiry, reload
 from .store import Store, shielded
 
+FINAL_TAKES_NO_PATCH = "a final (concatenated) upload takes no PATCH"
+
 log = logging.getLogger(__name__)
 
 
@@ -204,8 +206,8 @@ async def receive_at_offset(store: Store, session: Session, offset: int,
     fd = await _open(store, session, exclusive=True)
     try:
         current = await reload(store, session)
-        if current.concat is not None and current.concat.startswith("final"):
-            raise BlobdError("forbidden", "a final (concatenated) upload takes no PATCH")
+        if current.is_final:
+            raise BlobdError("forbidden", FINAL_TAKES_NO_PATCH)
         if current.upload_offset != offset:
             raise BlobdError("conflict", f"Upload-Offset is {offset}, but the upload"
                              f" stands at {current.upload_offset}")

@@ -304,6 +304,10 @@ async def test_concatenation(alice: Api) -> None:
     assert final.headers["Upload-Concat"].startswith("final;")
     assert final.headers["Upload-Length"] == final.headers["Upload-Offset"] == "7000"
     assert final.headers["Blob-Hash"] == b3(data)
+    # The concatenation extension: a final upload takes no PATCH, with or without bytes.
+    for body in (b"", b"x"):
+        refused = await patch(alice, resp.headers["Location"], 7000, body, status=403)
+        assert (await refused.json())["error"] == "forbidden"
     assert await (await alice.request("GET", f"/blobs/{b3(data)}")).read() == data
     for url in urls:
         await head(alice, url, status=404)

@@ -31,7 +31,7 @@ from ..address import parse_address, parse_ref_name
 from ..describe import normalise_type
 from ..errors import BlobdError
 from ..sessions import TUS, NewSession, Session
-from ..sessionwrite import Check, check_room, receive_at_offset
+from ..sessionwrite import FINAL_TAKES_NO_PATCH, Check, check_room, receive_at_offset
 from .keys import STORE
 from .middleware import Handler, principal, requires, send_continue
 from .params import parse_uint
@@ -293,6 +293,8 @@ async def patch(request: web.Request) -> web.Response:
     session = await _session(request)
     checks = _checksums(request)
     new_length = request.headers.get("Upload-Length")
+    if session.is_final:  # committed at its creation, but no PATCH is "complete already"
+        raise BlobdError("forbidden", FINAL_TAKES_NO_PATCH)
     if session.committed:
         if offset != session.upload_offset or _has_body(request):
             raise BlobdError("conflict", "this upload is complete already")
