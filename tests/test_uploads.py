@@ -309,6 +309,13 @@ async def test_server_chooses_the_chunk_size(alice: Api) -> None:
         assert (await alice.request("DELETE", f"/uploads/{body['id']}")).status == 204
 
 
+@pytest.mark.parametrize("chunk_size", [0, -1, 64 * 1024 * 1024 + 1, "1024", 1.5, True])
+async def test_a_bad_chunk_size_is_400(alice: Api, chunk_size: object) -> None:
+    resp = await alice.request("POST", "/uploads", json={"size": 10, "chunk_size": chunk_size})
+    assert resp.status == 400 and (await resp.json())["error"] == "bad_request"
+    assert (await (await alice.request("GET", "/uploads")).json())["uploads"] == []
+
+
 async def test_zero_byte_upload(alice: Api) -> None:
     session = await create(alice, b"")
     assert session["chunks"] == 0

@@ -61,7 +61,9 @@ async def create_upload(request: web.Request) -> web.Response:
             return stored_response(stored)
     # Limits first: a size over them is 413 / 507 whatever the chunking.
     await sessions.precheck(store, owner, size)
-    chunk_size = _int_field(body, "chunk_size") or sessions.pick_chunk_size(size)
+    chunk_size = _int_field(body, "chunk_size")
+    if chunk_size is None:
+        chunk_size = sessions.pick_chunk_size(size)
     sessions.check_chunk_size(size, chunk_size)
     session = await sessions.create_session(store, NewSession(
         owner=owner, protocol=NATIVE, size=size, chunk_size=chunk_size,
