@@ -240,18 +240,20 @@ async def test_delete_unknown_is_404(alice):
 
 
 async def test_listing_is_newest_first_with_a_cursor(alice):
-    bodies = [f"blob {i}".encode() for i in range(7)]
+    bodies = [f"blob {i}".encode() for i in range(6)]
     for body in bodies:
         assert (await alice.put(body)).status == 201
-    seen, cursor = [], None
+    seen, sizes, cursor = [], [], None
     while True:
         query = "?limit=3" + (f"&after={cursor}" if cursor else "")
         page = await (await alice.request("GET", f"/blobs{query}")).json()
         seen += [b["hash"] for b in page["blobs"]]
+        sizes.append(len(page["blobs"]))
         cursor = page["next"]
         if cursor is None:
             break
     assert seen == [b3(b) for b in reversed(bodies)]
+    assert sizes == [3, 3]  # an exactly full last page says there is no next one
     bad = await alice.request("GET", "/blobs?limit=0")
     assert bad.status == 400
 

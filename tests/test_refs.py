@@ -73,6 +73,8 @@ async def test_list_refs_with_prefix_and_cursor(alice):
         if not cursor:
             break
     assert got == names[:5]
+    whole = await (await alice.request("GET", "/refs?prefix=album:&limit=5")).json()
+    assert [r["name"] for r in whole["refs"]] == names[:5] and whole["next"] is None
 
 
 async def test_refs_are_private(server):

@@ -20,7 +20,7 @@ from ..store import Store, Tx, shielded
 from ..mirror.heal import HealError
 from ..syncdb import SyncConnection, drive
 from .keys import MIRROR, STORE
-from .params import iso, page_params, parse_uint
+from .params import iso, one_page, page_params, parse_uint
 from .middleware import expects_continue, principal, requires, send_continue
 from .sendblob import BlobBody, BlobFile, load_blob, send_blob
 from .takeover import content_encoded, take_body
@@ -235,12 +235,12 @@ async def list_blobs(request: web.Request) -> web.Response:
     store = request.app[STORE]
     limit, after = page_params(request)
     cursor = parse_uint(after, "after (a cursor from this listing)") if after else None
-    rows = await index.list_holdings(store.db.reader, principal(request).owner,
-                                     limit, cursor)
+    rows, next_cursor = one_page(
+        await index.list_holdings(store.db.reader, principal(request).owner, limit + 1, cursor),
+        limit, lambda row: str(row["id"]))
     blobs = [{"hash": r["hash"], "size": r["size"], "content_type": r["content_type"],
               "created_at": iso(r["created_at"]), "audio": index.decode_audio(r["audio"])}
              for r in rows]
-    next_cursor = str(rows[-1]["id"]) if len(rows) == limit else None
     return web.json_response({"blobs": blobs, "next": next_cursor})
 
 

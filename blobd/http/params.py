@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable, Sequence, TypeVar
 
 from aiohttp import web
 
@@ -16,6 +16,7 @@ MAX_LIMIT = 1000
 # ASCII digits only (str.isdigit() also takes "²", which int() refuses), and
 # few enough that every value fits SQLite's 64-bit integers.
 _UINT = re.compile(r"[0-9]{1,18}")
+T = TypeVar("T")
 
 
 def parse_uint(raw: str, what: str) -> int:
@@ -31,6 +32,15 @@ def page_params(request: web.Request) -> tuple[int, str | None]:
     if not 1 <= limit <= MAX_LIMIT:
         raise BlobdError("bad_request", f"limit: expected an integer from 1 to {MAX_LIMIT}")
     return limit, request.query.get("after") or None
+
+
+def one_page(rows: Sequence[T], limit: int, cursor: Callable[[T], str]
+             ) -> tuple[Sequence[T], str | None]:
+    """The page out of ``limit + 1`` rows fetched, and the cursor of the
+    next page: None when there is none, also when this page is exactly full."""
+    if len(rows) <= limit:
+        return rows, None
+    return rows[:limit], cursor(rows[limit - 1])
 
 
 def iso(timestamp: float) -> str:

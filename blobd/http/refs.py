@@ -12,7 +12,7 @@ from ..address import parse_address, parse_ref_name
 from ..errors import BlobdError
 from ..store import shielded
 from .keys import STORE
-from .params import iso, page_params, read_json
+from .params import iso, one_page, page_params, read_json
 from .middleware import principal, requires
 
 
@@ -66,9 +66,9 @@ async def list_refs(request: web.Request) -> web.Response:
     prefix = request.query.get("prefix", "")
     if prefix:
         parse_ref_name(prefix)
-    rows = await index.list_refs(store.db.reader, principal(request).owner, prefix,
-                                 limit, after)
-    next_cursor = rows[-1]["name"] if len(rows) == limit else None
+    rows, next_cursor = one_page(
+        await index.list_refs(store.db.reader, principal(request).owner, prefix, limit + 1, after),
+        limit, lambda row: row["name"])
     return web.json_response({"refs": [ref_json(r) for r in rows], "next": next_cursor})
 
 
