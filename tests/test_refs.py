@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from conftest import b3, blob_files
@@ -85,3 +87,24 @@ async def test_refs_are_private(server):
     assert (await bob.request("DELETE", "/refs/mine")).status == 404
     page = await (await bob.request("GET", "/refs")).json()
     assert page["refs"] == []
+
+
+
+async def test_a_name_deleted_as_it_is_set_never_fails_the_put(alice):
+    """PUT /refs read its answer back after its transaction, on the shared
+    read connection: a DELETE committed while that read waited left it
+    without a row (a 500). A slow query holds the read connection to open
+    that window wide."""
+    await alice.put(b"one")
+    slow = asyncio.create_task(alice.store.db.fetchone(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000)"
+        " SELECT count(*) FROM c"))
+    await asyncio.sleep(0.05)
+    put = asyncio.create_task(alice.request("PUT", "/refs/raced", json={"hash": b3(b"one")}))
+    await asyncio.sleep(0.05)
+    delete = await alice.request("DELETE", "/refs/raced")
+    put_resp = await put
+    await slow
+    assert put_resp.status == 200, await put_resp.text()
+    assert (await put_resp.json())["name"] == "raced"
+    assert delete.status == 204

@@ -31,7 +31,7 @@ async def put_ref(request: web.Request) -> web.Response:
     address = parse_address(body["hash"])
     owner = principal(request).owner
 
-    async def run() -> None:
+    async def run() -> Any:
         async with store.write() as tx:
             # A blob in its grace period counts as existing: the new name revives it.
             digest: str | None = address.digest
@@ -43,10 +43,13 @@ async def put_ref(request: web.Request) -> web.Response:
             zeroed = await index.add_ref(tx.conn, owner, name, blob,
                                          store.config.quota_for(owner), time.time())
             await reaper.release_zeroed(store, tx, zeroed)
+            # Read in the same transaction: a DELETE right after must not
+            # leave this answer without its row.
+            row = await index.get_ref(tx.conn, owner, name)
+            assert row is not None
+            return row
 
-    await shielded(run())
-    row = await index.get_ref(store.db.reader, owner, name)
-    return web.json_response(ref_json(row))
+    return web.json_response(ref_json(await shielded(run())))
 
 
 @requires("read")
