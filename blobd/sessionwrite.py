@@ -223,12 +223,20 @@ def check_room(store: Store, session: Session, length: int | None,
     """Refuse a declared body that would end past the upload's length (or
     the blob size limit, while the length is deferred); the upload's end.
     Also called before ``100 Continue``, so such a body is never sent."""
-    end = (new_length if new_length is not None else session.size
-           if session.size is not None else store.config.limits.max_blob_size)
-    if length is not None and length > end - session.upload_offset:
+    end = new_length if new_length is not None else session.size
+    if length is not None and end is not None and length > end - session.upload_offset:
         raise BlobdError("bad_request", f"{length} bytes at offset"
                          f" {session.upload_offset} would end past {end}")
+    if end is None:
+        end = store.config.limits.max_blob_size
+        if length is not None and length > end - session.upload_offset:
+            raise _over_max_size(end)
     return end
+
+
+def _over_max_size(limit: int) -> BlobdError:
+    return BlobdError("too_large", f"an upload of unknown length would grow past"
+                      f" max_blob_size ({limit} bytes)")
 
 
 async def _append(store: Store, session: Session, fd: int, body: AsyncIterator[bytes],
@@ -239,6 +247,8 @@ async def _append(store: Store, session: Session, fd: int, body: AsyncIterator[b
     sink = _Sink(fd, session.upload_offset, checks)
 
     def too_long() -> BlobdError:
+        if session.size is None:
+            return _over_max_size(end)
         return BlobdError("bad_request", f"the body would end past byte {end}")
 
     try:

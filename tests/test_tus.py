@@ -423,3 +423,22 @@ async def test_concatenation_takes_each_part_s_recorded_bytes_only(alice: Api) -
     assert resp.status == 201, await resp.text()
     assert resp.headers["Blob-Hash"] == b3(data)
     assert await (await alice.request("GET", f"/blobs/{b3(data)}")).read() == data
+
+
+async def test_a_deferred_length_upload_growing_past_the_size_limit_is_413(server) -> None:
+    alice = await (await server(limits={"max_blob_size": 1000}))("alice")
+    url = await create(alice, None, headers={"Upload-Defer-Length": "1"})
+    await patch(alice, url, 0, b"a" * 600)
+    declared = await patch(alice, url, 600, b"b" * 600, status=413)
+    assert (await declared.json())["error"] == "too_large"
+
+    async def streamed():  # no Content-Length: refused as it runs past
+        for _ in range(6):
+            yield b"c" * 100
+
+    resp = await alice.request("PATCH", url, data=streamed(), headers={
+        **TUS, **STREAM, "Upload-Offset": "600"})
+    assert resp.status == 413 and (await resp.json())["error"] == "too_large"
+    assert (await head(alice, url)).headers["Upload-Offset"] == "600"
+    resp = await patch(alice, url, 600, b"d" * 400, headers={"Upload-Length": "1000"})
+    assert resp.headers["Blob-Hash"] == b3(b"a" * 600 + b"d" * 400)
