@@ -217,11 +217,16 @@ async def test_tus_metadata_that_is_not_ascii_is_400(alice):
 # ---------------------------------------------------------------- encodings
 
 
-async def test_a_body_that_does_not_decode_is_400_and_leaves_nothing(alice):
-    resp = await alice.request("POST", "/blobs", data=b"not gzip at all" * 100,
+@pytest.mark.parametrize("repeat", [100, 300_000])  # the second one arrives in many reads
+async def test_a_body_that_does_not_decode_is_400_and_leaves_nothing(alice, caplog, repeat):
+    resp = await alice.request("POST", "/blobs", data=b"not gzip at all" * repeat,
                                headers={"Content-Encoding": "gzip"})
     assert resp.status == 400 and (await resp.json())["error"] == "bad_request"
+    # The connection ends with the answer: what is left of the body is no request.
+    assert resp.headers["Connection"] == "close"
     assert blob_files(alice.data_dir) == [] and tmp_files(alice.data_dir) == []
+    await asyncio.sleep(0.05)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
 
 
 async def test_gzip_bodies_are_stored_decoded(alice):
@@ -236,6 +241,14 @@ async def test_a_coding_blobd_cannot_decode_is_415(alice, coding):
                                headers={"Content-Encoding": coding})
     assert resp.status == 415 and (await resp.json())["error"] == "unsupported_media_type"
     assert blob_files(alice.data_dir) == []
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd"])
+async def test_codings_the_parser_knows_but_cannot_decode_are_its_400(alice, coding):
+    """Documented exception to the JSON errors (docs/api.md, Malformed HTTP)."""
+    resp = await alice.request("POST", "/blobs", data=DATA, headers={"Content-Encoding": coding})
+    assert resp.status == 400 and resp.content_type == "text/plain"
+    assert blob_files(alice.data_dir) == [] and tmp_files(alice.data_dir) == []
 
 
 # ---------------------------------------------------------------- paths and methods

@@ -98,8 +98,15 @@ async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse
             # log and metrics have it as aborted).
             raise ConnectionResetError("client went away") from exc
         # The body broke off mid-way in a way the parser noticed: a gzip
-        # that does not decode, a malformed chunk.
-        return error_response(BlobdError("bad_request", f"unreadable request body: {exc}"))
+        # that does not decode, a malformed chunk. The rest of it can be
+        # read neither as body nor as a next request: the connection closes
+        # after the answer, and the body counts as ended (aiohttp would
+        # otherwise read on after the answer, meet the error again and log
+        # it as an unhandled exception).
+        request.content.feed_eof()
+        response = error_response(BlobdError("bad_request", f"unreadable request body: {exc}"))
+        response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
