@@ -145,6 +145,8 @@ async def test_get_headers_and_head(alice):
     ("bytes=0-0", 0, 0), ("bytes=10-19", 10, 19), ("bytes=99990-", 99990, 99999),
     ("bytes=-10", 99990, 99999), ("bytes=50-200000", 50, 99999),
     ("bytes=-200000", 0, 99999),
+    # Positions of thousands of digits (int() refuses past 4,300: it was a 500).
+    ("bytes=10-" + "9" * 5000, 10, 99999), ("bytes=-" + "9" * 5000, 0, 99999),
 ])
 async def test_ranges(alice, header, start, end):
     await alice.put(DATA)
@@ -154,7 +156,8 @@ async def test_ranges(alice, header, start, end):
     assert await resp.read() == DATA[start:end + 1]
 
 
-@pytest.mark.parametrize("header", ["bytes=100000-", "bytes=200000-300000", "bytes=-0"])
+@pytest.mark.parametrize("header", ["bytes=100000-", "bytes=200000-300000", "bytes=-0",
+                                    "bytes=" + "9" * 5000 + "-"])
 async def test_unsatisfiable_ranges(alice, header):
     await alice.put(DATA)
     resp = await alice.request("GET", f"/blobs/{b3(DATA)}", headers={"Range": header})
@@ -163,7 +166,8 @@ async def test_unsatisfiable_ranges(alice, header):
     assert (await resp.json())["error"] == "bad_range"
 
 
-@pytest.mark.parametrize("header", ["items=0-5", "bytes=5-2", "bytes=0-1,5-6", "bytes=x-"])
+@pytest.mark.parametrize("header", ["items=0-5", "bytes=5-2", "bytes=0-1,5-6", "bytes=x-",
+                                    "bytes=" + "9" * 5000 + "-10"])
 async def test_ignorable_range_headers_give_the_whole_blob(alice, header):
     await alice.put(DATA)
     resp = await alice.request("GET", f"/blobs/{b3(DATA)}", headers={"Range": header})

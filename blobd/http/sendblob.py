@@ -37,6 +37,7 @@ SAFETY_HEADERS = {"X-Content-Type-Options": "nosniff",
                   "Content-Security-Policy": "sandbox"}
 INLINE_MAX = 128 * 1024
 _FALLBACK_CHUNK = 256 * 1024
+_BEYOND = 10 ** 18
 _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)  # units are case-insensitive
 
 
@@ -69,18 +70,24 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     first, last = match[1], match[2]
     if first:
-        start = int(first)
-        end = min(int(last), size - 1) if last else size - 1
-        if last and int(last) < start:
+        start = _position(first)
+        end = min(_position(last), size - 1) if last else size - 1
+        if last and _position(last) < start:
             return None  # an invalid range-spec: ignore the header
         if start >= size:
             raise _unsatisfiable(size)
         return start, end - start + 1
-    suffix = int(last)
+    suffix = _position(last)
     if suffix == 0 or size == 0:
         raise _unsatisfiable(size)
     count = min(suffix, size)
     return size - count, count
+
+
+def _position(digits: str) -> int:
+    """A byte position; past 18 digits it is past the end of any blob, and
+    int() of thousands of digits would be slow, or refused (a 500)."""
+    return int(digits) if len(digits) <= 18 else _BEYOND
 
 
 def _unsatisfiable(size: int) -> BlobdError:
