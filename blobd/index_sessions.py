@@ -144,16 +144,31 @@ async def touch(conn: aiosqlite.Connection, session_id: str, expires_at: float) 
                        (expires_at, session_id))
 
 
+async def reserve_more(conn: aiosqlite.Connection, session: Session, nbytes: int) -> None:
+    """Reserve bytes a deferred-length upload received (its length unknown,
+    it reserves what it holds)."""
+    await conn.execute("UPDATE uploads SET reserved_bytes = reserved_bytes + ? WHERE id = ?",
+                       (nbytes, session.id))
+    await index.reserve(conn, session.owner, nbytes)
+
+
+async def _reserved(conn: aiosqlite.Connection, session_id: str, where: str) -> int | None:
+    async with conn.execute(f"SELECT reserved_bytes FROM uploads WHERE id = ? AND {where}",
+                            (session_id,)) as cur:
+        row = await cur.fetchone()
+    return None if row is None else row[0]
+
+
 async def set_length(conn: aiosqlite.Connection, session: Session, size: int) -> bool:
     """Fix a deferred tus length, reserving it against the owner's quota;
     False (nothing reserved) when the session is gone, committed, or has its
     length already: the reservation must have a row that will release it."""
-    cur = await conn.execute(
-        "UPDATE uploads SET size = ?, reserved_bytes = ? WHERE id = ? AND size IS NULL"
-        " AND result_hash IS NULL", (size, size, session.id))
-    if cur.rowcount != 1:
+    held = await _reserved(conn, session.id, "size IS NULL AND result_hash IS NULL")
+    if held is None:
         return False
-    await index.reserve(conn, session.owner, size)
+    await conn.execute("UPDATE uploads SET size = ?, reserved_bytes = ? WHERE id = ?",
+                       (size, size, session.id))
+    await index.reserve(conn, session.owner, size - held)
     return True
 
 
@@ -161,12 +176,12 @@ async def mark_committed(conn: aiosqlite.Connection, session: Session, digest: s
                          expires_at: float) -> bool:
     """Claim the session for its blob and release its reservation; False when
     it is gone or was committed already (the caller rolls back)."""
-    cur = await conn.execute(
-        "UPDATE uploads SET result_hash = ?, reserved_bytes = 0, expires_at = ?"
-        " WHERE id = ? AND result_hash IS NULL", (digest, expires_at, session.id))
-    if cur.rowcount != 1:
+    held = await _reserved(conn, session.id, "result_hash IS NULL")
+    if held is None:
         return False
-    await index.reserve(conn, session.owner, -session.reserved_bytes)
+    await conn.execute("UPDATE uploads SET result_hash = ?, reserved_bytes = 0,"
+                       " expires_at = ? WHERE id = ?", (digest, expires_at, session.id))
+    await index.reserve(conn, session.owner, -held)
     await conn.execute("DELETE FROM upload_chunks WHERE upload_id = ?", (session.id,))
     return True
 

@@ -93,6 +93,8 @@ async def precheck(store: Store, owner: str, size: int | None) -> None:
     default = store.config.quota_for(owner)
     limits = await index.limits_for(store.db.reader, owner, default)
     if size is None:
+        # Its bytes are checked as they come (sessionwrite.check_room).
+        await store.check_free_space(0)
         return
     index.check_blob_size(size, limits, store.config.limits.max_blob_size)
     used = await index.usage(store.db.reader, owner)
@@ -132,14 +134,16 @@ async def _insert(store: Store, session: Session) -> None:
         await index_sessions.insert(tx.conn, session)
 
 
-async def check_reservation(store: Store, tx: Tx, owner: str, size: int | None) -> None:
-    """The authoritative check, in the transaction that will reserve ``size``:
-    used + reserved + size must fit the owner's limits."""
+async def check_reservation(store: Store, tx: Tx, owner: str, size: int | None,
+                            held: int = 0) -> None:
+    """The authoritative check, in the transaction that will reserve ``size``
+    (of which the upload holds ``held`` already): used + reserved + the rest
+    must fit the owner's limits."""
     row = await index.owner_row(tx.conn, owner)
     limits = index.effective_limits(row, store.config.quota_for(owner))
     if size is not None:
         index.check_blob_size(size, limits, store.config.limits.max_blob_size)
-        index.check_room(row, limits, size, 1)
+        index.check_room(row, limits, size - held, 1)
 
 
 async def find_session(store: Store, session_id: str, owner: str,

@@ -16,12 +16,12 @@ import time
 from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable
 
-from . import index, index_sessions, sessionfiles
+from . import files, index, index_sessions, sessionfiles
 from .errors import BlobdError
 from .index_sessions import TUS, Session
 from .ingest import WRITE_CHUNK
 from .sessions import BUSY, check_reservation, expiry, reload
-from .store import Store, shielded
+from .store import Store, Tx, shielded
 
 FINAL_TAKES_NO_PATCH = "a final (concatenated) upload takes no PATCH"
 
@@ -218,41 +218,63 @@ async def receive_at_offset(store: Store, session: Session, offset: int,
         await asyncio.to_thread(sessionfiles.close, fd)
 
 
-def check_room(store: Store, session: Session, length: int | None,
-               new_length: int | None = None) -> int:
-    """Refuse a declared body that would end past the upload's length (or
-    the blob size limit, while the length is deferred); the upload's end.
-    Also called before ``100 Continue``, so such a body is never sent."""
-    end = new_length if new_length is not None else session.size
-    if length is not None and end is not None and length > end - session.upload_offset:
-        raise BlobdError("bad_request", f"{length} bytes at offset"
-                         f" {session.upload_offset} would end past {end}")
-    if end is None:
-        end = store.config.limits.max_blob_size
-        if length is not None and length > end - session.upload_offset:
-            raise _over_max_size(end)
-    return end
+@dataclass(frozen=True)
+class Room:
+    """How many more bytes an upload may take, and what passing them is."""
+    size: int
+    error: BlobdError
 
 
-def _over_max_size(limit: int) -> BlobdError:
-    return BlobdError("too_large", f"an upload of unknown length would grow past"
-                      f" max_blob_size ({limit} bytes)")
+async def check_room(store: Store, session: Session, length: int | None,
+                     new_length: int | None = None) -> Room:
+    """Refuse a declared body that would end past the upload's length;
+    the room the upload has left. Also called before ``100 Continue``, so
+    such a body is never sent.
+
+    While the length is deferred, nothing is reserved ahead: the room is
+    what the owner's limits and the disk still allow (the blob size, the
+    owner's bytes, this month's uploads, the free-space floor), and what
+    arrives is reserved as it is recorded (see :func:`_reserve_growth`)."""
+    offset = session.upload_offset
+    size = new_length if new_length is not None else session.size
+    if size is not None:
+        room = Room(size - offset, BlobdError(
+            "bad_request", f"the body would end past byte {size}"))
+        if length is not None and length > room.size:
+            raise BlobdError("bad_request", f"{length} bytes at offset {offset}"
+                             f" would end past {size}")
+        return room
+    limits = await index.limits_for(store.db.reader, session.owner,
+                                    store.config.quota_for(session.owner))
+    used = await index.usage(store.db.reader, session.owner)
+    free, _ = await asyncio.to_thread(files.free_bytes, store.layout.root)
+    max_size = min(limits.max_blob_size, store.config.limits.max_blob_size)
+    bounds = [
+        Room(max_size - offset, BlobdError(
+            "too_large", f"an upload of unknown length would grow past max_blob_size"
+            f" ({max_size} bytes)")),
+        Room(limits.max_bytes - used["used_bytes"] - used["reserved_bytes"], BlobdError(
+            "quota_exceeded", f"quota max_bytes ({limits.max_bytes} bytes) would be exceeded")),
+        Room(limits.max_monthly_upload_bytes - used["monthly_upload_bytes"], BlobdError(
+            "quota_exceeded", "quota max_monthly_upload_bytes"
+            f" ({limits.max_monthly_upload_bytes} bytes) would be exceeded")),
+        Room(free - store.config.storage.min_free_bytes, BlobdError(
+            "insufficient_storage", "not enough free disk space for this upload")),
+    ]
+    room = min(bounds, key=lambda bound: bound.size)
+    room = replace(room, size=max(room.size, 0))
+    if length is not None and length > room.size:
+        raise room.error
+    return room
 
 
 async def _append(store: Store, session: Session, fd: int, body: AsyncIterator[bytes],
                   length: int | None, checks: list[Check],
                   status_on_mismatch: int | None) -> Session:
-    end = check_room(store, session, length)
-    room = end - session.upload_offset
+    room = await check_room(store, session, length)
     sink = _Sink(fd, session.upload_offset, checks)
-
-    def too_long() -> BlobdError:
-        if session.size is None:
-            return _over_max_size(end)
-        return BlobdError("bad_request", f"the body would end past byte {end}")
-
     try:
-        await _pump(body, sink, room, too_long, keep_partial=not checks,
+        await _pump(body, sink, room.size, lambda: room.error, keep_partial=not checks,
                     idle=store.config.uploads.idle_timeout_seconds)
     except BaseException as exc:
         if not checks and sink.written and broke_off(exc):
@@ -272,10 +294,27 @@ async def _record_offset(store: Store, session: Session, fd: int, count: int) ->
         if not await index_sessions.advance(tx.conn, session.id, session.upload_offset,
                                             new_offset):
             raise BlobdError("conflict", "the upload moved on meanwhile")
+        if session.size is None:
+            await _reserve_growth(store, tx, session, new_offset, count)
         await index.charge_upload(tx.conn, session.owner, count,
                                   store.config.quota_for(session.owner))
         await index_sessions.touch(tx.conn, session.id, expires_at)
-    return replace(session, upload_offset=new_offset, expires_at=expires_at)
+    reserved = session.reserved_bytes + (count if session.size is None else 0)
+    return replace(session, upload_offset=new_offset, expires_at=expires_at,
+                   reserved_bytes=reserved)
+
+
+async def _reserve_growth(store: Store, tx: Tx, session: Session, new_offset: int,
+                          count: int) -> None:
+    """The authoritative limits check for a deferred-length upload's new
+    bytes, in the transaction that records them: they stay reserved
+    against the owner's max_bytes until the upload is committed or removed,
+    so two such uploads cannot each pass a limit that both together do."""
+    row = await index.owner_row(tx.conn, session.owner)
+    limits = index.effective_limits(row, store.config.quota_for(session.owner))
+    index.check_blob_size(new_offset, limits, store.config.limits.max_blob_size)
+    index.check_room(row, limits, count, 0)
+    await index_sessions.reserve_more(tx.conn, session, count)
 
 
 async def _keep_progress(store: Store, session: Session, fd: int, count: int) -> None:
@@ -298,7 +337,9 @@ async def _fix_length(store: Store, session: Session, size: int) -> Session:
 
     async def run() -> None:
         async with store.write() as tx:
-            await check_reservation(store, tx, session.owner, size)
+            # What it received is reserved already (see _reserve_growth).
+            await check_reservation(store, tx, session.owner, size,
+                                    held=session.reserved_bytes)
             # Deleted or expired since it was read (the free-space check and
             # the lock are waits): nothing to reserve for.
             if not await index_sessions.set_length(tx.conn, session, size):

@@ -442,3 +442,61 @@ async def test_a_deferred_length_upload_growing_past_the_size_limit_is_413(serve
     assert (await head(alice, url)).headers["Upload-Offset"] == "600"
     resp = await patch(alice, url, 600, b"d" * 400, headers={"Upload-Length": "1000"})
     assert resp.headers["Blob-Hash"] == b3(b"a" * 600 + b"d" * 400)
+
+
+async def quota(api: Api) -> dict:
+    return await (await api.request("GET", "/quota")).json()
+
+
+async def test_a_deferred_length_upload_keeps_to_the_owner_s_limits(server) -> None:
+    """Found by review: with its length deferred an upload took any number
+    of bytes, past the owner's max_blob_size and max_bytes, reserving none."""
+    login = await server(quotas={"default": {"max_bytes": 3000, "max_blob_size": 2000}})
+    alice = await login("alice")
+    url = await create(alice, None, headers={"Upload-Defer-Length": "1"})
+    await patch(alice, url, 0, b"a" * 1500)
+    # What it holds is reserved as it arrives, so the owner's figures say so.
+    assert (await quota(alice))["reserved_bytes"] == 1500
+    too_big = await patch(alice, url, 1500, b"b" * 600, status=413)  # 2,100 > max_blob_size
+    assert (await too_big.json())["error"] == "too_large"
+
+    # A second one shares max_bytes with it: 1,500 held + 1,600 > 3,000.
+    other = await create(alice, None, headers={"Upload-Defer-Length": "1"})
+    over = await patch(alice, other, 0, b"c" * 1600, status=507)
+    assert (await over.json())["error"] == "quota_exceeded"
+
+    async def streamed():  # no Content-Length: stopped as it passes the room
+        for _ in range(16):
+            yield b"d" * 100
+
+    resp = await alice.request("PATCH", other, data=streamed(), headers={
+        **TUS, **STREAM, "Upload-Offset": "0"})
+    assert resp.status == 507 and (await resp.json())["error"] == "quota_exceeded"
+    assert (await head(alice, other)).headers["Upload-Offset"] == "0"
+    assert (await quota(alice))["reserved_bytes"] == 1500
+
+    await patch(alice, other, 0, b"e" * 1000)
+    assert (await quota(alice))["reserved_bytes"] == 2500
+    # Setting the length reserves the rest; committing turns it into use.
+    done = await patch(alice, url, 1500, b"f" * 400, headers={"Upload-Length": "1900"})
+    assert done.headers["Blob-Hash"] == b3(b"a" * 1500 + b"f" * 400)
+    figures = await quota(alice)
+    assert (figures["used_bytes"], figures["reserved_bytes"]) == (1900, 1000)
+    assert (await alice.request("DELETE", other, headers=TUS)).status == 204
+    figures = await quota(alice)
+    assert (figures["used_bytes"], figures["reserved_bytes"]) == (1900, 0)
+
+
+async def test_a_deferred_length_upload_keeps_to_the_month(server) -> None:
+    login = await server(quotas={"default": {"max_monthly_upload_bytes": 1000}})
+    alice = await login("alice")
+    url = await create(alice, None, headers={"Upload-Defer-Length": "1"})
+    await patch(alice, url, 0, b"a" * 800)
+    resp = await patch(alice, url, 800, b"b" * 300, status=507)
+    assert "max_monthly_upload_bytes" in (await resp.json())["message"]
+
+
+async def test_a_deferred_length_upload_is_refused_below_the_free_space_floor(server) -> None:
+    bob = await (await server(storage={"min_free_bytes": "1000TiB"}))("bob")
+    resp = await bob.request("POST", "/tus/", headers={**TUS, "Upload-Defer-Length": "1"})
+    assert resp.status == 507 and (await resp.json())["error"] == "insufficient_storage"

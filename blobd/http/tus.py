@@ -104,7 +104,7 @@ async def _created(request: web.Request, session: Session, has_body: bool) -> we
     store = request.app[STORE]
     try:
         if has_body:
-            check_room(store, session, request.content_length)
+            await check_room(store, session, request.content_length)
             await send_continue(request)
             session = await receive_at_offset(
                 store, session, 0, request.content.iter_any(),
@@ -303,7 +303,7 @@ async def patch(request: web.Request) -> web.Response:
             raise BlobdError("conflict", f"Upload-Offset is {offset}, but the upload"
                              f" stands at {session.upload_offset}")
         length = _non_negative("Upload-Length", new_length) if new_length else None
-        check_room(request.app[STORE], session, request.content_length, length)
+        await check_room(request.app[STORE], session, request.content_length, length)
         await send_continue(request)
         session = await receive_at_offset(
             request.app[STORE], session, offset, request.content.iter_any(),
