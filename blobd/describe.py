@@ -32,7 +32,8 @@ from .files import Digests
 from .index import BlobRecord
 from .store import Store
 
-_TOKEN = r"[!#$%&'*+.^_`|~0-9a-z-]+"
+# RFC 6838 section 4.2: a type or subtype name has at most 127 characters.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9a-z-]{1,127}"
 _MEDIA_TYPE = re.compile(f"{_TOKEN}/{_TOKEN}")
 WEAK_MAGIC = frozenset({"audio/mpeg", "audio/aac"})
 GENERIC_TYPES = frozenset({

@@ -111,6 +111,17 @@ async def count_open(conn: aiosqlite.Connection, owner: str, now: float) -> int:
     return int(count)
 
 
+async def forget_finished(conn: aiosqlite.Connection, owner: str, keep: int) -> None:
+    """Remove all but the owner's ``keep`` newest committed sessions: their
+    rows only let a repeated completion or a tus ``HEAD`` name the blob
+    again, and unbounded they would let a writer grow the index at will
+    (a committed session counts against no limit)."""
+    await conn.execute(
+        "DELETE FROM uploads WHERE owner = ? AND result_hash IS NOT NULL AND id NOT IN"
+        " (SELECT id FROM uploads WHERE owner = ? AND result_hash IS NOT NULL"
+        " ORDER BY created_at DESC LIMIT ?)", (owner, owner, keep))
+
+
 async def received(conn: aiosqlite.Connection, session_id: str) -> list[int]:
     async with conn.execute("SELECT idx FROM upload_chunks WHERE upload_id = ?"
                             " ORDER BY idx", (session_id,)) as cur:

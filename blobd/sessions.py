@@ -131,6 +131,8 @@ async def _insert(store: Store, session: Session) -> None:
         if await index_sessions.count_open(tx.conn, session.owner, time.time()) >= limit:
             raise BlobdError("quota_exceeded", f"you have {limit} open upload sessions"
                              " already; finish or delete one first")
+        # The one made here may finish too: then it is the limit-th.
+        await index_sessions.forget_finished(tx.conn, session.owner, keep=limit - 1)
         await index_sessions.insert(tx.conn, session)
 
 

@@ -500,3 +500,21 @@ async def test_a_deferred_length_upload_is_refused_below_the_free_space_floor(se
     bob = await (await server(storage={"min_free_bytes": "1000TiB"}))("bob")
     resp = await bob.request("POST", "/tus/", headers={**TUS, "Upload-Defer-Length": "1"})
     assert resp.status == 507 and (await resp.json())["error"] == "insufficient_storage"
+
+
+async def test_finished_uploads_are_forgotten_past_the_session_limit(server) -> None:
+    """Found by review: a finished upload counted against no limit, so a
+    writer could keep creating (empty) uploads and grow the index at will.
+    Past max_sessions_per_owner the oldest finished ones are forgotten."""
+    alice = await (await server(uploads={"max_sessions_per_owner": 3}))("alice")
+    urls = []
+    for n in range(6):
+        url = await create(alice, 0, headers={"Upload-Metadata": meta(filename=f"{n}" * 4000)})
+        assert (await head(alice, url)).headers["Blob-Hash"] == b3(b"")
+        urls.append(url)
+    for url in urls[:3]:
+        await head(alice, url, status=404)
+    for url in urls[3:]:
+        assert (await head(alice, url)).headers["Blob-Hash"] == b3(b"")
+    rows = await alice.store.db.fetchall("SELECT count(*) FROM uploads WHERE owner = 'alice'")
+    assert rows[0][0] == 3

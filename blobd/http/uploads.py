@@ -17,6 +17,7 @@ from aiohttp import web
 
 from .. import index, index_sessions, ingest, sessions
 from ..address import Address, parse_address, parse_ref_name
+from ..describe import normalise_type
 from ..errors import BlobdError
 from ..sessions import NATIVE, NewSession, Session
 from ..sessionwrite import Check, check_chunk, receive_chunk
@@ -54,7 +55,7 @@ async def create_upload(request: web.Request) -> web.Response:
     assert size is not None
     expected = _optional(body, "hash", parse_address)
     ref = _optional(body, "ref", parse_ref_name)
-    content_type = _optional(body, "content_type", str)
+    content_type = normalise_type(_optional(body, "content_type", str)) or None
     if expected is not None:
         stored = await _known_blob(store, expected, size, owner, ref)
         if stored is not None:
