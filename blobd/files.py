@@ -362,7 +362,16 @@ def remove_quietly(*paths: Path) -> None:
             os.unlink(path)
 
 
+# The data dir holds every owner's blobs, reference names and token
+# digests: nothing blobd creates there is for other local users, whatever
+# umask it was started with (blobd.service runs with UMask=0077).
+PRIVATE_UMASK = 0o027
+
+
 def make_dirs(layout: Layout) -> None:
+    """Create the data dir's directories, after making what this process
+    creates from now on private (group may read, others nothing)."""
+    os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)
     for directory in layout.directories():
         directory.mkdir(parents=True, exist_ok=True)
 

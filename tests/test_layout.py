@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +91,20 @@ def test_bad_addresses(text):
     with pytest.raises(BlobdError) as info:
         parse_address(text)
     assert info.value.code == "invalid_hash" and info.value.status == 400
+
+
+def test_the_data_dir_is_private_whatever_the_umask(tmp_path):
+    """Found by review: under umask 022 the index (every owner's reference
+    names, token labels) and the blob directories were readable by every
+    local user; outside systemd's UMask=0077 blobd now keeps them private."""
+    data = tmp_path / "data"
+    config = tmp_path / "blobd.toml"
+    config.write_text(f'[server]\ndata_dir = "{data}"\n')
+    subprocess.run(["sh", "-c", 'umask 022 && exec "$0" -m blobd token create -c "$1" --owner a',
+                    sys.executable, str(config)], check=True, capture_output=True, timeout=60,
+                   cwd=Path(__file__).resolve().parent.parent)
+    modes = {path.relative_to(tmp_path).as_posix(): stat.S_IMODE(path.stat().st_mode)
+             for path in [data, *data.iterdir()]}
+    assert modes["data"] == modes["data/blobs"] == modes["data/uploads"] == 0o750, modes
+    assert modes["data/index.sqlite3"] == 0o640, modes
+    assert all(mode & 0o007 == 0 for mode in modes.values()), modes
