@@ -69,6 +69,23 @@ async def _all(conn: aiosqlite.Connection, sql: str, *params: Any) -> list[aiosq
 
 # -- blobs -------------------------------------------------------------------
 
+async def remember_deleted(conn: aiosqlite.Connection, digest: str, now: float) -> None:
+    """Record that a mirrored blob was deleted (see migration 4)."""
+    await conn.execute("INSERT OR REPLACE INTO deleted_blobs (hash, deleted_at)"
+                       " VALUES (?, ?)", (digest, now))
+
+
+async def forget_deleted(conn: aiosqlite.Connection, digest: str) -> None:
+    """Its object is gone from the bucket: nothing left to tell apart."""
+    await conn.execute("DELETE FROM deleted_blobs WHERE hash = ?", (digest,))
+
+
+async def deleted_blobs(conn: aiosqlite.Connection) -> dict[str, float]:
+    """{digest: when it was deleted} of every blob remembered as deleted."""
+    return {row[0]: row[1] for row in await _all(
+        conn, "SELECT hash, deleted_at FROM deleted_blobs")}
+
+
 async def get_blob(conn: aiosqlite.Connection, digest: str) -> BlobRecord | None:
     row = await _one(conn, "SELECT * FROM blobs WHERE hash = ?", digest)
     return BlobRecord.from_row(row) if row else None
@@ -235,13 +252,15 @@ async def get_ref(conn: aiosqlite.Connection, owner: str, name: str) -> aiosqlit
 
 
 async def add_ref(conn: aiosqlite.Connection, owner: str, name: str, blob: BlobRecord,
-                  default: QuotaLimits, now: float, *, new_blob: bool = False) -> list[str]:
+                  default: QuotaLimits | None, now: float, *,
+                  new_blob: bool = False) -> list[str]:
     """Point ``owner``'s ``name`` at ``blob``; idempotent.
 
     Returns the digests whose refcount fell to zero because the name was
     re-pointed away from them (the caller deletes or schedules them).
     ``new_blob``: the blob's row was inserted in this transaction, so
-    nobody holds it yet.
+    nobody holds it yet. ``default`` None: no limit applies (the owner's
+    usage still counts the blob).
     """
     old = await _one(conn, "SELECT hash FROM refs WHERE owner = ? AND name = ?", owner, name)
     if old is not None and old["hash"] == blob.hash:
@@ -264,16 +283,17 @@ async def add_ref(conn: aiosqlite.Connection, owner: str, name: str, blob: BlobR
 
 
 async def _hold(conn: aiosqlite.Connection, owner: str, blob: BlobRecord,
-                default: QuotaLimits, now: float, new_blob: bool = False) -> None:
+                default: QuotaLimits | None, now: float, new_blob: bool = False) -> None:
     if not new_blob:
         held = await conn.execute("UPDATE holdings SET refs = refs + 1 WHERE owner = ?"
                                   " AND hash = ?", (owner, blob.hash))
         if held.rowcount:
             return
     row = await owner_row(conn, owner)
-    limits = effective_limits(row, default)
-    check_blob_size(blob.size, limits, limits.max_blob_size)
-    check_room(row, limits, blob.size, 1)
+    if default is not None:
+        limits = effective_limits(row, default)
+        check_blob_size(blob.size, limits, limits.max_blob_size)
+        check_room(row, limits, blob.size, 1)
     await conn.execute("INSERT INTO holdings (owner, hash, refs, created_at)"
                        " VALUES (?, ?, 1, ?)", (owner, blob.hash, now))
     await conn.execute("UPDATE owners SET used_bytes = used_bytes + ?,"

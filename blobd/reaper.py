@@ -30,8 +30,10 @@ async def delete_now(store: Store, tx: Tx, digest: str) -> bool:
     if not await index.delete_blob(tx.conn, digest):
         return False
     mirror = store.config.mirror
-    if mirror is not None and not mirror.keep_deleted:
-        await tx.enqueue_mirror(digest, "delete", time.time())
+    if mirror is not None:
+        await index.remember_deleted(tx.conn, digest, time.time())
+        if not mirror.keep_deleted:
+            await tx.enqueue_mirror(digest, "delete", time.time())
     trash = store.layout.trash_path(digest)
     final = store.layout.blob_path(digest)
     if await tx.blocking(files.move_to_trash, final, trash):

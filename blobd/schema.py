@@ -135,6 +135,15 @@ MIGRATIONS: list[str] = [
     DROP INDEX blobs_unmirrored;
     CREATE INDEX blobs_unmirrored ON blobs(created_at) WHERE mirror_state = 'off';
     """,
+    # 4: blobs deleted while a mirror was configured, whose objects may
+    # still be in the bucket (keep_deleted, or a deletion not yet done):
+    # a restore must not take them for blobs stored after its backup.
+    """
+    CREATE TABLE deleted_blobs (
+        hash        TEXT PRIMARY KEY,
+        deleted_at  REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 ]
 
 

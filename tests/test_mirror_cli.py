@@ -326,6 +326,68 @@ async def test_restore_without_any_index_backup(server, setup, bucket, tmp_path,
         assert sorted(p.read_bytes() for p in blob_files(fresh.data_dir)) == sorted(blobs)
 
 
+async def test_restore_leaves_blobs_deleted_before_the_backup_deleted(
+        server, tmp_path, s3server, mirror_prefix, bucket):
+    """Found by review: with keep_deleted (or a deletion still queued) the
+    object of a blob deleted before the backup was taken for one stored
+    after it, and came back under _restored."""
+    setup = Setup(tmp_path, "data", mirror_section(
+        s3server, mirror_prefix, backup_interval_seconds=0, keep_deleted=True))
+    _, alice = await start(server, setup, tmp_path)
+    kept, deleted = os.urandom(3000), os.urandom(3001)
+    for data in (kept, deleted):
+        await alice.put(data)
+    await mirrored(alice, bucket, {b3(kept), b3(deleted)})
+    assert (await alice.request("DELETE", f"/blobs/{b3(deleted)}")).status == 204
+    await eventually(lambda: drained(alice), what="the delete handled")
+    assert b3(deleted) in await in_thread(bucket.digests)  # kept by keep_deleted
+    assert (await setup.cli("backup")).returncode == 0
+    late = os.urandom(3002)
+    await alice.put(late)
+    await mirrored(alice, bucket, {b3(late)})
+
+    fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
+    result = await fresh.cli("restore")
+    assert result.returncode == 0, result.stderr
+    assert "1 given to owner _restored, 1 deleted before it left deleted" in result.stdout
+    assert index_rows(fresh.data_dir, "SELECT owner, hash FROM refs ORDER BY owner") == [
+        ("_restored", b3(late)), ("alice", b3(kept))]
+    assert sorted(p.read_bytes() for p in blob_files(fresh.data_dir)) == sorted([kept, late])
+
+
+async def test_orphans_given_to_an_owner_at_a_limit_are_restored(server, setup, bucket,
+                                                                tmp_path):
+    """Found by review: an owner's own max_bytes override applied to the
+    blobs adopted for it, the restore could never finish, and each try
+    left the adopted file without its row."""
+    login, alice = await start(server, setup, tmp_path)
+    await alice.put(os.urandom(100))
+    async with alice.store.write() as tx:
+        await tx.conn.execute("UPDATE owners SET max_bytes = 1024 WHERE owner = 'alice'")
+    await eventually(lambda: drained(alice), what="mirror queue drained")
+    assert (await setup.cli("backup")).returncode == 0
+    late = os.urandom(3333)  # bob's, stored after the backup; alice is to adopt it
+    assert (await (await login("bob")).put(late)).status == 201
+    await mirrored(alice, bucket, {b3(late)})
+
+    fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
+    result = await fresh.cli("restore", "--orphans-owner", "alice")
+    assert result.returncode == 0, result.stderr
+    assert "1 given to owner alice" in result.stdout
+    assert (b3(late),) in index_rows(fresh.data_dir, "SELECT hash FROM refs WHERE owner = 'alice'")
+    checked = await in_thread(lambda: run_blobd("fsck", "-c", str(fresh.config_path)))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+async def test_restore_from_an_empty_prefix_is_an_error(tmp_path, s3server, mirror_prefix):
+    """Found by review: a mistyped prefix "restored" nothing and exited 0."""
+    fresh = Setup(tmp_path, "fresh", mirror_section(s3server, mirror_prefix + "-typo"))
+    result = await fresh.cli("restore")
+    assert result.returncode == 1
+    assert result.stderr.startswith("blobd: error: nothing to restore: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 # -- which store a command works on, which backup a restore takes --------------
 
 def store_id(data_dir: Path) -> str:

@@ -38,7 +38,7 @@ class Interleaved:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._target, name)
 
-    async def list(self, prefix: str, page_size: int = 1000) -> AsyncIterator[tuple[str, int]]:
+    async def list(self, prefix: str, page_size: int = 1000) -> AsyncIterator[Any]:
         async for item in self._target.list(prefix, page_size):
             yield item
         after, self._after_list = self._after_list, None

@@ -166,7 +166,8 @@ async def run_restore(args: argparse.Namespace) -> int:
                else f"{len(report.orphans)} given to owner {owner}")
     print(f"restore: index backup {report.backup or '(none)'};"
           f" restored {report.restored} blobs ({report.restored_bytes} bytes),"
-          f" {report.already} already in place; not in the backup: {orphans};"
+          f" {report.already} already in place; not in the backup: {orphans},"
+          f" {len(report.deleted_before)} deleted before it left deleted;"
           f" dropped {len(report.missing) + len(report.corrupt)} blobs"
           f" and {report.dropped_refs} references")
     return 1 if report.corrupt else 0

@@ -14,7 +14,7 @@ from .. import files, layout
 from ..config import MirrorConfig
 from ..errors import ConfigError
 from ..files import Digests
-from ..storage.s3 import S3Error, S3Target
+from ..storage.s3 import Listed, S3Error, S3Target
 
 T = TypeVar("T")
 
@@ -67,22 +67,22 @@ def blob_key(config: MirrorConfig, digest: str) -> str:
     return layout.mirror_key(config.prefix, digest)
 
 
-async def list_blob_objects(target: S3Target, config: MirrorConfig) -> dict[str, int]:
-    """{digest: size} of every blob object under the prefix; other keys
-    (index backups, anything a person put there) are left out."""
-    found: dict[str, int] = {}
-    async for key, size in target.list(layout.mirror_blobs_prefix(config.prefix)):
-        digest = layout.digest_from_mirror_key(config.prefix, key)
+async def list_blob_objects(target: S3Target, config: MirrorConfig) -> dict[str, Listed]:
+    """Every blob object under the prefix, by digest; other keys (index
+    backups, anything a person put there) are left out."""
+    found: dict[str, Listed] = {}
+    async for listed in target.list(layout.mirror_blobs_prefix(config.prefix)):
+        digest = layout.digest_from_mirror_key(config.prefix, listed.key)
         if digest is not None:
-            found[digest] = size
+            found[digest] = listed
     return found
 
 
 async def any_blob_object(target: S3Target, config: MirrorConfig) -> bool:
     """Whether the bucket holds at least one blob object (stops at the first)."""
     async with aclosing(target.list(layout.mirror_blobs_prefix(config.prefix))) as keys:
-        async for key, _ in keys:
-            if layout.digest_from_mirror_key(config.prefix, key) is not None:
+        async for listed in keys:
+            if layout.digest_from_mirror_key(config.prefix, listed.key) is not None:
                 return True
     return False
 
@@ -97,10 +97,10 @@ class IndexBackup:
 async def list_backups(target: S3Target, config: MirrorConfig) -> list[IndexBackup]:
     """Every index backup, oldest first."""
     found = []
-    async for key, _ in target.list(layout.mirror_backup_prefix(config.prefix)):
-        parsed = layout.parse_backup_key(config.prefix, key)
+    async for listed in target.list(layout.mirror_backup_prefix(config.prefix)):
+        parsed = layout.parse_backup_key(config.prefix, listed.key)
         if parsed is not None:
-            found.append(IndexBackup(parsed[0], key, parsed[1]))
+            found.append(IndexBackup(parsed[0], listed.key, parsed[1]))
     return sorted(found, key=lambda backup: (backup.taken_at, backup.key))
 
 

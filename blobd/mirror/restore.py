@@ -17,12 +17,14 @@
    deleted after the backup, or never reached the mirror; one whose object
    fails verification cannot be trusted. Both are dropped from the index
    with their references, so the index matches the files, and reported.
-4. Objects the backup does not know (blobs stored after it was taken) are
-   restored too, verified against their key and recorded SHA-256. Nobody's
+4. Objects the backup does not know (blobs stored after it was taken)
+   are restored too, verified against their key and recorded SHA-256. Nobody's
    references to them survive, so each gets one reference, named by its
    hash, held by the owner ``--orphans-owner`` (default ``_restored``),
    whose quota they do not count against; an admin can hand them back.
-   ``--skip-orphans`` leaves them in the bucket only.
+   ``--skip-orphans`` leaves them in the bucket only. Objects of blobs the
+   backup remembers deleting (their objects kept by ``keep_deleted``, or
+   their deletion not yet done) stay deleted.
 
 A marker file (``<data_dir>/restoring``, naming the backup) stays until
 the end, so an interrupted restore is resumed by running it again: files
@@ -44,22 +46,21 @@ from pathlib import Path
 from typing import Any
 
 from .. import files, index
-from ..config import Config, MirrorConfig, QuotaLimits
+from ..config import Config, MirrorConfig
 from ..errors import BlobdError
 from ..index import BlobRecord
-from ..storage.s3 import S3Error, S3Target
+from ..storage.s3 import Listed, S3Error, S3Target
 from ..store import Store
 from .backup import backup_key_named, choose_for_restore
-from .common import (BarFactory, CopyMismatch, blob_key, list_blob_objects, no_bar,
-                     run_pool, verify_copy)
+from .common import (BarFactory, CopyMismatch, any_blob_object, blob_key,
+                     list_blob_objects, no_bar, run_pool, verify_copy)
 from .heal import local_file_fault
 
 log = logging.getLogger(__name__)
 ORPHANS_OWNER = "_restored"
 FALLBACK_TYPE = "application/octet-stream"
-# Restored blobs of no known owner are charged to nobody's quota.
-_NO_LIMITS = QuotaLimits(max_bytes=1 << 62, max_blobs=1 << 62, max_blob_size=1 << 62,
-                         max_monthly_upload_bytes=1 << 62)
+# How far the S3 server's clock may be behind ours (see stored_again).
+CLOCK_SLACK = 300.0
 # Blobs recorded as placed per index transaction; after a crash, those not
 # yet recorded are hashed again, not downloaded again.
 RECORD_BATCH = 200
@@ -75,6 +76,7 @@ class RestoreReport:
     corrupt: dict[str, str] = field(default_factory=dict)  # digest -> why
     dropped_refs: int = 0
     orphans: list[str] = field(default_factory=list)  # adopted (or skipped)
+    deleted_before: list[str] = field(default_factory=list)  # see stored_again
 
 
 async def restore(config: Config, target: S3Target, *, jobs: int = 4,
@@ -94,7 +96,12 @@ async def restore(config: Config, target: S3Target, *, jobs: int = 4,
         await _fetch_all(store, target, mirror, blobs, remote, trusted, report, jobs, bar)
         await _drop(store, [*report.missing, *report.corrupt], report)
         known = {b.hash for b in blobs}
-        report.orphans = sorted(set(remote) - known)
+        deleted = await index.deleted_blobs(store.db.reader)
+        for digest in sorted(set(remote) - known):
+            if stored_again(remote[digest], deleted.get(digest)):
+                report.orphans.append(digest)
+            else:
+                report.deleted_before.append(digest)
         if orphans_owner is not None:
             await _adopt(store, target, mirror, report, orphans_owner, jobs, bar)
         async with store.write() as tx:
@@ -103,6 +110,15 @@ async def restore(config: Config, target: S3Target, *, jobs: int = 4,
         return report
     finally:
         await store.close()
+
+
+def stored_again(listed: Listed, deleted_at: float | None) -> bool:
+    """Whether a blob object the backup does not know is a blob stored
+    after the backup was taken, not one deleted before it (its object kept
+    by ``keep_deleted``, or its deletion not yet done): the backup
+    remembers those it deleted. One written well after its deletion was
+    stored again (the S3 server's clock against ours: CLOCK_SLACK)."""
+    return deleted_at is None or listed.modified > deleted_at + CLOCK_SLACK
 
 
 async def _install_index(store: Store, target: S3Target, mirror: MirrorConfig,
@@ -118,6 +134,10 @@ async def _install_index(store: Store, target: S3Target, mirror: MirrorConfig,
     if state is None:
         await _check_empty(store)
         key = await choose_for_restore(target, mirror, named)
+        if key is None and not await any_blob_object(target, mirror):
+            raise BlobdError("not_found", f"nothing to restore: {target.url(mirror.prefix)}"
+                             " holds neither an index backup nor a blob; check [mirror]"
+                             " bucket and prefix")
         state = {"backup": key, "installed": False, "records_placed": True}
         await asyncio.to_thread(_write_marker, marker, state)
     elif named is not None and backup_key_named(mirror, named) != state["backup"]:
@@ -223,7 +243,7 @@ async def _forget_local_state(store: Store) -> None:
 
 
 async def _fetch_all(store: Store, target: S3Target, mirror: MirrorConfig,
-                     blobs: list[BlobRecord], remote: dict[str, int], trusted: bool,
+                     blobs: list[BlobRecord], remote: dict[str, Listed], trusted: bool,
                      report: RestoreReport, jobs: int, bar: BarFactory) -> None:
     progress = bar("restore", sum(b.size for b in blobs), "B")
     placed: list[str] = []
@@ -347,8 +367,15 @@ async def adopt_orphan(store: Store, target: S3Target, mirror: MirrorConfig, dig
         return
     blob = BlobRecord(digest, got.sha256, got.size, head["content_type"] or FALLBACK_TYPE,
                       time.time(), mirror_state="done")
-    async with store.write() as tx:
-        await index.insert_blob(tx.conn, blob)
-        await index.add_ref(tx.conn, owner, digest, blob, _NO_LIMITS, time.time())
+    try:
+        async with store.write() as tx:
+            await index.insert_blob(tx.conn, blob)
+            # No limit applies (the owner's override neither): an adopted
+            # blob was stored once already, within some owner's limits.
+            await index.add_ref(tx.conn, owner, digest, blob, None, time.time())
+    except BaseException:
+        # Placed just now, for this row alone: never a file without its row.
+        await asyncio.to_thread(files.remove_quietly, store.layout.blob_path(digest))
+        raise
     report.restored += 1
     report.restored_bytes += got.size

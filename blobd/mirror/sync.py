@@ -76,8 +76,9 @@ async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
                 f" would delete all {len(report.to_delete)} blob objects in the bucket;"
                 " check the config's data_dir (to rebuild a lost store from the bucket,"
                 " run `blobd mirror restore`), or add --force if they are to go")
-    present = [b for b in local.values() if remote.get(b.hash) == b.size]
-    report.to_upload = [b for b in local.values() if remote.get(b.hash) != b.size]
+    sizes = {digest: listed.size for digest, listed in remote.items()}
+    present = [b for b in local.values() if sizes.get(b.hash) == b.size]
+    report.to_upload = [b for b in local.values() if sizes.get(b.hash) != b.size]
     if verify:
         wrong = await _verify(target, config, present, report, jobs, bar)
         report.mismatched = len(wrong)

@@ -149,6 +149,9 @@ class MirrorWorker:
         now = time.time()
         async with self.store.write() as tx:
             await queue.finish(tx.conn, job)
+            if job.op == "delete" and not self.config.keep_deleted and \
+                    await index.get_blob(tx.conn, job.hash) is None:
+                await index.forget_deleted(tx.conn, job.hash)  # its object is gone
             retried = await queue.retry_now(tx.conn, now) if self._unreachable else 0
         if self._unreachable:
             self._unreachable = False

@@ -39,7 +39,7 @@ import contextlib
 import hashlib
 import os
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 
@@ -47,7 +47,7 @@ from .s3errors import S3Error, client_error, status_of
 from .s3files import (MiB, b64_digest, open_sized, part_size_for, read_part,
                       stream_to_file)
 
-__all__ = ["MiB", "S3Error", "S3Target"]
+__all__ = ["Listed", "MiB", "S3Error", "S3Target"]
 
 DEFAULT_MULTIPART_THRESHOLD = 64 * MiB
 DEFAULT_PART_SIZE = 16 * MiB
@@ -55,6 +55,12 @@ MIN_PART_SIZE = 5 * MiB  # S3's floor for every part but the last
 SHA256_METADATA = "sha256"  # sent as x-amz-meta-sha256
 ABORT_TIMEOUT = 10.0  # seconds a failed multipart upload may spend aborting
 
+
+class Listed(NamedTuple):
+    """One object of a listing."""
+    key: str
+    size: int
+    modified: float  # its Last-Modified, by the S3 server's clock (Unix time)
 
 
 def _import_aiobotocore() -> tuple[Any, Any, Any]:
@@ -328,9 +334,9 @@ class S3Target:
                 if status_of(error) != 404:
                     raise
 
-    async def list(self, prefix: str, page_size: int = 1000) -> AsyncIterator[tuple[str, int]]:
-        """Yield (key, size) of every object whose key starts with `prefix`,
-        in key order, fetching `page_size` keys per request."""
+    async def list(self, prefix: str, page_size: int = 1000) -> AsyncIterator[Listed]:
+        """Yield every object whose key starts with `prefix`, in key order,
+        fetching `page_size` keys per request."""
         paginator = self._client.get_paginator("list_objects_v2")
         pages = paginator.paginate(
             Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
@@ -338,7 +344,7 @@ class S3Target:
         with self._errors(f"LIST {self.url(prefix)}*"):
             async for page in pages:
                 for entry in page.get("Contents", ()):
-                    yield entry["Key"], entry["Size"]
+                    yield Listed(entry["Key"], entry["Size"], entry["LastModified"].timestamp())
 
     async def put_bytes(
         self, key: str, data: bytes, content_type: str,
