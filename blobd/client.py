@@ -119,6 +119,12 @@ class BlobdClient:
         """Stream a blob to ``dest`` (via a temp file beside it), verifying
         its hash; a mismatch leaves nothing behind and raises."""
         parsed = parse_address(address)
+        # Before anything is downloaded, and naming the path given (not the
+        # temp file beside it, nor "an empty name" for ".").
+        if await asyncio.to_thread(dest.is_dir):
+            raise BlobdError("bad_request", f"{dest} is a directory; name the file to write")
+        if not await asyncio.to_thread(dest.parent.is_dir):
+            raise BlobdError("bad_request", f"{dest.parent} is no directory to write into")
         temp = dest.with_name(f".{dest.name}.part-{secrets.token_hex(4)}")
         try:
             async with self._http.get(f"{self.url}/blobs/{parsed}",

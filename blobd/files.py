@@ -174,16 +174,19 @@ def _write_direct(fd: int, view: memoryview) -> memoryview:
 def create_new(path: Path, direct: bool = False) -> tuple[int, bool]:
     """Create ``path`` (never an existing file) for writing; with ``direct``
     opened ``O_DIRECT`` where the file system allows it (tmpfs and a few
-    others refuse). The descriptor, and whether it is ``O_DIRECT``."""
+    others refuse). The descriptor, and whether it is ``O_DIRECT``.
+
+    Its mode is the umask's: a server's keeps the data dir private (see
+    :func:`make_dirs`), `blobd get` writes the user's file as any tool would."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     direct = direct and O_DIRECT != 0
     try:
-        return os.open(path, flags | (O_DIRECT if direct else 0), 0o640), direct
+        return os.open(path, flags | (O_DIRECT if direct else 0), 0o666), direct
     except OSError as exc:
         if not (direct and exc.errno == errno.EINVAL):
             raise storage_error(exc) from exc
     try:
-        return os.open(path, flags, 0o640), False
+        return os.open(path, flags, 0o666), False
     except OSError as exc:
         raise storage_error(exc) from exc
 

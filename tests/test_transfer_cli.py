@@ -6,7 +6,13 @@ import asyncio
 import json
 import os
 import re
+import signal
+import socket
+import stat
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +23,7 @@ from cutproxy import CutProxy
 from serverproc import BlobdServer, http as request, run_blobd
 
 KIB = 1024
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -178,14 +185,60 @@ def test_get_to_a_place_it_cannot_write_is_one_line_and_leaves_nothing(
     digest = b3(data)
     out = tmp_path / "out"
     (out / "isdir").mkdir(parents=True)
-    for target, words in ((out / "isdir", "Is a directory"),
-                          (out / "nodir" / "a.bin", "No such file or directory")):
-        result = cli(live, "get", digest, "-o", str(target))
+    for target, words in ((str(out / "isdir"), f"{out / 'isdir'} is a directory"),
+                          (".", ". is a directory"), ("/", "/ is a directory"),
+                          (str(out / "nodir" / "a.bin"), f"{out / 'nodir'} is no directory")):
+        result = cli(live, "get", digest, "-o", target, cwd=out)
         assert result.returncode == 1
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["isdir"]  # no .part file left
     assert list((out / "isdir").iterdir()) == []
+
+
+class StallingServer:
+    """A peer that answers a GET with the start of a long body and then
+    sends nothing more: a download the user gives up on."""
+
+    def __init__(self, sent: int) -> None:
+        self.sent = sent
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n"
+                         + b"x" * self.sent)
+            conn.recv(1)  # until the client is gone
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_get_stopped_by_a_signal_leaves_no_partial_file(tmp_path: Path, signum) -> None:
+    """Found by review: Ctrl-C removed the partial file, `kill` and a
+    closed terminal (SIGHUP) left it behind."""
+    peer = StallingServer(sent=1 << 20)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "blobd", "get", "0" * 64, "-o", "song.flac",
+             "--server", peer.url, "--token", "t"], cwd=tmp_path, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+        deadline = time.monotonic() + 30
+        while not any(p.stat().st_size >= 1 << 20 for p in tmp_path.glob(".song.flac.part-*")):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        proc.wait(timeout=30)
+    finally:
+        peer.close()
+    assert proc.returncode != 0
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_put_skips_a_stale_session_when_the_server_has_the_blob_meanwhile(
@@ -203,3 +256,18 @@ def test_put_skips_a_stale_session_when_the_server_has_the_blob_meanwhile(
     assert "resumed" not in put.stderr and "nothing was sent" in put.stderr, put.stderr
     assert chunk_puts(server, session_id) == 1
     assert session_id not in {s["id"] for s in sessions(live)}
+
+
+def test_a_stored_blob_is_private_and_a_downloaded_file_the_user_s(live, tmp_path: Path) -> None:
+    server, token = live
+    data = os.urandom(3000)
+    assert request("PUT", f"{server.url}/blobs/{b3(data)}", token, data)[0] in (200, 201)
+    digest = b3(data)
+    stored = server.data_dir / "blobs" / digest[:2] / digest[2:4] / digest
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o640
+    got = subprocess.run(["sh", "-c", 'umask 022 && exec "$@"', "sh", sys.executable, "-m",
+                          "blobd", "get", digest, "-o", "mine.bin", "--server", server.url,
+                          "--token", token], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert got.returncode == 0, got.stderr
+    assert stat.S_IMODE((tmp_path / "mine.bin").stat().st_mode) == 0o644

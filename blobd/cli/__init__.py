@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from typing import Sequence
 
@@ -26,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # `kill` and a closed terminal stop a command as Ctrl-C does, so a
+    # transfer cut short removes its partial file (`blobd serve` sets its
+    # own handlers for these signals).
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.default_int_handler)
     try:
         result = args.run(args)
         if asyncio.iscoroutine(result):
