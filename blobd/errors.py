@@ -62,5 +62,15 @@ class BlobdError(Exception):
         return {"error": self.code, "message": self.message, **self.extra}
 
 
+class BodyStalled(BlobdError):
+    """No byte of a request body came for ``[uploads] idle_timeout_seconds``:
+    a client whose network vanished without a FIN (or one that holds a
+    connection open on purpose) would otherwise hold it, and what it
+    reserved, until TCP gave up, hours later."""
+
+    def __init__(self, idle: float, advice: str = "send it again") -> None:
+        super().__init__("bad_request", f"no bytes of the body came for {idle:g} s; {advice}")
+
+
 class ConfigError(Exception):
     """A configuration problem; the message names the offending key."""

@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from . import describe, files, index, reaper, sniff, sockbody
 from .address import Address
 from .bodywriter import BodyWriter
-from .errors import BlobdError
+from .errors import BlobdError, BodyStalled
 from .files import Digests
 from .index import BlobRecord
 from .layout import parse_tmp_name
@@ -178,12 +178,16 @@ async def receive_socket(store: Store, body: SocketBody, *, limit: int) -> Recei
     return Received(writer.path, digests)
 
 
-async def body_chunks(content: Any) -> AsyncIterator[bytes]:
+async def body_chunks(content: Any, idle: float) -> AsyncIterator[bytes]:
     """A request body as the pieces aiohttp received (``readchunk``), not
     joined into one bytes object first as ``iter_any`` does when several
-    are waiting."""
+    are waiting; :class:`BodyStalled` after ``idle`` seconds without one."""
     while True:
-        chunk, _ = await content.readchunk()
+        try:
+            async with asyncio.timeout(idle):
+                chunk, _ = await content.readchunk()
+        except TimeoutError:
+            raise BodyStalled(idle) from None
         if not chunk:
             if content.at_eof():
                 return

@@ -17,13 +17,14 @@ from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable
 
 from . import files, index, index_sessions, sessionfiles
-from .errors import BlobdError
+from .errors import BlobdError, BodyStalled
 from .index_sessions import TUS, Session
 from .ingest import WRITE_CHUNK
 from .sessions import BUSY, check_reservation, expiry, reload
 from .store import Store, Tx, shielded
 
 FINAL_TAKES_NO_PATCH = "a final (concatenated) upload takes no PATCH"
+RESUME_ADVICE = "send the rest again (the upload resumes where it stands)"
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +60,6 @@ class _Sink:
                                  " does not match the digest sent with it", status=status)
 
 
-class BodyStalled(BlobdError):
-    """No byte of the body came for ``[uploads] idle_timeout_seconds``."""
-
-    def __init__(self, idle: float) -> None:
-        super().__init__("bad_request", f"no bytes of the body came for {idle:g} s;"
-                         " send the rest again (the upload resumes where it stands)")
-
-
 def broke_off(exc: BaseException) -> bool:
     """The body stopped coming (as opposed to being refused): what arrived
     before is kept where the protocol allows it (a tus PATCH)."""
@@ -90,7 +83,7 @@ async def _pump(body: AsyncIterator[bytes], sink: _Sink, limit: int,
             except StopAsyncIteration:
                 break
             except TimeoutError:
-                raise BodyStalled(idle) from None
+                raise BodyStalled(idle, RESUME_ADVICE) from None
             if sink.written + len(buf) + len(piece) > limit:
                 raise too_long()
             buf += piece

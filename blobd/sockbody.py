@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from .errors import BlobdError
+from .errors import BlobdError, BodyStalled
 from .bodywriter import BodyWriter
 from .files import DIRECT_ALIGN
 
@@ -80,6 +80,7 @@ class SocketBody:
     head: bytes  # what aiohttp had already received
     length: int  # the declared length, head included
     holds_slot: bool = False  # one of the MAX_BODIES (see reserve)
+    idle: float | None = None  # seconds without a byte before BodyStalled
     # Body bytes received so far, head included (the request log's "in=");
     # only the receiver thread writes it.
     received: int = field(init=False)
@@ -175,7 +176,8 @@ def _pump(body: SocketBody, writer: BodyWriter, stop: threading.Event) -> None:
                     break
                 if len(carry) < GATHER and passed + len(carry) < body.length:
                     # Not worth a buffer yet: gather a little first.
-                    sock.wait(None)
+                    if not sock.wait(body.idle):
+                        raise BodyStalled(body.idle or 0)
                     carry += sock.read(GATHER - len(carry))
                     continue
                 buffer = _POOL.take(stop)

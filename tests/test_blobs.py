@@ -408,3 +408,23 @@ async def test_get_racing_the_delete_of_the_last_reference_is_200_or_404(alice):
 
     await asyncio.gather(churn(), *(read() for _ in range(6)))
     assert set(seen) <= {200, 404} and seen.get(200) and seen.get(404), seen
+
+
+@pytest.mark.parametrize("size", [100_000, 16 << 20], ids=["aiohttp-read", "socket-read"])
+async def test_an_upload_whose_body_stops_coming_ends_and_leaves_nothing(server, size):
+    """Found by review: a PUT or POST body that stopped coming held its
+    connection (and, read off the socket, one of the server's slots for
+    such bodies) until TCP gave up; now [uploads] idle_timeout_seconds."""
+    alice = await (await server(uploads={"idle_timeout_seconds": 1.0}))("alice")
+    conn = await RawConnection.open(alice.client.host, alice.client.port)
+    try:
+        await conn.send_head("POST", "/blobs", {**alice.headers(),
+                                                "Content-Length": str(size)})
+        await conn.send(os.urandom(50_000))
+        stalled = await conn.read_response(timeout=10)
+    finally:
+        await conn.close()
+    assert stalled.status == 400 and "no bytes of the body came for 1 s" in stalled.json()["message"]
+    assert blob_files(alice.data_dir) == [] and tmp_files(alice.data_dir) == []
+    quota = await (await alice.request("GET", "/quota")).json()
+    assert quota["used_bytes"] == 0 and quota["reserved_bytes"] == 0

@@ -102,7 +102,8 @@ async def _receive_and_commit(request: web.Request, store: Store, owner: str,
     if taken is not None:
         received = await ingest.receive_socket(store, taken, limit=limit)
     else:
-        received = await ingest.receive(store, ingest.body_chunks(request.content),
+        idle = store.config.uploads.idle_timeout_seconds
+        received = await ingest.receive(store, ingest.body_chunks(request.content, idle),
                                         limit=limit, declared=declared)
     stored = await ingest.commit_file(store, received, owner=owner, ref=ref,
                                       content_type=request.headers.get("Content-Type"),

@@ -18,6 +18,7 @@ from aiohttp.web_request import BaseRequest
 
 from .. import sockbody
 from ..sockbody import SocketBody
+from .keys import STORE
 
 # Bodies at least this long are taken: smaller ones are over before the
 # threads would pay for themselves, and most fit in aiohttp's buffers.
@@ -62,7 +63,8 @@ def take_body(request: web.Request) -> SocketBody | None:
         pieces.append(piece)
     content.feed_eof()
     transport.pause_reading()
-    body = SocketBody(fd, b"".join(pieces), length, holds_slot=True)
+    body = SocketBody(fd, b"".join(pieces), length, holds_slot=True,
+                      idle=request.app[STORE].config.uploads.idle_timeout_seconds)
     request[_TAKEN] = body
     return body
 
