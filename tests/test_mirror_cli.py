@@ -379,6 +379,25 @@ async def test_orphans_given_to_an_owner_at_a_limit_are_restored(server, setup, 
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+async def test_restore_stops_reading_an_object_longer_than_its_blob(server, setup, bucket,
+                                                                   tmp_path):
+    """A bucket that serves more than the blob's size cannot fill the disk
+    (found by review: the whole object was downloaded, then checked)."""
+    _, alice = await start(server, setup, tmp_path)
+    data = os.urandom(3000)
+    await alice.put(data)
+    await mirrored(alice, bucket, {b3(data)})
+    assert (await setup.cli("backup")).returncode == 0
+    await in_thread(bucket.put, bucket.key(b3(data)), os.urandom(8 << 20))
+
+    fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
+    result = await fresh.cli("restore")
+    assert result.returncode == 1
+    assert (f"damaged in the bucket, dropped: {b3(data)}: the object is larger than the"
+            " 3000 bytes expected") in result.stderr
+    assert blob_files(fresh.data_dir) == [] and list((fresh.data_dir / "tmp").iterdir()) == []
+
+
 async def test_restore_from_an_empty_prefix_is_an_error(tmp_path, s3server, mirror_prefix):
     """Found by review: a mistyped prefix "restored" nothing and exited 0."""
     fresh = Setup(tmp_path, "fresh", mirror_section(s3server, mirror_prefix + "-typo"))

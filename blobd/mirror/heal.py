@@ -76,7 +76,7 @@ class Healer:
         key = blob_key(self.config, blob.hash)
         try:
             try:
-                await self.target.download_to(key, temp)
+                await self.target.download_to(key, temp, limit=blob.size)
                 await asyncio.to_thread(verify_copy, temp, blob.hash, blob.sha256, blob.size)
             except S3Error as exc:
                 absent = " (no such object)" if exc.not_found else ""

@@ -49,7 +49,7 @@ from .. import files, index
 from ..config import Config, MirrorConfig
 from ..errors import BlobdError
 from ..index import BlobRecord
-from ..storage.s3 import Listed, S3Error, S3Target
+from ..storage.s3 import Listed, ObjectTooLarge, S3Error, S3Target
 from ..store import Store
 from .backup import backup_key_named, choose_for_restore
 from .common import (BarFactory, CopyMismatch, any_blob_object, blob_key,
@@ -318,7 +318,10 @@ async def fetch_verified(store: Store, target: S3Target, mirror: MirrorConfig,
     """Download one blob object, verify it, and move it into place."""
     temp = store.layout.new_temp_path(digest)
     try:
-        await target.download_to(blob_key(mirror, digest), temp)
+        try:
+            await target.download_to(blob_key(mirror, digest), temp, limit=size)
+        except ObjectTooLarge as exc:
+            raise CopyMismatch(str(exc)) from None
         got = await asyncio.to_thread(verify_copy, temp, digest, sha256, size)
         await asyncio.to_thread(files.install_verified, temp, store.layout.blob_path(digest),
                                 store.config.storage.fsync)

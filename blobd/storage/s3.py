@@ -44,10 +44,10 @@ from typing import Any, NamedTuple
 import aiohttp
 
 from .s3errors import S3Error, client_error, status_of
-from .s3files import (MiB, b64_digest, open_sized, part_size_for, read_part,
-                      stream_to_file)
+from .s3files import (MiB, ObjectTooLarge, b64_digest, open_sized, part_size_for,
+                      read_part, stream_to_file)
 
-__all__ = ["Listed", "MiB", "S3Error", "S3Target"]
+__all__ = ["Listed", "MiB", "ObjectTooLarge", "S3Error", "S3Target"]
 
 DEFAULT_MULTIPART_THRESHOLD = 64 * MiB
 DEFAULT_PART_SIZE = 16 * MiB
@@ -313,15 +313,19 @@ class S3Target:
             "metadata": metadata,
         }
 
-    async def download_to(self, key: str, path: str | os.PathLike[str]) -> int:
+    async def download_to(self, key: str, path: str | os.PathLike[str],
+                          limit: int | None = None) -> int:
         """Stream `key` into the file at `path` (created or truncated), fsync
-        it, and return the bytes written. On failure the file may hold part
-        of the body: give a temporary path and rename after verifying."""
+        it, and return the bytes written; `ObjectTooLarge` past `limit`
+        bytes. On failure the file may hold part of the body: give a
+        temporary path and rename after verifying."""
         with self._errors(f"GET {self.url(key)}"):
             answer = await self._client.get_object(Bucket=self.bucket, Key=key)
             body = answer["Body"]
             try:
-                return await stream_to_file(body, path)
+                if limit is not None and answer.get("ContentLength", 0) > limit:
+                    raise ObjectTooLarge(limit)
+                return await stream_to_file(body, path, limit)
             finally:
                 body.close()
 

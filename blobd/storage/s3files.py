@@ -47,14 +47,27 @@ def read_part(source: BinaryIO, length: int, whole: Any) -> tuple[bytes, str]:
     return data, base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
 
 
-async def stream_to_file(body: Any, path: str | os.PathLike[str]) -> int:
-    """Copy a response body to `path`, one thread call per DOWNLOAD_BUFFER."""
+class ObjectTooLarge(S3Error):
+    """An object longer than its reader allowed: never stored whole."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the object is larger than the {limit} bytes expected",
+                         retryable=False)
+
+
+async def stream_to_file(body: Any, path: str | os.PathLike[str],
+                         limit: int | None = None) -> int:
+    """Copy a response body to `path`, one thread call per DOWNLOAD_BUFFER;
+    :class:`ObjectTooLarge` as soon as it passes ``limit`` bytes (a bucket
+    that serves more than the blob's size cannot fill the disk)."""
     target = await asyncio.to_thread(open, path, "wb")
     written = 0
     try:
         buffer = bytearray()
         while chunk := await body.read(DOWNLOAD_BUFFER):
             buffer += chunk
+            if limit is not None and written + len(buffer) > limit:
+                raise ObjectTooLarge(limit)
             if len(buffer) >= DOWNLOAD_BUFFER:
                 written += await asyncio.to_thread(target.write, buffer)
                 buffer.clear()
