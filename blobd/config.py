@@ -47,7 +47,10 @@ def parse_size(value: Any) -> int:
     elif isinstance(value, str):
         match = _SIZE.fullmatch(value)
         if match and match[2].lower() in _UNITS:
-            size = int(float(match[1]) * _UNITS[match[2].lower()])
+            amount = float(match[1]) * _UNITS[match[2].lower()]
+            if amount > INT64_MAX:  # infinite, too, for hundreds of digits
+                raise ValueError(f"{value!r} is more than {INT64_MAX} bytes")
+            size = int(amount)
     if size is None:
         raise ValueError(f"expected a size such as 1048576 or \"512MiB\", got {value!r}")
     if size > INT64_MAX:

@@ -55,6 +55,7 @@ def test_sizes(text, value):
     ({"server": {"shutdown_timeout_seconds": float("inf")}}, "server.shutdown_timeout_seconds"),
     ({"limits": {"max_blob_size": 0}}, "limits.max_blob_size"),
     ({"limits": {"max_blob_size": "99999999999 TiB"}}, "limits.max_blob_size"),
+    ({"limits": {"max_blob_size": "1" * 400 + "KiB"}}, "limits.max_blob_size"),
     ({"mirror": {"endpoint": "127.0.0.1:9000", "bucket": "b"}}, "mirror.endpoint"),
     ({"mirror": {"endpoint": "ftp://h", "bucket": "b"}}, "mirror.endpoint"),
     ({"mirror": {"endpoint": "http://h", "bucket": "b", "multipart_threshold": 0}},

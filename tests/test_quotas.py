@@ -65,6 +65,7 @@ async def test_admin_overrides_and_resets_limits(server):
 @pytest.mark.parametrize("body", [
     {"max_gigs": 1}, {"max_bytes": "lots"}, {"max_blobs": "5"}, {"max_blobs": -1},
     {"max_blobs": True}, {"max_bytes": -5},
+    {"max_bytes": "1" * 400},  # float() is inf: it was a 500 (found by review)
 ])
 async def test_bad_quota_changes_are_400_and_change_nothing(server, body):
     login = await server()
