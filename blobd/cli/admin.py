@@ -25,7 +25,7 @@ Sweep = Callable[[Store, "float | None"], Awaitable[int]]
 # What ``blobd gc`` runs, in order: (what it removes, sweep(store, now) -> count).
 SWEEPS: tuple[tuple[str, Sweep], ...] = (
     ("blobs past their grace period", reaper.sweep),
-    ("expired upload sessions", sessions.sweep_sessions),
+    ("expired upload sessions and stray session files", sessions.sweep_sessions),
 )
 
 
