@@ -257,7 +257,9 @@ def _read_mp3(f: IO[bytes], start: int, head: bytes,
 
 def _has_frame_chain(f: IO[bytes], offset: int) -> bool:
     f.seek(offset)
-    return mpeg_chain_at(f.read(MP3_CHAIN_FRAMES * MAX_MPEG_FRAME + 4), 0)
+    wanted = MP3_CHAIN_FRAMES * MAX_MPEG_FRAME + 4
+    data = f.read(wanted)
+    return mpeg_chain_at(data, 0, at_end=len(data) < wanted)
 
 
 def _read_aac(f: IO[bytes], start: int, head: bytes) -> AudioInfo:

@@ -29,6 +29,7 @@ MAX_MP3_JUNK = 8 * 1024
 #: header), a test that runs of bytes in executables and data files pass now
 #: and then; a real stream goes on much longer.
 MP3_CHAIN_FRAMES = 8
+MP3_SHORT_CHAIN_FRAMES = 3  # a whole file's, ending it exactly (see mpeg_chain_at)
 
 # ftyp major brands of MP4 files that hold audio, or that ffmpeg and other
 # muxers write for audio-only MP4. Video-only (M4V, qt), image (heic, avif)
@@ -152,12 +153,18 @@ def same_mpeg_stream(a: bytes, b: bytes) -> bool:
     return a[1] & 0xFE == b[1] & 0xFE and a[2] & 0x0C == b[2] & 0x0C
 
 
-def mpeg_chain_at(data: bytes, offset: int) -> bool:
+def mpeg_chain_at(data: bytes, offset: int, *, at_end: bool = False) -> bool:
     """Whether MP3_CHAIN_FRAMES frames of one stream follow each other in
     ``data`` from ``offset``, each header where the previous frame's length
-    says."""
+    says. With ``at_end`` (``data`` runs to the end of the file) a shorter
+    chain counts too if it ends the file exactly, but for an ID3v1 tag: a
+    clip of a tenth of a second is a few frames, and noise does not land
+    on the last byte."""
     first, pos = data[offset:offset + 4], offset
-    for _ in range(MP3_CHAIN_FRAMES):
+    for count in range(MP3_CHAIN_FRAMES):
+        if at_end and count >= MP3_SHORT_CHAIN_FRAMES and (
+                pos == len(data) or (pos == len(data) - 128 and data[pos:pos + 3] == b"TAG")):
+            return True
         header = data[pos:pos + 4]
         length = mpeg_frame_length(header)
         if length is None or not same_mpeg_stream(first, header):
@@ -177,7 +184,7 @@ def could_be_audio(data: bytes) -> bool:
         return True
     # Only a frame sync (eleven set bits) can start a chain: let the regex
     # engine skip the rest of the bytes.
-    return any(mpeg_chain_at(data, match.start())
+    return any(mpeg_chain_at(data, match.start(), at_end=True)
                for match in _FRAME_SYNC.finditer(data, 0, MAX_MP3_JUNK + 2))
 
 

@@ -23,6 +23,7 @@ from audiofixtures import (AUDIO_FIXTURES, FIXTURES, NOT_AUDIO_FIXTURES,
 from blobd import audio
 from blobd.audio import (AUDIO_MIME_TYPES, OGG_TAIL, AudioInfo, probe, probe_async,
                          sniff_mime)
+from blobd.sniff import mpeg_frame_length
 
 SNIFFED = {name: e.mime for name, e in AUDIO_FIXTURES.items()} | {
     "truncated.mp3": "audio/mpeg",
@@ -482,3 +483,35 @@ def test_could_be_audio_finds_a_chain_behind_a_run_of_ff(tmp_path: Path) -> None
         path.write_bytes(junk + frames)
         assert probe(path) is not None
         assert audio.could_be_audio(junk + frames)
+
+
+def whole_frames(name: str, count: int) -> tuple[bytes, bytes]:
+    """A fixture's ID3 tag, and its first ``count`` MPEG frames, whole."""
+    tag = id3_tag_of(name)
+    data = fixture(name).read_bytes()
+    pos = len(tag)
+    for _ in range(count):
+        pos += mpeg_frame_length(data[pos:pos + 4])
+    return tag, data[len(tag):pos]
+
+
+@pytest.mark.parametrize("frames, trailer, is_audio", [
+    (5, b"", True), (3, b"", True), (5, b"TAG" + bytes(125), True),
+    (2, b"", False), (5, b"x", False),
+])
+def test_a_clip_of_a_few_frames_is_audio(tmp_path: Path, frames: int, trailer: bytes,
+                                         is_audio: bool) -> None:
+    """Found by review: an MP3 shorter than eight frames (a tenth of a
+    second, a UI sound) was not audio, and require_audio refused it. A
+    chain that ends the file exactly counts from three frames."""
+    tag, audio_frames = whole_frames("tone.mp3", frames)
+    for name, data in (("tagged.mp3", tag + audio_frames + trailer),
+                       ("bare.mp3", audio_frames + trailer)):
+        path = tmp_path / name
+        path.write_bytes(data)
+        info = probe(path)
+        assert (info is not None) == is_audio, (name, info)
+        if is_audio:
+            assert info.codec == "mp3" and info.sample_rate == 22050 and info.channels == 1
+            assert info.duration is not None and 0 < info.duration < 0.2
+        assert audio.could_be_audio(data) or not is_audio
