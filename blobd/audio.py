@@ -72,6 +72,11 @@ _MP4_CONTAINERS = frozenset({   # the boxes mutagen descends into
     b"moov", b"udta", b"trak", b"mdia", b"meta", b"ilst",
     b"stbl", b"minf", b"moof", b"traf",
 })
+# The boxes MP4Info reads whole into memory, and how large a real one gets
+# (a 'stsd' holds a sample entry or two with their codec configuration;
+# 'hdlr' a name string; 'mdhd' and 'mvhd' are a few dozen bytes).
+_MP4_READ_WHOLE = {b"stsd": 1 << 20, b"hdlr": 64 << 10, b"mdhd": 4 << 10,
+                   b"mvhd": 4 << 10}
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,7 +322,9 @@ def _read_mp4(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
 
 def _mp4_boxes_bounded(f: IO[bytes]) -> bool:
     """Whether the box tree mutagen would build (ISO/IEC 14496-12 section
-    4.2) has at most _MAX_MP4_BOXES boxes. Reads box headers only."""
+    4.2) has at most _MAX_MP4_BOXES boxes, and no box it reads whole is
+    larger than a real one gets (a 150 MB 'stsd' cost 300 MB of memory).
+    Reads box headers only."""
     end = _file_size(f)
     ranges, count = [(0, end, False)], 0
     while ranges:
@@ -331,7 +338,8 @@ def _mp4_boxes_bounded(f: IO[bytes]) -> bool:
             elif size == 0:   # the box runs to the end of the file
                 size = end - pos
             count += 1
-            if size < body - pos or count > _MAX_MP4_BOXES:
+            if size < body - pos or count > _MAX_MP4_BOXES or \
+                    size > _MP4_READ_WHOLE.get(name, size):
                 return False
             if nested and pos + size > stop:
                 # mutagen reads a box's children up to the box's own end,

@@ -105,3 +105,41 @@ def test_a_wave_format_chunk_of_megabytes_is_not_audio(tmp_path: Path) -> None:
     info, peak = _peak_while(path)
     assert info is None
     assert peak < 2 * MIB, f"{peak / MIB:.1f} MiB"
+
+
+def _grown_box(data: bytes, path: list[bytes], extra: int) -> bytes:
+    """``data`` (an MP4) with ``extra`` zero bytes at the end of the box at
+    ``path`` (names from the top), every box around it grown to match."""
+    pos, end, starts = 0, len(data), []
+    for name in path:
+        while pos < end:
+            size = int.from_bytes(data[pos:pos + 4], "big")
+            if data[pos + 4:pos + 8] == name:
+                break
+            pos += size
+        else:
+            raise AssertionError(f"no {name!r} box")
+        starts.append(pos)
+        end = pos + size
+        pos += 8
+    out = bytearray(data[:end] + bytes(extra) + data[end:])
+    for start in starts:
+        size = int.from_bytes(out[start:start + 4], "big")
+        out[start:start + 4] = (size + extra).to_bytes(4, "big")
+    return bytes(out)
+
+
+def test_an_mp4_box_the_probe_reads_whole_is_bounded(tmp_path: Path) -> None:
+    """Found by review: mutagen reads 'stsd' (and 'hdlr', 'mdhd', 'mvhd')
+    whole, so a 150 MB 'stsd' cost the probe 300 MB, out of a timeout's
+    reach (one read() call)."""
+    data = fixture("tone.m4a").read_bytes()
+    stsd = [b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stsd"]
+    path = tmp_path / "padded.m4a"
+    path.write_bytes(_grown_box(data, stsd, 4096))  # still a plausible one
+    info = audio.probe(path)
+    assert info is not None and info.codec == "aac"
+    path.write_bytes(_grown_box(data, stsd, 16 * MIB))
+    info, peak = _peak_while(path)
+    assert info is None
+    assert peak < 4 * MIB, f"{peak / MIB:.1f} MiB"
