@@ -79,6 +79,8 @@ async def test_empty_blob(alice):
     assert get.status == 200 and await get.read() == b""
     rng = await alice.request("GET", f"/blobs/{b3(b'')}", headers={"Range": "bytes=0-"})
     assert rng.status == 416 and rng.headers["Content-Range"] == "bytes */0"
+    suffix = await alice.request("GET", f"/blobs/{b3(b'')}", headers={"Range": "bytes=-5"})
+    assert suffix.status == 200 and await suffix.read() == b""
 
 
 async def test_digest_mismatch_leaves_nothing(alice):

@@ -78,8 +78,12 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             raise _unsatisfiable(size)
         return start, end - start + 1
     suffix = _position(last)
-    if suffix == 0 or size == 0:
+    if suffix == 0:
         raise _unsatisfiable(size)
+    if size == 0:
+        # A non-zero suffix is satisfiable (RFC 9110 section 14.1.1), but no
+        # Content-Range can name a part of nothing: the whole (empty) blob.
+        return None
     count = min(suffix, size)
     return size - count, count
 
