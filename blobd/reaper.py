@@ -31,9 +31,10 @@ async def delete_now(store: Store, tx: Tx, digest: str) -> bool:
         return False
     mirror = store.config.mirror
     if mirror is not None:
-        await index.remember_deleted(tx.conn, digest, time.time())
+        now = time.time()
+        await index.remember_deleted(tx.conn, digest, now)
         if not mirror.keep_deleted:
-            await tx.enqueue_mirror(digest, "delete", time.time())
+            await tx.enqueue_mirror(digest, "delete", now)
     trash = store.layout.trash_path(digest)
     final = store.layout.blob_path(digest)
     if await tx.blocking(files.move_to_trash, final, trash):

@@ -17,11 +17,12 @@
    deleted after the backup, or never reached the mirror; one whose object
    fails verification cannot be trusted. Both are dropped from the index
    with their references, so the index matches the files, and reported.
-4. Objects the backup does not know (blobs stored after it was taken)
-   are restored too, verified against their key and recorded SHA-256. Nobody's
+4. Objects the backup does not know (blobs stored after it was taken) are
+   restored too, verified against their key and recorded SHA-256. Nobody's
    references to them survive, so each gets one reference, named by its
    hash, held by the owner ``--orphans-owner`` (default ``_restored``),
-   whose quota they do not count against; an admin can hand them back.
+   whatever that owner's limits (its usage counts them); an admin can
+   hand them back.
    ``--skip-orphans`` leaves them in the bucket only. Objects of blobs the
    backup remembers deleting (their objects kept by ``keep_deleted``, or
    their deletion not yet done) stay deleted.
