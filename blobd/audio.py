@@ -37,7 +37,7 @@ from typing import IO, Any
 
 from mutagen.aac import AAC
 from mutagen.flac import StreamInfo as FLACStreamInfo
-from mutagen.mp3 import MPEGInfo
+from mutagen.mp3 import BitrateMode, MPEGInfo
 from mutagen.mp4 import Atoms, MP4Info
 from mutagen.ogg import error as OggError
 from mutagen.oggopus import OggOpusInfo
@@ -46,7 +46,9 @@ from mutagen.wave import WaveStreamInfo
 
 from blobd.sniff import (AUDIO_MIME_TYPES, MAX_MP3_JUNK, MAX_MPEG_FRAME,
                          MP3_CHAIN_FRAMES, SNIFF_BYTES, could_be_audio,
-                         mpeg_chain_at, ogg_first_packet, sniff_mime)
+                         find_mpeg_chain, id3v2_size, mpeg_chain_at,
+                         mpeg_frame_length, mpeg_frame_samples, ogg_first_packet,
+                         same_mpeg_stream, sniff_mime)
 
 __all__ = ["AUDIO_MIME_TYPES", "MAX_MP3_JUNK", "AudioInfo", "could_be_audio",
            "probe", "probe_async", "sniff_mime"]
@@ -174,12 +176,10 @@ def _skip_id3v2(f: IO[bytes]) -> int | None:
     offset = 0
     for _ in range(_MAX_ID3_TAGS):
         f.seek(offset)
-        header = f.read(10)
-        if len(header) < 10 or not header.startswith(b"ID3"):
+        size = id3v2_size(f.read(10))
+        if size is None:
             return offset
-        size = (header[6] << 21) | (header[7] << 14) | (header[8] << 7) | header[9]
-        has_footer = bool(header[5] & 0x10)
-        offset += 10 + size + (10 if has_footer else 0)
+        offset += size
     return None
 
 
@@ -252,12 +252,81 @@ def _read_mp3(f: IO[bytes], start: int, head: bytes,
         return None
     if not _has_frame_chain(f, stream.frame_offset):
         return None
-    # The Xing/Info header states the full length even when the file was
-    # cut short; the bytes actually present bound it.
-    length = _clamp_to_size(stream.length, stream.bitrate,
-                            _file_size(f) - stream.frame_offset)
+    bitrate = None
+    if stream.bitrate_mode == BitrateMode.UNKNOWN:
+        # No Xing/Info or VBRI header: mutagen's length is the file's size
+        # at the first frame's bitrate, wrong by any factor for VBR audio
+        # (a quiet start is a low bitrate) or a tag appended at the end.
+        length, bitrate = _count_mpeg_frames(f, stream.frame_offset, stream.sample_rate)
+    else:
+        # The Xing/Info header states the full length even when the file
+        # was cut short; the bytes actually present bound it.
+        length = _clamp_to_size(stream.length, stream.bitrate,
+                                _file_size(f) - stream.frame_offset)
     return _make_info(stream, _MPEG_LAYER_CODECS.get(stream.layer, "mp3"),
-                      "audio/mpeg", duration=length)
+                      "audio/mpeg", duration=length, bitrate=bitrate)
+
+
+# Counting an MP3's frames costs ~2 us each. Past this many (over an hour
+# of audio) the rest of the file is taken at the average bitrate counted so
+# far, so that the probe of a long recording stays well inside its timeout.
+_MP3_COUNT_FRAMES = 200_000
+_MP3_COUNT_BLOCK = 1 << 20
+# Junk between frames is skipped this many times at most (a damaged frame,
+# a tag between two tracks); after that the count ends where it is.
+_MP3_MAX_RESYNCS = 64
+
+
+def _count_mpeg_frames(f: IO[bytes], offset: int,
+                       sample_rate: int) -> tuple[float, float | None]:
+    """(duration, average bitrate if it varies) of the MPEG audio stream
+    whose first frame, the start of a chain, is at ``offset``."""
+    size = _file_size(f)
+    first = b""
+    frames = samples = audio_bytes = resyncs = 0
+    bitrate_indexes = set()
+    block, block_at, pos = b"", offset, offset
+    while frames < _MP3_COUNT_FRAMES and pos + 4 <= size:
+        at = pos - block_at
+        if at + 10 > len(block):
+            f.seek(pos)
+            block, block_at, at = f.read(_MP3_COUNT_BLOCK), pos, 0
+        header = block[at:at + 4]
+        length = mpeg_frame_length(header)
+        if length is None or (first and not same_mpeg_stream(first, header)):
+            skip = _skip_between_frames(f, pos, block[at:at + 10])
+            resyncs += 1
+            if skip is None or resyncs > _MP3_MAX_RESYNCS:
+                break
+            pos += skip
+            continue
+        if pos + length > size:
+            break   # a frame cut short plays nothing
+        first = first or header
+        frames += 1
+        samples += mpeg_frame_samples(header)
+        audio_bytes += length
+        bitrate_indexes.add(header[2] >> 4)
+        pos += length
+    counted = samples / sample_rate
+    duration = counted
+    if frames >= _MP3_COUNT_FRAMES and pos < size:
+        duration += counted * (size - pos) / audio_bytes
+    varies = len(bitrate_indexes) > 1 and counted > 0
+    return duration, audio_bytes * 8 / counted if varies else None
+
+
+def _skip_between_frames(f: IO[bytes], pos: int, head: bytes) -> int | None:
+    """How far past ``pos`` (not a frame of the stream) the stream's frames
+    go on: past an ID3v2 tag, or at the next chain of frames within
+    MAX_MP3_JUNK bytes; None if they do not."""
+    tag = id3v2_size(head)
+    if tag is not None:
+        return tag
+    wanted = MAX_MP3_JUNK + MP3_CHAIN_FRAMES * MAX_MPEG_FRAME + 4
+    f.seek(pos)
+    window = f.read(wanted)
+    return find_mpeg_chain(window, 1, MAX_MP3_JUNK, at_end=len(window) < wanted)
 
 
 def _has_frame_chain(f: IO[bytes], offset: int) -> bool:

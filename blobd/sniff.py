@@ -95,6 +95,15 @@ def _sniff_ftyp(head: bytes) -> str | None:
     return "audio/mp4" if compatible & _MP4_AUDIO_BRANDS else None
 
 
+def id3v2_size(head: bytes) -> int | None:
+    """Bytes taken by the ID3v2 tag whose 10-byte header starts ``head``
+    (header, body and footer), or None if none starts it."""
+    if len(head) < 10 or not head.startswith(b"ID3"):
+        return None
+    size = (head[6] << 21) | (head[7] << 14) | (head[8] << 7) | head[9]
+    return 10 + size + (10 if head[5] & 0x10 else 0)
+
+
 def is_adts_header(head: bytes) -> bool:
     """Whether `head` starts with an ADTS AAC frame header (ISO/IEC 13818-7):
     12-bit sync, layer 00, a defined sampling rate index and a frame length
@@ -147,6 +156,14 @@ def mpeg_frame_length(head: bytes) -> int | None:
     return per_frame * bitrate // sample_rate + padding
 
 
+def mpeg_frame_samples(head: bytes) -> int:
+    """Samples per channel in the frame whose valid header starts `head`."""
+    version, layer = (head[1] >> 3) & 0x03, (head[1] >> 1) & 0x03
+    if layer == 3:
+        return 384
+    return 576 if layer == 1 and version != 3 else 1152
+
+
 def same_mpeg_stream(a: bytes, b: bytes) -> bool:
     """Whether two frame headers agree on version, layer and sample rate,
     as consecutive frames of one stream must."""
@@ -182,10 +199,19 @@ def could_be_audio(data: bytes) -> bool:
     through noise, costs milliseconds."""
     if data.startswith(b"ID3") or sniff_mime(data[:SNIFF_BYTES]) is not None:
         return True
+    return find_mpeg_chain(data, 0, MAX_MP3_JUNK, at_end=True) is not None
+
+
+def find_mpeg_chain(data: bytes, first: int, last: int, *,
+                    at_end: bool = False) -> int | None:
+    """The first offset from ``first`` to ``last`` (inclusive) where
+    `mpeg_chain_at` holds, or None."""
     # Only a frame sync (eleven set bits) can start a chain: let the regex
     # engine skip the rest of the bytes.
-    return any(mpeg_chain_at(data, match.start(), at_end=True)
-               for match in _FRAME_SYNC.finditer(data, 0, MAX_MP3_JUNK + 2))
+    for match in _FRAME_SYNC.finditer(data, first, last + 2):
+        if mpeg_chain_at(data, match.start(), at_end=at_end):
+            return match.start()
+    return None
 
 
 # A lookahead, so that in FF FF E0 the second FF is a candidate too.

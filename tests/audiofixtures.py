@@ -33,6 +33,9 @@ AUDIO_FIXTURES = {
     "tone.flac": Expected("audio/flac", "flac", 2.0, 8000, 1, (20_000, 128_000)),
     "tone.wav": Expected("audio/wav", "pcm", 1.5, 8000, 1, (128_000, 128_000)),
     "sweep.mp3": Expected("audio/mpeg", "mp3", 8.0, 22050, 1, (31_000, 33_000)),
+    # No header states its length: counted from its frames (mutagen alone
+    # says 10.8 s, the file's size at the first, silent frame's 8 kb/s).
+    "vbr_no_header.mp3": Expected("audio/mpeg", "mp3", 4.0, 22050, 1, (16_000, 32_000)),
     # FLAC bytes under an .mp3 name: the bytes decide.
     "flac_named.mp3": Expected("audio/flac", "flac", 2.0, 8000, 1, (20_000, 128_000)),
 }

@@ -515,3 +515,67 @@ def test_a_clip_of_a_few_frames_is_audio(tmp_path: Path, frames: int, trailer: b
             assert info.codec == "mp3" and info.sample_rate == 22050 and info.channels == 1
             assert info.duration is not None and 0 < info.duration < 0.2
         assert audio.could_be_audio(data) or not is_audio
+
+
+# --- MP3s whose length no header states --------------------------------------
+
+def _id3v2_tag(body_size: int) -> bytes:
+    size = bytes((body_size >> s) & 0x7F for s in (21, 14, 7, 0))
+    return b"ID3\x04\x00\x00" + size + b"\x00" * body_size
+
+
+def test_vbr_mp3_without_a_header_is_timed_by_its_frames(tmp_path: Path) -> None:
+    """Found in review: with no Xing/VBRI header mutagen takes the file's
+    size at the first frame's bitrate, 10.8 s for this 4 s file (its first
+    frames are silence at 8 kb/s)."""
+    info = probe(fixture("vbr_no_header.mp3"))
+    assert info is not None
+    assert info.duration == pytest.approx(4.075, abs=0.001)
+    # The average over the frames, not the first frame's 8 kb/s.
+    frames = fixture("vbr_no_header.mp3").read_bytes()[len(id3_tag_of("vbr_no_header.mp3")):]
+    assert info.bitrate == pytest.approx(len(frames) * 8 / info.duration, rel=0.001)
+
+
+@pytest.mark.parametrize("trailer", [
+    b"TAG" + bytes(125),                       # ID3v1
+    _id3v2_tag(40_000),                        # an appended ID3v2 tag with a cover image
+    _id3v2_tag(40_000) + b"TAG" + bytes(125),
+    b"APETAGEX" + bytes(2_000),
+])
+def test_tags_after_the_frames_are_not_audio(tmp_path: Path, trailer: bytes) -> None:
+    """An appended tag used to count as audio at the first frame's bitrate
+    (a 40 kB cover art: +40 s at 8 kb/s)."""
+    data = fixture("vbr_no_header.mp3").read_bytes()
+    path = tmp_path / "tagged.mp3"
+    path.write_bytes(data + trailer)
+    info = probe(path)
+    assert info is not None and info.duration == pytest.approx(4.075, abs=0.001)
+
+
+def test_junk_and_tags_between_frames_are_skipped(tmp_path: Path) -> None:
+    """Two tracks joined, each with its ID3v2 tag (one larger than the
+    junk a resync looks through), and a damaged stretch inside the first."""
+    tag = id3_tag_of("vbr_no_header.mp3")
+    frames = fixture("vbr_no_header.mp3").read_bytes()[len(tag):]
+    cut = 0
+    while cut < len(frames) // 2:              # to a frame's start near the middle
+        cut += mpeg_frame_length(frames[cut:cut + 4])
+    damaged = frames[:cut] + b"\x00" * 300 + frames[cut:]
+    path = tmp_path / "joined.mp3"
+    path.write_bytes(tag + damaged + _id3v2_tag(20_000) + frames)
+    info = probe(path)
+    assert info is not None and info.duration == pytest.approx(2 * 4.075, abs=0.001)
+
+
+def test_a_long_mp3_is_counted_then_estimated(tmp_path: Path) -> None:
+    """Past _MP3_COUNT_FRAMES frames the rest is taken at the average
+    bitrate so far: the same 4 s repeated 1,400 times (218,400 frames)."""
+    tag = id3_tag_of("vbr_no_header.mp3")
+    frames = fixture("vbr_no_header.mp3").read_bytes()[len(tag):]
+    repeats = 1_400
+    assert 156 * repeats > audio._MP3_COUNT_FRAMES
+    path = tmp_path / "long.mp3"
+    path.write_bytes(tag + frames * repeats)
+    info = probe(path)
+    assert info is not None
+    assert info.duration == pytest.approx(4.075 * repeats, rel=0.002)
