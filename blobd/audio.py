@@ -40,6 +40,7 @@ from mutagen.flac import StreamInfo as FLACStreamInfo
 from mutagen.mp3 import BitrateMode, MPEGInfo
 from mutagen.mp4 import Atoms, MP4Info
 from mutagen.ogg import error as OggError
+from mutagen.oggflac import OggFLACStreamInfo
 from mutagen.oggopus import OggOpusInfo
 from mutagen.oggvorbis import OggVorbisInfo
 from mutagen.wave import WaveStreamInfo
@@ -423,13 +424,18 @@ def _mp4_boxes_bounded(f: IO[bytes]) -> bool:
     return True
 
 
-def _read_vorbis(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
-    # Other Ogg codecs (FLAC, Speex) are not read. The check also keeps
-    # mutagen from walking every page of a file in search of the header.
-    if not ogg_first_packet(head).startswith(b"\x01vorbis"):
-        return None
+def _read_ogg(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
+    # Other Ogg codecs (Speex) are not read. The check also keeps mutagen
+    # from walking every page of a file in search of the header.
+    packet = ogg_first_packet(head)
     f.seek(0)
-    return _make_info(_ogg_stream(OggVorbisInfo, f), "vorbis", "audio/ogg")
+    if packet.startswith(b"\x01vorbis"):
+        return _make_info(_ogg_stream(OggVorbisInfo, f), "vorbis", "audio/ogg")
+    if packet.startswith(b"\x7fFLAC"):
+        stream = _ogg_stream(OggFLACStreamInfo, f)
+        bitrate = _file_size(f) * 8 / stream.length if stream.length else None
+        return _make_info(stream, "flac", "audio/ogg", bitrate=bitrate)
+    return None
 
 
 def _read_opus(f: IO[bytes], start: int, head: bytes) -> AudioInfo:
@@ -511,7 +517,7 @@ _READERS: dict[str, Callable[[IO[bytes], int, bytes], AudioInfo | None]] = {
     "audio/aac": _read_aac,
     "audio/flac": _read_flac,
     "audio/mp4": _read_mp4,
-    "audio/ogg": _read_vorbis,
+    "audio/ogg": _read_ogg,
     "audio/opus": _read_opus,
     "audio/wav": _read_wav,
 }

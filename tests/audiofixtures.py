@@ -31,6 +31,7 @@ AUDIO_FIXTURES = {
     "tone.ogg": Expected("audio/ogg", "vorbis", 2.0, 22050, 2, (16_000, 64_000)),
     "tone.opus": Expected("audio/opus", "opus", 2.0, 48000, 2, (16_000, 48_000)),
     "tone.flac": Expected("audio/flac", "flac", 2.0, 8000, 1, (20_000, 128_000)),
+    "tone_flac.ogg": Expected("audio/ogg", "flac", 2.0, 8000, 1, (20_000, 128_000)),
     "tone.wav": Expected("audio/wav", "pcm", 1.5, 8000, 1, (128_000, 128_000)),
     "sweep.mp3": Expected("audio/mpeg", "mp3", 8.0, 22050, 1, (31_000, 33_000)),
     # No header states its length: counted from its frames (mutagen alone
