@@ -385,9 +385,70 @@ def _read_mp4(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     f.seek(0)
     # The stream facts only: MP4(f) would also load every tag, cover art
     # and all, into memory (a 64 MB 'covr' cost ~190 MB).
-    stream = MP4Info()
-    stream.load(Atoms(f), f)
-    return _make_info(stream, _mp4_codec(stream.codec), "audio/mp4")
+    stream, atoms = MP4Info(), Atoms(f)
+    stream.load(atoms, f)
+    codec = _mp4_codec(stream.codec)
+    if codec == "aac" and stream.channels == 2 and _aac_mono(atoms, f):
+        # ffmpeg writes a channel count of 2 in every AAC sample entry; the
+        # AAC configuration says mono, and mutagen believes it only when it
+        # also rules out parametric stereo, which no mono-configured LC or
+        # HE-AAC stream uses (HE-AAC v2 says so with object type 29).
+        stream.channels = 1
+    return _make_info(stream, codec, "audio/mp4")
+
+
+def _aac_mono(atoms: Any, f: IO[bytes]) -> bool:
+    try:
+        return _aac_channel_configuration(atoms, f) == 1
+    except Exception:  # noqa: BLE001 - a refinement: mutagen's figure stands
+        return False
+
+
+def _aac_channel_configuration(atoms: Any, f: IO[bytes]) -> int | None:
+    """channelConfiguration of the first sound track's AudioSpecificConfig
+    (ISO/IEC 14496-3 1.6.2.1), read from the esds box in its sample entry
+    (ISO/IEC 14496-1 7.2.6); None if absent, unreadable or object type 29."""
+    try:
+        for trak in atoms[b"moov"].findall(b"trak"):
+            ok, hdlr = trak[b"mdia", b"hdlr"].read(f)
+            if ok and hdlr[8:12] == b"soun":
+                ok, stsd = trak[b"mdia", b"minf", b"stbl", b"stsd"].read(f)
+                break
+        else:
+            return None
+    except KeyError:
+        return None
+    at = stsd.find(b"esds") if ok else -1
+    if at < 0:
+        return None
+    data, pos = stsd[at + 8:], 0            # past the name, version and flags
+    for tag, fixed in ((3, 3), (4, 13), (5, 0)):
+        if pos >= len(data) or data[pos] != tag:
+            return None
+        pos += 1
+        for _ in range(4):                  # the length: 7 bits a byte
+            pos += 1
+            if pos > len(data) or not data[pos - 1] & 0x80:
+                break
+        if tag == 3 and pos + 2 < len(data):  # ES_Descriptor's optional fields
+            flags = data[pos + 2]
+            fixed += (2 if flags & 0x80 else 0) + (2 if flags & 0x20 else 0)
+            if flags & 0x40 and pos + 3 < len(data):
+                fixed += 1 + data[pos + 3]
+        pos += fixed
+    config = int.from_bytes(data[pos:pos + 6].ljust(6, b"\0"), "big")
+    bits = 48
+    def take(n: int) -> int:
+        nonlocal bits
+        bits -= n
+        return (config >> bits) & ((1 << n) - 1)
+    object_type = take(5)
+    if object_type == 31:
+        object_type = 32 + take(6)
+    if take(4) == 15:                       # an explicit 24-bit sampling rate
+        take(24)
+    channels = take(4)
+    return None if object_type == 29 or pos >= len(data) else channels
 
 
 def _mp4_boxes_bounded(f: IO[bytes]) -> bool:
