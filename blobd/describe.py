@@ -26,6 +26,7 @@ from typing import Any
 
 from . import index
 from .audio import AUDIO_MIME_TYPES, AudioInfo, probe_async, sniff_mime
+from .sniff import mp4_brands_say_audio
 from .config import AudioConfig
 from .errors import BlobdError
 from .files import Digests
@@ -89,9 +90,11 @@ def content_type(info: AudioInfo | None, head: bytes, client_type: str | None) -
     claimed = normalise_type(client_type)
     specific = claimed not in GENERIC_TYPES and claimed not in AUDIO_MIME_TYPES
     # A bare MPEG or ADTS frame header is a dozen bits of sync that text
-    # starts with by chance (a UTF-16 byte-order mark, FF FE, is one): when
-    # the probe found no stream behind it, a specific claim weighs more.
-    if sniffed is not None and not (specific and sniffed in WEAK_MAGIC):
+    # starts with by chance (a UTF-16 byte-order mark, FF FE, is one), and
+    # an MP4 of a generic brand may be a video: when the probe found no
+    # audio behind them, a specific claim weighs more.
+    weak = sniffed in WEAK_MAGIC or (sniffed == "audio/mp4" and not mp4_brands_say_audio(head))
+    if sniffed is not None and not (specific and weak):
         return sniffed
     # blobd recognises every type in AUDIO_MIME_TYPES; bytes it did not
     # recognise are not that type, whatever the client says.

@@ -85,14 +85,22 @@ def _sniff_ogg(head: bytes) -> str | None:
 
 
 def _sniff_ftyp(head: bytes) -> str | None:
-    major = head[8:12]
-    if major in _MP4_AUDIO_BRANDS or major in _MP4_GENERIC_BRANDS:
+    if head[8:12] in _MP4_GENERIC_BRANDS or mp4_brands_say_audio(head):
         return "audio/mp4"
-    # An unfamiliar major brand is still audio if it lists an M4A brand as
-    # compatible; those follow the minor version, to the end of the box.
+    return None
+
+
+def mp4_brands_say_audio(head: bytes) -> bool:
+    """Whether an MP4's ftyp box names an audio brand, as its major brand
+    or a compatible one (those follow the minor version, to the end of the
+    box). A generic brand (isom, mp42) holds video as well as audio."""
+    if head[4:8] != b"ftyp":
+        return False
+    if head[8:12] in _MP4_AUDIO_BRANDS:
+        return True
     box_end = min(int.from_bytes(head[:4], "big"), len(head))
     compatible = {head[i:i + 4] for i in range(16, box_end - 3, 4)}
-    return "audio/mp4" if compatible & _MP4_AUDIO_BRANDS else None
+    return bool(compatible & _MP4_AUDIO_BRANDS)
 
 
 def id3v2_size(head: bytes) -> int | None:

@@ -41,7 +41,7 @@ AUDIO_FIXTURES = {
     # FLAC bytes under an .mp3 name: the bytes decide.
     "flac_named.mp3": Expected("audio/flac", "flac", 2.0, 8000, 1, (20_000, 128_000)),
 }
-NOT_AUDIO_FIXTURES = ["not_audio.txt", "not_audio.png"]
+NOT_AUDIO_FIXTURES = ["not_audio.txt", "not_audio.png", "video_only.mp4"]
 
 
 def fixture(name: str) -> Path:

@@ -32,6 +32,8 @@ SNIFFED = {name: e.mime for name, e in AUDIO_FIXTURES.items()} | {
     "fragmented.m4a": "audio/mp4",
     "not_audio.txt": None,
     "not_audio.png": None,
+    # The brand cannot tell; the probe finds no sound track (test_describe).
+    "video_only.mp4": "audio/mp4",
 }
 
 

@@ -79,6 +79,9 @@ async def test_the_bytes_win_over_the_client(alice, name, claim):
     # Audio types blobd recognises, claimed for bytes that are not that audio.
     (TEXT, "audio/mpeg", OCTET),
     (os.urandom(5000), "audio/flac", OCTET),
+    # A generic MP4 brand is no proof of audio: a video keeps its claim
+    # (found in review: it was served as audio/mp4).
+    (fixture("video_only.mp4").read_bytes(), "video/mp4", "video/mp4"),
 ])
 async def test_unknown_bytes_keep_only_a_believable_claim(alice, data, claim, served):
     headers = {"Content-Type": claim} if claim else {}
