@@ -394,6 +394,10 @@ def _read_mp4(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
         # also rules out parametric stereo, which no mono-configured LC or
         # HE-AAC stream uses (HE-AAC v2 says so with object type 29).
         stream.channels = 1
+    if codec == "alac" and stream.length:
+        # mutagen reports ALAC's uncompressed rate (what the header holds).
+        return _make_info(stream, codec, "audio/mp4",
+                          bitrate=_file_size(f) * 8 / stream.length)
     return _make_info(stream, codec, "audio/mp4")
 
 

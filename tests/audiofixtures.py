@@ -28,6 +28,8 @@ AUDIO_FIXTURES = {
     "tone.mp3": Expected("audio/mpeg", "mp3", 2.0, 22050, 1, (31_000, 33_000)),
     "tone.m4a": Expected("audio/mp4", "aac", 2.0, 44100, 2, (24_000, 40_000)),
     "tone_mono.m4a": Expected("audio/mp4", "aac", 2.0, 44100, 1, (24_000, 40_000)),
+    # Lossless, so well under the uncompressed 128 kb/s mutagen reports.
+    "tone_alac.m4a": Expected("audio/mp4", "alac", 2.0, 8000, 1, (8_000, 100_000)),
     "tone.aac": Expected("audio/aac", "aac", 2.0, 22050, 1, (24_000, 40_000)),
     "tone.ogg": Expected("audio/ogg", "vorbis", 2.0, 22050, 2, (16_000, 64_000)),
     "tone.opus": Expected("audio/opus", "opus", 2.0, 48000, 2, (16_000, 48_000)),
