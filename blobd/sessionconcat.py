@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 from . import files, index, index_sessions, sessionfiles
 from .errors import BlobdError
@@ -44,13 +45,21 @@ async def concatenate(store: Store, spec: NewSession, part_ids: list[str]) -> Se
     await asyncio.to_thread(sessionfiles.concatenate,
                             [(source, p.size or 0) for source, p in zip(sources, parts)],
                             path, store.config.storage.fsync)
+    # One shielded run: a request cut off (a shutdown) once the swap has
+    # committed must not take the final upload's file for a failed one's,
+    # the parts' rows being gone with their bytes now only in it.
+    await shielded(_install(store, session, parts, path, sources))
+    return session
+
+
+async def _install(store: Store, session: Session, parts: list[Session], path: Path,
+                   sources: list[Path]) -> None:
     try:
-        await shielded(_swap(store, session, parts))
+        await _swap(store, session, parts)
     except BaseException:
         await asyncio.to_thread(files.remove_quietly, path)
         raise
     await asyncio.to_thread(files.remove_quietly, *sources)
-    return session
 
 
 async def _finished_part(store: Store, owner: str, part_id: str) -> Session:

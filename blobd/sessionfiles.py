@@ -72,6 +72,12 @@ def extend(path: Path, size: int) -> None:
         os.close(fd)
 
 
+def cut_to(path: Path, size: int | None) -> None:
+    """Cut the file to ``size`` bytes if it holds more."""
+    if size is not None and os.stat(path).st_size > size:
+        os.truncate(path, size)
+
+
 def open_locked(path: Path, exclusive: bool) -> int | None:
     """Open the session file and take its lock without waiting; None when
     another writer holds it. FileNotFoundError when the file is gone."""

@@ -41,8 +41,8 @@ __all__ = ["NATIVE", "TUS", "Session", "NewSession", "create_session", "find_ses
 MIB = 1 << 20
 MAX_CHUNK_SIZE = 64 * MIB
 MAX_CHUNKS = 100_000
-# A file in uploads/ without a row is left alone this long: a session being
-# created writes its file just before it inserts the row.
+# A file in uploads/ without a row is left alone this long: a concatenated
+# tus upload's file is written just before its row is inserted.
 STRAY_GRACE_SECONDS = 600.0
 # On a refusal because another request is still at work on the same part
 # of an upload (a chunk's range, the commit): a retry will succeed once it
@@ -113,15 +113,33 @@ async def create_session(store: Store, spec: NewSession) -> Session:
         else None, content_type=spec.content_type, ref=spec.ref, metadata=spec.metadata,
         concat=spec.concat, upload_offset=0, reserved_bytes=spec.size or 0,
         created_at=now, expires_at=expiry(store, now))
-    path = store.layout.upload_path(session.id)
-    await asyncio.to_thread(sessionfiles.create, path, spec.size,
-                            store.config.storage.fsync)
     try:
-        await shielded(_insert(store, session))
-    except BaseException:
-        await asyncio.to_thread(files.remove_quietly, path)
+        await shielded(_create(store, session))
+    except asyncio.CancelledError:
+        # Cut off (a shutdown) once the session was made, or while it was:
+        # its client will never learn the id, so nothing may stay reserved.
+        await shielded(abort_session(store, session))
         raise
     return session
+
+
+async def _create(store: Store, session: Session) -> None:
+    """Reserve the session's bytes (its row), then allocate its file, so
+    no file is ever made for bytes its owner has no room for; a failed
+    allocation (a full disk) takes the row back. Start-up recovery removes
+    a row whose file a crash kept from being made."""
+    await _insert(store, session)
+    try:
+        await asyncio.to_thread(sessionfiles.create, store.layout.upload_path(session.id),
+                                session.size, store.config.storage.fsync)
+    except BaseException:
+        await _delete(store, session.id)
+        raise
+
+
+async def _delete(store: Store, session_id: str) -> None:
+    async with store.write() as tx:
+        await index_sessions.delete(tx.conn, session_id)
 
 
 async def _insert(store: Store, session: Session) -> None:
@@ -220,6 +238,10 @@ async def commit_session(store: Store, session: Session) -> ingest.Stored:
 
 
 async def _commit(store: Store, session: Session, path: os.PathLike) -> ingest.Stored:
+    # A deferred-length file whose length was set by a transaction that a
+    # crash kept from cutting it (see sessionwrite._fix_length) may still
+    # hold bytes of a refused PATCH past its end.
+    await asyncio.to_thread(sessionfiles.cut_to, path, session.size)
     digests = await asyncio.to_thread(files.hash_file, path)
     if digests.size != session.size:
         # Never a blob of other bytes than were received and recorded.
@@ -255,10 +277,7 @@ async def _committed_already(store: Store, session: Session) -> ingest.Stored:
 
 
 async def abort_session(store: Store, session: Session) -> None:
-    async def run() -> None:
-        async with store.write() as tx:
-            await index_sessions.delete(tx.conn, session.id)
-    await shielded(run())
+    await shielded(_delete(store, session.id))
     await asyncio.to_thread(files.remove_quietly, store.layout.upload_path(session.id))
 
 

@@ -337,8 +337,11 @@ async def _fix_length(store: Store, session: Session, size: int) -> Session:
             # the lock are waits): nothing to reserve for.
             if not await index_sessions.set_length(tx.conn, session, size):
                 raise BlobdError("not_found", f"no upload session {session.id}")
+        # In the same shielded run: a request cut off here must not leave
+        # the length set and the file uncut.
+        await asyncio.to_thread(sessionfiles.extend, store.layout.upload_path(session.id),
+                                size)
 
     await store.check_free_space(size - session.upload_offset)
     await shielded(run())
-    await asyncio.to_thread(sessionfiles.extend, store.layout.upload_path(session.id), size)
     return replace(session, size=size, reserved_bytes=size)

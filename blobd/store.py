@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
-from . import auth, files, index
+from . import auth, files, index, index_sessions
 from .config import Config
 from .db import Database
 from .errors import BlobdError
@@ -164,12 +164,37 @@ class Store:
             self.mirror_wakeup.set()
 
     async def recover(self) -> None:
-        """Undo what a crash left in tmp/; never scans the blob tree."""
+        """Undo what a crash left in tmp/ and uploads/; never scans the blob
+        tree. Runs while no other process serves the store."""
         entries = await asyncio.to_thread(files.tmp_entries, self.layout)
         for entry in entries:
             await self._recover_entry(entry)
         if entries:
             log.info("recovered %d leftover temp files", len(entries))
+        await self.recover_sessions()
+
+    async def recover_sessions(self) -> None:
+        """Session files without an open session (a creation or a
+        concatenation cut short), and open sessions without their file (a
+        crash between the row and the allocation): with nobody serving,
+        neither can be about to get its other half."""
+        strays, lost = await self.session_leftovers()
+        await asyncio.to_thread(files.remove_quietly,
+                                *(self.layout.uploads_dir / name for name in strays))
+        if lost:
+            async with self.write() as tx:
+                for session_id in lost:
+                    await index_sessions.delete(tx.conn, session_id)
+        if strays or lost:
+            log.info("removed %d upload session files without a session and %d sessions"
+                     " without their file", len(strays), len(lost))
+
+    async def session_leftovers(self) -> tuple[set[str], set[str]]:
+        """(names of files in uploads/ without an open session, ids of open
+        sessions without their file)."""
+        open_ids = await index_sessions.open_ids(self.db.reader)
+        present = set(await asyncio.to_thread(os.listdir, self.layout.uploads_dir))
+        return present - open_ids, open_ids - present
 
     async def _recover_entry(self, entry: files.TmpEntry) -> None:
         blob = None

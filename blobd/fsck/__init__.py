@@ -3,8 +3,8 @@ own counts, reporting (and with ``repair`` fixing) what disagrees.
 
 Beside a running server (which holds the data-dir lock) it checks
 read-only: discrepancies are confirmed under the SQLite write lock (see
-:mod:`blobd.fsck.disk`) and ``tmp/``, full of uploads in flight, is not
-judged. ``repair`` needs the data-dir lock itself and refuses while a
+:mod:`blobd.fsck.disk`) and ``tmp/`` and ``uploads/``, full of uploads in
+flight, are not judged. ``repair`` needs the data-dir lock itself and refuses while a
 server holds it. Blocking work runs in threads; ``progress`` is told the
 size of the job and each step of it.
 
@@ -66,6 +66,7 @@ async def check(store: Store, *, verify: bool = False, repair: bool = False,
     started = time.monotonic()
     if not live:
         report.problems += await _check_tmp(store, repair)
+        report.problems += await _check_uploads(store, repair)
     advance = await _start_progress(store, verify, progress)
     # The recount is SQL in the index's thread, the tree scan file system
     # calls in others: run them side by side.
@@ -88,6 +89,21 @@ async def _check_tmp(store: Store, repair: bool) -> list[Problem]:
         for problem in problems:
             problem.repaired = True
             problem.action = "undone as at start-up (removed, or put back in place)"
+    return problems
+
+
+async def _check_uploads(store: Store, repair: bool) -> list[Problem]:
+    strays, lost = await store.session_leftovers()
+    problems = [Problem("upload", f"uploads/{name}", "no open upload session owns it")
+                for name in sorted(strays)]
+    problems += [Problem("upload", session_id, "open upload session without its file")
+                 for session_id in sorted(lost)]
+    if repair and problems:
+        await store.recover_sessions()
+        for problem in problems:
+            problem.repaired = True
+            problem.action = ("removed, as at start-up (its reservation released)"
+                              if problem.subject in lost else "removed, as at start-up")
     return problems
 
 

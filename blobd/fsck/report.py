@@ -8,6 +8,7 @@ from typing import Any
 # kind -> what it means, in the order the summary lists them.
 KINDS = {
     "tmp": "leftover temp file",
+    "upload": "upload session file without its session, or session without its file",
     "missing": "indexed blob without its file",
     "size": "blob file of the wrong size",
     "corrupt": "blob file whose content does not match its hash",
@@ -43,7 +44,7 @@ class Problem:
 
 @dataclass
 class Report:
-    live: bool = False            # a server was running: tmp/ was left alone
+    live: bool = False            # a server was running: tmp/, uploads/ left alone
     verified: bool = False
     blobs: int = 0                # index rows compared with the disk
     files: int = 0                # blob files found in their right place
@@ -69,7 +70,8 @@ class Report:
         return out
 
     def summary(self) -> list[str]:
-        mode = "beside a running server (tmp/ not checked)" if self.live else "offline"
+        mode = ("beside a running server (tmp/ and uploads/ not checked)" if self.live
+                else "offline")
         lines = [f"checked {self.blobs} indexed blobs and {self.files} blob files {mode}"
                  f" in {self.seconds:.1f}s"
                  + (f"; re-hashed {self.bytes_verified} bytes" if self.verified else "")]
