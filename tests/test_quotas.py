@@ -304,3 +304,25 @@ async def test_limits_lowered_elsewhere_bind_small_uploads_at_once(server):
     await assert_refused(await alice.put(os.urandom(500)), "quota_exceeded", "max_blobs")
     assert await usage_row(alice) == before
     assert len(blob_files(alice.data_dir)) == 1 and tmp_files(alice.data_dir) == []
+
+
+async def test_an_owner_without_room_never_makes_the_server_allocate(server):
+    """Found by review: a session's file was allocated at its full size
+    before max_bytes was checked, so concurrent creations by an owner with
+    no room held 1.35 GiB of disk for a moment (all of them refused)."""
+    alice = await (await server(quotas={"default": {"max_bytes": 1000}}))("alice")
+    uploads = alice.data_dir / "uploads"
+    seen, done = [], asyncio.Event()
+
+    async def watch() -> None:
+        while not done.is_set():
+            seen.append(len(os.listdir(uploads)))
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
+    answers = await asyncio.gather(*(
+        alice.request("POST", "/uploads", json={"size": 50 << 20}) for _ in range(10)))
+    done.set()
+    await watcher
+    assert [a.status for a in answers] == [507] * 10
+    assert len(seen) > 10 and max(seen) == 0
