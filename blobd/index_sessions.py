@@ -150,6 +150,17 @@ async def advance(conn: aiosqlite.Connection, session_id: str, old_offset: int,
     return cur.rowcount == 1
 
 
+async def keep_alive(conn: aiosqlite.Connection, session_id: str, owner: str, now: float,
+                     expires_at: float) -> Session | None:
+    """The owner's live session with its expiry pushed to ``expires_at``;
+    None if it is gone or expired."""
+    async with conn.execute("UPDATE uploads SET expires_at = ? WHERE id = ? AND owner = ?"
+                            " AND expires_at > ? RETURNING *",
+                            (expires_at, session_id, owner, now)) as cur:
+        row = await cur.fetchone()
+    return Session.from_row(row) if row else None
+
+
 async def touch(conn: aiosqlite.Connection, session_id: str, expires_at: float) -> None:
     await conn.execute("UPDATE uploads SET expires_at = ? WHERE id = ?",
                        (expires_at, session_id))
@@ -197,9 +208,13 @@ async def mark_committed(conn: aiosqlite.Connection, session: Session, digest: s
     return True
 
 
-async def delete(conn: aiosqlite.Connection, session_id: str) -> Session | None:
-    """Remove a session row, releasing what it still reserves."""
-    async with conn.execute("SELECT * FROM uploads WHERE id = ?", (session_id,)) as cur:
+async def delete(conn: aiosqlite.Connection, session_id: str,
+                 expired_by: float | None = None) -> Session | None:
+    """Remove a session row (only if it expired by ``expired_by``, when
+    given), releasing what it still reserves."""
+    where = "id = ?" if expired_by is None else "id = ? AND expires_at <= ?"
+    params = (session_id,) if expired_by is None else (session_id, expired_by)
+    async with conn.execute(f"SELECT * FROM uploads WHERE {where}", params) as cur:
         row = await cur.fetchone()
     if row is None:
         return None
@@ -210,9 +225,11 @@ async def delete(conn: aiosqlite.Connection, session_id: str) -> Session | None:
     return session
 
 
-async def expired_ids(conn: aiosqlite.Connection, now: float, limit: int = 500) -> list[str]:
-    async with conn.execute("SELECT id FROM uploads WHERE expires_at <= ? LIMIT ?",
-                            (now, limit)) as cur:
+async def expired_ids(conn: aiosqlite.Connection, now: float, after: str = "",
+                      limit: int = 500) -> list[str]:
+    """Ids of sessions expired by ``now``, in order, from past ``after``."""
+    async with conn.execute("SELECT id FROM uploads WHERE expires_at <= ? AND id > ?"
+                            " ORDER BY id LIMIT ?", (now, after, limit)) as cur:
         return [r["id"] for r in await cur.fetchall()]
 
 

@@ -131,8 +131,9 @@ def sync(fd: int) -> None:
     os.fdatasync(fd)
 
 
-def close(fd: int) -> None:
-    os.close(fd)
+def close(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def concatenate(sources: list[tuple[Path, int]], dest: Path, fsync: bool) -> None:

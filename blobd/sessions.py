@@ -277,30 +277,66 @@ async def _committed_already(store: Store, session: Session) -> ingest.Stored:
 
 
 async def abort_session(store: Store, session: Session) -> None:
-    await shielded(_delete(store, session.id))
-    await asyncio.to_thread(files.remove_quietly, store.layout.upload_path(session.id))
+    """Remove a session and its file, once no request is at work on it (a
+    completion hashing it, bytes arriving): 409 (tus: 423) meanwhile."""
+    path = store.layout.upload_path(session.id)
+    try:
+        fd = await asyncio.to_thread(sessionfiles.open_locked, path, True)
+    except FileNotFoundError:
+        fd = -1   # committed, or lost in a crash: only the row is left
+    if fd is None:
+        raise BlobdError("locked" if session.protocol == TUS else "conflict",
+                         "this upload is being received or completed; try again when"
+                         " that is done", headers=BUSY)
+    try:
+        await shielded(_delete(store, session.id))
+        await asyncio.to_thread(files.remove_quietly, path)
+    finally:
+        if fd >= 0:
+            await asyncio.to_thread(sessionfiles.close, fd)
 
 
 async def sweep_sessions(store: Store, now: float | None = None) -> int:
     """Remove expired sessions with their files, and files no session owns
-    (an abort or a commit cut short by a crash); returns how many."""
+    (an abort or a commit cut short by a crash); returns how many.
+
+    An expired session whose file a request holds locked is receiving bytes
+    (or being committed) right now: it is alive, and left alone."""
     moment = time.time() if now is None else now
-    removed = 0
-    while True:
-        async with store.write() as tx:
-            ids = await index_sessions.expired_ids(tx.conn, moment)
-            for session_id in ids:
-                await index_sessions.delete(tx.conn, session_id)
-        await asyncio.to_thread(files.remove_quietly,
-                                *(store.layout.upload_path(i) for i in ids))
-        removed += len(ids)
-        if not ids:
-            break
+    removed, after = 0, ""
+    while ids := await index_sessions.expired_ids(store.db.reader, moment, after):
+        after = ids[-1]
+        locked = await asyncio.to_thread(_lock_idle, store, ids)
+        try:
+            async with store.write() as tx:
+                gone = [i for i in locked
+                        if await index_sessions.delete(tx.conn, i, expired_by=moment)]
+            await asyncio.to_thread(files.remove_quietly,
+                                    *(store.layout.upload_path(i) for i in gone))
+        finally:
+            await asyncio.to_thread(sessionfiles.close, *(fd for fd in locked.values()
+                                                          if fd is not None))
+        removed += len(gone)
     keep = await index_sessions.open_ids(store.db.reader)
     strays = await asyncio.to_thread(sessionfiles.stray_files, store.layout, keep,
                                      moment - STRAY_GRACE_SECONDS)
     await asyncio.to_thread(files.remove_quietly, *strays)
     return removed + len(strays)
+
+
+def _lock_idle(store: Store, ids: list[str]) -> dict[str, int | None]:
+    """The sessions among ``ids`` no request is at work on, each with its
+    file locked for the caller (None: it has no file); blocking."""
+    locked: dict[str, int | None] = {}
+    for session_id in ids:
+        try:
+            fd = sessionfiles.open_locked(store.layout.upload_path(session_id), True)
+        except FileNotFoundError:
+            locked[session_id] = None
+            continue
+        if fd is not None:
+            locked[session_id] = fd
+    return locked
 
 
 async def run_session_sweeper(store: Store) -> None:

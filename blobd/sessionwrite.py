@@ -113,6 +113,32 @@ async def _open(store: Store, session: Session, exclusive: bool) -> int:
     return fd
 
 
+async def _alive(store: Store, session: Session) -> Session:
+    """The session as it stands, now that this request holds its file's
+    lock; with less than half its time to live left, its expiry is pushed
+    back first, so that bytes arriving keep it alive however long they
+    take (the sweeper leaves a locked session alone meanwhile)."""
+    now = time.time()
+    current = await reload(store, session)
+    if current.expires_at - now >= store.config.uploads.session_ttl_seconds / 2:
+        return current
+    async with store.write() as tx:
+        alive = await index_sessions.keep_alive(tx.conn, session.id, session.owner, now,
+                                                expiry(store, now))
+    if alive is None:
+        raise BlobdError("not_found", f"no upload session {session.id}")
+    return alive
+
+
+async def _locked_row(tx: Tx, session: Session) -> Session:
+    """The row of a session whose file lock this request holds: it may have
+    expired while the body came, but the sweeper cannot have removed it."""
+    current = await index_sessions.get(tx.conn, session.id, session.owner, 0.0)
+    if current is None:
+        raise BlobdError("not_found", f"no upload session {session.id}")
+    return current
+
+
 # -- native chunks -----------------------------------------------------------
 
 def check_chunk(session: Session, idx: int, length: int | None) -> tuple[int, int]:
@@ -151,7 +177,7 @@ async def receive_chunk(store: Store, session: Session, idx: int,
 async def _receive_chunk(store: Store, session: Session, idx: int,
                          body: AsyncIterator[bytes], checks: list[Check], fd: int,
                          start: int, span: int) -> None:
-    current = await reload(store, session)
+    current = await _alive(store, session)
     if current.committed:
         raise BlobdError("conflict", "this upload is complete already")
     have = await index_sessions.has_chunk(store.db.reader, session.id, idx)
@@ -175,7 +201,7 @@ async def _record_chunk(store: Store, session: Session, idx: int, span: int,
     if store.config.storage.fsync:
         await asyncio.to_thread(sessionfiles.sync, fd)
     async with store.write() as tx:
-        current = await reload(store, session, tx.conn)
+        current = await _locked_row(tx, session)
         if current.committed:
             raise BlobdError("conflict", "this upload is complete already")
         if await index_sessions.mark_chunk(tx.conn, session.id, idx):
@@ -198,7 +224,7 @@ async def receive_at_offset(store: Store, session: Session, offset: int,
     """
     fd = await _open(store, session, exclusive=True)
     try:
-        current = await reload(store, session)
+        current = await _alive(store, session)
         if current.is_final:
             raise BlobdError("forbidden", FINAL_TAKES_NO_PATCH)
         if current.upload_offset != offset:

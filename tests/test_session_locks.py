@@ -1,0 +1,125 @@
+"""What holds an upload session's file lock (bytes arriving, a completion)
+keeps the session alive and whole: the expiry sweeper and an abort wait for
+it. Found by review: an upload whose expiry passed while a PATCH was still
+streaming was swept away mid-body (the PATCH got 409, the upload 404, every
+byte of it lost), and a DELETE during a completion made it a 500."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import time
+
+from blobd.sessions import sweep_sessions
+from conftest import Api, b3
+from test_tus import create as tus_create, head, raw_patch
+from test_uploads import CHUNK, create as native_create, payload, send
+
+TTL = {"uploads": {"session_ttl_seconds": 1}}
+
+
+async def test_an_expired_tus_upload_receiving_bytes_is_not_swept(server) -> None:
+    alice = await (await server(**TTL))("alice")
+    data = payload(50_000)
+    url = await tus_create(alice, len(data))
+    conn = await raw_patch(alice, url, 0, len(data))
+    try:
+        await conn.send(data[:20_000])
+        await asyncio.sleep(0.2)
+        assert await sweep_sessions(alice.store, now=time.time() + 3600) == 0
+        await conn.send(data[20_000:])
+        answer = await conn.read_response()
+    finally:
+        await conn.close()
+    assert answer.status == 204, answer.body
+    assert answer.headers["blob-hash"] == b3(data)
+
+
+async def test_an_expired_native_session_receiving_a_chunk_is_not_swept(server) -> None:
+    alice = await (await server(**TTL))("alice")
+    data = payload(3 * CHUNK)
+    session = await native_create(alice, data)
+    for idx in (0, 1):
+        await send(alice, session, idx, data[idx * CHUNK:(idx + 1) * CHUNK])
+    conn = await raw_put(alice, f"/uploads/{session['id']}/2", CHUNK)
+    try:
+        await conn.send(data[2 * CHUNK:2 * CHUNK + 300])
+        await asyncio.sleep(0.2)
+        assert await sweep_sessions(alice.store, now=time.time() + 3600) == 0
+        await conn.send(data[2 * CHUNK + 300:])
+        assert (await conn.read_response()).status == 204
+    finally:
+        await conn.close()
+    done = await alice.request("POST", f"/uploads/{session['id']}/complete")
+    assert done.status == 201, await done.text()
+    assert (await done.json())["hash"] == b3(data)
+
+
+async def test_a_session_resumed_near_its_expiry_is_given_its_time_again(server) -> None:
+    alice = await (await server(uploads={"session_ttl_seconds": 4}))("alice")
+    data = payload(30_000)
+    url = await tus_create(alice, len(data))
+    await asyncio.sleep(2.5)
+    conn = await raw_patch(alice, url, 0, len(data))
+    try:
+        await conn.send(data[:1000])
+        await asyncio.sleep(0.3)
+        # Taken up with under half its time left: its expiry moved back.
+        expires = (await head(alice, url)).headers["Upload-Expires"]
+        assert expires
+        await asyncio.sleep(2)
+        assert (await head(alice, url)).status == 200
+        await conn.send(data[1000:])
+        assert (await conn.read_response()).status == 204
+    finally:
+        await conn.close()
+
+
+async def raw_put(api: Api, path: str, length: int):
+    from rawhttp import RawConnection
+    conn = await RawConnection.open(api.client.host, api.client.port)
+    await conn.send_head("PUT", path, {**api.headers(), "Content-Length": str(length)})
+    return conn
+
+
+def locked(api: Api, session_id: str) -> int:
+    """Hold a session file's lock as a completion does while it hashes."""
+    fd = os.open(api.data_dir / "uploads" / session_id, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+async def test_an_abort_waits_for_the_request_at_work(alice: Api) -> None:
+    data = payload(2 * CHUNK)
+    session = await native_create(alice, data)
+    fd = locked(alice, session["id"])
+    try:
+        busy = await alice.request("DELETE", f"/uploads/{session['id']}")
+        assert busy.status == 409 and busy.headers["Retry-After"] == "1"
+        url = await tus_create(alice, 100)
+        tus_fd = locked(alice, url.rsplit("/", 1)[1])
+        try:
+            tus_busy = await alice.request("DELETE", url, headers={"Tus-Resumable": "1.0.0"})
+            assert tus_busy.status == 423
+        finally:
+            os.close(tus_fd)
+    finally:
+        os.close(fd)
+    assert (await alice.request("DELETE", f"/uploads/{session['id']}")).status == 204
+    assert (await alice.request("GET", f"/uploads/{session['id']}")).status == 404
+
+
+async def test_completion_and_abort_at_once_never_500(alice: Api) -> None:
+    data = payload(8 << 20)
+    for _ in range(3):
+        session = await native_create(alice, data, chunk_size=1 << 20)
+        for idx in range(8):
+            await send(alice, session, idx, data[idx << 20:(idx + 1) << 20])
+        done, gone = await asyncio.gather(
+            alice.request("POST", f"/uploads/{session['id']}/complete"),
+            alice.request("DELETE", f"/uploads/{session['id']}"))
+        assert {done.status, gone.status} <= {201, 204, 404, 409}, (
+            done.status, await done.text(), gone.status, await gone.text())
+        if done.status == 201:
+            assert (await alice.request("DELETE", f"/blobs/{b3(data)}")).status == 204
