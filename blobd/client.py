@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -195,8 +196,10 @@ class BlobdClient:
 
     async def put_chunk(self, session_id: str, idx: int, data: bytes) -> None:
         digest = base64.b64encode(await asyncio.to_thread(_sha256, data)).decode()
+        # expect100: a chunk the server cannot take now is refused before
+        # it is sent (a phone's link is what sessions are for).
         await self._while_busy(lambda: self._call(
-            "PUT", f"/uploads/{session_id}/{idx}", (204,), data=data,
+            "PUT", f"/uploads/{session_id}/{idx}", (204,), data=data, expect100=True,
             headers={"Content-Digest": f"sha-256=:{digest}:"}))
 
     async def complete_upload(self, session_id: str) -> dict[str, Any]:
@@ -253,9 +256,15 @@ class BlobdClient:
     async def _open_session(self, digests: files.Digests, ref: str | None,
                             content_type: str | None,
                             chunk_size: int | None) -> tuple[dict[str, Any], str]:
-        stale = [s for s in await self.list_uploads()
-                 if s["hash"] == digests.blake3 and s["size"] == digests.size
-                 and s["ref"] == ref]
+        same = [s for s in await self.list_uploads()
+                if s["hash"] == digests.blake3 and s["size"] == digests.size]
+        stale = [s for s in same if s["ref"] == ref]
+        # Sessions of this file under another ref: an earlier run asked for
+        # another name. Left, each would hold the file's size reserved
+        # until it expired (found by review).
+        for session in (s for s in same if s["ref"] != ref):
+            with contextlib.suppress(BlobdError):
+                await self.abort_upload(session["id"])
         # (A token without the read scope cannot look: 403, then resume.)
         status, _ = await self._call("HEAD", f"/blobs/{digests.blake3}", (200, 403, 404))
         if stale and status != 200:

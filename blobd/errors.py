@@ -72,5 +72,16 @@ class BodyStalled(BlobdError):
         super().__init__("bad_request", f"no bytes of the body came for {idle:g} s; {advice}")
 
 
+class BodyTakenOver(BlobdError):
+    """Another request for the same part of an upload asked this one to let
+    go: a client resuming after its network vanished mid-body, whose old
+    request would otherwise hold the upload until its idle timeout (longer
+    than stock tus clients retry)."""
+
+    def __init__(self) -> None:
+        super().__init__("conflict", "another request for this upload took it over;"
+                         " what had arrived of this one is kept where it can be")
+
+
 class ConfigError(Exception):
     """A configuration problem; the message names the offending key."""

@@ -114,6 +114,40 @@ def lock_range(fd: int, start: int, length: int) -> bool:
     return True
 
 
+# A request that finds part of an upload held by another asks that one to
+# let go by "knocking": holding a lock on one byte far past any data, one
+# byte per part (the whole upload, or a native chunk). The holder looks for
+# a knock while it waits for its body and between writes (see
+# sessionwrite._Preemption). Open file description locks, like
+# lock_range's: seen across worker processes, gone when the fd closes.
+_KNOCK_BASE = 1 << 62
+WHOLE = -1   # the knock slot of the whole upload; chunk i knocks on slot i
+
+
+def knock(path: Path, slot: int) -> int:
+    """Knock on ``slot`` of the session file; the fd whose closing takes
+    the knock back. Someone knocking there already is as good."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    request = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _KNOCK_BASE + 1 + slot, 1, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            os.close(fd)
+            raise
+    return fd
+
+
+def knocked(fd: int, slots: tuple[int, ...]) -> bool:
+    """Whether another open of the file knocks on one of ``slots``."""
+    for slot in slots:
+        probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _KNOCK_BASE + 1 + slot, 1, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe)
+        if _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK:
+            return True
+    return False
+
+
 def write_at(fd: int, data: bytes | bytearray, offset: int) -> None:
     view = memoryview(data)
     try:

@@ -24,6 +24,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import aiosqlite
 
@@ -48,6 +49,10 @@ STRAY_GRACE_SECONDS = 600.0
 # of an upload (a chunk's range, the commit): a retry will succeed once it
 # is done, which an idle body ends within [uploads] idle_timeout_seconds.
 BUSY = {"Retry-After": "1"}
+# How long a request waits for one it asked to let go of an upload (see
+# take_over).
+KNOCK_WAIT = 3.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,27 @@ class NewSession:
     ref: str | None = None
     metadata: str | None = None
     concat: str | None = None
+
+
+async def take_over(path: os.PathLike, slot: int,
+                    try_lock: Callable[[], T | None]) -> T | None:
+    """``try_lock()``; if another request holds what it locks, knock on
+    ``slot`` and try again for up to KNOCK_WAIT seconds: a request receiving
+    a body lets go (keeping what it received where the protocol allows), a
+    completion does not (it ends soon enough). None if it never gave way."""
+    got = await asyncio.to_thread(try_lock)
+    if got is not None:
+        return got
+    knock = await asyncio.to_thread(sessionfiles.knock, path, slot)
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + KNOCK_WAIT
+        while got is None and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            got = await asyncio.to_thread(try_lock)
+    finally:
+        await asyncio.to_thread(sessionfiles.close, knock)
+    return got
 
 
 def pick_chunk_size(size: int) -> int:
@@ -277,11 +303,13 @@ async def _committed_already(store: Store, session: Session) -> ingest.Stored:
 
 
 async def abort_session(store: Store, session: Session) -> None:
-    """Remove a session and its file, once no request is at work on it (a
-    completion hashing it, bytes arriving): 409 (tus: 423) meanwhile."""
+    """Remove a session and its file. Requests receiving its bytes are asked
+    to let go; while one that does not (a completion) is at work on it:
+    409 (tus: 423)."""
     path = store.layout.upload_path(session.id)
     try:
-        fd = await asyncio.to_thread(sessionfiles.open_locked, path, True)
+        fd = await take_over(path, sessionfiles.WHOLE,
+                             lambda: sessionfiles.open_locked(path, True))
     except FileNotFoundError:
         fd = -1   # committed, or lost in a crash: only the row is left
     if fd is None:

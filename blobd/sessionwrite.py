@@ -14,16 +14,22 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from . import files, index, index_sessions, sessionfiles
-from .errors import BlobdError, BodyStalled
+from .errors import BlobdError, BodyStalled, BodyTakenOver
 from .index_sessions import TUS, Session
 from .ingest import WRITE_CHUNK
-from .sessions import BUSY, check_reservation, expiry, reload
+from .sessions import BUSY, check_reservation, expiry, reload, take_over
 from .store import Store, Tx, shielded
 
 FINAL_TAKES_NO_PATCH = "a final (concatenated) upload takes no PATCH"
+# Sends 100 Continue to a client waiting for it (see blobd.http.middleware).
+Invite = Callable[[], Awaitable[None]]
+
+
+async def _no_invite() -> None:
+    return None
 RESUME_ADVICE = "send the rest again (the upload resumes where it stands)"
 
 log = logging.getLogger(__name__)
@@ -63,23 +69,74 @@ class _Sink:
 def broke_off(exc: BaseException) -> bool:
     """The body stopped coming (as opposed to being refused): what arrived
     before is kept where the protocol allows it (a tus PATCH)."""
-    return isinstance(exc, BodyStalled) or not isinstance(exc, BlobdError)
+    return isinstance(exc, (BodyStalled, BodyTakenOver)) or not isinstance(exc, BlobdError)
+
+
+# How often a request receiving a body looks for a knock (see
+# sessionfiles.knock and sessions.take_over).
+KNOCK_POLL = 0.25
+
+
+class _Preemption:
+    """Ends a body with BodyTakenOver once another request knocks on the
+    parts this one holds: while the body is awaited (a timer looks, and
+    cancels the wait) or between two writes, never during one, whose bytes
+    would then land after this request had let the upload go."""
+
+    def __init__(self, fd: int, slots: tuple[int, ...]) -> None:
+        self.fd, self.slots = fd, slots
+        self.taken = False
+        self.looked = time.monotonic()
+
+    def between_writes(self) -> None:
+        now = time.monotonic()
+        if now - self.looked >= KNOCK_POLL:
+            self.looked = now
+            if sessionfiles.knocked(self.fd, self.slots):
+                raise BodyTakenOver()
+
+    async def next_piece(self, pieces: AsyncIterator[bytes]) -> bytes:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+
+        def look() -> None:
+            nonlocal timer
+            self.looked = time.monotonic()
+            if sessionfiles.knocked(self.fd, self.slots):
+                self.taken = True
+                task.cancel()
+            else:
+                timer = loop.call_later(KNOCK_POLL, look)
+
+        timer = loop.call_later(KNOCK_POLL, look)
+        try:
+            return await anext(pieces)
+        except asyncio.CancelledError:
+            # Ours unless something else (a shutdown) cancelled as well.
+            if self.taken and task.uncancel() == 0:
+                raise BodyTakenOver() from None
+            raise
+        finally:
+            timer.cancel()
 
 
 async def _pump(body: AsyncIterator[bytes], sink: _Sink, limit: int,
                 too_long: Callable[[], BlobdError], keep_partial: bool,
-                idle: float) -> None:
+                idle: float, preemption: _Preemption) -> None:
     """Write ``body`` through ``sink``. A body that stops coming ends the
     request after ``idle`` seconds: a client whose network vanished without
     a FIN would otherwise hold its chunk's range (or the tus upload's lock)
-    until TCP gave up, hours later, and refuse its own retries meanwhile."""
+    until TCP gave up, hours later, and refuse its own retries meanwhile.
+    Sooner if that client (or any other) asks for the same part again: the
+    new request takes it over (``preemption``)."""
     buf = bytearray()
     pieces = body.__aiter__()
     try:
         while True:
             try:
                 async with asyncio.timeout(idle):
-                    piece = await anext(pieces)
+                    piece = await preemption.next_piece(pieces)
             except StopAsyncIteration:
                 break
             except TimeoutError:
@@ -90,6 +147,7 @@ async def _pump(body: AsyncIterator[bytes], sink: _Sink, limit: int,
             if len(buf) >= WRITE_CHUNK:
                 data, buf = buf, bytearray()
                 await asyncio.to_thread(sink.write, data)
+                preemption.between_writes()
     except BaseException as exc:
         # The body broke off (client gone or silent, or the handler
         # cancelled with it): keep what did arrive.
@@ -101,9 +159,18 @@ async def _pump(body: AsyncIterator[bytes], sink: _Sink, limit: int,
 
 
 async def _open(store: Store, session: Session, exclusive: bool) -> int:
+    """The session file, locked; a tus upload another request holds is
+    asked to let go (see take_over), a native one being completed is 409."""
     path = store.layout.upload_path(session.id)
+
+    def try_lock() -> int | None:
+        return sessionfiles.open_locked(path, exclusive)
+
     try:
-        fd = await asyncio.to_thread(sessionfiles.open_locked, path, exclusive)
+        if exclusive:
+            fd = await take_over(path, sessionfiles.WHOLE, try_lock)
+        else:
+            fd = await asyncio.to_thread(try_lock)
     except FileNotFoundError:
         raise BlobdError("not_found", f"no upload session {session.id}") from None
     if fd is None:
@@ -157,26 +224,30 @@ def check_chunk(session: Session, idx: int, length: int | None) -> tuple[int, in
 
 async def receive_chunk(store: Store, session: Session, idx: int,
                         body: AsyncIterator[bytes], *, length: int | None,
-                        checks: list[Check]) -> None:
+                        checks: list[Check], invite: Invite = _no_invite) -> None:
     """Write chunk ``idx``; a chunk received before is read, checked and
-    dropped, so a repeat can never change bytes already acknowledged."""
+    dropped, so a repeat can never change bytes already acknowledged.
+    ``invite`` (100 Continue) once the chunk is this request's to receive."""
     start, span = check_chunk(session, idx, length)
     fd = await _open(store, session, exclusive=False)
     try:
         # A second copy of the chunk in flight, in this worker or another,
-        # is refused rather than let write over (or under) this one; once
-        # it holds the range, it sees whether the chunk is recorded.
-        if span and not await asyncio.to_thread(sessionfiles.lock_range, fd, start, span):
+        # never writes over (or under) the first: it asks the first to let
+        # go (a resumed upload whose earlier try stalled), else is refused.
+        # Once it holds the range, it sees whether the chunk is recorded.
+        if span and not await take_over(
+                store.layout.upload_path(session.id), idx,
+                lambda: True if sessionfiles.lock_range(fd, start, span) else None):
             raise BlobdError("conflict", f"chunk {idx} is being received already",
                              headers=BUSY)
-        await _receive_chunk(store, session, idx, body, checks, fd, start, span)
+        await _receive_chunk(store, session, idx, body, checks, fd, start, span, invite)
     finally:
         await asyncio.to_thread(sessionfiles.close, fd)
 
 
 async def _receive_chunk(store: Store, session: Session, idx: int,
                          body: AsyncIterator[bytes], checks: list[Check], fd: int,
-                         start: int, span: int) -> None:
+                         start: int, span: int, invite: Invite) -> None:
     current = await _alive(store, session)
     if current.committed:
         raise BlobdError("conflict", "this upload is complete already")
@@ -186,8 +257,10 @@ async def _receive_chunk(store: Store, session: Session, idx: int,
     def too_long() -> BlobdError:
         return BlobdError("bad_request", f"chunk {idx} is {span} bytes; more were sent")
 
+    await invite()
     await _pump(body, sink, span, too_long, keep_partial=False,
-                idle=store.config.uploads.idle_timeout_seconds)
+                idle=store.config.uploads.idle_timeout_seconds,
+                preemption=_Preemption(fd, (sessionfiles.WHOLE, idx)))
     if sink.written != span:
         raise BlobdError("bad_request",
                          f"chunk {idx} ended after {sink.written} of {span} bytes")
@@ -215,12 +288,14 @@ async def _record_chunk(store: Store, session: Session, idx: int, span: int,
 async def receive_at_offset(store: Store, session: Session, offset: int,
                             body: AsyncIterator[bytes], *, length: int | None,
                             checks: list[Check], new_length: int | None = None,
-                            status_on_mismatch: int | None = None) -> Session:
+                            status_on_mismatch: int | None = None,
+                            invite: Invite = _no_invite) -> Session:
     """Append a body at ``offset``, which must be where the upload stands.
 
     Without a checksum, bytes that arrived before the connection dropped
     are kept and the offset moves past them; with one, nothing counts
-    unless the whole body matches it.
+    unless the whole body matches it. ``invite`` (100 Continue) once the
+    upload is this request's and the body fits.
     """
     fd = await _open(store, session, exclusive=True)
     try:
@@ -232,7 +307,8 @@ async def receive_at_offset(store: Store, session: Session, offset: int,
                              f" stands at {current.upload_offset}")
         if new_length is not None and new_length != current.size:
             current = await _fix_length(store, current, new_length)
-        return await _append(store, current, fd, body, length, checks, status_on_mismatch)
+        return await _append(store, current, fd, body, length, checks, status_on_mismatch,
+                             invite)
     finally:
         await asyncio.to_thread(sessionfiles.close, fd)
 
@@ -289,12 +365,14 @@ async def check_room(store: Store, session: Session, length: int | None,
 
 async def _append(store: Store, session: Session, fd: int, body: AsyncIterator[bytes],
                   length: int | None, checks: list[Check],
-                  status_on_mismatch: int | None) -> Session:
+                  status_on_mismatch: int | None, invite: Invite) -> Session:
     room = await check_room(store, session, length)
     sink = _Sink(fd, session.upload_offset, checks)
+    await invite()
     try:
         await _pump(body, sink, room.size, lambda: room.error, keep_partial=not checks,
-                    idle=store.config.uploads.idle_timeout_seconds)
+                    idle=store.config.uploads.idle_timeout_seconds,
+                    preemption=_Preemption(fd, (sessionfiles.WHOLE,)))
     except BaseException as exc:
         if not checks and sink.written and broke_off(exc):
             await shielded(_keep_progress(store, session, fd, sink.written))

@@ -123,3 +123,52 @@ async def test_completion_and_abort_at_once_never_500(alice: Api) -> None:
             done.status, await done.text(), gone.status, await gone.text())
         if done.status == 201:
             assert (await alice.request("DELETE", f"/blobs/{b3(data)}")).status == 204
+
+
+async def first_answer(api: Api, method: str, path: str, headers: dict) -> int:
+    from rawhttp import RawConnection
+    conn = await RawConnection.open(api.client.host, api.client.port)
+    try:
+        await conn.send_head(method, path, {**api.headers(), "Expect": "100-continue",
+                                            **headers})
+        return (await conn.read_response(timeout=10)).status
+    finally:
+        await conn.close()
+
+
+async def test_a_busy_upload_never_invites_the_body(alice: Api) -> None:
+    """Found by review: 100 Continue went out before the chunk's (or the
+    tus upload's) lock was tried, so the whole body was sent, then refused
+    as busy."""
+    data = payload(2 * CHUNK)
+    session = await native_create(alice, data)
+    url = await tus_create(alice, 100)
+    fds = [locked(alice, session["id"]), locked(alice, url.rsplit("/", 1)[1])]
+    try:
+        assert await first_answer(alice, "PUT", f"/uploads/{session['id']}/0",
+                                  {"Content-Length": str(CHUNK)}) == 409
+        assert await first_answer(alice, "PATCH", url, {
+            "Tus-Resumable": "1.0.0", "Content-Type": "application/offset+octet-stream",
+            "Upload-Offset": "0", "Content-Length": "100"}) == 423
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert await first_answer(alice, "PUT", f"/uploads/{session['id']}/0",
+                              {"Content-Length": str(CHUNK)}) == 100
+
+
+async def test_an_abort_stops_chunks_being_received(alice: Api) -> None:
+    data = payload(2 * CHUNK)
+    session = await native_create(alice, data)
+    conn = await raw_put(alice, f"/uploads/{session['id']}/0", CHUNK)
+    try:
+        await conn.send(data[:300])
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        gone = await alice.request("DELETE", f"/uploads/{session['id']}")
+        assert gone.status == 204 and time.monotonic() - started < 3
+        assert (await conn.read_response()).status == 409
+    finally:
+        await conn.close()
+    assert os.listdir(alice.data_dir / "uploads") == []
+    assert (await (await alice.request("GET", "/quota")).json())["reserved_bytes"] == 0

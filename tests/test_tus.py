@@ -207,7 +207,13 @@ async def test_with_a_checksum_a_dropped_body_counts_for_nothing(alice: Api) -> 
     assert (await head(alice, url)).headers["Upload-Offset"] == "0"
 
 
-async def test_two_patches_at_once_one_is_refused(alice: Api) -> None:
+async def test_a_second_patch_takes_the_upload_over_from_the_first(alice: Api) -> None:
+    """The newer request wins (as tusd's lock release does): a client whose
+    network vanished mid-PATCH resumes without waiting out the stalled
+    request's idle timeout, which stock clients do not retry for (found by
+    review: 423 for 60 s, tus-js-client gave up after ~10). What the older
+    one received is kept; the newer one's stale offset is then refused,
+    and the client resumes from HEAD's."""
     data = payload(60_000)
     url = await create(alice, len(data))
     first = await raw_patch(alice, url, 0, len(data))
@@ -215,13 +221,52 @@ async def test_two_patches_at_once_one_is_refused(alice: Api) -> None:
     await asyncio.sleep(0.1)  # the first request holds the upload now
     second = await alice.request("PATCH", url, data=b"z" * 60_000, headers={
         **TUS, **STREAM, "Upload-Offset": "0"})
-    assert second.status in (409, 423), await second.text()
+    assert second.status == 409, await second.text()
     assert second.headers["Tus-Resumable"] == "1.0.0"
-    await first.send(data[10_000:])
     answer = await first.read_response()
     await first.close()
-    assert answer.status == 204 and answer.headers["blob-hash"] == b3(data)
+    assert answer.status == 409 and "took it over" in answer.json()["message"]
+    assert (await head(alice, url)).headers["Upload-Offset"] == "10000"
+    resp = await patch(alice, url, 10_000, data[10_000:])
+    assert resp.headers["Blob-Hash"] == b3(data)
     assert await (await alice.request("GET", f"/blobs/{b3(data)}")).read() == data
+
+
+async def test_a_patch_at_the_right_offset_resumes_past_a_stalled_one(alice: Api) -> None:
+    data = payload(60_000)
+    url = await create(alice, len(data))
+    stalled = await raw_patch(alice, url, 0, len(data))
+    try:
+        await stalled.send(data[:20_000])
+        await wait_for_offset(alice, url, "0")
+        await asyncio.sleep(0.2)
+        # The client saw 0 (nothing recorded yet); its PATCH takes over,
+        # finds the 20,000 bytes kept and says so; the retry completes.
+        retry = await alice.request("PATCH", url, data=data, headers={
+            **TUS, **STREAM, "Upload-Offset": "0"})
+        assert retry.status == 409 and "stands at 20000" in (await retry.json())["message"]
+        done = await patch(alice, url, 20_000, data[20_000:])
+        assert done.headers["Blob-Hash"] == b3(data)
+    finally:
+        await stalled.close()
+
+
+async def test_a_completion_is_not_taken_over(alice: Api) -> None:
+    """Only a request receiving a body lets go; one that holds the upload
+    otherwise (a completion hashing it) is waited for, then 423."""
+    import fcntl
+    import os
+    url = await create(alice, 100)
+    fd = os.open(alice.data_dir / "uploads" / url.rsplit("/", 1)[1], os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        busy = await alice.request("PATCH", url, data=b"x" * 100, headers={
+            **TUS, **STREAM, "Upload-Offset": "0"})
+        assert busy.status == 423
+    finally:
+        os.close(fd)
+    done = await patch(alice, url, 0, b"x" * 100)
+    assert done.headers["Blob-Hash"] == b3(b"x" * 100)
 
 
 async def test_method_override_and_termination(alice: Api) -> None:
@@ -518,3 +563,16 @@ async def test_finished_uploads_are_forgotten_past_the_session_limit(server) -> 
         assert (await head(alice, url)).headers["Blob-Hash"] == b3(b"")
     rows = await alice.store.db.fetchall("SELECT count(*) FROM uploads WHERE owner = 'alice'")
     assert rows[0][0] == 3
+
+
+async def test_a_creation_refused_before_its_body_leaves_nothing(alice: Api) -> None:
+    """Found by review: the 400 carried a Location and the upload stayed,
+    reserving its length."""
+    resp = await alice.request("POST", "/tus/", data=b"x" * 100, headers={
+        **TUS, **STREAM, "Upload-Length": "10"})
+    assert resp.status == 400 and "Location" not in resp.headers
+    quota = await (await alice.request("GET", "/quota")).json()
+    assert quota["reserved_bytes"] == 0
+    assert list((alice.data_dir / "uploads").iterdir()) == []
+    async with alice.store.db.reader.execute("SELECT count(*) FROM uploads") as cur:
+        assert (await cur.fetchone())[0] == 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import functools
 from dataclasses import replace
 from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit
@@ -102,14 +103,21 @@ async def create(request: web.Request) -> web.Response:
 async def _created(request: web.Request, session: Session, has_body: bool) -> web.Response:
     headers = {"Location": f"{PREFIX}/{session.id}"}
     store = request.app[STORE]
+    if has_body:
+        try:
+            await check_room(store, session, request.content_length)
+        except BlobdError:
+            # Refused before any byte (found by review: the upload stayed,
+            # reserving its length, though the answer was an error).
+            await sessions.abort_session(store, session)
+            raise
     try:
         if has_body:
-            await check_room(store, session, request.content_length)
-            await send_continue(request)
             session = await receive_at_offset(
                 store, session, 0, request.content.iter_any(),
                 length=request.content_length, checks=_checksums(request),
-                status_on_mismatch=CHECKSUM_MISMATCH)
+                status_on_mismatch=CHECKSUM_MISMATCH,
+                invite=functools.partial(send_continue, request))
             headers["Upload-Offset"] = str(session.upload_offset)
         headers.update(await _finish(request, session))
     except _Removed:
@@ -304,11 +312,13 @@ async def patch(request: web.Request) -> web.Response:
                              f" stands at {session.upload_offset}")
         length = _non_negative("Upload-Length", new_length) if new_length else None
         await check_room(request.app[STORE], session, request.content_length, length)
-        await send_continue(request)
+        # Invited once the upload is this request's: a body another request
+        # holds the upload against is never sent for nothing.
         session = await receive_at_offset(
             request.app[STORE], session, offset, request.content.iter_any(),
             length=request.content_length, checks=checks, new_length=length,
-            status_on_mismatch=CHECKSUM_MISMATCH)
+            status_on_mismatch=CHECKSUM_MISMATCH,
+            invite=functools.partial(send_continue, request))
     headers = {"Upload-Offset": str(session.upload_offset)}
     if session.committed:
         headers["Blob-Hash"] = session.result_hash or ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import time
 from typing import Any
 
@@ -136,10 +137,10 @@ async def put_chunk(request: web.Request) -> web.Response:
     checks = chunk_checks(request)
     check_chunk(session, number, request.content_length)
     # Only a chunk that can be taken is invited: a phone never sends the
-    # bytes of a wrong or finished one.
-    await send_continue(request)
+    # bytes of a wrong, finished or busy one.
     await receive_chunk(request.app[STORE], session, number, request.content.iter_any(),
-                        length=request.content_length, checks=checks)
+                        length=request.content_length, checks=checks,
+                        invite=functools.partial(send_continue, request))
     return web.Response(status=204)
 
 
