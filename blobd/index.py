@@ -187,10 +187,11 @@ async def usage(conn: aiosqlite.Connection, owner: str) -> dict[str, int]:
     row = await _one(conn, "SELECT * FROM owners WHERE owner = ?", owner)
     if row is None:
         return {"used_bytes": 0, "used_blobs": 0, "reserved_bytes": 0,
-                "monthly_upload_bytes": 0}
+                "reserved_blobs": 0, "monthly_upload_bytes": 0}
     monthly = row["monthly_upload_bytes"] if row["upload_month"] == current_month() else 0
     return {"used_bytes": row["used_bytes"], "used_blobs": row["used_blobs"],
-            "reserved_bytes": row["reserved_bytes"], "monthly_upload_bytes": monthly}
+            "reserved_bytes": row["reserved_bytes"], "reserved_blobs": row["reserved_blobs"],
+            "monthly_upload_bytes": monthly}
 
 
 def check_blob_size(size: int, limits: QuotaLimits, server_max: int) -> None:
@@ -201,10 +202,15 @@ def check_blob_size(size: int, limits: QuotaLimits, server_max: int) -> None:
 
 def check_room(row: aiosqlite.Row, limits: QuotaLimits, add_bytes: int,
                add_blobs: int) -> None:
-    """Raise quota_exceeded if adding this much would pass a limit."""
-    if add_blobs and row["used_blobs"] + add_blobs > limits.max_blobs:
+    """Raise quota_exceeded if adding this much would pass a limit (what
+    open upload sessions reserve counting as used)."""
+    if add_blobs and (row["used_blobs"] + row["reserved_blobs"] + add_blobs
+                      > limits.max_blobs):
+        reserved = (f", {row['reserved_blobs']} of them reserved by open upload sessions"
+                    if row["reserved_blobs"] else "")
         raise BlobdError("quota_exceeded",
-                         f"quota max_blobs ({limits.max_blobs}) would be exceeded")
+                         f"quota max_blobs ({limits.max_blobs}) would be exceeded"
+                         f" ({row['used_blobs'] + row['reserved_blobs']} taken{reserved})")
     if add_bytes and (row["used_bytes"] + row["reserved_bytes"] + add_bytes
                       > limits.max_bytes):
         raise BlobdError("quota_exceeded",
@@ -235,12 +241,15 @@ async def charge_upload(conn: aiosqlite.Connection, owner: str, nbytes: int,
         " WHERE owner = ?", (nbytes, owner))
 
 
-async def reserve(conn: aiosqlite.Connection, owner: str, nbytes: int) -> None:
-    """Move bytes in (positive) or out (negative) of the owner's reservation."""
+async def reserve(conn: aiosqlite.Connection, owner: str, nbytes: int,
+                  blobs: int = 0) -> None:
+    """Move bytes (and blobs) in (positive) or out (negative) of the owner's
+    reservation."""
     await owner_row(conn, owner)
     await conn.execute(
-        "UPDATE owners SET reserved_bytes = MAX(0, reserved_bytes + ?) WHERE owner = ?",
-        (nbytes, owner))
+        "UPDATE owners SET reserved_bytes = MAX(0, reserved_bytes + ?),"
+        " reserved_blobs = MAX(0, reserved_blobs + ?) WHERE owner = ?",
+        (nbytes, blobs, owner))
 
 
 # -- references --------------------------------------------------------------

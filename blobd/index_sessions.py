@@ -82,8 +82,8 @@ async def insert(conn: aiosqlite.Connection, session: Session) -> None:
         f"INSERT INTO uploads ({', '.join(_COLUMNS)})"
         f" VALUES ({', '.join('?' for _ in _COLUMNS)})",
         tuple(getattr(session, name) for name in _COLUMNS))
-    if session.reserved_bytes:
-        await index.reserve(conn, session.owner, session.reserved_bytes)
+    if session.result_hash is None:
+        await index.reserve(conn, session.owner, session.reserved_bytes, blobs=1)
 
 
 async def get(conn: aiosqlite.Connection, session_id: str, owner: str,
@@ -203,7 +203,7 @@ async def mark_committed(conn: aiosqlite.Connection, session: Session, digest: s
         return False
     await conn.execute("UPDATE uploads SET result_hash = ?, reserved_bytes = 0,"
                        " expires_at = ? WHERE id = ?", (digest, expires_at, session.id))
-    await index.reserve(conn, session.owner, -held)
+    await index.reserve(conn, session.owner, -held, blobs=-1)
     await conn.execute("DELETE FROM upload_chunks WHERE upload_id = ?", (session.id,))
     return True
 
@@ -220,8 +220,8 @@ async def delete(conn: aiosqlite.Connection, session_id: str,
         return None
     session = Session.from_row(row)
     await conn.execute("DELETE FROM uploads WHERE id = ?", (session_id,))
-    if session.reserved_bytes:
-        await index.reserve(conn, session.owner, -session.reserved_bytes)
+    if session.result_hash is None:
+        await index.reserve(conn, session.owner, -session.reserved_bytes, blobs=-1)
     return session
 
 

@@ -119,6 +119,7 @@ async def report(conn: aiosqlite.Connection, owner: str,
             "used_blobs": used["used_blobs"],
             "monthly_upload_bytes": used["monthly_upload_bytes"],
             "reserved_bytes": used["reserved_bytes"],
+            "reserved_blobs": used["reserved_blobs"],
             "limits": {key: getattr(limits, key) for key in LIMIT_KEYS}}
 
 

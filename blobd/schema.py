@@ -144,6 +144,15 @@ MIGRATIONS: list[str] = [
         deleted_at  REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 5: an open upload session reserves a blob against max_blobs, as it
+    # reserves its bytes against max_bytes: otherwise two sessions (or a
+    # session and a PUT) could both be accepted for the last slot, and one
+    # refused only once all its bytes had come.
+    """
+    ALTER TABLE owners ADD COLUMN reserved_blobs INTEGER NOT NULL DEFAULT 0;
+    UPDATE owners SET reserved_blobs = (SELECT count(*) FROM uploads
+        WHERE uploads.owner = owners.owner AND uploads.result_hash IS NULL);
+    """,
 ]
 
 

@@ -181,15 +181,15 @@ async def _insert(store: Store, session: Session) -> None:
 
 
 async def check_reservation(store: Store, tx: Tx, owner: str, size: int | None,
-                            held: int = 0) -> None:
+                            held: int = 0, *, new: bool = True) -> None:
     """The authoritative check, in the transaction that will reserve ``size``
-    (of which the upload holds ``held`` already): used + reserved + the rest
-    must fit the owner's limits."""
+    (of which the upload holds ``held`` already) and, for a ``new`` session,
+    a blob: used + reserved + the rest must fit the owner's limits."""
     row = await index.owner_row(tx.conn, owner)
     limits = index.effective_limits(row, store.config.quota_for(owner))
     if size is not None:
         index.check_blob_size(size, limits, store.config.limits.max_blob_size)
-        index.check_room(row, limits, size - held, 1)
+    index.check_room(row, limits, 0 if size is None else size - held, 1 if new else 0)
 
 
 async def find_session(store: Store, session_id: str, owner: str,

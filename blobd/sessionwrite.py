@@ -436,7 +436,7 @@ async def _fix_length(store: Store, session: Session, size: int) -> Session:
         async with store.write() as tx:
             # What it received is reserved already (see _reserve_growth).
             await check_reservation(store, tx, session.owner, size,
-                                    held=session.reserved_bytes)
+                                    held=session.reserved_bytes, new=False)
             # Deleted or expired since it was read (the free-space check and
             # the lock are waits): nothing to reserve for.
             if not await index_sessions.set_length(tx.conn, session, size):

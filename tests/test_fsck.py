@@ -195,6 +195,17 @@ async def test_reserved_bytes_drift_is_recounted_from_open_sessions(server):
     assert quota["reserved_bytes"] == 4096
 
 
+async def test_reserved_blobs_drift_is_recounted_from_open_sessions(server):
+    alice, _ = await filled(server)
+    for _ in range(2):
+        assert (await alice.request("POST", "/uploads", json={"size": 10})).status == 201
+    sql(alice, "UPDATE owners SET reserved_blobs = 7 WHERE owner = 'alice'")
+    _, after = await check_and_repair(alice, {("reserved", "alice")})
+    assert after.ok
+    quota = await (await alice.request("GET", "/quota")).json()
+    assert quota["reserved_blobs"] == 2
+
+
 async def test_wrong_sha256_in_the_index_is_rewritten(server):
     alice, _ = await filled(server)
     digest = b3(BODIES[6])

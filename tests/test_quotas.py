@@ -39,7 +39,7 @@ async def test_quota_body_shows_usage_and_configured_limits(server):
     await alice.put(b"x" * 1000, headers={"Blob-Ref": "again"})  # same blob: charged once
     assert await quota(alice) == {
         "owner": "alice", "used_bytes": 1000, "used_blobs": 1,
-        "monthly_upload_bytes": 2000, "reserved_bytes": 0,
+        "monthly_upload_bytes": 2000, "reserved_bytes": 0, "reserved_blobs": 0,
         "limits": {"max_bytes": 1 << 20, "max_blobs": 7, "max_blob_size": 2 << 30,
                    "max_monthly_upload_bytes": 100 << 30}}
     assert (await quota(bob))["limits"]["max_blobs"] == 2
@@ -326,3 +326,40 @@ async def test_an_owner_without_room_never_makes_the_server_allocate(server):
     await watcher
     assert [a.status for a in answers] == [507] * 10
     assert len(seen) > 10 and max(seen) == 0
+
+
+async def test_an_open_session_holds_a_blob_slot(server):
+    """Found by review: sessions checked max_blobs but did not reserve it,
+    so two were accepted for the last slot and the second refused only at
+    its commit, after every byte (and a PUT could take the slot too)."""
+    alice = await (await server(quotas={"default": {"max_blobs": 1}}))("alice")
+    first = await alice.request("POST", "/uploads", json={"size": 3000, "chunk_size": 1000})
+    assert first.status == 201
+    assert (await quota(alice))["reserved_blobs"] == 1
+    second = await alice.request("POST", "/tus/", headers={
+        "Tus-Resumable": "1.0.0", "Upload-Length": "3000"})
+    await assert_refused(second, "quota_exceeded", "max_blobs (1)")
+    deferred = await alice.request("POST", "/tus/", headers={
+        "Tus-Resumable": "1.0.0", "Upload-Defer-Length": "1"})
+    await assert_refused(deferred, "quota_exceeded", "reserved by open upload sessions")
+    await assert_refused(await alice.put(b"another blob"), "quota_exceeded", "max_blobs (1)")
+    # The session's commit takes its own slot.
+    session = (await first.json())["id"]
+    data = os.urandom(3000)
+    for i in range(3):
+        put = await alice.request("PUT", f"/uploads/{session}/{i}",
+                                  data=data[i * 1000:(i + 1) * 1000])
+        assert put.status == 204
+    done = await alice.request("POST", f"/uploads/{session}/complete")
+    assert done.status == 201, await done.text()
+    after = await quota(alice)
+    assert (after["used_blobs"], after["reserved_blobs"], after["reserved_bytes"]) == (1, 0, 0)
+
+
+async def test_an_aborted_or_expired_session_gives_its_slot_back(server):
+    alice = await (await server(quotas={"default": {"max_blobs": 1}}))("alice")
+    first = await alice.request("POST", "/uploads", json={"size": 10})
+    await assert_refused(await alice.put(b"x" * 10), "quota_exceeded", "max_blobs")
+    assert (await alice.request("DELETE", f"/uploads/{(await first.json())['id']}")).status == 204
+    assert (await quota(alice))["reserved_blobs"] == 0
+    assert (await alice.put(b"x" * 10)).status == 201

@@ -73,3 +73,27 @@ async def test_unmirrored_blobs_are_found_through_their_index_after_migrating(tm
     assert [row[3] for row in plan] == ["SCAN blobs USING INDEX blobs_unmirrored"]
     expected = sorted([f"{i:064x}" for i in range(300) if i % 3] + ["f" * 64])
     assert queued == len(expected) and [row[0] for row in rows] == expected
+
+
+async def test_open_sessions_reserve_their_blob_slots_after_migrating(tmp_path):
+    """Migration 5 counts each owner's open sessions into reserved_blobs."""
+    path = tmp_path / "v4.sqlite3"
+    with sqlite3.connect(path) as conn:
+        for script in MIGRATIONS[:4]:
+            for statement in _statements(script):
+                conn.execute(statement)
+        conn.execute("INSERT INTO owners (owner) VALUES ('alice'), ('bob')")
+        conn.executemany(
+            "INSERT INTO uploads (id, owner, protocol, size, chunk_size, created_at,"
+            " expires_at, result_hash) VALUES (?, ?, 'native', 10, 10, 0, 1e12, ?)",
+            [("a1", "alice", None), ("a2", "alice", None), ("a3", "alice", "f" * 64),
+             ("b1", "bob", "e" * 64)])
+        conn.execute("PRAGMA user_version = 4")
+    db = Database(path, durable=False)
+    await db.open()
+    try:
+        rows = await db.reader.execute_fetchall(
+            "SELECT owner, reserved_blobs FROM owners ORDER BY owner")
+    finally:
+        await db.close()
+    assert [tuple(r) for r in rows] == [("alice", 2), ("bob", 0)]

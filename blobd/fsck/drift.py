@@ -6,8 +6,8 @@ with the ``refs`` rows, recounted from those rows.
 * ``holdings``: one row per (owner, blob) with the owner's reference count;
 * ``usage``: ``owners.used_bytes`` / ``used_blobs`` against the distinct
   blobs each owner references;
-* ``reserved``: ``owners.reserved_bytes`` against what the owner's open
-  upload sessions reserve.
+* ``reserved``: ``owners.reserved_bytes`` and ``reserved_blobs`` against
+  what the owner's open upload sessions reserve.
 
 Each check is one SQL statement, so it sees one snapshot even while a
 server writes. Repairs make the counts match the references, which are the
@@ -59,13 +59,15 @@ WHERE held.owner NOT IN (SELECT owner FROM owners)
 
 
 _RESERVED_SQL = """
-WITH open AS (SELECT owner, sum(reserved_bytes) AS bytes FROM uploads GROUP BY owner)
-SELECT o.owner, o.reserved_bytes, coalesce(open.bytes, 0) AS bytes
+WITH open AS (SELECT owner, sum(reserved_bytes) AS bytes,
+                     sum(result_hash IS NULL) AS n FROM uploads GROUP BY owner)
+SELECT o.owner, o.reserved_bytes, o.reserved_blobs, coalesce(open.bytes, 0) AS bytes,
+       coalesce(open.n, 0) AS n
 FROM owners o LEFT JOIN open ON open.owner = o.owner
-WHERE o.reserved_bytes != coalesce(open.bytes, 0)
+WHERE o.reserved_bytes != coalesce(open.bytes, 0) OR o.reserved_blobs != coalesce(open.n, 0)
 UNION ALL
-SELECT open.owner, 0, open.bytes FROM open
-WHERE open.bytes != 0 AND open.owner NOT IN (SELECT owner FROM owners)
+SELECT open.owner, 0, 0, open.bytes, open.n FROM open
+WHERE (open.bytes != 0 OR open.n != 0) AND open.owner NOT IN (SELECT owner FROM owners)
 """
 
 
@@ -97,8 +99,8 @@ async def find_usage(conn: aiosqlite.Connection) -> list[Problem]:
                     f" references hold {row['bytes']} bytes / {row['n']} blobs")
             for row in await _rows(conn, _USAGE_SQL)] + [
         Problem("reserved", row["owner"],
-                f"{row['reserved_bytes']} bytes reserved, open upload sessions"
-                f" reserve {row['bytes']}")
+                f"{row['reserved_bytes']} bytes / {row['reserved_blobs']} blobs reserved,"
+                f" open upload sessions reserve {row['bytes']} / {row['n']}")
         for row in await _rows(conn, _RESERVED_SQL)]
 
 
@@ -122,8 +124,8 @@ async def repair(conn: aiosqlite.Connection) -> int:
         changed += 1
     for row in await _rows(conn, _RESERVED_SQL):
         await index.owner_row(conn, row["owner"])
-        await conn.execute("UPDATE owners SET reserved_bytes = ? WHERE owner = ?",
-                           (row["bytes"], row["owner"]))
+        await conn.execute("UPDATE owners SET reserved_bytes = ?, reserved_blobs = ?"
+                           " WHERE owner = ?", (row["bytes"], row["n"], row["owner"]))
         changed += 1
     return changed
 
