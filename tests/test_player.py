@@ -213,7 +213,8 @@ async def test_a_seek_fetches_the_middle_by_range(blobd, pages, browser):
 
 async def test_chromium_loads_every_format_by_its_content_type(blobd, pages, browser):
     token = blobd.token()
-    names = sorted(AUDIO_FIXTURES)
+    # Chromium has no ALAC decoder, whatever the Content-Type.
+    names = sorted(n for n in AUDIO_FIXTURES if AUDIO_FIXTURES[n].codec != "alac")
     players = []
     for i, name in enumerate(names):
         digest = upload(blobd, token, fixture(name).read_bytes())["hash"]
@@ -226,6 +227,11 @@ async def test_chromium_loads_every_format_by_its_content_type(blobd, pages, bro
     for name, report in zip(names, reports):
         assert report["error"] is None, (name, report)
         assert report["readyState"] >= 3, (name, report)   # HAVE_FUTURE_DATA
+        if name == "vbr_no_header.mp3":
+            # Nothing in it states its length: Chromium guesses from the
+            # first frames' bitrate (8.7 s, as ffprobe does); blobd's probe
+            # counts its frames (test_audio).
+            continue
         assert report["duration"] == pytest.approx(AUDIO_FIXTURES[name].duration,
                                                    rel=0.1), (name, report)
 
