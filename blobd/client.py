@@ -20,14 +20,17 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
+import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, BinaryIO, Callable, TypeVar
 
 import aiohttp
 
 from . import files
-from .address import parse_address
+from .address import Address, parse_address
 from .bodywriter import BodyWriter
 from .errors import STATUS, BlobdError
 
@@ -114,19 +117,43 @@ class BlobdClient:
                                      headers=headers, expect100=True)
         return answer, sent[0] > 0
 
-    async def download(self, address: str, dest: Path, *,
+    async def download(self, address: str, dest: Path | BinaryIO, *,
                        progress: Progress = _no_progress,
                        total: Callable[[int], None] = _no_progress) -> files.Digests:
-        """Stream a blob to ``dest`` (via a temp file beside it), verifying
-        its hash; a mismatch leaves nothing behind and raises."""
+        """Download a blob and verify its hash before any of it reaches
+        ``dest``; a mismatch leaves nothing behind and raises.
+
+        ``dest`` is a path or an open binary file (standard output). A path
+        to a regular file, or to nothing yet, is replaced whole by a temp
+        file written beside it (a symlink is followed: its target is
+        replaced, the link stays). Anything else there (a FIFO, a device such
+        as ``/dev/null``) and an open file are written into once the blob is
+        verified: until then it waits in a private temp directory under the
+        user's ($TMPDIR), since they cannot take back bytes once written."""
         parsed = parse_address(address)
-        # Before anything is downloaded, and naming the path given (not the
-        # temp file beside it, nor "an empty name" for ".").
-        if await asyncio.to_thread(dest.is_dir):
-            raise BlobdError("bad_request", f"{dest} is a directory; name the file to write")
-        if not await asyncio.to_thread(dest.parent.is_dir):
-            raise BlobdError("bad_request", f"{dest.parent} is no directory to write into")
-        temp = dest.with_name(f".{dest.name}.part-{secrets.token_hex(4)}")
+        target = (await asyncio.to_thread(_file_to_replace, dest)
+                  if isinstance(dest, Path) else None)
+        if target is not None:
+            temp = target.with_name(f".{target.name}.part-{secrets.token_hex(4)}")
+            digests = await self._fetch(parsed, temp, progress, total)
+            try:
+                await asyncio.to_thread(os.replace, temp, target)
+            except BaseException:
+                await asyncio.to_thread(files.remove_quietly, temp)
+                raise
+            return digests
+        spool = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="blobd-get-"))
+        try:
+            digests = await self._fetch(parsed, spool / "blob", progress, total)
+            await asyncio.to_thread(_copy_into, spool / "blob", dest)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, spool, True)
+        return digests
+
+    async def _fetch(self, parsed: Address, temp: Path, progress: Progress,
+                     total: Callable[[int], None]) -> files.Digests:
+        """GET the blob into the new file ``temp``; its digests once they
+        match the address (else ``temp`` is removed and this raises)."""
         try:
             async with self._http.get(f"{self.url}/blobs/{parsed}",
                                       headers=self._headers()) as resp:
@@ -145,11 +172,6 @@ class BlobdClient:
             await asyncio.to_thread(files.remove_quietly, temp)
             raise BlobdError("digest_mismatch", f"the server sent bytes that hash to"
                              f" {actual}, not {parsed.digest}; nothing was saved")
-        try:
-            await asyncio.to_thread(os.replace, temp, dest)
-        except BaseException:
-            await asyncio.to_thread(files.remove_quietly, temp)
-            raise
         return digests
 
     # -- upload sessions -----------------------------------------------------
@@ -291,6 +313,37 @@ async def read_pieces(path: Path, start: int, length: int) -> AsyncIterator[byte
 def _read_at(path: Path, offset: int, length: int) -> bytes:
     with open(path, "rb", buffering=0) as fh:
         return os.pread(fh.fileno(), length, offset)
+
+
+def _file_to_replace(dest: Path) -> Path | None:
+    """The regular file a download to ``dest`` replaces (a symlink's
+    target), or None for an existing file of another kind, written into.
+    Checked before anything is downloaded, naming the path given."""
+    try:
+        mode = os.stat(dest).st_mode
+    except FileNotFoundError:
+        mode = None  # nothing there yet, or a dangling symlink: made anew
+    if mode is not None and stat.S_ISDIR(mode):
+        raise BlobdError("bad_request", f"{dest} is a directory; name the file to write")
+    if mode is not None and not stat.S_ISREG(mode):
+        return None
+    # realpath, not the link: replacing a symlink would cut it off from
+    # the file it names.
+    target = Path(os.path.realpath(dest))
+    if not target.parent.is_dir():
+        parent = target.parent if dest.is_symlink() else dest.parent
+        raise BlobdError("bad_request", f"{parent} is no directory to write into")
+    return target
+
+
+def _copy_into(source: Path, dest: Path | BinaryIO) -> None:
+    with open(source, "rb") as src:
+        if isinstance(dest, Path):
+            with open(dest, "wb") as out:
+                shutil.copyfileobj(src, out, READ_SIZE)
+        else:
+            shutil.copyfileobj(src, dest, READ_SIZE)
+            dest.flush()
 
 
 def _sha256(data: bytes) -> bytes:

@@ -271,3 +271,87 @@ def test_a_stored_blob_is_private_and_a_downloaded_file_the_user_s(live, tmp_pat
                          timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert got.returncode == 0, got.stderr
     assert stat.S_IMODE((tmp_path / "mine.bin").stat().st_mode) == 0o644
+
+
+def stored(live, data: bytes) -> str:
+    server, token = live
+    assert request("PUT", f"{server.url}/blobs/{b3(data)}", token, data)[0] in (200, 201)
+    return b3(data)
+
+
+def test_get_through_a_symlink_replaces_its_target(live, tmp_path: Path) -> None:
+    """Found by review: the link itself was replaced by a regular file and
+    the file it named kept its old bytes."""
+    data = os.urandom(8000)
+    digest = stored(live, data)
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "song.flac"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.flac"
+    link.symlink_to(target)
+    dangling = tmp_path / "new.flac"
+    dangling.symlink_to(tmp_path / "real" / "new-target.flac")
+    for dest, real in ((link, target), (dangling, tmp_path / "real" / "new-target.flac")):
+        result = cli(live, "get", digest, "-o", str(dest))
+        assert result.returncode == 0, result.stderr
+        assert dest.is_symlink() and real.read_bytes() == data
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == [
+        "new-target.flac", "song.flac"]  # no .part file left beside either
+
+
+def test_get_into_a_fifo_writes_into_it(live, tmp_path: Path) -> None:
+    data = os.urandom(300 * KIB)
+    digest = stored(live, data)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    # A daemon: if blobd never opens the FIFO, the reader waits forever.
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    result = cli(live, "get", digest, "-o", str(fifo))
+    reader.join(timeout=10)
+    assert result.returncode == 0, result.stderr
+    assert received == [data]
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert list(tmp_path.iterdir()) == [fifo]
+
+
+def test_get_into_a_device_writes_into_it(live, tmp_path: Path) -> None:
+    """Found by review: as root, -o /dev/null turned the device into a
+    regular file. A node of /dev/null's own numbers stands in for it."""
+    digest = stored(live, os.urandom(5000))
+    null = tmp_path / "null"
+    try:
+        os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs root")
+    result = cli(live, "get", digest, "-o", str(null))
+    assert result.returncode == 0, result.stderr
+    assert stat.S_ISCHR(null.lstat().st_mode) and null.stat().st_rdev == os.makedev(1, 3)
+    assert list(tmp_path.iterdir()) == [null]
+
+
+@pytest.mark.parametrize("output", ["-", "/dev/fd/1"])
+def test_get_to_standard_output_only_verified_bytes(live, tmp_path: Path, output: str) -> None:
+    server, token = live
+
+    def get(digest: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([sys.executable, "-m", "blobd", "get", digest, "-o", output,
+                               "--server", server.url, "--token", token], cwd=tmp_path,
+                              capture_output=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(REPO),
+                                   "TMPDIR": str(tmp_path)})
+
+    data = os.urandom(200 * KIB)
+    got = get(stored(live, data))
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == data and b"standard output: verified" in got.stderr
+    # Damaged on disk: nothing at all reaches the stream, and the spool is gone.
+    bad = os.urandom(5000)
+    damaged = stored(live, bad)
+    (server.data_dir / "blobs" / damaged[:2] / damaged[2:4] / damaged).write_bytes(
+        b"\0" * len(bad))
+    refused = get(damaged)
+    assert refused.returncode == 1 and refused.stdout == b""
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert list(tmp_path.iterdir()) == []

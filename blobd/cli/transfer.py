@@ -44,10 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     get = sub.add_parser("get", help="download a blob and verify it",
                          description="Download a blob by its address, verifying its hash"
-                         " before the file appears under its name.")
+                         " before the file appears under its name. A FIFO, a device or"
+                         " standard output (-o -) is written once the whole blob is"
+                         " verified; until then it waits in $TMPDIR.")
     get.add_argument("address", metavar="HASH", help="BLAKE3 hex, or sha256:<hex>")
     get.add_argument("-o", "--output", metavar="FILE",
-                     help="where to write it (default: ./<HASH>)")
+                     help="where to write it; - for standard output (default: ./<HASH>)")
     _connection_options(get)
     get.set_defaults(run=run_get)
 
@@ -116,6 +118,17 @@ async def _put_one(client: BlobdClient, args: argparse.Namespace,
     return result
 
 
+def _is_stdout(path: str | None) -> bool:
+    """Whether ``path`` is this process's standard output (/dev/stdout,
+    /dev/fd/1): written as ``-`` is, so the path printed at the end does
+    not follow the blob into it, and a file it was redirected to is
+    written as the shell opened it (appended to, with >>)."""
+    try:
+        return path is not None and os.path.samestat(os.stat(path), os.fstat(1))
+    except OSError:
+        return False
+
+
 def _describe(path: Path, result: UploadResult, size: int) -> str:
     if result.mode == "skipped":
         return f"{path}: the server has it already; nothing was sent"
@@ -128,13 +141,17 @@ def _describe(path: Path, result: UploadResult, size: int) -> str:
 
 async def run_get(args: argparse.Namespace) -> int:
     address = parse_address(args.address)
-    dest = Path(args.output) if args.output else Path(address.digest)
+    to_stdout = args.output == "-" or _is_stdout(args.output)
+    dest = Path(args.output or address.digest)
+    name = "standard output" if to_stdout else str(dest)
     async with BlobdClient(args.server, args.token) as client:
-        with _bar(args, 0, dest.name) as bar:
+        with _bar(args, 0, "-" if to_stdout else dest.name) as bar:
             def total(size: int) -> None:
                 bar.total = size
                 bar.refresh()
-            await client.download(str(address), dest, progress=bar.update, total=total)
-    say(f"{dest}: verified {address}")
-    print(dest, flush=True)
+            await client.download(str(address), sys.stdout.buffer if to_stdout else dest,
+                                  progress=bar.update, total=total)
+    say(f"{name}: verified {address}")
+    if not to_stdout:
+        print(dest, flush=True)
     return 0
