@@ -83,5 +83,16 @@ class BodyTakenOver(BlobdError):
                          " what had arrived of this one is kept where it can be")
 
 
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first failure of a TaskGroup's exception group (nested groups
+    unwrapped), to raise as itself: callers and the CLI's one-line errors
+    handle a BlobdError or an OSError, not a group. The others failed at
+    about the same moment, mostly for the same reason."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
+
+
 class ConfigError(Exception):
     """A configuration problem; the message names the offending key."""

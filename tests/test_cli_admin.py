@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import blake3
+import pytest
 
-from serverproc import BlobdServer, http as request, run_blobd, to_toml
+from serverproc import BlobdServer, blobd_env, http as request, run_blobd, to_toml
 
 
 def b3(data: bytes) -> str:
@@ -173,3 +177,47 @@ def test_commands_refuse_a_directory_with_no_store(tmp_path):
         line = one_error_line(run_blobd(*command, "-c", str(config)))
         assert "no blobd store" in line, (command, line)
     assert not (tmp_path / "nothing").exists()
+
+
+def run_unprivileged(*args: str) -> subprocess.CompletedProcess[str]:
+    """``blobd ARGS`` without the power to read what its mode forbids: the
+    tests run as root, so the capabilities that override file modes are
+    dropped (as root owns the files, mode 0000 then locks it out too)."""
+    command = [sys.executable, "-m", "blobd", *args]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv (util-linux) to drop root's file capabilities")
+        command = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *command]
+    return subprocess.run(command, env=blobd_env(), capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("what", ["shard", "subshard", "file"])
+def test_fsck_reports_what_it_cannot_read(tmp_path, what):
+    """Found by review: an unreadable blob file (with --verify) or shard
+    directory was an ExceptionGroup traceback. It is a problem of the
+    report, and the blobs it would hold are not called missing."""
+    bodies = [b"can be read", b"locked away"]
+    assert b3(bodies[0])[:2] != b3(bodies[1])[:2]
+    with BlobdServer(tmp_path) as server:
+        token = server.token("alice")
+        assert all(put(server, token, body) == 201 for body in bodies)
+    locked = blob_path(server.data_dir, b3(bodies[1]))
+    target = {"shard": locked.parent.parent, "subshard": locked.parent, "file": locked}[what]
+    mode = target.stat().st_mode
+    target.chmod(0)
+    try:
+        result = run_unprivileged("fsck", "--verify", "-c", str(server.config_path))
+        repair = run_unprivileged("fsck", "--verify", "--repair", "-c",
+                                  str(server.config_path))
+    finally:
+        target.chmod(mode)
+    assert result.returncode == 1 and result.stderr == "", result.stderr
+    problems = [line for line in result.stdout.splitlines() if ": " in line
+                and not line.startswith(("checked", " "))]
+    assert problems == [f"unreadable: {target}: Permission denied (owner root, mode 0000)"]
+    assert f"checked {1 if what != 'file' else 2} indexed blobs" in result.stdout
+    assert repair.returncode == 1 and repair.stderr == "", repair.stderr
+    assert "not repaired: make it readable" in repair.stdout
+    assert not (server.data_dir / "quarantine").exists()
+    assert run_blobd("fsck", "--verify", "-c", str(server.config_path)).returncode == 0

@@ -20,7 +20,7 @@ from typing import Callable
 
 from .. import files
 from ..config import Config
-from ..errors import BlobdError
+from ..errors import BlobdError, first_error
 from ..store import Store
 from . import disk, drift
 from .repair import repair as repair_disk
@@ -70,9 +70,12 @@ async def check(store: Store, *, verify: bool = False, repair: bool = False,
     advance = await _start_progress(store, verify, progress)
     # The recount is SQL in the index's thread, the tree scan file system
     # calls in others: run them side by side.
-    async with asyncio.TaskGroup() as group:
-        drifted = group.create_task(_check_drift(store, repair))
-        group.create_task(disk.check_tree(disk.Scan(store, report, verify, advance)))
+    try:
+        async with asyncio.TaskGroup() as group:
+            drifted = group.create_task(_check_drift(store, repair))
+            group.create_task(disk.check_tree(disk.Scan(store, report, verify, advance)))
+    except ExceptionGroup as failures:
+        raise first_error(failures) from None
     report.problems += drifted.result()
     if repair:
         await repair_disk(store, report.problems)

@@ -60,7 +60,14 @@ class Scan:
 
 async def check_tree(scan: Scan) -> None:
     blobs_dir = scan.store.layout.blobs_dir
-    for path, why in await asyncio.to_thread(tree.scan_top, blobs_dir):
+    try:
+        top = await asyncio.to_thread(tree.scan_top, blobs_dir)
+    except OSError as exc:
+        # Every shard is beneath it: there is nothing to compare.
+        scan.report.problems.append(Problem("unreadable", str(blobs_dir),
+                                            tree.why_unreadable(blobs_dir, exc)))
+        return
+    for path, why in top:
         scan.report.problems.append(scan.suspect("stray", str(path), why, Evidence(path=path)))
     # Directory reads wait on the disk: the next shard is read in a thread
     # while this one is compared with the index. (Reading more shards at
@@ -90,7 +97,12 @@ async def _rows(conn: aiosqlite.Connection, prefix: str) -> list[aiosqlite.Row]:
 
 
 async def check_shard(scan: Scan, prefix: str, found: tree.ShardScan) -> None:
-    rows = await _rows(scan.store.db.reader, prefix)
+    unknown = tuple(found.unknown)
+    rows = [row for row in await _rows(scan.store.db.reader, prefix)
+            if not row["hash"].startswith(unknown)]
+    found.files = {d: info for d, info in found.files.items() if not d.startswith(unknown)}
+    for path, why in found.unreadable:
+        scan.report.problems.append(Problem("unreadable", str(path), why))
     scan.report.blobs += len(rows)
     scan.report.files += len(found.files)
     suspects: list[Problem] = []
@@ -152,9 +164,14 @@ def _batches(rows: list[aiosqlite.Row]) -> list[list[aiosqlite.Row]]:
 
 
 def _judge(scan: Scan, row: aiosqlite.Row,
-           hashed: tuple[Digests, FileInfo] | None) -> Problem | None:
+           hashed: tuple[Digests, FileInfo] | tree.Unreadable | None) -> Problem | None:
     if hashed is None:
         return scan.suspect("missing", row["hash"], "no file", Evidence())
+    if isinstance(hashed, tree.Unreadable):
+        # Not a suspect to confirm: no commit in flight makes a file unreadable.
+        path = scan.store.layout.blob_path(row["hash"])
+        scan.report.problems.append(Problem("unreadable", str(path), hashed.why))
+        return None
     digests, info = hashed
     scan.report.bytes_verified += digests.size
     if digests.blake3 != row["hash"]:

@@ -11,7 +11,9 @@ cannot be right is moved to ``quarantine/``.
 * a wrong SHA-256 in the index is replaced by the content's;
 * an indexed blob without its file is dropped from the index when nobody
   references it (nothing is lost); otherwise it stays a problem: only its
-  bytes can fix it (re-upload, or the mirror).
+  bytes can fix it (re-upload, or the mirror);
+* what cannot be read stays a problem: its owner or mode is for a person
+  to fix.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from .report import Problem
 
 LOST = ("cannot repair here: a PUT of the same bytes heals it,"
         " or restore it from the mirror")
+UNREADABLE = ("not repaired: make it readable and writable by the user blobd runs as"
+              " (chown, chmod), then run fsck again")
 
 
 async def repair(store: Store, problems: list[Problem]) -> None:
@@ -53,6 +57,9 @@ async def repair(store: Store, problems: list[Problem]) -> None:
         problem.repaired, problem.action = True, "index updated from the content"
     for problem in by_kind["missing"]:
         await _missing(store, problem)
+    for problem in problems:
+        if problem.kind == "unreadable":
+            problem.action = UNREADABLE
 
 
 async def _aside(store: Store, path: Path, stamp: str) -> Path:

@@ -16,6 +16,7 @@ KINDS = {
     "misplaced": "blob file in the wrong shard directory",
     "orphan": "blob file the index does not know",
     "stray": "entry in the blob tree blobd never makes",
+    "unreadable": "file or directory fsck could not read (its blobs not checked)",
     "refcount": "reference count that differs from the references",
     "holdings": "per-owner holding that differs from the references",
     "usage": "owner usage that differs from its references",

@@ -3,14 +3,19 @@ operation for one ``asyncio.to_thread`` call.
 
 A shard (``blobs/ab/``) is read with ``os.scandir`` in one call: every entry
 is either a two-hex-digit directory holding files named by a digest that
-starts with its path, or it is something blobd never makes.
+starts with its path, or it is something blobd never makes. A directory or
+file that cannot be read (no permission, an I/O error) is reported as such,
+and the blobs it would hold are not judged: they are neither missing nor
+orphans, only unknown.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +43,19 @@ class ShardScan:
     files: dict[str, FileInfo] = field(default_factory=dict)
     strays: list[tuple[Path, str]] = field(default_factory=list)      # (path, why)
     misplaced: list[tuple[Path, str]] = field(default_factory=list)   # (path, digest)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # (path, why)
+    # Digest prefixes ("ab", "abcd") of directories that could not be read.
+    unknown: list[str] = field(default_factory=list)
+
+    def cannot_read(self, path: Path, prefix: str, exc: OSError) -> None:
+        self.unreadable.append((path, why_unreadable(path, exc)))
+        self.unknown.append(prefix)
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A blob file whose content could not be read."""
+    why: str
 
 
 def scan_top(blobs_dir: Path) -> list[tuple[Path, str]]:
@@ -59,12 +77,18 @@ def scan_shard(blobs_dir: Path, prefix: str) -> ShardScan:
         subdirs = list(os.scandir(blobs_dir / prefix))
     except (FileNotFoundError, NotADirectoryError):
         return scan
+    except OSError as exc:
+        scan.cannot_read(blobs_dir / prefix, prefix, exc)
+        return scan
     for sub in subdirs:
         if not (_SHARD.fullmatch(sub.name) and sub.is_dir(follow_symlinks=False)):
             scan.strays.append((Path(sub.path), "not a shard directory"))
             continue
-        for entry in os.scandir(sub.path):
-            _classify(scan, entry, prefix + sub.name)
+        try:
+            for entry in os.scandir(sub.path):
+                _classify(scan, entry, prefix + sub.name)
+        except OSError as exc:
+            scan.cannot_read(Path(sub.path), prefix + sub.name, exc)
     return scan
 
 
@@ -92,19 +116,36 @@ def stat_file(path: Path) -> FileInfo | None:
     return FileInfo.of(st)
 
 
-def hash_blob(path: Path) -> tuple[Digests, FileInfo] | None:
+def hash_blob(path: Path) -> tuple[Digests, FileInfo] | Unreadable | None:
     """Hash a blob file; with the identity of the file that was hashed, so
-    a live server replacing it meanwhile is not mistaken for damage."""
+    a live server replacing it meanwhile is not mistaken for damage. None
+    when there is no such file."""
     try:
-        fh = open(path, "rb", buffering=0)
+        with open(path, "rb", buffering=0) as fh:
+            return hash_open_file(fh), FileInfo.of(os.fstat(fh.fileno()))
     except FileNotFoundError:
         return None
-    with fh:
-        return hash_open_file(fh), FileInfo.of(os.fstat(fh.fileno()))
+    except OSError as exc:
+        return Unreadable(why_unreadable(path, exc))
 
 
-def hash_blobs(paths: list[Path]) -> list[tuple[Digests, FileInfo] | None]:
+def hash_blobs(paths: list[Path]) -> list[tuple[Digests, FileInfo] | Unreadable | None]:
     return [hash_blob(path) for path in paths]
+
+
+def why_unreadable(path: Path, exc: OSError) -> str:
+    """The error, with the owner and mode that explain most of them (a
+    directory made by a run as another user, root say)."""
+    reason = exc.strerror or str(exc)
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return reason
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    return f"{reason} (owner {owner}, mode {stat.S_IMODE(st.st_mode):04o})"
 
 
 def move_aside(path: Path, quarantine: Path, stamp: str) -> Path:

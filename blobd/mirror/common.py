@@ -12,7 +12,7 @@ from typing import Awaitable, Callable, Iterable, Protocol, TypeVar
 
 from .. import files, layout
 from ..config import MirrorConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, first_error
 from ..files import Digests
 from ..storage.s3 import Listed, S3Error, S3Target
 
@@ -137,11 +137,6 @@ async def run_pool(items: Iterable[T], jobs: int,
             for _ in range(max(1, jobs)):
                 group.create_task(worker())
     except ExceptionGroup as failures:
-        # Callers (and the CLI's one-line errors) handle an S3Error or a
-        # BlobdError, as with one job. Others in the group failed at about
-        # the same moment, mostly for the same reason (an unreachable
-        # mirror): the first one stands for them.
-        first: BaseException = failures
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        raise first from None
+        # An S3Error or a BlobdError, as with one job (an unreachable
+        # mirror fails every job alike).
+        raise first_error(failures) from None
