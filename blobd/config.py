@@ -9,6 +9,7 @@ strings such as ``"512MiB"``.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import re
 import tomllib
@@ -68,6 +69,13 @@ class ServerConfig:
     tls_key: str = ""
     shutdown_timeout_seconds: float = 30.0
     cors_origins: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """Where ``host`` and ``port`` listen, as a URL (``http://[::1]:8420``)."""
+        scheme = "https" if self.tls_cert else "http"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -260,57 +268,100 @@ def _convert(value: Any, kind: Any, metadata: Any) -> Any:
     raise ValueError(f"unsupported value {value!r}")
 
 
-def _validate(config: Config) -> None:
-    checks = [
-        (0 < config.server.port < 65536, "server.port: expected 1-65535"),
-        (config.server.workers >= 1, "server.workers: expected at least 1"),
+# A check: whether it holds, the key it is about, what is wrong otherwise.
+Check = tuple[bool, str, str]
+
+
+def override_server(config: Config, flags: dict[str, Any]) -> Config:
+    """``config`` with ``[server]`` values given on the command line
+    (``--port`` and the like), checked as the file's own are: a bad one
+    stops with one line naming the flag."""
+    if not flags:
+        return config
+    config = config.replace(server=dataclasses.replace(config.server, **flags))
+    _validate(config, {f"server.{key}": "--" + key.replace("_", "-") for key in flags})
+    return config
+
+
+def _validate(config: Config, names: dict[str, str] | None = None) -> None:
+    """``names``: what to call a key in the message (a flag it came from)."""
+    checks: list[Check] = [
+        (0 < config.server.port < 65536, "server.port", "expected 1-65535"),
+        *_host_checks(config.server.host),
+        (config.server.workers >= 1, "server.workers", "expected at least 1"),
         (bool(config.server.tls_cert) == bool(config.server.tls_key),
-         "server.tls_cert: tls_cert and tls_key go together"),
+         "server.tls_cert", "tls_cert and tls_key go together"),
         (config.logging.level.lower() in ("debug", "info", "warning", "error"),
-         "logging.level: expected debug, info, warning or error"),
-        (config.gc.grace_seconds >= 0, "gc.grace_seconds: cannot be negative"),
+         "logging.level", "expected debug, info, warning or error"),
+        (config.gc.grace_seconds >= 0, "gc.grace_seconds", "cannot be negative"),
         # The sweeper waits this long between rounds: 0 would spin.
         (config.gc.sweep_interval_seconds > 0,
-         "gc.sweep_interval_seconds: expected a positive number"),
-        (config.limits.max_blob_size >= 1, "limits.max_blob_size: expected at least 1 byte"),
+         "gc.sweep_interval_seconds", "expected a positive number"),
+        (config.limits.max_blob_size >= 1, "limits.max_blob_size", "expected at least 1 byte"),
         (config.uploads.session_ttl_seconds > 0,
-         "uploads.session_ttl_seconds: expected a positive number"),
+         "uploads.session_ttl_seconds", "expected a positive number"),
         (config.uploads.idle_timeout_seconds > 0,
-         "uploads.idle_timeout_seconds: expected a positive number"),
+         "uploads.idle_timeout_seconds", "expected a positive number"),
     ]
     checks += _audio_checks(config.audio)
     if config.mirror is not None:
-        for key in ("endpoint", "bucket"):
-            checks.append((bool(getattr(config.mirror, key)),
-                           f"mirror.{key}: required when [mirror] is present"))
-        endpoint = urllib.parse.urlsplit(config.mirror.endpoint)
-        checks += [
-            (not config.mirror.endpoint or (endpoint.scheme in ("http", "https")
-                                            and bool(endpoint.hostname)),
-             "mirror.endpoint: expected an http:// or https:// URL with a host"),
-            # S3 refuses parts under 5 MiB (all but the last) in a multipart upload.
-            (config.mirror.multipart_threshold >= 5 << 20,
-             "mirror.multipart_threshold: expected at least 5MiB"),
-            (config.mirror.concurrency >= 1, "mirror.concurrency: expected at least 1"),
-            (config.mirror.retry_max_seconds > 0,
-             "mirror.retry_max_seconds: expected a positive number"),
-            (config.mirror.backup_interval_seconds >= 0,
-             "mirror.backup_interval_seconds: cannot be negative"),
-            (config.mirror.backups_kept >= 1, "mirror.backups_kept: expected at least 1"),
-        ]
-    for ok, message in checks:
+        checks += _mirror_checks(config.mirror)
+    for ok, key, problem in checks:
         if not ok:
-            raise ConfigError(message)
+            raise ConfigError(f"{(names or {}).get(key, key)}: {problem}")
 
 
-def _audio_checks(audio: AudioConfig) -> list[tuple[bool, str]]:
+# A host name as resolvers take it: dot-separated labels of letters, digits,
+# hyphens (and underscores, which /etc/hosts allows), a final dot optional.
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
+                       r"(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
+
+
+def _host_checks(host: str) -> list[Check]:
+    try:
+        ipaddress.ip_address(host)
+        is_address = True
+    except ValueError:
+        is_address = False
+    return [
+        # An empty host binds every interface: say so rather than get it by accident.
+        (host != "", "server.host",
+         "empty; to listen on every interface, say 0.0.0.0 (IPv4) or :: (IPv6)"),
+        (not host.startswith("["), "server.host",
+         f"{host!r}: an IPv6 address goes without brackets (::1)"),
+        (host == "" or host.startswith("[") or is_address
+         or (len(host) <= 253 and _HOSTNAME.fullmatch(host) is not None), "server.host",
+         f"{host!r} is neither an IP address nor a host name"),
+    ]
+
+
+def _mirror_checks(mirror: MirrorConfig) -> list[Check]:
+    endpoint = urllib.parse.urlsplit(mirror.endpoint)
+    return [
+        (bool(mirror.endpoint), "mirror.endpoint", "required when [mirror] is present"),
+        (bool(mirror.bucket), "mirror.bucket", "required when [mirror] is present"),
+        (not mirror.endpoint or (endpoint.scheme in ("http", "https")
+                                 and bool(endpoint.hostname)),
+         "mirror.endpoint", "expected an http:// or https:// URL with a host"),
+        # S3 refuses parts under 5 MiB (all but the last) in a multipart upload.
+        (mirror.multipart_threshold >= 5 << 20,
+         "mirror.multipart_threshold", "expected at least 5MiB"),
+        (mirror.concurrency >= 1, "mirror.concurrency", "expected at least 1"),
+        (mirror.retry_max_seconds > 0, "mirror.retry_max_seconds", "expected a positive number"),
+        (mirror.backup_interval_seconds >= 0,
+         "mirror.backup_interval_seconds", "cannot be negative"),
+        (mirror.backups_kept >= 1, "mirror.backups_kept", "expected at least 1"),
+    ]
+
+
+def _audio_checks(audio: AudioConfig) -> list[Check]:
     unknown = [t for t in audio.allowed_types if t not in AUDIO_MIME_TYPES]
     known = ", ".join(sorted(AUDIO_MIME_TYPES))
     return [
-        (not unknown, f"audio.allowed_types: {', '.join(unknown)} not recognised;"
-                      f" expected some of {known}"),
-        (bool(audio.allowed_types) or not audio.require_audio,
-         "audio.allowed_types: empty, so require_audio would refuse every upload"),
+        (not unknown, "audio.allowed_types",
+         f"{', '.join(unknown)} not recognised; expected some of {known}"),
+        (bool(audio.allowed_types) or not audio.require_audio, "audio.allowed_types",
+         "empty, so require_audio would refuse every upload"),
         (audio.probe_timeout_seconds > 0,
-         "audio.probe_timeout_seconds: expected a positive number"),
+         "audio.probe_timeout_seconds", "expected a positive number"),
     ]

@@ -92,7 +92,7 @@ async def run_server(config: Config, *, sockets: Sequence[socket.socket] = (),
     try:
         await runner.setup()
         sites = await _listen(runner, config, sockets, tls)
-        names = ", ".join(site.name for site in sites)
+        names = ", ".join(_name(site, config.server) for site in sites)
         log.info("blobd %s serving %s on %s", __version__, config.data_dir.resolve(), names)
         notifier.ready(f"serving on {names}")
         # What start-up made lives as long as the server: the full
@@ -125,9 +125,15 @@ async def _listen(runner: web.AppRunner, config: Config, sockets: Sequence[socke
         try:
             await site.start()
         except OSError as exc:
-            raise BlobdError("unavailable", f"cannot listen on {site.name}: "
+            raise BlobdError("unavailable", f"cannot listen on {_name(site, config.server)}: "
                              f"{exc.strerror or exc}") from None
     return sites
+
+
+def _name(site: web.BaseSite, server: ServerConfig) -> str:
+    # Not TCPSite.name: it builds a yarl URL, which raises on a host it
+    # cannot hold, and the error about that host became a traceback.
+    return server.url if isinstance(site, web.TCPSite) else site.name
 
 
 async def _drain(sites: Sequence[web.BaseSite], in_flight: InFlight, timeout: float) -> None:

@@ -192,7 +192,7 @@ class Supervisor:
         server = self.config.server
         scheme = "https" if server.tls_cert else "http"
         where = (", ".join(_url(sock, scheme) for sock in self.activated) if self.activated
-                 else f"{scheme}://{server.host}:{server.port}")
+                 else server.url)
         message = (f"blobd serving {self.config.data_dir.resolve()} on {where}"
                    f" with {server.workers} workers")
         print(message, flush=True)

@@ -105,6 +105,26 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, section: str, lin
     assert key in lines[0]
 
 
+@pytest.mark.parametrize("args, words", [
+    (("--port", "99999"), "blobd: error: --port: expected 1-65535"),
+    (("--port", "0"), "blobd: error: --port: expected 1-65535"),
+    (("--host", "[::1]"), "blobd: error: --host: '[::1]': an IPv6 address goes without"),
+    (("--host", ""), "blobd: error: --host: empty; to listen on every interface"),
+    (("--host", "not a host"), "blobd: error: --host: 'not a host' is neither"),
+    (("--host", "nohost.invalid"), "blobd: error: cannot listen on http://nohost.invalid:"),
+])
+def test_bad_command_line_overrides_are_one_line_naming_the_flag(
+        tmp_path: Path, args: tuple, words: str) -> None:
+    """Found by review: --port and --host went unchecked (tracebacks; --port
+    0 served on a random port, an empty host on every interface)."""
+    port = () if args[0] == "--port" else ("--port", str(free_port()))
+    result = run_blobd("serve", "--data-dir", str(tmp_path / "data"), *port, *args,
+                       cwd=tmp_path, timeout=20)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(words), result.stderr
+
+
 def test_second_server_on_same_data_dir_refuses(tmp_path: Path) -> None:
     with BlobdServer(tmp_path / "first") as first:
         second = BlobdServer(tmp_path / "second", data_dir=first.data_dir,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from blobd.config import Config, config_from_dict, load_config, parse_size
+from blobd.config import Config, config_from_dict, load_config, override_server, parse_size
 from blobd.errors import ConfigError
 from blobd.sniff import AUDIO_MIME_TYPES
 
@@ -60,11 +60,40 @@ def test_sizes(text, value):
     ({"mirror": {"endpoint": "ftp://h", "bucket": "b"}}, "mirror.endpoint"),
     ({"mirror": {"endpoint": "http://h", "bucket": "b", "multipart_threshold": 0}},
      "mirror.multipart_threshold"),
+    # Found by review: these hosts were tracebacks at start-up, or (empty)
+    # every interface without a word.
+    ({"server": {"host": ""}}, "server.host: empty; to listen on every interface, say 0.0.0.0"),
+    ({"server": {"host": "[::1]"}}, "server.host: '[::1]': an IPv6 address goes without"),
+    ({"server": {"host": "192.168.1.10 "}}, "server.host: '192.168.1.10 ' is neither"),
+    ({"server": {"host": "not a host"}}, "server.host: 'not a host' is neither"),
+    ({"server": {"host": "-lead.example"}}, "server.host"),
+    ({"server": {"host": "a" * 64}}, "server.host"),
 ])
 def test_errors_name_the_key(raw, key):
     with pytest.raises(ConfigError) as info:
         config_from_dict(raw)
     assert str(info.value).startswith(key)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::", "::1", "fe80::1%eth0",
+                                  "localhost", "nas.local", "my-nas.lan.", "a_b"])
+def test_hosts_that_listen(host):
+    assert config_from_dict({"server": {"host": host}}).server.host == host
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"port": 99999}, "--port: expected 1-65535"),
+    ({"port": 0}, "--port: expected 1-65535"),
+    ({"host": "[::1]"}, "--host: '[::1]': an IPv6 address goes without brackets (::1)"),
+    ({"host": ""}, "--host: empty; to listen on every interface, say 0.0.0.0 (IPv4) or ::"),
+])
+def test_command_line_overrides_are_checked_as_the_file_is(flags, message):
+    """Found by review: --port and --host replaced checked values unchecked
+    (--port 0 served on a random port, --port 99999 was a traceback)."""
+    with pytest.raises(ConfigError) as info:
+        override_server(config_from_dict({}), flags)
+    assert str(info.value).startswith(message)
+    assert override_server(config_from_dict({}), {"port": 8421}).server.port == 8421
 
 
 def test_allowed_types_default_to_every_recognised_type():

@@ -9,7 +9,7 @@ import socket
 from typing import Callable
 
 from .. import daemon, workers
-from ..config import Config
+from ..config import Config, override_server
 from ..logs import setup_logging
 from ..sdnotify import Notifier
 from .common import add_config_option, config_from_args
@@ -31,11 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def effective_config(args: argparse.Namespace) -> Config:
     config = config_from_args(args)
-    server = config.server
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
-                                   ("data_dir", args.data_dir)) if v is not None}
-    if overrides:
-        config = config.replace(server=dataclasses.replace(server, **overrides))
+    config = override_server(config, {k: v for k, v in (("host", args.host),
+                                                        ("port", args.port),
+                                                        ("data_dir", args.data_dir))
+                                      if v is not None})
     if args.log_level:
         config = config.replace(logging=dataclasses.replace(config.logging,
                                                             level=args.log_level))
