@@ -67,10 +67,11 @@ async def started(bench: Bench, n: int):
     base_url = f"http://127.0.0.1:{port}"
     cfg = write_blobd_config(workdir, data_dir, port, fsync=True,
                              workers=bench.settings.blobd_workers)
-    headers = {"Authorization": f"Bearer {await asyncio.to_thread(create_blobd_token, cfg, workdir)}"}
     proc = None
     try:
         proc, _ = await asyncio.to_thread(launch_blobd, cfg, workdir, base_url)   # creates the schema
+        token = await asyncio.to_thread(create_blobd_token, cfg, workdir)
+        headers = {"Authorization": f"Bearer {token}"}
         procs.stop_tree(proc)
         try:
             await asyncio.to_thread(populate_index, data_dir, n)

@@ -241,9 +241,13 @@ def start_blobd(root: Path, name: str, fsync: bool, workers: int = 1) -> Server:
     workdir.mkdir()
     (port,) = free_ports(1)
     cfg = write_blobd_config(workdir, workdir / "data", port, fsync, workers)
-    token = create_blobd_token(cfg, workdir)
     base_url = f"http://127.0.0.1:{port}"
-    proc, _ = launch_blobd(cfg, workdir, base_url)
+    proc, _ = launch_blobd(cfg, workdir, base_url)   # makes the store the token goes into
+    try:
+        token = create_blobd_token(cfg, workdir)
+    except BaseException:
+        procs.stop_tree(proc)
+        raise
     return Server(name, "blobd", base_url, proc, workdir,
                   headers={"Authorization": f"Bearer {token}"},
                   upload_method="POST", upload_path="/blobs")

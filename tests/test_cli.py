@@ -26,6 +26,35 @@ def command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
     return paths
 
 
+def test_every_command_on_a_store_takes_data_dir() -> None:
+    """Found by review: a server started with --data-dir needed a config
+    file written for it before a token could be made."""
+    def options(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> set[str]:
+        for name in path:
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            parser = sub.choices[name]
+        return {o for a in parser._actions for o in a.option_strings}
+
+    parser = build_parser()
+    with_config = [p for p in command_paths(parser) if "--config" in options(parser, p)]
+    assert ("token", "create") in with_config and ("mirror", "status") in with_config
+    assert [p for p in with_config if "--data-dir" not in options(parser, p)] == []
+
+
+def test_offline_commands_work_on_a_data_dir_without_a_config(tmp_path: Path) -> None:
+    with BlobdServer(tmp_path) as server:
+        data = str(server.data_dir)
+        made = run_blobd("token", "create", "--data-dir", data, "--owner", "alice")
+        assert made.returncode == 0, made.stderr
+        assert http("GET", f"{server.url}/quota", made.stdout.splitlines()[-1])[0] == 200
+        for command in (("token", "list"), ("stats",), ("quota", "show", "alice"),
+                        ("fsck",), ("gc",)):
+            result = run_blobd(*command, "--data-dir", data, cwd=tmp_path)
+            assert result.returncode == 0, (command, result.stderr)
+        bad = run_blobd("stats", "--data-dir", str(tmp_path / "nowhere"), cwd=tmp_path)
+        assert bad.returncode == 1 and "no blobd store in" in bad.stderr
+
+
 def test_every_command_has_help() -> None:
     paths = command_paths(build_parser())
     assert ("serve",) in paths and ("token", "create") in paths
@@ -163,10 +192,12 @@ def test_half_restored_data_dir_is_refused(tmp_path: Path) -> None:
     assert len(lines) == 1 and "mirror restore" in lines[0], result.stderr
 
 
-@pytest.mark.parametrize("action", [("list",), ("revoke", "0123abcd")])
-def test_token_list_and_revoke_never_create_a_store(tmp_path: Path, action: tuple) -> None:
+@pytest.mark.parametrize("action", [("list",), ("revoke", "0123abcd"),
+                                    ("create", "--owner", "alice")])
+def test_token_commands_never_create_a_store(tmp_path: Path, action: tuple) -> None:
     """Run from the wrong directory, they would otherwise make an empty
-    store and report no tokens, as if the real ones were gone."""
+    store and report no tokens, as if the real ones were gone; or (found by
+    review) make a token there that the server refuses."""
     config = tmp_path / "blobd.toml"
     config.write_text(to_toml({"server": {"data_dir": str(tmp_path / "nowhere")}}))
     result = run_blobd("token", *action, "-c", str(config), timeout=60)

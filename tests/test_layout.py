@@ -100,8 +100,17 @@ def test_the_data_dir_is_private_whatever_the_umask(tmp_path):
     data = tmp_path / "data"
     config = tmp_path / "blobd.toml"
     config.write_text(f'[server]\ndata_dir = "{data}"\n')
-    subprocess.run(["sh", "-c", 'umask 022 && exec "$0" -m blobd token create -c "$1" --owner a',
-                    sys.executable, str(config)], check=True, capture_output=True, timeout=60,
+    # The store a first `blobd serve` makes, opened as it opens it.
+    make_store = ("import asyncio, sys\n"
+                  "from blobd.config import load_config\n"
+                  "from blobd.store import Store\n"
+                  "async def main():\n"
+                  "    store = Store(load_config(sys.argv[1]))\n"
+                  "    await store.open()\n"
+                  "    await store.close()\n"
+                  "asyncio.run(main())\n")
+    subprocess.run(["sh", "-c", 'umask 022 && exec "$0" -c "$1" "$2"', sys.executable,
+                    make_store, str(config)], check=True, capture_output=True, timeout=60,
                    cwd=Path(__file__).resolve().parent.parent)
     modes = {path.relative_to(tmp_path).as_posix(): stat.S_IMODE(path.stat().st_mode)
              for path in [data, *data.iterdir()]}

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from blobd.config import load_config
 from blobd.layout import Layout
+from blobd.store import Store
 from conftest import b3, blob_files, make_config
 from mirrorhelp import Bucket, eventually, in_thread, mirror_section
 from serverproc import run_blobd, to_toml
@@ -32,10 +34,10 @@ class Setup:
                                                  str(self.config_path), timeout=120))
 
     async def init(self) -> None:
-        """Make the store, as an admin's first token does."""
-        made = await in_thread(lambda: run_blobd("token", "create", "--owner", "admin",
-                                                 "-c", str(self.config_path)))
-        assert made.returncode == 0, made.stderr
+        """Make the store, as a first ``blobd serve`` does."""
+        store = Store(load_config(self.config_path))
+        await store.open()
+        await store.close()
 
     def config(self, tmp_path: Path, mirror: bool = True):
         """The config for an in-process server; ``mirror=False`` leaves

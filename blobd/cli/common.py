@@ -6,7 +6,7 @@ import argparse
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from ..config import Config, load_config
+from ..config import Config, load_config, override_server
 from ..errors import BlobdError
 from ..store import Store
 
@@ -14,12 +14,18 @@ _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
+    """-c and --data-dir, which every command working on a store takes: a
+    server started with --data-dir is reached without a config file."""
     parser.add_argument("-c", "--config", metavar="FILE",
                         help="TOML config file (default: the embedded defaults)")
+    parser.add_argument("--data-dir", metavar="DIR", help="override [server] data_dir")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    return load_config(args.config)
+    config = load_config(args.config)
+    if args.data_dir is not None:
+        config = override_server(config, {"data_dir": args.data_dir})
+    return config
 
 
 @asynccontextmanager
@@ -29,7 +35,8 @@ async def open_index(config: Config, *, must_exist: bool = False) -> AsyncIterat
     recovery. ``must_exist``: refuse to create a new, empty store."""
     store = Store(config)
     if must_exist and not store.layout.index_path.exists():
-        raise BlobdError("not_found", f"no blobd store in {store.layout.root}")
+        raise BlobdError("not_found", f"no blobd store in {store.layout.root}; 'blobd serve'"
+                         " makes one there, -c or --data-dir names another")
     await store.open(exclusive=False, recover=False)
     try:
         yield store

@@ -23,7 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_option(serve)
     serve.add_argument("--host", help="override [server] host")
     serve.add_argument("--port", type=int, help="override [server] port")
-    serve.add_argument("--data-dir", help="override [server] data_dir")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                        help="override [logging] level")
     serve.set_defaults(run=run_serve)
@@ -32,8 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def effective_config(args: argparse.Namespace) -> Config:
     config = config_from_args(args)
     config = override_server(config, {k: v for k, v in (("host", args.host),
-                                                        ("port", args.port),
-                                                        ("data_dir", args.data_dir))
+                                                        ("port", args.port))
                                       if v is not None})
     if args.log_level:
         config = config.replace(logging=dataclasses.replace(config.logging,

@@ -39,7 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 async def create_token(args: argparse.Namespace) -> int:
     scopes = auth.parse_scopes(args.scopes)
-    async with open_index(config_from_args(args)) as store:
+    # An existing store only, as every command but serve: a token made in
+    # a new, empty store (a wrong directory, a typo in data_dir) would
+    # only ever be refused by the server.
+    async with open_index(config_from_args(args), must_exist=True) as store:
         async with store.write() as tx:
             token_id, token = await auth.create_token(tx.conn, args.owner, scopes, args.label)
     print(f"created token {token_id} for {args.owner} with scopes {','.join(sorted(scopes))}")
