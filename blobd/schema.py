@@ -1,12 +1,21 @@
 """The index's schema: a plain list of migrations stepped by ``PRAGMA
 user_version``, each applied in one transaction.
 
-A new version appends a script; a released one never changes.
+A new version appends a script; a released one never changes. An index
+of a version this code does not know (made by a newer blobd) is refused:
+code that predates a table would quietly stop keeping it (a rollback
+without ``deleted_blobs`` would let a restore bring deleted blobs back).
 """
 
 from __future__ import annotations
 
+import logging
+
 import aiosqlite
+
+from .errors import BlobdError
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS: list[str] = [
     # 1: the initial schema.
@@ -159,6 +168,9 @@ MIGRATIONS: list[str] = [
 async def migrate(conn: aiosqlite.Connection) -> None:
     async with conn.execute("PRAGMA user_version") as cur:
         (version,) = await cur.fetchone()
+    if version > len(MIGRATIONS):
+        raise BlobdError("conflict", f"index schema {version} is newer than this blobd"
+                         f" ({len(MIGRATIONS)}); upgrade blobd")
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
         # executescript would COMMIT on its own; run statement by statement
         # so the schema change and the version bump are one transaction.
@@ -171,6 +183,11 @@ async def migrate(conn: aiosqlite.Connection) -> None:
             await conn.execute("ROLLBACK")
             raise
         await conn.execute("COMMIT")
+    # A new index is no news (and start-up errors stay one line).
+    if version == 0:
+        log.debug("index created, schema %d", len(MIGRATIONS))
+    elif version < len(MIGRATIONS):
+        log.info("index schema migrated from %d to %d", version, len(MIGRATIONS))
 
 
 def _statements(script: str) -> list[str]:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from blobd import index
 from blobd.mirror import queue
 from blobd.db import Database
+from blobd.errors import BlobdError
 from blobd.schema import MIGRATIONS, _statements
 
 
@@ -97,3 +101,34 @@ async def test_open_sessions_reserve_their_blob_slots_after_migrating(tmp_path):
     finally:
         await db.close()
     assert [tuple(r) for r in rows] == [("alice", 2), ("bob", 0)]
+
+
+async def test_an_index_from_a_newer_blobd_is_refused(tmp_path):
+    """Found by review: a rollback ran old code on a newer schema without a
+    word (code that predates a table stops keeping it)."""
+    path = tmp_path / "newer.sqlite3"
+    await store_id_of(path)
+    newer = len(MIGRATIONS) + 1
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {newer}")
+    db = Database(path, durable=False)
+    with pytest.raises(BlobdError) as info:
+        await db.open()
+    await db.close()
+    assert info.value.message == (f"index schema {newer} is newer than this blobd"
+                                  f" ({len(MIGRATIONS)}); upgrade blobd")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == newer
+
+
+async def test_a_migration_is_logged(tmp_path, caplog):
+    path = tmp_path / "v1.sqlite3"
+    with sqlite3.connect(path) as conn:
+        for statement in _statements(MIGRATIONS[0]):
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+    with caplog.at_level(logging.INFO, logger="blobd.schema"):
+        await store_id_of(path)
+        await store_id_of(path)  # nothing left to migrate: no line
+    assert [r.getMessage() for r in caplog.records if r.name == "blobd.schema"] == [
+        f"index schema migrated from 1 to {len(MIGRATIONS)}"]
