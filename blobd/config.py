@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .auth import check_owner
+from .errors import BlobdError, ConfigError
 from .sniff import AUDIO_MIME_TYPES
 
 _UNITS = {
@@ -210,13 +211,19 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 
 def _load_quotas(raw: dict[str, Any]) -> dict[str, QuotaLimits]:
+    for owner, table in raw.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"quotas.{owner}: expected a table")
     default = _load_section(QuotaLimits, raw.get("default", {}), "quotas.default")
     quotas = {"default": default}
     for owner, table in raw.items():
         if owner == "default":
             continue
-        if not isinstance(table, dict):
-            raise ConfigError(f"quotas.{owner}: expected a table")
+        try:
+            check_owner(owner)
+        except BlobdError as exc:
+            # A table no owner can match would never apply.
+            raise ConfigError(f"quotas.{owner}: not an owner name; {exc.message}") from None
         values = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
         values.update(table)
         quotas[owner] = _load_section(QuotaLimits, values, f"quotas.{owner}")
@@ -288,6 +295,10 @@ def _validate(config: Config, names: dict[str, str] | None = None) -> None:
     checks: list[Check] = [
         (0 < config.server.port < 65536, "server.port", "expected 1-65535"),
         *_host_checks(config.server.host),
+        # "" would make the working directory the store.
+        (config.server.data_dir != "", "server.data_dir",
+         "empty; name a directory (a relative one is taken from the working directory)"),
+        *_origin_checks(config.server.cors_origins),
         (config.server.workers >= 1, "server.workers", "expected at least 1"),
         (bool(config.server.tls_cert) == bool(config.server.tls_key),
          "server.tls_cert", "tls_cert and tls_key go together"),
@@ -302,6 +313,9 @@ def _validate(config: Config, names: dict[str, str] | None = None) -> None:
          "uploads.session_ttl_seconds", "expected a positive number"),
         (config.uploads.idle_timeout_seconds > 0,
          "uploads.idle_timeout_seconds", "expected a positive number"),
+        # 0 would refuse every session, tus upload and large `blobd put`.
+        (config.uploads.max_sessions_per_owner >= 1,
+         "uploads.max_sessions_per_owner", "expected at least 1"),
     ]
     checks += _audio_checks(config.audio)
     if config.mirror is not None:
@@ -333,6 +347,28 @@ def _host_checks(host: str) -> list[Check]:
          or (len(host) <= 253 and _HOSTNAME.fullmatch(host) is not None), "server.host",
          f"{host!r} is neither an IP address nor a host name"),
     ]
+
+
+# What a browser sends as Origin: scheme://host[:port], nothing after it.
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]+")
+
+
+def _origin_checks(origins: list[str]) -> list[Check]:
+    def is_origin(text: str) -> bool:
+        if text == "*":
+            return True
+        try:
+            parts = urllib.parse.urlsplit(text)
+            parts.port  # raises on a port that is not one
+        except ValueError:
+            return False
+        return _ORIGIN.fullmatch(text) is not None and bool(parts.hostname)
+
+    bad = [origin for origin in origins if not is_origin(origin)]
+    # An entry that is no origin never equals a browser's Origin header.
+    return [(not bad, "server.cors_origins",
+             f"{bad[0]!r} is not an origin; expected scheme://host[:port] with no path,"
+             " e.g. \"http://nas.local:3000\", or \"*\"" if bad else "")]
 
 
 def _mirror_checks(mirror: MirrorConfig) -> list[Check]:

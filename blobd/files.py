@@ -376,7 +376,14 @@ def make_dirs(layout: Layout) -> None:
     creates from now on private (group may read, others nothing)."""
     os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)
     for directory in layout.directories():
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            # A file where a directory must be: mkdir's own words ("File
+            # exists") would not say what is wrong with it.
+            blocker = next((p for p in (directory, *directory.parents)
+                            if p.exists() and not p.is_dir()), directory)
+            raise BlobdError("conflict", f"{blocker} is not a directory") from None
 
 
 def free_bytes(path: Path) -> tuple[int, int]:

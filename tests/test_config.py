@@ -9,6 +9,7 @@ import pytest
 from blobd.config import Config, config_from_dict, load_config, override_server, parse_size
 from blobd.errors import ConfigError
 from blobd.sniff import AUDIO_MIME_TYPES
+from serverproc import run_blobd
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 
@@ -68,6 +69,20 @@ def test_sizes(text, value):
     ({"server": {"host": "not a host"}}, "server.host: 'not a host' is neither"),
     ({"server": {"host": "-lead.example"}}, "server.host"),
     ({"server": {"host": "a" * 64}}, "server.host"),
+    # Found by review: a traceback, or accepted although they could never
+    # work (a quota no owner can have, origins no browser sends, no
+    # session at all, the working directory as the store).
+    ({"quotas": {"default": 5}}, "quotas.default: expected a table"),
+    ({"quotas": {"bad owner!": {"max_blobs": 5}}}, "quotas.bad owner!: not an owner name"),
+    ({"quotas": {"x" * 65: {"max_blobs": 5}}}, "quotas." + "x" * 65 + ": not an owner name"),
+    ({"server": {"cors_origins": ["nas.local:3000"]}},
+     "server.cors_origins: 'nas.local:3000' is not an origin"),
+    ({"server": {"cors_origins": ["http://nas.local:3000/"]}}, "server.cors_origins"),
+    ({"server": {"cors_origins": ["http://nas.local/app"]}}, "server.cors_origins"),
+    ({"server": {"cors_origins": ["http://nas.local:99999"]}}, "server.cors_origins"),
+    ({"server": {"cors_origins": ["*", "http://"]}}, "server.cors_origins"),
+    ({"uploads": {"max_sessions_per_owner": 0}}, "uploads.max_sessions_per_owner"),
+    ({"server": {"data_dir": ""}}, "server.data_dir: empty"),
 ])
 def test_errors_name_the_key(raw, key):
     with pytest.raises(ConfigError) as info:
@@ -102,6 +117,25 @@ def test_allowed_types_default_to_every_recognised_type():
     assert sorted(audio.allowed_types) == sorted(AUDIO_MIME_TYPES)
     with pytest.raises(ConfigError, match="audio/x-wav not recognised"):
         config_from_dict({"audio": {"allowed_types": ["audio/x-wav"]}})
+
+
+def test_origins_and_owner_tables_that_work():
+    config = config_from_dict({
+        "server": {"cors_origins": ["*", "http://nas.local:3000", "https://[::1]:8443",
+                                    "app://localhost"]},
+        "quotas": {"alice.b@home_x-1": {"max_blobs": 5}}})
+    assert config.quota_for("alice.b@home_x-1").max_blobs == 5
+
+
+def test_a_data_dir_that_is_a_file_says_so(tmp_path):
+    """Found by review: it said "File exists"."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    config = tmp_path / "blobd.toml"
+    config.write_text(f'[server]\ndata_dir = "{afile}"\nport = 8533\n')
+    result = run_blobd("serve", "-c", str(config), cwd=tmp_path, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"blobd: error: {afile} is not a directory"
 
 
 def test_per_owner_quota_inherits_the_default():
