@@ -25,7 +25,7 @@ ROOT=$(dirname "$(dirname "$HERE")")
 # ProtectHome=yes hides /root and /home, so the interpreter must live
 # elsewhere: the system python3, with the project's site-packages.
 PYTHON=${PYTHON:-/usr/bin/python3}
-SITE=${SITE:-$("${VENV_PYTHON:-/work/venv/bin/python}" -c 'import aiohttp, os; print(os.path.dirname(os.path.dirname(aiohttp.__file__)))')}
+SITE=${SITE:-$("${VENV_PYTHON:-$ROOT/.venv/bin/python}" -c 'import aiohttp, os; print(os.path.dirname(os.path.dirname(aiohttp.__file__)))')}
 CG=/sys/fs/cgroup/unified
 [ -d $CG ] || CG=/sys/fs/cgroup
 
