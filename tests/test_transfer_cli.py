@@ -158,6 +158,9 @@ def test_get_refuses_bytes_that_do_not_match(live, tmp_path: Path) -> None:
     (("get", "0" * 64), "no blob"),
     (("get", "not-a-hash"), "64 hex"),
     (("put", "/nonexistent/file"), "no such file"),
+    # Found by review: both said "no such file".
+    (("put", "."), ".: is a directory"),
+    (("put", "/dev/null"), "/dev/null: is not a regular file"),
 ])
 def test_transfer_errors_are_one_line(live, tmp_path: Path, args: tuple, words: str) -> None:
     result = cli(live, *args, cwd=tmp_path)

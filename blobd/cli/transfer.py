@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import mimetypes
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -88,8 +89,7 @@ async def run_put(args: argparse.Namespace) -> int:
             raise BlobdError("bad_request", "--ref names one file; give one FILE")
     paths = [Path(p) for p in args.files]
     for path in paths:
-        if not path.is_file():
-            raise BlobdError("not_found", f"{path}: no such file")
+        _check_uploadable(path)
     async with BlobdClient(args.server, args.token) as client:
         for path in paths:
             result = await _put_one(client, args, path)
@@ -116,6 +116,19 @@ async def _put_one(client: BlobdClient, args: argparse.Namespace,
                          " again to resume the upload") from None
     say(_describe(path, result, size))
     return result
+
+
+def _check_uploadable(path: Path) -> None:
+    """Only a regular file has the size and the stable bytes an upload
+    hashes first and sends after; say what else ``path`` is."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise BlobdError("not_found", f"{path}: no such file") from None
+    if stat.S_ISDIR(mode):
+        raise BlobdError("bad_request", f"{path}: is a directory; name the files in it")
+    if not stat.S_ISREG(mode):
+        raise BlobdError("bad_request", f"{path}: is not a regular file")
 
 
 def _is_stdout(path: str | None) -> bool:
