@@ -93,7 +93,9 @@ async def run_server(config: Config, *, sockets: Sequence[socket.socket] = (),
         await runner.setup()
         sites = await _listen(runner, config, sockets, tls)
         names = ", ".join(_name(site, config.server) for site in sites)
-        log.info("blobd %s serving %s on %s", __version__, config.data_dir.resolve(), names)
+        # A worker's supervisor says it once for all of them (blobd.workers).
+        log.log(logging.INFO if primary else logging.DEBUG, "blobd %s serving %s on %s",
+                __version__, config.data_dir.resolve(), names)
         notifier.ready(f"serving on {names}")
         # What start-up made lives as long as the server: the full
         # collections that would scan it again and again would only add

@@ -195,7 +195,6 @@ class Supervisor:
                  else server.url)
         message = (f"blobd serving {self.config.data_dir.resolve()} on {where}"
                    f" with {server.workers} workers")
-        print(message, flush=True)
         self._notifier.ready(message)
         log.info("%s (pids %s)", message,
                  ", ".join(str(w.process.pid) for w in self.workers.values()))

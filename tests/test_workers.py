@@ -92,6 +92,19 @@ def pair(tmp_path: Path) -> Iterator[BlobdServer]:
         yield server
 
 
+def test_start_up_says_where_it_serves_once(pair: BlobdServer) -> None:
+    """Found by review: four lines (each worker's, the supervisor's log line
+    and a bare print of it), where a lone server has one."""
+    def said() -> list[str]:
+        text = pair.stdout_path.read_text() + pair.stderr_tail(200)
+        return [line for line in text.splitlines() if " serving " in line]
+
+    wait_for("the supervisor's line", lambda: any("workers" in line for line in said()))
+    time.sleep(0.5)  # a worker's own line would be out by now
+    assert len(said()) == 1, said()
+    assert f"on {pair.url} with 2 workers (pids " in said()[0]
+
+
 def test_two_workers_share_the_port_and_one_data_dir_lock(pair: BlobdServer) -> None:
     workers = pair.workers()
     assert len(workers) == 2
@@ -365,7 +378,7 @@ def test_socket_activation_every_worker_serves_on_the_passed_socket(tmp_path: Pa
         wait_for(f"worker {victim} to be replaced", lambda: serving(dead=victim))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-        assert f"on http://127.0.0.1:{activated} with 2 workers" in out.read_text(), \
+        assert f"on http://127.0.0.1:{activated} with 2 workers" in err.read_text(), \
             err.read_text()[-2000:]
     finally:
         # The workers run in a process group of their own: kill -9 of the
