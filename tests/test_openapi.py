@@ -175,3 +175,26 @@ def test_every_operation_has_an_id_and_responses(spec) -> None:
     assert None not in ids
     assert len(ids) == len(set(ids)), "operationIds must be unique"
     assert all(op.get("responses") for _, op in spec_operations(spec).values())
+
+
+def test_every_get_declares_its_head(spec) -> None:
+    """Found by review: api.md (and this spec's description) say every GET
+    route answers HEAD, but only /blobs/{address} declared it."""
+    missing = [path for path, item in spec["paths"].items()
+               if "get" in item and "head" not in item]
+    assert not missing, f"GET without a head operation: {missing}"
+    for path, item in spec["paths"].items():
+        if "get" in item:
+            assert item["head"].get("security") == item["get"].get("security"), path
+            assert set(item["head"]["responses"]) == set(item["get"]["responses"]), path
+
+
+def test_blob_bodies_declare_the_417_of_a_bad_expect(spec) -> None:
+    """Any route answers an Expect other than 100-continue with 417; those
+    that take a blob's bytes, where clients send Expect, declare it."""
+    undeclared = [f"{method} {path}" for (method, _), (path, operation)
+                  in spec_operations(spec).items()
+                  if "requestBody" in operation
+                  and "application/json" not in operation["requestBody"]["content"]
+                  and "417" not in operation["responses"]]
+    assert not undeclared, f"no 417 declared: {undeclared}"
