@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -127,8 +128,7 @@ async def _listen(runner: web.AppRunner, config: Config, sockets: Sequence[socke
         try:
             await site.start()
         except OSError as exc:
-            raise BlobdError("unavailable", f"cannot listen on {_name(site, config.server)}: "
-                             f"{exc.strerror or exc}") from None
+            raise cannot_listen(_name(site, config.server), exc) from None
     return sites
 
 
@@ -136,6 +136,14 @@ def _name(site: web.BaseSite, server: ServerConfig) -> str:
     # Not TCPSite.name: it builds a yarl URL, which raises on a host it
     # cannot hold, and the error about that host became a traceback.
     return server.url if isinstance(site, web.TCPSite) else site.name
+
+
+def cannot_listen(where: str, exc: OSError) -> BlobdError:
+    """The one-line error of a port that is taken (or otherwise refused),
+    worded alike by one process and by a supervisor of workers."""
+    # asyncio's strerror repeats the address in a long sentence of its own.
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    return BlobdError("unavailable", f"cannot listen on {where}: {reason}")
 
 
 async def _drain(sites: Sequence[web.BaseSite], in_flight: InFlight, timeout: float) -> None:

@@ -10,8 +10,12 @@ started by ``blobd serve`` becomes a supervisor of N worker processes:
 2. It forks the workers. Each gets a listening socket of its own on the one
    port (``SO_REUSEPORT``), so the kernel spreads new connections evenly;
    one shared socket would let whichever worker wakes first accept a whole
-   burst of keep-alive connections. Forking, rather than starting a new
-   interpreter, costs a worker milliseconds, not a second of imports.
+   burst of keep-alive connections (measured: small GETs at 2 workers now
+   and then ran at the speed of one). Because ``SO_REUSEPORT`` would also
+   let a second server on the port join the group, the supervisor first
+   checks that nobody else is bound there (see :func:`_hold_port`).
+   Forking, rather than starting a new interpreter, costs a worker
+   milliseconds, not a second of imports.
 3. Exactly one worker, number 0, runs the background work (sweepers); its
    replacement after a crash is number 0 again.
 4. A worker that dies is replaced. First, what it left in ``tmp/`` (every
@@ -61,7 +65,7 @@ from typing import Any, Callable
 
 from . import files
 from .config import Config
-from .daemon import STOP_SIGNALS
+from .daemon import STOP_SIGNALS, cannot_listen
 from .errors import BlobdError
 from .layout import Layout
 from .sdnotify import Notifier, listen_fds
@@ -145,13 +149,11 @@ class Supervisor:
 
     def run(self) -> int:
         previous = self._catch_signals()
-        # Held, bound but not listening, so the port stays ours while a
-        # worker is being replaced; the kernel routes nothing to it. (The
-        # activated sockets hold themselves.)
+        # The activated sockets hold themselves.
         self._port_hold: socket.socket | None = None
         try:
             if not self.activated:
-                self._port_hold = _bind(self.config, listen=False)
+                self._port_hold = _hold_port(self.config)
         except BaseException:
             self._restore_signals(previous)
             raise
@@ -376,21 +378,40 @@ def _url(sock: socket.socket, scheme: str = "http") -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-def _bind(config: Config, *, listen: bool) -> socket.socket:
+def _hold_port(config: Config) -> socket.socket:
+    """A socket bound to the port, not listening, so the port stays ours
+    while a worker is being replaced; the kernel routes nothing to it.
+
+    ``SO_REUSEPORT`` lets any socket of the same user that sets it too bind
+    beside ours: a second ``blobd serve`` on another data dir would join
+    and take half the connections. So first a probe binds without it, which
+    fails beside any listener (another blobd's workers, any other server),
+    as a lone ``blobd serve`` fails. What the probe cannot see: a second
+    server that passes its own probe in the milliseconds between ours and
+    our first worker's listen, or while every worker of a running one is
+    down at once being replaced (its hold socket does not listen).
+    """
+    _bind(config, listen=False, share=False).close()
+    return _bind(config, listen=False, share=True)
+
+
+def _bind(config: Config, *, listen: bool, share: bool = True) -> socket.socket:
     host, port = config.server.host, config.server.port
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
     try:
+        # SO_REUSEADDR: connections of an earlier server lingering in
+        # TIME_WAIT must not keep a restart from binding.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if share:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
         if listen:
             sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
-        raise BlobdError("unavailable", f"cannot listen on {host}:{port}: "
-                         f"{exc.strerror or exc}") from None
+        raise cannot_listen(config.server.url, exc) from None
     except BaseException:
         sock.close()
         raise

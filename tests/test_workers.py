@@ -120,6 +120,31 @@ def test_two_workers_share_the_port_and_one_data_dir_lock(pair: BlobdServer) -> 
     assert "another blobd is serving" in other.stderr
 
 
+@pytest.mark.parametrize("first, second", [(2, 2), (1, 2), (2, 1)])
+def test_a_second_server_on_the_port_fails_to_start_whatever_its_workers(
+        tmp_path: Path, first: int, second: int) -> None:
+    """Another data dir, the same port: the workers' SO_REUSEPORT must not
+    let the second join the first and take half of its connections."""
+    with BlobdServer(tmp_path / "first", {"server": {"workers": first}}) as server:
+        config = tmp_path / "second.toml"
+        config.write_text(to_toml({"server": {
+            "host": "127.0.0.1", "port": server.port, "workers": second,
+            "data_dir": str(tmp_path / "second")}}))
+        other = subprocess.Popen([sys.executable, "-m", "blobd", "serve", "-c", str(config)],
+                                 env=blobd_env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = other.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            other.terminate()  # its supervisor stops its workers
+            _, err = other.communicate()
+            pytest.fail(f"the second server started:\n{err[-2000:]}")
+        assert other.returncode == 1
+        assert err.strip() == (f"blobd: error: cannot listen on http://127.0.0.1:"
+                               f"{server.port}: address already in use")
+        assert http("GET", f"{server.url}/healthz")[0] == 200
+
+
 async def _race_once(http_: aiohttp.ClientSession, url: str, alice: str, bob: str,
                      data: bytes, expect: bool) -> None:
     digest = b3(data)
