@@ -18,6 +18,7 @@ import hashlib
 import logging
 import mmap
 import os
+import pwd
 import shutil
 import threading
 from dataclasses import dataclass
@@ -372,8 +373,11 @@ PRIVATE_UMASK = 0o027
 
 
 def make_dirs(layout: Layout) -> None:
-    """Create the data dir's directories, after making what this process
-    creates from now on private (group may read, others nothing)."""
+    """Make the data dir ready for this process to write to: refuse it if
+    another user owns it (see :func:`check_data_dir_owner`), make what
+    this process creates from now on private (group may read, others
+    nothing) and create its directories."""
+    check_data_dir_owner(layout.root)
     os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)
     for directory in layout.directories():
         try:
@@ -384,6 +388,36 @@ def make_dirs(layout: Layout) -> None:
             blocker = next((p for p in (directory, *directory.parents)
                             if p.exists() and not p.is_dir()), directory)
             raise BlobdError("conflict", f"{blocker} is not a directory") from None
+
+
+def check_data_dir_owner(root: Path) -> None:
+    """Refuse a data dir that belongs to another user than this process's
+    effective one. What a writer creates there (the lock, shard
+    directories, blob files) is its own: run as root on the service user's
+    store, it would leave files the server cannot write, failing later with
+    500s instead of now. A dir not yet made will be ours."""
+    try:
+        owner = os.stat(root).st_uid
+    except FileNotFoundError:
+        return
+    me = os.geteuid()
+    if owner != me:
+        sudo_user = _user_name(owner) or f"'#{owner}'"
+        raise BlobdError("forbidden", f"{root} belongs to {_user(owner)} and this command"
+                         f" runs as {_user(me)}, whose files there the owner could not"
+                         f" use: run it as the owner, e.g. sudo -u {sudo_user} blobd ...")
+
+
+def _user(uid: int) -> str:
+    name = _user_name(uid)
+    return f"{name} (uid {uid})" if name else f"uid {uid}"
+
+
+def _user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
 
 
 def free_bytes(path: Path) -> tuple[int, int]:
@@ -408,7 +442,11 @@ class TmpEntry:
 
 def tmp_entries(layout: Layout) -> list[TmpEntry]:
     entries = []
-    for entry in os.scandir(layout.tmp_dir):
+    try:
+        scan = list(os.scandir(layout.tmp_dir))
+    except FileNotFoundError:
+        return []  # a reader (fsck) may find none: only writers make it
+    for entry in scan:
         parsed = parse_tmp_name(entry.name)
         kind, digest = parsed if parsed else (None, None)
         entries.append(TmpEntry(Path(entry.path), kind, digest, tmp_pid(entry.name)))

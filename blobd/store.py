@@ -95,10 +95,17 @@ class Store:
                                    functools.partial(files.make_durable, self.layout.root),
                                    on_committed=self._committed)
 
-    async def open(self, *, exclusive: bool = True, recover: bool = True) -> None:
-        """Open the index; ``exclusive`` takes the data-dir lock a server holds."""
-        await asyncio.to_thread(files.make_dirs, self.layout)
-        if exclusive:
+    async def open(self, *, exclusive: bool = True, recover: bool = True,
+                   write: bool = True) -> None:
+        """Open the index; ``exclusive`` takes the data-dir lock a server
+        holds. ``write=False``, for a command that only reads: no
+        :func:`blobd.files.make_dirs` (nor its check of the data dir's
+        owner), and no lock file made where none is (no server has run
+        there yet; made by root, it would keep the owner's server from
+        starting)."""
+        if write:
+            await asyncio.to_thread(files.make_dirs, self.layout)
+        if exclusive and (write or await asyncio.to_thread(self.layout.lock_path.exists)):
             self._lock_fd = await asyncio.to_thread(take_lock, self.layout.lock_path)
         try:
             await self.db.open()

@@ -84,7 +84,7 @@ def _register_quota(sub: argparse._SubParsersAction) -> None:
 async def show_quota(args: argparse.Namespace) -> int:
     owner = check_owner(args.owner)
     config = config_from_args(args)
-    async with open_index(config, must_exist=True) as store:
+    async with open_index(config, must_exist=True, write=False) as store:
         body = await quotas.report(store.db.reader, owner, config.quota_for(owner))
     _print_quota(body, args.json)
     return 0
@@ -126,7 +126,7 @@ def _print_quota(body: dict[str, Any], as_json: bool) -> None:
 
 
 async def show_stats(args: argparse.Namespace) -> int:
-    async with open_index(config_from_args(args), must_exist=True) as store:
+    async with open_index(config_from_args(args), must_exist=True, write=False) as store:
         figures = await stats.figures(store)
     if args.json:
         print(json.dumps(figures, indent=2))

@@ -29,15 +29,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 @asynccontextmanager
-async def open_index(config: Config, *, must_exist: bool = False) -> AsyncIterator[Store]:
+async def open_index(config: Config, *, must_exist: bool = False,
+                     write: bool = True) -> AsyncIterator[Store]:
     """The store's index for an offline command, safe beside a running
     server (WAL plus busy timeout); takes no data-dir lock and runs no
-    recovery. ``must_exist``: refuse to create a new, empty store."""
+    recovery. ``must_exist``: refuse to create a new, empty store.
+    ``write=False``: the command only reads (see :meth:`Store.open`)."""
     store = Store(config)
     if must_exist and not store.layout.index_path.exists():
         raise BlobdError("not_found", f"no blobd store in {store.layout.root}; 'blobd serve'"
                          " makes one there, -c or --data-dir names another")
-    await store.open(exclusive=False, recover=False)
+    await store.open(exclusive=False, recover=False, write=write)
     try:
         yield store
     finally:

@@ -114,7 +114,7 @@ def _setup(args: argparse.Namespace) -> tuple[Config, MirrorConfig, int, BarFact
 
 
 @asynccontextmanager
-async def _open_store(config: Config) -> AsyncIterator[Store]:
+async def _open_store(config: Config, write: bool = True) -> AsyncIterator[Store]:
     """The existing store of the config: a mistyped data_dir must not become
     a new, empty store (whose sync --delete would empty the bucket, whose
     backup would be restored), nor a half-restored one be worked on."""
@@ -122,7 +122,7 @@ async def _open_store(config: Config) -> AsyncIterator[Store]:
     if layout.restore_marker_path.exists():
         raise BlobdError("conflict", f"an interrupted 'blobd mirror restore' left {layout.root}"
                          " half-restored; run it again to finish first")
-    async with open_index(config, must_exist=True) as store:
+    async with open_index(config, must_exist=True, write=write) as store:
         yield store
 
 
@@ -220,7 +220,7 @@ async def _named_blobs(store: Store, names: list[str]) -> list[BlobRecord]:
 
 async def run_status(args: argparse.Namespace) -> int:
     config, mirror, _, _ = _setup(args)
-    async with _open_store(config) as store:
+    async with _open_store(config, write=False) as store:
         counts = await queue.counts(store.db.reader)
         own = await store_id(store.db.reader)
     print(f"store id: {own}")

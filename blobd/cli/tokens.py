@@ -51,7 +51,7 @@ async def create_token(args: argparse.Namespace) -> int:
 
 
 async def list_tokens(args: argparse.Namespace) -> int:
-    async with open_index(config_from_args(args), must_exist=True) as store:
+    async with open_index(config_from_args(args), must_exist=True, write=False) as store:
         rows = await auth.list_tokens(store.db.reader, args.owner)
     print(f"{'ID':10} {'OWNER':20} {'SCOPES':18} {'CREATED':20} LABEL")
     for row in rows:

@@ -40,7 +40,7 @@ async def run(config: Config, *, verify: bool = False, repair: bool = False,
         raise BlobdError("not_found", f"no blobd store in {store.layout.root}")
     live = False
     try:
-        await store.open(exclusive=True, recover=False)
+        await store.open(exclusive=True, recover=False, write=repair)
     except BlobdError as exc:
         if exc.code != "conflict":
             raise
@@ -48,7 +48,7 @@ async def run(config: Config, *, verify: bool = False, repair: bool = False,
             raise BlobdError("conflict", f"a blobd server is running on {store.layout.root};"
                              " stop it to run fsck --repair (a plain fsck works beside"
                              " it)") from None
-        await store.open(exclusive=False, recover=False)
+        await store.open(exclusive=False, recover=False, write=False)
         live = True
     try:
         return await check(store, verify=verify, repair=repair, live=live,

@@ -1,0 +1,116 @@
+"""A data dir belongs to the user that serves it (``blobd`` under systemd).
+
+A command that writes there, run as another user (root, by hand), would
+leave files of its own -- the lock, shard directories, blob files -- that
+the server later fails on with 500s: it refuses, in one line saying whose
+the data dir is and how to run the command. Commands that only read still
+run, and leave nothing behind. uid 65534 stands in for the service user;
+the tests run as root.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import blake3
+import pytest
+
+from serverproc import BlobdServer, blobd_env, free_port, http, to_toml
+
+SERVICE_UID = 65534
+AS_SERVICE = ["setpriv", f"--reuid={SERVICE_UID}", f"--regid={SERVICE_UID}",
+              "--clear-groups"]
+# No connection is made before the store is opened, and none succeeds.
+MIRROR = {"endpoint": "http://127.0.0.1:9", "bucket": "b", "access_key": "k",
+          "secret_key": "s"}
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="acts as another user: needs root")
+
+
+def blobd(top: Path, *args: str, wrapper: list[str] = []) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*wrapper, sys.executable, "-m", "blobd", *args], cwd=top,
+                          env=blobd_env(), capture_output=True, text=True, timeout=60)
+
+
+def write_config(top: Path, name: str = "blobd.toml", **server: Any) -> str:
+    path = top / name
+    path.write_text(to_toml({
+        "server": {"data_dir": str(top / "data"), "port": free_port(), **server},
+        "storage": {"fsync": False}, "mirror": MIRROR}))
+    return str(path)
+
+
+def owned_by_root(data: Path) -> list[Path]:
+    return [path for path in [data, *data.rglob("*")] if path.lstat().st_uid == 0]
+
+
+@pytest.fixture
+def top() -> Iterator[Path]:
+    """A directory with a store the service user made (pytest's tmp_path is
+    root's alone, out of its reach). The store has no lock file yet: no
+    server has run on it."""
+    with tempfile.TemporaryDirectory() as name:
+        top = Path(name)
+        top.chmod(0o755)
+        (top / "data").mkdir()
+        os.chown(top / "data", SERVICE_UID, SERVICE_UID)
+        made = blobd(top, "token", "create", "--owner", "alice", "-c", write_config(top),
+                     wrapper=AS_SERVICE)
+        assert made.returncode == 0, made.stderr
+        yield top
+
+
+def expected_refusal(top: Path) -> str:
+    name = pwd.getpwuid(SERVICE_UID).pw_name
+    return (f"blobd: error: {top / 'data'} belongs to {name} (uid {SERVICE_UID}) and this"
+            f" command runs as root (uid 0), whose files there the owner could not use:"
+            f" run it as the owner, e.g. sudo -u {name} blobd ...")
+
+
+@pytest.mark.parametrize("args", [
+    ("serve",), ("serve", "workers"), ("token", "create", "--owner", "bob"),
+    ("token", "revoke", "0123abcd"), ("quota", "set", "alice", "--max-blobs", "5"),
+    ("gc",), ("fsck", "--repair"), ("mirror", "restore"), ("mirror", "sync"),
+    ("mirror", "backup"), ("mirror", "heal"),
+], ids=" ".join)
+def test_a_writing_command_run_as_another_user_refuses(top: Path, args: tuple[str, ...]
+                                                       ) -> None:
+    config = write_config(top)
+    if args == ("serve", "workers"):
+        args, config = ("serve",), write_config(top, "workers.toml", workers=2)
+    result = blobd(top, *args, "-c", config)
+    assert result.returncode == 1
+    assert result.stderr.strip() == expected_refusal(top)
+    assert owned_by_root(top / "data") == []
+
+
+@pytest.mark.parametrize("args", [
+    ("token", "list"), ("quota", "show", "alice"), ("stats",), ("fsck",),
+], ids=" ".join)
+def test_a_reading_command_runs_as_another_user_and_leaves_nothing(
+        top: Path, args: tuple[str, ...]) -> None:
+    result = blobd(top, *args, "-c", write_config(top))
+    assert result.returncode == 0, result.stderr
+    assert owned_by_root(top / "data") == []
+
+
+def test_the_owner_serves_and_repairs(top: Path) -> None:
+    with BlobdServer(top / "server", {"storage": {"fsync": False}}, data_dir=top / "data",
+                     wrapper=AS_SERVICE) as server:
+        made = blobd(top, "token", "create", "--owner", "alice", "-c",
+                     str(server.config_path), wrapper=AS_SERVICE)
+        assert made.returncode == 0, made.stderr
+        token = made.stdout.splitlines()[-1]
+        body = os.urandom(5000)
+        digest = blake3.blake3(body).hexdigest()
+        assert http("PUT", f"{server.url}/blobs/{digest}", token, body)[0] == 201
+        assert http("GET", f"{server.url}/blobs/{digest}", token) == (200, body)
+    repaired = blobd(top, "fsck", "--repair", "-c", write_config(top), wrapper=AS_SERVICE)
+    assert repaired.returncode == 0, repaired.stderr
+    assert owned_by_root(top / "data") == []
