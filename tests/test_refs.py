@@ -54,6 +54,15 @@ async def test_bad_ref_bodies(alice, body):
     assert resp.status == 400
 
 
+async def test_an_unknown_field_is_400_naming_it(alice):
+    await alice.put(b"one")
+    resp = await alice.request("PUT", "/refs/x", json={"hash": b3(b"one"), "hahs": "x"})
+    assert resp.status == 400
+    assert await resp.json() == {"error": "bad_request",
+                                 "message": "unknown field 'hahs'; expected some of hash"}
+    assert (await alice.request("GET", "/refs/x")).status == 404
+
+
 @pytest.mark.parametrize("name", ["a" * 257, "with space", "slash%2F", "star*", "%C3%A9"])
 async def test_bad_ref_names(alice, name):
     await alice.put(b"one")

@@ -279,6 +279,25 @@ async def test_known_hash_skips_the_upload(alice: Api) -> None:
     assert (await alice.request("GET", "/refs/again")).status == 200
 
 
+@pytest.mark.parametrize("known", [False, True], ids=["new", "known hash"])
+async def test_an_unknown_field_is_400_naming_it(alice: Api, known: bool) -> None:
+    """A misspelt field would otherwise be dropped without a word: the
+    session made without its chunk size, the blob without its reference."""
+    data = payload(3)
+    body = {"size": 3, "chunksize": 1, "reference": "memos:x"}
+    if known:
+        assert (await alice.put(data)).status == 201
+        body["hash"] = b3(data)
+    resp = await alice.request("POST", "/uploads", json=body)
+    assert resp.status == 400
+    error = await resp.json()
+    assert error["error"] == "bad_request"
+    assert error["message"].startswith("unknown field 'chunksize'; expected some of size,")
+    assert (await (await alice.request("GET", "/uploads")).json())["uploads"] == []
+    assert (await alice.request("GET", "/refs/memos:x")).status == 404
+    assert (await usage(alice))["reserved_bytes"] == 0
+
+
 async def test_complete_twice_answers_the_same_blob(alice: Api) -> None:
     data = payload(CHUNK)
     session = await create(alice, data)

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from .. import quotas, stats
 from ..auth import check_owner
+from ..index import LIMIT_KEYS
 from ..metrics import CONTENT_TYPE, METRICS
 from .keys import STORE
 from .middleware import principal, requires
@@ -26,7 +27,7 @@ async def get_quota(request: web.Request) -> web.Response:
 async def put_owner_quota(request: web.Request) -> web.Response:
     store = request.app[STORE]
     owner = check_owner(request.match_info["owner"])
-    changes = quotas.parse_changes(await read_json(request))
+    changes = quotas.parse_changes(await read_json(request, LIMIT_KEYS))
     return web.json_response(await quotas.set_limits(store, owner, changes))
 
 

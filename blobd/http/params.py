@@ -49,7 +49,11 @@ def iso(timestamp: float) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-async def read_json(request: web.Request, max_bytes: int = 64 * 1024) -> dict[str, Any]:
+async def read_json(request: web.Request, fields: Sequence[str],
+                    max_bytes: int = 64 * 1024) -> dict[str, Any]:
+    """The request's JSON object, with no field but ``fields``: one a
+    client misspelt ("reference" for "ref") would otherwise be ignored,
+    losing what it asked for without a word."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise BlobdError("too_large", f"a JSON body is at most {max_bytes} bytes")
     raw = await request.content.read(max_bytes + 1)
@@ -61,4 +65,8 @@ async def read_json(request: web.Request, max_bytes: int = 64 * 1024) -> dict[st
         raise BlobdError("bad_request", "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BlobdError("bad_request", "the body must be a JSON object")
+    unknown = [name for name in body if name not in fields]
+    if unknown:
+        raise BlobdError("bad_request", f"unknown field {unknown[0]!r}; expected some of"
+                         f" {', '.join(fields)}")
     return body

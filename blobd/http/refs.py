@@ -25,7 +25,7 @@ def ref_json(row: Any) -> dict[str, Any]:
 async def put_ref(request: web.Request) -> web.Response:
     store = request.app[STORE]
     name = parse_ref_name(request.match_info["name"])
-    body = await read_json(request)
+    body = await read_json(request, ("hash",))
     if not isinstance(body.get("hash"), str):
         raise BlobdError("bad_request", 'expected {"hash": "<address>"}')
     address = parse_address(body["hash"])

@@ -51,7 +51,7 @@ def status_json(session: Session, received: list[int]) -> dict[str, Any]:
 async def create_upload(request: web.Request) -> web.Response:
     store = request.app[STORE]
     owner = principal(request).owner
-    body = await read_json(request)
+    body = await read_json(request, ("size", "chunk_size", "hash", "ref", "content_type"))
     size = _int_field(body, "size", required=True)
     assert size is not None
     expected = _optional(body, "hash", parse_address)
