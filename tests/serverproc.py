@@ -48,6 +48,18 @@ def http(method: str, url: str, token: str | None = None, data: bytes | None = N
         return exc.code, exc.read()
 
 
+# A store made as the first `blobd serve` makes it, without serving: for
+# tests that need one made by a given user or under a given umask.
+MAKE_STORE = ("import asyncio, sys\n"
+              "from blobd.config import load_config\n"
+              "from blobd.store import Store\n"
+              "async def main():\n"
+              "    store = Store(load_config(sys.argv[1]))\n"
+              "    await store.open()\n"
+              "    await store.close()\n"
+              "asyncio.run(main())\n")
+
+
 def blobd_env() -> dict[str, str]:
     """The environment for a blobd subprocess: this checkout importable
     from any working directory."""

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import blake3
 import pytest
 
-from serverproc import BlobdServer, blobd_env, free_port, http, to_toml
+from serverproc import MAKE_STORE, BlobdServer, blobd_env, free_port, http, to_toml
 
 SERVICE_UID = 65534
 AS_SERVICE = ["setpriv", f"--reuid={SERVICE_UID}", f"--regid={SERVICE_UID}",
@@ -43,6 +43,9 @@ def write_config(top: Path, name: str = "blobd.toml", **server: Any) -> str:
     path.write_text(to_toml({
         "server": {"data_dir": str(top / "data"), "port": free_port(), **server},
         "storage": {"fsync": False}, "mirror": MIRROR}))
+    # Readable by the service user whatever umask this process has (a store
+    # opened in it earlier made its umask private).
+    path.chmod(0o644)
     return str(path)
 
 
@@ -60,7 +63,13 @@ def top() -> Iterator[Path]:
         top.chmod(0o755)
         (top / "data").mkdir()
         os.chown(top / "data", SERVICE_UID, SERVICE_UID)
-        made = blobd(top, "token", "create", "--owner", "alice", "-c", write_config(top),
+        config = write_config(top)
+        store = subprocess.run([*AS_SERVICE, sys.executable, "-c", MAKE_STORE, config],
+                               cwd=top, env=blobd_env(), capture_output=True, text=True,
+                               timeout=60)
+        assert store.returncode == 0, store.stderr
+        (top / "data" / "lock").unlink()   # as if no server had run on it yet
+        made = blobd(top, "token", "create", "--owner", "alice", "-c", config,
                      wrapper=AS_SERVICE)
         assert made.returncode == 0, made.stderr
         yield top

@@ -14,6 +14,7 @@ from blobd.errors import BlobdError
 from blobd.layout import (Layout, backup_time_from_key, digest_from_mirror_key,
                           mirror_backup_key, mirror_blobs_prefix, mirror_key,
                           parse_backup_key, parse_tmp_name)
+from serverproc import MAKE_STORE
 
 DIGEST = "ab" + "cd" + "0" * 60
 
@@ -101,16 +102,8 @@ def test_the_data_dir_is_private_whatever_the_umask(tmp_path):
     config = tmp_path / "blobd.toml"
     config.write_text(f'[server]\ndata_dir = "{data}"\n')
     # The store a first `blobd serve` makes, opened as it opens it.
-    make_store = ("import asyncio, sys\n"
-                  "from blobd.config import load_config\n"
-                  "from blobd.store import Store\n"
-                  "async def main():\n"
-                  "    store = Store(load_config(sys.argv[1]))\n"
-                  "    await store.open()\n"
-                  "    await store.close()\n"
-                  "asyncio.run(main())\n")
     subprocess.run(["sh", "-c", 'umask 022 && exec "$0" -c "$1" "$2"', sys.executable,
-                    make_store, str(config)], check=True, capture_output=True, timeout=60,
+                    MAKE_STORE, str(config)], check=True, capture_output=True, timeout=60,
                    cwd=Path(__file__).resolve().parent.parent)
     modes = {path.relative_to(tmp_path).as_posix(): stat.S_IMODE(path.stat().st_mode)
              for path in [data, *data.iterdir()]}

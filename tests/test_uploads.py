@@ -442,6 +442,15 @@ async def test_expect_continue_invites_only_a_chunk_that_fits(alice: Api) -> Non
     assert (await status_of(alice, session))["received"] == [1]
 
 
+async def first_500_bytes_of_chunk_0(api: Api, session: dict, data: bytes) -> RawConnection:
+    """A copy of chunk 0 whose sender's network vanished after 500 bytes."""
+    conn = await RawConnection.open(api.client.host, api.client.port)
+    await conn.send_head("PUT", f"/uploads/{session['id']}/0", {
+        **api.headers(), "Content-Length": str(CHUNK)})
+    await conn.send(data[:500])
+    return conn
+
+
 async def test_a_chunk_whose_body_stops_coming_lets_go_of_its_range(server) -> None:
     """A phone's network vanishes mid-chunk without a FIN: after
     [uploads] idle_timeout_seconds the request ends, and lets the chunk go."""
@@ -449,11 +458,8 @@ async def test_a_chunk_whose_body_stops_coming_lets_go_of_its_range(server) -> N
     alice = await login()
     data = payload(CHUNK)
     session = await create(alice, data)
-    conn = await RawConnection.open(alice.client.host, alice.client.port)
+    conn = await first_500_bytes_of_chunk_0(alice, session, data)
     try:
-        await conn.send_head("PUT", f"/uploads/{session['id']}/0", {
-            **alice.headers(), "Content-Length": str(CHUNK)})
-        await conn.send(data[:500])
         stalled = await conn.read_response(timeout=5)
         assert stalled.status == 400 and "no bytes" in stalled.json()["message"]
     finally:
@@ -469,11 +475,8 @@ async def test_a_new_copy_of_a_chunk_takes_it_over_from_a_stalled_one(alice: Api
     every second meanwhile. Now the new copy asks the old to let go."""
     data = payload(CHUNK)
     session = await create(alice, data)
-    conn = await RawConnection.open(alice.client.host, alice.client.port)
+    conn = await first_500_bytes_of_chunk_0(alice, session, data)
     try:
-        await conn.send_head("PUT", f"/uploads/{session['id']}/0", {
-            **alice.headers(), "Content-Length": str(CHUNK)})
-        await conn.send(data[:500])
         await asyncio.sleep(0.3)  # its handler has the chunk's range by now
         started = time.monotonic()
         await send(alice, session, 0, data)
@@ -494,11 +497,8 @@ async def test_the_client_resumes_past_a_stalled_copy_of_its_chunk(alice: Api, t
     path = tmp_path / "song.bin"
     path.write_bytes(data)
     session = await create(alice, data, hash=b3(data))
-    conn = await RawConnection.open(alice.client.host, alice.client.port)
+    conn = await first_500_bytes_of_chunk_0(alice, session, data)
     try:
-        await conn.send_head("PUT", f"/uploads/{session['id']}/0", {
-            **alice.headers(), "Content-Length": str(CHUNK)})
-        await conn.send(data[:500])
         await asyncio.sleep(0.3)  # its handler has the chunk's range by now
         url = f"http://{alice.client.host}:{alice.client.port}"
         token = alice.headers()["Authorization"].removeprefix("Bearer ")
