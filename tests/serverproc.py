@@ -318,6 +318,11 @@ class BlobdServer:
         server = sections.setdefault("server", {})
         server.update(host="127.0.0.1", port=self.port, data_dir=str(self.data_dir))
         self.config_path.write_text(to_toml(sections))
+        if self.wrapper:
+            # The wrapper may run the server as another user; this process's
+            # umask may be private (a store opened here sets blobd's).
+            self.workdir.chmod(0o755)
+            self.config_path.chmod(0o644)
 
     def _wait_healthy(self) -> None:
         try:
