@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import json
 import os
@@ -256,15 +255,11 @@ class BlobdClient:
     async def _open_session(self, digests: files.Digests, ref: str | None,
                             content_type: str | None,
                             chunk_size: int | None) -> tuple[dict[str, Any], str]:
-        same = [s for s in await self.list_uploads()
-                if s["hash"] == digests.blake3 and s["size"] == digests.size]
-        stale = [s for s in same if s["ref"] == ref]
-        # Sessions of this file under another ref: an earlier run asked for
-        # another name. Left, each would hold the file's size reserved
-        # until it expired (found by review).
-        for session in (s for s in same if s["ref"] != ref):
-            with contextlib.suppress(BlobdError):
-                await self.abort_upload(session["id"])
+        # Only a session of this file under this ref is resumed. One under
+        # another ref may be another run's, still going: it is left alone.
+        stale = [s for s in await self.list_uploads()
+                 if s["hash"] == digests.blake3 and s["size"] == digests.size
+                 and s["ref"] == ref]
         # (A token without the read scope cannot look: 403, then resume.)
         status, _ = await self._call("HEAD", f"/blobs/{digests.blake3}", (200, 403, 404))
         if stale and status != 200:

@@ -155,12 +155,19 @@ async def _create(store: Store, session: Session) -> None:
     allocation (a full disk) takes the row back. Start-up recovery removes
     a row whose file a crash kept from being made."""
     await _insert(store, session)
+    path = store.layout.upload_path(session.id)
     try:
-        await asyncio.to_thread(sessionfiles.create, store.layout.upload_path(session.id),
-                                session.size, store.config.storage.fsync)
+        await asyncio.to_thread(sessionfiles.create, path, session.size,
+                                store.config.storage.fsync)
     except BaseException:
         await _delete(store, session.id)
         raise
+    # Not listed until its file exists (see GET /uploads), but a DELETE
+    # by id could have come meanwhile: then the file must not stay.
+    if await index_sessions.get(store.db.reader, session.id, session.owner, 0.0) is None:
+        await asyncio.to_thread(files.remove_quietly, path)
+        raise BlobdError("not_found", f"upload session {session.id} was deleted"
+                         " while it was being made")
 
 
 async def _delete(store: Store, session_id: str) -> None:
@@ -356,14 +363,20 @@ def _lock_idle(store: Store, ids: list[str]) -> dict[str, int | None]:
     """The sessions among ``ids`` no request is at work on, each with its
     file locked for the caller (None: it has no file); blocking."""
     locked: dict[str, int | None] = {}
-    for session_id in ids:
-        try:
-            fd = sessionfiles.open_locked(store.layout.upload_path(session_id), True)
-        except FileNotFoundError:
-            locked[session_id] = None
-            continue
-        if fd is not None:
-            locked[session_id] = fd
+    try:
+        for session_id in ids:
+            try:
+                fd = sessionfiles.open_locked(store.layout.upload_path(session_id), True)
+            except FileNotFoundError:
+                locked[session_id] = None
+                continue
+            if fd is not None:
+                locked[session_id] = fd
+    except BaseException:
+        # (Out of file descriptors, say.) Left open, the locks would keep
+        # these sessions from every request until the process ended.
+        sessionfiles.close(*(fd for fd in locked.values() if fd is not None))
+        raise
     return locked
 
 

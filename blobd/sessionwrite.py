@@ -88,7 +88,9 @@ class _Preemption:
         self.taken = False
         self.looked = time.monotonic()
 
-    def between_writes(self) -> None:
+    def look_if_due(self) -> None:
+        """Look now if the last look is KNOCK_POLL old: a body trickling in
+        pieces less than that apart never lets the timer below fire."""
         now = time.monotonic()
         if now - self.looked >= KNOCK_POLL:
             self.looked = now
@@ -96,6 +98,7 @@ class _Preemption:
                 raise BodyTakenOver()
 
     async def next_piece(self, pieces: AsyncIterator[bytes]) -> bytes:
+        self.look_if_due()
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
@@ -109,7 +112,7 @@ class _Preemption:
             else:
                 timer = loop.call_later(KNOCK_POLL, look)
 
-        timer = loop.call_later(KNOCK_POLL, look)
+        timer = loop.call_later(self.looked + KNOCK_POLL - time.monotonic(), look)
         try:
             return await anext(pieces)
         except asyncio.CancelledError:
@@ -147,7 +150,7 @@ async def _pump(body: AsyncIterator[bytes], sink: _Sink, limit: int,
             if len(buf) >= WRITE_CHUNK:
                 data, buf = buf, bytearray()
                 await asyncio.to_thread(sink.write, data)
-                preemption.between_writes()
+                preemption.look_if_due()
     except BaseException as exc:
         # The body broke off (client gone or silent, or the handler
         # cancelled with it): keep what did arrive.

@@ -279,3 +279,18 @@ async def test_live_check_ignores_commits_in_flight(server):
         await asyncio.gather(*workers)
     assert [p.line() for r in reports for p in r.problems] == []
     assert all(r.live for r in reports)
+
+
+async def test_repair_reports_upload_leftovers_beside_tmp_ones(server) -> None:
+    """Found by review: undoing tmp/ as start-up does cleared uploads/ too,
+    so the repair never reported what it removed there."""
+    alice = await (await server())("alice")
+    (alice.data_dir / "tmp" / "put-new-fedcba9876543210").write_bytes(b"half a body")
+    (alice.data_dir / "uploads" / ("ab" * 16)).write_bytes(b"orphan session file")
+    plain = await fsck.check(alice.store)
+    kinds = {(p.kind, p.subject) for p in plain.problems}
+    assert ("upload", "uploads/" + "ab" * 16) in kinds, kinds
+    repaired = await fsck.check(alice.store, repair=True)
+    kinds = {(p.kind, p.subject) for p in repaired.problems}
+    # Expected: the repair run reports (and claims) what it removed.
+    assert ("upload", "uploads/" + "ab" * 16) in kinds, kinds

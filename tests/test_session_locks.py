@@ -11,9 +11,11 @@ import fcntl
 import os
 import time
 
+import pytest
+
 from blobd.sessions import sweep_sessions
 from conftest import Api, b3
-from test_tus import create as tus_create, head, raw_patch
+from test_tus import STREAM, TUS, create as tus_create, head, raw_patch
 from test_uploads import CHUNK, create as native_create, payload, send
 
 TTL = {"uploads": {"session_ttl_seconds": 1}}
@@ -172,3 +174,93 @@ async def test_an_abort_stops_chunks_being_received(alice: Api) -> None:
         await conn.close()
     assert os.listdir(alice.data_dir / "uploads") == []
     assert (await (await alice.request("GET", "/quota")).json())["reserved_bytes"] == 0
+
+
+# Found by review: a holder receiving a steady trickle (pieces under the
+# knock poll apart) never looked for a knock.
+
+async def trickle(conn, data: bytes, piece: int, every: float, stop: asyncio.Event) -> None:
+    for i in range(0, len(data), piece):
+        if stop.is_set():
+            return
+        try:
+            await conn.send(data[i:i + piece])
+        except Exception:
+            return
+        await asyncio.sleep(every)
+
+
+async def test_a_delete_stops_a_trickling_tus_patch(alice: Api) -> None:
+    data = payload(200_000)
+    url = await tus_create(alice, len(data))
+    conn = await raw_patch(alice, url, 0, len(data))
+    stop = asyncio.Event()
+    feeder = asyncio.create_task(trickle(conn, data, 500, 0.1, stop))  # 5 kB/s
+    try:
+        await asyncio.sleep(0.5)  # the PATCH holds the upload, bytes keep coming
+        started = time.monotonic()
+        gone = await alice.request("DELETE", url, headers=TUS)
+        took = time.monotonic() - started
+        # Expected (commit f56b49d: "a DELETE stops bytes arriving the same way"): 204.
+        assert gone.status == 204, (gone.status, await gone.text(), took)
+    finally:
+        stop.set()
+        await feeder
+        await conn.close()
+
+
+async def test_a_new_patch_takes_over_a_trickling_one(alice: Api) -> None:
+    data = payload(200_000)
+    url = await tus_create(alice, len(data))
+    conn = await raw_patch(alice, url, 0, len(data))
+    stop = asyncio.Event()
+    feeder = asyncio.create_task(trickle(conn, data, 500, 0.1, stop))
+    try:
+        await asyncio.sleep(0.5)
+        second = await alice.request("PATCH", url, data=b"", headers={
+            **TUS, **STREAM, "Upload-Offset": "0"})
+        # Expected: the old request lets go (409 stale offset / 204); observed 423 after 3 s.
+        assert second.status != 423, await second.text()
+    finally:
+        stop.set()
+        await feeder
+        await conn.close()
+
+
+async def test_a_new_copy_of_a_chunk_takes_over_a_trickling_one(alice: Api) -> None:
+    data = payload(200_000)
+    session = await native_create(alice, data, chunk_size=100_000)
+    conn = await raw_put(alice, f"/uploads/{session['id']}/0", 100_000)
+    stop = asyncio.Event()
+    feeder = asyncio.create_task(trickle(conn, data[:100_000], 500, 0.1, stop))
+    try:
+        await asyncio.sleep(0.5)
+        again = await alice.request("PUT", f"/uploads/{session['id']}/0",
+                                    data=data[:100_000])
+        assert again.status == 204, (again.status, await again.text())
+    finally:
+        stop.set()
+        await feeder
+        await conn.close()
+
+
+async def test_a_sweep_that_fails_midway_leaves_no_session_locked(alice: Api) -> None:
+    """Found by review: a file the sweeper could not open (here a directory
+    in a session file's place) left the locks it had taken already in
+    place, so those sessions refused every request until a restart."""
+    urls = [await tus_create(alice, 100) for _ in range(3)]
+    ids = sorted(u.rsplit("/", 1)[1] for u in urls)
+    uploads = alice.data_dir / "uploads"
+    (uploads / ids[1]).unlink()
+    (uploads / ids[1]).mkdir()
+    with pytest.raises(IsADirectoryError):
+        await sweep_sessions(alice.store, now=time.time() + 7 * 86400)
+    fd = os.open(uploads / ids[0], os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # nobody holds it
+    finally:
+        os.close(fd)
+    done = await alice.request("PATCH", f"/tus/{ids[0]}", data=b"x" * 100, headers={
+        "Tus-Resumable": "1.0.0", "Content-Type": "application/offset+octet-stream",
+        "Upload-Offset": "0"})
+    assert done.status == 204, await done.text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import os
 
 import pytest
 
@@ -576,3 +577,34 @@ async def test_a_creation_refused_before_its_body_leaves_nothing(alice: Api) -> 
     assert list((alice.data_dir / "uploads").iterdir()) == []
     async with alice.store.db.reader.execute("SELECT count(*) FROM uploads") as cur:
         assert (await cur.fetchone())[0] == 0
+
+
+async def _nothing_left(api: Api) -> tuple:
+    quota = await (await api.request("GET", "/quota")).json()
+    async with api.store.db.reader.execute("SELECT count(*) FROM uploads") as cur:
+        rows = (await cur.fetchone())[0]
+    return rows, quota["reserved_bytes"], quota.get("reserved_blobs"), sorted(
+        os.listdir(api.data_dir / "uploads"))
+
+
+async def test_a_creation_with_a_bad_checksum_header_leaves_nothing(alice: Api) -> None:
+    resp = await alice.request("POST", "/tus/", data=b"x" * 100, headers={
+        **TUS, **STREAM, "Upload-Length": "100", "Upload-Checksum": "sha1 notbase64!"})
+    assert resp.status == 400
+    left = await _nothing_left(alice)
+    assert "Location" not in resp.headers and left[:3] == (0, 0, 0), (
+        resp.headers.get("Location"), left)
+
+
+async def test_a_creation_with_a_bad_expect_leaves_nothing(alice: Api) -> None:
+    conn = await RawConnection.open(alice.client.host, alice.client.port)
+    try:
+        await conn.send_head("POST", "/tus/", {
+            **alice.headers(), **TUS, **STREAM, "Upload-Length": "100",
+            "Content-Length": "100", "Expect": "200-ok"})
+        answer = await conn.read_response(timeout=10)
+    finally:
+        await conn.close()
+    assert answer.status == 417
+    left = await _nothing_left(alice)
+    assert left[:3] == (0, 0, 0), (answer.headers, left)

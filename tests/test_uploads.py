@@ -524,23 +524,3 @@ async def test_a_session_s_content_type_is_a_media_type_or_nothing(alice: Api) -
         body = await resp.json()
         assert resp.status == 201 and body["content_type"] == kept
         assert (await alice.request("DELETE", f"/uploads/{body['id']}")).status == 204
-
-
-async def test_a_rerun_under_another_ref_takes_back_the_old_session(alice: Api, tmp_path) -> None:
-    """Found by review: `blobd put --ref take1 f`, interrupted, then
-    `blobd put f`: the file went up again in a new session and the first
-    kept the file's size reserved until it expired."""
-    data = payload(CHUNK * 3)
-    path = tmp_path / "take.bin"
-    path.write_bytes(data)
-    old = await create(alice, data, hash=b3(data), ref="memos:take1")
-    await send(alice, old, 0, chunk_of(data, 0))
-    url = f"http://{alice.client.host}:{alice.client.port}"
-    token = alice.headers()["Authorization"].removeprefix("Bearer ")
-    async with BlobdClient(url, token) as client:
-        result = await client.upload_file(path, session_threshold=1, chunk_size=CHUNK)
-    assert result.blob["hash"] == b3(data) and result.blob["ref"] == b3(data)
-    listed = await (await alice.request("GET", "/uploads")).json()
-    assert listed["uploads"] == []
-    quota = await (await alice.request("GET", "/quota")).json()
-    assert quota["reserved_bytes"] == 0 and quota["used_bytes"] == len(data)

@@ -65,8 +65,10 @@ async def check(store: Store, *, verify: bool = False, repair: bool = False,
     report = Report(live=live, verified=verify)
     started = time.monotonic()
     if not live:
-        report.problems += await _check_tmp(store, repair)
+        # Uploads first: undoing tmp/ as start-up does would clear them too,
+        # unreported.
         report.problems += await _check_uploads(store, repair)
+        report.problems += await _check_tmp(store, repair)
     advance = await _start_progress(store, verify, progress)
     # The recount is SQL in the index's thread, the tree scan file system
     # calls in others: run them side by side.

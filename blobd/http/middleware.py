@@ -56,13 +56,19 @@ async def no_expect_handler(request: web.Request) -> None:
     (see :func:`send_continue`), so a rejected upload is never sent."""
 
 
+def check_expectation(request: web.Request) -> None:
+    """417 for an expectation other than ``100-continue`` (RFC 9110 10.1.1);
+    for handlers that must refuse it before they change anything."""
+    expect = request.headers.get("Expect", "")
+    if expect and expect.strip().lower() != "100-continue":
+        raise BlobdError("bad_request", f"cannot meet Expect: {expect}", status=417)
+
+
 async def send_continue(request: web.Request) -> None:
     """Tell a client waiting on ``Expect: 100-continue`` to send the body."""
-    expect = request.headers.get("Expect", "")
-    if request.get(_CONTINUE_SENT) or not expect:
+    if request.get(_CONTINUE_SENT) or not request.headers.get("Expect", ""):
         return
-    if expect.strip().lower() != "100-continue":
-        raise BlobdError("bad_request", f"cannot meet Expect: {expect}", status=417)
+    check_expectation(request)
     if request.version < HttpVersion11:
         return  # RFC 9110 section 10.1.1: ignored in HTTP/1.0; the body just comes
     request[_CONTINUE_SENT] = True

@@ -34,7 +34,7 @@ from ..errors import BlobdError
 from ..sessions import TUS, NewSession, Session
 from ..sessionwrite import FINAL_TAKES_NO_PATCH, Check, check_room, receive_at_offset
 from .keys import STORE
-from .middleware import Handler, principal, requires, send_continue
+from .middleware import Handler, check_expectation, principal, requires, send_continue
 from .params import parse_uint
 
 TUS_VERSION = "1.0.0"
@@ -95,7 +95,11 @@ async def create(request: web.Request) -> web.Response:
                          f" ({store.config.limits.max_blob_size} bytes)")
     has_body = _has_body(request)
     if has_body:
+        # Whatever can refuse the body without reading it, before the upload
+        # exists: an error answer leaves nothing behind.
         _require_offset_stream(request)
+        _checksums(request)
+        check_expectation(request)
     session = await sessions.create_session(store, replace(spec, size=size, concat=concat))
     return await _created(request, session, has_body)
 

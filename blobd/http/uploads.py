@@ -8,6 +8,7 @@ failure, and completes the session, which commits the file exactly as a
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import functools
@@ -110,8 +111,12 @@ async def list_uploads(request: web.Request) -> web.Response:
     store = request.app[STORE]
     found = await index_sessions.list_open(store.db.reader, principal(request).owner,
                                            NATIVE, time.time())
+    # A session whose file is still being allocated is not there yet for
+    # anyone else (its creator learns its id once it is).
+    present = await asyncio.to_thread(
+        lambda: [s for s in found if store.layout.upload_path(s.id).exists()])
     listing = []
-    for session in found:
+    for session in present:
         received = await index_sessions.received(store.db.reader, session.id)
         listing.append(status_json(session, received))
     return web.json_response({"uploads": listing})
