@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, BinaryIO, Callable, TypeVar
@@ -124,11 +126,14 @@ class BlobdClient:
 
         ``dest`` is a path or an open binary file (standard output). A path
         to a regular file, or to nothing yet, is replaced whole by a temp
-        file written beside it (a symlink is followed: its target is
-        replaced, the link stays). Anything else there (a FIFO, a device such
-        as ``/dev/null``) and an open file are written into once the blob is
-        verified: until then it waits in a private temp directory under the
-        user's ($TMPDIR), since they cannot take back bytes once written."""
+        file written beside it. Anything else there (a symlink, a FIFO, a
+        device such as ``/dev/null``) and an open file are written into once
+        the blob is verified: until then it waits in a private temp
+        directory under the user's ($TMPDIR), since they cannot take back
+        bytes once written. A symlink is opened as any program opens it, so
+        the kernel's protections apply (``fs.protected_symlinks``: not
+        followed in a sticky directory such as /tmp when another user owns
+        it); resolving it here and replacing its target would bypass them."""
         parsed = parse_address(address)
         target = (await asyncio.to_thread(_file_to_replace, dest)
                   if isinstance(dest, Path) else None)
@@ -144,7 +149,7 @@ class BlobdClient:
         spool = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="blobd-get-"))
         try:
             digests = await self._fetch(parsed, spool / "blob", progress, total)
-            await asyncio.to_thread(_copy_into, spool / "blob", dest)
+            await _write_out(spool / "blob", dest)
         finally:
             await asyncio.to_thread(shutil.rmtree, spool, True)
         return digests
@@ -311,34 +316,66 @@ def _read_at(path: Path, offset: int, length: int) -> bytes:
 
 
 def _file_to_replace(dest: Path) -> Path | None:
-    """The regular file a download to ``dest`` replaces (a symlink's
-    target), or None for an existing file of another kind, written into.
+    """``dest`` if a download replaces it (a regular file, or nothing yet),
+    or None for something to write into (see BlobdClient.download).
     Checked before anything is downloaded, naming the path given."""
     try:
         mode = os.stat(dest).st_mode
     except FileNotFoundError:
-        mode = None  # nothing there yet, or a dangling symlink: made anew
+        mode = None  # nothing there yet, or a dangling symlink
     if mode is not None and stat.S_ISDIR(mode):
         raise BlobdError("bad_request", f"{dest} is a directory; name the file to write")
-    if mode is not None and not stat.S_ISREG(mode):
+    if dest.is_symlink() or (mode is not None and not stat.S_ISREG(mode)):
         return None
-    # realpath, not the link: replacing a symlink would cut it off from
-    # the file it names.
-    target = Path(os.path.realpath(dest))
-    if not target.parent.is_dir():
-        parent = target.parent if dest.is_symlink() else dest.parent
-        raise BlobdError("bad_request", f"{parent} is no directory to write into")
-    return target
+    if not dest.parent.is_dir():
+        raise BlobdError("bad_request", f"{dest.parent} is no directory to write into")
+    return dest
 
 
-def _copy_into(source: Path, dest: Path | BinaryIO) -> None:
-    with open(source, "rb") as src:
-        if isinstance(dest, Path):
-            with open(dest, "wb") as out:
-                shutil.copyfileobj(src, out, READ_SIZE)
+async def _write_out(source: Path, dest: Path | BinaryIO) -> None:
+    """Copy the verified blob into ``dest``, on a daemon thread: a FIFO
+    whose reader stops reading (or a pipe's) would otherwise keep Ctrl-C
+    from ending the command, the interpreter waiting for the thread."""
+    fd = await _open_to_write(dest) if isinstance(dest, Path) else None
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(exc: BaseException | None) -> None:
+        if not done.done():
+            done.set_result(None) if exc is None else done.set_exception(exc)
+
+    def copy() -> None:
+        try:
+            with open(source, "rb") as src:
+                if fd is not None:
+                    with open(fd, "wb") as out:
+                        shutil.copyfileobj(src, out, READ_SIZE)
+                else:
+                    shutil.copyfileobj(src, dest, READ_SIZE)
+                    dest.flush()
+        except BaseException as exc:  # handed to the waiting coroutine
+            loop.call_soon_threadsafe(settle, exc)
         else:
-            shutil.copyfileobj(src, dest, READ_SIZE)
-            dest.flush()
+            loop.call_soon_threadsafe(settle, None)
+
+    threading.Thread(target=copy, name="blobd-get-out", daemon=True).start()
+    await done
+
+
+async def _open_to_write(dest: Path) -> int:
+    """``dest`` opened for writing, as a shell's ``>`` opens it; a FIFO no
+    one reads yet is waited for here, where Ctrl-C still works."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK | os.O_CLOEXEC
+    while True:
+        try:
+            fd = await asyncio.to_thread(os.open, dest, flags, 0o666)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:   # ENXIO: a FIFO without a reader
+                raise
+            await asyncio.sleep(0.2)
+            continue
+        os.set_blocking(fd, True)
+        return fd
 
 
 def _sha256(data: bytes) -> bytes:

@@ -346,6 +346,10 @@ def _host_checks(host: str) -> list[Check]:
         (host == "" or host.startswith("[") or is_address
          or (len(host) <= 253 and _HOSTNAME.fullmatch(host) is not None), "server.host",
          f"{host!r} is neither an IP address nor a host name"),
+        # The resolver reads "0" as 0.0.0.0 and "192.168.1.010" as .8 (octal):
+        # all digits and dots is meant as an address, and must be a plain one.
+        (is_address or not re.fullmatch(r"[0-9.]+", host), "server.host",
+         f"{host!r} is not an IPv4 address (four numbers 0-255, no leading zeros)"),
     ]
 
 

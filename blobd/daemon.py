@@ -142,8 +142,12 @@ def cannot_listen(where: str, exc: OSError) -> BlobdError:
     """The one-line error of a port that is taken (or otherwise refused),
     worded alike by one process and by a supervisor of workers."""
     # asyncio's strerror repeats the address in a long sentence of its own.
-    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-    return BlobdError("unavailable", f"cannot listen on {where}: {reason}")
+    # A host the resolver does not know (gaierror) has its own messages.
+    if isinstance(exc, socket.gaierror) or not exc.errno:
+        reason = exc.strerror or str(exc)
+    else:
+        reason = os.strerror(exc.errno)
+    return BlobdError("unavailable", f"cannot listen on {where}: {reason.lower()}")
 
 
 async def _drain(sites: Sequence[web.BaseSite], in_flight: InFlight, timeout: float) -> None:

@@ -61,8 +61,18 @@ class WriterLock:
         self.path = path
         self._fd = -1
 
-    def open(self) -> None:
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def open(self, create: bool = True) -> None:
+        """Open the lock file; without ``create`` a missing one is not made,
+        and the lock is then a no-op: no server has written here yet, and
+        one that starts relies on SQLite's own lock for the few writes a
+        reading command makes (fsck's confirming transactions, which change
+        nothing)."""
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        try:
+            self._fd = os.open(self.path, flags, 0o600)
+        except FileNotFoundError:
+            if create:
+                raise
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -71,13 +81,17 @@ class WriterLock:
 
     def hold(self) -> None:
         """Take the lock, waiting as long as it takes (blocking)."""
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
 
     def release(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _try_hold(self) -> bool:
         """Take the lock if it is free; never blocks."""
+        if self._fd < 0:
+            return True
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -113,10 +127,13 @@ class Database:
         self._read_local = threading.local()
         self._read_conns: list[sqlite3.Connection] = []
 
-    async def open(self) -> None:
-        await asyncio.to_thread(self._writers.open)
+    async def open(self, *, read_only: bool = False) -> None:
+        """``read_only``: for a command that only reads: the writers' lock
+        file is not made (by root, where none was, it would keep the owner's
+        server out) and an older schema is refused, not migrated."""
+        await asyncio.to_thread(self._writers.open, not read_only)
         self._writer = await self._connect()
-        await migrate(self._writer)
+        await migrate(self._writer, read_only=read_only)
         self._reader = await self._connect()
         await self._reader.execute("PRAGMA query_only = ON")
         self._read_threads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="blobd-read")

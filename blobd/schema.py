@@ -165,12 +165,19 @@ MIGRATIONS: list[str] = [
 ]
 
 
-async def migrate(conn: aiosqlite.Connection) -> None:
+async def migrate(conn: aiosqlite.Connection, *, read_only: bool = False) -> None:
+    """Bring the index to this blobd's schema. ``read_only`` (a command that
+    only reads): refuse an older index rather than migrate it, which could
+    happen under an older server still running on it."""
     async with conn.execute("PRAGMA user_version") as cur:
         (version,) = await cur.fetchone()
     if version > len(MIGRATIONS):
         raise BlobdError("conflict", f"index schema {version} is newer than this blobd"
                          f" ({len(MIGRATIONS)}); upgrade blobd")
+    if read_only and version < len(MIGRATIONS):
+        raise BlobdError("conflict", f"index schema {version} is older than this blobd"
+                         f" ({len(MIGRATIONS)}); a command that only reads does not"
+                         " upgrade it: start this blobd's server (blobd serve) first")
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
         # executescript would COMMIT on its own; run statement by statement
         # so the schema change and the version bump are one transaction.

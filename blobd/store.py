@@ -108,7 +108,7 @@ class Store:
         if exclusive and (write or await asyncio.to_thread(self.layout.lock_path.exists)):
             self._lock_fd = await asyncio.to_thread(take_lock, self.layout.lock_path)
         try:
-            await self.db.open()
+            await self.db.open(read_only=not write)
             if recover:
                 await self.recover()
         except BaseException:
@@ -200,7 +200,10 @@ class Store:
         """(names of files in uploads/ without an open session, ids of open
         sessions without their file)."""
         open_ids = await index_sessions.open_ids(self.db.reader)
-        present = set(await asyncio.to_thread(os.listdir, self.layout.uploads_dir))
+        try:
+            present = set(await asyncio.to_thread(os.listdir, self.layout.uploads_dir))
+        except FileNotFoundError:   # a read-only fsck makes no directory
+            present = set()
         return present - open_ids, open_ids - present
 
     async def _recover_entry(self, entry: files.TmpEntry) -> None:

@@ -65,6 +65,9 @@ def test_sizes(text, value):
     # every interface without a word.
     ({"server": {"host": ""}}, "server.host: empty; to listen on every interface, say 0.0.0.0"),
     ({"server": {"host": "[::1]"}}, "server.host: '[::1]': an IPv6 address goes without"),
+    # Found by review: the resolver reads these as 0.0.0.0 and 192.168.1.8.
+    ({"server": {"host": "0"}}, "server.host: '0' is not an IPv4 address"),
+    ({"server": {"host": "192.168.1.010"}}, "server.host: '192.168.1.010' is not an IPv4"),
     ({"server": {"host": "192.168.1.10 "}}, "server.host: '192.168.1.10 ' is neither"),
     ({"server": {"host": "not a host"}}, "server.host: 'not a host' is neither"),
     ({"server": {"host": "-lead.example"}}, "server.host"),

@@ -294,3 +294,12 @@ async def test_repair_reports_upload_leftovers_beside_tmp_ones(server) -> None:
     kinds = {(p.kind, p.subject) for p in repaired.problems}
     # Expected: the repair run reports (and claims) what it removed.
     assert ("upload", "uploads/" + "ab" * 16) in kinds, kinds
+
+
+async def test_a_store_without_uploads_dir_is_checked(server):
+    """Found by review: a read-only fsck makes no directory, and one missing
+    uploads/ stopped it with 'No such file or directory'."""
+    alice, _ = await filled(server)
+    (alice.data_dir / "uploads").rmdir()
+    report = await fsck.check(alice.store)
+    assert report.ok, [p.line() for p in report.problems]

@@ -132,3 +132,21 @@ async def test_a_migration_is_logged(tmp_path, caplog):
         await store_id_of(path)  # nothing left to migrate: no line
     assert [r.getMessage() for r in caplog.records if r.name == "blobd.schema"] == [
         f"index schema migrated from 1 to {len(MIGRATIONS)}"]
+
+
+async def test_a_reading_command_does_not_migrate_an_older_index(tmp_path):
+    """Found by review: `blobd stats` from a new install migrated the index
+    under the older server still running on it."""
+    path = tmp_path / "v4.sqlite3"
+    with sqlite3.connect(path) as conn:
+        for script in MIGRATIONS[:4]:
+            for statement in _statements(script):
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 4")
+    db = Database(path, durable=False)
+    with pytest.raises(BlobdError) as info:
+        await db.open(read_only=True)
+    await db.close()
+    assert "older than this blobd" in info.value.message
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4

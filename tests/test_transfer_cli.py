@@ -20,7 +20,7 @@ import pytest
 from blobd.client import BlobdClient
 from conftest import b3
 from cutproxy import CutProxy
-from serverproc import BlobdServer, http as request, run_blobd
+from serverproc import BlobdServer, blobd_env, http as request, run_blobd
 
 KIB = 1024
 REPO = Path(__file__).resolve().parent.parent
@@ -317,6 +317,27 @@ def test_get_into_a_fifo_writes_into_it(live, tmp_path: Path) -> None:
     assert received == [data]
     assert stat.S_ISFIFO(fifo.lstat().st_mode)
     assert list(tmp_path.iterdir()) == [fifo]
+
+
+def test_get_into_a_fifo_nobody_reads_stops_on_ctrl_c(live, tmp_path: Path) -> None:
+    """Found by review: the copy's thread sat in open() waiting for a
+    reader, and the command could not be stopped at all."""
+    digest = stored(live, os.urandom(300 * KIB))
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    server, token = live
+    proc = subprocess.Popen([sys.executable, "-m", "blobd", "get", digest, "-o", str(fifo),
+                             "--server", server.url, "--token", token],
+                            env=blobd_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(2)                   # downloaded and verified; waiting for a reader
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 130
+    finally:
+        proc.kill()
+        proc.wait()
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and list(tmp_path.iterdir()) == [fifo]
 
 
 def test_get_into_a_device_writes_into_it(live, tmp_path: Path) -> None:
