@@ -16,6 +16,17 @@ from blobd.errors import BlobdError
 from blobd.schema import MIGRATIONS, _statements
 
 
+def index_at(path: Path, version: int) -> Path:
+    """An index made by the first ``version`` migrations, as an older
+    blobd left it."""
+    with sqlite3.connect(path) as conn:
+        for script in MIGRATIONS[:version]:
+            for statement in _statements(script):
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {version}")
+    return path
+
+
 async def store_id_of(path: Path) -> str:
     db = Database(path, durable=False)
     await db.open()
@@ -81,18 +92,14 @@ async def test_unmirrored_blobs_are_found_through_their_index_after_migrating(tm
 
 async def test_open_sessions_reserve_their_blob_slots_after_migrating(tmp_path):
     """Migration 5 counts each owner's open sessions into reserved_blobs."""
-    path = tmp_path / "v4.sqlite3"
+    path = index_at(tmp_path / "v4.sqlite3", 4)
     with sqlite3.connect(path) as conn:
-        for script in MIGRATIONS[:4]:
-            for statement in _statements(script):
-                conn.execute(statement)
         conn.execute("INSERT INTO owners (owner) VALUES ('alice'), ('bob')")
         conn.executemany(
             "INSERT INTO uploads (id, owner, protocol, size, chunk_size, created_at,"
             " expires_at, result_hash) VALUES (?, ?, 'native', 10, 10, 0, 1e12, ?)",
             [("a1", "alice", None), ("a2", "alice", None), ("a3", "alice", "f" * 64),
              ("b1", "bob", "e" * 64)])
-        conn.execute("PRAGMA user_version = 4")
     db = Database(path, durable=False)
     await db.open()
     try:
@@ -137,12 +144,7 @@ async def test_a_migration_is_logged(tmp_path, caplog):
 async def test_a_reading_command_does_not_migrate_an_older_index(tmp_path):
     """Found by review: `blobd stats` from a new install migrated the index
     under the older server still running on it."""
-    path = tmp_path / "v4.sqlite3"
-    with sqlite3.connect(path) as conn:
-        for script in MIGRATIONS[:4]:
-            for statement in _statements(script):
-                conn.execute(statement)
-        conn.execute("PRAGMA user_version = 4")
+    path = index_at(tmp_path / "v4.sqlite3", 4)
     db = Database(path, durable=False)
     with pytest.raises(BlobdError) as info:
         await db.open(read_only=True)
