@@ -343,8 +343,12 @@ async def _write_out(source: Path, dest: Path | BinaryIO) -> None:
     done: asyncio.Future[None] = loop.create_future()
 
     def settle(exc: BaseException | None) -> None:
-        if not done.done():
-            done.set_result(None) if exc is None else done.set_exception(exc)
+        if done.done():
+            return
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
 
     def copy() -> None:
         try:
