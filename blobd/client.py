@@ -183,8 +183,9 @@ class BlobdClient:
     async def create_upload(self, size: int, *, digest: str | None = None,
                             ref: str | None = None, content_type: str | None = None,
                             chunk_size: int | None = None) -> tuple[int, dict[str, Any]]:
-        """201 and the new session, or 200 and the blob when the server has
-        the hash already (nothing to upload)."""
+        """201 and the new session (complete at once, ``blob_hash`` set, when
+        the server has the content already), or 200 and the blob from a
+        server of before that (it answered known content like a PUT)."""
         body: dict[str, Any] = {"size": size}
         for key, value in (("hash", digest), ("ref", ref), ("content_type", content_type),
                            ("chunk_size", chunk_size)):
@@ -252,12 +253,12 @@ class BlobdClient:
             return UploadResult(blob, "put" if stored else "skipped",
                                 digests.size if sent else 0)
         session, mode = await self._open_session(digests, ref, content_type, chunk_size)
-        if mode == "skipped":
-            return UploadResult(session, mode, 0)
+        if mode == "skipped" and "id" not in session:
+            return UploadResult(session, mode, 0)   # the blob itself
         already(session["bytes_received"])
         sent = await self._send_chunks(path, session, parallel, progress)
         blob = await self.complete_upload(session["id"])
-        return UploadResult(blob, mode, sent, session["id"])
+        return UploadResult(blob, mode, sent, None if mode == "skipped" else session["id"])
 
     async def _open_session(self, digests: files.Digests, ref: str | None,
                             content_type: str | None,
@@ -276,10 +277,11 @@ class BlobdClient:
         status, answer = await self.create_upload(
             digests.size, digest=digests.blake3, ref=ref, content_type=content_type,
             chunk_size=chunk_size)
-        if status == 200:
+        known = status == 200 or answer.get("blob_hash") is not None
+        if known:
             for session in stale:
                 await self.abort_upload(session["id"])
-        return answer, "skipped" if status == 200 else "session"
+        return answer, "skipped" if known else "session"
 
     async def _send_chunks(self, path: Path, session: dict[str, Any], parallel: int,
                            progress: Progress) -> int:

@@ -277,11 +277,12 @@ async def _staged(store: Store, received: Received) -> Path:
 
 
 async def add_existing(store: Store, digest: str, owner: str, ref: str | None,
-                       size: int | None = None) -> Stored | None:
+                       size: int | None = None, in_tx: InTx | None = None) -> Stored | None:
     """Reference an already stored blob without a body (Expect: 100-continue,
     upload sessions for known content); None when the blob must be uploaded,
     also when the client announced a ``size`` that is not the blob's: those
-    bytes are something else, which only reading them can tell."""
+    bytes are something else, which only reading them can tell. ``in_tx``
+    as for :func:`commit_file`, run only when the blob is referenced."""
     async def body(tx: Tx) -> Stored | None:
         blob = await index.get_blob(tx.conn, digest)
         final = store.layout.blob_path(digest)
@@ -290,8 +291,10 @@ async def add_existing(store: Store, digest: str, owner: str, ref: str | None,
         if not await tx.blocking(final.exists):
             return None
         describe.admit(store.config.audio, describe.Description.of_record(blob))
+        if in_tx is not None:
+            await in_tx(tx, blob.hash)
         return await _reference(store, tx, owner, ref, blob, False, time.time())
-    return await shielded(store.commit(body))
+    return await shielded(store.commit(body, grouped=in_tx is None))
 
 
 async def _reference(store: Store, tx: Tx, owner: str, ref: str | None,

@@ -149,6 +149,33 @@ async def create_session(store: Store, spec: NewSession) -> Session:
     return session
 
 
+async def create_for_stored(store: Store, spec: NewSession,
+                            digest: str) -> tuple[Session, ingest.Stored] | None:
+    """A session for content the server has already (``digest``, of the
+    declared size): made committed, in the transaction that gives the
+    caller its reference, so that a client finds every chunk received and
+    its completion answers like a PUT, with nothing to send. None when the
+    blob is not there after all: the caller makes an ordinary session."""
+    assert spec.size is not None
+    now = time.time()
+    session = Session(
+        id=new_session_id(), owner=spec.owner, protocol=spec.protocol, size=spec.size,
+        chunk_size=spec.chunk_size, expected_hash=str(spec.expected) if spec.expected
+        else None, content_type=spec.content_type, ref=spec.ref, metadata=spec.metadata,
+        concat=spec.concat, upload_offset=spec.size, reserved_bytes=0,
+        created_at=now, expires_at=expiry(store, now), result_hash=digest)
+
+    async def record(tx: Tx, blob_hash: str) -> None:
+        # Committed sessions are kept only as many as open ones may be.
+        limit = store.config.uploads.max_sessions_per_owner
+        await index_sessions.forget_finished(tx.conn, spec.owner, keep=limit - 1)
+        await index_sessions.insert(tx.conn, session)
+
+    stored = await ingest.add_existing(store, digest, spec.owner, spec.ref, spec.size,
+                                       in_tx=record)
+    return None if stored is None else (session, stored)
+
+
 async def _create(store: Store, session: Session) -> None:
     """Reserve the session's bytes (its row), then allocate its file, so
     no file is ever made for bytes its owner has no room for; a failed

@@ -267,16 +267,53 @@ async def test_expired_sessions_and_stray_files_are_swept(alice: Api) -> None:
 
 
 async def test_known_hash_skips_the_upload(alice: Api) -> None:
+    """API.md's answer (201, a session) with nothing left to send: the
+    reference is the caller's at once, and the completion answers like a
+    PUT of known content."""
     data = payload(3 * CHUNK)
     assert (await alice.put(data)).status == 201
+    before = await usage(alice)
     resp = await alice.request("POST", "/uploads", json={
-        "size": len(data), "hash": b3(data), "ref": "again"})
-    assert resp.status == 200
-    body = await resp.json()
-    assert body["hash"] == b3(data) and body["created"] is False and body["ref"] == "again"
+        "size": len(data), "hash": b3(data), "ref": "again", "chunk_size": CHUNK})
+    assert resp.status == 201
+    session = await resp.json()
+    assert resp.headers["Location"] == f"/uploads/{session['id']}"
+    assert session["chunks"] == 3 and session["chunk_size"] == CHUNK
+    assert session["missing"] == [] and session["received"] == [0, 1, 2]
+    assert session["blob_hash"] == b3(data) and session["expires_at"]
+    assert (await alice.request("GET", "/refs/again")).status == 200
+    assert (await status_of(alice, session))["missing"] == []
+    # Nothing reserved, nothing charged twice, not listed as open.
+    after = await usage(alice)
+    assert after["reserved_bytes"] == 0 and after["used_bytes"] == before["used_bytes"]
+    assert after["monthly_upload_bytes"] == before["monthly_upload_bytes"]
     listing = await (await alice.request("GET", "/uploads")).json()
     assert listing["uploads"] == []
-    assert (await alice.request("GET", "/refs/again")).status == 200
+    done = await alice.request("POST", f"/uploads/{session['id']}/complete")
+    assert done.status == 200
+    body = await done.json()
+    assert body["hash"] == b3(data) and body["created"] is False and body["ref"] == "again"
+
+
+async def test_a_client_that_sends_chunks_anyway_gets_the_blob(alice: Api) -> None:
+    """A client written from API.md alone sends every chunk, then completes:
+    each chunk is answered 204 (its bytes are not kept), a wrong index or
+    length is still 400."""
+    data = payload(2 * CHUNK + 5)
+    assert (await alice.put(data)).status == 201
+    session = await (await alice.request("POST", "/uploads", json={
+        "size": len(data), "hash": b3(data), "chunk_size": CHUNK})).json()
+    for idx in range(3):
+        piece = data[idx * CHUNK:(idx + 1) * CHUNK]
+        resp = await alice.request("PUT", f"/uploads/{session['id']}/{idx}", data=piece)
+        assert resp.status == 204, await resp.text()
+    wrong = await alice.request("PUT", f"/uploads/{session['id']}/3", data=b"x")
+    assert wrong.status == 400
+    short = await alice.request("PUT", f"/uploads/{session['id']}/0", data=b"x")
+    assert short.status == 400
+    done = await alice.request("POST", f"/uploads/{session['id']}/complete")
+    assert done.status == 200 and (await done.json())["hash"] == b3(data)
+    assert not list((alice.data_dir / "uploads").iterdir())
 
 
 @pytest.mark.parametrize("known", [False, True], ids=["new", "known hash"])
@@ -306,8 +343,10 @@ async def test_complete_twice_answers_the_same_blob(alice: Api) -> None:
     second = await alice.request("POST", f"/uploads/{session['id']}/complete")
     assert first.status == 201 and second.status == 200
     assert (await second.json())["hash"] == (await first.json())["hash"] == b3(data)
-    # A committed session takes no more chunks.
-    await send(alice, session, 0, data, status=409)
+    # A chunk sent again after the completion is as harmless as before it.
+    await send(alice, session, 0, data[::-1])
+    again = await alice.request("POST", f"/uploads/{session['id']}/complete")
+    assert again.status == 200 and (await again.json())["hash"] == b3(data)
 
 
 async def test_listing_shows_open_sessions_for_resuming(alice: Api) -> None:

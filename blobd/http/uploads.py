@@ -13,11 +13,12 @@ import base64
 import binascii
 import functools
 import time
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 
-from .. import index, index_sessions, ingest, sessions
+from .. import index_sessions, sessions
 from ..address import Address, parse_address, parse_ref_name
 from ..describe import normalise_type
 from ..errors import BlobdError
@@ -58,32 +59,41 @@ async def create_upload(request: web.Request) -> web.Response:
     expected = _optional(body, "hash", parse_address)
     ref = _optional(body, "ref", parse_ref_name)
     content_type = normalise_type(_optional(body, "content_type", str)) or None
-    if expected is not None:
-        stored = await _known_blob(store, expected, size, owner, ref)
-        if stored is not None:
-            return stored_response(stored)
-    # Limits first: a size over them is 413 / 507 whatever the chunking.
-    await sessions.precheck(store, owner, size)
     chunk_size = _int_field(body, "chunk_size")
     if chunk_size is None:
         chunk_size = sessions.pick_chunk_size(size)
-    sessions.check_chunk_size(size, chunk_size)
-    session = await sessions.create_session(store, NewSession(
-        owner=owner, protocol=NATIVE, size=size, chunk_size=chunk_size,
-        expected=expected, content_type=content_type, ref=ref))
+    spec = NewSession(owner=owner, protocol=NATIVE, size=size, chunk_size=chunk_size,
+                      expected=expected, content_type=content_type, ref=ref)
+    if expected is not None:
+        known = await _known_blob(store, spec, expected)
+        if known is not None:
+            return known
+    # Limits first: a size over them is 413 / 507 whatever the chunking.
+    await sessions.precheck(store, owner, size)
+    sessions.check_chunk_size(size, spec.chunk_size)
+    session = await sessions.create_session(store, spec)
+    return _created(session)
+
+
+def _created(session: Session) -> web.Response:
     return web.json_response(status_json(session, []), status=201,
                              headers={"Location": f"/uploads/{session.id}"})
 
 
-async def _known_blob(store: Store, expected: Address, size: int, owner: str,
-                      ref: str | None) -> ingest.Stored | None:
+async def _known_blob(store: Store, spec: NewSession,
+                      expected: Address) -> web.Response | None:
     """Skip the upload when the server has the content already: the caller
-    gets its reference at once (200, the body of a PUT)."""
+    gets its reference at once, and a session that is complete (every chunk
+    received, ``blob_hash`` set), so that a client finds nothing to send and
+    its completion answers like a PUT."""
     digest = await resolve_any(store, expected)
-    blob = await index.get_blob(store.db.reader, digest) if digest else None
-    if blob is None or blob.size != size:
+    if digest is None:
         return None
-    return await ingest.add_existing(store, blob.hash, owner, ref)
+    sessions.check_chunk_size(spec.size or 0, spec.chunk_size)
+    made = await sessions.create_for_stored(store, spec, digest)
+    if made is None:
+        return None
+    return _created(made[0])
 
 
 def _int_field(body: dict[str, Any], key: str, required: bool = False) -> int | None:
@@ -140,6 +150,13 @@ async def put_chunk(request: web.Request) -> web.Response:
     session = await _session(request)
     number = parse_uint(request.match_info["index"], "chunk index")
     checks = chunk_checks(request)
+    if session.committed:
+        # Complete already (often made so because the server had the
+        # content): a chunk sent anyway is as harmless as a repeated one,
+        # and its bytes are not wanted (never invited; aiohttp drains
+        # what comes regardless).
+        check_chunk(replace(session, result_hash=None), number, request.content_length)
+        return web.Response(status=204)
     check_chunk(session, number, request.content_length)
     # Only a chunk that can be taken is invited: a phone never sends the
     # bytes of a wrong, finished or busy one.
