@@ -80,6 +80,13 @@ async def forget_deleted(conn: aiosqlite.Connection, digest: str) -> None:
     await conn.execute("DELETE FROM deleted_blobs WHERE hash = ?", (digest,))
 
 
+async def deleted_at(conn: aiosqlite.Connection, digest: str) -> float | None:
+    """When the blob was last deleted while mirrored, if that is remembered
+    (the row outlives a later incarnation of the same content)."""
+    row = await _one(conn, "SELECT deleted_at FROM deleted_blobs WHERE hash = ?", digest)
+    return row[0] if row else None
+
+
 async def deleted_blobs(conn: aiosqlite.Connection) -> dict[str, float]:
     """{digest: when it was deleted} of every blob remembered as deleted."""
     return {row[0]: row[1] for row in await _all(

@@ -106,6 +106,34 @@ async def test_blobs_put_while_the_mirror_is_down_arrive_when_it_returns(
     assert await in_thread(bucket.digests) == {b3(d) for d in blobs}
 
 
+async def test_a_damaged_local_file_is_not_uploaded_again_and_again(
+        mirrored, bucket, s3server):
+    """Found by review: the mirror refused a blob whose local file had been
+    damaged (its checksum), and every retry sent the whole file again, to be
+    refused again. A retry now reads the file first and says what is wrong."""
+    alice = await mirrored()
+    data = os.urandom(200_000)
+    await s3server.astop()
+    try:
+        assert (await alice.put(data)).status == 201
+        path = alice.data_dir / "blobs" / b3(data)[:2] / b3(data)[2:4] / b3(data)
+        damaged = bytearray(data)
+        damaged[1000:1004] = b"XXXX"
+        path.write_bytes(bytes(damaged))
+        await eventually(lambda: _failing(alice, 1), what="the upload failing")
+    finally:
+        await s3server.astart()
+
+    async def told() -> bool:
+        counts = await queue.counts(alice.store.db.reader)
+        return "is damaged" in (counts["last_error"] or "")
+    await eventually(told, what="the damaged file reported")
+    counts = await queue.counts(alice.store.db.reader)
+    assert "blobd fsck --verify" in counts["last_error"]
+    assert await in_thread(bucket.get, bucket.key(b3(data))) is None
+    assert await state(alice, b3(data)) == "failed"
+
+
 async def _failing(api, count: int) -> bool:
     counts = await queue.counts(api.store.db.reader)
     return counts["failed"] == count

@@ -357,6 +357,40 @@ async def test_restore_leaves_blobs_deleted_before_the_backup_deleted(
     assert sorted(p.read_bytes() for p in blob_files(fresh.data_dir)) == sorted([kept, late])
 
 
+async def test_restore_brings_back_a_blob_stored_again_after_the_backup(
+        server, tmp_path, s3server, mirror_prefix, bucket):
+    """Found by review: content deleted, backed up as deleted, then stored
+    again (201) found its old object in the bucket, so nothing was uploaded;
+    the object kept its old date and the restore dropped the blob as
+    deleted before the backup. The upload of the new incarnation is now
+    made (stamped with its creation), and the restore reads the stamp."""
+    setup = Setup(tmp_path, "data", mirror_section(
+        s3server, mirror_prefix, backup_interval_seconds=0, keep_deleted=True))
+    _, alice = await start(server, setup, tmp_path)
+    again, kept = os.urandom(3000), os.urandom(3001)
+    for data in (again, kept):
+        await alice.put(data)
+    await mirrored(alice, bucket, {b3(again), b3(kept)})
+    first = await in_thread(bucket.head, bucket.key(b3(again)))
+    assert (await alice.request("DELETE", f"/blobs/{b3(again)}")).status == 204
+    await eventually(lambda: drained(alice), what="the delete handled")
+    assert (await setup.cli("backup")).returncode == 0
+    assert (await alice.put(again)).status == 201
+    await eventually(lambda: drained(alice), what="the new incarnation mirrored")
+    meta = await (await alice.request("GET", f"/blobs/{b3(again)}/meta")).json()
+    assert meta["mirror"]["state"] == "done"
+    second = await in_thread(bucket.head, bucket.key(b3(again)))
+    assert second["Metadata"]["blobd-created"] != first["Metadata"]["blobd-created"]
+
+    fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
+    result = await fresh.cli("restore")
+    assert result.returncode == 0, result.stderr
+    assert "1 given to owner _restored" in result.stdout
+    assert index_rows(fresh.data_dir, "SELECT owner, hash FROM refs ORDER BY owner") == [
+        ("_restored", b3(again)), ("alice", b3(kept))]
+    assert sorted(p.read_bytes() for p in blob_files(fresh.data_dir)) == sorted([again, kept])
+
+
 async def test_orphans_given_to_an_owner_at_a_limit_are_restored(server, setup, bucket,
                                                                 tmp_path):
     """Found by review: an owner's own max_bytes override applied to the

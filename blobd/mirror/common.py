@@ -63,6 +63,22 @@ def make_target(config: MirrorConfig, jobs: int | None = None) -> S3Target:
         raise ConfigError(f"mirror: {exc}") from None
 
 
+# x-amz-meta-blobd-created: the creation time (this server's clock) of
+# the blob an object was uploaded for. A blob deleted and later stored again
+# is a new incarnation of the same key: restore tells it from the deleted
+# one by this stamp, never by comparing our clock with the S3 server's.
+CREATED_METADATA = "blobd-created"
+
+
+def created_stamp(created_at: float) -> str:
+    return f"{created_at:.6f}"
+
+
+def object_metadata(created_at: float) -> dict[str, str]:
+    """The user metadata of a blob's object, besides its SHA-256."""
+    return {CREATED_METADATA: created_stamp(created_at)}
+
+
 def blob_key(config: MirrorConfig, digest: str) -> str:
     return layout.mirror_key(config.prefix, digest)
 

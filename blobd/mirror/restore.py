@@ -53,8 +53,8 @@ from ..index import BlobRecord
 from ..storage.s3 import Listed, ObjectTooLarge, S3Error, S3Target
 from ..store import Store
 from .backup import backup_key_named, choose_for_restore
-from .common import (BarFactory, CopyMismatch, any_blob_object, blob_key,
-                     list_blob_objects, no_bar, run_pool, verify_copy)
+from .common import (CREATED_METADATA, BarFactory, CopyMismatch, any_blob_object,
+                     blob_key, list_blob_objects, no_bar, run_pool, verify_copy)
 from .heal import local_file_fault
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ async def restore(config: Config, target: S3Target, *, jobs: int = 4,
         known = {b.hash for b in blobs}
         deleted = await index.deleted_blobs(store.db.reader)
         for digest in sorted(set(remote) - known):
-            if stored_again(remote[digest], deleted.get(digest)):
+            if await stored_again(target, mirror, digest, remote[digest],
+                                  deleted.get(digest)):
                 report.orphans.append(digest)
             else:
                 report.deleted_before.append(digest)
@@ -113,13 +114,24 @@ async def restore(config: Config, target: S3Target, *, jobs: int = 4,
         await store.close()
 
 
-def stored_again(listed: Listed, deleted_at: float | None) -> bool:
+async def stored_again(target: S3Target, mirror: MirrorConfig, digest: str,
+                       listed: Listed, deleted_at: float | None) -> bool:
     """Whether a blob object the backup does not know is a blob stored
     after the backup was taken, not one deleted before it (its object kept
     by ``keep_deleted``, or its deletion not yet done): the backup
-    remembers those it deleted. One written well after its deletion was
-    stored again (the S3 server's clock against ours: CLOCK_SLACK)."""
-    return deleted_at is None or listed.modified > deleted_at + CLOCK_SLACK
+    remembers those it deleted. An object stamped with its blob's creation
+    (our clock, see CREATED_METADATA) was stored again if that came after
+    the deletion; an unstamped one (an older blobd's) if it was written
+    well after it (the S3 server's clock against ours: CLOCK_SLACK)."""
+    if deleted_at is None:
+        return True
+    there = await target.head(blob_key(mirror, digest))
+    if there is None:
+        return False  # gone since the listing
+    try:
+        return float(there["metadata"][CREATED_METADATA]) > deleted_at
+    except (KeyError, ValueError):
+        return listed.modified > deleted_at + CLOCK_SLACK
 
 
 async def _install_index(store: Store, target: S3Target, mirror: MirrorConfig,

@@ -25,16 +25,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from .. import index
+from ..index import BlobRecord
 from ..config import MirrorConfig
 from ..storage.s3 import S3Error, S3Target
 from ..store import Store, shielded
 from . import queue
-from .common import blob_key
+from .common import CREATED_METADATA, blob_key, created_stamp, object_metadata
+from .heal import local_file_fault
 from .queue import Job
 
 log = logging.getLogger(__name__)
+
+
+class LocalFileDamaged(Exception):
+    """A blob's own file does not hold the blob: retrying the upload cannot help."""
+
+
 # Longest sleep with nothing due: rows queued by another process are
 # noticed this late at worst.
 POLL_SECONDS = 5.0
@@ -128,15 +137,42 @@ class MirrorWorker:
             return  # deleted before it was uploaded
         key = blob_key(self.config, job.hash)
         there = await self.target.head(key)
-        if there is not None and there["sha256"] == blob.sha256 and there["size"] == blob.size:
+        if there is not None and await self._uploaded_already(blob, there):
             return
+        if job.attempts:
+            # A retry: the upload may have been refused for the file's own
+            # bytes (a checksum mismatch). Reading the disk is cheap next to
+            # sending a damaged file again, only to be refused again.
+            fault = await asyncio.to_thread(local_file_fault, self.store, blob)
+            if fault is not None and fault != "missing":
+                raise LocalFileDamaged(
+                    f"the local file of {blob.hash} is damaged ({fault}), so it is not"
+                    " uploaded; `blobd fsck --verify` reports it, `blobd mirror heal`"
+                    " cannot help while the mirror has no good copy")
         path = self.store.layout.blob_path(job.hash)
         try:
-            await self.target.put_file(key, path, blob.size, blob.sha256, blob.content_type)
+            await self.target.put_file(key, path, blob.size, blob.sha256, blob.content_type,
+                                       metadata=object_metadata(blob.created_at))
         except FileNotFoundError:
             if await index.get_blob(self.store.db.reader, job.hash) is None:
                 return  # deleted while we looked
             raise
+
+    async def _uploaded_already(self, blob: BlobRecord, there: dict[str, Any]) -> bool:
+        """Whether the object there is this blob's upload (after a crash
+        mid-queue, or a ``blobd mirror sync``). The same bytes left from an
+        earlier incarnation (deleted, its object kept or not yet removed,
+        then stored again) are uploaded again, stamped with this one's
+        creation: a restore from a backup taken between the deletion and
+        now must see that this content was stored again after it."""
+        if there["sha256"] != blob.sha256 or there["size"] != blob.size:
+            return False
+        stamp = there["metadata"].get(CREATED_METADATA)
+        if stamp is not None:
+            return bool(stamp == created_stamp(blob.created_at))
+        # Uploaded by a version that did not stamp: the same incarnation
+        # unless this content was ever deleted while mirrored.
+        return await index.deleted_at(self.store.db.reader, blob.hash) is None
 
     async def _delete(self, job: Job) -> None:
         if self.config.keep_deleted:
