@@ -112,11 +112,12 @@ async def insert_blob(conn: aiosqlite.Connection, blob: BlobRecord) -> None:
     )
 
 
-async def delete_blob(conn: aiosqlite.Connection, digest: str) -> bool:
-    """Remove the row of a blob nobody references; False if it was revived."""
-    cur = await conn.execute(
-        "DELETE FROM blobs WHERE hash = ? AND refcount = 0", (digest,))
-    return cur.rowcount == 1
+async def delete_blob(conn: aiosqlite.Connection, digest: str) -> str | None:
+    """Remove the row of a blob nobody references; its mirror state, or
+    None if it was revived."""
+    row = await _one(conn, "DELETE FROM blobs WHERE hash = ? AND refcount = 0"
+                     " RETURNING mirror_state", digest)
+    return row[0] if row else None
 
 
 async def blobs_due_for_deletion(conn: aiosqlite.Connection, zero_before: float,

@@ -27,13 +27,17 @@ async def release_zeroed(store: Store, tx: Tx, digests: list[str]) -> None:
 
 
 async def delete_now(store: Store, tx: Tx, digest: str) -> bool:
-    if not await index.delete_blob(tx.conn, digest):
+    state = await index.delete_blob(tx.conn, digest)
+    if state is None:
         return False
     mirror = store.config.mirror
-    if mirror is not None:
+    if mirror is not None or state != "off":
+        # Remembered also while the mirror is switched off, for a blob that
+        # was mirrored before: its object is still in the bucket, and a
+        # restore must not take it for a blob stored after its backup.
         now = time.time()
         await index.remember_deleted(tx.conn, digest, now)
-        if not mirror.keep_deleted:
+        if mirror is not None and not mirror.keep_deleted:
             await tx.enqueue_mirror(digest, "delete", now)
     trash = store.layout.trash_path(digest)
     final = store.layout.blob_path(digest)

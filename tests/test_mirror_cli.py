@@ -391,6 +391,37 @@ async def test_restore_brings_back_a_blob_stored_again_after_the_backup(
     assert sorted(p.read_bytes() for p in blob_files(fresh.data_dir)) == sorted([again, kept])
 
 
+async def test_restore_leaves_deleted_a_blob_deleted_while_the_mirror_was_off(
+        server, setup, bucket, tmp_path):
+    """Found by review: a mirrored blob deleted while [mirror] was taken out
+    of the config kept its object (nothing deletes it then) and was not
+    remembered as deleted, so a restore brought it back under _restored."""
+    login, alice = await start(server, setup, tmp_path)
+    kept, gone = os.urandom(3000), os.urandom(3001)
+    for data in (kept, gone):
+        await alice.put(data)
+    await mirrored(alice, bucket, {b3(kept), b3(gone)})
+    await alice.client.close()
+
+    login = await server(config=setup.config(tmp_path, mirror=False))
+    alice = await login("alice")
+    assert (await alice.request("DELETE", f"/blobs/{b3(gone)}")).status == 204
+    later = os.urandom(3002)  # never mirrored: nothing to remember when deleted
+    await alice.put(later)
+    assert (await alice.request("DELETE", f"/blobs/{b3(later)}")).status == 204
+    assert index_rows(setup.data_dir, "SELECT hash FROM deleted_blobs") == [(b3(gone),)]
+    await alice.client.close()
+
+    _, alice = await start(server, setup, tmp_path)
+    assert (await setup.cli("backup")).returncode == 0
+    assert b3(gone) in await in_thread(bucket.digests)  # the object is still there
+    fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
+    result = await fresh.cli("restore")
+    assert result.returncode == 0, result.stderr
+    assert "0 given to owner _restored, 1 deleted before it left deleted" in result.stdout
+    assert [p.read_bytes() for p in blob_files(fresh.data_dir)] == [kept]
+
+
 async def test_orphans_given_to_an_owner_at_a_limit_are_restored(server, setup, bucket,
                                                                 tmp_path):
     """Found by review: an owner's own max_bytes override applied to the
