@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from blobd import index_sessions
+from blobd import files, index_sessions
 from conftest import Api, b3
 from rawhttp import RawConnection
 from test_uploads import payload
@@ -608,3 +608,43 @@ async def test_a_creation_with_a_bad_expect_leaves_nothing(alice: Api) -> None:
     assert answer.status == 417
     left = await _nothing_left(alice)
     assert left[:3] == (0, 0, 0), (answer.headers, left)
+
+
+# Over any disk this test runs on, and over every max_blob_size it sets.
+HUGE = 10**17
+
+
+@pytest.mark.parametrize("sections", [{}, {"quotas": {"default": {"max_blob_size": 1000}}}],
+                         ids=["server-limit", "owner-limit"])
+async def test_a_deferred_length_over_the_size_limit_is_413_even_over_the_disk(
+        server, sections: dict) -> None:
+    """Found by review: setting a deferred length checked the free disk
+    first, so a length over max_blob_size (and the disk) was 507."""
+    alice = await (await server(**sections))("alice")
+    url = await create(alice, None, headers={"Upload-Defer-Length": "1"})
+    resp = await patch(alice, url, 0, b"", status=413, headers={"Upload-Length": str(HUGE)})
+    assert (await resp.json())["error"] == "too_large"
+    after = await head(alice, url)
+    assert after.headers["Upload-Defer-Length"] == "1" and "Upload-Length" not in after.headers
+    assert (await quota(alice))["reserved_bytes"] == 0
+
+
+async def test_a_deferred_length_body_over_the_size_limit_is_413_even_over_the_disk(
+        server, tmp_path) -> None:
+    """The same for a body whose Content-Length passes every bound while
+    the disk has less room than max_blob_size (2 GiB): the size limit is
+    named, not the disk, and the body is never invited."""
+    free, _ = files.free_bytes(tmp_path)
+    floor = max(free - (1 << 30), 0)  # about 1 GiB of room left
+    alice = await (await server(storage={"min_free_bytes": floor}))("alice")
+    url = await create(alice, None, headers={"Upload-Defer-Length": "1"})
+    conn = await RawConnection.open(alice.client.host, alice.client.port)
+    try:
+        await conn.send_head("PATCH", url, {
+            **alice.headers(), **TUS, **STREAM, "Upload-Offset": "0",
+            "Content-Length": str(HUGE), "Expect": "100-continue"})
+        answer = await conn.read_response(timeout=10)
+    finally:
+        await conn.close()
+    assert answer.status == 413 and answer.json()["error"] == "too_large", answer
+    assert (await head(alice, url)).headers["Upload-Offset"] == "0"
