@@ -108,6 +108,30 @@ async def test_expect_100_continue_is_ignored_in_http_1_0(alice):
     assert resp.status == 201 and resp.json()["hash"] == b3(DATA)
 
 
+@pytest.mark.parametrize("method, path, extra", [
+    ("PUT", f"/blobs/{b3(DATA)}", {}),
+    ("POST", "/blobs", {}),
+    ("POST", "/tus/", {**TUS, "Upload-Length": str(len(DATA)),
+                       "Content-Type": "application/offset+octet-stream"}),
+    ("GET", "/quota", {}),
+], ids=["put", "post", "tus-creation", "get"])
+async def test_an_unmeetable_expect_is_417_expectation_failed(alice, method, path, extra):
+    """Found by review: the 417 said bad_request, a code whose status is
+    400. Each code has one status; 417 has its own code."""
+    conn = await _raw(alice)
+    try:
+        length = 0 if method == "GET" else len(DATA)
+        await conn.send_head(method, path, {
+            **alice.headers(), **extra, "Content-Length": str(length), "Expect": "200-ok"})
+        resp = await conn.read_response()
+    finally:
+        await conn.close()
+    assert resp.status == 417 and resp.json()["error"] == "expectation_failed", resp
+    usage = await _usage(alice)
+    assert (usage["used_bytes"], usage["reserved_bytes"]) == (0, 0)
+    assert blob_files(alice.data_dir) == []
+
+
 # ---------------------------------------------------------------- ranges
 
 
