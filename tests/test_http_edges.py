@@ -307,6 +307,30 @@ async def test_every_blob_answer_varies_on_origin_when_cors_is_on(server):
         assert resp.headers.getall("Vary") == ["Origin"], origin
 
 
+async def test_cors_lets_a_page_send_gzip_and_read_retry_after_and_www_authenticate(server):
+    """Found by review: a page's fetch() could not send the documented gzip
+    uploads (the preflight did not allow Content-Encoding), nor read
+    Retry-After (409/423 on a busy upload) or WWW-Authenticate (401)."""
+    login = await server(server={"cors_origins": ["http://app.example"]})
+    alice = await login()
+    origin = {"Origin": "http://app.example"}
+    preflight = await alice.client.options("/blobs", headers={
+        **origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-encoding"})
+    allowed = {h.strip().lower()
+               for h in preflight.headers["Access-Control-Allow-Headers"].split(",")}
+    assert preflight.status == 204 and {"authorization", "content-encoding"} <= allowed
+    stored = await alice.request("POST", "/blobs", data=gzip.compress(DATA), headers={
+        **origin, "Content-Encoding": "gzip"})
+    assert stored.status == 201 and (await stored.json())["hash"] == b3(DATA)
+    refused = await alice.client.get("/blobs", headers=origin)
+    assert refused.status == 401 and "WWW-Authenticate" in refused.headers
+    for answer in (stored, refused):
+        exposed = {h.strip().lower()
+                   for h in answer.headers["Access-Control-Expose-Headers"].split(",")}
+        assert {"retry-after", "www-authenticate"} <= exposed
+
+
 async def test_no_vary_without_cors(alice):
     await alice.put(DATA)
     resp = await alice.request("GET", f"/blobs/{b3(DATA)}")
