@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-# code -> HTTP status, exactly as API.md lists them.
+# code -> HTTP status: those API.md lists, and the ones it leaves to the
+# project (405, 412, 417, 423, 503), each with its own status.
 STATUS: dict[str, int] = {
     "invalid_hash": 400,
     "digest_mismatch": 400,
@@ -23,6 +24,7 @@ STATUS: dict[str, int] = {
     "too_large": 413,
     "unsupported_media_type": 415,
     "bad_range": 416,
+    "expectation_failed": 417,
     "locked": 423,
     "internal": 500,
     "unavailable": 503,

@@ -359,11 +359,14 @@ async def check_room(store: Store, session: Session, length: int | None,
         Room(free - store.config.storage.min_free_bytes, BlobdError(
             "insufficient_storage", "not enough free disk space for this upload")),
     ]
+    if length is not None:
+        # The first limit a declared body passes, in the order above: one
+        # over max_blob_size is 413 even when the disk is fuller still.
+        for bound in bounds:
+            if length > max(bound.size, 0):
+                raise bound.error
     room = min(bounds, key=lambda bound: bound.size)
-    room = replace(room, size=max(room.size, 0))
-    if length is not None and length > room.size:
-        raise room.error
-    return room
+    return replace(room, size=max(room.size, 0))
 
 
 async def _append(store: Store, session: Session, fd: int, body: AsyncIterator[bytes],
@@ -449,6 +452,12 @@ async def _fix_length(store: Store, session: Session, size: int) -> Session:
         await asyncio.to_thread(sessionfiles.extend, store.layout.upload_path(session.id),
                                 size)
 
+    # The size limits before the free disk (which the transaction cannot
+    # check): a length over max_blob_size is 413 whatever the disk holds,
+    # as PUT, POST /uploads and tus creation answer it.
+    limits = await index.limits_for(store.db.reader, session.owner,
+                                    store.config.quota_for(session.owner))
+    index.check_blob_size(size, limits, store.config.limits.max_blob_size)
     await store.check_free_space(size - session.upload_offset)
     await shielded(run())
     return replace(session, size=size, reserved_bytes=size)

@@ -47,6 +47,26 @@ async def test_anonymous_read(server):
     assert (await forged.request("GET", f"/blobs/{b3(b'public')}")).status == 401
 
 
+@pytest.mark.parametrize("anonymous_read", [True, False])
+async def test_a_credential_of_another_scheme_counts_as_no_token(server, anonymous_read):
+    """Documented (docs/api.md, Authentication): a reverse proxy with Basic
+    auth in front of blobd forwards the browser's Basic credentials, and
+    anonymous reads must still work behind it. A bearer token, though, is
+    always checked."""
+    login = await server(auth={"anonymous_read": anonymous_read})
+    alice = await login("alice")
+    await alice.put(b"public")
+    blob = f"/blobs/{b3(b'public')}"
+    for path in (blob, f"{blob}/meta"):
+        basic = await alice.client.get(path, headers={"Authorization": "Basic dTpw"})
+        assert basic.status == (200 if anonymous_read else 401), path
+        junk = await alice.client.get(path, headers={"Authorization": "Bearer junk"})
+        assert junk.status == 401 and (await junk.json())["error"] == "unauthorized"
+    # Never more than anonymous: Basic is no token on routes that need one.
+    listing = await alice.client.get("/blobs", headers={"Authorization": "Basic dTpw"})
+    assert listing.status == 401
+
+
 async def test_tokens_are_stored_hashed(alice):
     rows = await alice.store.db.fetchall("SELECT * FROM tokens")
     assert rows and all(alice.token not in tuple(map(str, tuple(r))) for r in rows)

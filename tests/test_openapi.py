@@ -198,3 +198,24 @@ def test_blob_bodies_declare_the_417_of_a_bad_expect(spec) -> None:
                   and "application/json" not in operation["requestBody"]["content"]
                   and "417" not in operation["responses"]]
     assert not undeclared, f"no 417 declared: {undeclared}"
+
+
+def test_the_tus_method_override_declares_what_it_stands_for(spec) -> None:
+    """Found by review: POST /tus/{id} with X-HTTP-Method-Override answers
+    as the PATCH, DELETE or HEAD it stands for, but declared only a few of
+    their statuses."""
+    item = spec["paths"]["/tus/{id}"]
+    overridden = {code for method in ("patch", "delete", "head")
+                  for code in item[method]["responses"]}
+    missing = sorted(overridden - set(item["post"]["responses"]))
+    assert not missing, f"POST /tus/{{id}} lacks {missing}"
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("delete", "/uploads/{id}", "409"),   # while its completion runs
+    ("delete", "/tus/{id}", "423"),       # while it is being committed
+    ("head", "/tus/{id}", "423"),         # the commit a HEAD may run
+    ("head", "/tus/{id}", "507"),
+])
+def test_busy_and_commit_statuses_are_declared(spec, method, path, status) -> None:
+    assert status in spec["paths"][path][method]["responses"]

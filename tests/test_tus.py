@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from blobd import index_sessions
+from blobd import files, index_sessions
 from conftest import Api, b3
 from rawhttp import RawConnection
 from test_uploads import payload
@@ -55,7 +55,11 @@ async def test_options_describes_the_server(alice: Api) -> None:
             "concatenation"} <= extensions
     assert int(resp.headers["Tus-Max-Size"]) == alice.store.config.limits.max_blob_size
     assert {"sha1", "md5", "sha256"} <= set(resp.headers["Tus-Checksum-Algorithm"].split(","))
-    assert "Tus-Resumable" not in resp.headers
+    # Found by review: the spec's own OPTIONS example answer carries it.
+    assert resp.headers["Tus-Resumable"] == "1.0.0"
+    url = await create(alice, 10)
+    on_upload = await alice.client.options(url)
+    assert on_upload.status == 204 and on_upload.headers["Tus-Resumable"] == "1.0.0"
 
 
 @pytest.mark.parametrize("version", [None, "0.2.2", "1.0"])
@@ -608,3 +612,118 @@ async def test_a_creation_with_a_bad_expect_leaves_nothing(alice: Api) -> None:
     assert answer.status == 417
     left = await _nothing_left(alice)
     assert left[:3] == (0, 0, 0), (answer.headers, left)
+
+
+# Over any disk this test runs on, and over every max_blob_size it sets.
+HUGE = 10**17
+
+
+@pytest.mark.parametrize("sections", [{}, {"quotas": {"default": {"max_blob_size": 1000}}}],
+                         ids=["server-limit", "owner-limit"])
+async def test_a_deferred_length_over_the_size_limit_is_413_even_over_the_disk(
+        server, sections: dict) -> None:
+    """Found by review: setting a deferred length checked the free disk
+    first, so a length over max_blob_size (and the disk) was 507."""
+    alice = await (await server(**sections))("alice")
+    url = await create(alice, None, headers={"Upload-Defer-Length": "1"})
+    resp = await patch(alice, url, 0, b"", status=413, headers={"Upload-Length": str(HUGE)})
+    assert (await resp.json())["error"] == "too_large"
+    after = await head(alice, url)
+    assert after.headers["Upload-Defer-Length"] == "1" and "Upload-Length" not in after.headers
+    assert (await quota(alice))["reserved_bytes"] == 0
+
+
+async def test_a_deferred_length_body_over_the_size_limit_is_413_even_over_the_disk(
+        server, tmp_path) -> None:
+    """The same for a body whose Content-Length passes every bound while
+    the disk has less room than max_blob_size (2 GiB): the size limit is
+    named, not the disk, and the body is never invited."""
+    free, _ = files.free_bytes(tmp_path)
+    floor = max(free - (1 << 30), 0)  # about 1 GiB of room left
+    alice = await (await server(storage={"min_free_bytes": floor}))("alice")
+    url = await create(alice, None, headers={"Upload-Defer-Length": "1"})
+    conn = await RawConnection.open(alice.client.host, alice.client.port)
+    try:
+        await conn.send_head("PATCH", url, {
+            **alice.headers(), **TUS, **STREAM, "Upload-Offset": "0",
+            "Content-Length": str(HUGE), "Expect": "100-continue"})
+        answer = await conn.read_response(timeout=10)
+    finally:
+        await conn.close()
+    assert answer.status == 413 and answer.json()["error"] == "too_large", answer
+    assert (await head(alice, url)).headers["Upload-Offset"] == "0"
+
+
+UPLOAD_METHODS = "HEAD, PATCH, DELETE, POST, OPTIONS"
+
+
+@pytest.mark.parametrize("method, path, status, allow", [
+    ("GET", "/tus/", 405, "POST, OPTIONS"),
+    ("PUT", "/tus", 405, "POST, OPTIONS"),
+    ("DELETE", "/tus/", 405, "POST, OPTIONS"),
+    ("GET", "/tus/0123456789abcdef", 405, UPLOAD_METHODS),
+    ("PUT", "/tus/0123456789abcdef", 405, UPLOAD_METHODS),
+    ("GET", "/tus/x/y", 404, None),
+    ("PATCH", "/tus/x/y", 404, None),
+    ("POST", "/tus/0123456789abcdef/", 404, None),
+])
+async def test_other_tus_paths_and_methods(alice: Api, method: str, path: str, status: int,
+                                           allow: str | None) -> None:
+    """Found by review: every path under /tus/ was 405 with the upload
+    URL's Allow, nothing lives at /tus/x/y, and the collection takes only
+    POST and OPTIONS (RFC 9110 section 10.2.1)."""
+    resp = await alice.request(method, path, headers=TUS)
+    body = await resp.json()
+    assert resp.status == status, body
+    assert body["error"] == ("not_found" if status == 404 else "method_not_allowed")
+    assert resp.headers.get("Allow") == allow
+    assert resp.headers["Tus-Resumable"] == "1.0.0"
+
+
+async def test_a_post_without_a_method_override_is_405_with_the_upload_s_methods(
+        alice: Api) -> None:
+    url = await create(alice, 10)
+    resp = await alice.request("POST", url, headers=TUS)
+    assert resp.status == 405 and resp.headers["Allow"] == UPLOAD_METHODS
+
+
+async def test_a_set_length_cannot_be_changed_by_a_patch(alice: Api) -> None:
+    """Found by review: an Upload-Length on a PATCH to a committed upload
+    was ignored. Once set, it must not change (tus); the same value again
+    is no change."""
+    data = payload(100)
+    declared = await create(alice, len(data))
+    wrong = await patch(alice, declared, 0, data, status=400, headers={"Upload-Length": "99"})
+    assert (await wrong.json())["error"] == "bad_request"
+    assert (await head(alice, declared)).headers["Upload-Offset"] == "0"
+    same = await patch(alice, declared, 0, data[:50], headers={"Upload-Length": "100"})
+    assert same.headers["Upload-Offset"] == "50"
+
+    deferred = await create(alice, None, headers={"Upload-Defer-Length": "1"})
+    await patch(alice, deferred, 0, data[:40], headers={"Upload-Length": "100"})
+    await patch(alice, deferred, 40, data[40:60], status=400, headers={"Upload-Length": "60"})
+    still = await head(alice, deferred)
+    assert (still.headers["Upload-Length"], still.headers["Upload-Offset"]) == ("100", "40")
+    done = await patch(alice, deferred, 40, data[40:], headers={"Upload-Length": "100"})
+    assert done.headers["Blob-Hash"] == b3(data)
+
+    # Committed: a PATCH with no body at the final offset is answered again,
+    # but not one that would change the length.
+    empty = await create(alice, None, headers={"Upload-Defer-Length": "1"})
+    assert (await patch(alice, empty, 0, b"", headers={"Upload-Length": "0"})).headers[
+        "Blob-Hash"] == b3(b"")
+    changed = await patch(alice, empty, 0, b"", status=400, headers={"Upload-Length": "5"})
+    assert (await changed.json())["error"] == "bad_request"
+    again = await patch(alice, empty, 0, b"", headers={"Upload-Length": "0"})
+    assert again.headers["Blob-Hash"] == b3(b"")
+    assert (await head(alice, empty)).headers["Upload-Length"] == "0"
+
+
+async def test_a_patch_answered_on_a_committed_upload_says_when_it_expires(
+        alice: Api) -> None:
+    data = payload(100)
+    url = await create(alice, len(data))
+    first = await patch(alice, url, 0, data)
+    again = await patch(alice, url, len(data), b"")
+    assert again.headers["Blob-Hash"] == first.headers["Blob-Hash"] == b3(data)
+    assert again.headers["Upload-Expires"] == (await head(alice, url)).headers["Upload-Expires"]

@@ -3,11 +3,14 @@
 Browser apps (Uppy, tus-js-client, an ``<audio>`` player on another port)
 may call the API from those origins only. Preflights (``OPTIONS`` with
 ``Access-Control-Request-Method``) are answered here, before routing and
-auth, since a browser never sends credentials on them; every other response
-to an allowed origin, errors included, says which headers the page may read
-(a tus client must see ``Upload-Offset`` and ``Location``). ``"*"`` in the
-list allows any origin. Bearer tokens travel in a header, not a cookie, so
-credentials mode is never needed.
+auth, since a browser never sends credentials on them, and allow every
+request header the API reads (``Content-Encoding`` too: gzip uploads are
+documented). Every other response to an allowed origin, errors included,
+says which headers the page may read: a tus client must see
+``Upload-Offset`` and ``Location``, any client ``Retry-After`` (a busy
+upload) and ``WWW-Authenticate`` (a 401). ``"*"`` in the list allows any
+origin. Bearer tokens travel in a header, not a cookie, so credentials mode
+is never needed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from .middleware import Handler
 
 ALLOW_METHODS = "GET, HEAD, PUT, POST, PATCH, DELETE, OPTIONS"
 ALLOW_HEADERS = (
-    "Authorization, Content-Type, Content-MD5, Content-Digest, Blob-Ref, Range, "
+    "Authorization, Content-Type, Content-Encoding, Content-MD5, Content-Digest, Blob-Ref, "
+    "Range, "
     "If-None-Match, If-Range, Tus-Resumable, Upload-Length, Upload-Defer-Length, "
     "Upload-Offset, Upload-Metadata, Upload-Checksum, Upload-Concat, "
     "X-HTTP-Method-Override, X-Requested-With")
@@ -27,7 +31,7 @@ EXPOSE_HEADERS = (
     "Location, ETag, Content-Range, Content-Length, Accept-Ranges, Blob-Hash, "
     "Tus-Resumable, Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm, "
     "Upload-Offset, Upload-Length, Upload-Defer-Length, Upload-Metadata, "
-    "Upload-Expires, Upload-Concat")
+    "Upload-Expires, Upload-Concat, Retry-After, WWW-Authenticate")
 MAX_AGE = "86400"
 
 

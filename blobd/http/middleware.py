@@ -26,7 +26,8 @@ _CONTINUE_SENT = web.RequestKey("continue_sent", bool)
 # the parser refuses without it); identity is no coding at all.
 DECODED = frozenset({"identity", "gzip", "deflate"})
 _CODE_BY_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "too_large",
-                   415: "unsupported_media_type", 416: "bad_range", 412: "precondition_failed"}
+                   415: "unsupported_media_type", 416: "bad_range", 412: "precondition_failed",
+                   417: "expectation_failed"}
 
 
 def requires(scope: str | None, *, anonymous_read: bool = False,
@@ -61,7 +62,7 @@ def check_expectation(request: web.Request) -> None:
     for handlers that must refuse it before they change anything."""
     expect = request.headers.get("Expect", "")
     if expect and expect.strip().lower() != "100-continue":
-        raise BlobdError("bad_request", f"cannot meet Expect: {expect}", status=417)
+        raise BlobdError("expectation_failed", f"cannot meet Expect: {expect}")
 
 
 async def send_continue(request: web.Request) -> None:

@@ -10,9 +10,10 @@ content type), ``ref`` (a reference name), ``hash`` (the address the bytes
 must have). When the last byte arrives the file goes through the one commit
 pipeline and the response carries ``Blob-Hash``; so does every later HEAD.
 
-Every response but OPTIONS carries ``Tus-Resumable``, errors included: the
-:func:`middleware` adds it (and refuses other protocol versions with 412)
-between the error middleware, which renders errors, and the handlers.
+Every response carries ``Tus-Resumable``, errors and OPTIONS included (the
+spec exempts OPTIONS *requests* from sending it; its own example answer
+has it): :func:`add_marks` adds it, and :func:`middleware` refuses a
+request of another protocol version with 412.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ CHECKSUMS = {"sha1": ("sha1", 20), "md5": ("md5", 16), "sha256": ("sha256", 32)}
 OFFSET_STREAM = "application/offset+octet-stream"
 CHECKSUM_MISMATCH = 460  # the checksum extension's own status
 PREFIX = "/tus"
+# What each kind of target answers (RFC 9110 section 10.2.1: Allow lists
+# the methods the target resource supports); POST to an upload is the
+# X-HTTP-Method-Override one.
+COLLECTION_METHODS = "POST, OPTIONS"
+UPLOAD_METHODS = "HEAD, PATCH, DELETE, POST, OPTIONS"
 
 
 def _is_tus(path: str) -> bool:
@@ -61,9 +67,9 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
 
 
 async def add_marks(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: every answer under /tus/ but OPTIONS says
-    which tus it speaks, errors of any kind included (a 500 too)."""
-    if _is_tus(request.path) and request.method != "OPTIONS":
+    """``on_response_prepare``: every answer under /tus/ says which tus it
+    speaks, errors of any kind included (a 500 too)."""
+    if _is_tus(request.path):
         response.headers["Tus-Resumable"] = TUS_VERSION
 
 
@@ -241,6 +247,10 @@ async def _session(request: web.Request) -> Session:
                                        principal(request).owner, TUS)
 
 
+def _expires(session: Session) -> dict[str, str]:
+    return {"Upload-Expires": email.utils.formatdate(session.expires_at, usegmt=True)}
+
+
 def _complete(session: Session) -> bool:
     return (not session.is_partial and session.size is not None
             and session.upload_offset >= session.size)
@@ -262,7 +272,7 @@ async def _finish(request: web.Request, session: Session) -> dict[str, str]:
     A commit that can never succeed removes the upload before the error is
     answered: tus has no way to list uploads, so one left behind would hold
     its bytes against the owner's quota until it expired."""
-    headers = {"Upload-Expires": email.utils.formatdate(session.expires_at, usegmt=True)}
+    headers = _expires(session)
     if _complete(session):
         store = request.app[STORE]
         try:
@@ -292,7 +302,7 @@ async def head(request: web.Request) -> web.Response:
         headers["Upload-Concat"] = session.concat
     if session.committed:
         headers["Blob-Hash"] = session.result_hash or ""
-        headers["Upload-Expires"] = email.utils.formatdate(session.expires_at, usegmt=True)
+        headers.update(_expires(session))
     else:
         headers.update(await _finish(request, session))
     return web.Response(status=200, headers=headers)
@@ -305,8 +315,14 @@ async def patch(request: web.Request) -> web.Response:
     session = await _session(request)
     checks = _checksums(request)
     new_length = request.headers.get("Upload-Length")
+    length = _non_negative("Upload-Length", new_length) if new_length else None
     if session.is_final:  # committed at its creation, but no PATCH is "complete already"
         raise BlobdError("forbidden", FINAL_TAKES_NO_PATCH)
+    if length is not None and session.size is not None and length != session.size:
+        # tus: "once set, the length MUST NOT be changed"; the same value
+        # again is no change. (Checked again under the lock: _fix_length.)
+        raise BlobdError("bad_request", f"Upload-Length is {session.size} already;"
+                         " once set it cannot change")
     if session.committed:
         if offset != session.upload_offset or _has_body(request):
             raise BlobdError("conflict", "this upload is complete already")
@@ -314,7 +330,6 @@ async def patch(request: web.Request) -> web.Response:
         if offset != session.upload_offset:  # checked again under the lock
             raise BlobdError("conflict", f"Upload-Offset is {offset}, but the upload"
                              f" stands at {session.upload_offset}")
-        length = _non_negative("Upload-Length", new_length) if new_length else None
         await check_room(request.app[STORE], session, request.content_length, length)
         # Invited once the upload is this request's: a body another request
         # holds the upload against is never sent for nothing.
@@ -326,6 +341,7 @@ async def patch(request: web.Request) -> web.Response:
     headers = {"Upload-Offset": str(session.upload_offset)}
     if session.committed:
         headers["Blob-Hash"] = session.result_hash or ""
+        headers.update(_expires(session))
     else:
         headers.update(await _finish(request, session))
     return web.Response(status=204, headers=headers)
@@ -346,21 +362,28 @@ async def post_override(request: web.Request) -> web.StreamResponse:
         "PATCH": patch, "DELETE": delete, "HEAD": head}
     if method not in handlers:
         raise BlobdError("method_not_allowed", "POST to an upload needs"
-                         " X-HTTP-Method-Override: PATCH or DELETE",
-                         headers={"Allow": "HEAD, PATCH, DELETE, OPTIONS"})
+                         " X-HTTP-Method-Override: PATCH, DELETE or HEAD",
+                         headers={"Allow": UPLOAD_METHODS})
     return await handlers[method](request)
 
 
 @requires(None)
 async def other(request: web.Request) -> web.Response:
+    """Whatever no route above matched: another method on the collection
+    or on an upload URL (405), or a path that is neither (404)."""
+    tail = request.match_info.get("tail", "")
+    if "/" in tail:
+        raise BlobdError("not_found", f"nothing at {request.path}")
+    allow = UPLOAD_METHODS if tail else COLLECTION_METHODS
     raise BlobdError("method_not_allowed", f"{request.method} is not part of tus here",
-                     headers={"Allow": "HEAD, PATCH, DELETE, POST, OPTIONS"})
+                     headers={"Allow": allow})
 
 
 def setup(app: web.Application, add: Any) -> None:
     for endpoint in (PREFIX, PREFIX + "/"):
         add("OPTIONS", endpoint, options)
         add("POST", endpoint, create)
+        add("*", endpoint, other)
     upload = PREFIX + "/{id}"
     add("OPTIONS", upload, options)
     add("HEAD", upload, head)
