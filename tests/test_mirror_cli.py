@@ -555,10 +555,11 @@ async def test_sync_delete_refuses_an_empty_index_unless_forced(setup, bucket):
     strays = [os.urandom(100 + n) for n in range(2)]
     for data in strays:
         await in_thread(bucket.put, bucket.key(b3(data)), data)
-    refused = await setup.cli("sync", "--delete")
-    assert refused.returncode == 1
-    assert "holds no blobs, so --delete would delete all 2 blob objects" in refused.stderr
-    dry = await setup.cli("sync", "--delete", "--dry-run")
+    for extra in ((), ("--dry-run",)):  # a dry run foretells the refusal
+        refused = await setup.cli("sync", "--delete", *extra)
+        assert refused.returncode == 1 and "would delete" not in refused.stdout
+        assert "holds no blobs, so --delete would delete all 2 blob objects" in refused.stderr
+    dry = await setup.cli("sync", "--delete", "--dry-run", "--force")
     assert dry.returncode == 0 and dry.stdout.count("would delete") == 2
     assert await in_thread(bucket.digests) == {b3(d) for d in strays}
 
@@ -566,6 +567,42 @@ async def test_sync_delete_refuses_an_empty_index_unless_forced(setup, bucket):
     assert forced.returncode == 0, forced.stderr
     assert "deleted 2" in forced.stdout
     assert await in_thread(bucket.digests) == set()
+
+
+@pytest.mark.parametrize("backed_up", [True, False], ids=["old-backup", "no-backup"])
+async def test_sync_delete_on_a_new_disk_spares_the_old_stores_objects(
+        server, setup, bucket, tmp_path, backed_up):
+    _, alice = await start(server, setup, tmp_path)
+    old = [os.urandom(3000 + n) for n in range(3)]
+    for data in old:
+        await alice.put(data)
+    await mirrored(alice, bucket, {b3(d) for d in old})
+    if backed_up:
+        assert (await setup.cli("backup")).returncode == 0
+    backups = await in_thread(bucket.keys, "_index/")
+
+    # The disk died. On the new one, under the same config, a server made a
+    # fresh store at boot and took an upload, mirrored at once.
+    fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
+    bob = await (await server(config=fresh.config(tmp_path)))("bob")
+    new = os.urandom(2000)
+    await bob.put(new)
+    await mirrored(bob, bucket, {b3(new)})
+    why = ("is of another store" if backed_up else
+           "has never backed up its index to the bucket, so the 3 blob objects")
+    for extra in ((), ("--dry-run",)):
+        refused = await fresh.cli("sync", "--delete", *extra)
+        assert refused.returncode == 1 and "would delete" not in refused.stdout
+        [line] = refused.stderr.strip().splitlines()
+        assert line.startswith("blobd: error: --delete refused: ") and why in line
+        assert "`blobd mirror restore`" in line and "--force" in line
+    assert await in_thread(bucket.digests) == {b3(d) for d in [*old, new]}
+    assert await in_thread(bucket.keys, "_index/") == backups
+
+    planned = await fresh.cli("sync", "--delete", "--dry-run", "--force")
+    assert planned.returncode == 0, planned.stderr
+    assert [line.split()[-1] for line in planned.stdout.splitlines()
+            if line.startswith("would delete ")] == sorted(b3(d) for d in old)
 
 
 # -- what restore trusts --------------------------------------------------------

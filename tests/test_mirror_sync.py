@@ -15,6 +15,7 @@ import pytest
 from blobd import auth
 from blobd.http.app import create_app
 from blobd.http.keys import STORE
+from blobd.mirror.backup import backup_index
 from blobd.mirror.common import make_target, run_pool
 from blobd.mirror.sync import sync
 from blobd.storage.s3 import S3Error
@@ -132,6 +133,8 @@ async def test_sync_delete_puts_back_a_blob_stored_again_before_its_delete(
         await eventually(lambda: drained(alice), what="the put done")
 
     async with make_target(config.mirror) as target:
+        # The store's own index backup: the bucket is known to be its own.
+        await backup_index(alice.store, target, config.mirror)
         report = await sync(alice.store, Interleaved(target, before_delete=stored_again),
                             config.mirror, delete=True)
     assert report.deleted == 1 and report.requeued == [b3(data)]

@@ -43,7 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="compare each object's SHA-256 with the index; re-upload "
                          "mismatches")
     syncing.add_argument("--force", action="store_true",
-                         help="with --delete: delete even when the index holds no blobs")
+                         help="with --delete: delete even when the objects may be another "
+                         "store's (this index holds no blobs, the newest index backup is of "
+                         "another store, or this store never backed up to the bucket)")
 
     restoring = _action(actions, "restore", run_restore, "rebuild an empty server from "
                         "the bucket", "Restore the newest index backup and every blob "

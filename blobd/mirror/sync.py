@@ -14,9 +14,12 @@ the index listing really is one the index no longer has. Then:
   after checking the index once more (never the object of a live blob).
   The index is checked again after the DELETE too: a blob stored again in
   between (whose queued put may have found the old object and skipped the
-  upload) gets a new put queued, so its object comes back. An index that
-  holds no blobs at all is refused (``force`` overrides): that is a wrong or
-  new data directory far more often than a store whose blobs all went;
+  upload) gets a new put queued, so its object comes back. Deleting is
+  refused before anything is done, a dry run alike (``force`` overrides;
+  see :func:`check_delete`), when the objects to delete may be another
+  store's: when the index holds no blobs at all, when the newest index
+  backup in the bucket is of another store, or when this store never
+  backed up there;
 * blobs found in the bucket, or put there, are marked ``done`` and their
   queued puts dropped, but only puts queued before the sync began (see
   :func:`blobd.mirror.queue.mark_mirrored`): a blob deleted and stored again
@@ -39,7 +42,7 @@ from ..index import BlobRecord
 from ..storage.s3 import S3Error, S3Target
 from ..store import Store
 from . import backup, queue
-from .common import BarFactory, blob_key, list_blob_objects, no_bar, run_pool
+from .common import BarFactory, blob_key, list_backups, list_blob_objects, no_bar, run_pool
 
 # Blobs marked done per index transaction.
 MARK_BATCH = 500
@@ -70,12 +73,8 @@ async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
     report = SyncReport(local=len(local), remote=len(remote))
     if delete:
         report.to_delete = sorted(set(remote) - set(local))
-        if report.to_delete and not local and not dry_run and not force:
-            raise BlobdError(
-                "conflict", f"the index in {store.layout.root} holds no blobs, so --delete"
-                f" would delete all {len(report.to_delete)} blob objects in the bucket;"
-                " check the config's data_dir (to rebuild a lost store from the bucket,"
-                " run `blobd mirror restore`), or add --force if they are to go")
+        if not force:  # before anything is done, so a dry run is refused alike
+            await check_delete(store, target, config, bool(local), len(report.to_delete))
     sizes = {digest: listed.size for digest, listed in remote.items()}
     present = [b for b in local.values() if sizes.get(b.hash) == b.size]
     report.to_upload = [b for b in local.values() if sizes.get(b.hash) != b.size]
@@ -95,6 +94,44 @@ async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
     except (S3Error, backup.BackupRefused) as exc:
         report.failed["index backup"] = str(exc)
     return report
+
+
+async def check_delete(store: Store, target: S3Target, config: MirrorConfig,
+                       has_blobs: bool, to_delete: int) -> None:
+    """Raise a ``conflict`` unless ``--delete`` may delete the ``to_delete``
+    blob objects this index does not know. They may be another store's: a
+    new disk under the same config, where a server made a fresh store and
+    took an upload or two, knows none of the old store's blobs. So deleting
+    is refused when the index holds no blobs, when the newest index backup
+    in the bucket is of another store, or when this store has never backed
+    up its index there (nothing says the bucket's objects were ever its).
+    """
+    if not to_delete:
+        return
+    root = store.layout.root
+    if not has_blobs:
+        raise BlobdError(
+            "conflict", f"the index in {root} holds no blobs, so --delete would delete"
+            f" all {to_delete} blob objects in the bucket; check the config's data_dir"
+            " (to rebuild a lost store from the bucket, run `blobd mirror restore`), or"
+            " add --force if they are to go")
+    own = await index.store_id(store.db.reader)
+    backups = await list_backups(target, config)
+    newest = backups[-1] if backups else None
+    if newest is not None and newest.store_id not in (None, own):
+        raise BlobdError(
+            "conflict", f"--delete refused: the newest index backup in the bucket,"
+            f" {target.url(newest.key)}, is of another store (id {newest.store_id}; the"
+            f" index in {root} is {own}), so the {to_delete} blob objects this index does"
+            " not know are likely that store's. If this is a new disk for that store,"
+            " rebuild it with `blobd mirror restore`; add --force if they are to go")
+    if not any(backup.store_id == own for backup in backups):
+        raise BlobdError(
+            "conflict", f"--delete refused: the store in {root} (id {own}) has never"
+            f" backed up its index to the bucket, so the {to_delete} blob objects there"
+            " that this index does not know may be another store's. If this is a new"
+            " disk for the store mirrored there, rebuild it with `blobd mirror restore`;"
+            " add --force if they are to go")
 
 
 async def _verify(target: S3Target, config: MirrorConfig, blobs: list[BlobRecord],
