@@ -148,7 +148,9 @@ async def run_sync(args: argparse.Namespace) -> int:
           f" {len(report.to_upload)} to upload, {len(report.to_delete)} to delete"
           + ("" if args.dry_run else
              f"; uploaded {report.uploaded} ({report.uploaded_bytes} bytes),"
-             f" deleted {report.deleted}, failed {len(report.failed)}"))
+             f" deleted {report.deleted}, failed {len(report.failed)}"
+             + (f", {len(report.gone)} skipped (deleted while the sync ran)"
+                if report.gone else "")))
     if report.backup:
         print(f"index backup: {report.backup}")
     return 1 if report.failed else 0

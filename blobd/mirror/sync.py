@@ -6,7 +6,10 @@ the index listing really is one the index no longer has. Then:
 
 * a blob the bucket lacks, or holds at another size, is uploaded from its
   local file (whose SHA-256 the upload checks, so a damaged file is refused,
-  never mirrored);
+  never mirrored). The index is checked again after each upload, as the
+  worker does: the object of a blob deleted meanwhile is deleted again (see
+  :func:`_undo_upload`); a blob deleted before its file was read is skipped,
+  not failed (``report.gone`` lists both);
 * ``--verify``: for every blob both sides have, the SHA-256 recorded with
   the object is compared with the index's; a mismatch is uploaded again (a
   HEAD that fails is reported for that blob, and the rest go on);
@@ -60,6 +63,7 @@ class SyncReport:
     uploaded_bytes: int = 0
     deleted: int = 0
     requeued: list[str] = field(default_factory=list)  # stored again while deleted
+    gone: list[str] = field(default_factory=list)  # deleted while the sync uploaded
     failed: dict[str, str] = field(default_factory=dict)  # digest -> error
     backup: str | None = None
 
@@ -172,15 +176,20 @@ async def _upload(store: Store, target: S3Target, config: MirrorConfig,
 
     async def upload(blob: BlobRecord) -> None:
         try:
-            if await index.get_blob(store.db.reader, blob.hash) is not None:
+            if await _stored(store, blob.hash, report):
                 await target.put_file(blob_key(config, blob.hash),
                                       store.layout.blob_path(blob.hash), blob.size,
                                       blob.sha256, blob.content_type)
-                report.uploaded += 1
-                report.uploaded_bytes += blob.size
-                done.append(blob.hash)
+                if await _stored(store, blob.hash, report):
+                    report.uploaded += 1
+                    report.uploaded_bytes += blob.size
+                    done.append(blob.hash)
+                else:
+                    await _undo_upload(store, target, config, blob.hash)
         except FileNotFoundError:
-            report.failed[blob.hash] = "the local file is missing (blobd mirror heal)"
+            # Deleted while we looked (its file moved to the trash), or lost.
+            if await _stored(store, blob.hash, report):
+                report.failed[blob.hash] = "the local file is missing (blobd mirror heal)"
         except (S3Error, OSError) as exc:
             report.failed[blob.hash] = str(exc)
         progress.update(blob.size)
@@ -193,6 +202,40 @@ async def _upload(store: Store, target: S3Target, config: MirrorConfig,
     finally:
         progress.close()
         await _mark(store, done, since)
+
+
+async def _stored(store: Store, digest: str, report: SyncReport) -> bool:
+    """Whether the index still has the blob; if not, it is recorded as
+    deleted while the sync ran (not a failure: there is nothing to mirror)."""
+    if await index.get_blob(store.db.reader, digest) is not None:
+        return True
+    if digest not in report.gone:
+        report.gone.append(digest)
+    return False
+
+
+async def _undo_upload(store: Store, target: S3Target, config: MirrorConfig,
+                       digest: str) -> None:
+    """The blob was deleted while its object was uploaded. The server's
+    delete job may have run before the object existed (and forgotten the
+    deletion, its object being gone), so nothing else would remove the
+    object, and a restore would take it for a blob stored after its backup.
+    Remember the deletion as of now and queue the object's delete, in one
+    transaction, then delete it at once (the queued job finds nothing left)."""
+    now = time.time()
+    async with store.write() as tx:
+        if await index.get_blob(tx.conn, digest) is not None:
+            return  # stored again meanwhile: the object is the blob's
+        await index.remember_deleted(tx.conn, digest, now)
+        if not config.keep_deleted:
+            await tx.enqueue_mirror(digest, "delete", now)
+    if config.keep_deleted:
+        return
+    try:
+        await target.delete(blob_key(config, digest))
+    except S3Error:
+        return  # the queued delete retries it
+    await _queue_put_if_stored(store, digest)
 
 
 async def _delete(store: Store, target: S3Target, config: MirrorConfig,
