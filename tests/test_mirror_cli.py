@@ -300,10 +300,19 @@ async def test_unreachable_mirror_is_one_clear_line(tmp_path, s3server):
     section = mirror_section(s3server, "x", endpoint=f"http://127.0.0.1:{port}")
     setup = Setup(tmp_path, "data", section)
     await setup.init()
-    result = await setup.cli("status")
+    result = await setup.cli("backup")
     assert result.returncode == 1
     assert result.stderr.startswith("blobd: error: mirror: ")
     assert len(result.stderr.strip().splitlines()) == 1
+
+    # status reports it as part of the state, and succeeds.
+    status = await setup.cli("status")
+    assert status.returncode == 0, status.stderr
+    assert status.stderr == ""
+    lines = status.stdout.splitlines()
+    assert lines[0].startswith("store id: ") and lines[1] == "queue: 0 pending, 0 failing"
+    assert lines[2].startswith("mirror unreachable: LIST s3://")
+    assert len(lines) == 3
 
 
 @pytest.mark.parametrize("skip", [False, True], ids=["adopt", "skip-orphans"])

@@ -74,7 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     healing.add_argument("hashes", nargs="*", metavar="HASH", help="only these blobs")
 
     _action(actions, "status", run_status, "show the queue and the newest backup",
-            "Show the mirror queue and the newest index backup.", jobs=False)
+            "Show the mirror queue and the newest index backup. A mirror that cannot "
+            "be reached is reported as 'mirror unreachable: <error>' (exit 0: the "
+            "queue shows what waits for it).", jobs=False)
 
 
 def _action(actions: argparse._SubParsersAction, name: str, run: Callable[..., Any],
@@ -231,8 +233,13 @@ async def run_status(args: argparse.Namespace) -> int:
     print(f"queue: {counts['pending']} pending, {counts['failed']} failing")
     if counts["last_error"]:
         print(f"last error: {counts['last_error']}")
-    async with make_target(mirror) as target:
-        backups = await list_backups(target, mirror)
+    try:
+        async with make_target(mirror) as target:
+            backups = await list_backups(target, mirror)
+    except S3Error as exc:
+        # A state to report, as the queue's is: not a failure of the command.
+        print(f"mirror unreachable: {exc}")
+        return 0
     newest = backups[-1] if backups else None
     print(f"index backups: {len(backups)}"
           + (f", newest {target.url(newest.key)}" if newest else "")
