@@ -278,6 +278,15 @@ async def test_an_interrupted_restore_resumes(server, setup, bucket, tmp_path):
     for data in blobs[:2]:
         Layout(fresh.data_dir).blob_path(b3(data)).unlink()
 
+    # fsck would take the blobs still to fetch for lost ones (and --repair
+    # drop those nobody references): it refuses, as serve does.
+    for extra in ((), ("--repair",)):
+        fsck = await in_thread(lambda: run_blobd("fsck", *extra, "-c", str(fresh.config_path)))
+        assert fsck.returncode == 1 and fsck.stdout == ""
+        assert fsck.stderr.strip().splitlines() == [
+            f"blobd: error: an interrupted 'blobd mirror restore' left {fresh.data_dir}"
+            " half-restored; run it again to finish before fsck"]
+
     resumed = await fresh.cli("restore")
     assert resumed.returncode == 0, resumed.stderr
     assert "restored 2 blobs" in resumed.stdout and "2 already in place" in resumed.stdout
