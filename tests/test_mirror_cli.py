@@ -13,6 +13,7 @@ import pytest
 
 from blobd.config import load_config
 from blobd.layout import Layout
+from blobd.mirror.common import created_stamp
 from blobd.store import Store
 from conftest import b3, blob_files, make_config
 from mirrorhelp import Bucket, eventually, in_thread, mirror_section
@@ -138,6 +139,11 @@ async def test_sync_mirrors_a_store_that_never_had_a_mirror(server, setup, bucke
     assert result.returncode == 0, result.stderr
     assert await in_thread(bucket.digests) == {b3(d) for d in blobs}
     assert index_rows(setup.data_dir, "SELECT DISTINCT mirror_state FROM blobs") == [("done",)]
+    # Stamped with the blob's creation, as the worker's uploads are (restore
+    # tells content stored again from a deleted blob by it).
+    for digest, created_at in index_rows(setup.data_dir, "SELECT hash, created_at FROM blobs"):
+        head = await in_thread(bucket.head, bucket.key(digest))
+        assert head["Metadata"]["blobd-created"] == created_stamp(created_at)
 
 
 async def test_sync_reports_a_damaged_local_file_and_does_not_mirror_it(

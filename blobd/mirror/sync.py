@@ -45,7 +45,8 @@ from ..index import BlobRecord
 from ..storage.s3 import S3Error, S3Target
 from ..store import Store
 from . import backup, queue
-from .common import BarFactory, blob_key, list_backups, list_blob_objects, no_bar, run_pool
+from .common import (BarFactory, blob_key, list_backups, list_blob_objects, no_bar,
+                     object_metadata, run_pool)
 
 # Blobs marked done per index transaction.
 MARK_BATCH = 500
@@ -179,7 +180,8 @@ async def _upload(store: Store, target: S3Target, config: MirrorConfig,
             if await _stored(store, blob.hash, report):
                 await target.put_file(blob_key(config, blob.hash),
                                       store.layout.blob_path(blob.hash), blob.size,
-                                      blob.sha256, blob.content_type)
+                                      blob.sha256, blob.content_type,
+                                      metadata=object_metadata(blob.created_at))
                 if await _stored(store, blob.hash, report):
                     report.uploaded += 1
                     report.uploaded_bytes += blob.size
