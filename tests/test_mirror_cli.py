@@ -13,6 +13,7 @@ import pytest
 
 from blobd.config import load_config
 from blobd.layout import Layout
+from blobd.mirror.common import created_stamp
 from blobd.store import Store
 from conftest import b3, blob_files, make_config
 from mirrorhelp import Bucket, eventually, in_thread, mirror_section
@@ -138,6 +139,11 @@ async def test_sync_mirrors_a_store_that_never_had_a_mirror(server, setup, bucke
     assert result.returncode == 0, result.stderr
     assert await in_thread(bucket.digests) == {b3(d) for d in blobs}
     assert index_rows(setup.data_dir, "SELECT DISTINCT mirror_state FROM blobs") == [("done",)]
+    # Stamped with the blob's creation, as the worker's uploads are (restore
+    # tells content stored again from a deleted blob by it).
+    for digest, created_at in index_rows(setup.data_dir, "SELECT hash, created_at FROM blobs"):
+        head = await in_thread(bucket.head, bucket.key(digest))
+        assert head["Metadata"]["blobd-created"] == created_stamp(created_at)
 
 
 async def test_sync_reports_a_damaged_local_file_and_does_not_mirror_it(
@@ -278,6 +284,15 @@ async def test_an_interrupted_restore_resumes(server, setup, bucket, tmp_path):
     for data in blobs[:2]:
         Layout(fresh.data_dir).blob_path(b3(data)).unlink()
 
+    # fsck would take the blobs still to fetch for lost ones (and --repair
+    # drop those nobody references): it refuses, as serve does.
+    for extra in ((), ("--repair",)):
+        fsck = await in_thread(lambda: run_blobd("fsck", *extra, "-c", str(fresh.config_path)))
+        assert fsck.returncode == 1 and fsck.stdout == ""
+        assert fsck.stderr.strip().splitlines() == [
+            f"blobd: error: an interrupted 'blobd mirror restore' left {fresh.data_dir}"
+            " half-restored; run it again to finish before fsck"]
+
     resumed = await fresh.cli("restore")
     assert resumed.returncode == 0, resumed.stderr
     assert "restored 2 blobs" in resumed.stdout and "2 already in place" in resumed.stdout
@@ -300,10 +315,19 @@ async def test_unreachable_mirror_is_one_clear_line(tmp_path, s3server):
     section = mirror_section(s3server, "x", endpoint=f"http://127.0.0.1:{port}")
     setup = Setup(tmp_path, "data", section)
     await setup.init()
-    result = await setup.cli("status")
+    result = await setup.cli("backup")
     assert result.returncode == 1
     assert result.stderr.startswith("blobd: error: mirror: ")
     assert len(result.stderr.strip().splitlines()) == 1
+
+    # status reports it as part of the state, and succeeds.
+    status = await setup.cli("status")
+    assert status.returncode == 0, status.stderr
+    assert status.stderr == ""
+    lines = status.stdout.splitlines()
+    assert lines[0].startswith("store id: ") and lines[1] == "queue: 0 pending, 0 failing"
+    assert lines[2].startswith("mirror unreachable: LIST s3://")
+    assert len(lines) == 3
 
 
 @pytest.mark.parametrize("skip", [False, True], ids=["adopt", "skip-orphans"])
@@ -586,10 +610,11 @@ async def test_sync_delete_refuses_an_empty_index_unless_forced(setup, bucket):
     strays = [os.urandom(100 + n) for n in range(2)]
     for data in strays:
         await in_thread(bucket.put, bucket.key(b3(data)), data)
-    refused = await setup.cli("sync", "--delete")
-    assert refused.returncode == 1
-    assert "holds no blobs, so --delete would delete all 2 blob objects" in refused.stderr
-    dry = await setup.cli("sync", "--delete", "--dry-run")
+    for extra in ((), ("--dry-run",)):  # a dry run foretells the refusal
+        refused = await setup.cli("sync", "--delete", *extra)
+        assert refused.returncode == 1 and "would delete" not in refused.stdout
+        assert "holds no blobs, so --delete would delete all 2 blob objects" in refused.stderr
+    dry = await setup.cli("sync", "--delete", "--dry-run", "--force")
     assert dry.returncode == 0 and dry.stdout.count("would delete") == 2
     assert await in_thread(bucket.digests) == {b3(d) for d in strays}
 
@@ -597,6 +622,42 @@ async def test_sync_delete_refuses_an_empty_index_unless_forced(setup, bucket):
     assert forced.returncode == 0, forced.stderr
     assert "deleted 2" in forced.stdout
     assert await in_thread(bucket.digests) == set()
+
+
+@pytest.mark.parametrize("backed_up", [True, False], ids=["old-backup", "no-backup"])
+async def test_sync_delete_on_a_new_disk_spares_the_old_stores_objects(
+        server, setup, bucket, tmp_path, backed_up):
+    _, alice = await start(server, setup, tmp_path)
+    old = [os.urandom(3000 + n) for n in range(3)]
+    for data in old:
+        await alice.put(data)
+    await mirrored(alice, bucket, {b3(d) for d in old})
+    if backed_up:
+        assert (await setup.cli("backup")).returncode == 0
+    backups = await in_thread(bucket.keys, "_index/")
+
+    # The disk died. On the new one, under the same config, a server made a
+    # fresh store at boot and took an upload, mirrored at once.
+    fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
+    bob = await (await server(config=fresh.config(tmp_path)))("bob")
+    new = os.urandom(2000)
+    await bob.put(new)
+    await mirrored(bob, bucket, {b3(new)})
+    why = ("is of another store" if backed_up else
+           "has never backed up its index to the bucket, so the 3 blob objects")
+    for extra in ((), ("--dry-run",)):
+        refused = await fresh.cli("sync", "--delete", *extra)
+        assert refused.returncode == 1 and "would delete" not in refused.stdout
+        [line] = refused.stderr.strip().splitlines()
+        assert line.startswith("blobd: error: --delete refused: ") and why in line
+        assert "`blobd mirror restore`" in line and "--force" in line
+    assert await in_thread(bucket.digests) == {b3(d) for d in [*old, new]}
+    assert await in_thread(bucket.keys, "_index/") == backups
+
+    planned = await fresh.cli("sync", "--delete", "--dry-run", "--force")
+    assert planned.returncode == 0, planned.stderr
+    assert [line.split()[-1] for line in planned.stdout.splitlines()
+            if line.startswith("would delete ")] == sorted(b3(d) for d in old)
 
 
 # -- what restore trusts --------------------------------------------------------

@@ -15,7 +15,9 @@ import pytest
 from blobd import auth
 from blobd.http.app import create_app
 from blobd.http.keys import STORE
+from blobd.mirror.backup import backup_index
 from blobd.mirror.common import make_target, run_pool
+from blobd.mirror.restore import restore
 from blobd.mirror.sync import sync
 from blobd.storage.s3 import S3Error
 from conftest import Api, b3, make_config
@@ -24,15 +26,21 @@ from mirrorhelp import eventually, in_thread, mirror_section
 
 class Interleaved:
     """The real target, running ``after_list`` once a listing is read to
-    its end and ``before_delete`` before each DELETE; ``failing_heads``:
-    keys whose HEAD fails as an unreachable endpoint does."""
+    its end, ``before_delete`` before each DELETE, and ``before_put`` before
+    the first upload: once the upload has its file open if ``put_opened``
+    (what it reads then survives the file's deletion), else before it opens
+    the file; ``failing_heads``: keys whose HEAD fails as an unreachable
+    endpoint does."""
 
     def __init__(self, target: Any, *, after_list: Callable[[], Awaitable[None]] | None = None,
                  before_delete: Callable[[str], Awaitable[None]] | None = None,
-                 failing_heads: set[str] = frozenset()) -> None:
+                 before_put: Callable[[str], Awaitable[None]] | None = None,
+                 put_opened: bool = False, failing_heads: set[str] = frozenset()) -> None:
         self._target = target
         self._after_list = after_list
         self._before_delete = before_delete
+        self._before_put = before_put
+        self._put_opened = put_opened
         self._failing_heads = failing_heads
 
     def __getattr__(self, name: str) -> Any:
@@ -49,6 +57,21 @@ class Interleaved:
         if self._before_delete is not None:
             await self._before_delete(key)
         await self._target.delete(key)
+
+    async def put_file(self, key: str, path: Any, *args: Any, **kwargs: Any) -> None:
+        before, self._before_put = self._before_put, None
+        if before is None:
+            return await self._target.put_file(key, path, *args, **kwargs)
+        if not self._put_opened:
+            await before(key)
+            return await self._target.put_file(key, path, *args, **kwargs)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            await before(key)
+            # The open file, whatever became of its name meanwhile (Linux).
+            await self._target.put_file(key, f"/proc/self/fd/{fd}", *args, **kwargs)
+        finally:
+            os.close(fd)
 
     async def head(self, key: str) -> dict[str, Any] | None:
         if key in self._failing_heads:
@@ -132,11 +155,73 @@ async def test_sync_delete_puts_back_a_blob_stored_again_before_its_delete(
         await eventually(lambda: drained(alice), what="the put done")
 
     async with make_target(config.mirror) as target:
+        # The store's own index backup: the bucket is known to be its own.
+        await backup_index(alice.store, target, config.mirror)
         report = await sync(alice.store, Interleaved(target, before_delete=stored_again),
                             config.mirror, delete=True)
     assert report.deleted == 1 and report.requeued == [b3(data)]
     await eventually(lambda: mirrored_as(alice, bucket, data), timeout=10,
                      what="the object back")
+
+
+async def deleted_and_done(api: Api, data: bytes) -> None:
+    """Delete the blob through the API and wait for its mirror delete job."""
+    assert (await api.request("DELETE", f"/blobs/{b3(data)}")).status == 204
+    await eventually(lambda: drained(api), what="the delete job done")
+
+
+async def a_blob_to_upload(api: Api, bucket) -> tuple[bytes, bytes]:
+    """Two mirrored blobs, the first one's object lost from the bucket (so
+    a sync uploads it); the second stays, so the index is never empty."""
+    data, kept = os.urandom(30_000), os.urandom(1000)
+    for blob in (data, kept):
+        await api.put(blob)
+        await eventually(lambda: mirrored_as(api, bucket, blob), what="first upload")
+    await in_thread(bucket.delete, bucket.key(b3(data)))
+    return data, kept
+
+
+@pytest.mark.parametrize("keep_deleted", [False, True], ids=["delete", "keep_deleted"])
+async def test_a_blob_deleted_while_sync_uploads_it_stays_deleted(
+        server, s3server, mirror_prefix, bucket, tmp_path, keep_deleted):
+    section = mirror_section(s3server, mirror_prefix, keep_deleted=keep_deleted,
+                             backup_interval_seconds=0)
+    config = make_config(tmp_path, mirror=section)
+    alice = await (await server(config=config))("alice")
+    data, kept = await a_blob_to_upload(alice, bucket)
+
+    async with make_target(config.mirror) as target:
+        # The server deletes the blob while sync uploads it; its delete job
+        # runs at once and finds no object yet.
+        during = Interleaved(target, before_put=lambda key: deleted_and_done(alice, data),
+                             put_opened=True)
+        report = await sync(alice.store, during, config.mirror)
+        assert report.backup is not None
+        await eventually(lambda: drained(alice), what="the queue drained")
+        if not keep_deleted:
+            assert await in_thread(bucket.digests) == {b3(kept)}
+
+        # A restore from the backup the sync ended with leaves it deleted.
+        elsewhere = make_config(tmp_path, server={"data_dir": str(tmp_path / "restored")},
+                                mirror=section)
+        restored = await restore(elsewhere, target)
+    assert b3(data) not in restored.orphans and restored.restored == 1
+    assert not (tmp_path / "restored" / "blobs" / b3(data)[:2] / b3(data)[2:4]
+                / b3(data)).exists()
+    assert report.gone == [b3(data)] and report.uploaded == 0 and not report.failed
+
+
+async def test_a_blob_deleted_before_sync_opens_its_file_is_no_failure(
+        server, mirror_config, bucket):
+    config = mirror_config()
+    alice = await (await server(config=config))("alice")
+    data, kept = await a_blob_to_upload(alice, bucket)
+
+    async with make_target(config.mirror) as target:
+        before = Interleaved(target, before_put=lambda key: deleted_and_done(alice, data))
+        report = await sync(alice.store, before, config.mirror)
+    assert not report.failed and report.gone == [b3(data)] and report.uploaded == 0
+    assert await in_thread(bucket.digests) == {b3(kept)}
 
 
 async def test_sync_verify_reports_a_failed_head_and_goes_on(server, mirror_config, bucket):

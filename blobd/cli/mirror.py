@@ -43,7 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="compare each object's SHA-256 with the index; re-upload "
                          "mismatches")
     syncing.add_argument("--force", action="store_true",
-                         help="with --delete: delete even when the index holds no blobs")
+                         help="with --delete: delete even when the objects may be another "
+                         "store's (this index holds no blobs, the newest index backup is of "
+                         "another store, or this store never backed up to the bucket)")
 
     restoring = _action(actions, "restore", run_restore, "rebuild an empty server from "
                         "the bucket", "Restore the newest index backup and every blob "
@@ -72,7 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     healing.add_argument("hashes", nargs="*", metavar="HASH", help="only these blobs")
 
     _action(actions, "status", run_status, "show the queue and the newest backup",
-            "Show the mirror queue and the newest index backup.", jobs=False)
+            "Show the mirror queue and the newest index backup. A mirror that cannot "
+            "be reached is reported as 'mirror unreachable: <error>' (exit 0: the "
+            "queue shows what waits for it).", jobs=False)
 
 
 def _action(actions: argparse._SubParsersAction, name: str, run: Callable[..., Any],
@@ -146,7 +150,9 @@ async def run_sync(args: argparse.Namespace) -> int:
           f" {len(report.to_upload)} to upload, {len(report.to_delete)} to delete"
           + ("" if args.dry_run else
              f"; uploaded {report.uploaded} ({report.uploaded_bytes} bytes),"
-             f" deleted {report.deleted}, failed {len(report.failed)}"))
+             f" deleted {report.deleted}, failed {len(report.failed)}"
+             + (f", {len(report.gone)} skipped (deleted while the sync ran)"
+                if report.gone else "")))
     if report.backup:
         print(f"index backup: {report.backup}")
     return 1 if report.failed else 0
@@ -227,8 +233,13 @@ async def run_status(args: argparse.Namespace) -> int:
     print(f"queue: {counts['pending']} pending, {counts['failed']} failing")
     if counts["last_error"]:
         print(f"last error: {counts['last_error']}")
-    async with make_target(mirror) as target:
-        backups = await list_backups(target, mirror)
+    try:
+        async with make_target(mirror) as target:
+            backups = await list_backups(target, mirror)
+    except S3Error as exc:
+        # A state to report, as the queue's is: not a failure of the command.
+        print(f"mirror unreachable: {exc}")
+        return 0
     newest = backups[-1] if backups else None
     print(f"index backups: {len(backups)}"
           + (f", newest {target.url(newest.key)}" if newest else "")

@@ -38,6 +38,12 @@ async def run(config: Config, *, verify: bool = False, repair: bool = False,
     store = Store(config)
     if not await asyncio.to_thread(store.layout.index_path.exists):
         raise BlobdError("not_found", f"no blobd store in {store.layout.root}")
+    if await asyncio.to_thread(store.layout.restore_marker_path.exists):
+        # Its index names blobs still to be fetched: fsck would report each
+        # as missing, and --repair drop the unreferenced ones for good.
+        raise BlobdError("conflict", f"an interrupted 'blobd mirror restore' left"
+                         f" {store.layout.root} half-restored; run it again to finish"
+                         " before fsck")
     live = False
     try:
         await store.open(exclusive=True, recover=False, write=repair)

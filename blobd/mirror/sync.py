@@ -6,7 +6,10 @@ the index listing really is one the index no longer has. Then:
 
 * a blob the bucket lacks, or holds at another size, is uploaded from its
   local file (whose SHA-256 the upload checks, so a damaged file is refused,
-  never mirrored);
+  never mirrored). The index is checked again after each upload, as the
+  worker does: the object of a blob deleted meanwhile is deleted again (see
+  :func:`_undo_upload`); a blob deleted before its file was read is skipped,
+  not failed (``report.gone`` lists both);
 * ``--verify``: for every blob both sides have, the SHA-256 recorded with
   the object is compared with the index's; a mismatch is uploaded again (a
   HEAD that fails is reported for that blob, and the rest go on);
@@ -14,9 +17,12 @@ the index listing really is one the index no longer has. Then:
   after checking the index once more (never the object of a live blob).
   The index is checked again after the DELETE too: a blob stored again in
   between (whose queued put may have found the old object and skipped the
-  upload) gets a new put queued, so its object comes back. An index that
-  holds no blobs at all is refused (``force`` overrides): that is a wrong or
-  new data directory far more often than a store whose blobs all went;
+  upload) gets a new put queued, so its object comes back. Deleting is
+  refused before anything is done, a dry run alike (``force`` overrides;
+  see :func:`check_delete`), when the objects to delete may be another
+  store's: when the index holds no blobs at all, when the newest index
+  backup in the bucket is of another store, or when this store never
+  backed up there;
 * blobs found in the bucket, or put there, are marked ``done`` and their
   queued puts dropped, but only puts queued before the sync began (see
   :func:`blobd.mirror.queue.mark_mirrored`): a blob deleted and stored again
@@ -39,7 +45,8 @@ from ..index import BlobRecord
 from ..storage.s3 import S3Error, S3Target
 from ..store import Store
 from . import backup, queue
-from .common import BarFactory, blob_key, list_blob_objects, no_bar, run_pool
+from .common import (BarFactory, blob_key, list_backups, list_blob_objects, no_bar,
+                     object_metadata, run_pool)
 
 # Blobs marked done per index transaction.
 MARK_BATCH = 500
@@ -57,6 +64,7 @@ class SyncReport:
     uploaded_bytes: int = 0
     deleted: int = 0
     requeued: list[str] = field(default_factory=list)  # stored again while deleted
+    gone: list[str] = field(default_factory=list)  # deleted while the sync uploaded
     failed: dict[str, str] = field(default_factory=dict)  # digest -> error
     backup: str | None = None
 
@@ -70,12 +78,8 @@ async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
     report = SyncReport(local=len(local), remote=len(remote))
     if delete:
         report.to_delete = sorted(set(remote) - set(local))
-        if report.to_delete and not local and not dry_run and not force:
-            raise BlobdError(
-                "conflict", f"the index in {store.layout.root} holds no blobs, so --delete"
-                f" would delete all {len(report.to_delete)} blob objects in the bucket;"
-                " check the config's data_dir (to rebuild a lost store from the bucket,"
-                " run `blobd mirror restore`), or add --force if they are to go")
+        if not force:  # before anything is done, so a dry run is refused alike
+            await check_delete(store, target, config, bool(local), len(report.to_delete))
     sizes = {digest: listed.size for digest, listed in remote.items()}
     present = [b for b in local.values() if sizes.get(b.hash) == b.size]
     report.to_upload = [b for b in local.values() if sizes.get(b.hash) != b.size]
@@ -95,6 +99,44 @@ async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
     except (S3Error, backup.BackupRefused) as exc:
         report.failed["index backup"] = str(exc)
     return report
+
+
+async def check_delete(store: Store, target: S3Target, config: MirrorConfig,
+                       has_blobs: bool, to_delete: int) -> None:
+    """Raise a ``conflict`` unless ``--delete`` may delete the ``to_delete``
+    blob objects this index does not know. They may be another store's: a
+    new disk under the same config, where a server made a fresh store and
+    took an upload or two, knows none of the old store's blobs. So deleting
+    is refused when the index holds no blobs, when the newest index backup
+    in the bucket is of another store, or when this store has never backed
+    up its index there (nothing says the bucket's objects were ever its).
+    """
+    if not to_delete:
+        return
+    root = store.layout.root
+    if not has_blobs:
+        raise BlobdError(
+            "conflict", f"the index in {root} holds no blobs, so --delete would delete"
+            f" all {to_delete} blob objects in the bucket; check the config's data_dir"
+            " (to rebuild a lost store from the bucket, run `blobd mirror restore`), or"
+            " add --force if they are to go")
+    own = await index.store_id(store.db.reader)
+    backups = await list_backups(target, config)
+    newest = backups[-1] if backups else None
+    if newest is not None and newest.store_id not in (None, own):
+        raise BlobdError(
+            "conflict", f"--delete refused: the newest index backup in the bucket,"
+            f" {target.url(newest.key)}, is of another store (id {newest.store_id}; the"
+            f" index in {root} is {own}), so the {to_delete} blob objects this index does"
+            " not know are likely that store's. If this is a new disk for that store,"
+            " rebuild it with `blobd mirror restore`; add --force if they are to go")
+    if not any(backup.store_id == own for backup in backups):
+        raise BlobdError(
+            "conflict", f"--delete refused: the store in {root} (id {own}) has never"
+            f" backed up its index to the bucket, so the {to_delete} blob objects there"
+            " that this index does not know may be another store's. If this is a new"
+            " disk for the store mirrored there, rebuild it with `blobd mirror restore`;"
+            " add --force if they are to go")
 
 
 async def _verify(target: S3Target, config: MirrorConfig, blobs: list[BlobRecord],
@@ -135,15 +177,21 @@ async def _upload(store: Store, target: S3Target, config: MirrorConfig,
 
     async def upload(blob: BlobRecord) -> None:
         try:
-            if await index.get_blob(store.db.reader, blob.hash) is not None:
+            if await _stored(store, blob.hash, report):
                 await target.put_file(blob_key(config, blob.hash),
                                       store.layout.blob_path(blob.hash), blob.size,
-                                      blob.sha256, blob.content_type)
-                report.uploaded += 1
-                report.uploaded_bytes += blob.size
-                done.append(blob.hash)
+                                      blob.sha256, blob.content_type,
+                                      metadata=object_metadata(blob.created_at))
+                if await _stored(store, blob.hash, report):
+                    report.uploaded += 1
+                    report.uploaded_bytes += blob.size
+                    done.append(blob.hash)
+                else:
+                    await _undo_upload(store, target, config, blob.hash)
         except FileNotFoundError:
-            report.failed[blob.hash] = "the local file is missing (blobd mirror heal)"
+            # Deleted while we looked (its file moved to the trash), or lost.
+            if await _stored(store, blob.hash, report):
+                report.failed[blob.hash] = "the local file is missing (blobd mirror heal)"
         except (S3Error, OSError) as exc:
             report.failed[blob.hash] = str(exc)
         progress.update(blob.size)
@@ -156,6 +204,40 @@ async def _upload(store: Store, target: S3Target, config: MirrorConfig,
     finally:
         progress.close()
         await _mark(store, done, since)
+
+
+async def _stored(store: Store, digest: str, report: SyncReport) -> bool:
+    """Whether the index still has the blob; if not, it is recorded as
+    deleted while the sync ran (not a failure: there is nothing to mirror)."""
+    if await index.get_blob(store.db.reader, digest) is not None:
+        return True
+    if digest not in report.gone:
+        report.gone.append(digest)
+    return False
+
+
+async def _undo_upload(store: Store, target: S3Target, config: MirrorConfig,
+                       digest: str) -> None:
+    """The blob was deleted while its object was uploaded. The server's
+    delete job may have run before the object existed (and forgotten the
+    deletion, its object being gone), so nothing else would remove the
+    object, and a restore would take it for a blob stored after its backup.
+    Remember the deletion as of now and queue the object's delete, in one
+    transaction, then delete it at once (the queued job finds nothing left)."""
+    now = time.time()
+    async with store.write() as tx:
+        if await index.get_blob(tx.conn, digest) is not None:
+            return  # stored again meanwhile: the object is the blob's
+        await index.remember_deleted(tx.conn, digest, now)
+        if not config.keep_deleted:
+            await tx.enqueue_mirror(digest, "delete", now)
+    if config.keep_deleted:
+        return
+    try:
+        await target.delete(blob_key(config, digest))
+    except S3Error:
+        return  # the queued delete retries it
+    await _queue_put_if_stored(store, digest)
 
 
 async def _delete(store: Store, target: S3Target, config: MirrorConfig,
