@@ -446,6 +446,34 @@ async def test_restore_leaves_deleted_a_blob_deleted_while_the_mirror_was_off(
     assert [p.read_bytes() for p in blob_files(fresh.data_dir)] == [kept]
 
 
+async def test_sync_uploads_again_content_stored_again_after_a_deletion(
+        server, setup, bucket, tmp_path):
+    """Found in review of the stamp: sync took an object of the right size
+    for the blob's, so content deleted and stored again (the mirror off
+    meanwhile) kept its old object and stamp, and a restore from a backup
+    taken after the deletion would have dropped it."""
+    _, alice = await start(server, setup, tmp_path)
+    data = os.urandom(4000)
+    await alice.put(data)
+    await mirrored(alice, bucket, {b3(data)})
+    old = (await in_thread(bucket.head, bucket.key(b3(data))))["Metadata"]
+    await alice.client.close()
+
+    login = await server(config=setup.config(tmp_path, mirror=False))
+    alice = await login("alice")
+    assert (await alice.request("DELETE", f"/blobs/{b3(data)}")).status == 204
+    assert (await alice.put(data)).status == 201
+    (created,) = index_rows(setup.data_dir, f"SELECT created_at FROM blobs WHERE hash = '{b3(data)}'")[0]
+
+    result = await setup.cli("sync")
+    assert result.returncode == 0, result.stderr
+    assert "uploaded 1" in result.stdout
+    new = (await in_thread(bucket.head, bucket.key(b3(data))))["Metadata"]
+    assert new["blobd-created"] == f"{created:.6f}" != old["blobd-created"]
+    again = await setup.cli("sync")
+    assert "uploaded 0" in again.stdout and "1 in sync" in again.stdout
+
+
 async def test_orphans_given_to_an_owner_at_a_limit_are_restored(server, setup, bucket,
                                                                 tmp_path):
     """Found by review: an owner's own max_bytes override applied to the

@@ -8,12 +8,13 @@ import asyncio
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable, Iterable, Protocol, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, Protocol, TypeVar
 
 from .. import files, layout
 from ..config import MirrorConfig
 from ..errors import ConfigError, first_error
 from ..files import Digests
+from ..index import BlobRecord
 from ..storage.s3 import Listed, S3Error, S3Target
 
 T = TypeVar("T")
@@ -77,6 +78,22 @@ def created_stamp(created_at: float) -> str:
 def object_metadata(created_at: float) -> dict[str, str]:
     """The user metadata of a blob's object, besides its SHA-256."""
     return {CREATED_METADATA: created_stamp(created_at)}
+
+
+def is_upload_of(there: dict[str, Any], blob: BlobRecord, deleted_once: bool) -> bool:
+    """Whether the object ``there`` (a HEAD) is this blob's upload. The same
+    bytes left from an earlier incarnation (deleted, its object kept or not
+    yet removed, then stored again) are not: they must be uploaded again,
+    stamped with this one's creation, or a restore from a backup taken
+    between the deletion and now would take the content for deleted. An
+    object an older blobd uploaded has no stamp: it is this incarnation's
+    unless the content was ever deleted while mirrored (``deleted_once``)."""
+    if there["sha256"] != blob.sha256 or there["size"] != blob.size:
+        return False
+    stamp = there["metadata"].get(CREATED_METADATA)
+    if stamp is not None:
+        return bool(stamp == created_stamp(blob.created_at))
+    return not deleted_once
 
 
 def blob_key(config: MirrorConfig, digest: str) -> str:

@@ -45,8 +45,8 @@ from ..index import BlobRecord
 from ..storage.s3 import S3Error, S3Target
 from ..store import Store
 from . import backup, queue
-from .common import (BarFactory, blob_key, list_backups, list_blob_objects, no_bar,
-                     object_metadata, run_pool)
+from .common import (BarFactory, blob_key, is_upload_of, list_backups, list_blob_objects,
+                     no_bar, object_metadata, run_pool)
 
 # Blobs marked done per index transaction.
 MARK_BATCH = 500
@@ -83,8 +83,16 @@ async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
     sizes = {digest: listed.size for digest, listed in remote.items()}
     present = [b for b in local.values() if sizes.get(b.hash) == b.size]
     report.to_upload = [b for b in local.values() if sizes.get(b.hash) != b.size]
+    deleted = await index.deleted_blobs(store.db.reader)
+    once = [b for b in present if b.hash in deleted]
+    if once and not verify:
+        # Content deleted once and stored again: its object may be the old
+        # incarnation's (see is_upload_of), which only a HEAD tells.
+        stale = await _verify(target, config, once, report, jobs, bar, deleted)
+        report.to_upload += [b for b in once if b.hash in stale]
+        present = [b for b in present if b.hash not in stale and b.hash not in report.failed]
     if verify:
-        wrong = await _verify(target, config, present, report, jobs, bar)
+        wrong = await _verify(target, config, present, report, jobs, bar, deleted)
         report.mismatched = len(wrong)
         report.to_upload += [b for b in present if b.hash in wrong]
         present = [b for b in present if b.hash not in wrong and b.hash not in report.failed]
@@ -140,9 +148,11 @@ async def check_delete(store: Store, target: S3Target, config: MirrorConfig,
 
 
 async def _verify(target: S3Target, config: MirrorConfig, blobs: list[BlobRecord],
-                  report: SyncReport, jobs: int, bar: BarFactory) -> set[str]:
-    """Digests whose object's recorded SHA-256 is not the index's. A blob
-    whose object cannot be looked at is recorded in ``report.failed``."""
+                  report: SyncReport, jobs: int, bar: BarFactory,
+                  deleted: dict[str, float]) -> set[str]:
+    """Digests whose object is not this blob's upload (its recorded SHA-256
+    is not the index's, or it is an earlier incarnation's). A blob whose
+    object cannot be looked at is recorded in ``report.failed``."""
     wrong: set[str] = set()
     progress = bar("verify", len(blobs), "blob")
 
@@ -152,7 +162,7 @@ async def _verify(target: S3Target, config: MirrorConfig, blobs: list[BlobRecord
         except S3Error as exc:
             report.failed[blob.hash] = f"verify: {exc}"
         else:
-            if head is None or head["sha256"] != blob.sha256:
+            if head is None or not is_upload_of(head, blob, blob.hash in deleted):
                 wrong.add(blob.hash)
         progress.update(1)
 

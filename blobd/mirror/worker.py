@@ -33,7 +33,7 @@ from ..config import MirrorConfig
 from ..storage.s3 import S3Error, S3Target
 from ..store import Store, shielded
 from . import queue
-from .common import CREATED_METADATA, blob_key, created_stamp, object_metadata
+from .common import blob_key, is_upload_of, object_metadata
 from .heal import local_file_fault
 from .queue import Job
 
@@ -160,19 +160,9 @@ class MirrorWorker:
 
     async def _uploaded_already(self, blob: BlobRecord, there: dict[str, Any]) -> bool:
         """Whether the object there is this blob's upload (after a crash
-        mid-queue, or a ``blobd mirror sync``). The same bytes left from an
-        earlier incarnation (deleted, its object kept or not yet removed,
-        then stored again) are uploaded again, stamped with this one's
-        creation: a restore from a backup taken between the deletion and
-        now must see that this content was stored again after it."""
-        if there["sha256"] != blob.sha256 or there["size"] != blob.size:
-            return False
-        stamp = there["metadata"].get(CREATED_METADATA)
-        if stamp is not None:
-            return bool(stamp == created_stamp(blob.created_at))
-        # Uploaded by a version that did not stamp: the same incarnation
-        # unless this content was ever deleted while mirrored.
-        return await index.deleted_at(self.store.db.reader, blob.hash) is None
+        mid-queue, or a ``blobd mirror sync``); see :func:`is_upload_of`."""
+        deleted = await index.deleted_at(self.store.db.reader, blob.hash) is not None
+        return is_upload_of(there, blob, deleted)
 
     async def _delete(self, job: Job) -> None:
         if self.config.keep_deleted:
