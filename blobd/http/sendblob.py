@@ -38,7 +38,7 @@ SAFETY_HEADERS = {"X-Content-Type-Options": "nosniff",
 INLINE_MAX = 128 * 1024
 _FALLBACK_CHUNK = 256 * 1024
 _BEYOND = 10 ** 18
-_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)  # units are case-insensitive
+_RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)")
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,15 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """
     if not header:
         return None
-    match = _RANGE.fullmatch(header.strip())
+    unit, equals, range_set = header.strip().partition("=")
+    if not equals or unit.lower() != "bytes":  # units are case-insensitive
+        return None
+    # A list may hold empty elements, which count for nothing (section
+    # 5.6.1): "bytes=0-9," is the one range 0-9.
+    specs = [spec.strip() for spec in range_set.split(",") if spec.strip()]
+    if len(specs) != 1:
+        return None
+    match = _RANGE_SPEC.fullmatch(specs[0])
     if match is None or (not match[1] and not match[2]):
         return None
     first, last = match[1], match[2]
