@@ -123,13 +123,6 @@ async def test_if_range_that_is_no_validator_sends_the_whole_blob(alice, if_rang
         assert resp.headers["Content-Length"] == str(len(DATA))
 
 
-async def test_if_range_with_a_later_date_keeps_the_range(alice):
-    await alice.put(DATA)
-    resp = await alice.request("GET", f"/blobs/{b3(DATA)}", headers={
-        "Range": "bytes=0-9", "If-Range": "Fri, 01 Jan 2100 00:00:00 GMT"})
-    assert resp.status == 206 and await resp.read() == DATA[:10]
-
-
 async def test_range_unit_is_case_insensitive(alice):
     await alice.put(DATA)
     resp = await alice.request("GET", f"/blobs/{b3(DATA)}", headers={"Range": "Bytes=0-1"})
