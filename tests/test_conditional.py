@@ -1,6 +1,7 @@
 """Preconditions on /blobs/<address> (RFC 9110 section 13): If-Match,
 If-Unmodified-Since, If-None-Match and If-Modified-Since on GET, HEAD, PUT
-and DELETE, evaluated in the order of section 13.2.2; and If-Range with a date."""
+and DELETE, evaluated in the order of section 13.2.2; If-Range with a date;
+and the Vary a token-protected blob answer carries."""
 
 from __future__ import annotations
 
@@ -281,3 +282,41 @@ async def test_if_range_with_a_last_modified_of_this_second_is_weak(alice):
             assert resp.status == 200 and await resp.read() == data
             return
     pytest.fail("never answered within the second the blob was stored")
+
+
+# ---------------------------------------------------------------- Vary
+
+
+def _blob_answers(digest: str, etag: str):
+    """(method, headers, status) of every kind of blob answer."""
+    return [("GET", {}, 200), ("HEAD", {}, 200), ("GET", {"Range": "bytes=0-9"}, 206),
+            ("GET", {"If-None-Match": etag}, 304),
+            ("GET", {"If-Modified-Since": FUTURE}, 304)]
+
+
+@pytest.mark.parametrize("cors,vary", [(None, "Authorization"),
+                                       (["http://app.example"], "Authorization, Origin")])
+async def test_token_protected_blob_answers_vary_on_authorization(server, cors, vary):
+    login = await server(server={"cors_origins": cors or []})
+    alice = await login()
+    etag, _ = await _stored(alice)
+    for method, headers, status in _blob_answers(b3(DATA), etag):
+        for origin in ({}, {"Origin": "http://app.example"}) if cors else ({},):
+            resp = await alice.request(method, f"/blobs/{b3(DATA)}",
+                                       headers=headers | origin)
+            assert resp.status == status
+            assert resp.headers.getall("Vary") == [vary], (method, headers, origin)
+            assert resp.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+
+
+@pytest.mark.parametrize("cors,vary", [(None, None), (["http://app.example"], ["Origin"])])
+async def test_anonymously_readable_blob_answers_do_not_vary_on_authorization(
+        server, cors, vary):
+    login = await server(auth={"anonymous_read": True}, server={"cors_origins": cors or []})
+    alice = await login()
+    etag, _ = await _stored(alice)
+    for method, headers, status in _blob_answers(b3(DATA), etag):
+        resp = await alice.request(method, f"/blobs/{b3(DATA)}", headers=headers)
+        assert resp.status == status
+        assert resp.headers.getall("Vary", None) == vary
+

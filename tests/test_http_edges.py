@@ -266,7 +266,9 @@ async def test_405_says_what_is_allowed(alice, method, path, allow):
 
 
 async def test_every_blob_answer_varies_on_origin_when_cors_is_on(server):
-    login = await server(server={"cors_origins": ["http://app.example"]})
+    # (Token-protected blobs vary on Authorization too: tests/test_conditional.py.)
+    login = await server(server={"cors_origins": ["http://app.example"]},
+                         auth={"anonymous_read": True})
     alice = await login()
     await alice.put(DATA)
     for origin in (None, "http://evil.example", "http://app.example"):
@@ -276,7 +278,8 @@ async def test_every_blob_answer_varies_on_origin_when_cors_is_on(server):
         assert resp.headers.getall("Vary") == ["Origin"], origin
 
 
-async def test_no_vary_without_cors(alice):
+async def test_no_vary_without_cors(server):
+    alice = await (await server(auth={"anonymous_read": True}))()
     await alice.put(DATA)
     resp = await alice.request("GET", f"/blobs/{b3(DATA)}")
     assert "Vary" not in resp.headers

@@ -64,7 +64,9 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
     # The answer depends on Origin whether or not this one is allowed: a
     # cache must not hand a copy made for a plain <audio> request (no CORS
     # headers, cached for a year) to a page's fetch() from an allowed origin.
-    response.headers.add("Vary", "Origin")
+    vary = response.headers.get("Vary")
+    # One field, "Authorization, Origin", where the answer varies on both.
+    response.headers["Vary"] = f"{vary}, Origin" if vary else "Origin"
     origin = allowed_origin(request)
     if origin is None:
         return

@@ -31,6 +31,7 @@ from aiohttp import web
 from ..errors import BlobdError
 from ..metrics import BODY_BYTES_SENT
 from .conditional import Selected, evaluate, range_applies
+from .keys import STORE
 
 CACHE_CONTROL = "public, max-age=31536000, immutable"
 # Blobs are user content served from the API's origin: never let a browser
@@ -126,6 +127,10 @@ async def send_blob(request: web.Request, blob: BlobFile,
         "Last-Modified": http_date(blob.created_at),
         **SAFETY_HEADERS,
     }
+    if not request.app[STORE].config.auth.anonymous_read:
+        # The answer depends on the token: a shared cache (CACHE_CONTROL
+        # says public) must not hand it to a request without one.
+        headers["Vary"] = "Authorization"
     if not evaluate(request.headers, request.method, selected):
         return web.Response(status=304, headers=headers)
     wanted = None
