@@ -320,3 +320,14 @@ async def test_anonymously_readable_blob_answers_do_not_vary_on_authorization(
         assert resp.status == status
         assert resp.headers.getall("Vary", None) == vary
 
+async def test_browser_pages_may_send_preconditions(server):
+    login = await server(server={"cors_origins": ["http://app.example"]})
+    alice = await login()
+    preflight = await alice.client.options(f"/blobs/{b3(DATA)}", headers={
+        "Origin": "http://app.example", "Access-Control-Request-Method": "DELETE",
+        "Access-Control-Request-Headers": "authorization, if-match"})
+    assert preflight.status == 204
+    allowed = {h.strip().lower() for h in
+               preflight.headers["Access-Control-Allow-Headers"].split(",")}
+    assert {"if-match", "if-none-match", "if-modified-since", "if-unmodified-since",
+            "if-range"} <= allowed

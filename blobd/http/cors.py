@@ -20,7 +20,8 @@ from .middleware import Handler
 ALLOW_METHODS = "GET, HEAD, PUT, POST, PATCH, DELETE, OPTIONS"
 ALLOW_HEADERS = (
     "Authorization, Content-Type, Content-MD5, Content-Digest, Blob-Ref, Range, "
-    "If-None-Match, If-Range, Tus-Resumable, Upload-Length, Upload-Defer-Length, "
+    "If-Match, If-None-Match, If-Modified-Since, If-Unmodified-Since, If-Range, "
+    "Tus-Resumable, Upload-Length, Upload-Defer-Length, "
     "Upload-Offset, Upload-Metadata, Upload-Checksum, Upload-Concat, "
     "X-HTTP-Method-Override, X-Requested-With")
 EXPOSE_HEADERS = (
