@@ -347,6 +347,12 @@ async def drop_blob_refs(conn: aiosqlite.Connection, owner: str, digest: str,
     return cur.rowcount, await _release(conn, owner, digest, cur.rowcount, now)
 
 
+async def holds(conn: aiosqlite.Connection, owner: str, digest: str) -> bool:
+    """Whether the owner holds at least one reference to a blob."""
+    return await _one(conn, "SELECT 1 FROM refs WHERE owner = ? AND hash = ? LIMIT 1",
+                      owner, digest) is not None
+
+
 async def refs_to(conn: aiosqlite.Connection, digest: str) -> list[tuple[str, str]]:
     """(owner, name) of every reference to a blob, over all owners."""
     rows = await _all(conn, "SELECT owner, name FROM refs WHERE hash = ?", digest)

@@ -207,17 +207,23 @@ def verify(digests: Digests, expected: Address | None) -> None:
 # Work a caller adds to the commit transaction, given the blob's digest; it
 # runs before the reference is added, and raising rolls the commit back.
 InTx = Callable[[Tx, str], Awaitable[None]]
+# A request's preconditions, checked against the blob as the index has it
+# (None: not stored, or waiting for deletion) inside the transaction that
+# would reference it; it raises to refuse, and then nothing changes.
+Precondition = Callable[[BlobRecord | None], None]
 
 
 async def commit_file(store: Store, received: Received, *, owner: str, ref: str | None,
                       content_type: str | None, expected: Address | None = None,
-                      uploaded: bool = True, in_tx: InTx | None = None) -> Stored:
+                      uploaded: bool = True, in_tx: InTx | None = None,
+                      precondition: Precondition | None = None) -> Stored:
     """Verify and commit a received file for ``owner``; the file is consumed.
 
     ``uploaded`` counts the bytes against the owner's monthly upload quota.
     ``in_tx`` lets an upload session release its quota reservation and mark
     itself committed in the very transaction that references the blob (an
     ordinary :meth:`Store.write` transaction, not a group commit).
+    ``precondition`` may refuse the commit in that transaction.
     """
     try:
         verify(received.digests, expected)
@@ -227,12 +233,13 @@ async def commit_file(store: Store, received: Received, *, owner: str, ref: str 
     except BaseException:
         await asyncio.to_thread(files.remove_quietly, received.path)
         raise
-    return await shielded(_commit(store, received, owner, ref, info, uploaded, in_tx))
+    return await shielded(_commit(store, received, owner, ref, info, uploaded, in_tx,
+                                  precondition))
 
 
 async def _commit(store: Store, received: Received, owner: str, ref: str | None,
                   info: describe.Description, uploaded: bool,
-                  in_tx: InTx | None) -> Stored:
+                  in_tx: InTx | None, precondition: Precondition | None) -> Stored:
     digests = received.digests
     final = store.layout.blob_path(digests.blake3)
     staged = await _staged(store, received)
@@ -241,6 +248,8 @@ async def _commit(store: Store, received: Received, owner: str, ref: str | None,
     async def body(tx: Tx) -> Stored:
         now = time.time()
         blob = await index.get_blob(tx.conn, digests.blake3)
+        if precondition is not None:
+            precondition(blob if blob is not None and blob.live else None)
         created = blob is None
         if blob is None:
             blob = _new_record(store, digests, info, now)
@@ -277,12 +286,14 @@ async def _staged(store: Store, received: Received) -> Path:
 
 
 async def add_existing(store: Store, digest: str, owner: str, ref: str | None,
-                       size: int | None = None, in_tx: InTx | None = None) -> Stored | None:
+                       size: int | None = None, in_tx: InTx | None = None, *,
+                       precondition: Precondition | None = None) -> Stored | None:
     """Reference an already stored blob without a body (Expect: 100-continue,
     upload sessions for known content); None when the blob must be uploaded,
     also when the client announced a ``size`` that is not the blob's: those
     bytes are something else, which only reading them can tell. ``in_tx``
-    as for :func:`commit_file`, run only when the blob is referenced."""
+    as for :func:`commit_file`, run only when the blob is referenced.
+    ``precondition`` may refuse the reference (see :data:`Precondition`)."""
     async def body(tx: Tx) -> Stored | None:
         blob = await index.get_blob(tx.conn, digest)
         final = store.layout.blob_path(digest)
@@ -290,6 +301,8 @@ async def add_existing(store: Store, digest: str, owner: str, ref: str | None,
             return None
         if not await tx.blocking(final.exists):
             return None
+        if precondition is not None:
+            precondition(blob if blob.live else None)
         describe.admit(store.config.audio, describe.Description.of_record(blob))
         if in_tx is not None:
             await in_tx(tx, blob.hash)

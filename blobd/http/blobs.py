@@ -19,6 +19,7 @@ from ..index import BlobRecord
 from ..store import Store, Tx, shielded
 from ..mirror.heal import HealError
 from ..syncdb import SyncConnection, drive
+from .conditional import Selected, evaluate, has_preconditions
 from .keys import MIRROR, STORE
 from .params import iso, one_page, page_params, parse_uint
 from .middleware import expects_continue, principal, requires, send_continue
@@ -62,15 +63,32 @@ async def put_blob(request: web.Request) -> web.StreamResponse:
     address = parse_address(request.match_info["address"])
     ref = _blob_ref(request)
     owner = principal(request).owner
+    precondition = _put_precondition(request)
     if expects_continue(request):
         known = await resolve_any(store, address)
         if known is not None:
             # A decoded body's size is unknown until it is read.
             size = None if content_encoded(request) else request.content_length
-            stored = await ingest.add_existing(store, known, owner, ref, size)
+            stored = await ingest.add_existing(store, known, owner, ref, size,
+                                                precondition=precondition)
             if stored is not None:
                 return stored_response(stored, close=True)
-    return await _receive_and_commit(request, store, owner, ref, address)
+    return await _receive_and_commit(request, store, owner, ref, address, precondition)
+
+
+def _put_precondition(request: web.Request) -> ingest.Precondition | None:
+    """A PUT's preconditions as a check of the blob as stored (None when it
+    is not live: nobody sees it), or None when the request has none."""
+    if not has_preconditions(request.headers):
+        return None
+
+    def check(blob: BlobRecord | None) -> None:
+        evaluate(request.headers, "PUT", _selected(blob))
+    return check
+
+
+def _selected(blob: BlobRecord | None) -> Selected | None:
+    return Selected.of_blob(blob.hash, blob.created_at) if blob is not None else None
 
 
 @requires("write", defer_continue=True)
@@ -81,7 +99,9 @@ async def post_blob(request: web.Request) -> web.StreamResponse:
 
 
 async def _receive_and_commit(request: web.Request, store: Store, owner: str,
-                              ref: str | None, address: Address | None) -> web.Response:
+                              ref: str | None, address: Address | None,
+                              precondition: ingest.Precondition | None = None
+                              ) -> web.Response:
     declared = request.content_length
     if content_encoded(request):
         # aiohttp decodes the body (the blob is the decoded bytes); the
@@ -97,6 +117,10 @@ async def _receive_and_commit(request: web.Request, store: Store, owner: str,
         digest = await resolve_any(store, address) if address is not None else None
         limit = await upload_limit(store, owner, declared, digest,
                                    unknown=address is not None and digest is None)
+    if precondition is not None and address is not None:
+        # Checked before the body is invited or read (a 412 wastes no
+        # upload), and again where the reference is added.
+        precondition(await resolve(store.db.reader, address))
     await send_continue(request)
     taken = take_body(request)
     if taken is not None:
@@ -107,7 +131,7 @@ async def _receive_and_commit(request: web.Request, store: Store, owner: str,
                                         limit=limit, declared=declared)
     stored = await ingest.commit_file(store, received, owner=owner, ref=ref,
                                       content_type=request.headers.get("Content-Type"),
-                                      expected=address)
+                                      expected=address, precondition=precondition)
     return stored_response(stored)
 
 
@@ -219,8 +243,16 @@ async def delete_blob(request: web.Request) -> web.Response:
     address = parse_address(request.match_info["address"])
     owner = principal(request).owner
     digest = await resolve_any(store, address)
+    conditional = has_preconditions(request.headers)
 
     async def body(tx: Tx) -> int:
+        if conditional:
+            # Against the blob as the caller sees it, before anything is
+            # dropped; holding none of it is 404 whatever they say.
+            if not await index.holds(tx.conn, owner, digest or ""):
+                return 0
+            evaluate(request.headers, "DELETE",
+                     _selected(await index.get_blob(tx.conn, digest or "")))
         dropped, zeroed = await index.drop_blob_refs(tx.conn, owner, digest or "",
                                                      time.time())
         await reaper.release_zeroed(store, tx, zeroed)

@@ -23,8 +23,8 @@ from .middleware import Handler
 ALLOW_METHODS = "GET, HEAD, PUT, POST, PATCH, DELETE, OPTIONS"
 ALLOW_HEADERS = (
     "Authorization, Content-Type, Content-Encoding, Content-MD5, Content-Digest, Blob-Ref, "
-    "Range, "
-    "If-None-Match, If-Range, Tus-Resumable, Upload-Length, Upload-Defer-Length, "
+    "Range, If-Match, If-None-Match, If-Modified-Since, If-Unmodified-Since, If-Range, "
+    "Tus-Resumable, Upload-Length, Upload-Defer-Length, "
     "Upload-Offset, Upload-Metadata, Upload-Checksum, Upload-Concat, "
     "X-HTTP-Method-Override, X-Requested-With")
 EXPOSE_HEADERS = (
@@ -68,7 +68,9 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
     # The answer depends on Origin whether or not this one is allowed: a
     # cache must not hand a copy made for a plain <audio> request (no CORS
     # headers, cached for a year) to a page's fetch() from an allowed origin.
-    response.headers.add("Vary", "Origin")
+    vary = response.headers.get("Vary")
+    # One field, "Authorization, Origin", where the answer varies on both.
+    response.headers["Vary"] = f"{vary}, Origin" if vary else "Origin"
     origin = allowed_origin(request)
     if origin is None:
         return

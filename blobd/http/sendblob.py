@@ -2,8 +2,9 @@
 
 ``web.FileResponse`` is close, but its ETag is ``mtime-size`` (ours must be
 the hash, and stable across restores and heals) and its 416 has no JSON
-body; so this module does the RFC 9110 logic itself and then hands the open
-file to ``loop.sendfile`` exactly as FileResponse does, falling back to
+body; so this module does the RFC 9110 logic itself (the preconditions in
+:mod:`blobd.http.conditional`) and then hands the open file to
+``loop.sendfile`` exactly as FileResponse does, falling back to
 chunked reads in a thread where sendfile is unavailable (TLS, where the
 kernel cannot encrypt).
 
@@ -29,6 +30,8 @@ from aiohttp import web
 
 from ..errors import BlobdError
 from ..metrics import BODY_BYTES_SENT
+from .conditional import Selected, evaluate, range_applies
+from .keys import STORE
 
 CACHE_CONTROL = "public, max-age=31536000, immutable"
 # Blobs are user content served from the API's origin: never let a browser
@@ -38,7 +41,7 @@ SAFETY_HEADERS = {"X-Content-Type-Options": "nosniff",
 INLINE_MAX = 128 * 1024
 _FALLBACK_CHUNK = 256 * 1024
 _BEYOND = 10 ** 18
-_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)  # units are case-insensitive
+_RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)")
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,15 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """
     if not header:
         return None
-    match = _RANGE.fullmatch(header.strip())
+    unit, equals, range_set = header.strip().partition("=")
+    if not equals or unit.lower() != "bytes":  # units are case-insensitive
+        return None
+    # A list may hold empty elements, which count for nothing (section
+    # 5.6.1): "bytes=0-9," is the one range 0-9.
+    specs = [spec.strip() for spec in range_set.split(",") if spec.strip()]
+    if len(specs) != 1:
+        return None
+    match = _RANGE_SPEC.fullmatch(specs[0])
     if match is None or (not match[1] and not match[2]):
         return None
     first, last = match[1], match[2]
@@ -99,30 +110,6 @@ def _unsatisfiable(size: int) -> BlobdError:
                       headers={"Content-Range": f"bytes */{size}"})
 
 
-def _etag_matches(header: str, etag: str) -> bool:
-    """Weak comparison (RFC 9110 section 8.8.3.2), as If-None-Match uses."""
-    if header.strip() == "*":
-        return True
-    return any(tag.strip().removeprefix("W/") == etag for tag in header.split(","))
-
-
-def _range_applies(request: web.Request, etag: str, created_at: float) -> bool:
-    """If-Range (RFC 9110 section 13.1.5): a strong ETag or a date."""
-    if_range = request.headers.get("If-Range")
-    if if_range is None:
-        return True
-    if_range = if_range.strip()
-    if if_range.startswith('"'):
-        return if_range == etag
-    # A weak ETag never matches here, and what is not a date is no
-    # validator: either way the whole blob goes out, as the RFC says.
-    try:
-        parsed = email.utils.parsedate_to_datetime(if_range)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return False
-    return parsed.timestamp() >= int(created_at)
-
-
 @dataclass(frozen=True)
 class BlobBody:
     """What a GET sends: the bytes of a small blob (its file already closed)
@@ -134,17 +121,20 @@ class BlobBody:
 async def send_blob(request: web.Request, blob: BlobFile,
                     body: BlobBody) -> web.StreamResponse:
     """Answer GET/HEAD from a loaded blob; the caller closes ``body.fobj``."""
-    etag = f'"{blob.digest}"'
+    selected = Selected.of_blob(blob.digest, blob.created_at)
     headers = {
-        "ETag": etag, "Cache-Control": CACHE_CONTROL, "Accept-Ranges": "bytes",
+        "ETag": selected.etag, "Cache-Control": CACHE_CONTROL, "Accept-Ranges": "bytes",
         "Last-Modified": http_date(blob.created_at),
         **SAFETY_HEADERS,
     }
-    if_none_match = request.headers.get("If-None-Match")
-    if if_none_match is not None and _etag_matches(if_none_match, etag):
+    if not request.app[STORE].config.auth.anonymous_read:
+        # The answer depends on the token: a shared cache (CACHE_CONTROL
+        # says public) must not hand it to a request without one.
+        headers["Vary"] = "Authorization"
+    if not evaluate(request.headers, request.method, selected):
         return web.Response(status=304, headers=headers)
     wanted = None
-    if _range_applies(request, etag, blob.created_at):
+    if range_applies(request.headers, selected):
         wanted = parse_range(request.headers.get("Range"), blob.size)
     start, count = wanted if wanted is not None else (0, blob.size)
     status = 200
