@@ -11,6 +11,8 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,8 @@ import pytest
 from blobd.layout import backup_time_from_key
 from blobd.mirror import queue
 from conftest import b3
-from mirrorhelp import Bucket, b64sha256, eventually, in_thread, mirror_section
+from mirrorhelp import (Bucket, GateProxy, b64sha256, eventually, in_thread,
+                        mirror_section)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -263,6 +266,42 @@ async def test_without_a_mirror_a_missing_file_is_still_a_500(alice):
     alice.store.layout.blob_path(b3(data)).unlink()
     resp = await alice.request("GET", f"/blobs/{b3(data)}")
     assert resp.status == 500 and (await resp.json())["error"] == "internal"
+
+
+def s3_port(s3server) -> int:
+    port = urllib.parse.urlsplit(s3server.endpoint).port
+    assert port is not None
+    return port
+
+
+async def test_a_get_waits_for_a_hung_mirror_only_so_long(server, s3server, mirror_prefix,
+                                                           bucket):
+    """Found by review: against a mirror that accepts connections and never
+    answers, a GET of a blob whose file was missing took 121 s (the S3
+    client's timeouts and retries). Now it waits heal_timeout_seconds, and
+    the heal goes on: once the mirror answers, the file is back."""
+    async with GateProxy(s3_port(s3server)) as proxy:
+        section = mirror_section(s3server, mirror_prefix, backup_interval_seconds=0,
+                                 heal_timeout_seconds=1)
+        alice = await (await server(mirror={**section, "endpoint": proxy.url}))("alice")
+        data = os.urandom(50_000)
+        await alice.put(data)
+        await arrived(alice, bucket, data)
+        path = blob_path(alice, data)
+        path.unlink()
+
+        proxy.mode = "stall"
+        for _ in range(2):  # the second GET joins the heal still running
+            started = time.monotonic()
+            resp = await alice.request("GET", f"/blobs/{b3(data)}")
+            assert resp.status == 500 and (await resp.json())["error"] == "internal"
+            assert time.monotonic() - started < 4
+        assert not path.exists()
+
+        proxy.mode = "pass"
+        await eventually(path.exists, what="the heal finished in the background")
+        resp = await alice.request("GET", f"/blobs/{b3(data)}")
+        assert resp.status == 200 and await resp.read() == data
 
 
 # -- scheduled index backups --------------------------------------------------

@@ -24,7 +24,8 @@ class Mirror:
         self.config = config
         self.target = make_target(config)
         self.worker = MirrorWorker(store, self.target, config)
-        self.healer = Healer(store, self.target, config)
+        # A GET waits for a heal only so long (see blobd.mirror.heal).
+        self.healer = Healer(store, self.target, config, deadline=config.heal_timeout_seconds)
         self._store = store
         self._tasks: list[asyncio.Task[None]] = []
 
