@@ -121,10 +121,10 @@ class GateProxy:
     def __init__(self, target_port: int, mode: str = "pass") -> None:
         self.target_port = target_port
         self._open = asyncio.Event()
-        self.mode = mode
         self._server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.port = 0
+        self.mode = mode
 
     @property
     def mode(self) -> str:

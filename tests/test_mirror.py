@@ -109,6 +109,38 @@ async def test_blobs_put_while_the_mirror_is_down_arrive_when_it_returns(
     assert await in_thread(bucket.digests) == {b3(d) for d in blobs}
 
 
+
+async def test_a_refusal_after_an_outage_is_logged_at_error_once(
+        server, s3server, mirror_prefix, caplog):
+    """Found by review: a permanent failure was logged at ERROR only on a
+    job's first attempt, so one that followed transient failures (the mirror
+    down, then BadDigest or 403) was at DEBUG only."""
+    async with GateProxy(s3_port(s3server), mode="drop") as proxy:
+        section = mirror_section(s3server, mirror_prefix, backup_interval_seconds=0)
+        alice = await (await server(mirror={**section, "endpoint": proxy.url}))("alice")
+        data = os.urandom(20_000)
+        digest = (await (await alice.put(data)).json())["hash"]
+        await eventually(lambda: _attempts(alice, 1), what="a transient failure")
+        # The local file goes bad (same size): the S3 server refuses it.
+        blob_path(alice, data).write_bytes(os.urandom(len(data)))
+        proxy.mode = "pass"
+        await eventually(lambda: _is(state(alice, digest), "failed"), what="refused")
+        rows = await queue_rows(alice)
+        assert "unreachable" not in rows[0]["last_error"]
+        await eventually(lambda: _attempts(alice, rows[0]["attempts"] + 2),
+                         what="two more refusals")
+
+    def errors() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.levelno == logging.ERROR and digest in r.getMessage()]
+    assert len(errors()) == 1, errors()
+    assert errors()[0].startswith(f"mirror put of {digest} failed: ")
+
+
+async def _attempts(api, at_least: int) -> bool:
+    rows = await queue_rows(api)
+    return bool(rows) and rows[0]["attempts"] >= at_least
+
 async def _failing(api, count: int) -> bool:
     counts = await queue.counts(api.store.db.reader)
     return counts["failed"] == count

@@ -47,6 +47,9 @@ class MirrorWorker:
         self.config = config
         self._running: dict[asyncio.Task[None], Job] = {}
         self._unreachable = False  # a transient failure since the last success
+        # Jobs whose latest failure was permanent, with that failure's kind:
+        # such a failure is logged at ERROR once, not at every retry.
+        self._refused: dict[int, str] = {}
 
     async def run(self) -> None:
         """Drain the queue until cancelled."""
@@ -146,6 +149,7 @@ class MirrorWorker:
         await self.target.delete(blob_key(self.config, job.hash))
 
     async def _succeeded(self, job: Job) -> None:
+        self._refused.pop(job.id, None)
         now = time.time()
         async with self.store.write() as tx:
             await queue.finish(tx.conn, job)
@@ -163,10 +167,21 @@ class MirrorWorker:
         async with self.store.write() as tx:
             delay = await queue.fail(tx.conn, job, error, time.time(),
                                      self.config.retry_max_seconds, permanent=not transient)
-        if transient and not self._unreachable:
-            log.warning("mirror unreachable, operations stay queued: %s", error)
-        elif not transient and job.attempts == 0:
+        if transient:
+            self._refused.pop(job.id, None)
+            if not self._unreachable:
+                log.warning("mirror unreachable, operations stay queued: %s", error)
+        elif self._refused.get(job.id) != _kind(exc):
+            # Its first permanent failure, whatever failed before it (the
+            # mirror down, then a refusal), or another kind than the last.
+            self._refused[job.id] = _kind(exc)
             log.error("mirror %s of %s failed: %s", job.op, job.hash, error)
         log.debug("mirror %s of %s: attempt %d failed, retry in %.1fs: %s",
                   job.op, job.hash, job.attempts + 1, delay, error)
         self._unreachable = self._unreachable or transient
+
+
+def _kind(exc: Exception) -> str:
+    """What a failure was, for telling a new one from a repeat."""
+    code = exc.code if isinstance(exc, S3Error) else None
+    return code or type(exc).__name__
