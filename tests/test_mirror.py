@@ -20,6 +20,7 @@ import pytest
 from blobd.layout import backup_time_from_key
 from blobd.mirror import queue
 from conftest import b3
+from serverproc import to_toml
 from mirrorhelp import (Bucket, GateProxy, b64sha256, eventually, in_thread,
                         mirror_section)
 
@@ -397,6 +398,58 @@ async def test_a_server_on_a_new_disk_skips_backups_over_the_old_store(
                      what="two scheduled backups skipped")
     assert "is of another store" in caplog.text and "`blobd mirror restore`" in caplog.text
     assert await in_thread(backup_keys, bucket) == keys
+
+
+# -- the start-up check of the bucket ------------------------------------------
+
+@pytest.mark.parametrize("fault, says", [
+    ("bucket", "does not exist"),
+    ("secret_key", "is denied; check [mirror] access_key, secret_key"),
+])
+async def test_a_missing_bucket_or_refused_key_is_warned_about_at_start(
+        server, s3server, mirror_prefix, caplog, fault, says):
+    """Found by review: a mistyped bucket was never mentioned (SeaweedFS even
+    makes it on the first upload), nor were refused credentials, until each
+    blob failed on its own. The server still starts and keeps its queue."""
+    wrong = f"no-such-bucket-{mirror_prefix}" if fault == "bucket" else "wrong-secret"
+    section = {**mirror_section(s3server, mirror_prefix, backup_interval_seconds=0),
+               fault: wrong}
+    alice = await (await server(mirror=section))("alice")
+    bucket = section["bucket"]
+
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and r.name == "blobd.mirror.common"]
+    await eventually(warned, what="a warning about the bucket")
+    (line,) = warned()
+    assert f"bucket {bucket!r} at {s3server.endpoint}" in line and says in line
+    if fault == "secret_key":  # (an upload would make the mistyped bucket)
+        resp = await alice.put(os.urandom(1000))
+        assert resp.status == 201
+        assert len(await queue_rows(alice)) == 1
+
+
+async def test_a_hung_mirror_does_not_hold_the_start(server, s3server, mirror_prefix, caplog):
+    async with GateProxy(s3_port(s3server), mode="stall") as proxy:
+        section = mirror_section(s3server, mirror_prefix, backup_interval_seconds=0)
+        started = time.monotonic()
+        alice = await (await server(mirror={**section, "endpoint": proxy.url}))("alice")
+        assert (await alice.request("GET", "/healthz")).status == 200
+        assert time.monotonic() - started < 5
+        assert "mirror: bucket" not in caplog.text
+
+
+def test_mirror_commands_warn_about_a_missing_bucket(s3server, mirror_prefix, tmp_path):
+    missing = f"no-such-bucket-{mirror_prefix}"
+    section = {**mirror_section(s3server, mirror_prefix), "bucket": missing}
+    config = tmp_path / "blobd.toml"
+    config.write_text(to_toml({"server": {"data_dir": str(tmp_path / "data")},
+                               "mirror": section}))
+    result = subprocess.run([sys.executable, "-m", "blobd", "mirror", "restore", "-c",
+                             str(config)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert f"mirror: bucket {missing!r} at {s3server.endpoint} does not exist" \
+        in result.stderr, result.stderr
 
 
 # -- without aiobotocore ------------------------------------------------------
