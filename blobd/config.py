@@ -149,6 +149,7 @@ class MirrorConfig:
     retry_max_seconds: float = 300.0
     backup_interval_seconds: float = 3600.0
     backups_kept: int = 48
+    heal_timeout_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -391,6 +392,8 @@ def _mirror_checks(mirror: MirrorConfig) -> list[Check]:
         (mirror.backup_interval_seconds >= 0,
          "mirror.backup_interval_seconds", "cannot be negative"),
         (mirror.backups_kept >= 1, "mirror.backups_kept", "expected at least 1"),
+        (mirror.heal_timeout_seconds > 0,
+         "mirror.heal_timeout_seconds", "expected a positive number"),
     ]
 
 

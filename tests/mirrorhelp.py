@@ -104,3 +104,86 @@ async def eventually(check: Callable[[], Any], timeout: float = 30.0,
 
 async def in_thread(func: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.to_thread(func, *args)
+
+
+class GateProxy:
+    """A TCP proxy on 127.0.0.1 in the test's event loop, in front of the
+    S3 server, whose ``mode`` a test switches at any time:
+
+    * ``"pass"``: bytes go through both ways;
+    * ``"stall"``: connections are accepted (new and open ones alike) and
+      nothing goes through, so requests get no answer: a hung gateway, a
+      NAS asleep. What was held back goes on once the mode is "pass" again;
+    * ``"drop"``: every connection is closed at once (a mirror that is down).
+
+    ``async with GateProxy(port) as proxy: proxy.url``."""
+
+    def __init__(self, target_port: int, mode: str = "pass") -> None:
+        self.target_port = target_port
+        self._open = asyncio.Event()
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+        self.mode = mode
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        assert mode in ("pass", "stall", "drop")
+        self._mode = mode
+        if mode == "pass":
+            self._open.set()
+        else:
+            self._open.clear()
+        if mode == "drop":
+            for writer in list(self._writers):
+                writer.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> "GateProxy":
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.mode == "drop":
+            writer.close()
+            return
+        self._writers.add(writer)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            self._writers.discard(writer)
+            return
+        self._writers.add(up_writer)
+        try:
+            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+        finally:
+            for each in (writer, up_writer):
+                each.close()
+                self._writers.discard(each)
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                await self._open.wait()
+                dst.write(data)
+                await dst.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            dst.close()

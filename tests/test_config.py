@@ -41,6 +41,8 @@ def test_sizes(text, value):
     ({"mirror": {"bucket": "b"}}, "mirror.endpoint"),
     ({"mirror": {"endpoint": "http://h", "bucket": "b", "backups_kept": 0}},
      "mirror.backups_kept"),
+    ({"mirror": {"endpoint": "http://h", "bucket": "b", "heal_timeout_seconds": 0}},
+     "mirror.heal_timeout_seconds"),
     ({"mirror": {"endpoint": "http://h", "bucket": "b", "retry_max_seconds": 0}},
      "mirror.retry_max_seconds"),
     ({"nonsense": {}}, "nonsense"),

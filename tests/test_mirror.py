@@ -11,6 +11,8 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,9 @@ import pytest
 from blobd.layout import backup_time_from_key
 from blobd.mirror import queue
 from conftest import b3
-from mirrorhelp import Bucket, b64sha256, eventually, in_thread, mirror_section
+from serverproc import to_toml
+from mirrorhelp import (Bucket, GateProxy, b64sha256, eventually, in_thread,
+                        mirror_section)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,6 +136,38 @@ async def test_a_damaged_local_file_is_not_uploaded_again_and_again(
     assert "blobd fsck --verify" in counts["last_error"]
     assert await in_thread(bucket.get, bucket.key(b3(data))) is None
     assert await state(alice, b3(data)) == "failed"
+
+
+async def test_a_refusal_after_an_outage_is_logged_at_error_once(
+        server, s3server, mirror_prefix, caplog):
+    """Found by review: a permanent failure was logged at ERROR only on a
+    job's first attempt, so one that followed transient failures (the mirror
+    down, then BadDigest or 403) was at DEBUG only."""
+    async with GateProxy(s3_port(s3server), mode="drop") as proxy:
+        section = mirror_section(s3server, mirror_prefix, backup_interval_seconds=0)
+        alice = await (await server(mirror={**section, "endpoint": proxy.url}))("alice")
+        data = os.urandom(20_000)
+        digest = (await (await alice.put(data)).json())["hash"]
+        await eventually(lambda: _attempts(alice, 1), what="a transient failure")
+        # The local file goes bad (same size): the S3 server refuses it.
+        blob_path(alice, data).write_bytes(os.urandom(len(data)))
+        proxy.mode = "pass"
+        await eventually(lambda: _is(state(alice, digest), "failed"), what="refused")
+        rows = await queue_rows(alice)
+        assert "unreachable" not in rows[0]["last_error"]
+        await eventually(lambda: _attempts(alice, rows[0]["attempts"] + 2),
+                         what="two more refusals")
+
+    def errors() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.levelno == logging.ERROR and digest in r.getMessage()]
+    assert len(errors()) == 1, errors()
+    assert errors()[0].startswith(f"mirror put of {digest} failed: ")
+
+
+async def _attempts(api, at_least: int) -> bool:
+    rows = await queue_rows(api)
+    return bool(rows) and rows[0]["attempts"] >= at_least
 
 
 async def _failing(api, count: int) -> bool:
@@ -293,6 +329,42 @@ async def test_without_a_mirror_a_missing_file_is_still_a_500(alice):
     assert resp.status == 500 and (await resp.json())["error"] == "internal"
 
 
+def s3_port(s3server) -> int:
+    port = urllib.parse.urlsplit(s3server.endpoint).port
+    assert port is not None
+    return port
+
+
+async def test_a_get_waits_for_a_hung_mirror_only_so_long(server, s3server, mirror_prefix,
+                                                           bucket):
+    """Found by review: against a mirror that accepts connections and never
+    answers, a GET of a blob whose file was missing took 121 s (the S3
+    client's timeouts and retries). Now it waits heal_timeout_seconds, and
+    the heal goes on: once the mirror answers, the file is back."""
+    async with GateProxy(s3_port(s3server)) as proxy:
+        section = mirror_section(s3server, mirror_prefix, backup_interval_seconds=0,
+                                 heal_timeout_seconds=1)
+        alice = await (await server(mirror={**section, "endpoint": proxy.url}))("alice")
+        data = os.urandom(50_000)
+        await alice.put(data)
+        await arrived(alice, bucket, data)
+        path = blob_path(alice, data)
+        path.unlink()
+
+        proxy.mode = "stall"
+        for _ in range(2):  # the second GET joins the heal still running
+            started = time.monotonic()
+            resp = await alice.request("GET", f"/blobs/{b3(data)}")
+            assert resp.status == 500 and (await resp.json())["error"] == "internal"
+            assert time.monotonic() - started < 4
+        assert not path.exists()
+
+        proxy.mode = "pass"
+        await eventually(path.exists, what="the heal finished in the background")
+        resp = await alice.request("GET", f"/blobs/{b3(data)}")
+        assert resp.status == 200 and await resp.read() == data
+
+
 # -- scheduled index backups --------------------------------------------------
 
 def backup_keys(bucket: Bucket) -> list[str]:
@@ -354,6 +426,58 @@ async def test_a_server_on_a_new_disk_skips_backups_over_the_old_store(
                      what="two scheduled backups skipped")
     assert "is of another store" in caplog.text and "`blobd mirror restore`" in caplog.text
     assert await in_thread(backup_keys, bucket) == keys
+
+
+# -- the start-up check of the bucket ------------------------------------------
+
+@pytest.mark.parametrize("fault, says", [
+    ("bucket", "does not exist"),
+    ("secret_key", "is denied; check [mirror] access_key, secret_key"),
+])
+async def test_a_missing_bucket_or_refused_key_is_warned_about_at_start(
+        server, s3server, mirror_prefix, caplog, fault, says):
+    """Found by review: a mistyped bucket was never mentioned (SeaweedFS even
+    makes it on the first upload), nor were refused credentials, until each
+    blob failed on its own. The server still starts and keeps its queue."""
+    wrong = f"no-such-bucket-{mirror_prefix}" if fault == "bucket" else "wrong-secret"
+    section = {**mirror_section(s3server, mirror_prefix, backup_interval_seconds=0),
+               fault: wrong}
+    alice = await (await server(mirror=section))("alice")
+    bucket = section["bucket"]
+
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and r.name == "blobd.mirror.common"]
+    await eventually(warned, what="a warning about the bucket")
+    (line,) = warned()
+    assert f"bucket {bucket!r} at {s3server.endpoint}" in line and says in line
+    if fault == "secret_key":  # (an upload would make the mistyped bucket)
+        resp = await alice.put(os.urandom(1000))
+        assert resp.status == 201
+        assert len(await queue_rows(alice)) == 1
+
+
+async def test_a_hung_mirror_does_not_hold_the_start(server, s3server, mirror_prefix, caplog):
+    async with GateProxy(s3_port(s3server), mode="stall") as proxy:
+        section = mirror_section(s3server, mirror_prefix, backup_interval_seconds=0)
+        started = time.monotonic()
+        alice = await (await server(mirror={**section, "endpoint": proxy.url}))("alice")
+        assert (await alice.request("GET", "/healthz")).status == 200
+        assert time.monotonic() - started < 5
+        assert "mirror: bucket" not in caplog.text
+
+
+def test_mirror_commands_warn_about_a_missing_bucket(s3server, mirror_prefix, tmp_path):
+    missing = f"no-such-bucket-{mirror_prefix}"
+    section = {**mirror_section(s3server, mirror_prefix), "bucket": missing}
+    config = tmp_path / "blobd.toml"
+    config.write_text(to_toml({"server": {"data_dir": str(tmp_path / "data")},
+                               "mirror": section}))
+    result = subprocess.run([sys.executable, "-m", "blobd", "mirror", "restore", "-c",
+                             str(config)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert f"mirror: bucket {missing!r} at {s3server.endpoint} does not exist" \
+        in result.stderr, result.stderr
 
 
 # -- without aiobotocore ------------------------------------------------------

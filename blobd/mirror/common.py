@@ -5,6 +5,7 @@ pool of concurrent jobs."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from ..index import BlobRecord
 from ..storage.s3 import Listed, S3Error, S3Target
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Bar(Protocol):
@@ -48,13 +50,61 @@ class CopyMismatch(Exception):
     """A copy from the mirror is not the blob it should be."""
 
 
-def make_target(config: MirrorConfig, jobs: int | None = None) -> S3Target:
+# How long the start-up check of the bucket may take (see check_bucket).
+BUCKET_CHECK_SECONDS = 10.0
+_NO_BUCKET = frozenset({"NoSuchBucket", "NotFound", "404"})
+_DENIED = frozenset({"AccessDenied", "Forbidden", "403", "InvalidAccessKeyId",
+                     "SignatureDoesNotMatch"})
+
+
+class MirrorTarget(S3Target):
+    """The bucket of ``[mirror]``. Entered with ``async with`` (as every
+    ``blobd mirror`` command does), it is opened and then checked once
+    (:func:`check_bucket`); :meth:`open` alone checks nothing."""
+
+    async def __aenter__(self) -> MirrorTarget:
+        await self.open()
+        await check_bucket(self)
+        return self
+
+
+async def check_bucket(target: S3Target) -> bool:
+    """Check once that the bucket exists and the credentials work, and log
+    one warning naming the bucket and endpoint when not: otherwise every
+    blob fails alike later, one by one, and on SeaweedFS a mistyped bucket
+    is not even noticed (it makes a bucket of any name on the first upload).
+    A mirror that is down or does not answer within BUCKET_CHECK_SECONDS
+    is only noted: it may come back, and the queue waits for it. Returns
+    whether the bucket answered as usable."""
+    where = f"bucket {target.bucket!r} at {target.endpoint}"
+    try:
+        await asyncio.wait_for(target.check_access(), BUCKET_CHECK_SECONDS)
+        return True
+    except TimeoutError:
+        log.info("mirror: %s did not answer within %gs; not checked", where,
+                 BUCKET_CHECK_SECONDS)
+    except S3Error as exc:
+        if exc.retryable:
+            log.info("mirror: %s is not reachable now; not checked: %s", where, exc)
+        elif exc.code in _NO_BUCKET:
+            log.warning("mirror: %s does not exist; create it, or fix [mirror] bucket"
+                        " (some servers, SeaweedFS among them, make a bucket of any name"
+                        " on the first upload): %s", where, exc)
+        elif exc.code in _DENIED:
+            log.warning("mirror: access to %s is denied; check [mirror] access_key,"
+                        " secret_key and the key's permissions: %s", where, exc)
+        else:
+            log.warning("mirror: %s cannot be used: %s", where, exc)
+    return False
+
+
+def make_target(config: MirrorConfig, jobs: int | None = None) -> MirrorTarget:
     """The bucket of ``[mirror]``, not yet opened (no connection is made),
     with connections for ``jobs`` transfers at once (default ``[mirror]
     concurrency``) and a few to spare (index backups, heals on GET)."""
     connections = max(10, (jobs or config.concurrency) + 4)
     try:
-        return S3Target(config.endpoint, config.bucket, config.access_key,
+        return MirrorTarget(config.endpoint, config.bucket, config.access_key,
                         config.secret_key, config.region, config.prefix,
                         multipart_threshold=config.multipart_threshold,
                         # The queue retries with its own backoff; one quick

@@ -13,6 +13,12 @@ renamed over the final name inside a write transaction that re-checks the
 blob still exists, so a heal is ordered with deletions exactly as an upload
 is (see :mod:`blobd.reaper`). Concurrent heals of one blob share one
 download.
+
+A GET waits for a heal only so long (``[mirror] heal_timeout_seconds``): a
+mirror that accepts connections and then never answers would otherwise hold
+the request for the S3 client's own timeouts and retries, minutes. Past the
+deadline the GET fails (500) while the heal goes on; a later GET finds the
+file in place, or joins the heal still running.
 """
 
 from __future__ import annotations
@@ -39,15 +45,23 @@ class HealError(Exception):
 
 
 class Healer:
-    def __init__(self, store: Store, target: S3Target, config: MirrorConfig) -> None:
+    """``deadline``: seconds a caller waits for a heal (None: until it
+    ends); the server's is ``[mirror] heal_timeout_seconds``, ``blobd
+    mirror heal`` has none."""
+
+    def __init__(self, store: Store, target: S3Target, config: MirrorConfig,
+                 deadline: float | None = None) -> None:
         self.store = store
         self.target = target
         self.config = config
+        self.deadline = deadline
         self._running: dict[str, asyncio.Task[bool]] = {}
+        self._waiting: dict[str, int] = {}  # callers waiting on each heal
 
     async def heal(self, blob: BlobRecord) -> bool:
         """Put a verified copy of ``blob`` in place from the mirror; False
-        when the blob was deleted meanwhile. Raises :class:`HealError`.
+        when the blob was deleted meanwhile. Raises :class:`HealError`,
+        also when the heal outlasts the deadline (it goes on).
 
         A caller that goes away does not cancel the heal: others may be
         waiting on it, and a half-done one would only be started again."""
@@ -56,7 +70,17 @@ class Healer:
             task = asyncio.ensure_future(self._heal(blob))
             self._running[blob.hash] = task
             task.add_done_callback(lambda done: self._finished(blob.hash, done))
-        return await asyncio.shield(task)
+        self._waiting[blob.hash] = self._waiting.get(blob.hash, 0) + 1
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.deadline)
+        except TimeoutError:
+            raise HealError(f"{self.target.url(blob_key(self.config, blob.hash))}: no answer"
+                            f" within {self.deadline:g}s; still healing in the background"
+                            ) from None
+        finally:
+            left = self._waiting.pop(blob.hash) - 1
+            if left:
+                self._waiting[blob.hash] = left
 
     async def close(self) -> None:
         """Stop heals still running (at shutdown, after requests ended)."""
@@ -67,8 +91,12 @@ class Healer:
 
     def _finished(self, digest: str, task: asyncio.Task[bool]) -> None:
         self._running.pop(digest, None)
-        if not task.cancelled():
-            task.exception()  # retrieved here too, in case every waiter left
+        if task.cancelled():
+            return
+        error = task.exception()  # retrieved here too, in case every waiter left
+        if error is not None and not self._waiting.get(digest):
+            # Nobody is left to report it (every GET gave up waiting).
+            log.error("blob %s could not be healed: %s", digest, error)
 
     async def _heal(self, blob: BlobRecord) -> bool:
         store = self.store

@@ -9,7 +9,7 @@ import logging
 from ..config import MirrorConfig
 from ..store import Store
 from . import backup
-from .common import make_target
+from .common import check_bucket, make_target
 from .heal import Healer
 from .worker import MirrorWorker
 
@@ -24,9 +24,10 @@ class Mirror:
         self.config = config
         self.target = make_target(config)
         self.worker = MirrorWorker(store, self.target, config)
-        self.healer = Healer(store, self.target, config)
+        # A GET waits for a heal only so long (see blobd.mirror.heal).
+        self.healer = Healer(store, self.target, config, deadline=config.heal_timeout_seconds)
         self._store = store
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[object]] = []
 
     async def start(self, background: bool = True) -> None:
         """After the store is open: start draining the queue and backing up
@@ -36,6 +37,8 @@ class Mirror:
         if not background:
             return
         self._tasks = [
+            # In the background: a mirror that hangs must not hold the start.
+            asyncio.create_task(check_bucket(self.target), name="blobd-mirror-check"),
             asyncio.create_task(self.worker.run(), name="blobd-mirror-worker"),
             asyncio.create_task(backup.run_scheduled(self._store, self.target, self.config),
                                 name="blobd-mirror-backup"),
@@ -54,6 +57,6 @@ class Mirror:
         await self.target.close()
 
 
-def _report_crash(task: asyncio.Task[None]) -> None:
+def _report_crash(task: asyncio.Task[object]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("%s stopped", task.get_name(), exc_info=task.exception())

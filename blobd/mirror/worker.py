@@ -2,10 +2,11 @@
 the bucket, in the background of a running server.
 
 At most ``[mirror] concurrency`` operations run at once. The worker sleeps
-until the next row is due, or until a commit that queued work wakes it
-(:attr:`blobd.store.Store.mirror_wakeup`), and polls every few seconds for
-rows queued by other processes (the CLI). It never blocks the event loop:
-S3Target streams files and hashes parts in threads.
+until the next row is due, or until a commit that queued work wakes it:
+one of this process at once (:attr:`blobd.store.Store.mirror_wakeup`), one
+of another process (the other workers of ``[server] workers = N``, the CLI)
+within :data:`WATCH_SECONDS` (see :meth:`MirrorWorker._wait`). It never
+blocks the event loop: S3Target streams files and hashes parts in threads.
 
 Operations check the index first, so they never fail forever nor undo a
 live blob: a ``put`` of a blob deleted before its upload has nothing to do;
@@ -44,9 +45,12 @@ class LocalFileDamaged(Exception):
     """A blob's own file does not hold the blob: retrying the upload cannot help."""
 
 
-# Longest sleep with nothing due: rows queued by another process are
-# noticed this late at worst.
+# Longest sleep with nothing due, before the queue is read again.
 POLL_SECONDS = 5.0
+# While it sleeps, how often the worker asks SQLite whether another
+# connection committed (PRAGMA data_version): rows queued by another
+# process start this late at worst.
+WATCH_SECONDS = 0.2
 
 
 class MirrorWorker:
@@ -56,6 +60,10 @@ class MirrorWorker:
         self.config = config
         self._running: dict[asyncio.Task[None], Job] = {}
         self._unreachable = False  # a transient failure since the last success
+        # Jobs whose latest failure was permanent, with that failure's kind:
+        # such a failure is logged at ERROR once, not at every retry.
+        self._refused: dict[int, str] = {}
+        self._data_version: int | None = None
 
     async def run(self) -> None:
         """Drain the queue until cancelled."""
@@ -68,6 +76,7 @@ class MirrorWorker:
             while True:
                 wakeup.clear()
                 try:
+                    self._data_version = await self._read_data_version()
                     await self._start_due()
                     timeout = await self._idle_time()
                 except Exception:
@@ -113,12 +122,42 @@ class MirrorWorker:
         return min(max(next_at - time.time(), 0.0), POLL_SECONDS)
 
     async def _wait(self, wakeup: asyncio.Event, timeout: float) -> None:
+        """Until ``timeout``, a task ends, this process queues work, or
+        another process commits to the index.
+
+        The last is SQLite's ``PRAGMA data_version``, which changes when any
+        other connection, of any process, has committed. Polled every
+        WATCH_SECONDS while idle, it costs one tiny read, nothing per upload,
+        needs nothing from the committing side (so no process can forget to
+        poke, and a worker 0 replaced after a crash needs no address to be
+        found at), and is not run at all without a mirror. Any commit wakes
+        the worker, not only one that queued work; it then reads the queue
+        once more, which is as cheap."""
         waiter = asyncio.ensure_future(wakeup.wait())
+        deadline = time.monotonic() + timeout
         try:
-            await asyncio.wait([waiter, *self._running], timeout=timeout,
-                               return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                left = deadline - time.monotonic()
+                done, _ = await asyncio.wait([waiter, *self._running],
+                                             timeout=max(0.0, min(left, WATCH_SECONDS)),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if done or left <= WATCH_SECONDS or await self._others_committed():
+                    return
         finally:
             waiter.cancel()
+
+    async def _others_committed(self) -> bool:
+        """Whether the index changed since the queue was last read."""
+        try:
+            version = await self._read_data_version()
+        except Exception:  # the next read of the queue says what is wrong
+            return False
+        return self._data_version is not None and version != self._data_version
+
+    async def _read_data_version(self) -> int:
+        async with self.store.db.reader.execute("PRAGMA data_version") as cur:
+            (version,) = await cur.fetchone()
+        return int(version)
 
     async def _run(self, job: Job) -> None:
         try:
@@ -172,6 +211,7 @@ class MirrorWorker:
         await self.target.delete(blob_key(self.config, job.hash))
 
     async def _succeeded(self, job: Job) -> None:
+        self._refused.pop(job.id, None)
         now = time.time()
         async with self.store.write() as tx:
             await queue.finish(tx.conn, job)
@@ -189,10 +229,21 @@ class MirrorWorker:
         async with self.store.write() as tx:
             delay = await queue.fail(tx.conn, job, error, time.time(),
                                      self.config.retry_max_seconds, permanent=not transient)
-        if transient and not self._unreachable:
-            log.warning("mirror unreachable, operations stay queued: %s", error)
-        elif not transient and job.attempts == 0:
+        if transient:
+            self._refused.pop(job.id, None)
+            if not self._unreachable:
+                log.warning("mirror unreachable, operations stay queued: %s", error)
+        elif self._refused.get(job.id) != _kind(exc):
+            # Its first permanent failure, whatever failed before it (the
+            # mirror down, then a refusal), or another kind than the last.
+            self._refused[job.id] = _kind(exc)
             log.error("mirror %s of %s failed: %s", job.op, job.hash, error)
         log.debug("mirror %s of %s: attempt %d failed, retry in %.1fs: %s",
                   job.op, job.hash, job.attempts + 1, delay, error)
         self._unreachable = self._unreachable or transient
+
+
+def _kind(exc: Exception) -> str:
+    """What a failure was, for telling a new one from a repeat."""
+    code = exc.code if isinstance(exc, S3Error) else None
+    return code or type(exc).__name__

@@ -313,6 +313,16 @@ class S3Target:
             "metadata": metadata,
         }
 
+    async def check_access(self) -> None:
+        """List at most one key under the prefix: the cheapest request that
+        needs the bucket to exist and the credentials to be accepted (a key
+        limited to the prefix may list there). Raises S3Error: code
+        NoSuchBucket, AccessDenied or 403, ..., or retryable when the
+        server is not reachable."""
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        with self._errors(f"LIST {self.url(prefix)}*"):
+            await self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
+
     async def download_to(self, key: str, path: str | os.PathLike[str],
                           limit: int | None = None) -> int:
         """Stream `key` into the file at `path` (created or truncated), fsync
