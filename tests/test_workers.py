@@ -421,8 +421,13 @@ def test_socket_activation_every_worker_serves_on_the_passed_socket(tmp_path: Pa
         pids = children(proc.pid)
         return (len(pids) == 2 and dead not in pids
                 and all(owns_listener(pid, activated) for pid in pids))
+    def started() -> bool:
+        # Under socket activation a worker owns the listener from its fork,
+        # before it tells the supervisor it serves; one killed before that
+        # is a failed start (the server exits), not a worker to replace.
+        return serving() and "with 2 workers" in err.read_text()
     try:
-        wait_for("the activated workers", serving)
+        wait_for("the activated workers", started)
         assert port_is_free(configured)
         assert not owns_listener(proc.pid, configured)
         victim = max(children(proc.pid))
