@@ -41,7 +41,10 @@ __all__ = ["NATIVE", "TUS", "Session", "NewSession", "create_session", "find_ses
 
 MIB = 1 << 20
 MAX_CHUNK_SIZE = 64 * MIB
-MAX_CHUNKS = 100_000
+# As S3's multipart uploads: every chunk is an entry in a session's status
+# (GET /uploads lists them for every open session), so their number is
+# bounded well below what a client with a tiny chunk size could ask for.
+MAX_CHUNKS = 10_000
 # A file in uploads/ without a row is left alone this long: a concatenated
 # tus upload's file is written just before its row is inserted.
 STRAY_GRACE_SECONDS = 600.0
@@ -90,10 +93,13 @@ async def take_over(path: os.PathLike, slot: int,
 
 
 def pick_chunk_size(size: int) -> int:
-    """1 MiB for files under 25 MiB, 5 MiB under 100 MiB, else 10 MiB."""
+    """1 MiB for files under 25 MiB, 5 MiB under 100 MiB, else 10 MiB (or,
+    past ~98 GiB, the whole MiBs that keep it to MAX_CHUNKS chunks)."""
     if size < 25 * MIB:
         return MIB
-    return 5 * MIB if size < 100 * MIB else 10 * MIB
+    if size < 100 * MIB:
+        return 5 * MIB
+    return max(10 * MIB, -(-size // (MAX_CHUNKS * MIB)) * MIB)
 
 
 def check_chunk_size(size: int, chunk_size: int) -> None:

@@ -127,6 +127,7 @@ async def test_empty_metadata_and_empty_upload(alice: Api) -> None:
     ({"Upload-Length": "10", "Upload-Metadata": meta(hash="nope")}, 400),
     ({"Upload-Length": "10", "Upload-Metadata": meta(ref="no spaces")}, 400),
     ({"Upload-Length": "10", "Upload-Concat": "whole"}, 400),
+    ({"Upload-Concat": "final;http://[x/tus/abc"}, 400),  # not a URL: was a 500
 ])
 async def test_creation_headers_are_validated(alice: Api, headers: dict, status: int) -> None:
     await create(alice, None, headers=headers, status=status)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from blobd import index
+from blobd import index, sessions
 from blobd.client import BlobdClient
 from blobd.sessions import sweep_sessions
 from conftest import Api, b3, tmp_files
@@ -365,6 +365,31 @@ async def test_server_chooses_the_chunk_size(alice: Api) -> None:
         body = await resp.json()
         assert resp.status == 201 and body["chunk_size"] == chunk
         assert (await alice.request("DELETE", f"/uploads/{body['id']}")).status == 204
+
+
+async def test_a_session_has_at_most_10000_chunks(server) -> None:
+    """Found by review: 1-byte chunks made sessions of 100,000 entries for
+    100 kB of quota each, and GET /uploads of 100 of them was 69 MB of
+    JSON built on the event loop (10 at once took ~4 GB)."""
+    login = await server(limits={"max_blob_size": 200 << 30},
+                         quotas={"default": {"max_bytes": 500 << 30,
+                                             "max_monthly_upload_bytes": 500 << 30}},
+                         storage={"min_free_bytes": 0})
+    alice = await login("alice")
+    refused = await alice.request("POST", "/uploads", json={"size": 10_001, "chunk_size": 1})
+    assert refused.status == 400
+    assert "more than 10000 chunks" in (await refused.json())["message"]
+    made = await alice.request("POST", "/uploads", json={"size": 10_000, "chunk_size": 1})
+    assert made.status == 201 and (await made.json())["chunks"] == 10_000
+    assert sessions.pick_chunk_size(150 << 30) * 10_000 >= 150 << 30
+    assert sessions.pick_chunk_size(150 << 30) % (1 << 20) == 0
+
+
+async def test_deeply_nested_json_is_400_not_500(alice: Api) -> None:
+    resp = await alice.request("POST", "/uploads", data=b"[" * 30_000 + b"]" * 30_000,
+                               headers={"Content-Type": "application/json"})
+    assert resp.status == 400, await resp.text()
+    assert (await resp.json())["error"] == "bad_request"
 
 
 @pytest.mark.parametrize("chunk_size", [0, -1, 64 * 1024 * 1024 + 1, "1024", 1.5, True])

@@ -63,6 +63,9 @@ async def read_json(request: web.Request, fields: Sequence[str],
         body = json.loads(raw or b"null")
     except ValueError:
         raise BlobdError("bad_request", "the body is not valid JSON") from None
+    except RecursionError:
+        # Thousands of nested brackets fit in 64 KiB.
+        raise BlobdError("bad_request", "the body's JSON is nested too deeply") from None
     if not isinstance(body, dict):
         raise BlobdError("bad_request", "the body must be a JSON object")
     unknown = [name for name in body if name not in fields]

@@ -202,7 +202,10 @@ def _non_negative(name: str, value: str) -> int:
 def _part_ids(urls: str) -> list[str]:
     ids = []
     for url in urls.split():
-        path = urlsplit(url).path.rstrip("/")
+        try:
+            path = urlsplit(url).path.rstrip("/")
+        except ValueError:  # "http://[x/" and the like
+            raise BlobdError("bad_request", f"Upload-Concat: {url} is not a URL") from None
         head, _, upload_id = path.rpartition("/")
         if head != PREFIX or not upload_id:
             raise BlobdError("bad_request", f"Upload-Concat: {url} is not an upload here")
