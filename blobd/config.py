@@ -69,6 +69,11 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     shutdown_timeout_seconds: float = 30.0
+    # A connection with no request in progress (idle between requests, or
+    # never finishing its first request's headers) is closed after this
+    # long: aiohttp's default, an hour, let idle sockets pile up to the
+    # file-descriptor limit (found by review). nginx's default.
+    keepalive_timeout_seconds: float = 75.0
     cors_origins: list[str] = field(default_factory=list)
 
     @property
@@ -301,6 +306,9 @@ def _validate(config: Config, names: dict[str, str] | None = None) -> None:
          "empty; name a directory (a relative one is taken from the working directory)"),
         *_origin_checks(config.server.cors_origins),
         (config.server.workers >= 1, "server.workers", "expected at least 1"),
+        # 0 would be aiohttp's "never".
+        (config.server.keepalive_timeout_seconds > 0,
+         "server.keepalive_timeout_seconds", "expected a positive number"),
         (bool(config.server.tls_cert) == bool(config.server.tls_key),
          "server.tls_cert", "tls_cert and tls_key go together"),
         (config.logging.level.lower() in ("debug", "info", "warning", "error"),

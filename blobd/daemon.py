@@ -88,7 +88,8 @@ async def run_server(config: Config, *, sockets: Sequence[socket.socket] = (),
     runner = web.AppRunner(
         app, access_log_class=AccessLogger,
         access_log=logging.getLogger("blobd.access") if config.logging.access_log else None,
-        shutdown_timeout=CUT_OFF_SECONDS, read_bufsize=READ_BUFSIZE)
+        shutdown_timeout=CUT_OFF_SECONDS, read_bufsize=READ_BUFSIZE,
+        keepalive_timeout=config.server.keepalive_timeout_seconds)
     watchdog: asyncio.Task[None] | None = None
     try:
         await runner.setup()

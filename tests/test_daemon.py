@@ -282,3 +282,41 @@ def test_sighup_stops_like_sigterm(tmp_path: Path, workers: int):
         assert "stopped" in server.stderr_tail(50)
     finally:
         server.stop()
+
+
+def test_idle_and_slow_header_connections_are_closed(tmp_path: Path):
+    """Found by review: a connection that sent nothing, or its headers a
+    byte at a time, stayed open for aiohttp's default hour, so ~20,000 of
+    them ran the server out of file descriptors. Now
+    [server] keepalive_timeout_seconds; a streaming download is no idle
+    connection, and a reused keep-alive one is closed only once idle."""
+    config = {**FAST, "server": {"keepalive_timeout_seconds": 1.5}}
+    data = os.urandom(8 << 20)  # more than the socket buffers hold
+    with BlobdServer(tmp_path, config) as server:
+        token = server.token("alice")
+        assert put(server, token, data) == 201
+        silent = socket.create_connection(("127.0.0.1", server.port))
+        trickle = socket.create_connection(("127.0.0.1", server.port))
+        trickle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        # A download read slowly for longer than the timeout.
+        reader = socket.create_connection(("127.0.0.1", server.port))
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        reader.sendall(f"GET /blobs/{b3(data)} HTTP/1.1\r\nHost: x\r\n"
+                       f"Authorization: Bearer {token}\r\n\r\n".encode())
+        started = time.monotonic()
+        received = b""
+        while time.monotonic() - started < 3.5:
+            received += reader.recv(4096)
+            time.sleep(0.02)
+        assert len(received) < len(data) // 2, "the download must still be running"
+        for sock in (silent, trickle):
+            sock.settimeout(5)
+            assert sock.recv(1024) == b"", "the idle connection is closed"
+            sock.close()
+        reader.settimeout(10)
+        while len(received) < len(data):
+            chunk = reader.recv(1 << 16)
+            assert chunk, "the download was cut off"
+            received += chunk
+        assert received.endswith(data)
+        reader.close()
