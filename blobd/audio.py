@@ -508,7 +508,10 @@ def _read_opus(f: IO[bytes], start: int, head: bytes) -> AudioInfo:
     # in its header is informational only, so mutagen does not report it.
     f.seek(0)
     stream = _ogg_stream(OggOpusInfo, f)
-    return _make_info(stream, "opus", "audio/opus", sample_rate=48_000)
+    # mutagen's Opus bitrate is the bytes it was given over the length:
+    # only the tail _ogg_stream hands it. The whole file's, as for FLAC.
+    bitrate = _file_size(f) * 8 / stream.length if stream.length else None
+    return _make_info(stream, "opus", "audio/opus", sample_rate=48_000, bitrate=bitrate)
 
 
 def _ogg_stream(info_class: Any, f: IO[bytes]) -> Any:

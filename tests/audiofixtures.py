@@ -33,6 +33,9 @@ AUDIO_FIXTURES = {
     "tone.aac": Expected("audio/aac", "aac", 2.0, 22050, 1, (24_000, 40_000)),
     "tone.ogg": Expected("audio/ogg", "vorbis", 2.0, 22050, 2, (16_000, 64_000)),
     "tone.opus": Expected("audio/opus", "opus", 2.0, 48000, 2, (16_000, 48_000)),
+    # Longer than the tail read for its length: the bitrate is still the
+    # whole file's (it was the tail's, 34.6 kb/s; found by review).
+    "long.opus": Expected("audio/opus", "opus", 60.0, 48000, 1, (41_000, 46_000)),
     "tone.flac": Expected("audio/flac", "flac", 2.0, 8000, 1, (20_000, 128_000)),
     "tone_flac.ogg": Expected("audio/ogg", "flac", 2.0, 8000, 1, (20_000, 128_000)),
     "tone.wav": Expected("audio/wav", "pcm", 1.5, 8000, 1, (128_000, 128_000)),
