@@ -35,9 +35,9 @@ def nginx(tmp_path: Path, blobd: BlobdServer):
         pytest.fail("nginx not found: apt-get install nginx")
     port = free_port()
     site = SITE.read_text()
-    assert site.count("listen 80;") == 1 and site.count("http://127.0.0.1:8420;") == 1
+    assert site.count("listen 80;") == 1 and site.count("server 127.0.0.1:8420;") == 1
     site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
-    site = site.replace("http://127.0.0.1:8420;", f"http://127.0.0.1:{blobd.port};")
+    site = site.replace("server 127.0.0.1:8420;", f"server 127.0.0.1:{blobd.port};")
     prefix = tmp_path / "nginx"
     prefix.mkdir()
     (prefix / "blobd.conf").write_text(site)
@@ -109,3 +109,21 @@ def test_uploads_stream_through_nginx(blobd: BlobdServer, nginx: str):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 201 "), answer[:200]
     assert (blobd.data_dir / "blobs" / digest[:2] / digest[2:4] / digest).read_bytes() == data
+
+
+def test_nginx_keeps_its_connections_to_blobd(blobd: BlobdServer, nginx: str):
+    """Found by review: without an upstream keepalive nginx opened a new
+    connection to blobd for every request (every seek of a player)."""
+    data = os.urandom(1000)
+    digest = blake3.blake3(data).hexdigest()
+    auth = {"Authorization": f"Bearer {blobd.token('alice')}"}
+    assert fetch(f"{nginx}/blobs/{digest}", "PUT", data=data, headers=auth)[0] == 201
+    for start in range(0, 1000, 100):
+        status, _, body = fetch(f"{nginx}/blobs/{digest}",
+                                headers={**auth, "Range": f"bytes={start}-{start + 99}"})
+        assert status == 206 and body == data[start:start + 100]
+    # Between requests nginx holds an idle connection open to blobd.
+    listing = subprocess.run(["ss", "-Htn", "state", "established",
+                              f"( dport = :{blobd.port} )"],
+                             capture_output=True, text=True, check=True).stdout
+    assert len(listing.splitlines()) >= 1, listing
