@@ -8,6 +8,7 @@ test binds in systemd's place.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import socket
@@ -320,3 +321,56 @@ def test_idle_and_slow_header_connections_are_closed(tmp_path: Path):
             received += chunk
         assert received.endswith(data)
         reader.close()
+
+
+def test_out_of_file_descriptors_is_503_not_a_traceback_per_request(tmp_path: Path):
+    """Found by review: at the open-file limit every GET of a large blob was
+    a 500 with a full traceback in the log (a crowd of listeners, a low
+    ulimit); it is transient, so 503 with Retry-After and one warning."""
+    data = os.urandom(300_000)  # sent with sendfile: the GET opens the file
+    with BlobdServer(tmp_path, FAST, wrapper=["prlimit", "--nofile=96:96"]) as server:
+        token = server.token("alice")
+        assert put(server, token, data) == 201
+        request = (f"GET /blobs/{b3(data)} HTTP/1.1\r\nHost: x\r\n"
+                   f"Authorization: Bearer {token}\r\n\r\n").encode()
+        kept = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        # Served once first: the reader thread has its index connection.
+        kept.sendall(request)
+        first = http.client.HTTPResponse(kept)
+        first.begin()
+        assert first.status == 200 and first.read() == data
+        idle = []
+        try:
+            for _ in range(120):   # more than the server may hold open
+                idle.append(socket.create_connection(("127.0.0.1", server.port)))
+            time.sleep(1)
+            answers = []
+            for _ in range(4):
+                kept.sendall(request)
+                response = http.client.HTTPResponse(kept)
+                response.begin()
+                answers.append((response.status, dict(response.getheaders()),
+                                response.read()))
+        finally:
+            for sock in idle:
+                sock.close()
+        # A descriptor may come free between two tries (the server's accept
+        # loop backs off for a second): then the GET is served whole.
+        assert 503 in [status for status, _, _ in answers], answers
+        for status, headers, body in answers:
+            if status == 200:
+                assert body == data
+                continue
+            assert status == 503, (status, body[:200])
+            assert headers["Retry-After"] == "1"
+            assert json.loads(body)["error"] == "unavailable"
+        kept.close()
+        time.sleep(1.5)
+        with urllib.request.urlopen(urllib.request.Request(
+                f"{server.url}/blobs/{b3(data)}",
+                headers={"Authorization": f"Bearer {token}"}), timeout=10) as resp:
+            assert resp.read() == data
+        stderr = server.stderr_path.read_text()
+        assert stderr.count("out of file descriptors") == 1, server.stderr_tail()
+        assert "GET /blobs/" not in stderr.split("out of file descriptors")[1].split("\n")[0]
+        assert f"GET /blobs/{b3(data)} failed" not in stderr

@@ -7,7 +7,10 @@ error middleware is the only place that turns failures into responses.
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
+import time
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -131,11 +134,31 @@ async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse
             # The request log has it as "aborted" (see accesslog.log_aborted).
             log.debug("%s %s: client went away (%s)", request.method, request.path, exc)
             raise
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            # Out of file descriptors (a crowd of listeners, a low ulimit):
+            # transient, and a traceback per request buried the log.
+            _out_of_descriptors(exc)
+            return error_response(BlobdError(
+                "unavailable", "the server has too many files open; try again shortly",
+                headers={"Retry-After": "1"}))
         log.exception("%s %s failed", request.method, request.path)
         return error_response(BlobdError("internal", "internal server error"))
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return error_response(BlobdError("internal", "internal server error"))
+
+
+_descriptors_warned_at = -math.inf
+
+
+def _out_of_descriptors(exc: OSError) -> None:
+    """One warning a minute at most, however many requests meet it."""
+    global _descriptors_warned_at
+    now = time.monotonic()
+    if now - _descriptors_warned_at >= 60:
+        _descriptors_warned_at = now
+        log.warning("out of file descriptors (%s); answering 503 until some are free"
+                    " (raise LimitNOFILE / ulimit -n)", exc)
 
 
 def error_response(exc: BlobdError) -> web.Response:
