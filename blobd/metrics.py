@@ -11,12 +11,14 @@ same :func:`blobd.stats.figures` as ``/stats``.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any, Awaitable, Callable, Iterator
 
 from aiohttp import web
 from prometheus_client import (CollectorRegistry, Counter, Histogram,
-                               disable_created_metrics, generate_latest)
+                               disable_created_metrics, generate_latest, multiprocess,
+                               values)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -26,6 +28,21 @@ from .store import Store
 
 # The *_created series double every counter's output and nobody graphs them.
 disable_created_metrics()
+# prometheus_client's multiprocess mode: each process keeps its request
+# metrics in files in this directory, and a scrape sums them all.
+SHARED_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def share_between_processes(path: str) -> None:
+    """For ``[server] workers = N``, in the supervisor before it forks: a
+    scrape lands on one worker, which must answer for all of them, or the
+    counters would jump between the workers' own figures from one scrape
+    to the next (and never add up). A dead worker's files stay, so the
+    sums never go down when it is replaced."""
+    os.environ[SHARED_DIR_ENV] = path
+    # Chosen by prometheus_client when it was imported, before the config
+    # was read; no metric value exists yet (they are made in the workers).
+    values.ValueClass = values.MultiProcessValue()
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Uploads of big recordings take minutes; the default buckets stop at 10 s.
@@ -100,7 +117,13 @@ class Metrics:
 
     async def render(self, store: Store) -> bytes:
         self.store.snapshot = await stats.figures(store)
-        return generate_latest(self.registry)
+        shared = os.environ.get(SHARED_DIR_ENV)
+        if not shared:
+            return generate_latest(self.registry)
+        every = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every, shared)
+        every.register(self.store)  # from the index: the same in every worker
+        return await asyncio.to_thread(generate_latest, every)
 
 
 METRICS = web.AppKey("metrics", Metrics)

@@ -56,14 +56,16 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import files
+from . import files, metrics
 from .config import Config
 from .daemon import STOP_SIGNALS, cannot_listen
 from .errors import BlobdError
@@ -96,10 +98,13 @@ def serve(config: Config, serve_one: ServeOne) -> int:
                          " dir half-restored; run it again to finish before serving")
     files.make_dirs(layout)
     lock_fd = take_lock(layout.lock_path)
+    shared = tempfile.mkdtemp(prefix="blobd-metrics-")
     try:
+        metrics.share_between_processes(shared)
         asyncio.run(_prepare(config))
         return Supervisor(config, serve_one, activated).run()
     finally:
+        shutil.rmtree(shared, ignore_errors=True)
         os.close(lock_fd)
 
 

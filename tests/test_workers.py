@@ -512,3 +512,33 @@ def test_kill9_of_the_supervisor_stops_its_workers(tmp_path: Path) -> None:
         server.start()
         assert http("GET", f"{server.url}/healthz")[0] == 200
         assert len(server.workers()) == 2
+
+
+def test_metrics_add_up_the_workers(tmp_path: Path) -> None:
+    """A scrape lands on one worker. Each used to answer with its own
+    request counters, so from one scrape to the next they jumped between
+    the two workers' figures and never added up."""
+    config = {"storage": {"fsync": False}, "server": {"workers": 2},
+              "auth": {"anonymous_metrics": True}}
+    def healthz_count() -> float:
+        _, body = http("GET", f"{server.url}/metrics")
+        match = re.search(r'^blobd_http_requests_total\{[^}]*route="/healthz"[^}]*'
+                          r'status="200"[^}]*\} (\S+)$', body.decode(), re.M)
+        assert match, body.decode()[:2000]
+        return float(match.group(1))
+
+    with BlobdServer(tmp_path, config) as server:
+        before = healthz_count()   # its start-up check's, on either worker
+        pids = set()
+        for _ in range(40):   # fresh connections: both workers answer some
+            status, _ = http("GET", f"{server.url}/healthz")
+            assert status == 200
+        for pid in children(server.proc.pid):
+            pids.add(pid)
+        seen = [healthz_count() for _ in range(8)]
+        assert seen == [before + 40] * 8, (before, seen)
+        assert len(pids) == 2
+        # A worker killed and replaced: what it counted is still counted.
+        os.kill(max(pids), signal.SIGKILL)
+        wait_replaced(server, max(pids))
+        assert all(healthz_count() >= before + 40 for _ in range(4))
