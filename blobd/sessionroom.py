@@ -17,6 +17,7 @@ ends (:meth:`Ahead.settle`), so a refused one leaves nothing.
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, replace
 
 from . import files, index, index_sessions, sessionfiles
@@ -29,6 +30,9 @@ from .store import Store, shielded
 # allocates) at a time, as its body comes: one transaction per slice, and
 # never more than this held ahead of the bytes.
 RESERVE_SLICE = 8 << 20
+# Allocations made against the free-space floor, one at a time in a worker
+# (see Ahead._allocate); held for a statvfs and an fallocate, in a thread.
+_ALLOCATING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -146,13 +150,20 @@ class Ahead:
 
     def _allocate(self, start: int, length: int) -> None:
         """Allocate the bytes granted in the file, then look at the floor:
-        another PATCH that passed it at the same moment is on the disk by
-        now, so of two that together would pass it, one is refused."""
-        sessionfiles.allocate(self.fd, start, length)
-        free, _ = files.free_bytes(self.store.layout.root)
-        if free < self.store.config.storage.min_free_bytes:
-            raise BlobdError("insufficient_storage", "not enough free disk space for"
-                             " this upload")
+        a PATCH of another worker that passed it at the same moment is on
+        the disk by now, so of two that together would pass it, one is
+        refused (perhaps both). In one worker they take turns, so that
+        neither is refused for room the other is about to give back."""
+        floor = self.store.config.storage.min_free_bytes
+        with _ALLOCATING:
+            free, _ = files.free_bytes(self.store.layout.root)
+            if free - length >= floor:
+                sessionfiles.allocate(self.fd, start, length)
+                free, _ = files.free_bytes(self.store.layout.root)
+                if free >= floor:
+                    return
+        raise BlobdError("insufficient_storage", "not enough free disk space for"
+                         " this upload")
 
     async def settle(self) -> None:
         """Give back what was granted and not recorded: cut from the file
