@@ -7,6 +7,10 @@ A session is one ``uploads`` row (plus, for the native protocol, one
 * ``owners.reserved_bytes`` includes ``uploads.reserved_bytes`` of every
   session that is neither committed nor removed; a session's reservation is
   released in the transaction that commits or removes it;
+* a deferred-length session reserves what it received plus the room a
+  PATCH in progress holds ahead of its bytes (see :mod:`blobd.sessionroom`);
+  room a crash kept from being given back is set right by its next PATCH,
+  which sets the reservation rather than adding to it (:func:`hold`);
 * a committed session (``result_hash`` set) is never written to again; its
   row stays until it expires so that tus ``HEAD`` can still name the blob.
 """
@@ -166,12 +170,24 @@ async def touch(conn: aiosqlite.Connection, session_id: str, expires_at: float) 
                        (expires_at, session_id))
 
 
-async def reserve_more(conn: aiosqlite.Connection, session: Session, nbytes: int) -> None:
-    """Reserve bytes a deferred-length upload received (its length unknown,
-    it reserves what it holds)."""
-    await conn.execute("UPDATE uploads SET reserved_bytes = reserved_bytes + ? WHERE id = ?",
+async def held(conn: aiosqlite.Connection, session_id: str) -> int | None:
+    """What an open deferred-length upload reserves; None once it is gone,
+    committed or has its length."""
+    return await _reserved(conn, session_id, "size IS NULL AND result_hash IS NULL")
+
+
+async def hold(conn: aiosqlite.Connection, session: Session, nbytes: int) -> bool:
+    """Make an open deferred-length upload reserve ``nbytes`` (its length
+    unknown, it reserves what it holds and what a PATCH is about to
+    receive), moving the difference in or out of the owner's reservation;
+    False, reserving nothing, when it is gone, committed or has its length."""
+    current = await held(conn, session.id)
+    if current is None:
+        return False
+    await conn.execute("UPDATE uploads SET reserved_bytes = ? WHERE id = ?",
                        (nbytes, session.id))
-    await index.reserve(conn, session.owner, nbytes)
+    await index.reserve(conn, session.owner, nbytes - current)
+    return True
 
 
 async def _reserved(conn: aiosqlite.Connection, session_id: str, where: str) -> int | None:

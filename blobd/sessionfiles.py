@@ -44,9 +44,9 @@ def create(path: Path, size: int | None, fsync: bool) -> None:
     os.close(fd)
 
 
-def _allocate(fd: int, size: int) -> None:
+def _allocate(fd: int, size: int, start: int = 0) -> None:
     try:
-        os.posix_fallocate(fd, 0, size)
+        os.posix_fallocate(fd, start, size - start)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise BlobdError("insufficient_storage",
@@ -70,6 +70,21 @@ def extend(path: Path, size: int) -> None:
             os.ftruncate(fd, size)
     finally:
         os.close(fd)
+
+
+def allocate(fd: int, start: int, length: int) -> None:
+    """Allocate ``length`` bytes at ``start`` (growing the file to their
+    end): room a deferred-length PATCH holds ahead of its bytes, taken
+    from the disk before they are read. Insufficient storage if the disk
+    has not that much."""
+    if length > 0:
+        _allocate(fd, start + length, start)
+
+
+def cut_open(fd: int, size: int) -> None:
+    """Cut an open file to ``size`` bytes if it holds more."""
+    if os.fstat(fd).st_size > size:
+        os.ftruncate(fd, size)
 
 
 def cut_to(path: Path, size: int | None) -> None:

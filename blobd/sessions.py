@@ -125,7 +125,7 @@ async def precheck(store: Store, owner: str, size: int | None) -> None:
     default = store.config.quota_for(owner)
     limits = await index.limits_for(store.db.reader, owner, default)
     if size is None:
-        # Its bytes are checked as they come (sessionwrite.check_room).
+        # Its bytes are reserved before each PATCH reads them (sessionroom.Ahead).
         await store.check_free_space(0)
         return
     index.check_blob_size(size, limits, store.config.limits.max_blob_size)

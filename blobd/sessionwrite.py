@@ -10,16 +10,18 @@ a chunk the server acknowledged survives a power cut.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
 from dataclasses import dataclass, replace
 from typing import AsyncIterator, Awaitable, Callable
 
-from . import files, index, index_sessions, sessionfiles
+from . import index, index_sessions, sessionfiles
 from .errors import BlobdError, BodyStalled, BodyTakenOver
 from .index_sessions import TUS, Session
 from .ingest import WRITE_CHUNK
+from .sessionroom import Ahead, Room, check_room
 from .sessions import BUSY, check_reservation, expiry, reload, take_over
 from .store import Store, Tx, shielded
 
@@ -124,10 +126,17 @@ class _Preemption:
             timer.cancel()
 
 
+# Called with the bytes a body has brought so far when they pass the limit
+# it had: the new limit, raised before they are buffered or written, or
+# the error that refuses the body.
+Grow = Callable[[int], Awaitable[int]]
+
+
 async def _pump(body: AsyncIterator[bytes], sink: _Sink, limit: int,
                 too_long: Callable[[], BlobdError], keep_partial: bool,
-                idle: float, preemption: _Preemption) -> None:
-    """Write ``body`` through ``sink``. A body that stops coming ends the
+                idle: float, preemption: _Preemption, grow: Grow | None = None) -> None:
+    """Write ``body`` through ``sink``, at most ``limit`` bytes unless
+    ``grow`` raises it (else ``too_long``). A body that stops coming ends the
     request after ``idle`` seconds: a client whose network vanished without
     a FIN would otherwise hold its chunk's range (or the tus upload's lock)
     until TCP gave up, hours later, and refuse its own retries meanwhile.
@@ -145,7 +154,9 @@ async def _pump(body: AsyncIterator[bytes], sink: _Sink, limit: int,
             except TimeoutError:
                 raise BodyStalled(idle, RESUME_ADVICE) from None
             if sink.written + len(buf) + len(piece) > limit:
-                raise too_long()
+                if grow is None:
+                    raise too_long()
+                limit = await grow(sink.written + len(buf) + len(piece))
             buf += piece
             if len(buf) >= WRITE_CHUNK:
                 data, buf = buf, bytearray()
@@ -316,113 +327,79 @@ async def receive_at_offset(store: Store, session: Session, offset: int,
         await asyncio.to_thread(sessionfiles.close, fd)
 
 
-@dataclass(frozen=True)
-class Room:
-    """How many more bytes an upload may take, and what passing them is."""
-    size: int
-    error: BlobdError
-
-
-async def check_room(store: Store, session: Session, length: int | None,
-                     new_length: int | None = None) -> Room:
-    """Refuse a declared body that would end past the upload's length;
-    the room the upload has left. Also called before ``100 Continue``, so
-    such a body is never sent.
-
-    While the length is deferred, nothing is reserved ahead: the room is
-    what the owner's limits and the disk still allow (the blob size, the
-    owner's bytes, this month's uploads, the free-space floor), and what
-    arrives is reserved as it is recorded (see :func:`_reserve_growth`)."""
-    offset = session.upload_offset
-    size = new_length if new_length is not None else session.size
-    if size is not None:
-        room = Room(size - offset, BlobdError(
-            "bad_request", f"the body would end past byte {size}"))
-        if length is not None and length > room.size:
-            raise BlobdError("bad_request", f"{length} bytes at offset {offset}"
-                             f" would end past {size}")
-        return room
-    limits = await index.limits_for(store.db.reader, session.owner,
-                                    store.config.quota_for(session.owner))
-    used = await index.usage(store.db.reader, session.owner)
-    free, _ = await asyncio.to_thread(files.free_bytes, store.layout.root)
-    max_size = min(limits.max_blob_size, store.config.limits.max_blob_size)
-    bounds = [
-        Room(max_size - offset, BlobdError(
-            "too_large", f"an upload of unknown length would grow past max_blob_size"
-            f" ({max_size} bytes)")),
-        Room(limits.max_bytes - used["used_bytes"] - used["reserved_bytes"], BlobdError(
-            "quota_exceeded", f"quota max_bytes ({limits.max_bytes} bytes) would be exceeded")),
-        Room(limits.max_monthly_upload_bytes - used["monthly_upload_bytes"], BlobdError(
-            "quota_exceeded", "quota max_monthly_upload_bytes"
-            f" ({limits.max_monthly_upload_bytes} bytes) would be exceeded")),
-        Room(free - store.config.storage.min_free_bytes, BlobdError(
-            "insufficient_storage", "not enough free disk space for this upload")),
-    ]
-    if length is not None:
-        # The first limit a declared body passes, in the order above: one
-        # over max_blob_size is 413 even when the disk is fuller still.
-        for bound in bounds:
-            if length > max(bound.size, 0):
-                raise bound.error
-    room = min(bounds, key=lambda bound: bound.size)
-    return replace(room, size=max(room.size, 0))
-
-
 async def _append(store: Store, session: Session, fd: int, body: AsyncIterator[bytes],
                   length: int | None, checks: list[Check],
                   status_on_mismatch: int | None, invite: Invite) -> Session:
     room = await check_room(store, session, length)
+    ahead = Ahead(store, session, fd) if session.size is None else None
+    try:
+        if ahead is not None and length:
+            # A declared body's room is reserved before it is invited, so
+            # one that does not fit is refused before it is sent.
+            await ahead.grow(length, declared=True)
+        return await _receive(store, session, fd, body, room, ahead, checks,
+                              status_on_mismatch, invite)
+    finally:
+        if ahead is not None:
+            # Whatever was not recorded: cut from the file and released.
+            await shielded(ahead.settle())
+
+
+async def _receive(store: Store, session: Session, fd: int, body: AsyncIterator[bytes],
+                   room: Room, ahead: Ahead | None, checks: list[Check],
+                   status_on_mismatch: int | None, invite: Invite) -> Session:
     sink = _Sink(fd, session.upload_offset, checks)
+    # A declared body was granted its room already; one of unknown length
+    # is granted it a slice at a time as it comes.
+    grow = None if ahead is None else functools.partial(ahead.grow,
+                                                        declared=ahead.granted > 0)
     await invite()
     try:
-        await _pump(body, sink, room.size, lambda: room.error, keep_partial=not checks,
+        await _pump(body, sink, room.size if ahead is None else ahead.granted,
+                    lambda: room.error, keep_partial=not checks,
                     idle=store.config.uploads.idle_timeout_seconds,
-                    preemption=_Preemption(fd, (sessionfiles.WHOLE,)))
+                    preemption=_Preemption(fd, (sessionfiles.WHOLE,)), grow=grow)
     except BaseException as exc:
         if not checks and sink.written and broke_off(exc):
-            await shielded(_keep_progress(store, session, fd, sink.written))
+            await shielded(_keep_progress(store, session, fd, sink.written, ahead))
         raise
     sink.verify(status_on_mismatch)
     if not sink.written:
         return session
-    return await shielded(_record_offset(store, session, fd, sink.written))
+    return await shielded(_record_offset(store, session, fd, sink.written, ahead))
 
 
-async def _record_offset(store: Store, session: Session, fd: int, count: int) -> Session:
+async def _record_offset(store: Store, session: Session, fd: int, count: int,
+                         ahead: Ahead | None) -> Session:
+    new_offset, expires_at = session.upload_offset + count, expiry(store, time.time())
+    if ahead is not None:
+        # Room granted past the bytes received is cut from the file here
+        # and released in the transaction below.
+        await asyncio.to_thread(sessionfiles.cut_open, fd, new_offset)
     if store.config.storage.fsync:
         await asyncio.to_thread(sessionfiles.sync, fd)
-    new_offset, expires_at = session.upload_offset + count, expiry(store, time.time())
     async with store.write() as tx:
         if not await index_sessions.advance(tx.conn, session.id, session.upload_offset,
                                             new_offset):
             raise BlobdError("conflict", "the upload moved on meanwhile")
-        if session.size is None:
-            await _reserve_growth(store, tx, session, new_offset, count)
+        if ahead is not None:
+            # Reserved before they were read (see sessionroom.Ahead); what
+            # the upload holds is now what it received.
+            await index_sessions.hold(tx.conn, session, new_offset)
         await index.charge_upload(tx.conn, session.owner, count,
                                   store.config.quota_for(session.owner))
         await index_sessions.touch(tx.conn, session.id, expires_at)
-    reserved = session.reserved_bytes + (count if session.size is None else 0)
+    if ahead is not None:
+        ahead.granted = 0
+    reserved = new_offset if session.size is None else session.reserved_bytes
     return replace(session, upload_offset=new_offset, expires_at=expires_at,
                    reserved_bytes=reserved)
 
 
-async def _reserve_growth(store: Store, tx: Tx, session: Session, new_offset: int,
-                          count: int) -> None:
-    """The authoritative limits check for a deferred-length upload's new
-    bytes, in the transaction that records them: they stay reserved
-    against the owner's max_bytes until the upload is committed or removed,
-    so two such uploads cannot each pass a limit that both together do."""
-    row = await index.owner_row(tx.conn, session.owner)
-    limits = index.effective_limits(row, store.config.quota_for(session.owner))
-    index.check_blob_size(new_offset, limits, store.config.limits.max_blob_size)
-    index.check_room(row, limits, count, 0)
-    await index_sessions.reserve_more(tx.conn, session, count)
-
-
-async def _keep_progress(store: Store, session: Session, fd: int, count: int) -> None:
+async def _keep_progress(store: Store, session: Session, fd: int, count: int,
+                         ahead: Ahead | None) -> None:
     try:
-        await _record_offset(store, session, fd, count)
+        await _record_offset(store, session, fd, count, ahead)
         log.info("upload %s: kept %d bytes received before the connection dropped",
                  session.id, count)
     except Exception as exc:  # the request has failed already; this is salvage
@@ -440,7 +417,7 @@ async def _fix_length(store: Store, session: Session, size: int) -> Session:
 
     async def run() -> None:
         async with store.write() as tx:
-            # What it received is reserved already (see _reserve_growth).
+            # What it received is reserved already (see sessionroom.Ahead).
             await check_reservation(store, tx, session.owner, size,
                                     held=session.reserved_bytes, new=False)
             # Deleted or expired since it was read (the free-space check and

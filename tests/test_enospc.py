@@ -144,3 +144,38 @@ async def test_min_free_bytes_stops_uploads_before_the_disk_is_full(server, tiny
     free = os.statvfs(tiny_fs)
     assert free.f_bavail * free.f_frsize > 5 * MiB
     assert (await alice.put(os.urandom(MiB))).status == 201
+
+
+async def test_parallel_deferred_tus_patches_keep_to_the_free_space_floor(server, tiny_fs):
+    """Found by review: each PATCH to a deferred-length tus upload saw the
+    same free space, so together they went below min_free_bytes (and could
+    fill the disk), and a refused one kept its bytes. Each now allocates
+    its room in its file before reading its body, so the next one sees it
+    gone; a refused one is cut back to its offset."""
+    alice = await start(server, tiny_fs, storage={"min_free_bytes": 3 * MiB})
+    tus = {"Tus-Resumable": "1.0.0"}
+    urls = []
+    for _ in range(5):
+        resp = await alice.request("POST", "/tus/", headers={**tus, "Upload-Defer-Length": "1"})
+        assert resp.status == 201, await resp.text()
+        urls.append(resp.headers["Location"])
+    answers = await asyncio.gather(*(alice.request(
+        "PATCH", url, data=os.urandom(MiB + MiB // 2), headers={
+            **tus, "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"})
+        for url in urls))
+    statuses = sorted(resp.status for resp in answers)
+    assert 204 in statuses and 507 in statuses, statuses
+    for resp in answers:
+        if resp.status != 204:
+            await assert_disk_full(resp)
+    free = os.statvfs(tiny_fs)
+    assert free.f_bavail * free.f_frsize >= 3 * MiB
+    held = 0
+    for url in urls:
+        resp = await alice.request("HEAD", url, headers=tus)
+        offset = int(resp.headers["Upload-Offset"])
+        assert alice.store.layout.upload_path(url.rsplit("/", 1)[1]).stat().st_size == offset
+        held += offset
+    assert held == statuses.count(204) * (MiB + MiB // 2)
+    quota = await (await alice.request("GET", "/quota")).json()
+    assert (quota["reserved_bytes"], quota["monthly_upload_bytes"]) == (held, held)

@@ -728,3 +728,106 @@ async def test_a_patch_answered_on_a_committed_upload_says_when_it_expires(
     again = await patch(alice, url, len(data), b"")
     assert again.headers["Blob-Hash"] == first.headers["Blob-Hash"] == b3(data)
     assert again.headers["Upload-Expires"] == (await head(alice, url)).headers["Upload-Expires"]
+
+
+# -- deferred-length PATCHes reserve their room before their bytes ----------
+
+def upload_files(api: Api) -> dict[str, os.stat_result]:
+    """The upload files on disk, by upload id."""
+    return {entry.name: entry.stat() for entry in os.scandir(api.store.layout.uploads_dir)}
+
+
+def on_disk(api: Api) -> int:
+    """Bytes the upload files take: their length or their blocks, the larger."""
+    return sum(max(st.st_size, st.st_blocks * 512) for st in upload_files(api).values())
+
+
+async def assert_nothing_past_the_offsets(api: Api, urls: list[str]) -> int:
+    """Each upload's file holds its recorded bytes and nothing past them;
+    the offsets' sum, which the owner's reservation must be."""
+    stats, total = upload_files(api), 0
+    for url in urls:
+        offset = int((await head(api, url)).headers["Upload-Offset"])
+        assert stats[url.rsplit("/", 1)[1]].st_size == offset, url
+        total += offset
+    return total
+
+
+async def test_parallel_deferred_patches_never_put_more_than_the_quota_on_disk(
+        server) -> None:
+    """Found by review: the room of a deferred-length PATCH was checked only
+    once its bytes were written; five parallel 9 MiB PATCHes against a
+    20 MiB quota left 46 MiB on disk (the refused bytes stayed in their
+    files, uncharged). Each now reserves its Content-Length first."""
+    max_bytes, body = 2_000_000, 900_000
+    alice = await (await server(quotas={"default": {"max_bytes": max_bytes}}))("alice")
+    urls = [await create(alice, None, headers={"Upload-Defer-Length": "1"})
+            for _ in range(5)]
+    answers = await asyncio.gather(*(alice.request(
+        "PATCH", url, data=os.urandom(body),
+        headers={**TUS, **STREAM, "Upload-Offset": "0"}) for url in urls))
+    statuses = sorted(resp.status for resp in answers)
+    assert statuses == [204, 204, 507, 507, 507], statuses
+    for resp in answers:
+        if resp.status == 507:
+            assert (await resp.json())["error"] == "quota_exceeded"
+    assert on_disk(alice) <= max_bytes
+    held = await assert_nothing_past_the_offsets(alice, urls)
+    assert held == 2 * body
+    figures = await quota(alice)
+    assert (figures["used_bytes"], figures["reserved_bytes"],
+            figures["monthly_upload_bytes"]) == (0, held, held)
+
+
+async def test_a_chunked_deferred_patch_over_the_quota_leaves_nothing(server) -> None:
+    """Without Content-Length the room is reserved a slice at a time as the
+    body comes; refused, the PATCH leaves no byte in the file (they were
+    kept past the offset), nothing reserved and nothing charged."""
+    alice = await (await server(quotas={"default": {"max_bytes": 2_000_000}}))("alice")
+    url = await create(alice, None, headers={"Upload-Defer-Length": "1"})
+    before = await quota(alice)
+
+    async def streamed():
+        for _ in range(48):
+            yield os.urandom(64 << 10)
+            await asyncio.sleep(0)
+
+    resp = await alice.request("PATCH", url, data=streamed(), headers={
+        **TUS, **STREAM, "Upload-Offset": "0"})
+    assert resp.status == 507 and (await resp.json())["error"] == "quota_exceeded"
+    assert await assert_nothing_past_the_offsets(alice, [url]) == 0
+    assert await quota(alice) == before
+    data = payload(1_000_000)
+    done = await patch(alice, url, 0, data, headers={"Upload-Length": str(len(data))})
+    assert done.headers["Blob-Hash"] == b3(data)
+
+
+async def test_a_deferred_patch_is_refused_before_its_body_while_another_holds_the_room(
+        server) -> None:
+    """A PATCH in flight holds the room of its Content-Length from its
+    start, so a second one that would pass max_bytes with it is refused
+    before its body is invited, not after it was written."""
+    alice = await (await server(quotas={"default": {"max_bytes": 2_000_000}}))("alice")
+    first_url = await create(alice, None, headers={"Upload-Defer-Length": "1"})
+    second_url = await create(alice, None, headers={"Upload-Defer-Length": "1"})
+    data = payload(1_500_000)
+    first = await raw_patch(alice, first_url, 0, len(data))
+    try:
+        await first.send(data[:100_000])
+        await asyncio.sleep(0.2)  # the first one holds its upload (and room) now
+        assert (await quota(alice))["reserved_bytes"] == len(data)
+        second = await raw_patch(alice, second_url, 0, 1_000_000, {"Expect": "100-continue"})
+        try:
+            answer = await second.read_response()
+        finally:
+            await second.close()
+        assert answer.status == 507 and answer.json()["error"] == "quota_exceeded", answer
+        await first.send(data[100_000:])
+        assert (await first.read_response()).status == 204
+    finally:
+        await first.close()
+    assert await assert_nothing_past_the_offsets(alice, [first_url, second_url]) == len(data)
+    assert (await quota(alice))["reserved_bytes"] == len(data)
+    await patch(alice, second_url, 0, b"x" * 500_000)
+    figures = await quota(alice)
+    assert (figures["reserved_bytes"], figures["monthly_upload_bytes"]) == (2_000_000,) * 2
