@@ -170,6 +170,14 @@ async def touch(conn: aiosqlite.Connection, session_id: str, expires_at: float) 
                        (expires_at, session_id))
 
 
+async def holding_ahead(conn: aiosqlite.Connection) -> list[Session]:
+    """Open deferred-length uploads that reserve more than they hold: the
+    room a PATCH took before reading its bytes, left by a crash."""
+    async with conn.execute("SELECT * FROM uploads WHERE size IS NULL AND result_hash"
+                            " IS NULL AND reserved_bytes > upload_offset") as cur:
+        return [Session.from_row(row) for row in await cur.fetchall()]
+
+
 async def held(conn: aiosqlite.Connection, session_id: str) -> int | None:
     """What an open deferred-length upload reserves; None once it is gone,
     committed or has its length."""

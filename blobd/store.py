@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
-from . import auth, files, index, index_sessions
+from . import auth, files, index, index_sessions, sessionfiles
 from .config import Config
 from .db import Database
 from .errors import BlobdError
@@ -195,6 +195,23 @@ class Store:
         if strays or lost:
             log.info("removed %d upload session files without a session and %d sessions"
                      " without their file", len(strays), len(lost))
+        await self._release_room_ahead()
+
+    async def _release_room_ahead(self) -> None:
+        """A deferred-length PATCH reserves (and allocates) the room for its
+        bytes before reading them, and gives back what it did not use when
+        it ends (blobd.sessionroom); one a crash cut off gave nothing back.
+        Nobody serving, nothing is arriving: each such upload holds just
+        its offset again, in its file and in its owner's reservation."""
+        ahead = await index_sessions.holding_ahead(self.db.reader)
+        for session in ahead:
+            await asyncio.to_thread(sessionfiles.cut_to,
+                                    self.layout.upload_path(session.id), session.upload_offset)
+            async with self.write() as tx:
+                await index_sessions.hold(tx.conn, session, session.upload_offset)
+        if ahead:
+            log.info("gave back the room %d deferred-length uploads had taken ahead of"
+                     " bytes that never came", len(ahead))
 
     async def session_leftovers(self) -> tuple[set[str], set[str]]:
         """(names of files in uploads/ without an open session, ids of open

@@ -16,10 +16,13 @@ import os
 import random
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -401,3 +404,47 @@ def test_session_leftovers_are_undone_at_start_and_by_fsck(tmp_path: Path) -> No
         status, body = http("GET", f"{server.url}/quota", alice)
         assert json.loads(body)["reserved_bytes"] == 5000
         assert server.terminate() == 0, server.state()
+
+
+def test_kill9_during_a_deferred_length_patch_gives_its_room_back(tmp_path: Path) -> None:
+    """Found by review: a deferred-length tus PATCH reserves (and allocates)
+    the room its Content-Length declares before reading; killed mid-body,
+    the reservation and the allocated file outlived the restart, holding
+    the owner's quota and the disk until the upload expired."""
+    config = {"storage": {"fsync": False, "min_free_bytes": "1MiB"},
+              "quotas": {"default": {"max_bytes": "200MiB"}}}
+    with BlobdServer(tmp_path, config) as server:
+        token = server.token("alice")
+        tus = {"Tus-Resumable": "1.0.0", "Authorization": f"Bearer {token}"}
+        req = urllib_request(f"{server.url}/tus/", "POST",
+                             {**tus, "Upload-Defer-Length": "1", "Content-Length": "0"})
+        path = "/tus/" + req.headers["Location"].rstrip("/").rsplit("/", 1)[1]
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall((f"PATCH {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                      "Tus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\n"
+                      "Content-Type: application/offset+octet-stream\r\n"
+                      f"Content-Length: {150 << 20}\r\n\r\n").encode() + b"x" * (1 << 20))
+        deadline = time.monotonic() + 10
+        while json.loads(http("GET", f"{server.url}/quota", token)[1])["reserved_bytes"] == 0:
+            assert time.monotonic() < deadline, "the PATCH never reserved its room"
+            time.sleep(0.05)
+        server.kill9()
+        sock.close()
+        server.start()
+        quota = json.loads(http("GET", f"{server.url}/quota", token)[1])
+        upload = next((server.data_dir / "uploads").iterdir())
+        assert quota["reserved_bytes"] == 0, quota   # its offset: nothing recorded
+        assert upload.stat().st_size == 0 and upload.stat().st_blocks == 0
+        assert "gave back the room 1 deferred-length uploads" in server.stderr_tail()
+        # And the upload goes on from its offset.
+        done = urllib_request(f"{server.url}{path}", "PATCH", {
+            **tus, "Upload-Offset": "0", "Upload-Length": "5",
+            "Content-Type": "application/offset+octet-stream"}, b"hello")
+        assert done.status == 204 and done.headers["Upload-Offset"] == "5"
+
+
+def urllib_request(url: str, method: str, headers: dict[str, str], data: bytes = b""):
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        resp.read()
+        return resp
