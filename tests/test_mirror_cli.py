@@ -413,6 +413,14 @@ async def test_restore_brings_back_a_blob_stored_again_after_the_backup(
     assert index_rows(fresh.data_dir, "SELECT owner, hash FROM refs ORDER BY owner") == [
         ("_restored", b3(again)), ("alice", b3(kept))]
     assert sorted(p.read_bytes() for p in blob_files(fresh.data_dir)) == sorted([again, kept])
+    # The adopted blob keeps its object's creation stamp, so the object is
+    # its upload: nothing to upload again (found by review of the stamp).
+    (created,) = index_rows(fresh.data_dir, f"SELECT created_at FROM blobs WHERE hash ="
+                            f" '{b3(again)}'")[0]
+    assert created_stamp(created) == second["Metadata"]["blobd-created"]
+    verified = await fresh.cli("sync", "--verify")
+    assert verified.returncode == 0, verified.stderr
+    assert "0 mismatched" in verified.stdout and "uploaded 0" in verified.stdout
 
 
 async def test_restore_leaves_deleted_a_blob_deleted_while_the_mirror_was_off(

@@ -370,6 +370,16 @@ async def _adopt(store: Store, target: S3Target, mirror: MirrorConfig,
         progress.close()
 
 
+def _created_at(head: dict[str, Any]) -> float:
+    """An adopted blob keeps the creation its object is stamped with, so the
+    object stays this incarnation's upload (see is_upload_of); an older
+    blobd's object has no stamp: now."""
+    try:
+        return float(head["metadata"][CREATED_METADATA])
+    except (KeyError, ValueError):
+        return time.time()
+
+
 async def adopt_orphan(store: Store, target: S3Target, mirror: MirrorConfig, digest: str,
                        owner: str, report: RestoreReport) -> None:
     """Restore a blob the backup does not know, referenced by ``owner``."""
@@ -382,7 +392,7 @@ async def adopt_orphan(store: Store, target: S3Target, mirror: MirrorConfig, dig
         report.corrupt[digest] = str(exc)
         return
     blob = BlobRecord(digest, got.sha256, got.size, head["content_type"] or FALLBACK_TYPE,
-                      time.time(), mirror_state="done")
+                      _created_at(head), mirror_state="done")
     try:
         async with store.write() as tx:
             await index.insert_blob(tx.conn, blob)
