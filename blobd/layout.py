@@ -82,6 +82,13 @@ class Layout:
         return self.root / "quarantine"
 
     @property
+    def metrics_dir(self) -> Path:
+        """The request metrics of ``[server] workers = N``, one file set per
+        worker process (prometheus_client's multiprocess mode); made anew
+        by each ``blobd serve``."""
+        return self.root / "metrics"
+
+    @property
     def restore_marker_path(self) -> Path:
         return self.root / "restoring"
 

@@ -59,7 +59,6 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -98,9 +97,13 @@ def serve(config: Config, serve_one: ServeOne) -> int:
                          " dir half-restored; run it again to finish before serving")
     files.make_dirs(layout)
     lock_fd = take_lock(layout.lock_path)
-    shared = tempfile.mkdtemp(prefix="blobd-metrics-")
+    shared = layout.metrics_dir
     try:
-        metrics.share_between_processes(shared)
+        # Under the data dir's lock: what a supervisor killed with -9 left
+        # here belongs to nobody now.
+        shutil.rmtree(shared, ignore_errors=True)
+        shared.mkdir(mode=0o700)
+        metrics.share_between_processes(str(shared))
         asyncio.run(_prepare(config))
         return Supervisor(config, serve_one, activated).run()
     finally:

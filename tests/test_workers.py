@@ -527,7 +527,12 @@ def test_metrics_add_up_the_workers(tmp_path: Path) -> None:
         assert match, body.decode()[:2000]
         return float(match.group(1))
 
+    # Left by a supervisor killed with -9: wiped under the data dir's lock.
+    stale = tmp_path / "data" / "metrics"
+    stale.mkdir(parents=True)
+    (stale / "counter_99999999.db").write_bytes(b"left over")
     with BlobdServer(tmp_path, config) as server:
+        assert not (stale / "counter_99999999.db").exists()
         before = healthz_count()   # its start-up check's, on either worker
         pids = set()
         for _ in range(40):   # fresh connections: both workers answer some
@@ -542,3 +547,5 @@ def test_metrics_add_up_the_workers(tmp_path: Path) -> None:
         os.kill(max(pids), signal.SIGKILL)
         wait_replaced(server, max(pids))
         assert all(healthz_count() >= before + 40 for _ in range(4))
+        server.terminate()
+    assert not stale.exists()
