@@ -352,20 +352,31 @@ async def test_restore_without_any_index_backup(server, setup, bucket, tmp_path,
         assert sorted(p.read_bytes() for p in blob_files(fresh.data_dir)) == sorted(blobs)
 
 
+async def deleted_with_its_object_kept(server, tmp_path, s3server, mirror_prefix, bucket,
+                                      kept: bytes, deleted: bytes):
+    """A store mirrored with keep_deleted holding ``kept``, and ``deleted``
+    mirrored, then deleted (its object stays); (setup, alice, the deleted
+    blob's object HEAD from before its deletion)."""
+    setup = Setup(tmp_path, "data", mirror_section(
+        s3server, mirror_prefix, backup_interval_seconds=0, keep_deleted=True))
+    _, alice = await start(server, setup, tmp_path)
+    for data in (kept, deleted):
+        await alice.put(data)
+    await mirrored(alice, bucket, {b3(kept), b3(deleted)})
+    head = await in_thread(bucket.head, bucket.key(b3(deleted)))
+    assert (await alice.request("DELETE", f"/blobs/{b3(deleted)}")).status == 204
+    await eventually(lambda: drained(alice), what="the delete handled")
+    return setup, alice, head
+
+
 async def test_restore_leaves_blobs_deleted_before_the_backup_deleted(
         server, tmp_path, s3server, mirror_prefix, bucket):
     """Found by review: with keep_deleted (or a deletion still queued) the
     object of a blob deleted before the backup was taken for one stored
     after it, and came back under _restored."""
-    setup = Setup(tmp_path, "data", mirror_section(
-        s3server, mirror_prefix, backup_interval_seconds=0, keep_deleted=True))
-    _, alice = await start(server, setup, tmp_path)
     kept, deleted = os.urandom(3000), os.urandom(3001)
-    for data in (kept, deleted):
-        await alice.put(data)
-    await mirrored(alice, bucket, {b3(kept), b3(deleted)})
-    assert (await alice.request("DELETE", f"/blobs/{b3(deleted)}")).status == 204
-    await eventually(lambda: drained(alice), what="the delete handled")
+    setup, alice, _ = await deleted_with_its_object_kept(
+        server, tmp_path, s3server, mirror_prefix, bucket, kept, deleted)
     assert b3(deleted) in await in_thread(bucket.digests)  # kept by keep_deleted
     assert (await setup.cli("backup")).returncode == 0
     late = os.urandom(3002)
@@ -388,16 +399,9 @@ async def test_restore_brings_back_a_blob_stored_again_after_the_backup(
     the object kept its old date and the restore dropped the blob as
     deleted before the backup. The upload of the new incarnation is now
     made (stamped with its creation), and the restore reads the stamp."""
-    setup = Setup(tmp_path, "data", mirror_section(
-        s3server, mirror_prefix, backup_interval_seconds=0, keep_deleted=True))
-    _, alice = await start(server, setup, tmp_path)
-    again, kept = os.urandom(3000), os.urandom(3001)
-    for data in (again, kept):
-        await alice.put(data)
-    await mirrored(alice, bucket, {b3(again), b3(kept)})
-    first = await in_thread(bucket.head, bucket.key(b3(again)))
-    assert (await alice.request("DELETE", f"/blobs/{b3(again)}")).status == 204
-    await eventually(lambda: drained(alice), what="the delete handled")
+    kept, again = os.urandom(3001), os.urandom(3000)
+    setup, alice, first = await deleted_with_its_object_kept(
+        server, tmp_path, s3server, mirror_prefix, bucket, kept, again)
     assert (await setup.cli("backup")).returncode == 0
     assert (await alice.put(again)).status == 201
     await eventually(lambda: drained(alice), what="the new incarnation mirrored")
