@@ -19,13 +19,14 @@ import pytest
 from mutagen.ogg import OggPage
 
 from audiofixtures import (AUDIO_FIXTURES, FIXTURES, NOT_AUDIO_FIXTURES,
-                           fixture, ogg_without_end)
+                           PROBE_ONLY_FIXTURES, fixture, ogg_without_end)
 from blobd import audio
 from blobd.audio import (AUDIO_MIME_TYPES, OGG_TAIL, AudioInfo, probe, probe_async,
                          sniff_mime)
 from blobd.sniff import mpeg_frame_length
 
-SNIFFED = {name: e.mime for name, e in AUDIO_FIXTURES.items()} | {
+PROBED = AUDIO_FIXTURES | PROBE_ONLY_FIXTURES
+SNIFFED = {name: e.mime for name, e in PROBED.items()} | {
     "truncated.mp3": "audio/mpeg",
     # Valid files that do not say their length (test_describe checks them).
     "streamed.flac": "audio/flac",
@@ -57,9 +58,9 @@ def test_fixtures_are_small() -> None:
         assert fixture(name).stat().st_size < limit, name
 
 
-@pytest.mark.parametrize("name", sorted(AUDIO_FIXTURES))
+@pytest.mark.parametrize("name", sorted(PROBED))
 def test_probe_reads_each_format(name: str) -> None:
-    want = AUDIO_FIXTURES[name]
+    want = PROBED[name]
     info = probe(fixture(name))
     assert info is not None
     assert (info.mime, info.codec) == (want.mime, want.codec)
@@ -120,6 +121,17 @@ def test_cut_mp3_reports_what_is_left(tmp_path: Path, fraction: float) -> None:
     assert full is not None and info is not None
     assert info.codec == "mp3" and info.sample_rate == 22050
     assert info.duration == pytest.approx(full.duration * fraction, abs=0.1)
+
+
+@pytest.mark.parametrize("name", ["tone.wav", "adpcm.wav"])
+def test_cut_wav_reports_what_is_left(tmp_path: Path, name: str) -> None:
+    whole = fixture(name).read_bytes()
+    cut = tmp_path / name
+    cut.write_bytes(whole[:len(whole) // 2])
+    info = probe(cut)
+    # The data chunk (and the 'fact' chunk) still claim the whole.
+    assert info is not None and info.codec == PROBED[name].codec
+    assert info.duration == pytest.approx(PROBED[name].duration / 2, abs=0.05)
 
 
 def test_truncated_fixture_is_about_half_the_tone() -> None:
