@@ -85,6 +85,12 @@ def test_sniffed_types_are_the_recognised_types() -> None:
 @pytest.mark.parametrize("head, mime", [
     (b"", None),
     (b"ID3", "audio/mpeg"),
+    (b"ID3\x03\x00\x00\x00\x00\x07\x76", "audio/mpeg"),  # a whole v2.3 header
+    # Text beginning with the word: no version 2 to 4, or a size byte over
+    # 7F (found by review: served as audio/mpeg).
+    (b"ID3 tags name the artist.\n", None),
+    (b"ID3v2.4 notes\n", None),
+    (b"ID3\x03\x00\x00\x00\x00\x80\x00", None),
     (b"\xff\xfb\x90\x00" + bytes(60), "audio/mpeg"),      # MPEG-1 Layer III
     (b"\xff\xfb\xf0\x00" + bytes(60), None),              # bitrate index 15
     (b"\xff\xfb\x9c\x00" + bytes(60), None),              # sample rate index 3
