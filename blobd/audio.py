@@ -431,8 +431,14 @@ def _read_mp4(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
         # also rules out parametric stereo, which no mono-configured LC or
         # HE-AAC stream uses (HE-AAC v2 says so with object type 29).
         stream.channels = 1
-    if codec == "alac" and stream.length:
-        # mutagen reports ALAC's uncompressed rate (what the header holds).
+    if codec == "mp3" and stream.channels == 2 and _mp4_first_mpeg_frame_mono(atoms, f):
+        # The same sample entry as AAC's; here the frames say mono.
+        stream.channels = 1
+    if stream.length and (codec == "alac" or (
+            not stream.bitrate and len(list(atoms[b"moov"].findall(b"trak"))) == 1)):
+        # mutagen reports ALAC's uncompressed rate (what the header holds),
+        # and none where no esds states one (FLAC and Opus in MP4). The
+        # file's rate, if the sound is all it holds.
         return _make_info(stream, codec, "audio/mp4",
                           bitrate=_file_size(f) * 8 / stream.length)
     return _make_info(stream, codec, "audio/mp4")
@@ -445,18 +451,46 @@ def _aac_mono(atoms: Any, f: IO[bytes]) -> bool:
         return False
 
 
-def _aac_channel_configuration(atoms: Any, f: IO[bytes]) -> int | None:
-    """channelConfiguration of the first sound track's AudioSpecificConfig
-    (ISO/IEC 14496-3 1.6.2.1), read from the esds box in its sample entry
-    (ISO/IEC 14496-1 7.2.6); None if absent, unreadable or object type 29."""
+def _mp4_sound_stbl(atoms: Any, f: IO[bytes]) -> Any | None:
+    """The sample table box of the first sound track, or None."""
     try:
         for trak in atoms[b"moov"].findall(b"trak"):
             ok, hdlr = trak[b"mdia", b"hdlr"].read(f)
             if ok and hdlr[8:12] == b"soun":
-                ok, stsd = trak[b"mdia", b"minf", b"stbl", b"stsd"].read(f)
-                break
-        else:
-            return None
+                return trak[b"mdia", b"minf", b"stbl"]
+    except KeyError:
+        pass
+    return None
+
+
+def _mp4_first_mpeg_frame_mono(atoms: Any, f: IO[bytes]) -> bool:
+    """Whether the first sample of the sound track, at the first chunk
+    offset of its stco or co64 box (ISO/IEC 14496-12 8.7.5), is an MPEG
+    audio frame in single-channel mode. Reads a few bytes of each box."""
+    try:
+        stbl = _mp4_sound_stbl(atoms, f)
+        boxes = {child.name: child for child in stbl.children} if stbl is not None else {}
+        for name, width in ((b"stco", 4), (b"co64", 8)):
+            if name in boxes:
+                f.seek(boxes[name]._dataoffset)
+                table = f.read(8 + width)      # version, flags, count, entry
+                if len(table) < 8 + width or not int.from_bytes(table[4:8], "big"):
+                    return False
+                f.seek(int.from_bytes(table[8:], "big"))
+                frame = f.read(4)
+                return mpeg_frame_length(frame) is not None and frame[3] >> 6 == 3
+    except Exception:  # noqa: BLE001 - a refinement: mutagen's figure stands
+        pass
+    return False
+
+
+def _aac_channel_configuration(atoms: Any, f: IO[bytes]) -> int | None:
+    """channelConfiguration of the first sound track's AudioSpecificConfig
+    (ISO/IEC 14496-3 1.6.2.1), read from the esds box in its sample entry
+    (ISO/IEC 14496-1 7.2.6); None if absent, unreadable or object type 29."""
+    stbl = _mp4_sound_stbl(atoms, f)
+    try:
+        ok, stsd = stbl[(b"stsd",)].read(f) if stbl is not None else (False, b"")
     except KeyError:
         return None
     at = stsd.find(b"esds") if ok else -1

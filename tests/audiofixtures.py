@@ -55,6 +55,10 @@ PROBE_ONLY_FIXTURES = {
     "adpcm.wav": Expected("audio/wav", "adpcm_ima", 1.02, 8000, 1, (30_000, 34_000)),
     # WAVE_FORMAT_EXTENSIBLE whose SubFormat is IEEE float (it was "pcm").
     "float.wav": Expected("audio/wav", "pcm_float", 0.2, 8000, 1, (256_000, 256_000)),
+    # MP3 in MP4: the sample entry says 2 channels, the frames 1 (it was 2).
+    "mp3_mono.mp4": Expected("audio/mp4", "mp3", 1.0, 16000, 1, (7_000, 10_000)),
+    # FLAC in MP4: no esds states a bitrate (it was null), the bytes do.
+    "flac.mp4": Expected("audio/mp4", "flac", 0.5, 8000, 1, (20_000, 128_000)),
 }
 NOT_AUDIO_FIXTURES = ["not_audio.txt", "not_audio.png", "video_only.mp4"]
 
