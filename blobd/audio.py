@@ -77,9 +77,9 @@ _MP4_CONTAINERS = frozenset({   # the boxes mutagen descends into
 })
 # The boxes MP4Info reads whole into memory, and how large a real one gets
 # (a 'stsd' holds a sample entry or two with their codec configuration;
-# 'hdlr' a name string; 'mdhd' and 'mvhd' are a few dozen bytes).
+# 'hdlr' a name string; 'mdhd', 'mvhd' and 'tkhd' are a few dozen bytes).
 _MP4_READ_WHOLE = {b"stsd": 1 << 20, b"hdlr": 64 << 10, b"mdhd": 4 << 10,
-                   b"mvhd": 4 << 10}
+                   b"mvhd": 4 << 10, b"tkhd": 64 << 10}
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,6 +434,11 @@ def _read_mp4(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     if codec == "mp3" and stream.channels == 2 and _mp4_first_mpeg_frame_mono(atoms, f):
         # The same sample entry as AAC's; here the frames say mono.
         stream.channels = 1
+    presented = _mp4_presented_length(atoms, f)
+    if 0 < presented < stream.length:
+        # An empty edit (a delay) or a repeat would make it longer: those
+        # are not what a listener of the samples hears, so only a cut counts.
+        stream.length = presented
     if stream.length and (codec == "alac" or (
             not stream.bitrate and len(list(atoms[b"moov"].findall(b"trak"))) == 1)):
         # mutagen reports ALAC's uncompressed rate (what the header holds),
@@ -451,16 +456,49 @@ def _aac_mono(atoms: Any, f: IO[bytes]) -> bool:
         return False
 
 
-def _mp4_sound_stbl(atoms: Any, f: IO[bytes]) -> Any | None:
-    """The sample table box of the first sound track, or None."""
+def _mp4_sound_trak(atoms: Any, f: IO[bytes]) -> Any | None:
+    """The first sound track's box, or None."""
     try:
         for trak in atoms[b"moov"].findall(b"trak"):
             ok, hdlr = trak[b"mdia", b"hdlr"].read(f)
             if ok and hdlr[8:12] == b"soun":
-                return trak[b"mdia", b"minf", b"stbl"]
+                return trak
     except KeyError:
         pass
     return None
+
+
+def _mp4_sound_stbl(atoms: Any, f: IO[bytes]) -> Any | None:
+    """The sample table box of the first sound track, or None."""
+    trak = _mp4_sound_trak(atoms, f)
+    try:
+        return trak[b"mdia", b"minf", b"stbl"] if trak is not None else None
+    except KeyError:
+        return None
+
+
+def _mp4_presented_length(atoms: Any, f: IO[bytes]) -> float:
+    """The sound track's duration as presented, in seconds: its tkhd's,
+    the sum of its edits (ISO/IEC 14496-12 8.3.2, 8.6.5), in the mvhd's
+    timescale; 0 if unknown. mutagen reports the mdhd's, all the samples,
+    encoder priming and padding included, which an edit list cuts off
+    (2.5 % at 8 kHz: 5.128 s for 5.0 s)."""
+    try:
+        trak = _mp4_sound_trak(atoms, f)
+        if trak is None:
+            return 0.0
+        ok_m, mvhd = atoms[b"moov", b"mvhd"].read(f)
+        ok_t, tkhd = trak[(b"tkhd",)].read(f)
+    except KeyError:
+        return 0.0
+    if not (ok_m and ok_t and mvhd and tkhd):
+        return 0.0
+    timescale = int.from_bytes(mvhd[20:24] if mvhd[0] == 1 else mvhd[12:16], "big")
+    duration = int.from_bytes(tkhd[28:36] if tkhd[0] == 1 else tkhd[20:24], "big")
+    # All ones: "duration cannot be determined".
+    if not timescale or duration in (0, 0xFFFFFFFF, (1 << 64) - 1):
+        return 0.0
+    return duration / timescale
 
 
 def _mp4_first_mpeg_frame_mono(atoms: Any, f: IO[bytes]) -> bool:

@@ -12,6 +12,7 @@ import struct
 import tracemalloc
 from pathlib import Path
 
+import pytest
 from mutagen.mp4 import MP4, MP4Cover
 from mutagen.ogg import OggPage
 
@@ -129,17 +130,20 @@ def _grown_box(data: bytes, path: list[bytes], extra: int) -> bytes:
     return bytes(out)
 
 
-def test_an_mp4_box_the_probe_reads_whole_is_bounded(tmp_path: Path) -> None:
+@pytest.mark.parametrize("box", [
+    [b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stsd"],
+    [b"moov", b"trak", b"tkhd"],     # read for the edited length
+])
+def test_an_mp4_box_the_probe_reads_whole_is_bounded(tmp_path: Path, box: list[bytes]) -> None:
     """Found by review: mutagen reads 'stsd' (and 'hdlr', 'mdhd', 'mvhd')
     whole, so a 150 MB 'stsd' cost the probe 300 MB, out of a timeout's
     reach (one read() call)."""
     data = fixture("tone.m4a").read_bytes()
-    stsd = [b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stsd"]
     path = tmp_path / "padded.m4a"
-    path.write_bytes(_grown_box(data, stsd, 4096))  # still a plausible one
+    path.write_bytes(_grown_box(data, box, 4096))  # still a plausible one
     info = audio.probe(path)
     assert info is not None and info.codec == "aac"
-    path.write_bytes(_grown_box(data, stsd, 16 * MIB))
+    path.write_bytes(_grown_box(data, box, 16 * MIB))
     info, peak = _peak_while(path)
     assert info is None
     assert peak < 4 * MIB, f"{peak / MIB:.1f} MiB"
