@@ -604,7 +604,12 @@ def _read_ogg(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     packet = ogg_first_packet(head)
     f.seek(0)
     if packet.startswith(b"\x01vorbis"):
-        return _make_info(_ogg_stream(OggVorbisInfo, f), "vorbis", "audio/ogg")
+        stream = _ogg_stream(OggVorbisInfo, f)
+        # The header's nominal rate, as ffprobe reports; libvorbis states
+        # none at 96 kHz (the bitrate was null): then the file's.
+        bitrate = None if stream.bitrate or not stream.length else \
+            _file_size(f) * 8 / stream.length
+        return _make_info(stream, "vorbis", "audio/ogg", bitrate=bitrate)
     if packet.startswith(b"\x7fFLAC"):
         stream = _ogg_stream(OggFLACStreamInfo, f)
         bitrate = _file_size(f) * 8 / stream.length if stream.length else None

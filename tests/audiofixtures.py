@@ -59,6 +59,9 @@ PROBE_ONLY_FIXTURES = {
     "mp3_mono.mp4": Expected("audio/mp4", "mp3", 1.0, 16000, 1, (7_000, 10_000)),
     # FLAC in MP4: no esds states a bitrate (it was null), the bytes do.
     "flac.mp4": Expected("audio/mp4", "flac", 0.5, 8000, 1, (20_000, 128_000)),
+    # Vorbis whose header states no bitrate (libvorbis at 96 kHz): the
+    # file's, its 4 KB of codebooks included (it was null).
+    "tone_96k.ogg": Expected("audio/ogg", "vorbis", 0.2, 96000, 1, (20_000, 400_000)),
 }
 NOT_AUDIO_FIXTURES = ["not_audio.txt", "not_audio.png", "video_only.mp4"]
 
