@@ -21,6 +21,8 @@ boxes are counted first and implausibly many refused. One cost remains
 linear in the file: for an Ogg stream without an end-of-stream page (a
 recording cut off), mutagen reads every page to find the last; that is
 time, not memory, and `probe_async`'s timeout bounds the caller's wait.
+A FLAC file's last 256 KiB at most are parsed for where its frames end
+(blobd.flacframes), in one pass.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from mutagen.oggopus import OggOpusInfo
 from mutagen.oggvorbis import OggVorbisInfo
 from mutagen.wave import WaveStreamInfo
 
+from blobd.flacframes import samples_held
 from blobd.sniff import (AUDIO_MIME_TYPES, MAX_MP3_JUNK, MAX_MPEG_FRAME,
                          MP3_CHAIN_FRAMES, SNIFF_BYTES, could_be_audio,
                          find_mpeg_chain, id3v2_size, mpeg_chain_at,
@@ -404,8 +407,30 @@ def _read_flac(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
         return None   # the metadata claims to run past the end of the file
     if not stream.length:   # streamed: the length was not known when written
         return _make_info(stream, "flac", "audio/flac")
-    return _make_info(stream, "flac", "audio/flac",
-                      bitrate=audio_bytes * 8 / stream.length)
+    length = stream.length
+    held = _flac_samples_held(f, stream, pos)
+    if held is not None and held < stream.total_samples:
+        # STREAMINFO's length survives truncation; the frames do not.
+        length = held / stream.sample_rate
+    return _make_info(stream, "flac", "audio/flac", duration=length,
+                      bitrate=audio_bytes * 8 / length)
+
+
+# The bytes read from a FLAC file's end to find its last frames: two of the
+# largest frames STREAMINFO states (or could hold uncompressed), capped.
+_FLAC_MAX_TAIL = 256 << 10
+
+
+def _flac_samples_held(f: IO[bytes], stream: Any, audio_at: int) -> int | None:
+    """The samples the frames at the file's end reach (see blobd.flacframes);
+    None if they cannot be told."""
+    largest = stream.max_framesize or (
+        stream.max_blocksize * stream.channels * stream.bits_per_sample // 8 + 64)
+    size = _file_size(f)
+    start = max(audio_at, size - min(2 * largest + 256, _FLAC_MAX_TAIL))
+    f.seek(start)
+    return samples_held(f.read(size - start), stream.channels, stream.max_blocksize,
+                        stream.total_samples)
 
 
 def _mp4_codec(name: str) -> str:

@@ -230,6 +230,28 @@ def test_flac_cut_inside_its_metadata_is_none(tmp_path: Path, where: str) -> Non
     assert probe(cut) is None
 
 
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.8])
+def test_cut_flac_reports_what_is_left(tmp_path: Path, fraction: float) -> None:
+    # STREAMINFO still claims the whole 2 s; the frames at the end say
+    # where the cut fell (found by review: 5 s reported, 0.31 s played).
+    data = fixture("tone.flac").read_bytes()
+    _, audio_start = _flac_audio_start(data)
+    keep = audio_start + int((len(data) - audio_start) * fraction)
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(data[:keep])
+    info = probe(cut)
+    assert info is not None and info.codec == "flac"
+    assert info.duration == pytest.approx(2.0 * fraction, abs=0.15)
+
+
+def test_flac_with_a_tag_after_its_frames_is_whole(tmp_path: Path) -> None:
+    # Some taggers append ID3v1 to FLAC: no frame, no truncation.
+    tagged = tmp_path / "tagged.flac"
+    tagged.write_bytes(fixture("tone.flac").read_bytes() + b"TAG" + bytes(125))
+    info = probe(tagged)
+    assert info is not None and info.duration == 2.0
+
+
 def test_ogg_with_another_codec_first_is_not_read(tmp_path: Path) -> None:
     # Only Vorbis (audio/ogg) and Opus are read, and only as the first
     # stream: mutagen would otherwise walk page after page for a header.

@@ -9,6 +9,7 @@ file on disk: mutagen's allocations are Python objects.
 from __future__ import annotations
 
 import struct
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -147,3 +148,19 @@ def test_an_mp4_box_the_probe_reads_whole_is_bounded(tmp_path: Path, box: list[b
     info, peak = _peak_while(path)
     assert info is None
     assert peak < 4 * MIB, f"{peak / MIB:.1f} MiB"
+
+
+def test_a_flac_tail_of_fake_frame_headers_is_read_once(tmp_path: Path) -> None:
+    """The probe reads a FLAC file's last frames for where a cut fell. A
+    tail made of nothing but frame headers, each leading to the next, costs
+    a parse per header and one CRC-16, not one per pair."""
+    from blobd.flacframes import crc8
+    fake = b"".join(head + bytes([crc8(head)]) for head in
+                    (bytes([0xFF, 0xF8, 0xC9, 0x08, n & 0x7F]) for n in range(60_000)))
+    data = bytearray(fixture("tone.flac").read_bytes())
+    data[8 + 7:8 + 10] = b"\xff\xff\xff"   # STREAMINFO's largest frame: 16 MiB
+    path = tmp_path / "fake.flac"
+    path.write_bytes(bytes(data) + fake)
+    started = time.perf_counter()
+    audio.probe(path)
+    assert time.perf_counter() - started < 2.0
