@@ -35,6 +35,7 @@ SNIFFED = {name: e.mime for name, e in PROBED.items()} | {
     "not_audio.png": None,
     # The brand cannot tell; the probe finds no sound track (test_describe).
     "video_only.mp4": "audio/mp4",
+    "video_sound.mp4": "audio/mp4",
 }
 
 
