@@ -8,7 +8,8 @@ uploads the same bytes and whatever they call them.
 
 The content type comes from the bytes whenever they identify an audio
 format: the probe's type, else the magic-number sniff (a damaged file whose
-header still says what it is). Otherwise the client's type is kept when it
+header still says what it is). One exception: an MP4 whose brand does not
+say audio may be a video, and a specific type the client gives it stands. Otherwise the client's type is kept when it
 is specific; a generic or absent one, or a claim of an audio type that the
 bytes do not bear out, becomes ``application/octet-stream``.
 
