@@ -265,7 +265,9 @@ def _read_mp3(f: IO[bytes], start: int, head: bytes,
     else:
         # The Xing/Info header states the full length even when the file
         # was cut short; the bytes actually present bound it.
-        length = stream.length - _lavc_gap_samples(f, stream.frame_offset) / stream.sample_rate
+        gap = _lavc_gap_samples(f, stream.frame_offset) / stream.sample_rate
+        # A gap as long as the frames is a bogus tag, not silence to cut.
+        length = stream.length - gap if gap < stream.length else stream.length
         length = _clamp_to_size(length, stream.bitrate, _file_size(f) - stream.frame_offset)
     return _make_info(stream, _MPEG_LAYER_CODECS.get(stream.layer, "mp3"),
                       "audio/mpeg", duration=length, bitrate=bitrate)

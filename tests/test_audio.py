@@ -124,6 +124,18 @@ def test_mp3_from_ffmpeg_is_as_long_as_its_audio(name: str) -> None:
     assert info is not None and info.duration == PROBED[name].duration
 
 
+def test_mp3_whose_lavc_tag_claims_more_gap_than_audio_keeps_its_length(tmp_path: Path) -> None:
+    data = bytearray(fixture("tone.mp3").read_bytes())
+    info_at = data.index(b"Info", len(id3_tag_of("tone.mp3")))
+    data[info_at + 8:info_at + 12] = (5).to_bytes(4, "big")   # frames: 5 x 576 samples
+    lavf = data.index(b"Lavf", info_at)
+    data[lavf + 21:lavf + 24] = b"\xff\xff\xff"               # gap: 2 x 4095 samples
+    odd = tmp_path / "odd.mp3"
+    odd.write_bytes(bytes(data))
+    info = probe(odd)
+    assert info is not None and info.duration == pytest.approx(5 * 576 / 22050, abs=0.002)
+
+
 @pytest.mark.parametrize("name", ["tone.m4a", "tone_mono.m4a", "mp3_mono.mp4"])
 def test_mp4_is_as_long_as_its_edit_list(name: str) -> None:
     # The samples hold the encoder's priming and padding too; the edit
