@@ -21,6 +21,8 @@ boxes are counted first and implausibly many refused. One cost remains
 linear in the file: for an Ogg stream without an end-of-stream page (a
 recording cut off), mutagen reads every page to find the last; that is
 time, not memory, and `probe_async`'s timeout bounds the caller's wait.
+A FLAC file's last 256 KiB at most are parsed for where its frames end
+(blobd.flacframes), in one pass.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from mutagen.oggopus import OggOpusInfo
 from mutagen.oggvorbis import OggVorbisInfo
 from mutagen.wave import WaveStreamInfo
 
+from blobd.flacframes import samples_held
 from blobd.sniff import (AUDIO_MIME_TYPES, MAX_MP3_JUNK, MAX_MPEG_FRAME,
                          MP3_CHAIN_FRAMES, SNIFF_BYTES, could_be_audio,
                          find_mpeg_chain, id3v2_size, mpeg_chain_at,
@@ -77,9 +80,9 @@ _MP4_CONTAINERS = frozenset({   # the boxes mutagen descends into
 })
 # The boxes MP4Info reads whole into memory, and how large a real one gets
 # (a 'stsd' holds a sample entry or two with their codec configuration;
-# 'hdlr' a name string; 'mdhd' and 'mvhd' are a few dozen bytes).
+# 'hdlr' a name string; 'mdhd', 'mvhd' and 'tkhd' are a few dozen bytes).
 _MP4_READ_WHOLE = {b"stsd": 1 << 20, b"hdlr": 64 << 10, b"mdhd": 4 << 10,
-                   b"mvhd": 4 << 10}
+                   b"mvhd": 4 << 10, b"tkhd": 64 << 10}
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,10 +265,49 @@ def _read_mp3(f: IO[bytes], start: int, head: bytes,
     else:
         # The Xing/Info header states the full length even when the file
         # was cut short; the bytes actually present bound it.
-        length = _clamp_to_size(stream.length, stream.bitrate,
-                                _file_size(f) - stream.frame_offset)
+        gap = _lavc_gap_samples(f, stream.frame_offset) / stream.sample_rate
+        # A gap as long as the frames is a bogus tag, not silence to cut.
+        length = stream.length - gap if gap < stream.length else stream.length
+        length = _clamp_to_size(length, stream.bitrate, _file_size(f) - stream.frame_offset)
     return _make_info(stream, _MPEG_LAYER_CODECS.get(stream.layer, "mp3"),
                       "audio/mpeg", duration=length, bitrate=bitrate)
+
+
+# Where the Xing/Info tag starts in its frame: past the 4-byte header and
+# the side information, by (MPEG-1, mono).
+_XING_OFFSETS = {(True, False): 36, (True, True): 21, (False, False): 21, (False, True): 13}
+_XING_FRAMES, _XING_BYTES, _XING_TOC, _XING_SCALE = 1, 2, 4, 8
+
+
+def _lavc_gap_samples(f: IO[bytes], frame_offset: int) -> int:
+    """The encoder delay and padding, in samples, that the LAME tag of an
+    MP3 encoded by ffmpeg states (0 if it is not such a file).
+
+    mutagen subtracts them from the length only when the tag's encoder
+    string says LAME; ffmpeg writes "Lavc..." or "Lavf..." in the same
+    tag, its own demuxer honours it, and its files are common. Without
+    this, 5.0 s of 8 kHz audio encoded by ffmpeg was reported as 5.184 s,
+    a clip of 0.01 s as 0.052 s; the same audio encoded by lame, 5.0 s.
+    The tag's layout: LAME's VbrTag.c (PutLameVBR)."""
+    f.seek(frame_offset)
+    frame = f.read(200)
+    if mpeg_frame_length(frame) is None:
+        return 0
+    pos = _XING_OFFSETS[(frame[1] >> 3) & 3 == 3, frame[3] >> 6 == 3]
+    if frame[pos:pos + 4] not in (b"Xing", b"Info"):
+        return 0
+    flags = int.from_bytes(frame[pos + 4:pos + 8], "big")
+    if not flags & _XING_FRAMES:
+        return 0    # mutagen's length did not come from the tag
+    pos += 8 + sum(size for flag, size in ((_XING_FRAMES, 4), (_XING_BYTES, 4),
+                                           (_XING_TOC, 100), (_XING_SCALE, 4))
+                   if flags & flag)
+    if frame[pos:pos + 4] not in (b"Lavc", b"Lavf"):
+        return 0
+    # After the 9-byte encoder string: 12 bytes, then delay and padding,
+    # 12 bits each.
+    gap = int.from_bytes(frame[pos + 21:pos + 24], "big")
+    return (gap >> 12) + (gap & 0xFFF)
 
 
 # Counting an MP3's frames costs ~2 us each. Past this many (over an hour
@@ -367,8 +409,30 @@ def _read_flac(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
         return None   # the metadata claims to run past the end of the file
     if not stream.length:   # streamed: the length was not known when written
         return _make_info(stream, "flac", "audio/flac")
-    return _make_info(stream, "flac", "audio/flac",
-                      bitrate=audio_bytes * 8 / stream.length)
+    length = stream.length
+    held = _flac_samples_held(f, stream, pos)
+    if held is not None and held < stream.total_samples:
+        # STREAMINFO's length survives truncation; the frames do not.
+        length = held / stream.sample_rate
+    return _make_info(stream, "flac", "audio/flac", duration=length,
+                      bitrate=audio_bytes * 8 / length)
+
+
+# The bytes read from a FLAC file's end to find its last frames: two of the
+# largest frames STREAMINFO states (or could hold uncompressed), capped.
+_FLAC_MAX_TAIL = 256 << 10
+
+
+def _flac_samples_held(f: IO[bytes], stream: Any, audio_at: int) -> int | None:
+    """The samples the frames at the file's end reach (see blobd.flacframes);
+    None if they cannot be told."""
+    largest = stream.max_framesize or (
+        stream.max_blocksize * stream.channels * stream.bits_per_sample // 8 + 64)
+    size = _file_size(f)
+    start = max(audio_at, size - min(2 * largest + 256, _FLAC_MAX_TAIL))
+    f.seek(start)
+    return samples_held(f.read(size - start), stream.channels, stream.max_blocksize,
+                        stream.total_samples)
 
 
 def _mp4_codec(name: str) -> str:
@@ -394,8 +458,19 @@ def _read_mp4(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
         # also rules out parametric stereo, which no mono-configured LC or
         # HE-AAC stream uses (HE-AAC v2 says so with object type 29).
         stream.channels = 1
-    if codec == "alac" and stream.length:
-        # mutagen reports ALAC's uncompressed rate (what the header holds).
+    if codec == "mp3" and stream.channels == 2 and _mp4_first_mpeg_frame_mono(atoms, f):
+        # The same sample entry as AAC's; here the frames say mono.
+        stream.channels = 1
+    presented = _mp4_presented_length(atoms, f)
+    if 0 < presented < stream.length:
+        # An empty edit (a delay) or a repeat would make it longer: those
+        # are not what a listener of the samples hears, so only a cut counts.
+        stream.length = presented
+    if stream.length and (codec == "alac" or (
+            not stream.bitrate and len(list(atoms[b"moov"].findall(b"trak"))) == 1)):
+        # mutagen reports ALAC's uncompressed rate (what the header holds),
+        # and none where no esds states one (FLAC and Opus in MP4). The
+        # file's rate, if the sound is all it holds.
         return _make_info(stream, codec, "audio/mp4",
                           bitrate=_file_size(f) * 8 / stream.length)
     return _make_info(stream, codec, "audio/mp4")
@@ -408,18 +483,79 @@ def _aac_mono(atoms: Any, f: IO[bytes]) -> bool:
         return False
 
 
-def _aac_channel_configuration(atoms: Any, f: IO[bytes]) -> int | None:
-    """channelConfiguration of the first sound track's AudioSpecificConfig
-    (ISO/IEC 14496-3 1.6.2.1), read from the esds box in its sample entry
-    (ISO/IEC 14496-1 7.2.6); None if absent, unreadable or object type 29."""
+def _mp4_sound_trak(atoms: Any, f: IO[bytes]) -> Any | None:
+    """The first sound track's box, or None."""
     try:
         for trak in atoms[b"moov"].findall(b"trak"):
             ok, hdlr = trak[b"mdia", b"hdlr"].read(f)
             if ok and hdlr[8:12] == b"soun":
-                ok, stsd = trak[b"mdia", b"minf", b"stbl", b"stsd"].read(f)
-                break
-        else:
-            return None
+                return trak
+    except KeyError:
+        pass
+    return None
+
+
+def _mp4_sound_stbl(atoms: Any, f: IO[bytes]) -> Any | None:
+    """The sample table box of the first sound track, or None."""
+    trak = _mp4_sound_trak(atoms, f)
+    try:
+        return trak[b"mdia", b"minf", b"stbl"] if trak is not None else None
+    except KeyError:
+        return None
+
+
+def _mp4_presented_length(atoms: Any, f: IO[bytes]) -> float:
+    """The sound track's duration as presented, in seconds: its tkhd's,
+    the sum of its edits (ISO/IEC 14496-12 8.3.2, 8.6.5), in the mvhd's
+    timescale; 0 if unknown. mutagen reports the mdhd's, all the samples,
+    encoder priming and padding included, which an edit list cuts off
+    (2.5 % at 8 kHz: 5.128 s for 5.0 s)."""
+    try:
+        trak = _mp4_sound_trak(atoms, f)
+        if trak is None:
+            return 0.0
+        ok_m, mvhd = atoms[b"moov", b"mvhd"].read(f)
+        ok_t, tkhd = trak[(b"tkhd",)].read(f)
+    except KeyError:
+        return 0.0
+    if not (ok_m and ok_t and mvhd and tkhd):
+        return 0.0
+    timescale = int.from_bytes(mvhd[20:24] if mvhd[0] == 1 else mvhd[12:16], "big")
+    duration = int.from_bytes(tkhd[28:36] if tkhd[0] == 1 else tkhd[20:24], "big")
+    # All ones: "duration cannot be determined".
+    if not timescale or duration in (0, 0xFFFFFFFF, (1 << 64) - 1):
+        return 0.0
+    return duration / timescale
+
+
+def _mp4_first_mpeg_frame_mono(atoms: Any, f: IO[bytes]) -> bool:
+    """Whether the first sample of the sound track, at the first chunk
+    offset of its stco or co64 box (ISO/IEC 14496-12 8.7.5), is an MPEG
+    audio frame in single-channel mode. Reads a few bytes of each box."""
+    try:
+        stbl = _mp4_sound_stbl(atoms, f)
+        boxes = {child.name: child for child in stbl.children} if stbl is not None else {}
+        for name, width in ((b"stco", 4), (b"co64", 8)):
+            if name in boxes:
+                f.seek(boxes[name]._dataoffset)
+                table = f.read(8 + width)      # version, flags, count, entry
+                if len(table) < 8 + width or not int.from_bytes(table[4:8], "big"):
+                    return False
+                f.seek(int.from_bytes(table[8:], "big"))
+                frame = f.read(4)
+                return mpeg_frame_length(frame) is not None and frame[3] >> 6 == 3
+    except Exception:  # noqa: BLE001 - a refinement: mutagen's figure stands
+        pass
+    return False
+
+
+def _aac_channel_configuration(atoms: Any, f: IO[bytes]) -> int | None:
+    """channelConfiguration of the first sound track's AudioSpecificConfig
+    (ISO/IEC 14496-3 1.6.2.1), read from the esds box in its sample entry
+    (ISO/IEC 14496-1 7.2.6); None if absent, unreadable or object type 29."""
+    stbl = _mp4_sound_stbl(atoms, f)
+    try:
+        ok, stsd = stbl[(b"stsd",)].read(f) if stbl is not None else (False, b"")
     except KeyError:
         return None
     at = stsd.find(b"esds") if ok else -1
@@ -495,7 +631,12 @@ def _read_ogg(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     packet = ogg_first_packet(head)
     f.seek(0)
     if packet.startswith(b"\x01vorbis"):
-        return _make_info(_ogg_stream(OggVorbisInfo, f), "vorbis", "audio/ogg")
+        stream = _ogg_stream(OggVorbisInfo, f)
+        # The header's nominal rate, as ffprobe reports; libvorbis states
+        # none at 96 kHz (the bitrate was null): then the file's.
+        bitrate = None if stream.bitrate or not stream.length else \
+            _file_size(f) * 8 / stream.length
+        return _make_info(stream, "vorbis", "audio/ogg", bitrate=bitrate)
     if packet.startswith(b"\x7fFLAC"):
         stream = _ogg_stream(OggFLACStreamInfo, f)
         bitrate = _file_size(f) * 8 / stream.length if stream.length else None
@@ -547,37 +688,83 @@ def _ogg_tail(f: IO[bytes]) -> BytesIO:
     return BytesIO(data)
 
 
-# WAVE format tags (RFC 2361 appendix A). WAVE_FORMAT_EXTENSIBLE hides the
-# real format in a GUID mutagen does not read; it is nearly always PCM.
-_WAVE_CODECS = {1: "pcm", 3: "pcm_float", 6: "alaw", 7: "mulaw",
-                0x55: "mp3", 0xFFFE: "pcm"}
+# WAVE format tags (RFC 2361 appendix A); WAVE_FORMAT_EXTENSIBLE (0xFFFE)
+# names its real format in the first two bytes of its SubFormat GUID.
+_WAVE_CODECS = {1: "pcm", 2: "adpcm_ms", 3: "pcm_float", 6: "alaw", 7: "mulaw",
+                0x11: "adpcm_ima", 0x31: "gsm_ms", 0x55: "mp3"}
+_WAVE_EXTENSIBLE = 0xFFFE
+# Formats of one fixed-size block per sample frame, whose length mutagen
+# reckons exactly from the data size and block align. In the others a
+# block holds many frames (ADPCM, GSM) or none of fixed size (MP3): mutagen
+# divides by the block align all the same (3.0 s of IMA ADPCM came out as
+# 0.006 s), and the 'fact' chunk states the length instead.
+_WAVE_PER_SAMPLE = frozenset({1, 3, 6, 7})
 
 
 def _read_wav(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
-    if not _riff_chunks_bounded(f):
+    chunks = _riff_chunks(f)
+    if chunks is None:
         return None
     f.seek(0)
     stream = WaveStreamInfo(f)
-    codec = _WAVE_CODECS.get(stream.audio_format, "wav")
-    # The data chunk's declared size survives truncation; the file does not.
-    length = _clamp_to_size(stream.length, stream.bitrate, _file_size(f))
-    return _make_info(stream, codec, "audio/wav", duration=length)
+    fmt = _riff_chunk_head(f, chunks, b"fmt ", _MAX_WAVE_FORMAT)
+    audio_format = stream.audio_format
+    if audio_format == _WAVE_EXTENSIBLE and len(fmt) >= 26:
+        audio_format = int.from_bytes(fmt[24:26], "little")
+    if audio_format in _WAVE_PER_SAMPLE:
+        # The data chunk's declared size survives truncation; the file does not.
+        length = _clamp_to_size(stream.length, stream.bitrate, _file_size(f))
+        return _make_info(stream, _WAVE_CODECS.get(audio_format, "wav"), "audio/wav",
+                          duration=length)
+    length, bitrate = _wave_compressed_length(f, chunks, fmt, stream.sample_rate)
+    return _make_info(stream, _WAVE_CODECS.get(audio_format, "wav"), "audio/wav",
+                      duration=length, bitrate=bitrate)
 
 
-def _riff_chunks_bounded(f: IO[bytes]) -> bool:
-    """Whether the RIFF form has at most _MAX_RIFF_CHUNKS top-level chunks
-    (mutagen lists them all to find 'fmt ' and 'data')."""
-    pos, end = 12, _file_size(f)
+def _wave_compressed_length(f: IO[bytes], chunks: dict[bytes, tuple[int, int]],
+                            fmt: bytes, sample_rate: int) -> tuple[float, float]:
+    """(duration, bitrate) of a WAVE file whose blocks hold many sample
+    frames: the 'fact' chunk's frame count, scaled down to the part of the
+    data chunk present; without one, the data at the format's stated byte
+    rate. The data's own rate, not the stated one, where both are known:
+    ffmpeg states 128 kb/s for IMA ADPCM at 8 kHz, four times the truth."""
+    data_at, data_size = chunks.get(b"data", (0, 0))
+    present = max(0, min(data_size, _file_size(f) - data_at))
+    frames = int.from_bytes(_riff_chunk_head(f, chunks, b"fact", 4), "little")
+    if frames and sample_rate and data_size:
+        stated = frames / sample_rate
+        return stated * present / data_size, data_size * 8 / stated
+    byte_rate = int.from_bytes(fmt[8:12], "little")
+    return (present / byte_rate, byte_rate * 8) if byte_rate else (0.0, 0.0)
+
+
+def _riff_chunks(f: IO[bytes]) -> dict[bytes, tuple[int, int]] | None:
+    """The RIFF form's top-level chunks, each id's first: (offset of its
+    body, declared size). None if there are more than _MAX_RIFF_CHUNKS
+    (mutagen lists them all to find 'fmt ' and 'data') or the 'fmt ' chunk
+    is implausibly large (mutagen reads it whole into memory)."""
+    pos, end, chunks = 12, _file_size(f), {}
     for _ in range(_MAX_RIFF_CHUNKS):
         if pos + 8 > end:
-            return True
+            return chunks
         f.seek(pos)
         header = f.read(8)
         size = int.from_bytes(header[4:8], "little")
         if header[:4] == b"fmt " and size > _MAX_WAVE_FORMAT:
-            return False  # mutagen reads the whole 'fmt ' chunk into memory
+            return None
+        chunks.setdefault(header[:4], (pos + 8, size))
         pos += 8 + size + (size & 1)   # chunks are padded to even length
-    return pos + 8 > end
+    return chunks if pos + 8 > end else None
+
+
+def _riff_chunk_head(f: IO[bytes], chunks: dict[bytes, tuple[int, int]],
+                     name: bytes, limit: int) -> bytes:
+    """Up to ``limit`` leading bytes of chunk ``name``'s body; b"" if absent."""
+    if name not in chunks:
+        return b""
+    offset, size = chunks[name]
+    f.seek(offset)
+    return f.read(min(size, limit))
 
 
 _READERS: dict[str, Callable[[IO[bytes], int, bytes], AudioInfo | None]] = {

@@ -8,7 +8,8 @@ uploads the same bytes and whatever they call them.
 
 The content type comes from the bytes whenever they identify an audio
 format: the probe's type, else the magic-number sniff (a damaged file whose
-header still says what it is). Otherwise the client's type is kept when it
+header still says what it is). One exception: an MP4 whose brand does not
+say audio may be a video, and a specific type the client gives it stands. Otherwise the client's type is kept when it
 is specific; a generic or absent one, or a claim of an audio type that the
 bytes do not bear out, becomes ``application/octet-stream``.
 
@@ -84,11 +85,16 @@ async def describe(store: Store, path: Path, digests: Digests,
 
 def content_type(info: AudioInfo | None, head: bytes, client_type: str | None) -> str:
     """Bytes first (probe, then magic), then a specific client claim."""
-    if info is not None:
-        return info.mime
-    sniffed = sniff_mime(head)
     claimed = normalise_type(client_type)
     specific = claimed not in GENERIC_TYPES and claimed not in AUDIO_MIME_TYPES
+    if info is not None:
+        # An MP4 of a generic brand with a sound track may be a video with
+        # sound: the client's specific type stands (found by review: a
+        # video/mp4 with sound was served as audio/mp4). Its facts remain.
+        if info.mime == "audio/mp4" and specific and not mp4_brands_say_audio(head):
+            return claimed
+        return info.mime
+    sniffed = sniff_mime(head)
     # A bare MPEG or ADTS frame header is a dozen bits of sync that text
     # starts with by chance (a UTF-16 byte-order mark, FF FE, is one), and
     # an MP4 of a generic brand may be a video: when the probe found no

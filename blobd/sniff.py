@@ -49,7 +49,7 @@ def sniff_mime(head: bytes) -> str | None:
     the file is valid (that is `blobd.audio.probe`'s job). An ID3v2 tag is
     reported as audio/mpeg although it may front other formats.
     """
-    if head.startswith(b"ID3"):
+    if starts_with_id3v2(head):
         return "audio/mpeg"
     if head.startswith(b"fLaC"):
         return "audio/flac"
@@ -103,10 +103,24 @@ def mp4_brands_say_audio(head: bytes) -> bool:
     return bool(compatible & _MP4_AUDIO_BRANDS)
 
 
+def starts_with_id3v2(head: bytes) -> bool:
+    """Whether ``head`` starts with what it holds of an ID3v2 header
+    (id3.org, ID3v2.4 structure, section 3.1): "ID3", a major version of 2
+    to 4, a revision below FF, flags with their low nibble clear, and four
+    size bytes of 7 bits. Text can begin with the word "ID3" ("ID3 tags
+    ..."), and was served as audio/mpeg for it."""
+    # Each test looks only at bytes ``head`` has: a file of a few bytes
+    # is judged by them.
+    padded = head[:10].ljust(10, b"\x00")
+    version, revision, flags = padded[3] if len(head) > 3 else 3, padded[4], padded[5]
+    return (head.startswith(b"ID3") and 2 <= version <= 4 and revision != 0xFF
+            and not flags & 0x0F and all(b < 0x80 for b in padded[6:10]))
+
+
 def id3v2_size(head: bytes) -> int | None:
     """Bytes taken by the ID3v2 tag whose 10-byte header starts ``head``
     (header, body and footer), or None if none starts it."""
-    if len(head) < 10 or not head.startswith(b"ID3"):
+    if len(head) < 10 or not starts_with_id3v2(head):
         return None
     size = (head[6] << 21) | (head[7] << 14) | (head[8] << 7) | head[9]
     return 10 + size + (10 if head[5] & 0x10 else 0)
@@ -205,7 +219,7 @@ def could_be_audio(data: bytes) -> bool:
     MAX_MP3_JUNK bytes (where the probe's MP3 reader would have to find
     one). Costs a few microseconds where the probe, hunting frame syncs
     through noise, costs milliseconds."""
-    if data.startswith(b"ID3") or sniff_mime(data[:SNIFF_BYTES]) is not None:
+    if sniff_mime(data[:SNIFF_BYTES]) is not None:
         return True
     return find_mpeg_chain(data, 0, MAX_MP3_JUNK, at_end=True) is not None
 

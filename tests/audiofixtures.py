@@ -46,6 +46,23 @@ AUDIO_FIXTURES = {
     # FLAC bytes under an .mp3 name: the bytes decide.
     "flac_named.mp3": Expected("audio/flac", "flac", 2.0, 8000, 1, (20_000, 128_000)),
 }
+# Probed only: formats outside what the HTTP and browser tests exercise per
+# fixture (Chromium plays no ADPCM).
+PROBE_ONLY_FIXTURES = {
+    # Four bits a sample in blocks of many: the 'fact' chunk says how long
+    # (mutagen's block-align reckoning said 0.006 s; found by review). The
+    # data's rate, ~32 kb/s; the header's byte rate claims 128.
+    "adpcm.wav": Expected("audio/wav", "adpcm_ima", 1.02, 8000, 1, (30_000, 34_000)),
+    # WAVE_FORMAT_EXTENSIBLE whose SubFormat is IEEE float (it was "pcm").
+    "float.wav": Expected("audio/wav", "pcm_float", 0.2, 8000, 1, (256_000, 256_000)),
+    # MP3 in MP4: the sample entry says 2 channels, the frames 1 (it was 2).
+    "mp3_mono.mp4": Expected("audio/mp4", "mp3", 1.0, 16000, 1, (7_000, 10_000)),
+    # FLAC in MP4: no esds states a bitrate (it was null), the bytes do.
+    "flac.mp4": Expected("audio/mp4", "flac", 0.5, 8000, 1, (20_000, 128_000)),
+    # Vorbis whose header states no bitrate (libvorbis at 96 kHz): the
+    # file's, its 4 KB of codebooks included (it was null).
+    "tone_96k.ogg": Expected("audio/ogg", "vorbis", 0.2, 96000, 1, (20_000, 400_000)),
+}
 NOT_AUDIO_FIXTURES = ["not_audio.txt", "not_audio.png", "video_only.mp4"]
 
 

@@ -19,13 +19,14 @@ import pytest
 from mutagen.ogg import OggPage
 
 from audiofixtures import (AUDIO_FIXTURES, FIXTURES, NOT_AUDIO_FIXTURES,
-                           fixture, ogg_without_end)
+                           PROBE_ONLY_FIXTURES, fixture, ogg_without_end)
 from blobd import audio
 from blobd.audio import (AUDIO_MIME_TYPES, OGG_TAIL, AudioInfo, probe, probe_async,
                          sniff_mime)
 from blobd.sniff import mpeg_frame_length
 
-SNIFFED = {name: e.mime for name, e in AUDIO_FIXTURES.items()} | {
+PROBED = AUDIO_FIXTURES | PROBE_ONLY_FIXTURES
+SNIFFED = {name: e.mime for name, e in PROBED.items()} | {
     "truncated.mp3": "audio/mpeg",
     # Valid files that do not say their length (test_describe checks them).
     "streamed.flac": "audio/flac",
@@ -34,6 +35,7 @@ SNIFFED = {name: e.mime for name, e in AUDIO_FIXTURES.items()} | {
     "not_audio.png": None,
     # The brand cannot tell; the probe finds no sound track (test_describe).
     "video_only.mp4": "audio/mp4",
+    "video_sound.mp4": "audio/mp4",
 }
 
 
@@ -57,9 +59,9 @@ def test_fixtures_are_small() -> None:
         assert fixture(name).stat().st_size < limit, name
 
 
-@pytest.mark.parametrize("name", sorted(AUDIO_FIXTURES))
+@pytest.mark.parametrize("name", sorted(PROBED))
 def test_probe_reads_each_format(name: str) -> None:
-    want = AUDIO_FIXTURES[name]
+    want = PROBED[name]
     info = probe(fixture(name))
     assert info is not None
     assert (info.mime, info.codec) == (want.mime, want.codec)
@@ -84,6 +86,12 @@ def test_sniffed_types_are_the_recognised_types() -> None:
 @pytest.mark.parametrize("head, mime", [
     (b"", None),
     (b"ID3", "audio/mpeg"),
+    (b"ID3\x03\x00\x00\x00\x00\x07\x76", "audio/mpeg"),  # a whole v2.3 header
+    # Text beginning with the word: no version 2 to 4, or a size byte over
+    # 7F (found by review: served as audio/mpeg).
+    (b"ID3 tags name the artist.\n", None),
+    (b"ID3v2.4 notes\n", None),
+    (b"ID3\x03\x00\x00\x00\x00\x80\x00", None),
     (b"\xff\xfb\x90\x00" + bytes(60), "audio/mpeg"),      # MPEG-1 Layer III
     (b"\xff\xfb\xf0\x00" + bytes(60), None),              # bitrate index 15
     (b"\xff\xfb\x9c\x00" + bytes(60), None),              # sample rate index 3
@@ -107,6 +115,36 @@ def test_sniff_mime_magic(head: bytes, mime: str | None) -> None:
     assert sniff_mime(head) == mime
 
 
+@pytest.mark.parametrize("name", ["tone.mp3", "sweep.mp3"])
+def test_mp3_from_ffmpeg_is_as_long_as_its_audio(name: str) -> None:
+    # Its LAME tag names the encoder "Lavc" and states the encoder delay
+    # and padding, which mutagen subtracts only for "LAME" (found by
+    # review: 2.064 s for 2.0 s; 5.184 s for 5.0 s of 8 kHz audio).
+    info = probe(fixture(name))
+    assert info is not None and info.duration == PROBED[name].duration
+
+
+def test_mp3_whose_lavc_tag_claims_more_gap_than_audio_keeps_its_length(tmp_path: Path) -> None:
+    data = bytearray(fixture("tone.mp3").read_bytes())
+    info_at = data.index(b"Info", len(id3_tag_of("tone.mp3")))
+    data[info_at + 8:info_at + 12] = (5).to_bytes(4, "big")   # frames: 5 x 576 samples
+    lavf = data.index(b"Lavf", info_at)
+    data[lavf + 21:lavf + 24] = b"\xff\xff\xff"               # gap: 2 x 4095 samples
+    odd = tmp_path / "odd.mp3"
+    odd.write_bytes(bytes(data))
+    info = probe(odd)
+    assert info is not None and info.duration == pytest.approx(5 * 576 / 22050, abs=0.002)
+
+
+@pytest.mark.parametrize("name", ["tone.m4a", "tone_mono.m4a", "mp3_mono.mp4"])
+def test_mp4_is_as_long_as_its_edit_list(name: str) -> None:
+    # The samples hold the encoder's priming and padding too; the edit
+    # list, summed in the tkhd, cuts them (found by review: 2.023 s for
+    # 2.0 s, 5.128 s for 5.0 s of 8 kHz AAC).
+    info = probe(fixture(name))
+    assert info is not None and info.duration == PROBED[name].duration
+
+
 # --- damaged, disguised and foreign input ------------------------------------
 
 @pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
@@ -120,6 +158,17 @@ def test_cut_mp3_reports_what_is_left(tmp_path: Path, fraction: float) -> None:
     assert full is not None and info is not None
     assert info.codec == "mp3" and info.sample_rate == 22050
     assert info.duration == pytest.approx(full.duration * fraction, abs=0.1)
+
+
+@pytest.mark.parametrize("name", ["tone.wav", "adpcm.wav"])
+def test_cut_wav_reports_what_is_left(tmp_path: Path, name: str) -> None:
+    whole = fixture(name).read_bytes()
+    cut = tmp_path / name
+    cut.write_bytes(whole[:len(whole) // 2])
+    info = probe(cut)
+    # The data chunk (and the 'fact' chunk) still claim the whole.
+    assert info is not None and info.codec == PROBED[name].codec
+    assert info.duration == pytest.approx(PROBED[name].duration / 2, abs=0.05)
 
 
 def test_truncated_fixture_is_about_half_the_tone() -> None:
@@ -192,6 +241,28 @@ def test_flac_cut_inside_its_metadata_is_none(tmp_path: Path, where: str) -> Non
     cut = tmp_path / "cut.flac"
     cut.write_bytes(data[:keep])   # STREAMINFO intact, no audio at all
     assert probe(cut) is None
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.8])
+def test_cut_flac_reports_what_is_left(tmp_path: Path, fraction: float) -> None:
+    # STREAMINFO still claims the whole 2 s; the frames at the end say
+    # where the cut fell (found by review: 5 s reported, 0.31 s played).
+    data = fixture("tone.flac").read_bytes()
+    _, audio_start = _flac_audio_start(data)
+    keep = audio_start + int((len(data) - audio_start) * fraction)
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(data[:keep])
+    info = probe(cut)
+    assert info is not None and info.codec == "flac"
+    assert info.duration == pytest.approx(2.0 * fraction, abs=0.15)
+
+
+def test_flac_with_a_tag_after_its_frames_is_whole(tmp_path: Path) -> None:
+    # Some taggers append ID3v1 to FLAC: no frame, no truncation.
+    tagged = tmp_path / "tagged.flac"
+    tagged.write_bytes(fixture("tone.flac").read_bytes() + b"TAG" + bytes(125))
+    info = probe(tagged)
+    assert info is not None and info.duration == 2.0
 
 
 def test_ogg_with_another_codec_first_is_not_read(tmp_path: Path) -> None:

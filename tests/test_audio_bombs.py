@@ -9,9 +9,11 @@ file on disk: mutagen's allocations are Python objects.
 from __future__ import annotations
 
 import struct
+import time
 import tracemalloc
 from pathlib import Path
 
+import pytest
 from mutagen.mp4 import MP4, MP4Cover
 from mutagen.ogg import OggPage
 
@@ -129,17 +131,36 @@ def _grown_box(data: bytes, path: list[bytes], extra: int) -> bytes:
     return bytes(out)
 
 
-def test_an_mp4_box_the_probe_reads_whole_is_bounded(tmp_path: Path) -> None:
+@pytest.mark.parametrize("box", [
+    [b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stsd"],
+    [b"moov", b"trak", b"tkhd"],     # read for the edited length
+])
+def test_an_mp4_box_the_probe_reads_whole_is_bounded(tmp_path: Path, box: list[bytes]) -> None:
     """Found by review: mutagen reads 'stsd' (and 'hdlr', 'mdhd', 'mvhd')
     whole, so a 150 MB 'stsd' cost the probe 300 MB, out of a timeout's
     reach (one read() call)."""
     data = fixture("tone.m4a").read_bytes()
-    stsd = [b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stsd"]
     path = tmp_path / "padded.m4a"
-    path.write_bytes(_grown_box(data, stsd, 4096))  # still a plausible one
+    path.write_bytes(_grown_box(data, box, 4096))  # still a plausible one
     info = audio.probe(path)
     assert info is not None and info.codec == "aac"
-    path.write_bytes(_grown_box(data, stsd, 16 * MIB))
+    path.write_bytes(_grown_box(data, box, 16 * MIB))
     info, peak = _peak_while(path)
     assert info is None
     assert peak < 4 * MIB, f"{peak / MIB:.1f} MiB"
+
+
+def test_a_flac_tail_of_fake_frame_headers_is_read_once(tmp_path: Path) -> None:
+    """The probe reads a FLAC file's last frames for where a cut fell. A
+    tail made of nothing but frame headers, each leading to the next, costs
+    a parse per header and one CRC-16, not one per pair."""
+    from blobd.flacframes import crc8
+    fake = b"".join(head + bytes([crc8(head)]) for head in
+                    (bytes([0xFF, 0xF8, 0xC9, 0x08, n & 0x7F]) for n in range(60_000)))
+    data = bytearray(fixture("tone.flac").read_bytes())
+    data[8 + 7:8 + 10] = b"\xff\xff\xff"   # STREAMINFO's largest frame: 16 MiB
+    path = tmp_path / "fake.flac"
+    path.write_bytes(bytes(data) + fake)
+    started = time.perf_counter()
+    audio.probe(path)
+    assert time.perf_counter() - started < 2.0

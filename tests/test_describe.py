@@ -76,6 +76,9 @@ async def test_the_bytes_win_over_the_client(alice, name, claim):
     (fixture("not_audio.png").read_bytes(), "image/png", "image/png"),
     (TEXT, None, OCTET),
     (TEXT, "application/x-www-form-urlencoded", OCTET),
+    # Text whose first word is "ID3": no ID3 header (found by review: it
+    # was served as audio/mpeg).
+    (b"ID3 tags, a short guide.\n" + TEXT, None, OCTET),
     # Audio types blobd recognises, claimed for bytes that are not that audio.
     (TEXT, "audio/mpeg", OCTET),
     (os.urandom(5000), "audio/flac", OCTET),
@@ -93,6 +96,19 @@ async def test_unknown_bytes_keep_only_a_believable_claim(alice, data, claim, se
     assert (await listing(alice))[0]["audio"] is None
     get = await alice.request("GET", f"/blobs/{b3(data)}")
     assert get.headers["Content-Type"] == served
+
+
+@pytest.mark.parametrize("claim,served", [
+    ("video/mp4", "video/mp4"),     # found by review: it was served as audio/mp4
+    (None, "audio/mp4"),            # the bytes alone cannot tell
+])
+async def test_a_video_with_sound_keeps_a_video_claim(alice, claim, served):
+    data = fixture("video_sound.mp4").read_bytes()
+    resp = await alice.request("POST", "/blobs", data=data,
+                               headers={"Content-Type": claim} if claim else {})
+    assert (await resp.json())["content_type"] == served
+    meta = await meta_of(alice, b3(data))
+    assert meta["content_type"] == served and meta["audio"]["codec"] == "aac"
 
 
 async def test_a_truncated_mp3_is_stored_with_what_is_left(alice):
