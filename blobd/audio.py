@@ -90,7 +90,9 @@ class AudioInfo:
     """Stream facts of one audio file. `duration` is in seconds (rounded to
     milliseconds; None when the file does not say, see _plausible),
     `bitrate` in bits per second; `mime` is one of AUDIO_MIME_TYPES and is
-    not part of the JSON shape (the blob's content_type carries it)."""
+    not part of the JSON shape (the blob's content_type carries it), nor is
+    `with_video` (the file also holds a video track: an MP4 film with its
+    sound), which only the choice of content type at upload needs."""
 
     duration: float | None
     bitrate: int | None
@@ -98,6 +100,7 @@ class AudioInfo:
     channels: int | None
     codec: str
     mime: str
+    with_video: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The `audio` object of `GET /blobs/<hash>/meta` (API.md)."""
@@ -210,7 +213,7 @@ def _plausible(info: AudioInfo) -> bool:
 
 def _make_info(stream: Any, codec: str, mime: str, *,
                duration: float | None = None, bitrate: float | None = None,
-               sample_rate: int | None = None) -> AudioInfo:
+               sample_rate: int | None = None, with_video: bool = False) -> AudioInfo:
     """AudioInfo from a mutagen StreamInfo, with overrides; zero or missing
     numbers become None (mutagen uses 0 for "unknown")."""
     length = float(stream.length if duration is None else duration)
@@ -221,6 +224,7 @@ def _make_info(stream: Any, codec: str, mime: str, *,
         channels=_positive_int(getattr(stream, "channels", 0)),
         codec=codec,
         mime=mime,
+        with_video=with_video,
     )
 
 
@@ -461,6 +465,7 @@ def _read_mp4(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     if codec == "mp3" and stream.channels == 2 and _mp4_first_mpeg_frame_mono(atoms, f):
         # The same sample entry as AAC's; here the frames say mono.
         stream.channels = 1
+    with_video = _mp4_has_video(atoms, f)
     presented = _mp4_presented_length(atoms, f)
     if 0 < presented < stream.length:
         # An empty edit (a delay) or a repeat would make it longer: those
@@ -471,9 +476,9 @@ def _read_mp4(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
         # mutagen reports ALAC's uncompressed rate (what the header holds),
         # and none where no esds states one (FLAC and Opus in MP4). The
         # file's rate, if the sound is all it holds.
-        return _make_info(stream, codec, "audio/mp4",
+        return _make_info(stream, codec, "audio/mp4", with_video=with_video,
                           bitrate=_file_size(f) * 8 / stream.length)
-    return _make_info(stream, codec, "audio/mp4")
+    return _make_info(stream, codec, "audio/mp4", with_video=with_video)
 
 
 def _aac_mono(atoms: Any, f: IO[bytes]) -> bool:
@@ -485,10 +490,19 @@ def _aac_mono(atoms: Any, f: IO[bytes]) -> bool:
 
 def _mp4_sound_trak(atoms: Any, f: IO[bytes]) -> Any | None:
     """The first sound track's box, or None."""
+    return _mp4_trak(atoms, f, b"soun")
+
+
+def _mp4_has_video(atoms: Any, f: IO[bytes]) -> bool:
+    return _mp4_trak(atoms, f, b"vide") is not None
+
+
+def _mp4_trak(atoms: Any, f: IO[bytes], handler: bytes) -> Any | None:
+    """The first track of a handler type ('soun', 'vide'), or None."""
     try:
         for trak in atoms[b"moov"].findall(b"trak"):
             ok, hdlr = trak[b"mdia", b"hdlr"].read(f)
-            if ok and hdlr[8:12] == b"soun":
+            if ok and hdlr[8:12] == handler:
                 return trak
     except KeyError:
         pass

@@ -88,10 +88,13 @@ def content_type(info: AudioInfo | None, head: bytes, client_type: str | None) -
     claimed = normalise_type(client_type)
     specific = claimed not in GENERIC_TYPES and claimed not in AUDIO_MIME_TYPES
     if info is not None:
-        # An MP4 of a generic brand with a sound track may be a video with
-        # sound: the client's specific type stands (found by review: a
-        # video/mp4 with sound was served as audio/mp4). Its facts remain.
-        if info.mime == "audio/mp4" and specific and not mp4_brands_say_audio(head):
+        # A film with its sound (an MP4 of a generic brand with a video
+        # track) that the client calls a video stays one (found by review:
+        # it was served as audio/mp4); its sound's facts remain. Sound
+        # alone is audio/mp4 whatever it is called: phones record voice
+        # into such files and pickers name them video/mp4 by extension.
+        if (info.with_video and claimed.startswith("video/")
+                and not mp4_brands_say_audio(head)):
             return claimed
         return info.mime
     sniffed = sniff_mime(head)
