@@ -22,7 +22,7 @@ linear in the file: for an Ogg stream without an end-of-stream page (a
 recording cut off), mutagen reads every page to find the last; that is
 time, not memory, and `probe_async`'s timeout bounds the caller's wait.
 A FLAC file's last 256 KiB at most are parsed for where its frames end
-(blobd.flacframes), in one pass.
+(blobd.audio.flacframes), in one pass.
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ from mutagen.oggopus import OggOpusInfo
 from mutagen.oggvorbis import OggVorbisInfo
 from mutagen.wave import WaveStreamInfo
 
-from blobd.flacframes import samples_held
-from blobd.sniff import (AUDIO_MIME_TYPES, MAX_MP3_JUNK, MAX_MPEG_FRAME,
-                         MP3_CHAIN_FRAMES, SNIFF_BYTES, could_be_audio,
-                         find_mpeg_chain, id3v2_size, mpeg_chain_at,
-                         mpeg_frame_length, mpeg_frame_samples, ogg_first_packet,
-                         same_mpeg_stream, sniff_mime)
+from ..sniff import (AUDIO_MIME_TYPES, MAX_MP3_JUNK, MAX_MPEG_FRAME,
+                     MP3_CHAIN_FRAMES, SNIFF_BYTES, could_be_audio,
+                     find_mpeg_chain, id3v2_size, mpeg_chain_at,
+                     mpeg_frame_length, mpeg_frame_samples, ogg_first_packet,
+                     same_mpeg_stream, sniff_mime)
+from .flacframes import samples_held
 
 __all__ = ["AUDIO_MIME_TYPES", "MAX_MP3_JUNK", "AudioInfo", "could_be_audio",
            "probe", "probe_async", "sniff_mime"]
@@ -428,7 +428,7 @@ _FLAC_MAX_TAIL = 256 << 10
 
 
 def _flac_samples_held(f: IO[bytes], stream: Any, audio_at: int) -> int | None:
-    """The samples the frames at the file's end reach (see blobd.flacframes);
+    """The samples the frames at the file's end reach (see blobd.audio.flacframes);
     None if they cannot be told."""
     largest = stream.max_framesize or (
         stream.max_blocksize * stream.channels * stream.bits_per_sample // 8 + 64)
