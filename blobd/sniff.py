@@ -2,9 +2,10 @@
 
 Pure functions over bytes already in memory: no I/O, nothing to await.
 `blobd.audio` re-exports `sniff_mime` and `AUDIO_MIME_TYPES`; the frame
-header helpers here are shared with its MP3 reader. `could_be_audio` is the
-probe's own acceptance test run backwards: bytes it refuses would never
-probe as audio, so a body held in memory that fails it skips the probe.
+header helpers here are shared with its MP3 reader (`blobd.audio.mp3`).
+`could_be_audio` is the probe's own acceptance test run backwards: bytes it
+refuses would never probe as audio, so a body held in memory that fails it
+skips the probe.
 """
 
 from __future__ import annotations

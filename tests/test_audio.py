@@ -23,6 +23,7 @@ from audiofixtures import (AUDIO_FIXTURES, FIXTURES, NOT_AUDIO_FIXTURES,
 from blobd import audio
 from blobd.audio import (AUDIO_MIME_TYPES, OGG_TAIL, AudioInfo, probe, probe_async,
                          sniff_mime)
+from blobd.audio import mp3
 from blobd.sniff import mpeg_frame_length
 
 PROBED = AUDIO_FIXTURES | PROBE_ONLY_FIXTURES
@@ -647,7 +648,7 @@ def test_a_long_mp3_is_counted_then_estimated(tmp_path: Path) -> None:
     tag = id3_tag_of("vbr_no_header.mp3")
     frames = fixture("vbr_no_header.mp3").read_bytes()[len(tag):]
     repeats = 1_400
-    assert 156 * repeats > audio._MP3_COUNT_FRAMES
+    assert 156 * repeats > mp3._MP3_COUNT_FRAMES
     path = tmp_path / "long.mp3"
     path.write_bytes(tag + frames * repeats)
     info = probe(path)

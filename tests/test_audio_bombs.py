@@ -154,7 +154,7 @@ def test_a_flac_tail_of_fake_frame_headers_is_read_once(tmp_path: Path) -> None:
     """The probe reads a FLAC file's last frames for where a cut fell. A
     tail made of nothing but frame headers, each leading to the next, costs
     a parse per header and one CRC-16, not one per pair."""
-    from blobd.audio.flacframes import crc8
+    from blobd.audio.flac import crc8
     fake = b"".join(head + bytes([crc8(head)]) for head in
                     (bytes([0xFF, 0xF8, 0xC9, 0x08, n & 0x7F]) for n in range(60_000)))
     data = bytearray(fixture("tone.flac").read_bytes())

@@ -1,20 +1,88 @@
-"""How much of a FLAC stream a file holds, from the frames at its end.
+"""Native FLAC: its STREAMINFO, and how much of the stream a file holds.
+
+`read_flac` takes STREAMINFO, which must be the first metadata block (RFC
+9639), and skips the other blocks unread, counting them: mutagen would load
+every one, and a file of implausibly many is refused.
 
 STREAMINFO states the stream's total samples when the encoder finished; a
 file cut short afterwards (an interrupted copy, a partial download
 uploaded) keeps that claim. Only the frames can tell: each frame header
 carries its position in the stream (RFC 9639 section 9.1), and each frame
 ends with a CRC-16 of the whole frame (section 9.3), which tells a real
-frame from bytes of audio data that merely look like a header.
+frame from bytes of audio data that merely look like a header. A file's
+last 256 KiB at most are parsed for where its frames end, in one pass.
 
-Pure functions over bytes already in memory, like blobd.sniff.
+The frame functions (`samples_held` and what it calls) are pure functions
+over bytes already in memory, like blobd.sniff.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO, Any
 
+from mutagen.flac import StreamInfo as FLACStreamInfo
+
+from .info import AudioInfo, file_size, make_info
+
+# A bound on container structure: real files have a handful of metadata
+# blocks; this is far above that and far below what costs real time or
+# memory.
+_MAX_FLAC_BLOCKS = 1_024
+
+
+def read_flac(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
+    """STREAMINFO, which must be the first metadata block (RFC 9639), and
+    the audio's start for the bitrate; the other blocks are skipped unread."""
+    pos, stream = start + 4, None
+    for _ in range(_MAX_FLAC_BLOCKS):
+        f.seek(pos)
+        header = f.read(4)
+        if len(header) < 4:
+            return None
+        size = int.from_bytes(header[1:], "big")
+        if stream is None:
+            if header[0] & 0x7F != 0 or size != 34:
+                return None
+            stream = FLACStreamInfo(f.read(34))
+        pos += 4 + size
+        if header[0] & 0x80:   # the last metadata block
+            break
+    else:
+        return None
+    audio_bytes = file_size(f) - pos
+    if audio_bytes <= 0:
+        return None   # the metadata claims to run past the end of the file
+    if not stream.length:   # streamed: the length was not known when written
+        return make_info(stream, "flac", "audio/flac")
+    length = stream.length
+    held = _flac_samples_held(f, stream, pos)
+    if held is not None and held < stream.total_samples:
+        # STREAMINFO's length survives truncation; the frames do not.
+        length = held / stream.sample_rate
+    return make_info(stream, "flac", "audio/flac", duration=length,
+                     bitrate=audio_bytes * 8 / length)
+
+
+# The bytes read from a FLAC file's end to find its last frames: two of the
+# largest frames STREAMINFO states (or could hold uncompressed), capped.
+_FLAC_MAX_TAIL = 256 << 10
+
+
+def _flac_samples_held(f: IO[bytes], stream: Any, audio_at: int) -> int | None:
+    """The samples the frames at the file's end reach (see samples_held);
+    None if they cannot be told."""
+    largest = stream.max_framesize or (
+        stream.max_blocksize * stream.channels * stream.bits_per_sample // 8 + 64)
+    size = file_size(f)
+    start = max(audio_at, size - min(2 * largest + 256, _FLAC_MAX_TAIL))
+    f.seek(start)
+    return samples_held(f.read(size - start), stream.channels, stream.max_blocksize,
+                        stream.total_samples)
+
+
+# --- the frames at the end of the file --------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class FrameHeader:

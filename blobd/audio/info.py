@@ -1,0 +1,108 @@
+"""What the probe reports, and the helpers every format's reader shares.
+
+`AudioInfo` is the result and its JSON shape; `make_info` builds one from a
+mutagen StreamInfo, turning mutagen's 0 for "unknown" into None; the size
+helpers bound a header's claims by the bytes actually present.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import IO, Any
+
+from ..sniff import AUDIO_MIME_TYPES
+
+
+@dataclass(frozen=True, slots=True)
+class AudioInfo:
+    """Stream facts of one audio file. `duration` is in seconds (rounded to
+    milliseconds; None when the file does not say, see blobd.audio._plausible),
+    `bitrate` in bits per second; `mime` is one of AUDIO_MIME_TYPES and is
+    not part of the JSON shape (the blob's content_type carries it), nor is
+    `with_video` (the file also holds a video track: an MP4 film with its
+    sound), which only the choice of content type at upload needs."""
+
+    duration: float | None
+    bitrate: int | None
+    sample_rate: int | None
+    channels: int | None
+    codec: str
+    mime: str
+    with_video: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The `audio` object of `GET /blobs/<hash>/meta` (API.md)."""
+        return {
+            "duration": self.duration,
+            "bitrate": self.bitrate,
+            "sample_rate": self.sample_rate,
+            "channels": self.channels,
+            "codec": self.codec,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], mime: str) -> AudioInfo:
+        """Rebuild from `to_json()` output plus the blob's content type.
+        Raises ValueError on a malformed mapping: stored data that does not
+        round-trip is corruption, and should be loud."""
+        try:
+            info = cls(
+                duration=None if data["duration"] is None else float(data["duration"]),
+                bitrate=_optional_int(data["bitrate"]),
+                sample_rate=_optional_int(data["sample_rate"]),
+                channels=_optional_int(data["channels"]),
+                codec=data["codec"],
+                mime=mime,
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"not an audio info mapping: {e!r}") from e
+        if not isinstance(info.codec, str) or mime not in AUDIO_MIME_TYPES:
+            raise ValueError(f"bad codec {info.codec!r} or mime {mime!r}")
+        return info
+
+
+def _optional_int(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer or null, got {value!r}")
+    return value
+
+
+def make_info(stream: Any, codec: str, mime: str, *,
+              duration: float | None = None, bitrate: float | None = None,
+              sample_rate: int | None = None, with_video: bool = False) -> AudioInfo:
+    """AudioInfo from a mutagen StreamInfo, with overrides; zero or missing
+    numbers become None (mutagen uses 0 for "unknown")."""
+    length = float(stream.length if duration is None else duration)
+    return AudioInfo(
+        duration=round(length, 3) if length else None,
+        bitrate=_positive_int(bitrate or getattr(stream, "bitrate", 0)),
+        sample_rate=_positive_int(sample_rate or getattr(stream, "sample_rate", 0)),
+        channels=_positive_int(getattr(stream, "channels", 0)),
+        codec=codec,
+        mime=mime,
+        with_video=with_video,
+    )
+
+
+def _positive_int(value: Any) -> int | None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    number = int(round(value))
+    return number if number > 0 else None
+
+
+def file_size(f: IO[bytes]) -> int:
+    return os.fstat(f.fileno()).st_size
+
+
+def clamp_to_size(length: float, bitrate: float, available_bytes: int) -> float:
+    """The shorter of the length a header claims and what the bytes present
+    can hold at `bitrate`: a truncated upload reports what it can play."""
+    if bitrate <= 0:
+        return length
+    return min(length, max(available_bytes, 0) * 8 / bitrate)

@@ -1,0 +1,100 @@
+"""WAVE (RIFF): PCM and compressed sample formats, from the chunk list.
+
+mutagen lists every RIFF chunk to find 'fmt ' and 'data', and reads 'fmt '
+whole, so the chunks are listed here first, bounded in number and the
+'fmt ' chunk in size. mutagen's length holds for formats of one fixed-size
+block per sample frame; for the others it comes from the 'fact' chunk or
+the stated byte rate.
+"""
+
+from __future__ import annotations
+
+from typing import IO
+
+from mutagen.wave import WaveStreamInfo
+
+from .info import AudioInfo, clamp_to_size, file_size, make_info
+
+# Bounds on container structure: real files have a handful of chunks;
+# each bound is far above that and far below what costs real time or
+# memory.
+_MAX_RIFF_CHUNKS = 1_024
+_MAX_WAVE_FORMAT = 64 << 10  # a WAVEFORMATEXTENSIBLE is 40 bytes
+
+# WAVE format tags (RFC 2361 appendix A); WAVE_FORMAT_EXTENSIBLE (0xFFFE)
+# names its real format in the first two bytes of its SubFormat GUID.
+_WAVE_CODECS = {1: "pcm", 2: "adpcm_ms", 3: "pcm_float", 6: "alaw", 7: "mulaw",
+                0x11: "adpcm_ima", 0x31: "gsm_ms", 0x55: "mp3"}
+_WAVE_EXTENSIBLE = 0xFFFE
+# Formats of one fixed-size block per sample frame, whose length mutagen
+# reckons exactly from the data size and block align. In the others a
+# block holds many frames (ADPCM, GSM) or none of fixed size (MP3): mutagen
+# divides by the block align all the same (3.0 s of IMA ADPCM came out as
+# 0.006 s), and the 'fact' chunk states the length instead.
+_WAVE_PER_SAMPLE = frozenset({1, 3, 6, 7})
+
+
+def read_wav(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
+    chunks = _riff_chunks(f)
+    if chunks is None:
+        return None
+    f.seek(0)
+    stream = WaveStreamInfo(f)
+    fmt = _riff_chunk_head(f, chunks, b"fmt ", _MAX_WAVE_FORMAT)
+    audio_format = stream.audio_format
+    if audio_format == _WAVE_EXTENSIBLE and len(fmt) >= 26:
+        audio_format = int.from_bytes(fmt[24:26], "little")
+    if audio_format in _WAVE_PER_SAMPLE:
+        # The data chunk's declared size survives truncation; the file does not.
+        length = clamp_to_size(stream.length, stream.bitrate, file_size(f))
+        return make_info(stream, _WAVE_CODECS.get(audio_format, "wav"), "audio/wav",
+                         duration=length)
+    length, bitrate = _wave_compressed_length(f, chunks, fmt, stream.sample_rate)
+    return make_info(stream, _WAVE_CODECS.get(audio_format, "wav"), "audio/wav",
+                     duration=length, bitrate=bitrate)
+
+
+def _wave_compressed_length(f: IO[bytes], chunks: dict[bytes, tuple[int, int]],
+                            fmt: bytes, sample_rate: int) -> tuple[float, float]:
+    """(duration, bitrate) of a WAVE file whose blocks hold many sample
+    frames: the 'fact' chunk's frame count, scaled down to the part of the
+    data chunk present; without one, the data at the format's stated byte
+    rate. The data's own rate, not the stated one, where both are known:
+    ffmpeg states 128 kb/s for IMA ADPCM at 8 kHz, four times the truth."""
+    data_at, data_size = chunks.get(b"data", (0, 0))
+    present = max(0, min(data_size, file_size(f) - data_at))
+    frames = int.from_bytes(_riff_chunk_head(f, chunks, b"fact", 4), "little")
+    if frames and sample_rate and data_size:
+        stated = frames / sample_rate
+        return stated * present / data_size, data_size * 8 / stated
+    byte_rate = int.from_bytes(fmt[8:12], "little")
+    return (present / byte_rate, byte_rate * 8) if byte_rate else (0.0, 0.0)
+
+
+def _riff_chunks(f: IO[bytes]) -> dict[bytes, tuple[int, int]] | None:
+    """The RIFF form's top-level chunks, each id's first: (offset of its
+    body, declared size). None if there are more than _MAX_RIFF_CHUNKS
+    (mutagen lists them all to find 'fmt ' and 'data') or the 'fmt ' chunk
+    is implausibly large (mutagen reads it whole into memory)."""
+    pos, end, chunks = 12, file_size(f), {}
+    for _ in range(_MAX_RIFF_CHUNKS):
+        if pos + 8 > end:
+            return chunks
+        f.seek(pos)
+        header = f.read(8)
+        size = int.from_bytes(header[4:8], "little")
+        if header[:4] == b"fmt " and size > _MAX_WAVE_FORMAT:
+            return None
+        chunks.setdefault(header[:4], (pos + 8, size))
+        pos += 8 + size + (size & 1)   # chunks are padded to even length
+    return chunks if pos + 8 > end else None
+
+
+def _riff_chunk_head(f: IO[bytes], chunks: dict[bytes, tuple[int, int]],
+                     name: bytes, limit: int) -> bytes:
+    """Up to ``limit`` leading bytes of chunk ``name``'s body; b"" if absent."""
+    if name not in chunks:
+        return b""
+    offset, size = chunks[name]
+    f.seek(offset)
+    return f.read(min(size, limit))
