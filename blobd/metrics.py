@@ -11,6 +11,7 @@ same :func:`blobd.stats.figures` as ``/stats``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import time
@@ -65,7 +66,7 @@ class _AllocatedDict(mmap_dict.MmapedDict):
 
     def __init__(self, filename: str, read_mode: bool = False) -> None:
         if not read_mode:
-            _allocate_new(filename, mmap_dict._INITIAL_MMAP_SIZE)
+            _allocate(filename, mmap_dict._INITIAL_MMAP_SIZE)
         super().__init__(filename, read_mode)
 
     def _init_value(self, key: str) -> None:
@@ -77,21 +78,26 @@ class _AllocatedDict(mmap_dict.MmapedDict):
         while needed > capacity:
             capacity *= 2
         if capacity != self._capacity:
-            os.posix_fallocate(self._f.fileno(), 0, capacity)
+            _allocate(self._fname, capacity, new=False)
         super()._init_value(key)
 
 
-def _allocate_new(filename: str, size: int) -> None:
+def _allocate(filename: str, size: int, *, new: bool = True) -> None:
+    # A descriptor of its own: the parent's is O_APPEND, which glibc's
+    # fallback for a file system without fallocate refuses.
     fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        if os.fstat(fd).st_size:
+        if new and os.fstat(fd).st_size:
             return
         try:
             os.posix_fallocate(fd, 0, size)
-        except OSError:
-            # An empty file would break every scrape's reading of the
-            # directory; the next value made tries again.
-            os.unlink(filename)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return  # nothing to allocate with: sparse, as before
+            if new:
+                # An empty file would break every scrape's reading of the
+                # directory; the next value made tries again.
+                os.unlink(filename)
             raise
     finally:
         os.close(fd)
