@@ -261,3 +261,10 @@ async def open_ids(conn: aiosqlite.Connection) -> set[str]:
     """Sessions that still own their data file (not committed)."""
     async with conn.execute("SELECT id FROM uploads WHERE result_hash IS NULL") as cur:
         return {r["id"] for r in await cur.fetchall()}
+
+
+async def open_lengths(conn: aiosqlite.Connection) -> dict[str, int]:
+    """Open sessions whose length is known: id -> size."""
+    async with conn.execute("SELECT id, size FROM uploads WHERE result_hash IS NULL"
+                            " AND size IS NOT NULL") as cur:
+        return {r["id"]: r["size"] for r in await cur.fetchall()}

@@ -11,20 +11,24 @@ same :func:`blobd.stats.figures` as ``/stats``.
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
 import time
 from typing import Any, Awaitable, Callable, Iterator
 
 from aiohttp import web
 from prometheus_client import (CollectorRegistry, Counter, Histogram,
-                               disable_created_metrics, generate_latest, multiprocess,
-                               values)
+                               disable_created_metrics, generate_latest, mmap_dict,
+                               multiprocess, values)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import stats
 from .http import takeover
 from .store import Store
+
+log = logging.getLogger(__name__)
 
 # The *_created series double every counter's output and nobody graphs them.
 disable_created_metrics()
@@ -40,9 +44,64 @@ def share_between_processes(path: str) -> None:
     to the next (and never add up). A dead worker's files stay, so the
     sums never go down when it is replaced."""
     os.environ[SHARED_DIR_ENV] = path
+    # The one name MultiProcessValue opens its files with.
+    values.MmapedDict = _AllocatedDict
     # Chosen by prometheus_client when it was imported, before the config
     # was read; no metric value exists yet (they are made in the workers).
     values.ValueClass = values.MultiProcessValue()
+
+
+class _AllocatedDict(mmap_dict.MmapedDict):
+    """prometheus_client's file of one process's values, with its blocks
+    allocated before they are mapped.
+
+    prometheus_client sizes (and grows) the file with truncate, which
+    leaves it sparse: on a full disk the first store through the map into a
+    page the disk has no block for is SIGBUS. The files live in the data
+    dir, so a full data disk killed every worker at its next request, GETs
+    and DELETEs included, and each replacement at its first. With the
+    blocks allocated first, a full disk is an OSError the request's
+    metrics can do without (:meth:`Metrics.observe`).
+    """
+
+    def __init__(self, filename: str, read_mode: bool = False) -> None:
+        if not read_mode:
+            _allocate(filename, mmap_dict._INITIAL_MMAP_SIZE)
+        super().__init__(filename, read_mode)
+
+    def _init_value(self, key: str) -> None:
+        # The entry's length as the parent packs it: int32 length, key
+        # padded to 8 bytes, two doubles.
+        encoded = len(key.encode("utf-8"))
+        needed = self._used + 4 + encoded + (8 - (encoded + 4) % 8) + 16
+        capacity = self._capacity
+        while needed > capacity:
+            capacity *= 2
+        if capacity != self._capacity:
+            _allocate(self._fname, capacity, new=False)
+        super()._init_value(key)
+
+
+def _allocate(filename: str, size: int, *, new: bool = True) -> None:
+    # A descriptor of its own: the parent's is O_APPEND, which glibc's
+    # fallback for a file system without fallocate refuses.
+    fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if new and os.fstat(fd).st_size:
+            return
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return  # nothing to allocate with: sparse, as before
+            if new:
+                # An empty file would break every scrape's reading of the
+                # directory; the next value made tries again.
+                os.unlink(filename)
+            raise
+    finally:
+        os.close(fd)
+
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Uploads of big recordings take minutes; the default buckets stop at 10 s.
@@ -105,15 +164,29 @@ class Metrics:
                             ["route"], registry=self.registry)
         self.store = StoreCollector()
         self.registry.register(self.store)
+        # A request's metrics could not be recorded (see observe).
+        self.uncounted = False
 
     def observe(self, route: str, method: str, status: str, seconds: float,
                 received: int, sent: int) -> None:
-        self.requests.labels(route, method, status).inc()
-        self.latency.labels(route, method).observe(seconds)
-        if received:
-            self.received.labels(route).inc(received)
-        if sent:
-            self.sent.labels(route).inc(sent)
+        try:
+            self.requests.labels(route, method, status).inc()
+            self.latency.labels(route, method).observe(seconds)
+            if received:
+                self.received.labels(route).inc(received)
+            if sent:
+                self.sent.labels(route).inc(sent)
+        except OSError as exc:
+            # workers = N: no room on the data disk for a new series; the
+            # answer matters more than its count. Said once, not for every
+            # request on a disk that has no room for a log either.
+            if not self.uncounted:
+                log.warning("requests not counted in the metrics: %s", exc)
+            self.uncounted = True
+            return
+        if self.uncounted:
+            log.info("requests counted in the metrics again")
+            self.uncounted = False
 
     async def render(self, store: Store) -> bytes:
         self.store.snapshot = await stats.figures(store)

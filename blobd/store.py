@@ -195,7 +195,32 @@ class Store:
         if strays or lost:
             log.info("removed %d upload session files without a session and %d sessions"
                      " without their file", len(strays), len(lost))
+        await self._allocate_short_files()
         await self._release_room_ahead()
+
+    async def _allocate_short_files(self) -> None:
+        """A session's file is allocated to its length after the row that
+        records the length commits (creation; a tus PATCH setting a
+        deferred length), so a crash in between left it short: its room
+        not taken on the disk, where a full disk was to show at once. A
+        disk with no room now leaves it so; the upload's next bytes get
+        the 507."""
+        lengths = await index_sessions.open_lengths(self.db.reader)
+        mended = 0
+        for session_id, size in lengths.items():
+            path = self.layout.upload_path(session_id)
+            try:
+                if (await asyncio.to_thread(os.stat, path)).st_size >= size:
+                    continue
+                await asyncio.to_thread(sessionfiles.extend, path, size)
+                mended += 1
+            except FileNotFoundError:
+                continue    # its row went with it (recover_sessions)
+            except BlobdError as exc:
+                log.warning("upload %s: its file stays short of its %d bytes: %s",
+                            session_id, size, exc)
+        if mended:
+            log.info("allocated the files of %d upload sessions a crash left short", mended)
 
     async def _release_room_ahead(self) -> None:
         """A deferred-length PATCH reserves (and allocates) the room for its

@@ -406,6 +406,43 @@ def test_session_leftovers_are_undone_at_start_and_by_fsck(tmp_path: Path) -> No
         assert server.terminate() == 0, server.state()
 
 
+def test_a_session_file_left_short_is_allocated_at_start(tmp_path: Path) -> None:
+    """Found by the crash campaign: a session's row is written before its
+    file is allocated (at creation, and when a tus PATCH sets a deferred
+    length), so a kill -9 between the two left a file shorter than the
+    known length: its disk room was never taken, and a full disk showed
+    only at a later PATCH rather than "now". The state is made here as
+    that kill leaves it."""
+    with BlobdServer(tmp_path, {"storage": {"fsync": False}}) as server:
+        alice = server.token("alice")
+        native = json.loads(http("POST", f"{server.url}/uploads", alice,
+                                 json.dumps({"size": 300_000}).encode())[1])
+        tus = {"Tus-Resumable": "1.0.0", "Authorization": f"Bearer {alice}"}
+        req = urllib_request(f"{server.url}/tus/", "POST",
+                             {**tus, "Upload-Defer-Length": "1", "Content-Length": "0"})
+        deferred = req.headers["Location"].rstrip("/").rsplit("/", 1)[1]
+        urllib_request(f"{server.url}/tus/{deferred}", "PATCH", {
+            **tus, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"},
+            b"a" * 1000)
+        urllib_request(f"{server.url}/tus/{deferred}", "PATCH", {
+            **tus, "Upload-Offset": "1000", "Upload-Length": "200000",
+            "Content-Type": "application/offset+octet-stream"})
+        server.kill9()
+        uploads = server.data_dir / "uploads"
+        os.truncate(uploads / native["id"], 0)
+        os.truncate(uploads / deferred, 1000)
+        server.start()
+        for name, size in ((native["id"], 300_000), (deferred, 200_000)):
+            st = (uploads / name).stat()
+            assert (st.st_size, st.st_blocks * 512 >= size) == (size, True), name
+        assert (uploads / deferred).read_bytes()[:1000] == b"a" * 1000
+        data = b"a" * 1000 + os.urandom(199_000)
+        done = urllib_request(f"{server.url}/tus/{deferred}", "PATCH", {
+            **tus, "Upload-Offset": "1000",
+            "Content-Type": "application/offset+octet-stream"}, data[1000:])
+        assert done.headers["Blob-Hash"] == b3(data)
+
+
 def test_kill9_during_a_deferred_length_patch_gives_its_room_back(tmp_path: Path) -> None:
     """Found by review: a deferred-length tus PATCH reserves (and allocates)
     the room its Content-Length declares before reading; killed mid-body,

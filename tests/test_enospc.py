@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import b3, blob_files, make_config, tmp_files
+from serverproc import BlobdServer, http
 
 MiB = 1 << 20
 
@@ -179,3 +180,29 @@ async def test_parallel_deferred_tus_patches_keep_to_the_free_space_floor(server
     assert held == statuses.count(204) * (MiB + MiB // 2)
     quota = await (await alice.request("GET", "/quota")).json()
     assert (quota["reserved_bytes"], quota["monthly_upload_bytes"]) == (held, held)
+
+
+def test_full_disk_does_not_kill_the_workers(tmp_path, tiny_fs):
+    """workers = N keep their metrics in files under the data dir, which
+    prometheus_client grew sparse and wrote through a map: once the disk
+    was full, every worker died of SIGBUS at its next request (a GET too),
+    and each replacement at its first. Found by the crash campaign."""
+    config = {"server": {"workers": 2}, "storage": {"min_free_bytes": 0}}
+    with BlobdServer(tmp_path / "srv", config, data_dir=tiny_fs / "data") as server:
+        alice = server.token("alice")
+        filler = tiny_fs / "filler"
+        with open(filler, "wb") as fh:
+            with pytest.raises(OSError) as full:
+                while True:
+                    fh.write(b"\0" * (64 << 10))
+                    fh.flush()
+        assert full.value.errno == errno.ENOSPC
+        # New series (routes, statuses) for each worker, whichever takes
+        # the connection.
+        for i in range(20):
+            assert http("GET", f"{server.url}/blobs/{i:064x}", alice)[0] == 404
+            assert http("DELETE", f"{server.url}/refs/r{i}", alice)[0] == 404
+            assert http("POST", f"{server.url}/blobs", alice, b"x" * (i + 1))[0] == 507
+        filler.unlink()
+        assert http("GET", f"{server.url}/blobs/{0:064x}", alice)[0] == 404
+        assert "exited with" not in server.stderr_tail(200), server.stderr_tail()
