@@ -18,6 +18,7 @@ import time
 from typing import Any, Awaitable, Callable, Iterator
 
 from aiohttp import web
+import prometheus_client
 from prometheus_client import (CollectorRegistry, Counter, Histogram,
                                disable_created_metrics, generate_latest, mmap_dict,
                                multiprocess, values)
@@ -44,8 +45,13 @@ def share_between_processes(path: str) -> None:
     to the next (and never add up). A dead worker's files stay, so the
     sums never go down when it is replaced."""
     os.environ[SHARED_DIR_ENV] = path
-    # The one name MultiProcessValue opens its files with.
-    values.MmapedDict = _AllocatedDict
+    if _allocation_fits():
+        # The one name MultiProcessValue opens its files with.
+        values.MmapedDict = _AllocatedDict
+    else:
+        log.warning("prometheus_client %s keeps its metrics files otherwise than "
+                    "blobd knows: they stay sparse, and a full data disk can stop "
+                    "the workers", getattr(prometheus_client, "__version__", "?"))
     # Chosen by prometheus_client when it was imported, before the config
     # was read; no metric value exists yet (they are made in the workers).
     values.ValueClass = values.MultiProcessValue()
@@ -80,6 +86,15 @@ class _AllocatedDict(mmap_dict.MmapedDict):
         if capacity != self._capacity:
             _allocate(self._fname, capacity, new=False)
         super()._init_value(key)
+
+
+def _allocation_fits() -> bool:
+    """Whether prometheus_client's file class is still the one
+    :class:`_AllocatedDict` extends (its private parts are what it sizes)."""
+    cls = mmap_dict.MmapedDict
+    return (hasattr(mmap_dict, "_INITIAL_MMAP_SIZE") and hasattr(cls, "_init_value")
+            and getattr(values, "MmapedDict", None) in (cls, _AllocatedDict)
+            and {"_used", "_capacity", "_fname"} <= set(cls.__init__.__code__.co_names))
 
 
 def _allocate(filename: str, size: int, *, new: bool = True) -> None:
