@@ -112,23 +112,29 @@ def test_sniffed_types_are_the_recognised_types() -> None:
     (b"OggS\x00\x02", "audio/ogg"),
     (b"RIFF\x24\x00\x00\x00WAVEfmt ", "audio/wav"),
     (b"RIFF\x24\x00\x00\x00AVI LIST", None),
-    # EBML (RFC 8794): the DocType element (42 82) names WebM or Matroska.
-    (b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01\x42\x82\x84webm\x42\x87\x81\x04",
-     "audio/webm"),
-    (b"\x1a\x45\xdf\xa3\xa3\x42\x86\x81\x01\x42\x82\x88matroska\x42\x87\x81\x04",
-     "audio/matroska"),
-    (b"\x1a\x45\xdf\xa3\x8f\x42\x82\x84webm", "audio/webm"),
-    (b"\x1a\x45\xdf\xa3\x8f\x42\x82\x84mkvx", None),       # another EBML format
-    (b"\x1a\x45\xdf\xa3\x8f\x42\x86\x81", "audio/matroska"),  # cut before the DocType
-    (b"\x1a\x45\xdf\xa3", "audio/matroska"),
-    (b"FORM\x00\x00\x12\xeeAIFFCOMM", "audio/aiff"),
-    (b"FORM\x00\x00\x12\xeeAIFCFVER", "audio/aiff"),
-    (b"FORM\x00\x00\x12\xee8SVXVHDR", None),                 # Amiga 8SVX: not read
     (b"%PDF-1.7\n", None),
     (b"\x7fELF\x02\x01\x01\x00", None),
 ])
 def test_sniff_mime_magic(head: bytes, mime: str | None) -> None:
     assert sniff_mime(head) == mime
+
+
+def test_sniff_mime_knows_ebml_and_aiff() -> None:
+    cases = [
+        # EBML (RFC 8794): the DocType element (42 82) names WebM or Matroska.
+        (b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01\x42\x82\x84webm\x42\x87\x81\x04",
+         "audio/webm"),
+        (b"\x1a\x45\xdf\xa3\xa3\x42\x86\x81\x01\x42\x82\x88matroska\x42\x87\x81\x04",
+         "audio/matroska"),
+        (b"\x1a\x45\xdf\xa3\x8f\x42\x82\x84webm", "audio/webm"),
+        (b"\x1a\x45\xdf\xa3\x8f\x42\x82\x84mkvx", None),       # another EBML format
+        (b"\x1a\x45\xdf\xa3\x8f\x42\x86\x81", "audio/matroska"),  # cut before the DocType
+        (b"\x1a\x45\xdf\xa3", "audio/matroska"),
+        (b"FORM\x00\x00\x12\xeeAIFFCOMM", "audio/aiff"),
+        (b"FORM\x00\x00\x12\xeeAIFCFVER", "audio/aiff"),
+        (b"FORM\x00\x00\x12\xee8SVXVHDR", None),                 # Amiga 8SVX: not read
+    ]
+    assert [sniff_mime(head) for head, _ in cases] == [mime for _, mime in cases]
 
 
 @pytest.mark.parametrize("name", ["tone.mp3", "sweep.mp3"])
@@ -752,6 +758,7 @@ def test_a_recording_whose_last_cluster_is_before_the_tail_has_no_duration(
 
 @pytest.mark.parametrize("name", ["tone.webm", "tone_flac.mka", "recorded.webm"])
 def test_matroska_without_an_audio_track_is_none(tmp_path: Path, name: str) -> None:
+    assert probe(fixture(name)) is not None
     data = bytearray(fixture(name).read_bytes())
     track_type = data.index(bytes.fromhex("838102"))   # TrackType: audio
     data[track_type + 2] = 0x11                        # a subtitle track
@@ -798,6 +805,7 @@ def test_a_compressed_aifc_is_timed_by_its_frames(tmp_path: Path) -> None:
     ("form-no-comm.aiff", b"FORM\x00\x00\x00\x04AIFF"),
 ])
 def test_new_containers_of_garbage_are_none(tmp_path: Path, name: str, content: bytes) -> None:
+    assert probe(fixture("recorded.webm")) is not None and probe(fixture("tone.aiff")) is not None
     path = tmp_path / name
     path.write_bytes(content)
     assert probe(path) is None
