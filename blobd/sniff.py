@@ -95,7 +95,8 @@ def _sniff_ogg(head: bytes) -> str | None:
 # the first 40 bytes); RFC 8794 section 11.2.6 makes "matroska" the default.
 _EBML_MAGIC = b"\x1a\x45\xdf\xa3"
 _EBML_DOCTYPE = 0x4282
-_EBML_DOCTYPES = {b"webm": "audio/webm", b"matroska": "audio/matroska"}
+#: The EBML DocTypes of audio blobd reads, and the type each one names.
+EBML_DOCTYPES = {b"webm": "audio/webm", b"matroska": "audio/matroska"}
 
 
 def _sniff_ebml(head: bytes) -> str | None:
@@ -112,7 +113,7 @@ def _sniff_ebml(head: bytes) -> str | None:
             if int.from_bytes(head[pos:pos + id_width], "big") == _EBML_DOCTYPE:
                 if body + size > len(head):
                     break
-                return _EBML_DOCTYPES.get(head[body:body + size].rstrip(b"\0"))
+                return EBML_DOCTYPES.get(head[body:body + size].rstrip(b"\0"))
             pos = body + size
     except (IndexError, ValueError):
         pass

@@ -809,3 +809,16 @@ def test_new_containers_of_garbage_are_none(tmp_path: Path, name: str, content: 
     path = tmp_path / name
     path.write_bytes(content)
     assert probe(path) is None
+
+
+def test_a_recording_that_starts_late_is_timed_from_its_first_block(tmp_path: Path) -> None:
+    """Timestamps need not start at 0 (a capture of a running stream): the
+    length runs from the first block, not from time 0."""
+    data = bytearray(fixture("recorded.webm").read_bytes())
+    cluster = data.index(bytes.fromhex("1f43b675"))
+    assert data[cluster + 6:cluster + 9] == b"\xe7\x81\x00"   # Timestamp 0
+    data[cluster + 8] = 100                                    # 100 ms
+    path = tmp_path / "late.webm"
+    path.write_bytes(bytes(data))
+    info = probe(path)
+    assert info is not None and info.duration == pytest.approx(0.5, abs=0.002)

@@ -11,10 +11,11 @@ whatever the file does.
 A browser's MediaRecorder writes no Duration, a Segment of unknown size and
 often Clusters of unknown size (RFC 8794 section 6.2: the size all ones),
 since it streams as it records. Such a file is timed from its last Cluster
-found in the file's last MATROSKA_TAIL bytes: the Cluster's Timestamp plus
-the relative timestamp of its last block of the audio track, plus that
-block's duration (stated, read from the Opus packet's TOC byte, the track's
-DefaultDuration, or else the step from the block before).
+found in the file's last MATROSKA_TAIL bytes: the end of its last block of
+the audio track (the Cluster's Timestamp, the block's relative timestamp,
+and its duration: stated, read from the Opus packet's TOC byte, the
+track's DefaultDuration, or else the step from the block before), less the
+start of the track's first block in the first Cluster.
 
 Every walk counts the elements it visits, and a file that exceeds a bound
 is not audio (None), as are malformed sizes and elements overrunning their
@@ -28,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
+from ..sniff import EBML_DOCTYPES
 from .info import AudioInfo, file_size
 
 # RFC 9559 section 5.1 and RFC 8794 section 11.2: the element IDs read here.
@@ -45,15 +47,13 @@ _CLUSTER_CHILDREN = frozenset({_CLUSTER_TIMESTAMP, _SIMPLE_BLOCK, _BLOCK_GROUP,
                                0xA7, 0xAB, 0x5854, 0xAF, 0xEC, 0xBF})
 _TRACK_AUDIO, _TRACK_VIDEO = 2, 1
 
-_MIME_OF_DOCTYPE = {b"webm": "audio/webm", b"matroska": "audio/matroska"}
-
 # Bounds on structure: real files have a dozen top-level elements before
 # the first Cluster, Info of a few hundred bytes and Tracks of a few KB
 # (Vorbis codebooks); each bound is far above that and far below what
 # costs real time or memory.
 _MAX_EBML_HEADER = 4 << 10
 _MAX_TOP_LEVEL = 1_024
-_MAX_MASTER = 1 << 20        # Info or Tracks, read whole
+_MAX_MASTER = 1 << 20        # Info or Tracks read whole; of the first Cluster, read
 _MAX_ELEMENTS = 20_000       # children walked in one read of Info, Tracks or the tail
 _MAX_CLUSTER_TRIES = 32      # Cluster IDs in the tail tried, from the last back
 MATROSKA_TAIL = 256 << 10
@@ -147,7 +147,7 @@ def _read(f: IO[bytes]) -> AudioInfo | None:
     f.seek(0)
     ebml = f.read(_MAX_EBML_HEADER)
     mime, segment_at = _ebml_header(ebml)
-    scale, stated, tracks = _segment_head(f, segment_at, size, _Budget())
+    scale, stated, tracks, first_cluster = _segment_head(f, segment_at, size, _Budget())
     audio = next((t for t in tracks if t[0] == _TRACK_AUDIO), None)
     if audio is None:
         return None
@@ -156,7 +156,7 @@ def _read(f: IO[bytes]) -> AudioInfo | None:
     if stated:
         duration = stated * scale / 1e9
     else:
-        duration = _tail_length(f, size, track, scale)
+        duration = _unstated_length(f, size, first_cluster, track, scale)
     codec = _codec(track.codec_id)
     rate = 48_000 if codec == "opus" else (track.output_rate or track.sample_rate)
     # The file's rate, as for the other whole-file figures; not when a
@@ -180,22 +180,23 @@ def _ebml_header(data: bytes) -> tuple[str, int]:
     for child, value in _children(data[body:body + size], _Budget()):
         if child == _DOCTYPE:
             doctype = value.rstrip(b"\0")
-    if doctype not in _MIME_OF_DOCTYPE:
+    if doctype not in EBML_DOCTYPES:
         raise _Malformed(f"DocType {doctype!r}")
-    return _MIME_OF_DOCTYPE[doctype], body + size
+    return EBML_DOCTYPES[doctype], body + size
 
 
 def _segment_head(f: IO[bytes], pos: int, end: int, budget: _Budget
-                  ) -> tuple[int, float, list[tuple[int, _Track]]]:
-    """(TimestampScale, Duration or 0, [(TrackType, track)]) from the
-    Segment's Info and Tracks, looked for before its first Cluster."""
+                  ) -> tuple[int, float, list[tuple[int, _Track]], int]:
+    """(TimestampScale, Duration or 0, [(TrackType, track)], offset of
+    the first Cluster or -1) from the Segment's Info and Tracks, looked for
+    before its first Cluster."""
     f.seek(pos)
     element_id, body, size = _header(f.read(12), 0)
     if element_id != _SEGMENT:
         raise _Malformed("no Segment")
     pos += body
     stop = end if size == _UNKNOWN else min(end, pos + size)
-    scale, duration, tracks = 1_000_000, 0.0, None
+    scale, duration, tracks, cluster = 1_000_000, 0.0, None, -1
     for _ in range(_MAX_TOP_LEVEL):
         if pos + 2 > stop or (tracks is not None and duration):
             break
@@ -205,6 +206,7 @@ def _segment_head(f: IO[bytes], pos: int, end: int, budget: _Budget
         except _Malformed:
             break                            # the file ends here
         if element_id == _CLUSTER or size == _UNKNOWN:
+            cluster = pos if element_id == _CLUSTER else -1
             break
         if element_id in (_INFO, _TRACKS):
             if size > _MAX_MASTER:
@@ -218,7 +220,7 @@ def _segment_head(f: IO[bytes], pos: int, end: int, budget: _Budget
         pos += body + size
     else:
         raise _Malformed("too many top-level elements")
-    return scale, duration, tracks or []
+    return scale, duration, tracks or [], cluster
 
 
 def _info(data: bytes, budget: _Budget) -> tuple[int, float]:
@@ -283,13 +285,23 @@ def _codec(codec_id: str) -> str:
 
 # --- the length of a file that does not state it ------------------------------
 
-def _tail_length(f: IO[bytes], size: int, track: _Track, scale: int) -> float:
-    """Seconds from the start to the end of the audio track's last block,
-    from the last Cluster in the file's last MATROSKA_TAIL bytes that
-    holds one; 0 if none does. Codec delay and discarded padding, which
-    the player drops, are left out."""
-    start = max(0, size - MATROSKA_TAIL)
-    f.seek(start)
+def _unstated_length(f: IO[bytes], size: int, first_cluster: int, track: _Track,
+                     scale: int) -> float:
+    """Seconds from the start of the audio track's first block (in the
+    first Cluster, else 0) to the end of its last, in the last Cluster
+    within the file's last MATROSKA_TAIL bytes that holds one; 0 if none
+    does. Codec delay and discarded padding, which the player drops, are
+    left out."""
+    start_ns = 0
+    if first_cluster >= 0:
+        f.seek(first_cluster)
+        try:
+            span = _cluster_span_ns(f.read(_MAX_MASTER), 0, track, scale, _Budget())
+        except _Malformed:
+            span = None
+        start_ns = span[0] if span else 0
+    tail_at = max(0, size - MATROSKA_TAIL)
+    f.seek(tail_at)
     tail = f.read(MATROSKA_TAIL)
     cluster_id = _CLUSTER.to_bytes(4, "big")
     at, budget = len(tail), _Budget()
@@ -298,23 +310,23 @@ def _tail_length(f: IO[bytes], size: int, track: _Track, scale: int) -> float:
         if at < 0 or budget.left <= 0:
             return 0.0
         try:
-            end_ns = _cluster_end_ns(tail, at, track, scale, budget)
+            span = _cluster_span_ns(tail, at, track, scale, budget)
         except _Malformed:
             continue
-        if end_ns is not None:
-            return max(0, end_ns - track.codec_delay_ns) / 1e9
+        if span is not None:
+            return max(0, span[1] - start_ns - track.codec_delay_ns) / 1e9
     return 0.0
 
 
-def _cluster_end_ns(data: bytes, pos: int, track: _Track, scale: int,
-                    budget: _Budget) -> int | None:
-    """When the track's last block in the Cluster at ``pos`` ends, in
-    nanoseconds; None if the Cluster holds none. A Cluster of unknown size
+def _cluster_span_ns(data: bytes, pos: int, track: _Track, scale: int,
+                     budget: _Budget) -> tuple[int, int] | None:
+    """When the track's first block in the Cluster at ``pos`` starts and
+    its last ends, in nanoseconds; None if the Cluster holds none. A Cluster of unknown size
     ends at the first element that cannot be its child, or at the end of
     ``data``; a block cut off by the end of ``data`` is not counted."""
     _, body, size = _header(data, pos)
     end = len(data) if size == _UNKNOWN else min(len(data), body + size)
-    cluster_ts, last, previous = None, None, None
+    cluster_ts, first, last, previous = None, None, None, None
     pos = body
     while pos < end:
         budget.spend()
@@ -335,14 +347,15 @@ def _cluster_end_ns(data: bytes, pos: int, track: _Track, scale: int,
         elif element_id in (_SIMPLE_BLOCK, _BLOCK_GROUP):
             timed = _block_timing(block, element_id == _BLOCK_GROUP, track, scale, budget)
             if timed is not None:
-                previous, last = last, timed
+                first, previous, last = first or timed, last, timed
     if cluster_ts is None or last is None:
         return None
     relative, duration_ns, discard_ns = last
     if duration_ns is None:
         step = (relative - previous[0]) * scale if previous else 0
         duration_ns = track.default_duration_ns or max(step, 0)
-    return (cluster_ts + relative) * scale + duration_ns - discard_ns
+    return ((cluster_ts + first[0]) * scale,
+            (cluster_ts + relative) * scale + duration_ns - discard_ns)
 
 
 def _block_timing(data: bytes, grouped: bool, track: _Track, scale: int,
