@@ -135,7 +135,7 @@ class AudioConfig:
     # the names the probe reports.
     allowed_types: list[str] = field(default_factory=lambda: [
         "audio/mpeg", "audio/mp4", "audio/aac", "audio/ogg", "audio/opus",
-        "audio/flac", "audio/wav",
+        "audio/flac", "audio/wav", "audio/webm", "audio/matroska", "audio/aiff",
     ])
     probe_timeout_seconds: float = 10.0
 

@@ -9,7 +9,8 @@ uploads the same bytes and whatever they call them.
 The content type comes from the bytes whenever they identify an audio
 format: the probe's type, else the magic-number sniff (a damaged file whose
 header still says what it is). One exception: an MP4 whose brand does not
-say audio may be a video, and a specific type the client gives it stands. Otherwise the client's type is kept when it
+say audio, a WebM or a Matroska file may be a video, and a specific type the
+client gives it stands. Otherwise the client's type is kept when it
 is specific; a generic or absent one, or a claim of an audio type that the
 bytes do not bear out, becomes ``application/octet-stream``.
 
@@ -38,6 +39,8 @@ from .store import Store
 _TOKEN = r"[!#$%&'*+.^_`|~0-9a-z-]{1,127}"
 _MEDIA_TYPE = re.compile(f"{_TOKEN}/{_TOKEN}")
 WEAK_MAGIC = frozenset({"audio/mpeg", "audio/aac"})
+# Containers whose magic says as much of a film as of a song.
+MAY_BE_VIDEO = frozenset({"audio/webm", "audio/matroska"})
 GENERIC_TYPES = frozenset({
     "", "application/octet-stream", "application/x-www-form-urlencoded",
     "binary/octet-stream",
@@ -88,11 +91,12 @@ def content_type(info: AudioInfo | None, head: bytes, client_type: str | None) -
     claimed = normalise_type(client_type)
     specific = claimed not in GENERIC_TYPES and claimed not in AUDIO_MIME_TYPES
     if info is not None:
-        # A film with its sound (an MP4 of a generic brand with a video
-        # track) that the client calls a video stays one (found by review:
-        # it was served as audio/mp4); its sound's facts remain. Sound
-        # alone is audio/mp4 whatever it is called: phones record voice
-        # into such files and pickers name them video/mp4 by extension.
+        # A film with its sound (an MP4 of a generic brand, a WebM or a
+        # Matroska file, with a video track) that the client calls a video
+        # stays one (found by review: it was served as audio/mp4); its
+        # sound's facts remain. Sound alone is audio whatever it is called:
+        # phones record voice into such files and pickers name them
+        # video/mp4 (or video/webm) by extension.
         if (info.with_video and claimed.startswith("video/")
                 and not mp4_brands_say_audio(head)):
             return claimed
@@ -100,9 +104,10 @@ def content_type(info: AudioInfo | None, head: bytes, client_type: str | None) -
     sniffed = sniff_mime(head)
     # A bare MPEG or ADTS frame header is a dozen bits of sync that text
     # starts with by chance (a UTF-16 byte-order mark, FF FE, is one), and
-    # an MP4 of a generic brand may be a video: when the probe found no
-    # audio behind them, a specific claim weighs more.
-    weak = sniffed in WEAK_MAGIC or (sniffed == "audio/mp4" and not mp4_brands_say_audio(head))
+    # an MP4 of a generic brand, a WebM or a Matroska file may be a video:
+    # when the probe found no audio behind them, a specific claim weighs more.
+    weak = (sniffed in WEAK_MAGIC or sniffed in MAY_BE_VIDEO
+            or (sniffed == "audio/mp4" and not mp4_brands_say_audio(head)))
     if sniffed is not None and not (specific and weak):
         return sniffed
     # blobd recognises every type in AUDIO_MIME_TYPES; bytes it did not

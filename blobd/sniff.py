@@ -16,7 +16,8 @@ import re
 #: spelled as `sniff_mime` and `blobd.audio.probe` report them.
 AUDIO_MIME_TYPES: frozenset[str] = frozenset({
     "audio/mpeg", "audio/mp4", "audio/aac", "audio/ogg",
-    "audio/opus", "audio/flac", "audio/wav",
+    "audio/opus", "audio/flac", "audio/wav", "audio/webm", "audio/matroska",
+    "audio/aiff",
 })
 
 #: How many leading bytes `sniff_mime` needs to decide.
@@ -60,6 +61,10 @@ def sniff_mime(head: bytes) -> str | None:
         return "audio/wav"
     if head[4:8] == b"ftyp":
         return _sniff_ftyp(head)
+    if head.startswith(_EBML_MAGIC):
+        return _sniff_ebml(head)
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "audio/aiff"
     if head.startswith(b"ADIF") or is_adts_header(head):
         return "audio/aac"
     if mpeg_frame_length(head) is not None:
@@ -83,6 +88,46 @@ def _sniff_ogg(head: bytes) -> str | None:
     if packet.startswith(b"\x80theora"):
         return None
     return "audio/ogg"
+
+
+# RFC 8794 section 8: an EBML document opens with the EBML header element,
+# whose DocType child names the format (ffmpeg and browsers write it within
+# the first 40 bytes); RFC 8794 section 11.2.6 makes "matroska" the default.
+_EBML_MAGIC = b"\x1a\x45\xdf\xa3"
+_EBML_DOCTYPE = 0x4282
+#: The EBML DocTypes of audio blobd reads, and the type each one names.
+EBML_DOCTYPES = {b"webm": "audio/webm", b"matroska": "audio/matroska"}
+
+
+def _sniff_ebml(head: bytes) -> str | None:
+    """The type an EBML header's DocType names; Matroska when the head
+    ends before the DocType, None for another DocType."""
+    pos, end = 4, len(head)
+    try:
+        size, width = _ebml_vint(head, pos)
+        pos, end = pos + width, min(end, pos + width + size)
+        while pos < end:
+            id_width = 9 - head[pos].bit_length()
+            size, width = _ebml_vint(head, pos + id_width)
+            body = pos + id_width + width
+            if int.from_bytes(head[pos:pos + id_width], "big") == _EBML_DOCTYPE:
+                if body + size > len(head):
+                    break
+                return EBML_DOCTYPES.get(head[body:body + size].rstrip(b"\0"))
+            pos = body + size
+    except (IndexError, ValueError):
+        pass
+    return "audio/matroska"
+
+
+def _ebml_vint(head: bytes, pos: int) -> tuple[int, int]:
+    """(value, width) of the EBML variable-size integer at ``pos``."""
+    if not head[pos]:
+        raise ValueError("VINT wider than 8 bytes")
+    width = 9 - head[pos].bit_length()
+    if pos + width > len(head):
+        raise IndexError("VINT cut off")
+    return int.from_bytes(head[pos:pos + width], "big") & ((1 << (7 * width)) - 1), width
 
 
 def _sniff_ftyp(head: bytes) -> str | None:

@@ -45,6 +45,15 @@ AUDIO_FIXTURES = {
     "vbr_no_header.mp3": Expected("audio/mpeg", "mp3", 4.0, 22050, 1, (16_000, 32_000)),
     # FLAC bytes under an .mp3 name: the bytes decide.
     "flac_named.mp3": Expected("audio/flac", "flac", 2.0, 8000, 1, (20_000, 128_000)),
+    # Info/Duration says 0.508 s (as ffprobe), the Opus codec delay in it;
+    # 0.500 s decode. The whole file's rate.
+    "tone.webm": Expected("audio/webm", "opus", 0.5, 48000, 1, (24_000, 36_000)),
+    # As MediaRecorder writes it: no Duration, Segment and Cluster of
+    # unknown size; timed from its last block (it was not audio, and
+    # refused under require_audio).
+    "recorded.webm": Expected("audio/webm", "opus", 0.5, 48000, 1, (24_000, 36_000)),
+    "tone_flac.mka": Expected("audio/matroska", "flac", 0.5, 8000, 1, (20_000, 128_000)),
+    "tone.aiff": Expected("audio/aiff", "pcm", 0.3, 8000, 1, (128_000, 128_000)),
 }
 # Probed only: formats outside what the HTTP and browser tests exercise per
 # fixture (Chromium plays no ADPCM).
@@ -62,8 +71,13 @@ PROBE_ONLY_FIXTURES = {
     # Vorbis whose header states no bitrate (libvorbis at 96 kHz): the
     # file's, its 4 KB of codebooks included (it was null).
     "tone_96k.ogg": Expected("audio/ogg", "vorbis", 0.2, 96000, 1, (20_000, 400_000)),
+    # AIFF-C: 'sowt' is little-endian PCM, 'fl32' float (as WAVE names it).
+    "tone_sowt.aifc": Expected("audio/aiff", "pcm", 0.3, 8000, 1, (128_000, 128_000)),
+    "tone_float.aifc": Expected("audio/aiff", "pcm_float", 0.2, 8000, 1, (256_000, 256_000)),
 }
-NOT_AUDIO_FIXTURES = ["not_audio.txt", "not_audio.png", "video_only.mp4"]
+NOT_AUDIO_FIXTURES = ["not_audio.txt", "not_audio.png", "video_only.mp4", "video_only.webm"]
+# What Chromium cannot play whatever the Content-Type: ALAC and AIFF.
+CHROMIUM_CANNOT_PLAY = frozenset({"tone_alac.m4a", "tone.aiff"})
 
 
 def fixture(name: str) -> Path:

@@ -37,6 +37,9 @@ SNIFFED = {name: e.mime for name, e in PROBED.items()} | {
     # The brand cannot tell; the probe finds no sound track (test_describe).
     "video_only.mp4": "audio/mp4",
     "video_sound.mp4": "audio/mp4",
+    # The DocType says WebM; only the probe finds the sound, or none.
+    "video_sound.webm": "audio/webm",
+    "video_only.webm": "audio/webm",
 }
 
 
@@ -114,6 +117,24 @@ def test_sniffed_types_are_the_recognised_types() -> None:
 ])
 def test_sniff_mime_magic(head: bytes, mime: str | None) -> None:
     assert sniff_mime(head) == mime
+
+
+def test_sniff_mime_knows_ebml_and_aiff() -> None:
+    cases = [
+        # EBML (RFC 8794): the DocType element (42 82) names WebM or Matroska.
+        (b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01\x42\x82\x84webm\x42\x87\x81\x04",
+         "audio/webm"),
+        (b"\x1a\x45\xdf\xa3\xa3\x42\x86\x81\x01\x42\x82\x88matroska\x42\x87\x81\x04",
+         "audio/matroska"),
+        (b"\x1a\x45\xdf\xa3\x8f\x42\x82\x84webm", "audio/webm"),
+        (b"\x1a\x45\xdf\xa3\x8f\x42\x82\x84mkvx", None),       # another EBML format
+        (b"\x1a\x45\xdf\xa3\x8f\x42\x86\x81", "audio/matroska"),  # cut before the DocType
+        (b"\x1a\x45\xdf\xa3", "audio/matroska"),
+        (b"FORM\x00\x00\x12\xeeAIFFCOMM", "audio/aiff"),
+        (b"FORM\x00\x00\x12\xeeAIFCFVER", "audio/aiff"),
+        (b"FORM\x00\x00\x12\xee8SVXVHDR", None),                 # Amiga 8SVX: not read
+    ]
+    assert [sniff_mime(head) for head, _ in cases] == [mime for _, mime in cases]
 
 
 @pytest.mark.parametrize("name", ["tone.mp3", "sweep.mp3"])
@@ -654,3 +675,150 @@ def test_a_long_mp3_is_counted_then_estimated(tmp_path: Path) -> None:
     info = probe(path)
     assert info is not None
     assert info.duration == pytest.approx(4.075 * repeats, rel=0.002)
+
+
+# --- WebM, Matroska, AIFF ------------------------------------------------------
+
+def _ebml_element(element_id: int, body: bytes) -> bytes:
+    """An EBML element with an 8-byte size (RFC 8794 section 6)."""
+    width = (element_id.bit_length() + 7) // 8
+    return element_id.to_bytes(width, "big") + (0x01 << 56 | len(body)).to_bytes(8, "big") + body
+
+
+def test_a_mediarecorder_webm_is_timed_from_its_last_block() -> None:
+    """As Chrome's MediaRecorder writes it: a Segment and a Cluster of
+    unknown size (all ones), and no Duration. The length is the last
+    block's end, less the Opus codec delay and the padding it discards."""
+    data = fixture("recorded.webm").read_bytes()
+    segment = data.index(bytes.fromhex("18538067"))
+    assert data[segment + 4:segment + 12] == b"\x01" + b"\xff" * 7
+    cluster = data.index(bytes.fromhex("1f43b675"))
+    assert data[cluster + 4:cluster + 6] == b"\x7f\xff"
+    assert bytes.fromhex("4489") not in data[segment:cluster]   # no Duration
+    info = probe(fixture("recorded.webm"))
+    assert info is not None and info.duration == pytest.approx(0.5, abs=0.002)
+    assert info.bitrate == round(len(data) * 8 / info.duration)
+
+
+def test_a_webm_film_is_audio_with_video() -> None:
+    info = probe(fixture("video_sound.webm"))
+    assert info is not None and info.with_video
+    assert (info.codec, info.sample_rate, info.channels) == ("opus", 48000, 1)
+    assert info.duration == pytest.approx(0.3, abs=0.03)
+    assert info.bitrate is None   # the file's rate would be the film's
+    sound = probe(fixture("tone.webm"))
+    assert sound is not None and not sound.with_video
+
+
+def _without_duration(name: str) -> bytes:
+    """A Matroska fixture whose Info/Duration (ID 44 89) is renamed to an
+    unknown element that readers skip."""
+    data = bytearray(fixture(name).read_bytes())
+    info = data.index(bytes.fromhex("1549a966"))
+    at = data.index(bytes.fromhex("448988"), info)
+    data[at:at + 2] = b"\x4f\xab"
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name", ["tone_flac.mka", "tone.webm"])
+def test_matroska_without_a_duration_is_timed_from_its_tail(tmp_path: Path, name: str) -> None:
+    # FLAC frames state no length here: the last block lasts as long as the
+    # step from the one before.
+    path = tmp_path / name
+    path.write_bytes(_without_duration(name))
+    info = probe(path)
+    assert info is not None and info.codec == PROBED[name].codec
+    assert info.duration == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("fraction", [0.4, 0.7])
+def test_a_cut_recording_reports_what_is_left(tmp_path: Path, fraction: float) -> None:
+    data = fixture("recorded.webm").read_bytes()
+    cut = tmp_path / "cut.webm"
+    cut.write_bytes(data[:int(len(data) * fraction)])
+    info = probe(cut)
+    cluster = data.index(bytes.fromhex("1f43b675"))
+    # About as much as the share of the Cluster's bytes left.
+    left = (len(data) * fraction - cluster) / (len(data) - cluster)
+    assert info is not None and info.codec == "opus"
+    assert info.duration == pytest.approx(0.5 * left, abs=0.06)
+
+
+def test_a_recording_whose_last_cluster_is_before_the_tail_has_no_duration(
+        tmp_path: Path) -> None:
+    """The tail read for the length holds no Cluster start: still Opus in
+    WebM, its duration unknown, as an Ogg whose stream ends before the tail."""
+    from blobd.audio.matroska import MATROSKA_TAIL
+    padded = tmp_path / "padded.webm"
+    padded.write_bytes(fixture("recorded.webm").read_bytes()
+                       + _ebml_element(0xEC, bytes(MATROSKA_TAIL)))   # a Void
+    info = probe(padded)
+    assert info is not None and info.codec == "opus" and info.duration is None
+
+
+@pytest.mark.parametrize("name", ["tone.webm", "tone_flac.mka", "recorded.webm"])
+def test_matroska_without_an_audio_track_is_none(tmp_path: Path, name: str) -> None:
+    assert probe(fixture(name)) is not None
+    data = bytearray(fixture(name).read_bytes())
+    track_type = data.index(bytes.fromhex("838102"))   # TrackType: audio
+    data[track_type + 2] = 0x11                        # a subtitle track
+    path = tmp_path / name
+    path.write_bytes(bytes(data))
+    assert probe(path) is None
+
+
+@pytest.mark.parametrize("name", ["tone.aiff", "tone_sowt.aifc"])
+def test_cut_aiff_reports_what_is_left(tmp_path: Path, name: str) -> None:
+    whole = fixture(name).read_bytes()
+    cut = tmp_path / name
+    cut.write_bytes(whole[:len(whole) // 2])
+    info = probe(cut)
+    # COMM still claims every frame; the SSND chunk's bytes bound it.
+    assert info is not None and info.codec == "pcm"
+    assert info.duration == pytest.approx(0.15, abs=0.01)
+
+
+def test_a_compressed_aifc_is_timed_by_its_frames(tmp_path: Path) -> None:
+    """mu-law in AIFF-C: COMM states 16 bits a sample, the data is 8."""
+    data = bytearray(fixture("tone_sowt.aifc").read_bytes())
+    comm = data.index(b"COMM") + 8
+    assert data[comm + 18:comm + 22] == b"sowt"
+    data[comm + 18:comm + 22] = b"ulaw"
+    ssnd = data.index(b"SSND")
+    frames = int.from_bytes(data[comm + 2:comm + 6], "big")
+    body = data[ssnd + 16:ssnd + 16 + frames]   # one byte a frame now
+    data[ssnd + 4:ssnd + 8] = (8 + len(body)).to_bytes(4, "big")
+    path = tmp_path / "ulaw.aifc"
+    path.write_bytes(bytes(data[:ssnd + 16]) + body)
+    info = probe(path)
+    assert info is not None and info.codec == "mulaw"
+    assert info.duration == pytest.approx(0.3) and info.bitrate == 64_000
+
+
+@pytest.mark.parametrize("name, content", [
+    ("ebml-only.webm", bytes.fromhex("1a45dfa3") + b"\x84\x42\x82\x81w"),
+    ("ebml-random.webm", bytes.fromhex("1a45dfa39f4286810142f7810142f2810442f381084282847765626d"
+                                       "4287810442858102") + _random_bytes(5, 20_000)),
+    ("segment-no-tracks.mka", bytes.fromhex("1a45dfa38c4282886d6174726f736b61")
+     + _ebml_element(0x18538067, _ebml_element(0x1549A966, b""))),
+    ("form-random.aiff", b"FORM\x00\x01\x00\x00AIFF" + _random_bytes(6, 10_000)),
+    ("form-no-comm.aiff", b"FORM\x00\x00\x00\x04AIFF"),
+])
+def test_new_containers_of_garbage_are_none(tmp_path: Path, name: str, content: bytes) -> None:
+    assert probe(fixture("recorded.webm")) is not None and probe(fixture("tone.aiff")) is not None
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert probe(path) is None
+
+
+def test_a_recording_that_starts_late_is_timed_from_its_first_block(tmp_path: Path) -> None:
+    """Timestamps need not start at 0 (a capture of a running stream): the
+    length runs from the first block, not from time 0."""
+    data = bytearray(fixture("recorded.webm").read_bytes())
+    cluster = data.index(bytes.fromhex("1f43b675"))
+    assert data[cluster + 6:cluster + 9] == b"\xe7\x81\x00"   # Timestamp 0
+    data[cluster + 8] = 100                                    # 100 ms
+    path = tmp_path / "late.webm"
+    path.write_bytes(bytes(data))
+    info = probe(path)
+    assert info is not None and info.duration == pytest.approx(0.5, abs=0.002)

@@ -164,3 +164,117 @@ def test_a_flac_tail_of_fake_frame_headers_is_read_once(tmp_path: Path) -> None:
     started = time.perf_counter()
     audio.probe(path)
     assert time.perf_counter() - started < 2.0
+
+
+# --- WebM/Matroska: blobd's own EBML reader ---------------------------------
+
+def _element(element_id: int, body: bytes, *, size: bytes | None = None) -> bytes:
+    """An EBML element (RFC 8794 section 6); ``size`` overrides its 8-byte size."""
+    width = (element_id.bit_length() + 7) // 8
+    if size is None:
+        size = (1 << 56 | len(body)).to_bytes(8, "big")
+    return element_id.to_bytes(width, "big") + size + body
+
+
+UNKNOWN = b"\x01" + b"\xff" * 7          # an 8-byte size of all ones
+
+
+def _matroska(*, before_tracks: bytes = b"", in_audio: bytes = b"", in_tracks: bytes = b"",
+              tracks_size: bytes | None = None) -> bytes:
+    """A minimal Opus-in-Matroska file stating its 2 s Duration."""
+    ebml = _element(0x1A45DFA3, _element(0x4282, b"matroska"))
+    info = _element(0x1549A966, _element(0x2AD7B1, (1_000_000).to_bytes(3, "big"))
+                    + _element(0x4489, struct.pack(">d", 2000.0)))
+    audio_settings = _element(0xE1, _element(0xB5, struct.pack(">d", 48000.0))
+                              + _element(0x9F, b"\x02") + in_audio)
+    entry = _element(0xAE, _element(0xD7, b"\x01") + _element(0x83, b"\x02")
+                     + _element(0x86, b"A_OPUS") + audio_settings)
+    tracks = _element(0x1654AE6B, in_tracks + entry, size=tracks_size)
+    return ebml + _element(0x18538067, info + before_tracks + tracks, size=UNKNOWN)
+
+
+def _probe_bounded(tmp_path: Path, data: bytes) -> audio.AudioInfo | None:
+    path = tmp_path / "crafted.mka"
+    path.write_bytes(data)
+    started = time.perf_counter()
+    info, peak = _peak_while(path)
+    assert time.perf_counter() - started < 2.0
+    assert peak < 4 * MIB, f"{peak / MIB:.1f} MiB"
+    return info
+
+
+def test_the_crafted_matroska_base_is_audio(tmp_path: Path) -> None:
+    info = _probe_bounded(tmp_path, _matroska())
+    assert info is not None and (info.codec, info.duration, info.channels) == ("opus", 2.0, 2)
+
+
+def test_a_matroska_element_claiming_petabytes_is_not_audio(tmp_path: Path) -> None:
+    assert _probe_bounded(tmp_path, _matroska()) is not None
+    huge = (1 << 56 | 1 << 50).to_bytes(8, "big")   # Tracks of 1 PiB, in a 200-byte file
+    assert _probe_bounded(tmp_path, _matroska(tracks_size=huge)) is None
+
+
+def test_deeply_nested_matroska_elements_are_skipped_not_followed(tmp_path: Path) -> None:
+    depth, core = 50_000, b""
+    sizes, size = [], 0
+    for _ in range(depth):               # inside out: each level wraps the last
+        sizes.append(size)
+        size += 10                       # a 2-byte ID and an 8-byte size
+    nested = b"".join(b"\x4f\xab" + (1 << 56 | s).to_bytes(8, "big")
+                      for s in reversed(sizes)) + core
+    info = _probe_bounded(tmp_path, _matroska(in_audio=nested))
+    assert info is not None and info.codec == "opus"
+
+
+@pytest.mark.parametrize("where", ["top-level", "in-tracks"])
+def test_endless_tiny_matroska_elements_are_not_audio(tmp_path: Path, where: str) -> None:
+    voids = b"\xec\x80" * 300_000        # Void elements of no body, 600 KB
+    data = (_matroska(before_tracks=voids) if where == "top-level"
+            else _matroska(in_tracks=voids))
+    few = _matroska(before_tracks=voids[:200], in_tracks=voids[:200])
+    assert _probe_bounded(tmp_path, few) is not None
+    assert _probe_bounded(tmp_path, data) is None
+
+
+@pytest.mark.parametrize("filler", [
+    b"\x1f\x43\xb6\x75\xff",                        # Clusters of unknown size, empty
+    b"\x1f\x43\xb6\x75\xff\xe7\x81\x00" + b"\xec\x80" * 50,   # a Timestamp, then Voids
+])
+def test_a_tail_of_unknown_size_clusters_is_bounded(tmp_path: Path, filler: bytes) -> None:
+    """A MediaRecorder file (no Duration) followed by 256 KiB of Clusters
+    that never end: a bounded number tried, each walk bounded, no length."""
+    data = fixture("recorded.webm").read_bytes()
+    info = _probe_bounded(tmp_path, data + filler * (300_000 // len(filler)))
+    assert info is not None and info.codec == "opus" and info.duration is None
+
+
+def test_matroska_masters_of_unknown_size_are_not_audio(tmp_path: Path) -> None:
+    # Only a Segment and a Cluster may have an unknown size (RFC 9559).
+    assert _probe_bounded(tmp_path, _matroska()) is not None   # its Segment's is
+    assert _probe_bounded(tmp_path, _matroska(tracks_size=UNKNOWN)) is None
+
+
+@pytest.mark.parametrize("name", ["recorded.webm", "tone_flac.mka", "video_sound.webm",
+                                  "tone.aiff", "tone_float.aifc"])
+def test_every_prefix_of_a_new_container_probes_without_raising(tmp_path: Path,
+                                                                name: str) -> None:
+    assert audio.probe(fixture(name)) is not None
+    data = fixture(name).read_bytes()
+    path = tmp_path / name
+    for end in range(0, len(data), 7):
+        path.write_bytes(data[:end])
+        info = audio.probe(path)
+        assert info is None or info.duration is None or 0 < info.duration <= 0.6
+
+
+def test_an_aiff_with_endless_chunks_or_a_huge_comm_is_not_audio(tmp_path: Path) -> None:
+    assert audio.probe(fixture("tone.aiff")) is not None
+    data = fixture("tone.aiff").read_bytes()
+    many = data[:12] + b"junk\x00\x00\x00\x00" * 2_000 + data[12:]
+    huge_comm = data[:12] + b"COMM" + struct.pack(">I", 4 * MIB) + bytes(4 * MIB)
+    for crafted in (many, huge_comm):
+        path = tmp_path / "bomb.aiff"
+        path.write_bytes(crafted[:4] + struct.pack(">I", len(crafted) - 8) + crafted[8:])
+        info, peak = _peak_while(path)
+        assert info is None
+        assert peak < 2 * MIB, f"{peak / MIB:.1f} MiB"

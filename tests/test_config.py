@@ -124,6 +124,19 @@ def test_allowed_types_default_to_every_recognised_type():
         config_from_dict({"audio": {"allowed_types": ["audio/x-wav"]}})
 
 
+def test_webm_matroska_and_aiff_are_allowed_types(tmp_path):
+    """By their registered names (RFC 9559's audio/matroska, not the
+    deprecated audio/x-matroska), by default and in the example config."""
+    wanted = {"audio/webm", "audio/matroska", "audio/aiff"}
+    assert wanted <= set(config_from_dict({}).audio.allowed_types)
+    assert wanted <= set(load_config(EXAMPLE).audio.allowed_types)
+    narrowed = config_from_dict({"audio": {"require_audio": True,
+                                           "allowed_types": sorted(wanted)}})
+    assert sorted(narrowed.audio.allowed_types) == sorted(wanted)
+    with pytest.raises(ConfigError, match="audio/x-matroska not recognised"):
+        config_from_dict({"audio": {"allowed_types": ["audio/x-matroska"]}})
+
+
 def test_origins_and_owner_tables_that_work():
     config = config_from_dict({
         "server": {"cors_origins": ["*", "http://nas.local:3000", "https://[::1]:8443",

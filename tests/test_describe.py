@@ -290,3 +290,38 @@ async def test_utf16_text_is_not_mp3_because_of_its_byte_order_mark(alice):
     text = "\ufeffWindows Registry Editor Version 5.00\r\n".encode("utf-16-le") * 20
     resp = await alice.put(text, headers={"Content-Type": "text/plain; charset=utf-16"})
     assert (await resp.json())["content_type"] == "text/plain"
+
+
+@pytest.mark.parametrize("name,codec", [("recorded.webm", "opus"), ("tone.aiff", "pcm"),
+                                        ("tone_flac.mka", "flac")])
+async def test_require_audio_takes_a_browser_recording(server, name, codec):
+    """A MediaRecorder WebM (no Duration, sizes unknown) as a LAN web app
+    uploads it, with the type the browser gives it; AIFF and Matroska
+    likewise. They were not audio, and refused with 415."""
+    login = await server(audio=REQUIRE)
+    alice = await login()
+    data = fixture(name).read_bytes()
+    resp = await alice.request("POST", "/blobs", data=data,
+                               headers={"Content-Type": "audio/webm;codecs=opus"})
+    assert resp.status == 201, await resp.text()
+    assert (await resp.json())["content_type"] == AUDIO_FIXTURES[name].mime
+    audio = (await meta_of(alice, b3(data)))["audio"]
+    assert audio["codec"] == codec and audio["duration"] == pytest.approx(
+        AUDIO_FIXTURES[name].duration, rel=0.05)
+
+
+@pytest.mark.parametrize("claim,served", [("video/webm", "video/webm"), (None, "audio/webm")])
+async def test_a_webm_film_keeps_a_video_claim(alice, claim, served):
+    """As an MP4 film does: its sound's facts are recorded. A WebM with no
+    sound at all keeps the claim too (its magic does not say audio)."""
+    data = fixture("video_sound.webm").read_bytes()
+    resp = await alice.request("POST", "/blobs", data=data,
+                               headers={"Content-Type": claim} if claim else {})
+    assert (await resp.json())["content_type"] == served
+    audio = (await meta_of(alice, b3(data)))["audio"]
+    assert audio["codec"] == "opus" and audio["sample_rate"] == 48000
+    silent = fixture("video_only.webm").read_bytes()
+    resp = await alice.request("POST", "/blobs", data=silent,
+                               headers={"Content-Type": "video/webm"})
+    assert (await resp.json())["content_type"] == "video/webm"
+    assert (await meta_of(alice, b3(silent)))["audio"] is None

@@ -18,15 +18,18 @@ an object per MP4 box and per RIFF chunk, so a file of millions of empty
 boxes would take gigabytes. The MP3, FLAC and WAV readers ask mutagen for
 stream info only, skipping tags; ID3 tags, FLAC blocks, RIFF chunks and MP4
 boxes are counted first and implausibly many refused. An Ogg stream's
-length is looked for in the file's last OGG_TAIL bytes only, and
+length is looked for in the file's last OGG_TAIL bytes only, a Matroska
+file's without a Duration in its last MATROSKA_TAIL bytes, and
 `probe_async`'s timeout bounds the caller's wait whatever the file.
 
 This module owns the dispatch (past any ID3v2 tags, the sniffed type picks
 the reader), the plausibility check every reader's result must pass, and
 the probe threads. Each format family has a module of its own with its
 reader and what it knows of the format: `mp3` (MPEG audio and ADTS AAC),
-`flac`, `mp4`, `ogg` (Vorbis, Opus, FLAC in Ogg) and `wav`; `info` holds
-`AudioInfo` and the helpers the readers share.
+`flac`, `mp4`, `ogg` (Vorbis, Opus, FLAC in Ogg), `wav`, `aiff` (AIFF and
+AIFF-C) and `matroska` (WebM and Matroska, read by its own bounded EBML
+reader: mutagen has none); `info` holds `AudioInfo` and the helpers the
+readers share.
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ from typing import IO
 
 from ..sniff import (AUDIO_MIME_TYPES, MAX_MP3_JUNK, SNIFF_BYTES, could_be_audio,
                      id3v2_size, sniff_mime)
+from .aiff import read_aiff
 from .flac import read_flac
 from .info import AudioInfo
+from .matroska import read_matroska
 from .mp3 import read_aac, read_mp3
 from .mp4 import read_mp4
 from .ogg import OGG_TAIL, read_ogg, read_opus
@@ -119,7 +124,8 @@ def _skip_id3v2(f: IO[bytes]) -> int | None:
 # 0, the samples in the fragments), and Ogg whose audio stream has no page
 # in the file's last OGG_TAIL bytes (another stream muxed with it runs on).
 # Elsewhere a missing duration means the header is not what it seems.
-_DURATION_MAY_BE_UNKNOWN = frozenset({"audio/flac", "audio/mp4", "audio/ogg", "audio/opus"})
+_DURATION_MAY_BE_UNKNOWN = frozenset({"audio/flac", "audio/mp4", "audio/ogg", "audio/opus",
+                                      "audio/webm", "audio/matroska"})
 
 
 def _plausible(info: AudioInfo) -> bool:
@@ -145,6 +151,9 @@ _READERS: dict[str, Callable[[IO[bytes], int, bytes], AudioInfo | None]] = {
     "audio/ogg": read_ogg,
     "audio/opus": read_opus,
     "audio/wav": read_wav,
+    "audio/aiff": read_aiff,
+    "audio/webm": read_matroska,
+    "audio/matroska": read_matroska,
 }
 
 

@@ -1,0 +1,79 @@
+"""AIFF and AIFF-C (Apple's IFF audio): the COMM chunk's facts.
+
+mutagen lists every chunk of the FORM to find 'COMM' and reads it whole,
+so the chunks are listed here first, bounded in number and 'COMM' in size,
+as for WAVE. mutagen reads the COMM chunk's common fields only; an AIFF-C
+file's compression type, which follows them, names the codec here, and
+for the compressed ones the length comes from the frame count but the
+rate from the sound data's size.
+"""
+
+from __future__ import annotations
+
+from typing import IO
+
+from mutagen.aiff import AIFFInfo
+
+from .info import AudioInfo, clamp_to_size, file_size, make_info
+
+# Bounds on container structure, as for RIFF (blobd.audio.wav): real files
+# have a handful of chunks and a COMM chunk of a few dozen bytes.
+_MAX_IFF_CHUNKS = 1_024
+_MAX_COMM = 4 << 10
+
+# AIFF-C compression types (Apple's AIFF-C specification and the QuickTime
+# list) named as the WAVE reader and ffmpeg name them. 'sowt' is PCM
+# little-endian, 'NONE' and 'twos' big-endian; all samples of fixed size.
+_PCM_TYPES = {b"NONE": "pcm", b"twos": "pcm", b"sowt": "pcm", b"raw ": "pcm",
+              b"in24": "pcm", b"in32": "pcm", b"42ni": "pcm", b"23ni": "pcm",
+              b"fl32": "pcm_float", b"FL32": "pcm_float",
+              b"fl64": "pcm_float", b"FL64": "pcm_float"}
+_COMPRESSED_TYPES = {b"ulaw": "mulaw", b"ULAW": "mulaw", b"alaw": "alaw",
+                     b"ALAW": "alaw", b"ima4": "adpcm_ima", b"MAC3": "mace3",
+                     b"MAC6": "mace6", b"GSM ": "gsm", b"QDM2": "qdm2",
+                     b"QDMC": "qdmc"}
+
+
+def read_aiff(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
+    chunks = _iff_chunks(f)
+    if chunks is None or b"COMM" not in chunks:
+        return None
+    comm_at, comm_size = chunks[b"COMM"]
+    f.seek(comm_at)
+    comm = f.read(comm_size)
+    f.seek(0)
+    stream = AIFFInfo(f)
+    compression = comm[18:22] if head[8:12] == b"AIFC" else b"NONE"
+    # The sound data follows the SSND chunk's offset and block size fields.
+    # Its declared size survives truncation; the file does not.
+    data_at, data_size = chunks.get(b"SSND", (0, 8))
+    data_at, data_size = data_at + 8, max(0, data_size - 8)
+    present = max(0, min(data_size, file_size(f) - data_at))
+    if compression in _PCM_TYPES:
+        length = clamp_to_size(stream.length, stream.bitrate, present)
+        return make_info(stream, _PCM_TYPES[compression], "audio/aiff", duration=length)
+    codec = _COMPRESSED_TYPES.get(compression,
+                                  compression.decode("latin-1").strip().lower() or "unknown")
+    # mutagen's bitrate takes the sample size for the data's; compressed,
+    # the data's size over the length says.
+    length = stream.length * present / data_size if data_size else 0.0
+    bitrate = present * 8 / length if length else 0.0
+    return make_info(stream, codec, "audio/aiff", duration=length, bitrate=bitrate)
+
+
+def _iff_chunks(f: IO[bytes]) -> dict[bytes, tuple[int, int]] | None:
+    """The FORM's chunks, each id's first: (offset of its body, declared
+    size). None if there are more than _MAX_IFF_CHUNKS (mutagen lists them
+    all) or 'COMM' is implausibly large (mutagen reads it whole)."""
+    pos, end, chunks = 12, file_size(f), {}
+    for _ in range(_MAX_IFF_CHUNKS):
+        if pos + 8 > end:
+            return chunks
+        f.seek(pos)
+        header = f.read(8)
+        size = int.from_bytes(header[4:8], "big")
+        if header[:4] == b"COMM" and size > _MAX_COMM:
+            return None
+        chunks.setdefault(header[:4], (pos + 8, size))
+        pos += 8 + size + (size & 1)   # chunks are padded to even length
+    return chunks if pos + 8 > end else None

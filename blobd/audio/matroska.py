@@ -1,0 +1,401 @@
+"""WebM and Matroska (RFC 9559, on EBML, RFC 8794): the first audio track.
+
+mutagen has no Matroska reader, so this module reads EBML itself, and
+only what it needs: the EBML header's DocType, then the Segment's Info
+(TimestampScale, Duration) and Tracks, walked element by element with the
+bodies skipped, up to the first Cluster. Info and Tracks are read whole
+into memory, each bounded in size; nothing is ever descended into but the
+few master elements named here, so nesting is as deep as this code says,
+whatever the file does.
+
+A browser's MediaRecorder writes no Duration, a Segment of unknown size and
+often Clusters of unknown size (RFC 8794 section 6.2: the size all ones),
+since it streams as it records. Such a file is timed from its last Cluster
+found in the file's last MATROSKA_TAIL bytes: the end of its last block of
+the audio track (the Cluster's Timestamp, the block's relative timestamp,
+and its duration: stated, read from the Opus packet's TOC byte, the
+track's DefaultDuration, or else the step from the block before), less the
+start of the track's first block in the first Cluster.
+
+Every walk counts the elements it visits, and a file that exceeds a bound
+is not audio (None), as are malformed sizes and elements overrunning their
+parent. A cut file is read for what it holds.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO
+
+from ..sniff import EBML_DOCTYPES
+from .info import AudioInfo, file_size
+
+# RFC 9559 section 5.1 and RFC 8794 section 11.2: the element IDs read here.
+_EBML, _DOCTYPE = 0x1A45DFA3, 0x4282
+_SEGMENT, _INFO, _TRACKS, _CLUSTER = 0x18538067, 0x1549A966, 0x1654AE6B, 0x1F43B675
+_TIMESTAMP_SCALE, _DURATION = 0x2AD7B1, 0x4489
+_TRACK_ENTRY, _TRACK_NUMBER, _TRACK_TYPE, _CODEC_ID = 0xAE, 0xD7, 0x83, 0x86
+_CODEC_DELAY, _DEFAULT_DURATION, _AUDIO = 0x56AA, 0x23E383, 0xE1
+_SAMPLING_FREQUENCY, _OUTPUT_SAMPLING_FREQUENCY, _CHANNELS = 0xB5, 0x78B5, 0x9F
+_CLUSTER_TIMESTAMP, _SIMPLE_BLOCK, _BLOCK_GROUP = 0xE7, 0xA3, 0xA0
+_BLOCK, _BLOCK_DURATION, _DISCARD_PADDING = 0xA1, 0x9B, 0x75A2
+# What a Cluster of unknown size may hold (RFC 9559 section 5.1.3): its
+# end is where an element that is none of these begins.
+_CLUSTER_CHILDREN = frozenset({_CLUSTER_TIMESTAMP, _SIMPLE_BLOCK, _BLOCK_GROUP,
+                               0xA7, 0xAB, 0x5854, 0xAF, 0xEC, 0xBF})
+_TRACK_AUDIO, _TRACK_VIDEO = 2, 1
+
+# Bounds on structure: real files have a dozen top-level elements before
+# the first Cluster, Info of a few hundred bytes and Tracks of a few KB
+# (Vorbis codebooks); each bound is far above that and far below what
+# costs real time or memory.
+_MAX_EBML_HEADER = 4 << 10
+_MAX_TOP_LEVEL = 1_024
+_MAX_MASTER = 1 << 20        # Info or Tracks read whole; of the first Cluster, read
+_MAX_ELEMENTS = 20_000       # children walked in one read of Info, Tracks or the tail
+_MAX_CLUSTER_TRIES = 32      # Cluster IDs in the tail tried, from the last back
+MATROSKA_TAIL = 256 << 10
+
+_UNKNOWN = -1                # an element size of all ones (RFC 8794 section 6.2)
+
+
+class _Malformed(Exception):
+    """Bytes that break the EBML grammar or a bound: not audio."""
+
+
+class _Budget:
+    """How many more elements one walk may visit (_MAX_ELEMENTS in all)."""
+
+    def __init__(self) -> None:
+        self.left = _MAX_ELEMENTS
+
+    def spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise _Malformed("too many elements")
+
+
+def _vint(data: bytes, pos: int) -> tuple[int, int]:
+    """(value, width) of the variable-size integer at ``pos`` (RFC 8794
+    section 4), its marker bit removed; _UNKNOWN for all ones."""
+    if pos >= len(data) or not data[pos]:
+        raise _Malformed("no VINT")
+    width = 9 - data[pos].bit_length()
+    if pos + width > len(data):
+        raise _Malformed("cut VINT")
+    value = int.from_bytes(data[pos:pos + width], "big") & ((1 << (7 * width)) - 1)
+    return (_UNKNOWN if value == (1 << (7 * width)) - 1 else value), width
+
+
+def _header(data: bytes, pos: int) -> tuple[int, int, int]:
+    """(element ID, offset of its body, its size or _UNKNOWN) at ``pos``."""
+    if pos >= len(data) or data[pos] < 0x10:
+        raise _Malformed("no element ID")   # IDs are one to four bytes
+    id_width = 9 - data[pos].bit_length()
+    element_id = int.from_bytes(data[pos:pos + id_width], "big")
+    size, size_width = _vint(data, pos + id_width)
+    return element_id, pos + id_width + size_width, size
+
+
+def _children(data: bytes, budget: _Budget) -> Iterator[tuple[int, bytes]]:
+    """The (ID, body) of each element in ``data``, each charged to
+    ``budget``; every one must state its size and lie within ``data``."""
+    pos = 0
+    while pos < len(data):
+        budget.spend()
+        element_id, body, size = _header(data, pos)
+        if size == _UNKNOWN or body + size > len(data):
+            raise _Malformed("element overruns its parent")
+        yield element_id, data[body:body + size]
+        pos = body + size
+
+
+def _uint(body: bytes) -> int:
+    return int.from_bytes(body[:8], "big")
+
+
+def _float(body: bytes) -> float:
+    if len(body) == 4:
+        return struct.unpack(">f", body)[0]
+    if len(body) == 8:
+        return struct.unpack(">d", body)[0]
+    return 0.0                               # an empty float element is 0
+
+
+@dataclass
+class _Track:
+    number: int = 0
+    codec_id: str = ""
+    codec_delay_ns: int = 0
+    default_duration_ns: int = 0
+    sample_rate: float = 8000.0              # RFC 9559's default
+    output_rate: float = 0.0
+    channels: int = 1
+
+
+def read_matroska(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
+    try:
+        return _read(f)
+    except _Malformed:
+        return None
+
+
+def _read(f: IO[bytes]) -> AudioInfo | None:
+    size = file_size(f)
+    f.seek(0)
+    ebml = f.read(_MAX_EBML_HEADER)
+    mime, segment_at = _ebml_header(ebml)
+    scale, stated, tracks, first_cluster = _segment_head(f, segment_at, size, _Budget())
+    audio = next((t for t in tracks if t[0] == _TRACK_AUDIO), None)
+    if audio is None:
+        return None
+    track = audio[1]
+    with_video = any(kind == _TRACK_VIDEO for kind, _ in tracks)
+    if stated:
+        duration = stated * scale / 1e9
+    else:
+        duration = _unstated_length(f, size, first_cluster, track, scale)
+    codec = _codec(track.codec_id)
+    rate = 48_000 if codec == "opus" else (track.output_rate or track.sample_rate)
+    # The file's rate, as for the other whole-file figures; not when a
+    # video shares it.
+    bitrate = size * 8 / duration if duration and not with_video else None
+    return AudioInfo(
+        duration=round(duration, 3) if duration and duration > 0 else None,
+        bitrate=round(bitrate) if bitrate else None,
+        sample_rate=round(rate) if 0 < rate < 1e7 else None,
+        channels=track.channels or None,
+        codec=codec, mime=mime, with_video=with_video)
+
+
+def _ebml_header(data: bytes) -> tuple[str, int]:
+    """(the audio type the DocType names, offset of what follows the EBML
+    header); refused for another DocType."""
+    element_id, body, size = _header(data, 0)
+    if element_id != _EBML or size == _UNKNOWN or body + size > len(data):
+        raise _Malformed("no EBML header")
+    doctype = b"matroska"                    # RFC 8794 section 11.2.6's default
+    for child, value in _children(data[body:body + size], _Budget()):
+        if child == _DOCTYPE:
+            doctype = value.rstrip(b"\0")
+    if doctype not in EBML_DOCTYPES:
+        raise _Malformed(f"DocType {doctype!r}")
+    return EBML_DOCTYPES[doctype], body + size
+
+
+def _segment_head(f: IO[bytes], pos: int, end: int, budget: _Budget
+                  ) -> tuple[int, float, list[tuple[int, _Track]], int]:
+    """(TimestampScale, Duration or 0, [(TrackType, track)], offset of
+    the first Cluster or -1) from the Segment's Info and Tracks, looked for
+    before its first Cluster."""
+    f.seek(pos)
+    element_id, body, size = _header(f.read(12), 0)
+    if element_id != _SEGMENT:
+        raise _Malformed("no Segment")
+    pos += body
+    stop = end if size == _UNKNOWN else min(end, pos + size)
+    scale, duration, tracks, cluster = 1_000_000, 0.0, None, -1
+    for _ in range(_MAX_TOP_LEVEL):
+        if pos + 2 > stop or (tracks is not None and duration):
+            break
+        f.seek(pos)
+        try:
+            element_id, body, size = _header(f.read(12), 0)
+        except _Malformed:
+            break                            # the file ends here
+        if element_id == _CLUSTER or size == _UNKNOWN:
+            cluster = pos if element_id == _CLUSTER else -1
+            break
+        if element_id in (_INFO, _TRACKS):
+            if size > _MAX_MASTER:
+                raise _Malformed("Info or Tracks too large")
+            f.seek(pos + body)
+            data = f.read(size)
+            if element_id == _INFO:
+                scale, duration = _info(data, budget)
+            elif tracks is None:
+                tracks = _tracks(data, budget)
+        pos += body + size
+    else:
+        raise _Malformed("too many top-level elements")
+    return scale, duration, tracks or [], cluster
+
+
+def _info(data: bytes, budget: _Budget) -> tuple[int, float]:
+    scale, duration = 1_000_000, 0.0
+    for element_id, body in _children(data, budget):
+        if element_id == _TIMESTAMP_SCALE:
+            scale = _uint(body) or scale
+        elif element_id == _DURATION:
+            duration = _float(body)
+    if not 0 <= duration < 1e30:
+        duration = 0.0                       # NaN, infinite: not stated
+    return scale, duration
+
+
+def _tracks(data: bytes, budget: _Budget) -> list[tuple[int, _Track]]:
+    found = []
+    for element_id, entry in _children(data, budget):
+        if element_id != _TRACK_ENTRY:
+            continue
+        track, kind = _Track(), 0
+        for child, body in _children(entry, budget):
+            if child == _TRACK_NUMBER:
+                track.number = _uint(body)
+            elif child == _TRACK_TYPE:
+                kind = _uint(body)
+            elif child == _CODEC_ID:
+                track.codec_id = body.rstrip(b"\0").decode("ascii", "replace")
+            elif child == _CODEC_DELAY:
+                track.codec_delay_ns = _uint(body)
+            elif child == _DEFAULT_DURATION:
+                track.default_duration_ns = _uint(body)
+            elif child == _AUDIO:
+                _audio_settings(track, body, budget)
+        found.append((kind, track))
+    return found
+
+
+def _audio_settings(track: _Track, data: bytes, budget: _Budget) -> None:
+    for element_id, body in _children(data, budget):
+        if element_id == _SAMPLING_FREQUENCY:
+            track.sample_rate = _float(body)
+        elif element_id == _OUTPUT_SAMPLING_FREQUENCY:
+            track.output_rate = _float(body)
+        elif element_id == _CHANNELS:
+            track.channels = _uint(body)
+
+
+# Matroska codec IDs (the Matroska codec mappings) to the names the other
+# readers report.
+_CODECS = {"A_OPUS": "opus", "A_VORBIS": "vorbis", "A_FLAC": "flac",
+           "A_MPEG/L3": "mp3", "A_MPEG/L2": "mp2", "A_MPEG/L1": "mp1",
+           "A_PCM/INT/LIT": "pcm", "A_PCM/INT/BIG": "pcm",
+           "A_PCM/FLOAT/IEEE": "pcm_float", "A_ALAC": "alac", "A_AC3": "ac3",
+           "A_EAC3": "eac3", "A_DTS": "dts", "A_TRUEHD": "truehd"}
+
+
+def _codec(codec_id: str) -> str:
+    if codec_id.startswith("A_AAC"):
+        return "aac"                         # A_AAC, A_AAC/MPEG4/LC, ...
+    return _CODECS.get(codec_id, codec_id.removeprefix("A_").lower() or "unknown")
+
+
+# --- the length of a file that does not state it ------------------------------
+
+def _unstated_length(f: IO[bytes], size: int, first_cluster: int, track: _Track,
+                     scale: int) -> float:
+    """Seconds from the start of the audio track's first block (in the
+    first Cluster, else 0) to the end of its last, in the last Cluster
+    within the file's last MATROSKA_TAIL bytes that holds one; 0 if none
+    does. Codec delay and discarded padding, which the player drops, are
+    left out."""
+    start_ns = 0
+    if first_cluster >= 0:
+        f.seek(first_cluster)
+        try:
+            span = _cluster_span_ns(f.read(_MAX_MASTER), 0, track, scale, _Budget())
+        except _Malformed:
+            span = None
+        start_ns = span[0] if span else 0
+    tail_at = max(0, size - MATROSKA_TAIL)
+    f.seek(tail_at)
+    tail = f.read(MATROSKA_TAIL)
+    cluster_id = _CLUSTER.to_bytes(4, "big")
+    at, budget = len(tail), _Budget()
+    for _ in range(_MAX_CLUSTER_TRIES):
+        at = tail.rfind(cluster_id, 0, at)
+        if at < 0 or budget.left <= 0:
+            return 0.0
+        try:
+            span = _cluster_span_ns(tail, at, track, scale, budget)
+        except _Malformed:
+            continue
+        if span is not None:
+            return max(0, span[1] - start_ns - track.codec_delay_ns) / 1e9
+    return 0.0
+
+
+def _cluster_span_ns(data: bytes, pos: int, track: _Track, scale: int,
+                     budget: _Budget) -> tuple[int, int] | None:
+    """When the track's first block in the Cluster at ``pos`` starts and
+    its last ends, in nanoseconds; None if the Cluster holds none. A Cluster of unknown size
+    ends at the first element that cannot be its child, or at the end of
+    ``data``; a block cut off by the end of ``data`` is not counted."""
+    _, body, size = _header(data, pos)
+    end = len(data) if size == _UNKNOWN else min(len(data), body + size)
+    cluster_ts, first, last, previous = None, None, None, None
+    pos = body
+    while pos < end:
+        budget.spend()
+        try:
+            element_id, child, child_size = _header(data, pos)
+        except _Malformed:
+            break                            # cut off, or the Cluster ended
+        if element_id not in _CLUSTER_CHILDREN:
+            if size == _UNKNOWN:
+                break
+            raise _Malformed("not a Cluster's child")
+        if child_size == _UNKNOWN or child + child_size > len(data):
+            break
+        block = data[child:child + child_size]
+        pos = child + child_size
+        if element_id == _CLUSTER_TIMESTAMP:
+            cluster_ts = _uint(block)
+        elif element_id in (_SIMPLE_BLOCK, _BLOCK_GROUP):
+            timed = _block_timing(block, element_id == _BLOCK_GROUP, track, scale, budget)
+            if timed is not None:
+                first, previous, last = first or timed, last, timed
+    if cluster_ts is None or last is None:
+        return None
+    relative, duration_ns, discard_ns = last
+    if duration_ns is None:
+        step = (relative - previous[0]) * scale if previous else 0
+        duration_ns = track.default_duration_ns or max(step, 0)
+    return ((cluster_ts + first[0]) * scale,
+            (cluster_ts + relative) * scale + duration_ns - discard_ns)
+
+
+def _block_timing(data: bytes, grouped: bool, track: _Track, scale: int,
+                  budget: _Budget) -> tuple[int, int | None, int] | None:
+    """(relative timestamp, duration in ns or None, discarded ns) of a
+    SimpleBlock or BlockGroup of ``track``; None for another track's."""
+    block, duration_ns, discard_ns = data, None, 0
+    if grouped:
+        block = b""
+        for element_id, body in _children(data, budget):
+            if element_id == _BLOCK:
+                block = body
+            elif element_id == _BLOCK_DURATION:
+                duration_ns = _uint(body) * scale
+            elif element_id == _DISCARD_PADDING:
+                discard_ns = max(0, int.from_bytes(body[:8], "big", signed=True))
+    number, width = _vint(block, 0)
+    if number != track.number or len(block) < width + 3:
+        return None
+    relative = int.from_bytes(block[width:width + 2], "big", signed=True)
+    laced = block[width + 2] & 0x06
+    if duration_ns is None and not laced and track.codec_id == "A_OPUS":
+        duration_ns = _opus_packet_ns(block[width + 3:])
+    return relative, duration_ns, discard_ns
+
+
+# Opus frame sizes by TOC configuration (RFC 6716 section 3.1), in units
+# of 0.5 ms: SILK 10, 20, 40, 60 ms; hybrid 10, 20 ms; CELT 2.5 to 20 ms.
+_OPUS_FRAME_HALF_MS = (20, 40, 80, 120) * 3 + (20, 40) * 2 + (5, 10, 20, 40) * 4
+
+
+def _opus_packet_ns(packet: bytes) -> int | None:
+    """How long an Opus packet plays, from its TOC byte and frame count
+    (RFC 6716 section 3.2); None if it is too short to say."""
+    if not packet:
+        return None
+    toc = packet[0]
+    frames = (1, 2, 2, 0)[toc & 3]
+    if not frames:
+        if len(packet) < 2:
+            return None
+        frames = packet[1] & 0x3F
+    return _OPUS_FRAME_HALF_MS[toc >> 3] * frames * 500_000
