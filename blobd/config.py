@@ -195,6 +195,10 @@ def load_config(path: str | Path | None = None) -> Config:
         raise ConfigError(f"{path}: no such config file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        # tomllib decodes the whole file first and lets this escape: a file
+        # saved as Latin-1 or UTF-16 would otherwise end in a traceback.
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 (byte {exc.start})") from None
     return config_from_dict(raw)
 
 

@@ -175,3 +175,7 @@ def test_bad_toml_and_missing_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "missing.toml")
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[logging]\n# caf\xe9\nlevel = "info"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.toml: not valid TOML: not UTF-8"):
+        load_config(latin1)
