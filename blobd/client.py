@@ -87,7 +87,7 @@ class BlobdClient:
             async with self._http.request(method, self.url + path, **kwargs) as resp:
                 raw = await resp.read()
                 if resp.status not in ok:
-                    raise _error_from(resp.status, raw, resp.headers.get("Retry-After"))
+                    raise _error_from(resp, raw)
                 is_json = resp.content_type == "application/json" and raw
                 return resp.status, (await resp.json() if is_json else None)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -162,7 +162,7 @@ class BlobdClient:
             async with self._http.get(f"{self.url}/blobs/{parsed}",
                                       headers=self._headers()) as resp:
                 if resp.status != 200:
-                    raise _error_from(resp.status, await resp.read())
+                    raise _error_from(resp, await resp.read())
                 total(resp.content_length or 0)
                 digests = await _save(resp.content.iter_chunked(READ_SIZE), temp, progress)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -402,7 +402,9 @@ async def _save(pieces: AsyncIterator[bytes], temp: Path, progress: Progress) ->
         raise
 
 
-def _error_from(status: int, raw: bytes, retry_after: str | None = None) -> BlobdError:
+def _error_from(resp: aiohttp.ClientResponse, raw: bytes) -> BlobdError:
+    status = resp.status
+    retry_after = resp.headers.get("Retry-After")
     headers = {"Retry-After": retry_after} if retry_after is not None else None
     try:
         body = json.loads(raw)
@@ -413,8 +415,17 @@ def _error_from(status: int, raw: bytes, retry_after: str | None = None) -> Blob
         extra = {k: v for k, v in body.items() if k not in ("error", "message")}
         return BlobdError(code, str(body.get("message", "")), extra=extra, status=status,
                           headers=headers)
-    text = raw.decode(errors="replace").strip()[:200]
-    return BlobdError("internal", text or f"HTTP {status}", status=status, headers=headers)
+    # Not blobd's JSON: a reverse proxy's error page (nginx's 502 while
+    # blobd is down) or another server on that port. The error is one line,
+    # so the page's HTML is left out and the answer said in its place.
+    text = " ".join(raw.decode(errors="replace").split())
+    if text.startswith("<"):
+        text = ""
+    answer = f"{resp.url.origin()} answered {status} {resp.reason or ''}".rstrip()
+    message = (f"{answer}: {text[:200]}" if text else
+               f"{answer}, not with an error of blobd's (a proxy whose blobd is down,"
+               " or no blobd at this URL?)")
+    return BlobdError("internal", message, status=status, headers=headers)
 
 
 def _busy_wait(exc: BlobdError) -> float | None:

@@ -179,6 +179,50 @@ def test_put_with_a_bad_token_or_no_server(live, tmp_path: Path) -> None:
     assert gone.returncode == 1 and "cannot reach" in gone.stderr
 
 
+class ProxyWithoutBlobd:
+    """nginx in front of a blobd that is down: every request gets a 502
+    and an HTML page."""
+
+    PAGE = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+            b"<center><h1>502 Bad Gateway</h1></center>\r\n</body>\r\n</html>\r\n")
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\n"
+                             b"Connection: close\r\nContent-Length: %d\r\n\r\n"
+                             % len(self.PAGE) + self.PAGE)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_an_error_page_instead_of_blobd_is_one_line(tmp_path: Path) -> None:
+    """Found by review: the proxy's whole HTML page was the error message."""
+    src = tmp_path / "x.bin"
+    src.write_bytes(b"x")
+    proxy = ProxyWithoutBlobd()
+    try:
+        for args in (("put", str(src)), ("get", "0" * 64, "-o", str(tmp_path / "y"))):
+            result = run_blobd(*args, "--server", proxy.url, "--token", "t")
+            assert result.returncode == 1
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and "<" not in lines[0], result.stderr
+            assert f"{proxy.url} answered 502 Bad Gateway" in lines[0], result.stderr
+    finally:
+        proxy.close()
+
+
 def test_get_to_a_place_it_cannot_write_is_one_line_and_leaves_nothing(
         live, tmp_path: Path) -> None:
     data = os.urandom(100_000)
