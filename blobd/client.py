@@ -148,8 +148,21 @@ class BlobdClient:
             return digests
         spool = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="blobd-get-"))
         try:
-            digests = await self._fetch(parsed, spool / "blob", progress, total)
-            await _write_out(spool / "blob", dest)
+            try:
+                digests = await self._fetch(parsed, spool / "blob", progress, total)
+            except BlobdError as exc:
+                if exc.code != "insufficient_storage":
+                    raise
+                raise BlobdError(exc.code, f"{spool.parent}: the disk is full; the blob"
+                                 " waits there ($TMPDIR) until it is verified") from None
+            try:
+                await _write_out(spool / "blob", dest)
+            except OSError as exc:
+                if exc.filename is not None:
+                    raise
+                # A write into standard output or /dev/full names no file.
+                name = str(dest) if isinstance(dest, Path) else "standard output"
+                raise OSError(exc.errno, exc.strerror, name) from None
         finally:
             await asyncio.to_thread(shutil.rmtree, spool, True)
         return digests
@@ -397,6 +410,13 @@ async def _save(pieces: AsyncIterator[bytes], temp: Path, progress: Progress) ->
             await asyncio.to_thread(writer.write, piece)
             progress(len(piece))
         return await asyncio.to_thread(writer.finish, True)
+    except BlobdError as exc:
+        await asyncio.to_thread(writer.discard)
+        if exc.code != "insufficient_storage":
+            raise
+        # The server's 507 reads "the disk is full" too: say it is this one.
+        raise BlobdError(exc.code, f"{temp.parent}: the disk is full; nothing was"
+                         " saved") from None
     except BaseException:
         await asyncio.to_thread(writer.discard)
         raise

@@ -21,6 +21,7 @@ from blobd.client import BlobdClient
 from conftest import b3
 from cutproxy import CutProxy
 from serverproc import BlobdServer, blobd_env, http as request, run_blobd
+from test_enospc import tiny_fs  # noqa: F401 (a fixture: an 8 MiB tmpfs)
 
 KIB = 1024
 REPO = Path(__file__).resolve().parent.parent
@@ -423,3 +424,26 @@ def test_get_to_standard_output_only_verified_bytes(live, tmp_path: Path, output
     assert refused.returncode == 1 and refused.stdout == b""
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_get_onto_a_full_disk_says_which_disk(live, tmp_path: Path, tiny_fs: Path) -> None:
+    """Found by review: "the disk is full", as the server's 507 reads, with
+    nothing to say that it was the disk of -o, of $TMPDIR or of /dev/full."""
+    server, token = live
+    digest = stored(live, os.urandom(9 << 20))  # the tmpfs holds 8 MiB
+
+    def get(output: str, tmpdir: Path) -> list[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "blobd", "get", digest, "-o", output, "--server",
+             server.url, "--token", token], cwd=tmp_path, capture_output=True, text=True,
+            timeout=60, env={**blobd_env(), "TMPDIR": str(tmpdir)})
+        assert result.returncode == 1, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        return lines
+
+    assert f"{tiny_fs}: the disk is full" in get(str(tiny_fs / "song.flac"), tmp_path)[0]
+    spooled = get("-", tiny_fs)[0]
+    assert f"{tiny_fs}: the disk is full" in spooled and "$TMPDIR" in spooled
+    assert "No space left on device: /dev/full" in get("/dev/full", tmp_path)[0]
+    assert list(tiny_fs.iterdir()) == [] and list(tmp_path.iterdir()) == [tiny_fs]
