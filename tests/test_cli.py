@@ -204,3 +204,17 @@ def test_token_commands_never_create_a_store(tmp_path: Path, action: tuple) -> N
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("args, value", [
+    (("put", "song.flac", "--parallel"), "0"), (("put", "song.flac", "--parallel"), "-2"),
+    (("mirror", "sync", "-j"), "0"), (("mirror", "heal", "--jobs"), "-1"),
+    (("mirror", "restore", "-j"), "many"),
+])
+def test_transfers_at_once_must_be_a_positive_count(args: tuple, value: str, capsys) -> None:
+    """Found by review: --parallel 0 and -2 ran one chunk at a time, -j 0
+    took [mirror] concurrency, -j -1 one transfer, all without a word."""
+    with pytest.raises(SystemExit) as stopped:
+        build_parser().parse_args([*args, value])
+    assert stopped.value.code == 2
+    assert f"expected a whole number from 1 up, got '{value}'" in capsys.readouterr().err

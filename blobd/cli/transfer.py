@@ -22,6 +22,7 @@ from ..address import parse_address, parse_ref_name
 from ..client import DEFAULT_URL, BlobdClient, UploadResult
 from ..config import parse_size
 from ..errors import BlobdError
+from .common import positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="use a resumable session from this size on (default 16MiB)")
     put.add_argument("--chunk-size", type=_size, metavar="SIZE",
                      help="chunk size of new sessions (default: the server's choice)")
-    put.add_argument("--parallel", type=int, default=4, metavar="N",
+    put.add_argument("--parallel", type=positive_int, default=4, metavar="N",
                      help="chunks in flight at once (default 4)")
     _connection_options(put)
     put.set_defaults(run=run_put)
