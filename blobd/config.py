@@ -388,11 +388,19 @@ def _origin_checks(origins: list[str]) -> list[Check]:
              " e.g. \"http://nas.local:3000\", or \"*\"" if bad else "")]
 
 
+_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")
+
+
 def _mirror_checks(mirror: MirrorConfig) -> list[Check]:
     endpoint = urllib.parse.urlsplit(mirror.endpoint)
     return [
         (bool(mirror.endpoint), "mirror.endpoint", "required when [mirror] is present"),
         (bool(mirror.bucket), "mirror.bucket", "required when [mirror] is present"),
+        # What the S3 client takes (it checks before any request, in a
+        # message of many lines); "s3://blobd" or "blobd/blobs" fail here.
+        (not mirror.bucket or _BUCKET.fullmatch(mirror.bucket) is not None, "mirror.bucket",
+         f"{mirror.bucket!r} is not a bucket name: letters, digits, '.', '-' and '_' only"
+         " (a folder in the bucket goes in mirror.prefix)"),
         (not mirror.endpoint or (endpoint.scheme in ("http", "https")
                                  and bool(endpoint.hostname)),
          "mirror.endpoint", "expected an http:// or https:// URL with a host"),

@@ -61,6 +61,11 @@ def test_sizes(text, value):
     ({"limits": {"max_blob_size": "1" * 400 + "KiB"}}, "limits.max_blob_size"),
     ({"mirror": {"endpoint": "127.0.0.1:9000", "bucket": "b"}}, "mirror.endpoint"),
     ({"mirror": {"endpoint": "ftp://h", "bucket": "b"}}, "mirror.endpoint"),
+    # Found by review: the S3 client's validation error, over several lines,
+    # at every start and in `blobd mirror status`.
+    ({"mirror": {"endpoint": "http://h", "bucket": "blobd/blobs"}},
+     "mirror.bucket: 'blobd/blobs' is not a bucket name"),
+    ({"mirror": {"endpoint": "http://h", "bucket": "s3://blobd"}}, "mirror.bucket"),
     ({"mirror": {"endpoint": "http://h", "bucket": "b", "multipart_threshold": 0}},
      "mirror.multipart_threshold"),
     # Found by review: these hosts were tracebacks at start-up, or (empty)
