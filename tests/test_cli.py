@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,42 @@ def test_every_command_on_a_store_takes_data_dir() -> None:
     with_config = [p for p in command_paths(parser) if "--config" in options(parser, p)]
     assert ("token", "create") in with_config and ("mirror", "status") in with_config
     assert [p for p in with_config if "--data-dir" not in options(parser, p)] == []
+
+
+def test_readme_command_line_names_every_option() -> None:
+    """Found by review: the README's summary lacked restore's and heal's
+    --progress. Each option of each command is there, and nothing else
+    (--data-dir is said once below the block, for every -c command)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("\n## Command line\n", 1)[1].split("```")[1]
+    shown: dict[tuple[str, ...], set[str]] = {}
+    for line in block.strip().splitlines():
+        if line.startswith("blobd "):
+            words = line.split()[1:]
+            path = tuple(itertools.takewhile(lambda w: w.isalpha() and w.islower(), words))
+        shown.setdefault(path, set()).update(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", line))
+    parser = build_parser()
+    leaves = [p for p in command_paths(parser) if not _subcommands(parser, p)]
+    assert sorted(shown) == sorted(leaves)
+    for path in leaves:
+        actions = [a for a in _command(parser, path)._actions
+                   if a.option_strings and "--help" not in a.option_strings]
+        known = {o for a in actions for o in a.option_strings}
+        assert shown[path] <= known, (path, shown[path] - known)
+        assert [a.option_strings for a in actions if not shown[path] & set(a.option_strings)
+                and "--data-dir" not in a.option_strings] == [], path
+
+
+def _command(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> argparse.ArgumentParser:
+    for name in path:
+        parser = _subcommands(parser, ())[name]
+    return parser
+
+
+def _subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> dict:
+    parser = _command(parser, path) if path else parser
+    return next((a.choices for a in parser._actions
+                 if isinstance(a, argparse._SubParsersAction)), {})
 
 
 def test_offline_commands_work_on_a_data_dir_without_a_config(tmp_path: Path) -> None:
