@@ -308,6 +308,10 @@ def _validate(config: Config, names: dict[str, str] | None = None) -> None:
         # "" would make the working directory the store.
         (config.server.data_dir != "", "server.data_dir",
          "empty; name a directory (a relative one is taken from the working directory)"),
+        # No shell reads this file to expand "~": "~/blobd-data" was a new,
+        # empty store in a directory named "~" under the working directory.
+        (not config.server.data_dir.startswith("~"), "server.data_dir",
+         f"{config.server.data_dir!r}: '~' is not expanded here; give the whole path"),
         *_origin_checks(config.server.cors_origins),
         (config.server.workers >= 1, "server.workers", "expected at least 1"),
         # 0 would be aiohttp's "never".

@@ -93,6 +93,8 @@ def test_sizes(text, value):
     ({"server": {"cors_origins": ["*", "http://"]}}, "server.cors_origins"),
     ({"uploads": {"max_sessions_per_owner": 0}}, "uploads.max_sessions_per_owner"),
     ({"server": {"data_dir": ""}}, "server.data_dir: empty"),
+    # Found by review: a store in ./~/blobd-data.
+    ({"server": {"data_dir": "~/blobd-data"}}, "server.data_dir: '~/blobd-data': '~' is not"),
 ])
 def test_errors_name_the_key(raw, key):
     with pytest.raises(ConfigError) as info:
