@@ -178,6 +178,10 @@ def test_put_with_a_bad_token_or_no_server(live, tmp_path: Path) -> None:
     assert bad.returncode == 1 and "token" in bad.stderr
     gone = run_blobd("put", "--server", "http://127.0.0.1:9", "--token", "t", str(src))
     assert gone.returncode == 1 and "cannot reach" in gone.stderr
+    # Found by review: put named the option, get did not.
+    tokenless = run_blobd("get", "0" * 64, "--server", server.url, "--token", "")
+    assert tokenless.returncode == 1
+    assert "token is required: --token or $BLOBD_TOKEN" in tokenless.stderr, tokenless.stderr
 
 
 class ProxyWithoutBlobd:

@@ -163,8 +163,15 @@ async def run_get(args: argparse.Namespace) -> int:
             def total(size: int) -> None:
                 bar.total = size
                 bar.refresh()
-            await client.download(str(address), sys.stdout.buffer if to_stdout else dest,
-                                  progress=bar.update, total=total)
+            try:
+                await client.download(str(address), sys.stdout.buffer if to_stdout else dest,
+                                      progress=bar.update, total=total)
+            except BlobdError as exc:
+                # No token is fine for a server with anonymous_read; for the
+                # others, say where one goes.
+                if exc.code != "unauthorized" or args.token:
+                    raise
+                raise BlobdError(exc.code, f"{exc.message}: --token or $BLOBD_TOKEN") from None
     say(f"{name}: verified {address}")
     if not to_stdout:
         print(dest, flush=True)
