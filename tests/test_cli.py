@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,7 +18,10 @@ import blake3
 import pytest
 
 from blobd.cli import build_parser
-from serverproc import DEFAULT_PORT, BlobdServer, free_port, http, port_is_free, run_blobd, to_toml
+from blobd.store import Store
+from conftest import make_config
+from serverproc import (DEFAULT_PORT, BlobdServer, blobd_env, free_port, http, port_is_free,
+                        run_blobd, to_toml)
 
 
 def command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
@@ -255,3 +263,24 @@ def test_transfers_at_once_must_be_a_positive_count(args: tuple, value: str, cap
         build_parser().parse_args([*args, value])
     assert stopped.value.code == 2
     assert f"expected a whole number from 1 up, got '{value}'" in capsys.readouterr().err
+
+
+def test_output_into_a_pipe_nobody_reads_ends_without_a_word(tmp_path: Path) -> None:
+    """Found by review: `blobd fsck | head -3` (or `| grep -q`) said
+    "blobd: error: Broken pipe" and exited 1, which for fsck means damage."""
+    asyncio.run(_make_store(make_config(tmp_path)))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "blobd", "fsck", "--data-dir", str(tmp_path / "data")],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, env=blobd_env(), timeout=60)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (128 + signal.SIGPIPE, "")
+
+
+async def _make_store(config) -> None:
+    store = Store(config)
+    await store.open()
+    await store.close()
