@@ -184,6 +184,9 @@ class Config:
         return dataclasses.replace(self, **sections)
 
 
+MAX_WORKERS = 64
+
+
 def load_config(path: str | Path | None = None) -> Config:
     """Load a TOML file; ``None`` gives the embedded default."""
     if path is None:
@@ -314,6 +317,10 @@ def _validate(config: Config, names: dict[str, str] | None = None) -> None:
          f"{config.server.data_dir!r}: '~' is not expanded here; give the whole path"),
         *_origin_checks(config.server.cors_origins),
         (config.server.workers >= 1, "server.workers", "expected at least 1"),
+        # Each worker is a whole server (about 45 MB); a typo of a thousand
+        # or more forked until the machine stalled (found by review).
+        (config.server.workers <= MAX_WORKERS, "server.workers",
+         f"expected at most {MAX_WORKERS}; one or two per core is the useful range"),
         # 0 would be aiohttp's "never".
         (config.server.keepalive_timeout_seconds > 0,
          "server.keepalive_timeout_seconds", "expected a positive number"),

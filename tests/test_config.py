@@ -93,6 +93,9 @@ def test_sizes(text, value):
     ({"server": {"cors_origins": ["*", "http://"]}}, "server.cors_origins"),
     ({"uploads": {"max_sessions_per_owner": 0}}, "uploads.max_sessions_per_owner"),
     ({"server": {"data_dir": ""}}, "server.data_dir: empty"),
+    # Found by review: forked workers until the machine stalled.
+    ({"server": {"workers": 1000}}, "server.workers: expected at most 64"),
+    ({"server": {"workers": 10**20}}, "server.workers: expected at most 64"),
     # Found by review: a store in ./~/blobd-data.
     ({"server": {"data_dir": "~/blobd-data"}}, "server.data_dir: '~/blobd-data': '~' is not"),
 ])
