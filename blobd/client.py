@@ -87,7 +87,7 @@ class BlobdClient:
             async with self._http.request(method, self.url + path, **kwargs) as resp:
                 raw = await resp.read()
                 if resp.status not in ok:
-                    raise _error_from(resp.status, raw, resp.headers.get("Retry-After"))
+                    raise _error_from(resp, raw)
                 is_json = resp.content_type == "application/json" and raw
                 return resp.status, (await resp.json() if is_json else None)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -148,8 +148,21 @@ class BlobdClient:
             return digests
         spool = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="blobd-get-"))
         try:
-            digests = await self._fetch(parsed, spool / "blob", progress, total)
-            await _write_out(spool / "blob", dest)
+            try:
+                digests = await self._fetch(parsed, spool / "blob", progress, total)
+            except BlobdError as exc:
+                if exc.code != "insufficient_storage":
+                    raise
+                raise BlobdError(exc.code, f"{spool.parent}: the disk is full; the blob"
+                                 " waits there ($TMPDIR) until it is verified") from None
+            try:
+                await _write_out(spool / "blob", dest)
+            except OSError as exc:
+                if exc.filename is not None:
+                    raise
+                # A write into standard output or /dev/full names no file.
+                name = str(dest) if isinstance(dest, Path) else "standard output"
+                raise OSError(exc.errno, exc.strerror, name) from None
         finally:
             await asyncio.to_thread(shutil.rmtree, spool, True)
         return digests
@@ -162,7 +175,7 @@ class BlobdClient:
             async with self._http.get(f"{self.url}/blobs/{parsed}",
                                       headers=self._headers()) as resp:
                 if resp.status != 200:
-                    raise _error_from(resp.status, await resp.read())
+                    raise _error_from(resp, await resp.read())
                 total(resp.content_length or 0)
                 digests = await _save(resp.content.iter_chunked(READ_SIZE), temp, progress)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -397,12 +410,21 @@ async def _save(pieces: AsyncIterator[bytes], temp: Path, progress: Progress) ->
             await asyncio.to_thread(writer.write, piece)
             progress(len(piece))
         return await asyncio.to_thread(writer.finish, True)
+    except BlobdError as exc:
+        await asyncio.to_thread(writer.discard)
+        if exc.code != "insufficient_storage":
+            raise
+        # The server's 507 reads "the disk is full" too: say it is this one.
+        raise BlobdError(exc.code, f"{temp.parent}: the disk is full; nothing was"
+                         " saved") from None
     except BaseException:
         await asyncio.to_thread(writer.discard)
         raise
 
 
-def _error_from(status: int, raw: bytes, retry_after: str | None = None) -> BlobdError:
+def _error_from(resp: aiohttp.ClientResponse, raw: bytes) -> BlobdError:
+    status = resp.status
+    retry_after = resp.headers.get("Retry-After")
     headers = {"Retry-After": retry_after} if retry_after is not None else None
     try:
         body = json.loads(raw)
@@ -413,8 +435,17 @@ def _error_from(status: int, raw: bytes, retry_after: str | None = None) -> Blob
         extra = {k: v for k, v in body.items() if k not in ("error", "message")}
         return BlobdError(code, str(body.get("message", "")), extra=extra, status=status,
                           headers=headers)
-    text = raw.decode(errors="replace").strip()[:200]
-    return BlobdError("internal", text or f"HTTP {status}", status=status, headers=headers)
+    # Not blobd's JSON: a reverse proxy's error page (nginx's 502 while
+    # blobd is down) or another server on that port. The error is one line,
+    # so the page's HTML is left out and the answer said in its place.
+    text = " ".join(raw.decode(errors="replace").split())
+    if text.startswith("<"):
+        text = ""
+    answer = f"{resp.url.origin()} answered {status} {resp.reason or ''}".rstrip()
+    message = (f"{answer}: {text[:200]}" if text else
+               f"{answer}, not with an error of blobd's (a proxy whose blobd is down,"
+               " or no blobd at this URL?)")
+    return BlobdError("internal", message, status=status, headers=headers)
 
 
 def _busy_wait(exc: BlobdError) -> float | None:

@@ -184,6 +184,9 @@ class Config:
         return dataclasses.replace(self, **sections)
 
 
+MAX_WORKERS = 64
+
+
 def load_config(path: str | Path | None = None) -> Config:
     """Load a TOML file; ``None`` gives the embedded default."""
     if path is None:
@@ -195,6 +198,10 @@ def load_config(path: str | Path | None = None) -> Config:
         raise ConfigError(f"{path}: no such config file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        # tomllib decodes the whole file first and lets this escape: a file
+        # saved as Latin-1 or UTF-16 would otherwise end in a traceback.
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 (byte {exc.start})") from None
     return config_from_dict(raw)
 
 
@@ -304,8 +311,16 @@ def _validate(config: Config, names: dict[str, str] | None = None) -> None:
         # "" would make the working directory the store.
         (config.server.data_dir != "", "server.data_dir",
          "empty; name a directory (a relative one is taken from the working directory)"),
+        # No shell reads this file to expand "~": "~/blobd-data" was a new,
+        # empty store in a directory named "~" under the working directory.
+        (not config.server.data_dir.startswith("~"), "server.data_dir",
+         f"{config.server.data_dir!r}: '~' is not expanded here; give the whole path"),
         *_origin_checks(config.server.cors_origins),
         (config.server.workers >= 1, "server.workers", "expected at least 1"),
+        # Each worker is a whole server (about 45 MB); a typo of a thousand
+        # or more forked until the machine stalled (found by review).
+        (config.server.workers <= MAX_WORKERS, "server.workers",
+         f"expected at most {MAX_WORKERS}; one or two per core is the useful range"),
         # 0 would be aiohttp's "never".
         (config.server.keepalive_timeout_seconds > 0,
          "server.keepalive_timeout_seconds", "expected a positive number"),
@@ -384,11 +399,19 @@ def _origin_checks(origins: list[str]) -> list[Check]:
              " e.g. \"http://nas.local:3000\", or \"*\"" if bad else "")]
 
 
+_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")
+
+
 def _mirror_checks(mirror: MirrorConfig) -> list[Check]:
     endpoint = urllib.parse.urlsplit(mirror.endpoint)
     return [
         (bool(mirror.endpoint), "mirror.endpoint", "required when [mirror] is present"),
         (bool(mirror.bucket), "mirror.bucket", "required when [mirror] is present"),
+        # What the S3 client takes (it checks before any request, in a
+        # message of many lines); "s3://blobd" or "blobd/blobs" fail here.
+        (not mirror.bucket or _BUCKET.fullmatch(mirror.bucket) is not None, "mirror.bucket",
+         f"{mirror.bucket!r} is not a bucket name: letters, digits, '.', '-' and '_' only"
+         " (a folder in the bucket goes in mirror.prefix)"),
         (not mirror.endpoint or (endpoint.scheme in ("http", "https")
                                  and bool(endpoint.hostname)),
          "mirror.endpoint", "expected an http:// or https:// URL with a host"),

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import itertools
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,7 +18,10 @@ import blake3
 import pytest
 
 from blobd.cli import build_parser
-from serverproc import DEFAULT_PORT, BlobdServer, free_port, http, port_is_free, run_blobd, to_toml
+from blobd.store import Store
+from conftest import make_config
+from serverproc import (DEFAULT_PORT, BlobdServer, blobd_env, free_port, http, port_is_free,
+                        run_blobd, to_toml)
 
 
 def command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
@@ -39,6 +48,42 @@ def test_every_command_on_a_store_takes_data_dir() -> None:
     with_config = [p for p in command_paths(parser) if "--config" in options(parser, p)]
     assert ("token", "create") in with_config and ("mirror", "status") in with_config
     assert [p for p in with_config if "--data-dir" not in options(parser, p)] == []
+
+
+def test_readme_command_line_names_every_option() -> None:
+    """Found by review: the README's summary lacked restore's and heal's
+    --progress. Each option of each command is there, and nothing else
+    (--data-dir is said once below the block, for every -c command)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("\n## Command line\n", 1)[1].split("```")[1]
+    shown: dict[tuple[str, ...], set[str]] = {}
+    for line in block.strip().splitlines():
+        if line.startswith("blobd "):
+            words = line.split()[1:]
+            path = tuple(itertools.takewhile(lambda w: w.isalpha() and w.islower(), words))
+        shown.setdefault(path, set()).update(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", line))
+    parser = build_parser()
+    leaves = [p for p in command_paths(parser) if not _subcommands(parser, p)]
+    assert sorted(shown) == sorted(leaves)
+    for path in leaves:
+        actions = [a for a in _command(parser, path)._actions
+                   if a.option_strings and "--help" not in a.option_strings]
+        known = {o for a in actions for o in a.option_strings}
+        assert shown[path] <= known, (path, shown[path] - known)
+        assert [a.option_strings for a in actions if not shown[path] & set(a.option_strings)
+                and "--data-dir" not in a.option_strings] == [], path
+
+
+def _command(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> argparse.ArgumentParser:
+    for name in path:
+        parser = _subcommands(parser, ())[name]
+    return parser
+
+
+def _subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> dict:
+    parser = _command(parser, path) if path else parser
+    return next((a.choices for a in parser._actions
+                 if isinstance(a, argparse._SubParsersAction)), {})
 
 
 def test_offline_commands_work_on_a_data_dir_without_a_config(tmp_path: Path) -> None:
@@ -204,3 +249,38 @@ def test_token_commands_never_create_a_store(tmp_path: Path, action: tuple) -> N
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("args, value", [
+    (("put", "song.flac", "--parallel"), "0"), (("put", "song.flac", "--parallel"), "-2"),
+    (("mirror", "sync", "-j"), "0"), (("mirror", "heal", "--jobs"), "-1"),
+    (("mirror", "restore", "-j"), "many"),
+])
+def test_transfers_at_once_must_be_a_positive_count(args: tuple, value: str, capsys) -> None:
+    """Found by review: --parallel 0 and -2 ran one chunk at a time, -j 0
+    took [mirror] concurrency, -j -1 one transfer, all without a word."""
+    with pytest.raises(SystemExit) as stopped:
+        build_parser().parse_args([*args, value])
+    assert stopped.value.code == 2
+    assert f"expected a whole number from 1 up, got '{value}'" in capsys.readouterr().err
+
+
+def test_output_into_a_pipe_nobody_reads_ends_without_a_word(tmp_path: Path) -> None:
+    """Found by review: `blobd fsck | head -3` (or `| grep -q`) said
+    "blobd: error: Broken pipe" and exited 1, which for fsck means damage."""
+    asyncio.run(_make_store(make_config(tmp_path)))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "blobd", "fsck", "--data-dir", str(tmp_path / "data")],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, env=blobd_env(), timeout=60)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (128 + signal.SIGPIPE, "")
+
+
+async def _make_store(config) -> None:
+    store = Store(config)
+    await store.open()
+    await store.close()

@@ -61,6 +61,11 @@ def test_sizes(text, value):
     ({"limits": {"max_blob_size": "1" * 400 + "KiB"}}, "limits.max_blob_size"),
     ({"mirror": {"endpoint": "127.0.0.1:9000", "bucket": "b"}}, "mirror.endpoint"),
     ({"mirror": {"endpoint": "ftp://h", "bucket": "b"}}, "mirror.endpoint"),
+    # Found by review: the S3 client's validation error, over several lines,
+    # at every start and in `blobd mirror status`.
+    ({"mirror": {"endpoint": "http://h", "bucket": "blobd/blobs"}},
+     "mirror.bucket: 'blobd/blobs' is not a bucket name"),
+    ({"mirror": {"endpoint": "http://h", "bucket": "s3://blobd"}}, "mirror.bucket"),
     ({"mirror": {"endpoint": "http://h", "bucket": "b", "multipart_threshold": 0}},
      "mirror.multipart_threshold"),
     # Found by review: these hosts were tracebacks at start-up, or (empty)
@@ -88,6 +93,11 @@ def test_sizes(text, value):
     ({"server": {"cors_origins": ["*", "http://"]}}, "server.cors_origins"),
     ({"uploads": {"max_sessions_per_owner": 0}}, "uploads.max_sessions_per_owner"),
     ({"server": {"data_dir": ""}}, "server.data_dir: empty"),
+    # Found by review: forked workers until the machine stalled.
+    ({"server": {"workers": 1000}}, "server.workers: expected at most 64"),
+    ({"server": {"workers": 10**20}}, "server.workers: expected at most 64"),
+    # Found by review: a store in ./~/blobd-data.
+    ({"server": {"data_dir": "~/blobd-data"}}, "server.data_dir: '~/blobd-data': '~' is not"),
 ])
 def test_errors_name_the_key(raw, key):
     with pytest.raises(ConfigError) as info:
@@ -188,3 +198,7 @@ def test_bad_toml_and_missing_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "missing.toml")
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[logging]\n# caf\xe9\nlevel = "info"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.toml: not valid TOML: not UTF-8"):
+        load_config(latin1)

@@ -21,6 +21,7 @@ from blobd.client import BlobdClient
 from conftest import b3
 from cutproxy import CutProxy
 from serverproc import BlobdServer, blobd_env, http as request, run_blobd
+from test_enospc import tiny_fs  # noqa: F401 (a fixture: an 8 MiB tmpfs)
 
 KIB = 1024
 REPO = Path(__file__).resolve().parent.parent
@@ -177,6 +178,54 @@ def test_put_with_a_bad_token_or_no_server(live, tmp_path: Path) -> None:
     assert bad.returncode == 1 and "token" in bad.stderr
     gone = run_blobd("put", "--server", "http://127.0.0.1:9", "--token", "t", str(src))
     assert gone.returncode == 1 and "cannot reach" in gone.stderr
+    # Found by review: put named the option, get did not.
+    tokenless = run_blobd("get", "0" * 64, "--server", server.url, "--token", "")
+    assert tokenless.returncode == 1
+    assert "token is required: --token or $BLOBD_TOKEN" in tokenless.stderr, tokenless.stderr
+
+
+class ProxyWithoutBlobd:
+    """nginx in front of a blobd that is down: every request gets a 502
+    and an HTML page."""
+
+    PAGE = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+            b"<center><h1>502 Bad Gateway</h1></center>\r\n</body>\r\n</html>\r\n")
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\n"
+                             b"Connection: close\r\nContent-Length: %d\r\n\r\n"
+                             % len(self.PAGE) + self.PAGE)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_an_error_page_instead_of_blobd_is_one_line(tmp_path: Path) -> None:
+    """Found by review: the proxy's whole HTML page was the error message."""
+    src = tmp_path / "x.bin"
+    src.write_bytes(b"x")
+    proxy = ProxyWithoutBlobd()
+    try:
+        for args in (("put", str(src)), ("get", "0" * 64, "-o", str(tmp_path / "y"))):
+            result = run_blobd(*args, "--server", proxy.url, "--token", "t")
+            assert result.returncode == 1
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and "<" not in lines[0], result.stderr
+            assert f"{proxy.url} answered 502 Bad Gateway" in lines[0], result.stderr
+    finally:
+        proxy.close()
 
 
 def test_get_to_a_place_it_cannot_write_is_one_line_and_leaves_nothing(
@@ -379,3 +428,26 @@ def test_get_to_standard_output_only_verified_bytes(live, tmp_path: Path, output
     assert refused.returncode == 1 and refused.stdout == b""
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_get_onto_a_full_disk_says_which_disk(live, tmp_path: Path, tiny_fs: Path) -> None:
+    """Found by review: "the disk is full", as the server's 507 reads, with
+    nothing to say that it was the disk of -o, of $TMPDIR or of /dev/full."""
+    server, token = live
+    digest = stored(live, os.urandom(9 << 20))  # the tmpfs holds 8 MiB
+
+    def get(output: str, tmpdir: Path) -> list[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "blobd", "get", digest, "-o", output, "--server",
+             server.url, "--token", token], cwd=tmp_path, capture_output=True, text=True,
+            timeout=60, env={**blobd_env(), "TMPDIR": str(tmpdir)})
+        assert result.returncode == 1, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        return lines
+
+    assert f"{tiny_fs}: the disk is full" in get(str(tiny_fs / "song.flac"), tmp_path)[0]
+    spooled = get("-", tiny_fs)[0]
+    assert f"{tiny_fs}: the disk is full" in spooled and "$TMPDIR" in spooled
+    assert "No space left on device: /dev/full" in get("/dev/full", tmp_path)[0]
+    assert list(tiny_fs.iterdir()) == [] and list(tmp_path.iterdir()) == [tiny_fs]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import select
 import signal
 import sys
 from typing import Sequence
@@ -37,13 +39,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         if asyncio.iscoroutine(result):
             result = asyncio.run(result)
         return int(result or 0)
+    except BrokenPipeError as exc:
+        if exc.filename is not None or not _stdout_is_gone():
+            return _fail(exc)
+        # What read our output has gone (`blobd fsck | head -3`): stop as a
+        # program killed by SIGPIPE does, without a word, and without the
+        # interpreter complaining that it cannot flush standard output.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (BlobdError, ConfigError, OSError) as exc:
-        # <3>: an error for journald, when stderr is the journal (see logs.py).
-        prefix = "<3>" if stream_is_journal(sys.stderr) else ""
-        print(f"{prefix}blobd: error: {_message(exc)}", file=sys.stderr)
-        return 1
+        return _fail(exc)
     except KeyboardInterrupt:
         return 130
+
+
+def _fail(exc: BaseException) -> int:
+    # <3>: an error for journald, when stderr is the journal (see logs.py).
+    prefix = "<3>" if stream_is_journal(sys.stderr) else ""
+    print(f"{prefix}blobd: error: {_message(exc)}", file=sys.stderr)
+    return 1
+
+
+def _stdout_is_gone() -> bool:
+    """Whether standard output is a pipe nobody reads any more (the EPIPE
+    could as well have come from a socket)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def _message(exc: BaseException) -> str:

@@ -46,6 +46,18 @@ async def open_index(config: Config, *, must_exist: bool = False,
         await store.close()
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts of transfers at once: 0 or less would
+    silently mean something else (one, or the config's default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 up, got {text!r}")
+    return value
+
+
 def human_size(n: int) -> str:
     """1536 -> "1.5 KiB"; exact bytes below 1 KiB."""
     value = float(n)

@@ -23,7 +23,7 @@ from ..mirror.restore import ORPHANS_OWNER, restore
 from ..mirror.sync import sync
 from ..storage.s3 import S3Error
 from ..store import Store
-from .common import add_config_option, config_from_args, open_index
+from .common import add_config_option, config_from_args, open_index, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -84,7 +84,7 @@ def _action(actions: argparse._SubParsersAction, name: str, run: Callable[..., A
     parser = actions.add_parser(name, help=summary, description=description)
     add_config_option(parser)
     if jobs:
-        parser.add_argument("-j", "--jobs", type=int, metavar="N",
+        parser.add_argument("-j", "--jobs", type=positive_int, metavar="N",
                             help="transfers at once (default: [mirror] concurrency)")
         parser.add_argument("--progress", action="store_true", default=None,
                             help="show progress bars even when stderr is not a terminal")

@@ -22,6 +22,7 @@ from ..address import parse_address, parse_ref_name
 from ..client import DEFAULT_URL, BlobdClient, UploadResult
 from ..config import parse_size
 from ..errors import BlobdError
+from .common import positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="use a resumable session from this size on (default 16MiB)")
     put.add_argument("--chunk-size", type=_size, metavar="SIZE",
                      help="chunk size of new sessions (default: the server's choice)")
-    put.add_argument("--parallel", type=int, default=4, metavar="N",
+    put.add_argument("--parallel", type=positive_int, default=4, metavar="N",
                      help="chunks in flight at once (default 4)")
     _connection_options(put)
     put.set_defaults(run=run_put)
@@ -162,8 +163,15 @@ async def run_get(args: argparse.Namespace) -> int:
             def total(size: int) -> None:
                 bar.total = size
                 bar.refresh()
-            await client.download(str(address), sys.stdout.buffer if to_stdout else dest,
-                                  progress=bar.update, total=total)
+            try:
+                await client.download(str(address), sys.stdout.buffer if to_stdout else dest,
+                                      progress=bar.update, total=total)
+            except BlobdError as exc:
+                # No token is fine for a server with anonymous_read; for the
+                # others, say where one goes.
+                if exc.code != "unauthorized" or args.token:
+                    raise
+                raise BlobdError(exc.code, f"{exc.message}: --token or $BLOBD_TOKEN") from None
     say(f"{name}: verified {address}")
     if not to_stdout:
         print(dest, flush=True)
