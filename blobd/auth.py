@@ -33,6 +33,7 @@ SCOPES = ("read", "write", "admin")
 TOKEN_CACHE_SECONDS = 1.0
 TOKEN_CACHE_SIZE = 1024
 _OWNER = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+MAX_LABEL = 200
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,15 @@ def check_owner(owner: str) -> str:
     return owner
 
 
+def check_label(label: str) -> str:
+    """A token's label: one line of printable text, so `token list`'s table
+    and the admin API's listing show it as it was meant."""
+    if len(label) > MAX_LABEL or not label.isprintable():
+        raise BlobdError("bad_request", f"label: printable text of at most {MAX_LABEL}"
+                         " characters, on one line")
+    return label
+
+
 def parse_scopes(text: str) -> frozenset[str]:
     scopes = frozenset(s.strip() for s in text.split(",") if s.strip())
     unknown = scopes - set(SCOPES)
@@ -78,6 +88,7 @@ async def create_token(conn: aiosqlite.Connection, owner: str, scopes: frozenset
                        label: str = "") -> tuple[str, str]:
     """Store a new token; returns (id, token). The token is shown only once."""
     check_owner(owner)
+    check_label(label)
     token_id = secrets.token_hex(4)
     token = f"bd_{token_id}_{secrets.token_urlsafe(32)}"
     ordered = ",".join(s for s in SCOPES if s in scopes)

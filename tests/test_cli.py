@@ -157,6 +157,20 @@ def test_token_create_list_revoke(tmp_path: Path) -> None:
         assert len(again.stderr.strip().splitlines()) == 1, again.stderr
 
 
+def test_a_token_label_is_one_printable_line(tmp_path: Path) -> None:
+    """Found by review: a label with a newline was stored, and broke
+    `token list`'s table over two lines."""
+    with BlobdServer(tmp_path) as server:
+        bad = server.cli("token", "create", "--owner", "alice", "--label", "kitchen\nspeaker")
+        assert bad.returncode == 1
+        assert "label" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+        good = server.cli("token", "create", "--owner", "alice", "--label", "kitchen speaker")
+        assert good.returncode == 0, good.stderr
+        rows = [line for line in server.cli("token", "list").stdout.splitlines()
+                if " alice " in line]
+        assert len(rows) == 1 and rows[0].endswith("kitchen speaker")
+
+
 @pytest.mark.parametrize("section, line, key", [
     ("storage", "fsink = true", "storage.fsink"),
     ("storage", 'fsync = "yes"', "storage.fsync"),

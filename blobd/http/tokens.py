@@ -19,7 +19,6 @@ from .keys import STORE
 from .middleware import requires
 from .params import iso, read_json
 
-MAX_LABEL = 200
 _TOKEN_ID = re.compile(r"[0-9a-f]{8}")
 
 
@@ -37,10 +36,10 @@ def _scopes(value: Any) -> frozenset[str]:
 
 
 def _label(value: Any) -> str:
-    if not isinstance(value, str) or len(value) > MAX_LABEL or not value.isprintable():
-        raise BlobdError("bad_request", f"label: printable text of at most {MAX_LABEL}"
-                         " characters")
-    return value
+    if not isinstance(value, str):
+        raise BlobdError("bad_request", f"label: printable text of at most {auth.MAX_LABEL}"
+                         " characters, on one line")
+    return auth.check_label(value)
 
 
 @requires("admin")
