@@ -257,9 +257,14 @@ async def expired_ids(conn: aiosqlite.Connection, now: float, after: str = "",
         return [r["id"] for r in await cur.fetchall()]
 
 
-async def open_ids(conn: aiosqlite.Connection) -> set[str]:
-    """Sessions that still own their data file (not committed)."""
-    async with conn.execute("SELECT id FROM uploads WHERE result_hash IS NULL") as cur:
+async def open_ids(conn: aiosqlite.Connection, created_before: float | None = None
+                   ) -> set[str]:
+    """Sessions that still own their data file (not committed), or only
+    those made before ``created_before``."""
+    sql, params = "SELECT id FROM uploads WHERE result_hash IS NULL", ()
+    if created_before is not None:
+        sql, params = sql + " AND created_at < ?", (created_before,)
+    async with conn.execute(sql, params) as cur:
         return {r["id"] for r in await cur.fetchall()}
 
 

@@ -24,7 +24,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Iterable, TypeVar
 
 import aiosqlite
 
@@ -389,7 +389,31 @@ async def sweep_sessions(store: Store, now: float | None = None) -> int:
     strays = await asyncio.to_thread(sessionfiles.stray_files, store.layout, keep,
                                      moment - STRAY_GRACE_SECONDS)
     await asyncio.to_thread(files.remove_quietly, *strays)
-    return removed + len(strays)
+    return removed + len(strays) + await _sweep_fileless(store, moment - STRAY_GRACE_SECONDS)
+
+
+async def _sweep_fileless(store: Store, created_before: float) -> int:
+    """Sessions whose file was never made: with ``workers = N``, a worker
+    killed between a session's row and its file leaves one that its
+    siblings serve on, unseen (not listed without its file) and holding its
+    owner's reservation until it expires. A session's file is made the
+    moment its row has committed, so one still missing long after is
+    never coming."""
+    old = await index_sessions.open_ids(store.db.reader, created_before)
+    lost = await asyncio.to_thread(_without_file, store, old)
+    if not lost:
+        return 0
+    async with store.write() as tx:
+        lost = await asyncio.to_thread(_without_file, store, lost)
+        gone = [i for i in lost if await index_sessions.delete(tx.conn, i) is not None]
+    if gone:
+        log.warning("removed %d upload sessions whose file was never made (a worker"
+                    " killed while making them)", len(gone))
+    return len(gone)
+
+
+def _without_file(store: Store, ids: Iterable[str]) -> list[str]:
+    return [i for i in sorted(ids) if not store.layout.upload_path(i).exists()]
 
 
 def _lock_idle(store: Store, ids: list[str]) -> dict[str, int | None]:

@@ -266,6 +266,24 @@ async def test_expired_sessions_and_stray_files_are_swept(alice: Api) -> None:
     assert (await usage(alice))["reserved_bytes"] == 0
 
 
+async def test_a_session_whose_file_was_never_made_is_swept(alice: Api) -> None:
+    """With workers = N a worker killed between a session's row and its
+    file left a session nobody could see or delete, its bytes reserved
+    until it expired (found by the crash campaign). The sweeper gives a
+    fresh one time to get its file, then removes it."""
+    data = payload(2 * CHUNK)
+    session = await create(alice, data)
+    kept = await create(alice, payload(CHUNK))
+    (alice.data_dir / "uploads" / session["id"]).unlink()   # as the kill leaves it
+    store = alice.store
+    assert await sweep_sessions(store) == 0     # it may be getting its file now
+    assert (await usage(alice))["reserved_bytes"] == len(data) + CHUNK
+    assert await sweep_sessions(store, now=time.time() + 3600) == 1
+    assert (await usage(alice))["reserved_bytes"] == CHUNK
+    assert (await alice.request("GET", f"/uploads/{session['id']}")).status == 404
+    assert (await status_of(alice, kept))["missing"] == [0]
+
+
 async def test_known_hash_skips_the_upload(alice: Api) -> None:
     """API.md's answer (201, a session) with nothing left to send: the
     reference is the caller's at once, and the completion answers like a
