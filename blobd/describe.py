@@ -40,7 +40,7 @@ _TOKEN = r"[!#$%&'*+.^_`|~0-9a-z-]{1,127}"
 _MEDIA_TYPE = re.compile(f"{_TOKEN}/{_TOKEN}")
 WEAK_MAGIC = frozenset({"audio/mpeg", "audio/aac"})
 # Containers whose magic says as much of a film as of a song.
-MAY_BE_VIDEO = frozenset({"audio/webm", "audio/matroska"})
+MAY_BE_VIDEO = frozenset({"audio/webm", "audio/matroska", "audio/3gpp", "audio/3gpp2"})
 GENERIC_TYPES = frozenset({
     "", "application/octet-stream", "application/x-www-form-urlencoded",
     "binary/octet-stream",

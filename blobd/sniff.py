@@ -17,7 +17,7 @@ import re
 AUDIO_MIME_TYPES: frozenset[str] = frozenset({
     "audio/mpeg", "audio/mp4", "audio/aac", "audio/ogg",
     "audio/opus", "audio/flac", "audio/wav", "audio/webm", "audio/matroska",
-    "audio/aiff",
+    "audio/aiff", "audio/3gpp", "audio/3gpp2",
 })
 
 #: How many leading bytes `sniff_mime` needs to decide.
@@ -37,6 +37,10 @@ MP3_SHORT_CHAIN_FRAMES = 3  # a whole file's, ending it exactly (see mpeg_chain_
 # muxers write for audio-only MP4. Video-only (M4V, qt), image (heic, avif)
 # and 3GPP brands are deliberately absent.
 _MP4_AUDIO_BRANDS = frozenset({b"M4A ", b"M4B ", b"M4P ", b"F4A ", b"F4B "})
+# Major brands by their first three bytes: 3gp4 ... 3gp9, 3ge6, 3gg6 and
+# 3g2a ... 3g2c.
+_3GPP_BRANDS = {b"3gp": "audio/3gpp", b"3ge": "audio/3gpp", b"3gg": "audio/3gpp",
+                b"3g2": "audio/3gpp2"}
 _MP4_GENERIC_BRANDS = frozenset({
     b"isom", b"iso2", b"iso3", b"iso4", b"iso5", b"iso6",
     b"mp41", b"mp42", b"dash",
@@ -131,9 +135,19 @@ def _ebml_vint(head: bytes, pos: int) -> tuple[int, int]:
 
 
 def _sniff_ftyp(head: bytes) -> str | None:
+    if head[8:11] in _3GPP_BRANDS:
+        return mp4_family(head)
     if head[8:12] in _MP4_GENERIC_BRANDS or mp4_brands_say_audio(head):
         return "audio/mp4"
     return None
+
+
+def mp4_family(head: bytes) -> str:
+    """The type of a file of the MP4 family by its ftyp's major brand:
+    3GPP's own (TS 26.244), which phones record voice memos and MMS audio
+    into, are named as their IANA registrations (RFC 3839, RFC 4393) and
+    browsers name them; every other brand is MP4."""
+    return _3GPP_BRANDS.get(head[8:11], "audio/mp4")
 
 
 def mp4_brands_say_audio(head: bytes) -> bool:

@@ -30,6 +30,8 @@ AUDIO_FIXTURES = {
     "tone_mono.m4a": Expected("audio/mp4", "aac", 2.0, 44100, 1, (24_000, 40_000)),
     # Lossless, so well under the uncompressed 128 kb/s mutagen reports.
     "tone_alac.m4a": Expected("audio/mp4", "alac", 2.0, 8000, 1, (8_000, 100_000)),
+    "tone.3gp": Expected("audio/3gpp", "aac", 1.0, 8000, 1, (12_000, 24_000)),
+    "tone.3g2": Expected("audio/3gpp2", "aac", 0.5, 8000, 1, (12_000, 30_000)),
     "tone.aac": Expected("audio/aac", "aac", 2.0, 22050, 1, (24_000, 40_000)),
     "tone.ogg": Expected("audio/ogg", "vorbis", 2.0, 22050, 2, (16_000, 64_000)),
     "tone.opus": Expected("audio/opus", "opus", 2.0, 48000, 2, (16_000, 48_000)),

@@ -76,6 +76,21 @@ def test_probe_reads_each_format(name: str) -> None:
     assert info.mime in AUDIO_MIME_TYPES
 
 
+def test_amr_in_3gp_is_named_and_mono(tmp_path: Path) -> None:
+    """Phones record voice as AMR in 3GP. This ffmpeg has no AMR encoder, so
+    the sample entry of tone.3gp is renamed 'samr': what the probe reads of
+    it (codec, channels) is the sample entry's, never the AAC inside."""
+    data = fixture("tone.3gp").read_bytes()
+    assert data.count(b"mp4a") == 1
+    path = tmp_path / "voice.3gp"
+    path.write_bytes(data.replace(b"mp4a", b"samr"))
+    info = probe(path)
+    assert info is not None
+    # The entry says 2 channels, a field TS 26.244 fixes; AMR is mono.
+    assert (info.mime, info.codec, info.channels, info.sample_rate) == (
+        "audio/3gpp", "amr_nb", 1, 8000)
+
+
 @pytest.mark.parametrize("name", sorted(SNIFFED))
 def test_sniff_mime_reads_each_head(name: str) -> None:
     head = fixture(name).read_bytes()[:64]

@@ -310,6 +310,21 @@ async def test_require_audio_takes_a_browser_recording(server, name, codec):
         AUDIO_FIXTURES[name].duration, rel=0.05)
 
 
+@pytest.mark.parametrize("name,claim", [("tone.3gp", "video/3gpp"), ("tone.3g2", "video/3gpp2")])
+async def test_require_audio_takes_a_phone_recording(server, name, claim):
+    """A voice memo in 3GP, sent as an Android file picker names any .3gp
+    (video/3gpp): sound alone, so audio. It was not audio, and refused."""
+    login = await server(audio=REQUIRE)
+    alice = await login()
+    data = fixture(name).read_bytes()
+    resp = await alice.request("POST", "/blobs", data=data, headers={"Content-Type": claim})
+    assert resp.status == 201, await resp.text()
+    assert (await resp.json())["content_type"] == AUDIO_FIXTURES[name].mime
+    audio = (await meta_of(alice, b3(data)))["audio"]
+    assert audio["codec"] == "aac" and audio["channels"] == 1
+    assert audio["duration"] == pytest.approx(AUDIO_FIXTURES[name].duration, rel=0.05)
+
+
 @pytest.mark.parametrize("claim,served", [("video/webm", "video/webm"), (None, "audio/webm")])
 async def test_a_webm_film_keeps_a_video_claim(alice, claim, served):
     """As an MP4 film does: its sound's facts are recorded. A WebM with no

@@ -124,8 +124,9 @@ def _skip_id3v2(f: IO[bytes]) -> int | None:
 # 0, the samples in the fragments), and Ogg whose audio stream has no page
 # in the file's last OGG_TAIL bytes (another stream muxed with it runs on).
 # Elsewhere a missing duration means the header is not what it seems.
-_DURATION_MAY_BE_UNKNOWN = frozenset({"audio/flac", "audio/mp4", "audio/ogg", "audio/opus",
-                                      "audio/webm", "audio/matroska"})
+_DURATION_MAY_BE_UNKNOWN = frozenset({"audio/flac", "audio/mp4", "audio/3gpp", "audio/3gpp2",
+                                      "audio/ogg", "audio/opus", "audio/webm",
+                                      "audio/matroska"})
 
 
 def _plausible(info: AudioInfo) -> bool:
@@ -148,6 +149,8 @@ _READERS: dict[str, Callable[[IO[bytes], int, bytes], AudioInfo | None]] = {
     "audio/aac": read_aac,
     "audio/flac": read_flac,
     "audio/mp4": read_mp4,
+    "audio/3gpp": read_mp4,
+    "audio/3gpp2": read_mp4,
     "audio/ogg": read_ogg,
     "audio/opus": read_opus,
     "audio/wav": read_wav,

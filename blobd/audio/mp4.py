@@ -16,7 +16,7 @@ from typing import IO, Any
 
 from mutagen.mp4 import Atoms, MP4Info
 
-from ..sniff import mpeg_frame_length
+from ..sniff import mp4_family, mpeg_frame_length
 from .info import AudioInfo, file_size, make_info
 
 # A bound on container structure: real files have a few hundred boxes;
@@ -38,7 +38,7 @@ def _mp4_codec(name: str) -> str:
     if name.startswith("mp4a.40."):
         return "aac"
     return {"mp4a.69": "mp3", "mp4a.6b": "mp3", "ac-3": "ac3",
-            "ec-3": "eac3"}.get(name, name or "unknown")
+            "ec-3": "eac3", "samr": "amr_nb", "sawb": "amr_wb"}.get(name, name or "unknown")
 
 
 def read_mp4(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
@@ -50,11 +50,16 @@ def read_mp4(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     stream, atoms = MP4Info(), Atoms(f)
     stream.load(atoms, f)
     codec = _mp4_codec(stream.codec)
+    mime = mp4_family(head)
     if codec == "aac" and stream.channels == 2 and _aac_mono(atoms, f):
         # ffmpeg writes a channel count of 2 in every AAC sample entry; the
         # AAC configuration says mono, and mutagen believes it only when it
         # also rules out parametric stereo, which no mono-configured LC or
         # HE-AAC stream uses (HE-AAC v2 says so with object type 29).
+        stream.channels = 1
+    if codec in ("amr_nb", "amr_wb"):
+        # AMR is mono by definition; its sample entry's channel count is a
+        # reserved field that TS 26.244 fixes at 2.
         stream.channels = 1
     if codec == "mp3" and stream.channels == 2 and _mp4_first_mpeg_frame_mono(atoms, f):
         # The same sample entry as AAC's; here the frames say mono.
@@ -70,9 +75,9 @@ def read_mp4(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
         # mutagen reports ALAC's uncompressed rate (what the header holds),
         # and none where no esds states one (FLAC and Opus in MP4). The
         # file's rate, if the sound is all it holds.
-        return make_info(stream, codec, "audio/mp4", with_video=with_video,
+        return make_info(stream, codec, mime, with_video=with_video,
                          bitrate=file_size(f) * 8 / stream.length)
-    return make_info(stream, codec, "audio/mp4", with_video=with_video)
+    return make_info(stream, codec, mime, with_video=with_video)
 
 
 def _aac_mono(atoms: Any, f: IO[bytes]) -> bool:
