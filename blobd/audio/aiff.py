@@ -32,6 +32,10 @@ _COMPRESSED_TYPES = {b"ulaw": "mulaw", b"ULAW": "mulaw", b"alaw": "alaw",
                      b"ALAW": "alaw", b"ima4": "adpcm_ima", b"MAC3": "mace3",
                      b"MAC6": "mace6", b"GSM ": "gsm", b"QDM2": "qdm2",
                      b"QDMC": "qdmc"}
+# Samples in one packet of the codecs whose COMM frame count counts
+# packets (ffmpeg's AIFF reader scales by the same): Apple's ima4 packs 64
+# into 34 bytes a channel, MACE 6 into 2 or 1 bytes, GSM 160 into 33.
+_SAMPLES_PER_PACKET = {b"ima4": 64, b"MAC3": 6, b"MAC6": 6, b"GSM ": 160}
 
 
 def read_aiff(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
@@ -56,7 +60,8 @@ def read_aiff(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
                                   compression.decode("latin-1").strip().lower() or "unknown")
     # mutagen's bitrate takes the sample size for the data's; compressed,
     # the data's size over the length says.
-    length = stream.length * present / data_size if data_size else 0.0
+    length = (stream.length * _SAMPLES_PER_PACKET.get(compression, 1) * present / data_size
+              if data_size else 0.0)
     bitrate = present * 8 / length if length else 0.0
     return make_info(stream, codec, "audio/aiff", duration=length, bitrate=bitrate)
 
