@@ -329,9 +329,9 @@ def _unstated_length(f: IO[bytes], size: int, first_cluster: int, track: _Track,
     drops, are left out."""
     start_ns = 0
     if first_cluster >= 0:
-        f.seek(first_cluster)
+        first = _FileBytes(f, first_cluster, min(size - first_cluster, _MAX_MASTER))
         try:
-            span = _cluster_span_ns(f.read(_MAX_MASTER), 0, track, scale, _Budget())
+            span = _cluster_span_ns(first, 0, track, scale, _Budget())
         except _Malformed:
             span = None
         start_ns = span[0] if span else 0
