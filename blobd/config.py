@@ -410,7 +410,9 @@ def _mirror_checks(mirror: MirrorConfig) -> list[Check]:
         (bool(mirror.bucket), "mirror.bucket", "required when [mirror] is present"),
         # What the S3 client takes (it checks before any request, in a
         # message of many lines); "s3://blobd" or "blobd/blobs" fail here.
-        (not mirror.bucket or _BUCKET.fullmatch(mirror.bucket) is not None, "mirror.bucket",
+        # It also takes access point ARNs, whose grammar it keeps to itself.
+        (not mirror.bucket or mirror.bucket.startswith("arn:")
+         or _BUCKET.fullmatch(mirror.bucket) is not None, "mirror.bucket",
          f"{mirror.bucket!r} is not a bucket name: letters, digits, '.', '-' and '_' only"
          " (a folder in the bucket goes in mirror.prefix)"),
         (not mirror.endpoint or (endpoint.scheme in ("http", "https")

@@ -76,6 +76,9 @@ PROBE_ONLY_FIXTURES = {
     # AIFF-C: 'sowt' is little-endian PCM, 'fl32' float (as WAVE names it).
     "tone_sowt.aifc": Expected("audio/aiff", "pcm", 0.3, 8000, 1, (128_000, 128_000)),
     "tone_float.aifc": Expected("audio/aiff", "pcm_float", 0.2, 8000, 1, (256_000, 256_000)),
+    # 'ima4': COMM counts 34-byte packets of 64 samples, not samples (0.32 s
+    # was 0.005 s; found by review against ffprobe).
+    "tone_ima4.aifc": Expected("audio/aiff", "adpcm_ima", 0.32, 8000, 1, (33_000, 35_000)),
 }
 NOT_AUDIO_FIXTURES = ["not_audio.txt", "not_audio.png", "video_only.mp4", "video_only.webm"]
 # What Chromium cannot play whatever the Content-Type: ALAC and AIFF.

@@ -759,6 +759,18 @@ def test_a_cut_recording_reports_what_is_left(tmp_path: Path, fraction: float) -
     assert info.duration == pytest.approx(0.5 * left, abs=0.06)
 
 
+def test_a_recording_whose_last_cluster_outgrows_256_kib_is_timed(tmp_path: Path) -> None:
+    """Chrome records sound alone into Clusters of 32.7 s (400 KB of Opus
+    at 100 kb/s); when the last one started more than 256 KiB before the
+    end, the duration was null. Here 300 KB of Void inside the last
+    Cluster (of unknown size, so it runs on) stand for its blocks."""
+    padded = tmp_path / "long_cluster.webm"
+    padded.write_bytes(fixture("recorded.webm").read_bytes()
+                       + _ebml_element(0xEC, bytes(300_000)))   # a Void
+    info = probe(padded)
+    assert info is not None and info.duration == pytest.approx(0.5, abs=0.002)
+
+
 def test_a_recording_whose_last_cluster_is_before_the_tail_has_no_duration(
         tmp_path: Path) -> None:
     """The tail read for the length holds no Cluster start: still Opus in

@@ -105,6 +105,17 @@ def test_errors_name_the_key(raw, key):
     assert str(info.value).startswith(key)
 
 
+@pytest.mark.parametrize("bucket", [
+    "blobd", "my_bucket.v2",
+    # An access point ARN, which the S3 client takes as a bucket (it was
+    # refused at start-up by the name check).
+    "arn:aws:s3:eu-west-1:123456789012:accesspoint/blobd",
+])
+def test_buckets_the_s3_client_takes(bucket):
+    config = config_from_dict({"mirror": {"endpoint": "http://h", "bucket": bucket}})
+    assert config.mirror.bucket == bucket
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::", "::1", "fe80::1%eth0",
                                   "localhost", "nas.local", "my-nas.lan.", "a_b"])
 def test_hosts_that_listen(host):

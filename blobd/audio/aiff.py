@@ -14,11 +14,10 @@ from typing import IO
 
 from mutagen.aiff import AIFFInfo
 
-from .info import AudioInfo, clamp_to_size, file_size, make_info
+from .info import AudioInfo, clamp_to_size, file_size, list_chunks, make_info
 
-# Bounds on container structure, as for RIFF (blobd.audio.wav): real files
-# have a handful of chunks and a COMM chunk of a few dozen bytes.
-_MAX_IFF_CHUNKS = 1_024
+# A bound on the chunk mutagen reads whole: a real COMM chunk is a few
+# dozen bytes (the number of chunks is bounded by list_chunks).
 _MAX_COMM = 4 << 10
 
 # AIFF-C compression types (Apple's AIFF-C specification and the QuickTime
@@ -32,10 +31,14 @@ _COMPRESSED_TYPES = {b"ulaw": "mulaw", b"ULAW": "mulaw", b"alaw": "alaw",
                      b"ALAW": "alaw", b"ima4": "adpcm_ima", b"MAC3": "mace3",
                      b"MAC6": "mace6", b"GSM ": "gsm", b"QDM2": "qdm2",
                      b"QDMC": "qdmc"}
+# Samples in one packet of the codecs whose COMM frame count counts
+# packets (ffmpeg's AIFF reader scales by the same): Apple's ima4 packs 64
+# into 34 bytes a channel, MACE 6 into 2 or 1 bytes, GSM 160 into 33.
+_SAMPLES_PER_PACKET = {b"ima4": 64, b"MAC3": 6, b"MAC6": 6, b"GSM ": 160}
 
 
 def read_aiff(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
-    chunks = _iff_chunks(f)
+    chunks = list_chunks(f, "big", b"COMM", _MAX_COMM)
     if chunks is None or b"COMM" not in chunks:
         return None
     comm_at, comm_size = chunks[b"COMM"]
@@ -56,24 +59,7 @@ def read_aiff(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
                                   compression.decode("latin-1").strip().lower() or "unknown")
     # mutagen's bitrate takes the sample size for the data's; compressed,
     # the data's size over the length says.
-    length = stream.length * present / data_size if data_size else 0.0
+    length = (stream.length * _SAMPLES_PER_PACKET.get(compression, 1) * present / data_size
+              if data_size else 0.0)
     bitrate = present * 8 / length if length else 0.0
     return make_info(stream, codec, "audio/aiff", duration=length, bitrate=bitrate)
-
-
-def _iff_chunks(f: IO[bytes]) -> dict[bytes, tuple[int, int]] | None:
-    """The FORM's chunks, each id's first: (offset of its body, declared
-    size). None if there are more than _MAX_IFF_CHUNKS (mutagen lists them
-    all) or 'COMM' is implausibly large (mutagen reads it whole)."""
-    pos, end, chunks = 12, file_size(f), {}
-    for _ in range(_MAX_IFF_CHUNKS):
-        if pos + 8 > end:
-            return chunks
-        f.seek(pos)
-        header = f.read(8)
-        size = int.from_bytes(header[4:8], "big")
-        if header[:4] == b"COMM" and size > _MAX_COMM:
-            return None
-        chunks.setdefault(header[:4], (pos + 8, size))
-        pos += 8 + size + (size & 1)   # chunks are padded to even length
-    return chunks if pos + 8 > end else None

@@ -11,7 +11,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from ..sniff import AUDIO_MIME_TYPES
 
@@ -106,3 +106,28 @@ def clamp_to_size(length: float, bitrate: float, available_bytes: int) -> float:
     if bitrate <= 0:
         return length
     return min(length, max(available_bytes, 0) * 8 / bitrate)
+
+
+# Real RIFF and IFF files have a handful of chunks; far above that and far
+# below what costs real time or memory (mutagen lists them all).
+MAX_CHUNKS = 1_024
+
+
+def list_chunks(f: IO[bytes], byteorder: Literal["little", "big"], read_whole: bytes,
+                max_whole: int) -> dict[bytes, tuple[int, int]] | None:
+    """The chunks of a RIFF or IFF form (sizes in ``byteorder``), each id's
+    first: (offset of its body, declared size). None if there are more
+    than MAX_CHUNKS or chunk ``read_whole``, which mutagen reads whole into
+    memory, claims more than ``max_whole`` bytes."""
+    pos, end, chunks = 12, file_size(f), {}
+    for _ in range(MAX_CHUNKS):
+        if pos + 8 > end:
+            return chunks
+        f.seek(pos)
+        header = f.read(8)
+        size = int.from_bytes(header[4:8], byteorder)
+        if header[:4] == read_whole and size > max_whole:
+            return None
+        chunks.setdefault(header[:4], (pos + 8, size))
+        pos += 8 + size + (size & 1)   # chunks are padded to even length
+    return chunks if pos + 8 > end else None

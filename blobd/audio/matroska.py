@@ -11,11 +11,14 @@ whatever the file does.
 A browser's MediaRecorder writes no Duration, a Segment of unknown size and
 often Clusters of unknown size (RFC 8794 section 6.2: the size all ones),
 since it streams as it records. Such a file is timed from its last Cluster
-found in the file's last MATROSKA_TAIL bytes: the end of its last block of
-the audio track (the Cluster's Timestamp, the block's relative timestamp,
+that starts in the file's last MATROSKA_TAIL bytes: the end of its last
+block of the audio track (the Cluster's Timestamp, the block's relative timestamp,
 and its duration: stated, read from the Opus packet's TOC byte, the
 track's DefaultDuration, or else the step from the block before), less the
-start of the track's first block in the first Cluster.
+start of the track's first block in the first Cluster. A Cluster is walked
+through a window of the file, not read whole: Chrome records sound alone
+into Clusters of 32.7 s each (block timestamps are 16 bits), 400 KB of
+Opus or 12.5 MB of PCM.
 
 Every walk counts the elements it visits, and a file that exceeds a bound
 is not audio (None), as are malformed sizes and elements overrunning their
@@ -27,7 +30,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 from ..sniff import EBML_DOCTYPES
 from .info import AudioInfo, file_size
@@ -54,15 +57,47 @@ _TRACK_AUDIO, _TRACK_VIDEO = 2, 1
 _MAX_EBML_HEADER = 4 << 10
 _MAX_TOP_LEVEL = 1_024
 _MAX_MASTER = 1 << 20        # Info or Tracks read whole; of the first Cluster, read
-_MAX_ELEMENTS = 20_000       # children walked in one read of Info, Tracks or the tail
+_MAX_ELEMENTS = 20_000       # children walked in Info and Tracks, or in the Clusters tried
 _MAX_CLUSTER_TRIES = 32      # Cluster IDs in the tail tried, from the last back
-MATROSKA_TAIL = 256 << 10
+MATROSKA_TAIL = 16 << 20
+_SEARCH_STEP = 256 << 10     # of the tail, read at a time for Cluster IDs
+_BLOCK_HEAD = 16             # of a SimpleBlock: track, timestamp, flags, Opus TOC
+_MAX_BLOCK_GROUP = 256 << 10  # one frame and its few elements, read whole
 
 _UNKNOWN = -1                # an element size of all ones (RFC 8794 section 6.2)
 
 
 class _Malformed(Exception):
     """Bytes that break the EBML grammar or a bound: not audio."""
+
+
+class _FileBytes:
+    """Bytes ``[start, start + length)`` of a file, indexed and sliced as
+    ``bytes`` are but read as needed through one window, so that a long
+    Cluster is walked in the memory of a window."""
+
+    _WINDOW = 64 << 10
+
+    def __init__(self, f: IO[bytes], start: int, length: int) -> None:
+        self._f, self._start, self._length = f, start, length
+        self._at, self._window = 0, b""
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, key: int | slice) -> Any:
+        if isinstance(key, slice):
+            low, high, _ = key.indices(self._length)
+            high = max(low, high)
+        elif 0 <= key < self._length:
+            low, high = key, key + 1
+        else:
+            raise IndexError(key)
+        if not self._at <= low <= high <= self._at + len(self._window):
+            self._f.seek(self._start + low)
+            self._window, self._at = self._f.read(max(high - low, self._WINDOW)), low
+        chunk = self._window[low - self._at:high - self._at]
+        return chunk if isinstance(key, slice) else chunk[0]
 
 
 class _Budget:
@@ -77,7 +112,7 @@ class _Budget:
             raise _Malformed("too many elements")
 
 
-def _vint(data: bytes, pos: int) -> tuple[int, int]:
+def _vint(data: Any, pos: int) -> tuple[int, int]:
     """(value, width) of the variable-size integer at ``pos`` (RFC 8794
     section 4), its marker bit removed; _UNKNOWN for all ones."""
     if pos >= len(data) or not data[pos]:
@@ -89,7 +124,7 @@ def _vint(data: bytes, pos: int) -> tuple[int, int]:
     return (_UNKNOWN if value == (1 << (7 * width)) - 1 else value), width
 
 
-def _header(data: bytes, pos: int) -> tuple[int, int, int]:
+def _header(data: Any, pos: int) -> tuple[int, int, int]:
     """(element ID, offset of its body, its size or _UNKNOWN) at ``pos``."""
     if pos >= len(data) or data[pos] < 0x10:
         raise _Malformed("no element ID")   # IDs are one to four bytes
@@ -289,28 +324,23 @@ def _unstated_length(f: IO[bytes], size: int, first_cluster: int, track: _Track,
                      scale: int) -> float:
     """Seconds from the start of the audio track's first block (in the
     first Cluster, else 0) to the end of its last, in the last Cluster
-    within the file's last MATROSKA_TAIL bytes that holds one; 0 if none
-    does. Codec delay and discarded padding, which the player drops, are
-    left out."""
+    starting within the file's last MATROSKA_TAIL bytes that holds one; 0
+    if none does. Codec delay and discarded padding, which the player
+    drops, are left out."""
     start_ns = 0
     if first_cluster >= 0:
-        f.seek(first_cluster)
+        first = _FileBytes(f, first_cluster, min(size - first_cluster, _MAX_MASTER))
         try:
-            span = _cluster_span_ns(f.read(_MAX_MASTER), 0, track, scale, _Budget())
+            span = _cluster_span_ns(first, 0, track, scale, _Budget())
         except _Malformed:
             span = None
         start_ns = span[0] if span else 0
-    tail_at = max(0, size - MATROSKA_TAIL)
-    f.seek(tail_at)
-    tail = f.read(MATROSKA_TAIL)
-    cluster_id = _CLUSTER.to_bytes(4, "big")
-    at, budget = len(tail), _Budget()
-    for _ in range(_MAX_CLUSTER_TRIES):
-        at = tail.rfind(cluster_id, 0, at)
-        if at < 0 or budget.left <= 0:
-            return 0.0
+    budget = _Budget()
+    for tries, at in enumerate(_cluster_ids_back(f, size)):
+        if tries >= _MAX_CLUSTER_TRIES or budget.left <= 0:
+            break
         try:
-            span = _cluster_span_ns(tail, at, track, scale, budget)
+            span = _cluster_span_ns(_FileBytes(f, at, size - at), 0, track, scale, budget)
         except _Malformed:
             continue
         if span is not None:
@@ -318,7 +348,23 @@ def _unstated_length(f: IO[bytes], size: int, first_cluster: int, track: _Track,
     return 0.0
 
 
-def _cluster_span_ns(data: bytes, pos: int, track: _Track, scale: int,
+def _cluster_ids_back(f: IO[bytes], size: int) -> Iterator[int]:
+    """Where the Cluster ID occurs in the file's last MATROSKA_TAIL bytes,
+    from the last back, read _SEARCH_STEP bytes at a time."""
+    cluster_id = _CLUSTER.to_bytes(4, "big")
+    floor, end = max(0, size - MATROSKA_TAIL), size
+    while end > floor:
+        begin = max(floor, end - _SEARCH_STEP)
+        f.seek(begin)
+        # Three bytes past the step: an ID that straddles its end.
+        window = f.read(end - begin + len(cluster_id) - 1)
+        at = len(window)
+        while (at := window.rfind(cluster_id, 0, at)) >= 0:
+            yield begin + at
+        end = begin
+
+
+def _cluster_span_ns(data: Any, pos: int, track: _Track, scale: int,
                      budget: _Budget) -> tuple[int, int] | None:
     """When the track's first block in the Cluster at ``pos`` starts and
     its last ends, in nanoseconds; None if the Cluster holds none. A Cluster of unknown size
@@ -340,7 +386,11 @@ def _cluster_span_ns(data: bytes, pos: int, track: _Track, scale: int,
             raise _Malformed("not a Cluster's child")
         if child_size == _UNKNOWN or child + child_size > len(data):
             break
-        block = data[child:child + child_size]
+        if element_id == _BLOCK_GROUP and child_size > _MAX_BLOCK_GROUP:
+            raise _Malformed("BlockGroup too large")
+        # Of the other elements only the first bytes are read.
+        block = data[child:child + (child_size if element_id == _BLOCK_GROUP
+                                    else min(child_size, _BLOCK_HEAD))]
         pos = child + child_size
         if element_id == _CLUSTER_TIMESTAMP:
             cluster_ts = _uint(block)

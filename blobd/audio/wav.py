@@ -13,12 +13,10 @@ from typing import IO
 
 from mutagen.wave import WaveStreamInfo
 
-from .info import AudioInfo, clamp_to_size, file_size, make_info
+from .info import AudioInfo, clamp_to_size, file_size, list_chunks, make_info
 
-# Bounds on container structure: real files have a handful of chunks;
-# each bound is far above that and far below what costs real time or
-# memory.
-_MAX_RIFF_CHUNKS = 1_024
+# A bound on the chunk mutagen reads whole, far above a real one (the
+# number of chunks is bounded by list_chunks).
 _MAX_WAVE_FORMAT = 64 << 10  # a WAVEFORMATEXTENSIBLE is 40 bytes
 
 # WAVE format tags (RFC 2361 appendix A); WAVE_FORMAT_EXTENSIBLE (0xFFFE)
@@ -35,7 +33,7 @@ _WAVE_PER_SAMPLE = frozenset({1, 3, 6, 7})
 
 
 def read_wav(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
-    chunks = _riff_chunks(f)
+    chunks = list_chunks(f, "little", b"fmt ", _MAX_WAVE_FORMAT)
     if chunks is None:
         return None
     f.seek(0)
@@ -70,24 +68,6 @@ def _wave_compressed_length(f: IO[bytes], chunks: dict[bytes, tuple[int, int]],
     byte_rate = int.from_bytes(fmt[8:12], "little")
     return (present / byte_rate, byte_rate * 8) if byte_rate else (0.0, 0.0)
 
-
-def _riff_chunks(f: IO[bytes]) -> dict[bytes, tuple[int, int]] | None:
-    """The RIFF form's top-level chunks, each id's first: (offset of its
-    body, declared size). None if there are more than _MAX_RIFF_CHUNKS
-    (mutagen lists them all to find 'fmt ' and 'data') or the 'fmt ' chunk
-    is implausibly large (mutagen reads it whole into memory)."""
-    pos, end, chunks = 12, file_size(f), {}
-    for _ in range(_MAX_RIFF_CHUNKS):
-        if pos + 8 > end:
-            return chunks
-        f.seek(pos)
-        header = f.read(8)
-        size = int.from_bytes(header[4:8], "little")
-        if header[:4] == b"fmt " and size > _MAX_WAVE_FORMAT:
-            return None
-        chunks.setdefault(header[:4], (pos + 8, size))
-        pos += 8 + size + (size & 1)   # chunks are padded to even length
-    return chunks if pos + 8 > end else None
 
 
 def _riff_chunk_head(f: IO[bytes], chunks: dict[bytes, tuple[int, int]],
