@@ -153,8 +153,11 @@ class BlobdClient:
             except BlobdError as exc:
                 if exc.code != "insufficient_storage":
                     raise
-                raise BlobdError(exc.code, f"{spool.parent}: the disk is full; the blob"
-                                 " waits there ($TMPDIR) until it is verified") from None
+                # Why $TMPDIR: standard output gets the blob only once a
+                # copy there is verified, so it needs the blob's size free.
+                raise BlobdError(exc.code, f"{spool.parent}: the disk is full; nothing was"
+                                 " written (the blob is checked in $TMPDIR before it"
+                                 " goes to standard output)") from None
             try:
                 await _write_out(spool / "blob", dest)
             except OSError as exc:

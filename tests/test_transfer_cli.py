@@ -449,5 +449,6 @@ def test_get_onto_a_full_disk_says_which_disk(live, tmp_path: Path, tiny_fs: Pat
     assert f"{tiny_fs}: the disk is full" in get(str(tiny_fs / "song.flac"), tmp_path)[0]
     spooled = get("-", tiny_fs)[0]
     assert f"{tiny_fs}: the disk is full" in spooled and "$TMPDIR" in spooled
+    assert "nothing was written" in spooled     # found by review: it said "waits there"
     assert "No space left on device: /dev/full" in get("/dev/full", tmp_path)[0]
     assert list(tiny_fs.iterdir()) == [] and list(tmp_path.iterdir()) == [tiny_fs]
