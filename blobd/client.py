@@ -23,14 +23,13 @@ import secrets
 import shutil
 import stat
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, BinaryIO, Callable, TypeVar
 
 import aiohttp
 
-from . import files
+from . import daemonthread, files
 from .address import Address, parse_address
 from .bodywriter import BodyWriter
 from .errors import STATUS, BlobdError
@@ -139,7 +138,7 @@ class BlobdClient:
                   if isinstance(dest, Path) else None)
         if target is not None:
             temp = target.with_name(f".{target.name}.part-{secrets.token_hex(4)}")
-            digests = await self._fetch(parsed, temp, progress, total)
+            digests = await self._fetch(parsed, temp, progress, total, durable=True)
             try:
                 await asyncio.to_thread(os.replace, temp, target)
             except BaseException:
@@ -149,7 +148,10 @@ class BlobdClient:
         spool = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="blobd-get-"))
         try:
             try:
-                digests = await self._fetch(parsed, spool / "blob", progress, total)
+                # A throwaway copy: no fsync (on a busy disk it held up the
+                # output, and Ctrl-C, for seconds).
+                digests = await self._fetch(parsed, spool / "blob", progress, total,
+                                            durable=False)
             except BlobdError as exc:
                 if exc.code != "insufficient_storage":
                     raise
@@ -171,16 +173,18 @@ class BlobdClient:
         return digests
 
     async def _fetch(self, parsed: Address, temp: Path, progress: Progress,
-                     total: Callable[[int], None]) -> files.Digests:
-        """GET the blob into the new file ``temp``; its digests once they
-        match the address (else ``temp`` is removed and this raises)."""
+                     total: Callable[[int], None], *, durable: bool) -> files.Digests:
+        """GET the blob into the new file ``temp`` (fsynced if ``durable``);
+        its digests once they match the address (else ``temp`` is removed
+        and this raises)."""
         try:
             async with self._http.get(f"{self.url}/blobs/{parsed}",
                                       headers=self._headers()) as resp:
                 if resp.status != 200:
                     raise _error_from(resp, await resp.read())
                 total(resp.content_length or 0)
-                digests = await _save(resp.content.iter_chunked(READ_SIZE), temp, progress)
+                digests = await _save(resp.content.iter_chunked(READ_SIZE), temp, progress,
+                                      durable)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             await asyncio.to_thread(files.remove_quietly, temp)
             raise BlobdError("unavailable", f"cannot reach {self.url}: {exc}") from None
@@ -357,33 +361,17 @@ async def _write_out(source: Path, dest: Path | BinaryIO) -> None:
     whose reader stops reading (or a pipe's) would otherwise keep Ctrl-C
     from ending the command, the interpreter waiting for the thread."""
     fd = await _open_to_write(dest) if isinstance(dest, Path) else None
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def settle(exc: BaseException | None) -> None:
-        if done.done():
-            return
-        if exc is None:
-            done.set_result(None)
-        else:
-            done.set_exception(exc)
 
     def copy() -> None:
-        try:
-            with open(source, "rb") as src:
-                if fd is not None:
-                    with open(fd, "wb") as out:
-                        shutil.copyfileobj(src, out, READ_SIZE)
-                else:
-                    shutil.copyfileobj(src, dest, READ_SIZE)
-                    dest.flush()
-        except BaseException as exc:  # handed to the waiting coroutine
-            loop.call_soon_threadsafe(settle, exc)
-        else:
-            loop.call_soon_threadsafe(settle, None)
+        with open(source, "rb") as src:
+            if fd is not None:
+                with open(fd, "wb") as out:
+                    shutil.copyfileobj(src, out, READ_SIZE)
+            else:
+                shutil.copyfileobj(src, dest, READ_SIZE)
+                dest.flush()
 
-    threading.Thread(target=copy, name="blobd-get-out", daemon=True).start()
-    await done
+    await daemonthread.run(copy, name="blobd-get-out")
 
 
 async def _open_to_write(dest: Path) -> int:
@@ -406,13 +394,14 @@ def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-async def _save(pieces: AsyncIterator[bytes], temp: Path, progress: Progress) -> files.Digests:
+async def _save(pieces: AsyncIterator[bytes], temp: Path, progress: Progress,
+                durable: bool) -> files.Digests:
     writer = await asyncio.to_thread(BodyWriter, temp)
     try:
         async for piece in pieces:
             await asyncio.to_thread(writer.write, piece)
             progress(len(piece))
-        return await asyncio.to_thread(writer.finish, True)
+        return await asyncio.to_thread(writer.finish, durable)
     except BlobdError as exc:
         await asyncio.to_thread(writer.discard)
         if exc.code != "insufficient_storage":

@@ -14,6 +14,7 @@ import math
 import re
 import tomllib
 import typing
+import unicodedata
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,8 @@ class AuthConfig:
 class StorageConfig:
     fsync: bool = True
     min_free_bytes: int = field(default=256 << 20, metadata=SIZE)
+    # Spare room a deletion may use when the disk is full (blobd.reserve).
+    reserve_bytes: int = field(default=8 << 20, metadata=SIZE)
 
 
 @dataclass(frozen=True)
@@ -418,6 +421,7 @@ def _mirror_checks(mirror: MirrorConfig) -> list[Check]:
         (not mirror.endpoint or (endpoint.scheme in ("http", "https")
                                  and bool(endpoint.hostname)),
          "mirror.endpoint", "expected an http:// or https:// URL with a host"),
+        *_prefix_checks(mirror.prefix),
         # S3 refuses parts under 5 MiB (all but the last) in a multipart upload.
         (mirror.multipart_threshold >= 5 << 20,
          "mirror.multipart_threshold", "expected at least 5MiB"),
@@ -429,6 +433,24 @@ def _mirror_checks(mirror: MirrorConfig) -> list[Check]:
         (mirror.heal_timeout_seconds > 0,
          "mirror.heal_timeout_seconds", "expected a positive number"),
     ]
+
+
+def _prefix_checks(prefix: str) -> list[Check]:
+    """The keys are <prefix>/ab/cd/<hash>: stores disagree on keys with an
+    empty, "." or ".." segment (some collapse "a//b" or resolve "a/../b",
+    some refuse them) and on control characters, so the same config could
+    name other objects on another store. Slashes at either end are dropped
+    when the keys are made (blobd.layout.mirror_key), as they always were,
+    so "/blobd/" stays the "blobd" it has been for configs that wrote it."""
+    inner = prefix.strip("/")
+    bad = [s for s in inner.split("/") if s in ("", ".", "..")] if inner else []
+    controls = any(unicodedata.category(c) == "Cc" for c in prefix)
+    problem = ("has an empty segment ('//')" if "" in bad
+               else f"has a {bad[0]!r} segment" if bad
+               else "has a control character" if controls else "")
+    return [(not problem, "mirror.prefix",
+             f"{prefix!r} {problem}; expected names separated by single '/', such as"
+             " \"blobs\" or \"home/blobd\" (\"\" for the top of the bucket)")]
 
 
 def _audio_checks(audio: AudioConfig) -> list[Check]:

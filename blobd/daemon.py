@@ -3,15 +3,18 @@
 :func:`run_server` is the whole life of a serving process:
 
 1. SIGTERM and SIGINT both mean "stop gracefully" from here on;
-2. the app starts: the store opens (index, crash recovery), background
+2. unless it was given sockets, it checks that ``[server] host``/``port``
+   is free (:func:`check_port`), so that a port in use stops it before
+   the store is made;
+3. the app starts: the store opens (index, crash recovery), background
    tasks start (``cleanup_ctx`` in :mod:`blobd.http.app`);
-3. it listens on the sockets it was given (systemd socket activation, or a
+4. it listens on the sockets it was given (systemd socket activation, or a
    socket a parent bound for it) or else on ``[server] host``/``port``, with
    TLS when ``tls_cert``/``tls_key`` are set;
-4. only then ``READY=1``: systemd orders dependants after that moment, so
+5. only then ``READY=1``: systemd orders dependants after that moment, so
    the port must accept and the index be open;
-5. ``WATCHDOG=1`` pings from the event loop while systemd arms a watchdog;
-6. on the signal, ``STOPPING=1``; the listening sockets close; requests
+6. ``WATCHDOG=1`` pings from the event loop while systemd arms a watchdog;
+7. on the signal, ``STOPPING=1``; the listening sockets close; requests
    in flight get ``shutdown_timeout_seconds`` to finish (uploads keep
    receiving their bodies) and are then cut off (an upload cut off removes
    its temp file; a commit already in its index transaction completes
@@ -83,6 +86,8 @@ async def run_server(config: Config, *, sockets: Sequence[socket.socket] = (),
     """
     notifier = notifier if notifier is not None else Notifier()
     tls = await asyncio.to_thread(tls_context, config.server)
+    if not sockets:
+        await asyncio.to_thread(check_port, config.server)
     stop = _stop_on_signals()
     app = create_app(config, background=background, primary=primary)
     runner = web.AppRunner(
@@ -131,6 +136,30 @@ async def _listen(runner: web.AppRunner, config: Config, sockets: Sequence[socke
         except OSError as exc:
             raise cannot_listen(_name(site, config.server), exc) from None
     return sites
+
+
+def check_port(server: ServerConfig) -> None:
+    """Refuse, with the error the listen would give, a ``host``/``port``
+    someone else listens on: checked before the store opens, which makes
+    the data dir and its index, so a server that cannot listen leaves
+    nothing behind. Binds (without listening) each address the listen
+    will, as it will (see asyncio's create_server), and lets go at once: a
+    socket only bound, as a test's port reservation is, stays no obstacle.
+    No SO_REUSEPORT, so a listener that shares the port is refused too."""
+    try:
+        infos = socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise cannot_listen(server.url, exc) from None
+    for family, kind, proto, _, address in dict.fromkeys(infos):
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise cannot_listen(server.url, exc) from None
 
 
 def _name(site: web.BaseSite, server: ServerConfig) -> str:

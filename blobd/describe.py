@@ -117,6 +117,18 @@ def content_type(info: AudioInfo | None, head: bytes, client_type: str | None) -
     return claimed
 
 
+def decided_by_bytes(stored_type: str) -> bool:
+    """Whether a content type in the index was decided by the bytes, not
+    named by the client, so that a better reading of the same bytes may
+    change it (``blobd reprobe``). The client's claim is not stored, but
+    :func:`content_type` keeps a claim only when it is specific and not an
+    audio type: an audio type, or the fallback, came from the probe or the
+    magic (the claim was then generic, absent or an audio type, all of
+    which count for nothing against the bytes). Any other type is the
+    client's own word, and stays."""
+    return stored_type in AUDIO_MIME_TYPES or stored_type == FALLBACK_TYPE
+
+
 def admit(config: AudioConfig, description: Description) -> None:
     """Raise 415 ``unsupported_media_type`` if ``[audio] require_audio`` is
     on and the blob is not audio of one of ``allowed_types``. "Audio" means

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiosqlite
 
+from .audio.info import complete_json
 from .config import QuotaLimits
 from .errors import BlobdError
 
@@ -51,8 +52,13 @@ class BlobRecord:
 
 
 def decode_audio(text: str | None) -> dict[str, Any] | None:
-    """The ``blobs.audio`` column: the probe's JSON object, or NULL."""
-    return json.loads(text) if text else None
+    """The ``blobs.audio`` column: the probe's JSON object, or NULL. An
+    object stored before the probe reported a key reads with it null."""
+    return complete_json(json.loads(text)) if text else None
+
+
+def encode_audio(audio: dict[str, Any] | None) -> str | None:
+    return json.dumps(audio) if audio else None
 
 
 # execute_fetchall is one trip to the connection's thread; execute, fetchone
@@ -108,7 +114,7 @@ async def insert_blob(conn: aiosqlite.Connection, blob: BlobRecord) -> None:
         "INSERT INTO blobs (hash, sha256, size, content_type, created_at, refcount,"
         " audio, mirror_state) VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
         (blob.hash, blob.sha256, blob.size, blob.content_type, blob.created_at,
-         json.dumps(blob.audio) if blob.audio else None, blob.mirror_state),
+         encode_audio(blob.audio), blob.mirror_state),
     )
 
 
@@ -130,6 +136,40 @@ async def blobs_due_for_deletion(conn: aiosqlite.Connection, zero_before: float,
 async def all_blobs(conn: aiosqlite.Connection) -> list[BlobRecord]:
     """Every blob row, those in their grace period too (mirror sync, restore)."""
     return [BlobRecord.from_row(r) for r in await _all(conn, "SELECT * FROM blobs")]
+
+
+async def count_blobs(conn: aiosqlite.Connection) -> int:
+    row = await _one(conn, "SELECT count(*) FROM blobs")
+    return int(row[0]) if row else 0
+
+
+async def descriptions_after(conn: aiosqlite.Connection, after: str,
+                             limit: int) -> list[aiosqlite.Row]:
+    """(hash, size, content_type, audio as stored) of the next ``limit`` blobs
+    in hash order after ``after``: a scan of every blob one page at a
+    time, each page its own short read (blobd reprobe)."""
+    return await _all(conn, "SELECT hash, size, content_type, audio FROM blobs WHERE hash > ?"
+                      " ORDER BY hash LIMIT ?", after, limit)
+
+
+async def description_of(conn: aiosqlite.Connection, digest: str) -> aiosqlite.Row | None:
+    """:func:`descriptions_after`'s columns for one blob."""
+    return await _one(conn, "SELECT hash, size, content_type, audio FROM blobs WHERE hash = ?",
+                      digest)
+
+
+async def redescribe(conn: aiosqlite.Connection, digest: str, old_type: str,
+                     old_audio: str | None, content_type: str,
+                     audio: dict[str, Any] | None) -> bool:
+    """Set a blob's content type and audio facts if its row still holds the
+    ``old_type`` and ``old_audio`` (the column's text) read before: a blob
+    deleted meanwhile is not brought back, one described anew meanwhile is
+    left. Nothing else of the row changes. Whether it was set."""
+    cur = await conn.execute(
+        "UPDATE blobs SET content_type = ?, audio = ? WHERE hash = ?"
+        " AND content_type = ? AND audio IS ?",
+        (content_type, encode_audio(audio), digest, old_type, old_audio))
+    return cur.rowcount == 1
 
 
 async def set_mirror_state(conn: aiosqlite.Connection, digest: str, state: str) -> None:

@@ -16,6 +16,8 @@ The data directory::
       tmp/backup-index-<pid>.<r>
                                an index snapshot on its way to the mirror
       restoring                present while `blobd mirror restore` runs
+      reserve                  spare room, given up to let deletions through
+                               on a full disk (see :mod:`blobd.reserve`)
 
 The mirror bucket::
 
@@ -76,6 +78,10 @@ class Layout:
     @property
     def uploads_dir(self) -> Path:
         return self.root / "uploads"
+
+    @property
+    def reserve_path(self) -> Path:
+        return self.root / "reserve"
 
     @property
     def quarantine_dir(self) -> Path:

@@ -146,7 +146,7 @@ class StoreCollector(Collector):
              s["logical_bytes"]),
             ("blobd_grace_blobs", "Unreferenced blobs waiting for their grace period",
              s["grace"]["blobs"]),
-            ("blobd_upload_sessions_open", "Resumable upload sessions not completed",
+            ("blobd_upload_sessions_open", "Resumable upload sessions neither completed nor expired",
              s["sessions_open"]),
             ("blobd_mirror_queue_depth", "Mirror operations waiting", s["mirror"]["pending"]),
             ("blobd_mirror_failing", "Mirror operations that have failed at least once",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import time
 
-from . import files, index, periodic
+from . import files, index, periodic, reserve
 from .store import Store, Tx
 
 
@@ -51,11 +51,14 @@ async def sweep(store: Store, now: float | None = None) -> int:
     """Delete every blob whose grace period is over; returns how many."""
     cutoff = (now if now is not None else time.time()) - store.config.gc.grace_seconds
     deleted = 0
-    while True:
+
+    async def batch() -> tuple[list[str], int]:
         async with store.write() as tx:
             due = await index.blobs_due_for_deletion(tx.conn, cutoff)
-            for digest in due:
-                deleted += await delete_now(store, tx, digest)
+            return due, sum([await delete_now(store, tx, digest) for digest in due])
+    while True:
+        due, count = await reserve.freeing(store, batch)
+        deleted += count
         if not due:
             return deleted
 

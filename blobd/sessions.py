@@ -28,7 +28,7 @@ from typing import Callable, Iterable, TypeVar
 
 import aiosqlite
 
-from . import files, index, index_sessions, ingest, periodic, sessionfiles
+from . import files, index, index_sessions, ingest, periodic, reserve, sessionfiles
 from .address import Address, parse_address
 from .errors import BlobdError
 from .index_sessions import NATIVE, TUS, Session
@@ -204,8 +204,10 @@ async def _create(store: Store, session: Session) -> None:
 
 
 async def _delete(store: Store, session_id: str) -> None:
-    async with store.write() as tx:
-        await index_sessions.delete(tx.conn, session_id)
+    async def run() -> None:
+        async with store.write() as tx:
+            await index_sessions.delete(tx.conn, session_id)
+    await reserve.freeing(store, run)
 
 
 async def _insert(store: Store, session: Session) -> None:
@@ -376,9 +378,11 @@ async def sweep_sessions(store: Store, now: float | None = None) -> int:
         after = ids[-1]
         locked = await asyncio.to_thread(_lock_idle, store, ids)
         try:
-            async with store.write() as tx:
-                gone = [i for i in locked
-                        if await index_sessions.delete(tx.conn, i, expired_by=moment)]
+            async def drop() -> list[str]:
+                async with store.write() as tx:
+                    return [i for i in locked
+                            if await index_sessions.delete(tx.conn, i, expired_by=moment)]
+            gone = await reserve.freeing(store, drop)
             await asyncio.to_thread(files.remove_quietly,
                                     *(store.layout.upload_path(i) for i in gone))
         finally:

@@ -21,12 +21,15 @@ Definitions (API.md, "Operations"):
 * ``mirror.pending``: queued mirror operations; ``mirror.failed``: those
   that have failed at least once and not yet succeeded; ``last_error``: the
   error of the failing operation due to be retried last (the queue keeps no
-  failure times, and that one is the latest to have been rescheduled).
+  failure times, and that one is the latest to have been rescheduled);
+* ``sessions_open``: upload sessions neither committed nor expired (an
+  expired one answers 404 before the sweeper removes it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from . import files
@@ -41,7 +44,8 @@ SELECT b.*,
     AS mirror_failed,
   (SELECT last_error FROM mirror_queue WHERE last_error IS NOT NULL
     ORDER BY next_at DESC, id DESC LIMIT 1) AS mirror_last_error,
-  (SELECT count(*) FROM uploads WHERE result_hash IS NULL) AS sessions_open
+  (SELECT count(*) FROM uploads WHERE result_hash IS NULL AND expires_at > ?)
+    AS sessions_open
 FROM (
   SELECT
     coalesce(sum(refcount > 0), 0) AS blobs,
@@ -57,7 +61,7 @@ FROM (
 
 async def figures(store: Store) -> dict[str, Any]:
     """The ``GET /stats`` body."""
-    row = await store.db.fetchone_aside(_FIGURES_SQL)
+    row = await store.db.fetchone_aside(_FIGURES_SQL, (time.time(),))
     assert row is not None
     free, total = await asyncio.to_thread(files.free_bytes, store.layout.root)
     blobs, refs = row["blobs"], row["refs"]

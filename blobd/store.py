@@ -205,14 +205,10 @@ class Store:
         not taken on the disk, where a full disk was to show at once. A
         disk with no room now leaves it so; the upload's next bytes get
         the 507."""
-        lengths = await index_sessions.open_lengths(self.db.reader)
         mended = 0
-        for session_id, size in lengths.items():
-            path = self.layout.upload_path(session_id)
+        for session_id, (_, size) in (await self.short_session_files()).items():
             try:
-                if (await asyncio.to_thread(os.stat, path)).st_size >= size:
-                    continue
-                await asyncio.to_thread(sessionfiles.extend, path, size)
+                await self.allocate_session_file(session_id, size)
                 mended += 1
             except FileNotFoundError:
                 continue    # its row went with it (recover_sessions)
@@ -222,21 +218,60 @@ class Store:
         if mended:
             log.info("allocated the files of %d upload sessions a crash left short", mended)
 
+    async def short_session_files(self) -> dict[str, tuple[int, int]]:
+        """Open sessions whose file is shorter than their known length:
+        id -> (the file's size, the session's length)."""
+        short: dict[str, tuple[int, int]] = {}
+        for session_id, size in (await index_sessions.open_lengths(self.db.reader)).items():
+            try:
+                st = await asyncio.to_thread(os.stat, self.layout.upload_path(session_id))
+            except FileNotFoundError:
+                continue    # a session without its file: session_leftovers
+            if st.st_size < size:
+                short[session_id] = (st.st_size, size)
+        return short
+
+    async def allocate_session_file(self, session_id: str, size: int) -> None:
+        """Allocate a short session file to its length (see
+        :meth:`_allocate_short_files`); insufficient storage if the disk
+        has not the room."""
+        await asyncio.to_thread(sessionfiles.extend, self.layout.upload_path(session_id),
+                                size)
+
     async def _release_room_ahead(self) -> None:
         """A deferred-length PATCH reserves (and allocates) the room for its
         bytes before reading them, and gives back what it did not use when
         it ends (blobd.sessionroom); one a crash cut off gave nothing back.
         Nobody serving, nothing is arriving: each such upload holds just
         its offset again, in its file and in its owner's reservation."""
-        ahead = await index_sessions.holding_ahead(self.db.reader)
-        for session in ahead:
-            await asyncio.to_thread(sessionfiles.cut_to,
-                                    self.layout.upload_path(session.id), session.upload_offset)
-            async with self.write() as tx:
-                await index_sessions.hold(tx.conn, session, session.upload_offset)
+        ahead = await self.room_held_ahead()
+        for session, _ in ahead:
+            await self.release_room_ahead(session)
         if ahead:
             log.info("gave back the room %d deferred-length uploads had taken ahead of"
                      " bytes that never came", len(ahead))
+
+    async def room_held_ahead(self) -> list[tuple[index_sessions.Session, int]]:
+        """Open deferred-length uploads that reserve room past their offset
+        (see :meth:`_release_room_ahead`), each with its file's size; not
+        those without their file (:meth:`session_leftovers`)."""
+        ahead = []
+        for session in await index_sessions.holding_ahead(self.db.reader):
+            try:
+                st = await asyncio.to_thread(os.stat, self.layout.upload_path(session.id))
+            except FileNotFoundError:
+                continue
+            ahead.append((session, st.st_size))
+        return ahead
+
+    async def release_room_ahead(self, session: index_sessions.Session) -> None:
+        """Make an upload of :meth:`room_held_ahead` hold just its offset:
+        its file cut there first (the disk never holds bytes no reservation
+        covers), then its owner's reservation released."""
+        await asyncio.to_thread(sessionfiles.cut_to, self.layout.upload_path(session.id),
+                                session.upload_offset)
+        async with self.write() as tx:
+            await index_sessions.hold(tx.conn, session, session.upload_offset)
 
     async def session_leftovers(self) -> tuple[set[str], set[str]]:
         """(names of files in uploads/ without an open session, ids of open

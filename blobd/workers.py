@@ -3,10 +3,12 @@
 One Python process serves from one core. With ``workers = N`` the process
 started by ``blobd serve`` becomes a supervisor of N worker processes:
 
-1. It takes the data-dir lock (and keeps it: no second ``blobd serve`` can
-   start on the same data), creates or migrates the index and recovers what
-   a crash left in ``tmp/`` -- all before any worker exists, so no worker
-   ever does either.
+1. It checks that the port is free and holds it (see :func:`_hold_port`),
+   before anything is made in the data dir: a server that cannot listen
+   leaves no store behind. It takes the data-dir lock (and keeps it: no
+   second ``blobd serve`` can start on the same data), creates or migrates
+   the index and recovers what a crash left in ``tmp/`` -- all before any
+   worker exists, so no worker ever does either.
 2. It forks the workers. Each gets a listening socket of its own on the one
    port (``SO_REUSEPORT``), so the kernel spreads new connections evenly;
    one shared socket would let whichever worker wakes first accept a whole
@@ -95,20 +97,28 @@ def serve(config: Config, serve_one: ServeOne) -> int:
     if layout.restore_marker_path.exists():
         raise BlobdError("conflict", "an interrupted 'blobd mirror restore' left this data"
                          " dir half-restored; run it again to finish before serving")
-    files.make_dirs(layout)
-    lock_fd = take_lock(layout.lock_path)
+    # The port before the data dir: a server that cannot listen must leave
+    # nothing behind (an empty store nobody asked for). The activated
+    # sockets hold themselves.
+    hold = None if activated else _hold_port(config)
+    lock_fd: int | None = None
     shared = layout.metrics_dir
     try:
+        files.make_dirs(layout)
+        lock_fd = take_lock(layout.lock_path)
         # Under the data dir's lock: what a supervisor killed with -9 left
         # here belongs to nobody now.
         shutil.rmtree(shared, ignore_errors=True)
         shared.mkdir(mode=0o700)
         metrics.share_between_processes(str(shared))
         asyncio.run(_prepare(config))
-        return Supervisor(config, serve_one, activated).run()
+        return Supervisor(config, serve_one, activated, port_hold=hold).run()
     finally:
-        shutil.rmtree(shared, ignore_errors=True)
-        os.close(lock_fd)
+        if lock_fd is not None:
+            shutil.rmtree(shared, ignore_errors=True)
+            os.close(lock_fd)
+        if hold is not None:
+            hold.close()
 
 
 async def _prepare(config: Config) -> None:
@@ -143,6 +153,8 @@ class Supervisor:
     serve_one: ServeOne
     # Passed by systemd (socket activation): every worker serves on these.
     activated: list[socket.socket] = field(default_factory=list)
+    # Bound to the port (not listening; see _hold_port) unless activated.
+    port_hold: socket.socket | None = None
     workers: dict[int, _Worker] = field(default_factory=dict)
     signals: int = 0
     _delays: dict[int, float] = field(default_factory=dict)
@@ -157,14 +169,6 @@ class Supervisor:
 
     def run(self) -> int:
         previous = self._catch_signals()
-        # The activated sockets hold themselves.
-        self._port_hold: socket.socket | None = None
-        try:
-            if not self.activated:
-                self._port_hold = _hold_port(self.config)
-        except BaseException:
-            self._restore_signals(previous)
-            raise
         try:
             for number in range(self.config.server.workers):
                 self._start(number)
@@ -177,7 +181,7 @@ class Supervisor:
         finally:
             self._notifier.stopping()
             self._stop_all()
-            for sock in [*filter(None, [self._port_hold]), *self.activated]:
+            for sock in [*filter(None, [self.port_hold]), *self.activated]:
                 sock.close()
             self._restore_signals(previous)
 
@@ -218,7 +222,7 @@ class Supervisor:
         # What of the supervisor's own the worker must not keep open.
         theirs = [functools.partial(os.close, self._wake_r),
                   functools.partial(os.close, self._wake_w),
-                  *(sock.close for sock in filter(None, [self._port_hold])),
+                  *(sock.close for sock in filter(None, [self.port_hold])),
                   ready_r.close, *(w.ready.close for w in self.workers.values())]
         process = self._ctx.Process(
             target=_worker_main, name=f"blobd-worker-{number}",

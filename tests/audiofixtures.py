@@ -22,40 +22,43 @@ class Expected:
     sample_rate: int
     channels: int
     bitrate: tuple[int, int]  # plausible range, bits per second
+    # The bit depth the header states (ffprobe's bits_per_raw_sample, else
+    # its bits_per_sample); None for lossy and compressed codecs.
+    bits_per_sample: int | None
 
 
 AUDIO_FIXTURES = {
-    "tone.mp3": Expected("audio/mpeg", "mp3", 2.0, 22050, 1, (31_000, 33_000)),
-    "tone.m4a": Expected("audio/mp4", "aac", 2.0, 44100, 2, (24_000, 40_000)),
-    "tone_mono.m4a": Expected("audio/mp4", "aac", 2.0, 44100, 1, (24_000, 40_000)),
+    "tone.mp3": Expected("audio/mpeg", "mp3", 2.0, 22050, 1, (31_000, 33_000), None),
+    "tone.m4a": Expected("audio/mp4", "aac", 2.0, 44100, 2, (24_000, 40_000), None),
+    "tone_mono.m4a": Expected("audio/mp4", "aac", 2.0, 44100, 1, (24_000, 40_000), None),
     # Lossless, so well under the uncompressed 128 kb/s mutagen reports.
-    "tone_alac.m4a": Expected("audio/mp4", "alac", 2.0, 8000, 1, (8_000, 100_000)),
-    "tone.3gp": Expected("audio/3gpp", "aac", 1.0, 8000, 1, (12_000, 24_000)),
-    "tone.3g2": Expected("audio/3gpp2", "aac", 0.5, 8000, 1, (12_000, 30_000)),
-    "tone.aac": Expected("audio/aac", "aac", 2.0, 22050, 1, (24_000, 40_000)),
-    "tone.ogg": Expected("audio/ogg", "vorbis", 2.0, 22050, 2, (16_000, 64_000)),
-    "tone.opus": Expected("audio/opus", "opus", 2.0, 48000, 2, (16_000, 48_000)),
+    "tone_alac.m4a": Expected("audio/mp4", "alac", 2.0, 8000, 1, (8_000, 100_000), 16),
+    "tone.3gp": Expected("audio/3gpp", "aac", 1.0, 8000, 1, (12_000, 24_000), None),
+    "tone.3g2": Expected("audio/3gpp2", "aac", 0.5, 8000, 1, (12_000, 30_000), None),
+    "tone.aac": Expected("audio/aac", "aac", 2.0, 22050, 1, (24_000, 40_000), None),
+    "tone.ogg": Expected("audio/ogg", "vorbis", 2.0, 22050, 2, (16_000, 64_000), None),
+    "tone.opus": Expected("audio/opus", "opus", 2.0, 48000, 2, (16_000, 48_000), None),
     # Longer than the tail read for its length: the bitrate is still the
     # whole file's (it was the tail's, 34.6 kb/s; found by review).
-    "long.opus": Expected("audio/opus", "opus", 60.0, 48000, 1, (41_000, 46_000)),
-    "tone.flac": Expected("audio/flac", "flac", 2.0, 8000, 1, (20_000, 128_000)),
-    "tone_flac.ogg": Expected("audio/ogg", "flac", 2.0, 8000, 1, (20_000, 128_000)),
-    "tone.wav": Expected("audio/wav", "pcm", 1.5, 8000, 1, (128_000, 128_000)),
-    "sweep.mp3": Expected("audio/mpeg", "mp3", 8.0, 22050, 1, (31_000, 33_000)),
+    "long.opus": Expected("audio/opus", "opus", 60.0, 48000, 1, (41_000, 46_000), None),
+    "tone.flac": Expected("audio/flac", "flac", 2.0, 8000, 1, (20_000, 128_000), 16),
+    "tone_flac.ogg": Expected("audio/ogg", "flac", 2.0, 8000, 1, (20_000, 128_000), 16),
+    "tone.wav": Expected("audio/wav", "pcm", 1.5, 8000, 1, (128_000, 128_000), 16),
+    "sweep.mp3": Expected("audio/mpeg", "mp3", 8.0, 22050, 1, (31_000, 33_000), None),
     # No header states its length: counted from its frames (mutagen alone
     # says 10.8 s, the file's size at the first, silent frame's 8 kb/s).
-    "vbr_no_header.mp3": Expected("audio/mpeg", "mp3", 4.0, 22050, 1, (16_000, 32_000)),
+    "vbr_no_header.mp3": Expected("audio/mpeg", "mp3", 4.0, 22050, 1, (16_000, 32_000), None),
     # FLAC bytes under an .mp3 name: the bytes decide.
-    "flac_named.mp3": Expected("audio/flac", "flac", 2.0, 8000, 1, (20_000, 128_000)),
+    "flac_named.mp3": Expected("audio/flac", "flac", 2.0, 8000, 1, (20_000, 128_000), 16),
     # Info/Duration says 0.508 s (as ffprobe), the Opus codec delay in it;
     # 0.500 s decode. The whole file's rate.
-    "tone.webm": Expected("audio/webm", "opus", 0.5, 48000, 1, (24_000, 36_000)),
+    "tone.webm": Expected("audio/webm", "opus", 0.5, 48000, 1, (24_000, 36_000), None),
     # As MediaRecorder writes it: no Duration, Segment and Cluster of
     # unknown size; timed from its last block (it was not audio, and
     # refused under require_audio).
-    "recorded.webm": Expected("audio/webm", "opus", 0.5, 48000, 1, (24_000, 36_000)),
-    "tone_flac.mka": Expected("audio/matroska", "flac", 0.5, 8000, 1, (20_000, 128_000)),
-    "tone.aiff": Expected("audio/aiff", "pcm", 0.3, 8000, 1, (128_000, 128_000)),
+    "recorded.webm": Expected("audio/webm", "opus", 0.5, 48000, 1, (24_000, 36_000), None),
+    "tone_flac.mka": Expected("audio/matroska", "flac", 0.5, 8000, 1, (20_000, 128_000), 16),
+    "tone.aiff": Expected("audio/aiff", "pcm", 0.3, 8000, 1, (128_000, 128_000), 16),
 }
 # Probed only: formats outside what the HTTP and browser tests exercise per
 # fixture (Chromium plays no ADPCM).
@@ -63,22 +66,33 @@ PROBE_ONLY_FIXTURES = {
     # Four bits a sample in blocks of many: the 'fact' chunk says how long
     # (mutagen's block-align reckoning said 0.006 s; found by review). The
     # data's rate, ~32 kb/s; the header's byte rate claims 128.
-    "adpcm.wav": Expected("audio/wav", "adpcm_ima", 1.02, 8000, 1, (30_000, 34_000)),
+    "adpcm.wav": Expected("audio/wav", "adpcm_ima", 1.02, 8000, 1, (30_000, 34_000), None),
     # WAVE_FORMAT_EXTENSIBLE whose SubFormat is IEEE float (it was "pcm").
-    "float.wav": Expected("audio/wav", "pcm_float", 0.2, 8000, 1, (256_000, 256_000)),
+    "float.wav": Expected("audio/wav", "pcm_float", 0.2, 8000, 1, (256_000, 256_000), 32),
     # MP3 in MP4: the sample entry says 2 channels, the frames 1 (it was 2).
-    "mp3_mono.mp4": Expected("audio/mp4", "mp3", 1.0, 16000, 1, (7_000, 10_000)),
+    "mp3_mono.mp4": Expected("audio/mp4", "mp3", 1.0, 16000, 1, (7_000, 10_000), None),
     # FLAC in MP4: no esds states a bitrate (it was null), the bytes do.
-    "flac.mp4": Expected("audio/mp4", "flac", 0.5, 8000, 1, (20_000, 128_000)),
+    "flac.mp4": Expected("audio/mp4", "flac", 0.5, 8000, 1, (20_000, 128_000), 16),
     # Vorbis whose header states no bitrate (libvorbis at 96 kHz): the
     # file's, its 4 KB of codebooks included (it was null).
-    "tone_96k.ogg": Expected("audio/ogg", "vorbis", 0.2, 96000, 1, (20_000, 400_000)),
+    "tone_96k.ogg": Expected("audio/ogg", "vorbis", 0.2, 96000, 1, (20_000, 400_000), None),
     # AIFF-C: 'sowt' is little-endian PCM, 'fl32' float (as WAVE names it).
-    "tone_sowt.aifc": Expected("audio/aiff", "pcm", 0.3, 8000, 1, (128_000, 128_000)),
-    "tone_float.aifc": Expected("audio/aiff", "pcm_float", 0.2, 8000, 1, (256_000, 256_000)),
+    "tone_sowt.aifc": Expected("audio/aiff", "pcm", 0.3, 8000, 1, (128_000, 128_000), 16),
+    "tone_float.aifc": Expected("audio/aiff", "pcm_float", 0.2, 8000, 1, (256_000, 256_000), 32),
     # 'ima4': COMM counts 34-byte packets of 64 samples, not samples (0.32 s
     # was 0.005 s; found by review against ffprobe).
-    "tone_ima4.aifc": Expected("audio/aiff", "adpcm_ima", 0.32, 8000, 1, (33_000, 35_000)),
+    "tone_ima4.aifc": Expected("audio/aiff", "adpcm_ima", 0.32, 8000, 1, (33_000, 35_000), None),
+    # Bit depths other than 16 (ffprobe agrees on each; see make.sh).
+    "tone_u8.wav": Expected("audio/wav", "pcm", 0.1, 8000, 1, (64_000, 64_000), 8),
+    # 8-bit codes of wider samples: no bit depth (ffprobe says 8, the code's).
+    "tone_alaw.wav": Expected("audio/wav", "alaw", 0.1, 8000, 1, (64_000, 64_000), None),
+    # WAVE_FORMAT_EXTENSIBLE: 24 valid bits in 32-bit containers. The valid
+    # bits; ffmpeg 5.1's ffprobe takes the file for 24-bit float, 0.133 s.
+    "tone_24in32.wav": Expected("audio/wav", "pcm", 0.1, 8000, 1, (256_000, 256_000), 24),
+    "tone_24.flac": Expected("audio/flac", "flac", 0.1, 8000, 1, (20_000, 192_000), 24),
+    "tone_24.aiff": Expected("audio/aiff", "pcm", 0.1, 8000, 1, (192_000, 192_000), 24),
+    "tone_alac24.m4a": Expected("audio/mp4", "alac", 0.1, 8000, 1, (20_000, 256_000), 24),
+    "tone_pcm24.mka": Expected("audio/matroska", "pcm", 0.1, 8000, 1, (192_000, 256_000), 24),
 }
 NOT_AUDIO_FIXTURES = ["not_audio.txt", "not_audio.png", "video_only.mp4", "video_only.webm"]
 # What Chromium cannot play whatever the Content-Type: ALAC and AIFF.

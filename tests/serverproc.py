@@ -78,6 +78,14 @@ def run_blobd(*args: str, cwd: Path | None = None,
                           timeout=timeout)
 
 
+def wait_until(check: Any, what: str, timeout: float = 10.0) -> None:
+    """Poll ``check()`` until it is true; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.02)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

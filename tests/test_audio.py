@@ -73,6 +73,7 @@ def test_probe_reads_each_format(name: str) -> None:
     assert (info.sample_rate, info.channels) == (want.sample_rate, want.channels)
     low, high = want.bitrate
     assert info.bitrate is not None and low <= info.bitrate <= high
+    assert info.bits_per_sample == want.bits_per_sample
     assert info.mime in AUDIO_MIME_TYPES
 
 
@@ -438,18 +439,30 @@ def test_container_parts_are_bounded(tmp_path: Path, build, few: int, many: int)
 
 # --- AudioInfo ----------------------------------------------------------------
 
-def test_json_round_trip() -> None:
-    info = probe(fixture("tone.ogg"))
+@pytest.mark.parametrize("name", ["tone.ogg", "tone_24.flac"])
+def test_json_round_trip(name: str) -> None:
+    info = probe(fixture(name))
     assert info is not None
     body = info.to_json()
-    assert set(body) == {"duration", "bitrate", "sample_rate", "channels", "codec"}
+    assert set(body) == {"duration", "bitrate", "sample_rate", "channels", "codec",
+                         "bits_per_sample"}
+    assert body["bits_per_sample"] == PROBED[name].bits_per_sample
     assert AudioInfo.from_json(body, info.mime) == info
 
 
 def test_json_allows_unknown_numbers() -> None:
     body = {"duration": 1.5, "bitrate": None, "sample_rate": None,
-            "channels": None, "codec": "pcm"}
+            "channels": None, "codec": "pcm", "bits_per_sample": None}
     assert AudioInfo.from_json(body, "audio/wav").to_json() == body
+
+
+def test_json_stored_before_bits_per_sample_reads_as_null() -> None:
+    """Index rows written before the key existed stand as they were."""
+    old = {"duration": 1.5, "bitrate": 128000, "sample_rate": 8000,
+           "channels": 1, "codec": "pcm"}
+    info = AudioInfo.from_json(old, "audio/wav")
+    assert info.bits_per_sample is None and info.sample_rate == 8000
+    assert info.to_json() == old | {"bits_per_sample": None}
 
 
 @pytest.mark.parametrize("body, mime", [
@@ -462,6 +475,8 @@ def test_json_allows_unknown_numbers() -> None:
       "codec": 7}, "audio/wav"),
     ({"duration": 1.0, "bitrate": 1, "sample_rate": 8000, "channels": 1,
       "codec": "pcm"}, "text/plain"),
+    ({"duration": 1.0, "bitrate": 1, "sample_rate": 8000, "channels": 1,
+      "codec": "pcm", "bits_per_sample": "24"}, "audio/wav"),
 ])
 def test_from_json_refuses_malformed(body: dict, mime: str) -> None:
     with pytest.raises(ValueError):
@@ -841,3 +856,72 @@ def test_a_recording_that_starts_late_is_timed_from_its_first_block(tmp_path: Pa
     path.write_bytes(bytes(data))
     info = probe(path)
     assert info is not None and info.duration == pytest.approx(0.5, abs=0.002)
+
+
+# --- bit depth ------------------------------------------------------------------
+
+def _wave_with_valid_bits(tmp_path: Path, valid: int) -> Path:
+    """tone_24in32.wav (WAVE_FORMAT_EXTENSIBLE, 32-bit containers) with
+    wValidBitsPerSample set to ``valid``."""
+    data = bytearray(fixture("tone_24in32.wav").read_bytes())
+    at = data.index(b"fmt ") + 8 + 18
+    data[at:at + 2] = valid.to_bytes(2, "little")
+    path = tmp_path / f"valid{valid}.wav"
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("valid, reported", [
+    (24, 24), (20, 20), (32, 32),
+    # No valid bits stated, or more than the container holds: the
+    # container's size (ffprobe says 32, then "unknown").
+    (0, 32), (40, 32),
+])
+def test_wave_reports_its_valid_bits(tmp_path: Path, valid: int, reported: int) -> None:
+    info = probe(_wave_with_valid_bits(tmp_path, valid))
+    assert info is not None and info.codec == "pcm"
+    assert info.bits_per_sample == reported
+    assert info.duration == pytest.approx(0.1)   # 4 bytes a sample, whatever is valid
+
+
+def test_flac_in_mp4_takes_the_bit_depth_of_its_streaminfo(tmp_path: Path) -> None:
+    """The 'dfLa' box's STREAMINFO says 16; the sample entry's sample size,
+    set here to 24, yields to it."""
+    data = bytearray(fixture("flac.mp4").read_bytes())
+    entry = data.index(b"fLaC", data.index(b"stsd"))
+    # Past the name: 6 reserved bytes, the data reference index, 8 bytes of
+    # version, revision and vendor, the channel count; then the sample size.
+    at = entry + 4 + 6 + 2 + 8 + 2
+    assert data[at:at + 2] == (16).to_bytes(2, "big")
+    data[at:at + 2] = (24).to_bytes(2, "big")
+    path = tmp_path / "flac24entry.mp4"
+    path.write_bytes(data)
+    info = probe(path)
+    assert info is not None and info.codec == "flac" and info.bits_per_sample == 16
+    # Without its 'dfLa' box (renamed), the sample entry's figure stands.
+    path.write_bytes(data.replace(b"dfLa", b"dfLx"))
+    info = probe(path)
+    assert info is not None and info.bits_per_sample == 24
+
+
+def test_flac_in_matroska_takes_the_bit_depth_of_its_streaminfo(tmp_path: Path) -> None:
+    """tone_flac.mka's Audio element says BitDepth 16, as its STREAMINFO in
+    CodecPrivate does; a BitDepth of 24 yields to STREAMINFO."""
+    data = fixture("tone_flac.mka").read_bytes()
+    bit_depth_16 = bytes.fromhex("6264 81 10")
+    assert data.count(bit_depth_16) == 1
+    path = tmp_path / "flac.mka"
+    path.write_bytes(data.replace(bit_depth_16, bytes.fromhex("6264 81 18")))
+    info = probe(path)
+    assert info is not None and info.codec == "flac" and info.bits_per_sample == 16
+
+
+def test_a_bit_depth_element_says_nothing_of_opus(tmp_path: Path) -> None:
+    """A lossy track's BitDepth, if a muxer writes one, is not reported:
+    tone_flac.mka with its codec renamed A_OPUS."""
+    data = fixture("tone_flac.mka").read_bytes()
+    assert data.count(b"\x86\x86A_FLAC") == 1
+    path = tmp_path / "opus.mka"
+    path.write_bytes(data.replace(b"\x86\x86A_FLAC", b"\x86\x86A_OPUS"))
+    info = probe(path)
+    assert info is not None and info.codec == "opus" and info.bits_per_sample is None

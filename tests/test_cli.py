@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -238,6 +239,48 @@ def test_busy_port_is_one_line(tmp_path: Path) -> None:
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "cannot listen on" in lines[0], result.stderr
         assert "address already in use" in lines[0]
+
+
+def _tree(root: Path) -> list[tuple[str, bool, int, int]]:
+    """Every entry under ``root``: (path, is a directory, size, mtime)."""
+    entries = []
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        entries.append((str(path.relative_to(root)), path.is_dir(), st.st_size,
+                        st.st_mtime_ns))
+    return entries
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("reuseport", [False, True])
+def test_busy_port_leaves_the_data_dir_as_it_was(tmp_path: Path, workers: int,
+                                                  reuseport: bool) -> None:
+    """Found by review: `blobd serve` on a port in use said so, but only
+    after making an empty store (data dir, index) that nobody asked for.
+    The port is held by another program (``reuseport``: one that shares it
+    as blobd's own workers do); the data dir is new (its parent too), or is
+    there already with something of its user's in it."""
+    world = tmp_path / "world"
+    (world / "kept").mkdir(parents=True)
+    (world / "kept" / "notes.txt").write_text("mine")
+    with socket.socket() as busy:
+        if reuseport:
+            busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for data_dir in (world / "new" / "data", world / "kept"):
+            config = tmp_path / "blobd.toml"
+            config.write_text(to_toml({"server": {
+                "host": "127.0.0.1", "port": port, "workers": workers,
+                "data_dir": str(data_dir)}}))
+            before = _tree(world)
+            result = run_blobd("serve", "-c", str(config), cwd=tmp_path, timeout=30)
+            assert result.returncode == 1, result.stderr
+            assert result.stderr.strip() == (f"blobd: error: cannot listen on"
+                                             f" http://127.0.0.1:{port}: address already"
+                                             " in use"), result.stderr
+            assert _tree(world) == before
 
 
 def test_half_restored_data_dir_is_refused(tmp_path: Path) -> None:

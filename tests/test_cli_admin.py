@@ -7,9 +7,12 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import blake3
@@ -127,6 +130,91 @@ def test_fsck_offline_finds_repairs_and_exits_accordingly(tmp_path):
     healed = server.cli("fsck", "--verify")
     assert healed.returncode == 0, healed.stdout
     assert "no problems found" in healed.stdout
+
+
+def test_fsck_reports_a_session_file_left_short_and_repair_allocates_it(tmp_path):
+    """Found by review: a session file a crash left short of its length was
+    allocated by --repair without a word, and plain fsck said "no problems
+    found" (exit 0)."""
+    server = BlobdServer(tmp_path, {"storage": {"fsync": False}})
+    with server:
+        status, raw = request("POST", f"{server.url}/uploads", server.token("alice"),
+                              json.dumps({"size": 200_000}).encode())
+        assert status == 201, raw
+    session = json.loads(raw)["id"]
+    path = server.data_dir / "uploads" / session
+    os.truncate(path, 0)
+
+    checked = server.cli("fsck")
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert f"short: uploads/{session}: 0 bytes of its 200000" in checked.stdout
+    assert "1 problem(s) remain" in checked.stdout
+    assert path.stat().st_size == 0  # a plain fsck changes nothing
+
+    repaired = server.cli("fsck", "--repair")
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert f"short: uploads/{session}" in repaired.stdout and "-> allocated" in repaired.stdout
+    assert ": 1, 1 repaired" in repaired.stdout
+    assert "every problem was repaired" in repaired.stdout
+    assert path.stat().st_size == 200_000
+    again = server.cli("fsck")
+    assert again.returncode == 0 and "no problems found" in again.stdout, again.stdout
+
+
+def test_fsck_reports_room_a_crash_left_held_ahead_and_repair_gives_it_back(tmp_path):
+    """Found by review: the room a deferred-length tus PATCH reserves (and
+    allocates) before reading its body, left held when the server was
+    killed mid-body, was not seen by a plain fsck (exit 0), and --repair
+    gave it back without a word, and only beside other upload repairs."""
+    server = BlobdServer(tmp_path, {"storage": {"fsync": False}})
+    declared = 5 << 20
+    with server:
+        token = server.token("alice")
+        tus = {"Tus-Resumable": "1.0.0", "Authorization": f"Bearer {token}"}
+        creation = urllib.request.Request(f"{server.url}/tus/", data=b"", method="POST",
+                                          headers={**tus, "Upload-Defer-Length": "1"})
+        with urllib.request.urlopen(creation, timeout=10) as resp:
+            url_path = "/tus/" + resp.headers["Location"].rstrip("/").rsplit("/", 1)[1]
+        session = url_path.rsplit("/", 1)[1]
+        upload = server.data_dir / "uploads" / session
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        try:
+            sock.sendall((f"PATCH {url_path} HTTP/1.1\r\nHost: x\r\n"
+                          f"Authorization: Bearer {token}\r\nTus-Resumable: 1.0.0\r\n"
+                          "Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream"
+                          f"\r\nContent-Length: {declared}\r\n\r\n").encode()
+                         + b"x" * 65536)
+            # Reserved, then allocated in the file: killed mid-body after both.
+            deadline = time.monotonic() + 10
+            while upload.stat().st_size < declared:
+                assert time.monotonic() < deadline, server.state()
+                time.sleep(0.05)
+            server.kill9()
+        finally:
+            sock.close()
+
+        checked = server.cli("fsck")
+        assert checked.returncode == 1, checked.stdout + checked.stderr
+        assert (f"ahead: uploads/{session}: {declared} bytes reserved past its offset 0"
+                in checked.stdout), checked.stdout
+        assert "1 problem(s) remain" in checked.stdout
+        assert "reserved:" not in checked.stdout    # the owner's figures agree with it
+        assert upload.stat().st_size == declared    # a plain fsck changes nothing
+
+        repaired = server.cli("fsck", "--repair")
+        assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+        assert f"ahead: uploads/{session}" in repaired.stdout
+        assert "-> given back" in repaired.stdout, repaired.stdout
+        assert ": 1, 1 repaired" in repaired.stdout and "every problem was repaired" in (
+            repaired.stdout)
+        assert upload.stat().st_size == 0 and upload.stat().st_blocks == 0
+        again = server.cli("fsck")
+        assert again.returncode == 0 and "no problems found" in again.stdout, again.stdout
+
+        server.start()
+        status, raw = request("GET", f"{server.url}/quota", token)
+        assert status == 200 and json.loads(raw)["reserved_bytes"] == 0, raw
+        assert "gave back the room" not in server.stderr_tail()  # nothing left to start-up
 
 
 def _traffic(server: BlobdServer, token: str, stop: threading.Event, errors: list) -> None:

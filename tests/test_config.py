@@ -98,6 +98,12 @@ def test_sizes(text, value):
     ({"server": {"workers": 10**20}}, "server.workers: expected at most 64"),
     # Found by review: a store in ./~/blobd-data.
     ({"server": {"data_dir": "~/blobd-data"}}, "server.data_dir: '~/blobd-data': '~' is not"),
+    # Found by review: keys S3-compatible stores disagree on (some collapse
+    # "//" or resolve "..", some refuse them).
+    *(({"mirror": {"endpoint": "http://h", "bucket": "b", "prefix": prefix}},
+       f"mirror.prefix: {prefix!r} ")
+      for prefix in ("a//b", "/a//b", "a/../b", "./a", "..", "a/.", "/./", "home//blobd/",
+                     "a\x07b", "a\nb", "a\x7fb", "a\tb")),
 ])
 def test_errors_name_the_key(raw, key):
     with pytest.raises(ConfigError) as info:
@@ -114,6 +120,35 @@ def test_errors_name_the_key(raw, key):
 def test_buckets_the_s3_client_takes(bucket):
     config = config_from_dict({"mirror": {"endpoint": "http://h", "bucket": bucket}})
     assert config.mirror.bucket == bucket
+
+
+@pytest.mark.parametrize("good, bad", [
+    ("", "/./"), ("blobs", "blobs/./"), ("blobd/", "blobd/../"), ("home/blobd", "home//blobd"),
+    # Slashes at either end were always dropped from the keys: configs that
+    # wrote them keep working.
+    ("/blobd/", "/blob//d/"), ("/", "/a//b/"),
+    ("home/blobd/", "home/./blobd/"), ("a/..b", "a/../b"),
+    ("musique/été", "musique/\x85té"),  # a C1 control character
+])
+def test_mirror_prefix_takes_plain_names_and_refuses_near_misses(good, bad):
+    """Found by review: any prefix was taken, and one S3-compatible store
+    made different keys of it than another. Slashes at either end are fine
+    (the keys drop them), as are the docs' and the tests' prefixes."""
+    section = {"endpoint": "http://h", "bucket": "b"}
+    assert config_from_dict({"mirror": {**section, "prefix": good}}).mirror.prefix == good
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"mirror": {**section, "prefix": bad}})
+    assert str(info.value).startswith(f"mirror.prefix: {bad!r} ")
+
+
+def test_a_bad_mirror_prefix_stops_a_command_with_one_line(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[mirror]\nendpoint = "http://h"\nbucket = "b"\nprefix = "a\\nb"\n')
+    result = run_blobd("mirror", "status", "-c", str(path))
+    assert result.returncode == 1
+    assert result.stderr.startswith("blobd: error: mirror.prefix: 'a\\nb' has a control"
+                                    " character"), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::", "::1", "fe80::1%eth0",

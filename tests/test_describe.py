@@ -4,11 +4,12 @@ and the [audio] require_audio gate."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
-from audiofixtures import AUDIO_FIXTURES, fixture, ogg_without_end
+from audiofixtures import AUDIO_FIXTURES, PROBE_ONLY_FIXTURES, fixture, ogg_without_end
 from conftest import Api, b3, blob_files, make_config, tmp_files
 from rawhttp import RawConnection
 from blobd import auth, index
@@ -42,7 +43,9 @@ async def test_each_format_is_probed_at_commit(alice, name):
     assert resp.status == 201
     assert (await resp.json())["content_type"] == want.mime
     audio = (await meta_of(alice, b3(data)))["audio"]
-    assert set(audio) == {"duration", "bitrate", "sample_rate", "channels", "codec"}
+    assert set(audio) == {"duration", "bitrate", "sample_rate", "channels", "codec",
+                          "bits_per_sample"}
+    assert audio["bits_per_sample"] == want.bits_per_sample
     assert audio["duration"] == pytest.approx(want.duration, rel=0.10)
     assert (audio["sample_rate"], audio["channels"]) == (want.sample_rate, want.channels)
     assert audio["codec"] == want.codec
@@ -165,6 +168,42 @@ async def test_a_stored_blob_is_not_probed_again(server):
     assert resp.status == 200
     assert (await resp.json())["content_type"] == "audio/x-unprobed"
     assert (await meta_of(bob, b3(data)))["audio"] is None
+
+
+@pytest.mark.parametrize("name", ["tone_24in32.wav", "tone_24.flac", "tone_alac24.m4a",
+                                  "tone_alaw.wav"])
+async def test_bit_depth_is_in_meta_and_the_listing(alice, name):
+    data, want = fixture(name).read_bytes(), PROBE_ONLY_FIXTURES[name]
+    assert (await alice.put(data)).status == 201
+    audio = (await meta_of(alice, b3(data)))["audio"]
+    assert (audio["codec"], audio["bits_per_sample"]) == (want.codec, want.bits_per_sample)
+    [item] = await listing(alice)
+    assert item["audio"] == audio
+
+
+async def test_a_row_stored_before_bits_per_sample_serves_it_null(server):
+    """An index row written before the probe reported bit depths (or
+    brought back by a restore of an older backup) keeps its facts and
+    serves the new key as null, to its first uploader and to one who
+    uploads the same bytes later (a known blob is not probed again)."""
+    login = await server()
+    alice, bob = await login("alice"), await login("bob")
+    data = fixture("tone_24.flac").read_bytes()
+    await alice.put(data)
+    async with alice.store.write() as tx:
+        await tx.conn.execute("UPDATE blobs SET audio = json_remove(audio, '$.bits_per_sample')"
+                              " WHERE hash = ?", (b3(data),))
+    [(stored,)] = await alice.store.db.reader.execute_fetchall(
+        "SELECT audio FROM blobs WHERE hash = ?", (b3(data),))
+    assert "bits_per_sample" not in json.loads(stored)
+    want = {"duration": 0.1, "sample_rate": 8000, "channels": 1, "codec": "flac",
+            "bits_per_sample": None}
+    audio = (await meta_of(alice, b3(data)))["audio"]
+    assert {key: audio[key] for key in want} == want
+    [item] = await listing(alice)
+    assert item["audio"] == audio
+    assert (await bob.put(data)).status == 200
+    assert (await meta_of(bob, b3(data)))["audio"] == audio
 
 
 # -- [audio] require_audio ----------------------------------------------------

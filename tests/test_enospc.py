@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import b3, blob_files, make_config, tmp_files
-from serverproc import BlobdServer, http
+from mirrorhelp import eventually
+from serverproc import BlobdServer, http, wait_until
 
 MiB = 1 << 20
 
@@ -206,3 +207,78 @@ def test_full_disk_does_not_kill_the_workers(tmp_path, tiny_fs):
         filler.unlink()
         assert http("GET", f"{server.url}/blobs/{0:064x}", alice)[0] == 404
         assert "exited with" not in server.stderr_tail(200), server.stderr_tail()
+
+
+async def test_deletions_go_through_on_a_full_disk(server, tiny_fs):
+    """Found by the crash review: with the file system full to the last
+    block (another program filled it), every DELETE was 507, because SQLite
+    needs room to record it. The server keeps a spare file and gives it up
+    for a deletion that meets a full disk; the sweeper makes it again once
+    there is room."""
+    alice = await start(server, tiny_fs, storage={"min_free_bytes": 0, "reserve_bytes": MiB},
+                        gc={"sweep_interval_seconds": 0.2})
+    reserve = alice.data_dir / "reserve"
+    await eventually(reserve.exists, timeout=10, what="the reserve file")
+    assert reserve.stat().st_blocks * 512 >= MiB      # allocated, not sparse
+    blobs = [os.urandom(MiB // 2) for _ in range(3)]
+    for data in blobs:
+        assert (await alice.put(data)).status == 201
+    resp = await alice.request("PUT", "/refs/memo", json={"hash": b3(blobs[0])})
+    assert resp.status == 200
+    resp = await alice.request("POST", "/uploads", json={"size": MiB})
+    assert resp.status == 201, await resp.text()
+    session = (await resp.json())["id"]
+    # A long index log would leave room inside it: start from an empty one.
+    with sqlite3.connect(alice.data_dir / "index.sqlite3") as conn:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    assert busy == 0
+    filler = fill(tiny_fs)
+    await assert_disk_full(await alice.put(os.urandom(4096)))
+    assert (await alice.request("DELETE", "/refs/memo")).status == 204
+    assert not reserve.exists()
+    for data in blobs[1:]:
+        assert (await alice.request("DELETE", f"/blobs/{b3(data)}")).status == 204
+    assert (await alice.request("DELETE", f"/uploads/{session}")).status == 204
+    assert (await alice.request("DELETE", f"/blobs/{b3(blobs[0])}")).status == 204
+    assert blob_files(alice.data_dir) == []
+    assert not (alice.data_dir / "uploads" / session).exists()
+    quota = await (await alice.request("GET", "/quota")).json()
+    assert (quota["used_bytes"], quota["used_blobs"], quota["reserved_bytes"]) == (0, 0, 0)
+    # Room again: the reserve comes back, and only while it leaves the
+    # disk as much free room again.
+    filler.unlink()
+    await eventually(reserve.exists, timeout=10, what="the reserve file made again")
+    free = os.statvfs(tiny_fs)
+    assert free.f_bavail * free.f_frsize >= MiB
+
+
+async def test_no_reserve_where_it_would_take_the_room_uploads_need(server, tiny_fs):
+    alice = await start(server, tiny_fs, storage={"min_free_bytes": 3 * MiB,
+                                                  "reserve_bytes": 3 * MiB},
+                        gc={"sweep_interval_seconds": 0.2})
+    await asyncio.sleep(0.6)   # three sweeps
+    assert not (alice.data_dir / "reserve").exists()
+    assert (await alice.put(os.urandom(MiB))).status == 201
+
+
+def test_deletions_go_through_on_a_full_disk_with_workers(tmp_path, tiny_fs):
+    """Either worker may meet the full disk; worker 0 keeps the reserve."""
+    config = {"server": {"workers": 2}, "storage": {"min_free_bytes": 0, "reserve_bytes": MiB},
+              "gc": {"sweep_interval_seconds": 0.2}}
+    with BlobdServer(tmp_path / "srv", config, data_dir=tiny_fs / "data") as server:
+        alice = server.token("alice")
+        reserve = tiny_fs / "data" / "reserve"
+        blobs = [os.urandom(256 << 10) for _ in range(8)]
+        for data in blobs:
+            assert http("POST", f"{server.url}/blobs", alice, data)[0] == 201
+        wait_until(reserve.exists, "the reserve file")
+        with sqlite3.connect(tiny_fs / "data" / "index.sqlite3") as conn:
+            assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        filler = fill(tiny_fs)
+        assert http("POST", f"{server.url}/blobs", alice, b"more")[0] == 507
+        for data in blobs:
+            assert http("DELETE", f"{server.url}/blobs/{b3(data)}", alice)[0] == 204
+        assert not reserve.exists()
+        filler.unlink()
+        wait_until(reserve.exists, "the reserve file made again")
+

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
-from blobd import fsck
+from blobd import fsck, index_sessions, sessionfiles
+from blobd.sessionroom import Ahead
 from conftest import b3, blob_files, tmp_files
 
 BODIES = [os.urandom(3000 + i) for i in range(12)]
@@ -303,3 +305,77 @@ async def test_a_store_without_uploads_dir_is_checked(server):
     (alice.data_dir / "uploads").rmdir()
     report = await fsck.check(alice.store)
     assert report.ok, [p.line() for p in report.problems]
+
+
+async def test_a_session_file_left_short_is_reported_and_allocated(server):
+    """Found by review: --repair allocated a session file a crash left
+    shorter than its length (as start-up does) without a word, and plain
+    fsck did not see it at all. The file is cut as a kill -9 between the
+    session's row and its allocation leaves it."""
+    alice, _ = await filled(server)
+    created = await alice.request("POST", "/uploads", json={"size": 300_000})
+    assert created.status == 201
+    session = (await created.json())["id"]
+    path = alice.data_dir / "uploads" / session
+    os.truncate(path, 1000)
+    repaired, after = await check_and_repair(alice, {("short", f"uploads/{session}")})
+    assert after.ok
+    [problem] = repaired.problems
+    assert problem.repaired and "allocated" in problem.action, problem.line()
+    assert "1000 bytes" in problem.detail and "300000" in problem.detail, problem.line()
+    assert any(line.startswith("  upload session file shorter") and line.endswith(
+        ": 1, 1 repaired") for line in repaired.summary()), repaired.summary()
+    st = path.stat()
+    assert st.st_size == 300_000 and st.st_blocks * 512 >= 300_000
+
+
+async def test_room_held_ahead_of_a_deferred_upload_is_reported_and_given_back(server):
+    """Found by review: the room a deferred-length PATCH reserved (and
+    allocated) before reading its bytes, left held by a crash, was given
+    back by --repair only as a side effect of other upload repairs, without
+    a word, and plain fsck did not see it. The state is made by the PATCH's
+    own reservation (sessionroom.Ahead) never settled, as a kill -9 leaves
+    it; the owner's reservation agrees with the upload's, so it is no drift."""
+    alice, _ = await filled(server)
+    tus = {"Tus-Resumable": "1.0.0"}
+    created = await alice.request("POST", "/tus/", headers={**tus, "Upload-Defer-Length": "1"})
+    assert created.status == 201, await created.text()
+    url = created.headers["Location"]
+    session_id = url.rstrip("/").rsplit("/", 1)[1]
+    first = os.urandom(1000)
+    patched = await alice.request("PATCH", url, data=first, headers={
+        **tus, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"})
+    assert patched.status == 204, await patched.text()
+    path = alice.data_dir / "uploads" / session_id
+    session = await index_sessions.get(alice.store.db.reader, session_id, "alice", time.time())
+    fd = sessionfiles.open_locked(path, True)
+    try:
+        assert await Ahead(alice.store, session, fd).grow(300_000, declared=True) == 300_000
+    finally:
+        sessionfiles.close(fd)    # the crash: never settled
+    quota = await (await alice.request("GET", "/quota")).json()
+    assert quota["reserved_bytes"] == 301_000 and path.stat().st_size == 301_000
+
+    repaired, after = await check_and_repair(alice, {("ahead", f"uploads/{session_id}")})
+    assert after.ok, [p.line() for p in after.problems]
+    [problem] = repaired.problems
+    assert "300000 bytes reserved past its offset 1000" in problem.detail, problem.line()
+    assert "301000 bytes" in problem.detail, problem.line()
+    assert problem.repaired and "given back" in problem.action, problem.line()
+    assert any(line.startswith("  deferred-length upload holding room") and line.endswith(
+        ": 1, 1 repaired") for line in repaired.summary()), repaired.summary()
+    # It holds its offset again, in its file and in the owner's figures.
+    quota = await (await alice.request("GET", "/quota")).json()
+    assert quota["reserved_bytes"] == 1000 and quota["reserved_blobs"] == 1, quota
+    with sqlite3.connect(alice.data_dir / "index.sqlite3") as conn:
+        assert conn.execute("SELECT reserved_bytes FROM owners WHERE owner = 'alice'"
+                            ).fetchone() == (1000,)
+        assert conn.execute("SELECT reserved_bytes FROM uploads WHERE id = ?",
+                            (session_id,)).fetchone() == (1000,)
+    assert path.read_bytes() == first
+    # And the upload goes on from its offset.
+    rest = os.urandom(2000)
+    done = await alice.request("PATCH", url, data=rest, headers={
+        **tus, "Upload-Offset": "1000", "Upload-Length": "3000",
+        "Content-Type": "application/offset+octet-stream"})
+    assert done.status == 204 and done.headers["Blob-Hash"] == b3(first + rest)

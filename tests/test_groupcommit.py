@@ -117,7 +117,9 @@ async def test_sync_connection_speaks_the_index_like_aiosqlite(tmp_path: Path) -
                   " content_type TEXT, created_at REAL, refcount INT DEFAULT 0, zero_at REAL,"
                   " audio TEXT, mirror_state TEXT NOT NULL DEFAULT 'off')")
     sync = SyncConnection(plain)
-    record = BlobRecord(b3(b"x"), "s" * 64, 1, "audio/mpeg", 1.5, audio={"codec": "mp3"})
+    audio = {"duration": 2.0, "bitrate": 32000, "sample_rate": 22050, "channels": 1,
+             "codec": "mp3", "bits_per_sample": None}
+    record = BlobRecord(b3(b"x"), "s" * 64, 1, "audio/mpeg", 1.5, audio=audio)
     drive(index.insert_blob(sync, record))
     assert drive(index.get_blob(sync, record.hash)) == record
     assert drive(index.hash_for_sha256(sync, "s" * 64)) == record.hash
@@ -126,8 +128,7 @@ async def test_sync_connection_speaks_the_index_like_aiosqlite(tmp_path: Path) -
     async with aiosqlite.connect(path) as other:
         other.row_factory = aiosqlite.Row
         assert await index.get_blob(other, record.hash) == BlobRecord(
-            record.hash, record.sha256, 1, "audio/mpeg", 1.5, refcount=1,
-            audio={"codec": "mp3"})
+            record.hash, record.sha256, 1, "audio/mpeg", 1.5, refcount=1, audio=audio)
     plain.close()
 
 

@@ -141,6 +141,15 @@ def test_put_cut_off_midway_then_run_again(live, tmp_path: Path) -> None:
     assert request("GET", f"{server.url}/blobs/{b3(data)}", token)[1] == data
 
 
+def test_get_of_a_malformed_address_names_it(live, tmp_path: Path) -> None:
+    result = cli(live, "get", "9f2c", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == ("blobd: error: '9f2c': address must be 64 hex characters of"
+                             " BLAKE3 (or sha256:<64 hex>), optionally with a file"
+                             " extension\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_get_refuses_bytes_that_do_not_match(live, tmp_path: Path) -> None:
     server, token = live
     data = os.urandom(5000)
@@ -375,9 +384,17 @@ def test_get_into_a_fifo_nobody_reads_stops_on_ctrl_c(live, tmp_path: Path) -> N
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     server, token = live
-    proc = subprocess.Popen([sys.executable, "-m", "blobd", "get", digest, "-o", str(fifo),
-                             "--server", server.url, "--token", token],
-                            env=blobd_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Run as a background job of a shell without job control (as a CI
+    # runner may start the suite), pytest has SIGINT ignored, and a child
+    # inherits that: Ctrl-C could never reach it. A handler of our own
+    # is reset to the default in the child instead.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "blobd", "get", digest, "-o", str(fifo),
+                                 "--server", server.url, "--token", token],
+                                env=blobd_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         time.sleep(2)                   # downloaded and verified; waiting for a reader
         assert proc.poll() is None

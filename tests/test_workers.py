@@ -38,7 +38,7 @@ import pytest
 from blobd.layout import Layout, tmp_pid
 from mirrorhelp import mirror_section, unique_prefix
 from serverproc import (BlobdServer, blobd_env, children, free_port, http, owns_listener,
-                        port_is_free, run_blobd, to_toml)
+                        port_is_free, run_blobd, to_toml, wait_until)
 from test_crash import check_index_matches_files
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)
@@ -68,12 +68,7 @@ def alive(pid: int) -> bool:
 
 
 def wait_for(what: str, check, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    wait_until(check, what, timeout)
 
 
 def wait_replaced(server: BlobdServer, dead: int) -> list[int]:

@@ -54,7 +54,7 @@ from .ogg import OGG_TAIL, read_ogg, read_opus
 from .wav import read_wav
 
 __all__ = ["AUDIO_MIME_TYPES", "MAX_MP3_JUNK", "OGG_TAIL", "AudioInfo",
-           "could_be_audio", "probe", "probe_async", "sniff_mime"]
+           "could_be_audio", "probe", "probe_async", "probe_file", "sniff_mime"]
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,20 @@ def probe(path: str | os.PathLike[str]) -> AudioInfo | None:
     """
     try:
         with open(path, "rb") as f:
-            return _probe_file(f)
-    except Exception as e:  # noqa: BLE001 - see the docstring
+            return probe_file(f)
+    except OSError as e:
         log.debug("audio probe of %s failed: %r", path, e)
+        return None
+
+
+def probe_file(f: IO[bytes]) -> AudioInfo | None:
+    """`probe` of a file its caller opened (binary, buffered; read from the
+    start): one that must tell a file it cannot read from one that is not
+    audio opens it itself and watches its reads (see blobd.reprobe)."""
+    try:
+        return _probe_file(f)
+    except Exception as e:  # noqa: BLE001 - see probe's docstring
+        log.debug("audio probe of %s failed: %r", getattr(f, "name", f), e)
         return None
 
 

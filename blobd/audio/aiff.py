@@ -54,7 +54,10 @@ def read_aiff(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     present = max(0, min(data_size, file_size(f) - data_at))
     if compression in _PCM_TYPES:
         length = clamp_to_size(stream.length, stream.bitrate, present)
-        return make_info(stream, _PCM_TYPES[compression], "audio/aiff", duration=length)
+        # COMM's sampleSize: the bits of each sample that hold sound (20 in
+        # a 24-bit container is 20), as WAVE's valid bits.
+        return make_info(stream, _PCM_TYPES[compression], "audio/aiff", duration=length,
+                         bits_per_sample=stream.bits_per_sample)
     codec = _COMPRESSED_TYPES.get(compression,
                                   compression.decode("latin-1").strip().lower() or "unknown")
     # mutagen's bitrate takes the sample size for the data's; compressed,

@@ -55,14 +55,24 @@ def read_flac(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     if audio_bytes <= 0:
         return None   # the metadata claims to run past the end of the file
     if not stream.length:   # streamed: the length was not known when written
-        return make_info(stream, "flac", "audio/flac")
+        return make_info(stream, "flac", "audio/flac", bits_per_sample=stream.bits_per_sample)
     length = stream.length
     held = _flac_samples_held(f, stream, pos)
     if held is not None and held < stream.total_samples:
         # STREAMINFO's length survives truncation; the frames do not.
         length = held / stream.sample_rate
     return make_info(stream, "flac", "audio/flac", duration=length,
-                     bitrate=audio_bytes * 8 / length)
+                     bitrate=audio_bytes * 8 / length, bits_per_sample=stream.bits_per_sample)
+
+
+def streaminfo_bit_depth(blocks: bytes) -> int | None:
+    """The bits per sample of the FLAC metadata ``blocks`` (a block header
+    then its body, as after the "fLaC" marker) when the first is
+    STREAMINFO (RFC 9639 section 8.2): 5 bits, less one, after the sample
+    rate and channels. FLAC in MP4 and in Matroska carries them so."""
+    if len(blocks) < 4 + 14 or blocks[0] & 0x7F != 0 or blocks[1:4] != b"\0\0\x22":
+        return None
+    return ((blocks[4 + 12] & 1) << 4 | blocks[4 + 13] >> 4) + 1
 
 
 # The bytes read from a FLAC file's end to find its last frames: two of the

@@ -1,8 +1,10 @@
 """What the probe reports, and the helpers every format's reader shares.
 
-`AudioInfo` is the result and its JSON shape; `make_info` builds one from a
-mutagen StreamInfo, turning mutagen's 0 for "unknown" into None; the size
-helpers bound a header's claims by the bytes actually present.
+`AudioInfo` is the result and its JSON shape; `complete_json` brings an
+`audio` object stored before a key was added up to today's shape;
+`make_info` builds one from a mutagen StreamInfo, turning mutagen's 0 for
+"unknown" into None; the size helpers bound a header's claims by the bytes
+actually present.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ from ..sniff import AUDIO_MIME_TYPES
 class AudioInfo:
     """Stream facts of one audio file. `duration` is in seconds (rounded to
     milliseconds; None when the file does not say, see blobd.audio._plausible),
-    `bitrate` in bits per second; `mime` is one of AUDIO_MIME_TYPES and is
+    `bitrate` in bits per second; `bits_per_sample` the bit depth of a
+    stream whose samples have one (PCM, float, FLAC, ALAC: the header's
+    valid bits), None for lossy and other compressed codecs (MP3, AAC,
+    Vorbis, Opus, ADPCM, A-law, ...), whose samples have no fixed width
+    in the file; `mime` is one of AUDIO_MIME_TYPES and is
     not part of the JSON shape (the blob's content_type carries it), nor is
     `with_video` (the file also holds a video track: an MP4 film with its
     sound), which only the choice of content type at upload needs."""
@@ -31,6 +37,7 @@ class AudioInfo:
     channels: int | None
     codec: str
     mime: str
+    bits_per_sample: int | None = None
     with_video: bool = False
 
     def to_json(self) -> dict[str, Any]:
@@ -41,13 +48,16 @@ class AudioInfo:
             "sample_rate": self.sample_rate,
             "channels": self.channels,
             "codec": self.codec,
+            "bits_per_sample": self.bits_per_sample,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], mime: str) -> AudioInfo:
         """Rebuild from `to_json()` output plus the blob's content type.
         Raises ValueError on a malformed mapping: stored data that does not
-        round-trip is corruption, and should be loud."""
+        round-trip is corruption, and should be loud. A key the object
+        gained after it was stored may be missing (see complete_json)."""
+        data = complete_json(data)
         try:
             info = cls(
                 duration=None if data["duration"] is None else float(data["duration"]),
@@ -56,12 +66,26 @@ class AudioInfo:
                 channels=_optional_int(data["channels"]),
                 codec=data["codec"],
                 mime=mime,
+                bits_per_sample=_optional_int(data["bits_per_sample"]),
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"not an audio info mapping: {e!r}") from e
         if not isinstance(info.codec, str) or mime not in AUDIO_MIME_TYPES:
             raise ValueError(f"bad codec {info.codec!r} or mime {mime!r}")
         return info
+
+
+# The keys the `audio` object gained after blobs were first stored, with
+# what an object stored before them says: nothing (null). A stored row
+# stands as it was recorded (blobd.describe does not probe a known blob
+# again), and a restore brings back an index as old as its backup; so
+# every reader of a stored object completes it.
+_ADDED_KEYS: dict[str, Any] = {"bits_per_sample": None}
+
+
+def complete_json(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored `audio` object with the keys added since filled in as null."""
+    return {**data, **{key: value for key, value in _ADDED_KEYS.items() if key not in data}}
 
 
 def _optional_int(value: Any) -> int | None:
@@ -74,9 +98,13 @@ def _optional_int(value: Any) -> int | None:
 
 def make_info(stream: Any, codec: str, mime: str, *,
               duration: float | None = None, bitrate: float | None = None,
-              sample_rate: int | None = None, with_video: bool = False) -> AudioInfo:
+              sample_rate: int | None = None, bits_per_sample: int | None = None,
+              with_video: bool = False) -> AudioInfo:
     """AudioInfo from a mutagen StreamInfo, with overrides; zero or missing
-    numbers become None (mutagen uses 0 for "unknown")."""
+    numbers become None (mutagen uses 0 for "unknown"). `bits_per_sample`
+    is never taken from the stream: mutagen reports one for codecs that
+    have none (16 for AAC in MP4, 4 for ADPCM), so a reader states it for
+    the codecs that do."""
     length = float(stream.length if duration is None else duration)
     return AudioInfo(
         duration=round(length, 3) if length else None,
@@ -85,8 +113,19 @@ def make_info(stream: Any, codec: str, mime: str, *,
         channels=_positive_int(getattr(stream, "channels", 0)),
         codec=codec,
         mime=mime,
+        bits_per_sample=bit_depth(bits_per_sample),
         with_video=with_video,
     )
+
+
+# Linear PCM runs from 8 to 32 bits, float to 64 (FLAC allows 4 to 32); a
+# header claiming more, or nothing, states no bit depth.
+_MAX_BIT_DEPTH = 64
+
+
+def bit_depth(value: int | None) -> int | None:
+    """``value`` if it is a bit depth a stream can have, else None."""
+    return value if isinstance(value, int) and 1 <= value <= _MAX_BIT_DEPTH else None
 
 
 def _positive_int(value: Any) -> int | None:

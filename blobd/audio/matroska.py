@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from ..sniff import EBML_DOCTYPES
-from .info import AudioInfo, file_size
+from .flac import streaminfo_bit_depth
+from .info import AudioInfo, bit_depth, file_size
 
 # RFC 9559 section 5.1 and RFC 8794 section 11.2: the element IDs read here.
 _EBML, _DOCTYPE = 0x1A45DFA3, 0x4282
@@ -42,6 +43,7 @@ _TIMESTAMP_SCALE, _DURATION = 0x2AD7B1, 0x4489
 _TRACK_ENTRY, _TRACK_NUMBER, _TRACK_TYPE, _CODEC_ID = 0xAE, 0xD7, 0x83, 0x86
 _CODEC_DELAY, _DEFAULT_DURATION, _AUDIO = 0x56AA, 0x23E383, 0xE1
 _SAMPLING_FREQUENCY, _OUTPUT_SAMPLING_FREQUENCY, _CHANNELS = 0xB5, 0x78B5, 0x9F
+_BIT_DEPTH, _CODEC_PRIVATE = 0x6264, 0x63A2
 _CLUSTER_TIMESTAMP, _SIMPLE_BLOCK, _BLOCK_GROUP = 0xE7, 0xA3, 0xA0
 _BLOCK, _BLOCK_DURATION, _DISCARD_PADDING = 0xA1, 0x9B, 0x75A2
 # What a Cluster of unknown size may hold (RFC 9559 section 5.1.3): its
@@ -168,6 +170,8 @@ class _Track:
     sample_rate: float = 8000.0              # RFC 9559's default
     output_rate: float = 0.0
     channels: int = 1
+    bit_depth: int = 0
+    codec_private: bytes = b""               # its first _PRIVATE_HEAD bytes
 
 
 def read_matroska(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
@@ -202,7 +206,8 @@ def _read(f: IO[bytes]) -> AudioInfo | None:
         bitrate=round(bitrate) if bitrate else None,
         sample_rate=round(rate) if 0 < rate < 1e7 else None,
         channels=track.channels or None,
-        codec=codec, mime=mime, with_video=with_video)
+        codec=codec, mime=mime, bits_per_sample=_bit_depth(track, codec),
+        with_video=with_video)
 
 
 def _ebml_header(data: bytes) -> tuple[str, int]:
@@ -285,6 +290,8 @@ def _tracks(data: bytes, budget: _Budget) -> list[tuple[int, _Track]]:
                 track.codec_id = body.rstrip(b"\0").decode("ascii", "replace")
             elif child == _CODEC_DELAY:
                 track.codec_delay_ns = _uint(body)
+            elif child == _CODEC_PRIVATE:
+                track.codec_private = body[:_PRIVATE_HEAD]
             elif child == _DEFAULT_DURATION:
                 track.default_duration_ns = _uint(body)
             elif child == _AUDIO:
@@ -301,6 +308,8 @@ def _audio_settings(track: _Track, data: bytes, budget: _Budget) -> None:
             track.output_rate = _float(body)
         elif element_id == _CHANNELS:
             track.channels = _uint(body)
+        elif element_id == _BIT_DEPTH:
+            track.bit_depth = _uint(body)
 
 
 # Matroska codec IDs (the Matroska codec mappings) to the names the other
@@ -316,6 +325,29 @@ def _codec(codec_id: str) -> str:
     if codec_id.startswith("A_AAC"):
         return "aac"                         # A_AAC, A_AAC/MPEG4/LC, ...
     return _CODECS.get(codec_id, codec_id.removeprefix("A_").lower() or "unknown")
+
+
+# Of CodecPrivate, what is read: FLAC's "fLaC" and STREAMINFO block, or
+# ALAC's magic cookie up to its bit depth (its sixth byte).
+_PRIVATE_HEAD = 4 + 4 + 34
+_LINEAR = frozenset({"pcm", "pcm_float"})
+
+
+def _bit_depth(track: _Track, codec: str) -> int | None:
+    """The bit depth of a lossless or PCM track: what the codec's own
+    header says (FLAC's STREAMINFO, ALAC's cookie, each in CodecPrivate),
+    else the Audio element's BitDepth, which the codec mappings require of
+    PCM. None for the others, whose BitDepth (if any) is not of the file."""
+    private, own = track.codec_private, None
+    if codec == "flac" and private.startswith(b"fLaC"):
+        own = streaminfo_bit_depth(private[4:])
+    elif codec == "alac":
+        # The cookie alone (ALACSpecificConfig), or still in its 'alac' box.
+        cookie = private[12:] if private[4:8] == b"alac" else private
+        own = cookie[5] if len(cookie) >= 6 else None
+    if codec in _LINEAR or codec in ("flac", "alac"):
+        return bit_depth(own) or bit_depth(track.bit_depth)
+    return None
 
 
 # --- the length of a file that does not state it ------------------------------

@@ -7,7 +7,7 @@ does mutagen's MP4Info read the stream facts (never the tags), and these
 are corrected where real files mislead it: the channel count ffmpeg writes
 for mono AAC and MP3, the length an edit list presents, the bitrate of
 ALAC and of codecs without an esds, and whether a video track comes with
-the sound.
+the sound. Only a lossless codec's sample size is reported as a bit depth.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import IO, Any
 from mutagen.mp4 import Atoms, MP4Info
 
 from ..sniff import mp4_family, mpeg_frame_length
+from .flac import streaminfo_bit_depth
 from .info import AudioInfo, file_size, make_info
 
 # A bound on container structure: real files have a few hundred boxes;
@@ -65,6 +66,7 @@ def read_mp4(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
         # The same sample entry as AAC's; here the frames say mono.
         stream.channels = 1
     with_video = _mp4_has_video(atoms, f)
+    bits = _mp4_bit_depth(codec, stream, atoms, f)
     presented = _mp4_presented_length(atoms, f)
     if 0 < presented < stream.length:
         # An empty edit (a delay) or a repeat would make it longer: those
@@ -76,8 +78,31 @@ def read_mp4(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
         # and none where no esds states one (FLAC and Opus in MP4). The
         # file's rate, if the sound is all it holds.
         return make_info(stream, codec, mime, with_video=with_video,
-                         bitrate=file_size(f) * 8 / stream.length)
-    return make_info(stream, codec, mime, with_video=with_video)
+                         bitrate=file_size(f) * 8 / stream.length, bits_per_sample=bits)
+    return make_info(stream, codec, mime, with_video=with_video, bits_per_sample=bits)
+
+
+def _mp4_bit_depth(codec: str, stream: Any, atoms: Any, f: IO[bytes]) -> int | None:
+    """The bit depth of a lossless track: ALAC's, which mutagen reads from
+    its magic cookie; FLAC's from the STREAMINFO in its 'dfLa' box, else
+    the sample entry's sample size (which the FLAC-in-MP4 mapping makes
+    the same). None for the rest: every sample entry has a sample size,
+    16 for AAC and MP3 alike, which says nothing of them."""
+    if codec == "alac":
+        return stream.bits_per_sample
+    if codec != "flac":
+        return None
+    stbl, stsd = _mp4_sound_stbl(atoms, f), b""
+    try:
+        if stbl is not None:
+            ok, stsd = stbl[(b"stsd",)].read(f)   # bounded by _mp4_boxes_bounded
+            stsd = stsd if ok else b""
+    except KeyError:
+        pass
+    at = stsd.find(b"dfLa")
+    # Past the box's name, version and flags: the metadata blocks.
+    from_streaminfo = streaminfo_bit_depth(stsd[at + 8:]) if at >= 0 else None
+    return from_streaminfo or stream.bits_per_sample
 
 
 def _aac_mono(atoms: Any, f: IO[bytes]) -> bool:

@@ -37,7 +37,8 @@ def read_ogg(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     if packet.startswith(b"\x7fFLAC"):
         stream = _ogg_stream(OggFLACStreamInfo, f)
         bitrate = file_size(f) * 8 / stream.length if stream.length else None
-        return make_info(stream, "flac", "audio/ogg", bitrate=bitrate)
+        return make_info(stream, "flac", "audio/ogg", bitrate=bitrate,
+                         bits_per_sample=stream.bits_per_sample)
     return None
 
 

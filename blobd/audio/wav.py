@@ -30,6 +30,9 @@ _WAVE_EXTENSIBLE = 0xFFFE
 # divides by the block align all the same (3.0 s of IMA ADPCM came out as
 # 0.006 s), and the 'fact' chunk states the length instead.
 _WAVE_PER_SAMPLE = frozenset({1, 3, 6, 7})
+# Formats whose samples are linear: integer PCM and IEEE float. A-law and
+# mu-law are 8-bit codes of 13- and 14-bit samples; none has a bit depth.
+_WAVE_LINEAR = frozenset({1, 3})
 
 
 def read_wav(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
@@ -45,11 +48,25 @@ def read_wav(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     if audio_format in _WAVE_PER_SAMPLE:
         # The data chunk's declared size survives truncation; the file does not.
         length = clamp_to_size(stream.length, stream.bitrate, file_size(f))
+        bits = _valid_bits(fmt, stream.bits_per_sample) if audio_format in _WAVE_LINEAR \
+            else None
         return make_info(stream, _WAVE_CODECS.get(audio_format, "wav"), "audio/wav",
-                         duration=length)
+                         duration=length, bits_per_sample=bits)
     length, bitrate = _wave_compressed_length(f, chunks, fmt, stream.sample_rate)
     return make_info(stream, _WAVE_CODECS.get(audio_format, "wav"), "audio/wav",
                      duration=length, bitrate=bitrate)
+
+
+def _valid_bits(fmt: bytes, container_bits: int) -> int:
+    """The bits of each sample that hold sound. WAVE_FORMAT_EXTENSIBLE
+    states them apart from the container's (wValidBitsPerSample: 24 of
+    32, as some recorders write); a value of 0, or more than the
+    container holds, states nothing, and the container's size stands."""
+    if int.from_bytes(fmt[0:2], "little") == _WAVE_EXTENSIBLE and len(fmt) >= 26:
+        valid = int.from_bytes(fmt[18:20], "little")
+        if 0 < valid <= container_bits:
+            return valid
+    return container_bits
 
 
 def _wave_compressed_length(f: IO[bytes], chunks: dict[bytes, tuple[int, int]],

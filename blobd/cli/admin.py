@@ -1,9 +1,10 @@
-"""``blobd quota set|show``, ``blobd stats``, ``blobd fsck``, ``blobd gc``.
+"""``blobd quota set|show``, ``blobd stats``, ``blobd fsck``, ``blobd gc``,
+``blobd reprobe``.
 
 All of them are safe beside a running server: quota and stats go through
-SQLite like the server does, gc deletes under the same write lock as the
-server's own sweeper, and fsck checks read-only (``--repair`` refuses while
-a server holds the data directory).
+SQLite like the server does, gc deletes and reprobe updates under the same
+write lock as the server's own writers, and fsck checks read-only
+(``--repair`` refuses while a server holds the data directory).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from tqdm import tqdm
 
 from .. import fsck, quotas, reaper, sessions, stats
 from ..auth import check_owner
-from ..index import LIMIT_KEYS
+from ..index import LIMIT_KEYS, count_blobs
+from ..reprobe import Run
 from ..store import Store
-from .common import add_config_option, config_from_args, human_size, open_index
+from .common import add_config_option, config_from_args, find_blobs, human_size, open_index
 
 Sweep = Callable[[Store, "float | None"], Awaitable[int]]
 # What ``blobd gc`` runs, in order: (what it removes, sweep(store, now) -> count).
@@ -40,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     check = sub.add_parser(
         "fsck", help="check (and repair) the blob files against the index",
         description="Reconcile the blob tree and the index: missing, orphan, stray and "
-        "damaged files, reference counts and usage, leftover temp files. Works beside a "
+        "damaged files, reference counts and usage, leftover temp and upload-session "
+        "files, room a crash left held by deferred-length uploads. Works beside a "
         "running server (read-only); --repair needs the server stopped. Exits 1 when "
         "problems remain.")
     add_config_option(check)
@@ -58,6 +61,30 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "grace period is over. Safe beside a running server.")
     add_config_option(gc)
     gc.set_defaults(run=run_gc)
+    _register_reprobe(sub)
+
+
+def _register_reprobe(sub: argparse._SubParsersAction) -> None:
+    again = sub.add_parser(
+        "reprobe", help="describe stored blobs again with this version's audio probe",
+        description="Read stored blobs again with this version's audio probe and update "
+        "their audio facts (GET /meta's audio): a format it did not read before, a "
+        "duration now right. By default it probes the blobs whose index row says audio "
+        "(an audio content type or audio facts) and those whose first bytes announce an "
+        "audio format; --all probes every blob. The content type changes only where the "
+        "bytes decided it at upload (an audio type, or application/octet-stream); a type "
+        "the client named stays. Never deletes, whatever [audio] require_audio says. Safe "
+        "beside a running server. Exits 1 when a file was missing or unreadable.")
+    add_config_option(again)
+    again.add_argument("hashes", nargs="*", metavar="HASH",
+                       help="only these blobs (BLAKE3 hex or sha256:HEX), each probed")
+    again.add_argument("--all", dest="probe_all", action="store_true",
+                       help="probe every blob, not only those that look like audio")
+    again.add_argument("--dry-run", action="store_true",
+                       help="list what would change; change nothing")
+    again.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="show a progress bar (default: when stderr is a terminal)")
+    again.set_defaults(run=run_reprobe)
 
 
 def _register_quota(sub: argparse._SubParsersAction) -> None:
@@ -183,3 +210,20 @@ async def run_gc(args: argparse.Namespace) -> int:
             count = await sweep(store, None)
             print(f"{label}: {count} deleted")
     return 0
+
+
+async def run_reprobe(args: argparse.Namespace) -> int:
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    async with open_index(config_from_args(args), must_exist=True,
+                          write=not args.dry_run) as store:
+        digests = (list(dict.fromkeys(b.hash for b in await find_blobs(store, args.hashes)))
+                   if args.hashes else None)
+        total = len(digests) if digests is not None else await count_blobs(store.db.reader)
+        with tqdm(total=total, desc="reprobe", unit="blob", file=sys.stderr,
+                  disable=not show, mininterval=0.5) as bar:
+            report = await Run(store, args.probe_all, args.dry_run,
+                               say=lambda line: tqdm.write(line, file=sys.stdout),
+                               warn=lambda line: tqdm.write(line, file=sys.stderr),
+                               advance=bar.update).over(digests)
+    print(report.summary(args.dry_run))
+    return 0 if report.ok else 1

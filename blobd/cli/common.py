@@ -6,8 +6,10 @@ import argparse
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
+from ..address import Address, parse_address
 from ..config import Config, load_config, override_server
 from ..errors import BlobdError
+from ..index import BlobRecord, get_blob, hash_for_sha256
 from ..store import Store
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
@@ -44,6 +46,33 @@ async def open_index(config: Config, *, must_exist: bool = False,
         yield store
     finally:
         await store.close()
+
+
+def argument_address(text: str) -> Address:
+    """A blob address given on the command line; its error names the
+    argument, which among many would otherwise be hard to find."""
+    try:
+        return parse_address(text)
+    except BlobdError as exc:
+        raise BlobdError(exc.code, f"{text!r}: {exc.message}") from None
+
+
+async def find_blobs(store: Store, names: list[str]) -> list[BlobRecord]:
+    """The blobs named (BLAKE3 hex or sha256:...); one not_found naming
+    every unknown one, before anything is done."""
+    found, unknown = [], []
+    for name in names:
+        address = argument_address(name)
+        digest = address.digest if address.is_blake3 else \
+            await hash_for_sha256(store.db.reader, address.digest)
+        blob = await get_blob(store.db.reader, digest) if digest else None
+        if blob is None:
+            unknown.append(name)
+        else:
+            found.append(blob)
+    if unknown:
+        raise BlobdError("not_found", "no such blob: " + ", ".join(unknown))
+    return found
 
 
 def positive_int(text: str) -> int:

@@ -10,11 +10,10 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from tqdm import tqdm
 
-from ..address import parse_address
 from ..auth import check_owner
 from ..config import Config, MirrorConfig
 from ..errors import BlobdError, ConfigError
-from ..index import BlobRecord, all_blobs, get_blob, hash_for_sha256, store_id
+from ..index import all_blobs, store_id
 from ..layout import Layout
 from ..mirror import backup, queue
 from ..mirror.common import Bar, BarFactory, list_backups, make_target
@@ -23,7 +22,7 @@ from ..mirror.restore import ORPHANS_OWNER, restore
 from ..mirror.sync import sync
 from ..storage.s3 import S3Error
 from ..store import Store
-from .common import add_config_option, config_from_args, open_index, positive_int
+from .common import add_config_option, config_from_args, find_blobs, open_index, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -191,7 +190,7 @@ async def run_backup(args: argparse.Namespace) -> int:
 async def run_heal(args: argparse.Namespace) -> int:
     config, mirror, jobs, bar = _setup(args)
     async with _open_store(config) as store, make_target(mirror, jobs) as target:
-        blobs = await _named_blobs(store, args.hashes) if args.hashes else \
+        blobs = await find_blobs(store, args.hashes) if args.hashes else \
             await all_blobs(store.db.reader)
         progress = bar("verify", sum(b.size for b in blobs), "B")
         try:
@@ -206,22 +205,6 @@ async def run_heal(args: argparse.Namespace) -> int:
     print(f"heal: {checkup.checked} checked, {len(checkup.healed)} healed,"
           f" {len(checkup.unhealable)} could not be healed")
     return 1 if checkup.unhealable else 0
-
-
-async def _named_blobs(store: Store, names: list[str]) -> list[BlobRecord]:
-    found, unknown = [], []
-    for name in names:
-        address = parse_address(name)
-        digest = address.digest if address.is_blake3 else \
-            await hash_for_sha256(store.db.reader, address.digest)
-        blob = await get_blob(store.db.reader, digest) if digest else None
-        if blob is None:
-            unknown.append(name)
-        else:
-            found.append(blob)
-    if unknown:
-        raise BlobdError("not_found", "no such blob: " + ", ".join(unknown))
-    return found
 
 
 async def run_status(args: argparse.Namespace) -> int:

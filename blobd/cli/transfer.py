@@ -18,11 +18,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .. import files
-from ..address import parse_address, parse_ref_name
+from ..address import parse_ref_name
 from ..client import DEFAULT_URL, BlobdClient, UploadResult
 from ..config import parse_size
 from ..errors import BlobdError
-from .common import positive_int
+from .common import argument_address, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -154,7 +154,7 @@ def _describe(path: Path, result: UploadResult, size: int) -> str:
 
 
 async def run_get(args: argparse.Namespace) -> int:
-    address = parse_address(args.address)
+    address = argument_address(args.address)
     to_stdout = args.output == "-" or _is_stdout(args.output)
     dest = Path(args.output or address.digest)
     name = "standard output" if to_stdout else str(dest)

@@ -21,6 +21,7 @@ from typing import Callable
 from .. import files
 from ..config import Config
 from ..errors import BlobdError, first_error
+from ..index_sessions import Session
 from ..store import Store
 from . import disk, drift
 from .repair import repair as repair_disk
@@ -105,16 +106,67 @@ async def _check_tmp(store: Store, repair: bool) -> list[Problem]:
 
 async def _check_uploads(store: Store, repair: bool) -> list[Problem]:
     strays, lost = await store.session_leftovers()
+    short = await store.short_session_files()
+    ahead = await store.room_held_ahead()
     problems = [Problem("upload", f"uploads/{name}", "no open upload session owns it")
                 for name in sorted(strays)]
     problems += [Problem("upload", session_id, "open upload session without its file")
                  for session_id in sorted(lost)]
+    # Before recover_sessions, which would mend them unreported.
+    mended = await _check_short(store, short, repair) + await _check_ahead(store, ahead, repair)
     if repair and problems:
         await store.recover_sessions()
         for problem in problems:
             problem.repaired = True
             problem.action = ("removed, as at start-up (its reservation released)"
                               if problem.subject in lost else "removed, as at start-up")
+    return problems + mended
+
+
+async def _check_short(store: Store, short: dict[str, tuple[int, int]],
+                       repair: bool) -> list[Problem]:
+    """Session files a crash left short of their length. Found before any
+    other repair: start-up recovery (which undoing tmp/ and uploads/
+    runs) allocates them too, and would leave nothing to report."""
+    problems = []
+    for session_id, (have, size) in sorted(short.items()):
+        problem = Problem("short", f"uploads/{session_id}",
+                          f"{have} bytes of its {size}: a crash came before its room"
+                          " was allocated")
+        problems.append(problem)
+        if not repair:
+            continue
+        try:
+            await store.allocate_session_file(session_id, size)
+        except BlobdError as exc:
+            problem.action = (f"not repaired: {exc.message}; free some room and run"
+                              " fsck --repair again")
+            continue
+        problem.repaired = True
+        problem.action = f"allocated to its {size} bytes, as at start-up"
+    return problems
+
+
+async def _check_ahead(store: Store, ahead: list[tuple[Session, int]],
+                       repair: bool) -> list[Problem]:
+    """Deferred-length uploads holding room past their offset: a PATCH a
+    crash cut off after it reserved (and allocated) room for its bytes.
+    Found before any other repair, for the same reason as the short ones:
+    start-up recovery gives the room back too."""
+    problems = []
+    for session, file_size in sorted(ahead, key=lambda item: item[0].id):
+        offset, held = session.upload_offset, session.reserved_bytes
+        problem = Problem("ahead", f"uploads/{session.id}",
+                          f"{held - offset} bytes reserved past its offset {offset} (its"
+                          f" file {file_size} bytes): a crash cut off the PATCH that took"
+                          " them")
+        problems.append(problem)
+        if not repair:
+            continue
+        await store.release_room_ahead(session)
+        problem.repaired = True
+        problem.action = (f"given back, as at start-up (its file cut to {offset} bytes,"
+                          f" {held - offset} bytes of {session.owner}'s reservation released)")
     return problems
 
 

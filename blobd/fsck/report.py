@@ -9,6 +9,8 @@ from typing import Any
 KINDS = {
     "tmp": "leftover temp file",
     "upload": "upload session file without its session, or session without its file",
+    "short": "upload session file shorter than its length (its room never allocated)",
+    "ahead": "deferred-length upload holding room past its offset (a PATCH cut off)",
     "missing": "indexed blob without its file",
     "size": "blob file of the wrong size",
     "corrupt": "blob file whose content does not match its hash",

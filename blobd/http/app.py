@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator, Callable, Coroutine
 
 from aiohttp import web
 
-from .. import memory, reaper, sessions
+from .. import memory, reaper, reserve, sessions
 from ..config import Config
 from ..errors import BlobdError
 from ..mirror.service import Mirror
@@ -67,6 +67,7 @@ def create_app(config: Config, *, background: bool = True,
             "blobd-sweeper", lambda app: reaper.run_sweeper(app[STORE])))
         app.cleanup_ctx.append(_running(
             "blobd-session-sweeper", lambda app: sessions.run_session_sweeper(app[STORE])))
+        app.cleanup_ctx.append(_running("blobd-reserve", lambda app: reserve.keep(app[STORE])))
     app.cleanup_ctx.append(functools.partial(_mirror, background=background))
     app.cleanup_ctx.append(_running(
         "blobd-memory-trim", lambda app: memory.trim_periodically()))

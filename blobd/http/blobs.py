@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import index, ingest, reaper
+from .. import index, ingest, reaper, reserve
 from ..quotas import small_upload_limit, upload_limit
 from ..address import Address, parse_address, parse_ref_name
 from ..errors import BlobdError
@@ -258,7 +258,7 @@ async def delete_blob(request: web.Request) -> web.Response:
         await reaper.release_zeroed(store, tx, zeroed)
         return dropped
 
-    if digest is None or not await shielded(store.commit(body)):
+    if digest is None or not await shielded(reserve.freeing(store, lambda: store.commit(body))):
         raise BlobdError("not_found", f"you hold no reference to {address}")
     return web.Response(status=204)
 

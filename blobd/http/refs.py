@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import index, reaper
+from .. import index, reaper, reserve
 from ..address import parse_address, parse_ref_name
 from ..errors import BlobdError
 from ..store import shielded
@@ -89,7 +89,7 @@ async def delete_ref(request: web.Request) -> web.Response:
             await reaper.release_zeroed(store, tx, zeroed)
             return True
 
-    if not await shielded(run()):
+    if not await shielded(reserve.freeing(store, run)):
         raise BlobdError("not_found", f"no reference {name}")
     return web.Response(status=204)
 

@@ -175,9 +175,9 @@ async def _check_empty(store: Store) -> None:
     """Restore only fills an empty data directory. A file in blobs/ would
     be kept as the blob it is named after: it could be anything (a salvaged
     tree, another store's), so it is refused rather than trusted."""
-    row = await store.db.fetchone("SELECT count(*) FROM blobs")
-    if row is not None and row[0]:
-        raise BlobdError("conflict", f"{store.layout.root} already holds {row[0]} blobs;"
+    held = await index.count_blobs(store.db.reader)
+    if held:
+        raise BlobdError("conflict", f"{store.layout.root} already holds {held} blobs;"
                          " restore only rebuilds an empty server")
     found = await asyncio.to_thread(_any_file, store.layout.blobs_dir)
     if found is not None:
