@@ -452,11 +452,6 @@ def _prefix_checks(prefix: str) -> list[Check]:
     return [(not problem, "mirror.prefix",
              f"{prefix!r} {problem}; expected names separated by single '/', such as"
              " \"blobs\" or \"home/blobd\" (\"\" for the top of the bucket)"),
-            # "" is the way to say the top of the bucket; "//" saying it too
-            # (once its slashes are dropped) is more likely a slip.
-            (inner or not prefix, "mirror.prefix",
-             f"{prefix!r} is only slashes, which would put the keys at the top of the"
-             " bucket; write \"\" for that, or names such as \"blobs\""),
             *_prefix_length_checks(prefix)]
 
 
