@@ -22,6 +22,7 @@ from typing import Any
 
 from .auth import check_owner
 from .errors import BlobdError, ConfigError
+from .layout import S3_MAX_KEY_BYTES, mirror_longest_key
 from .sniff import AUDIO_MIME_TYPES
 
 _UNITS = {
@@ -450,7 +451,21 @@ def _prefix_checks(prefix: str) -> list[Check]:
                else "has a control character" if controls else "")
     return [(not problem, "mirror.prefix",
              f"{prefix!r} {problem}; expected names separated by single '/', such as"
-             " \"blobs\" or \"home/blobd\" (\"\" for the top of the bucket)")]
+             " \"blobs\" or \"home/blobd\" (\"\" for the top of the bucket)"),
+            *_prefix_length_checks(prefix)]
+
+
+def _prefix_length_checks(prefix: str) -> list[Check]:
+    """S3 refuses a key over its limit, so a prefix that makes the
+    mirror's longest key too long would fail every such upload."""
+    inner = prefix.strip("/").encode()
+    what, key = mirror_longest_key(prefix)
+    size = len(key.encode())
+    most = S3_MAX_KEY_BYTES - (size - len(inner))
+    return [(size <= S3_MAX_KEY_BYTES, "mirror.prefix",
+             f"{prefix!r} is {len(inner)} bytes (UTF-8), which makes the keys of the"
+             f" {what} {size} bytes, over S3's limit of {S3_MAX_KEY_BYTES} bytes per"
+             f" object key; expected at most {most} bytes")]
 
 
 def _audio_checks(audio: AudioConfig) -> list[Check]:

@@ -268,8 +268,8 @@ async def open_ids(conn: aiosqlite.Connection, created_before: float | None = No
         return {r["id"] for r in await cur.fetchall()}
 
 
-async def open_lengths(conn: aiosqlite.Connection) -> dict[str, int]:
-    """Open sessions whose length is known: id -> size."""
-    async with conn.execute("SELECT id, size FROM uploads WHERE result_hash IS NULL"
-                            " AND size IS NOT NULL") as cur:
-        return {r["id"]: r["size"] for r in await cur.fetchall()}
+async def open_lengths(conn: aiosqlite.Connection) -> dict[str, tuple[int, float]]:
+    """Open sessions whose length is known: id -> (size, expires_at)."""
+    async with conn.execute("SELECT id, size, expires_at FROM uploads"
+                            " WHERE result_hash IS NULL AND size IS NOT NULL") as cur:
+        return {r["id"]: (r["size"], r["expires_at"]) for r in await cur.fetchall()}

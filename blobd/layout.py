@@ -178,6 +178,19 @@ _BACKUP_NAME = re.compile(r"index-(\d{8}T\d{6}\.\d{6}Z)(?:-([0-9a-f]{32}))?\.sql
 _STORE_ID = re.compile(r"[0-9a-f]{32}")
 
 
+# S3 refuses an object key longer than this many bytes of UTF-8.
+S3_MAX_KEY_BYTES = 1024
+
+
+def mirror_longest_key(prefix: str) -> tuple[str, str]:
+    """(what it names, key) of the longest key the mirror writes under
+    ``prefix``, of all the kinds above: the one S3's limit stops first."""
+    keys = [("blobs (<prefix>/ab/cd/<hash>)", mirror_key(prefix, "0" * 64)),
+            (f"index backups (<prefix>/{BACKUP_DIR}/index-<stamp>-<store id>.sqlite3)",
+             mirror_backup_key(prefix, 0.0, "0" * 32))]
+    return max(keys, key=lambda named: len(named[1].encode()))
+
+
 def mirror_blobs_prefix(prefix: str) -> str:
     """What every blob key (and every backup key) starts with: for listing."""
     head = prefix.strip("/")

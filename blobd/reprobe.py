@@ -23,7 +23,9 @@ a time, files are read in threads, and each change is one short write
 transaction through :meth:`blobd.store.Store.write` (the cross-process
 writer lock, the busy timeout), made only if the row still holds what was
 read before the probe. A blob deleted meanwhile is skipped, never brought
-back; a kill at any moment leaves each row old or new, never half.
+back; a kill at any moment leaves each row old or new, never half. A full
+disk (the index cannot grow) stops the run at the update it refused: what
+was updated before stays, and the summary says where it stopped.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any, AsyncIterator, Callable
 from . import daemonthread, index
 from .audio import AUDIO_MIME_TYPES, PROBE_THREADS, AudioInfo, probe_file, sniff_mime
 from .describe import content_type, decided_by_bytes
+from .errors import BlobdError
 from .files import HEAD_SIZE
 from .index import decode_audio
 from .store import Store
@@ -55,10 +58,12 @@ class Report:
     missing: int = 0
     unreadable: int = 0
     gone: int = 0           # deleted (or described anew) while reprobe ran
+    unwritten: int = 0      # due an update when the disk filled up
+    disk_full: str | None = None    # why the run stopped, when it did
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unreadable)
+        return not (self.missing or self.unreadable or self.disk_full)
 
     def summary(self, dry_run: bool) -> str:
         updated = "would be updated" if dry_run else "updated"
@@ -69,6 +74,13 @@ class Report:
         if self.gone:
             line += f"; {self.gone} skipped (deleted or changed while reprobe ran)"
         return line
+
+    def stopped(self) -> str | None:
+        """Why the run stopped before the end, if it did."""
+        if not self.disk_full:
+            return None
+        return (f"reprobe stopped: {self.disk_full}; {self.unwritten} blobs due an update"
+                " were not updated: free some room and run it again")
 
 
 @dataclass(frozen=True)
@@ -140,6 +152,8 @@ class Run:
         probe_all = self.probe_all or digests is not None
         pages = self._all_rows() if digests is None else self._named_rows(digests)
         async for page in pages:
+            if self.report.disk_full:
+                break
             await asyncio.gather(*(self._one(row, slots, probe_all) for row in page))
         return self.report
 
@@ -165,6 +179,8 @@ class Run:
             yield page
 
     async def _one(self, row: Any, slots: asyncio.Semaphore, probe_all: bool) -> None:
+        if self.report.disk_full:
+            return      # stopped: the rest of the page is not examined
         digest, old_type, old_text = row["hash"], row["content_type"], row["audio"]
         try:
             old_audio: Any = decode_audio(old_text)
@@ -189,9 +205,21 @@ class Run:
             self.report.unchanged += 1
             return
         if not self.dry_run:
-            async with self.store.write() as tx:
-                done = await index.redescribe(tx.conn, digest, old_type, old_text,
-                                              new_type, audio)
+            if self.report.disk_full:
+                self.report.unwritten += 1
+                return
+            try:
+                async with self.store.write() as tx:
+                    done = await index.redescribe(tx.conn, digest, old_type, old_text,
+                                                  new_type, audio)
+            except BlobdError as exc:
+                if exc.code != "insufficient_storage":
+                    raise
+                # Rolled back: the row is as it was. The next update would
+                # meet the same disk.
+                self.report.unwritten += 1
+                self.report.disk_full = self.report.disk_full or exc.message
+                return
             if not done:
                 self.report.gone += 1
                 return

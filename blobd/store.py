@@ -21,10 +21,11 @@ import fcntl
 import functools
 import logging
 import os
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, NamedTuple, Sequence, TypeVar
 
 from . import auth, files, index, index_sessions, sessionfiles
 from .config import Config
@@ -78,6 +79,19 @@ class Tx:
         if self.inline:
             return fn(*args)
         return await asyncio.to_thread(fn, *args)
+
+
+class ShortFile(NamedTuple):
+    """An open session's file shorter than its length (a crash came
+    before its allocation)."""
+
+    have: int           # the file's size
+    size: int           # the session's length
+    expires_at: float
+
+    def expired(self, now: float) -> bool:
+        # As the sweeper judges it (index_sessions.expired_ids).
+        return self.expires_at <= now
 
 
 class Store:
@@ -206,29 +220,34 @@ class Store:
         disk with no room now leaves it so; the upload's next bytes get
         the 507."""
         mended = 0
-        for session_id, (_, size) in (await self.short_session_files()).items():
+        now = time.time()
+        for session_id, short in (await self.short_session_files()).items():
+            if short.expired(now):
+                # The sweeper deletes it (at start-up too): its room would
+                # be taken for nothing, on a disk that may well be full.
+                continue
             try:
-                await self.allocate_session_file(session_id, size)
+                await self.allocate_session_file(session_id, short.size)
                 mended += 1
             except FileNotFoundError:
                 continue    # its row went with it (recover_sessions)
             except BlobdError as exc:
                 log.warning("upload %s: its file stays short of its %d bytes: %s",
-                            session_id, size, exc)
+                            session_id, short.size, exc)
         if mended:
             log.info("allocated the files of %d upload sessions a crash left short", mended)
 
-    async def short_session_files(self) -> dict[str, tuple[int, int]]:
-        """Open sessions whose file is shorter than their known length:
-        id -> (the file's size, the session's length)."""
-        short: dict[str, tuple[int, int]] = {}
-        for session_id, size in (await index_sessions.open_lengths(self.db.reader)).items():
+    async def short_session_files(self) -> dict[str, ShortFile]:
+        """Open sessions whose file is shorter than their known length."""
+        short: dict[str, ShortFile] = {}
+        lengths = await index_sessions.open_lengths(self.db.reader)
+        for session_id, (size, expires_at) in lengths.items():
             try:
                 st = await asyncio.to_thread(os.stat, self.layout.upload_path(session_id))
             except FileNotFoundError:
                 continue    # a session without its file: session_leftovers
             if st.st_size < size:
-                short[session_id] = (st.st_size, size)
+                short[session_id] = ShortFile(st.st_size, size, expires_at)
         return short
 
     async def allocate_session_file(self, session_id: str, size: int) -> None:

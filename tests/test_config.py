@@ -141,6 +141,29 @@ def test_mirror_prefix_takes_plain_names_and_refuses_near_misses(good, bad):
     assert str(info.value).startswith(f"mirror.prefix: {bad!r} ")
 
 
+def test_a_mirror_prefix_too_long_for_s3_keys_is_refused():
+    """S3 object keys stop at 1,024 bytes of UTF-8, and the mirror's longest
+    are its index backups': <prefix>/_index/index-<stamp>-<store id>.sqlite3,
+    77 bytes after the prefix's '/'. A prefix that makes them longer was
+    taken, and every backup failed. Slashes at either end do not count (the
+    keys drop them); a multibyte name counts in bytes."""
+    section = {"endpoint": "http://h", "bucket": "b"}
+    longest = "a/" * 472 + "ab"         # 946 bytes: backups' keys of 1,024
+    assert config_from_dict({"mirror": {**section, "prefix": longest}}).mirror.prefix
+    assert config_from_dict({"mirror": {**section, "prefix": f"/{longest}/"}}).mirror.prefix
+    for prefix, size in ((longest + "c", 947), ("é" * 473 + "/", 946), ("é" * 474, 948)):
+        if size <= 946:
+            assert config_from_dict({"mirror": {**section, "prefix": prefix}})
+            continue
+        with pytest.raises(ConfigError) as info:
+            config_from_dict({"mirror": {**section, "prefix": prefix}})
+        assert str(info.value) == (
+            f"mirror.prefix: {prefix!r} is {size} bytes (UTF-8), which makes the keys of the"
+            " index backups (<prefix>/_index/index-<stamp>-<store id>.sqlite3)"
+            f" {size + 78} bytes, over S3's limit of 1024 bytes per object key; expected at"
+            " most 946 bytes"), str(info.value)
+
+
 def test_a_bad_mirror_prefix_stops_a_command_with_one_line(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('[mirror]\nendpoint = "http://h"\nbucket = "b"\nprefix = "a\\nb"\n')

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from audiofixtures import FIXTURES
 from conftest import b3, blob_files, make_config, tmp_files
 from mirrorhelp import eventually
 from serverproc import BlobdServer, http, wait_until
@@ -282,3 +283,50 @@ def test_deletions_go_through_on_a_full_disk_with_workers(tmp_path, tiny_fs):
         filler.unlink()
         wait_until(reserve.exists, "the reserve file made again")
 
+
+
+
+def test_reprobe_stops_at_a_full_disk_with_its_summary(tmp_path, tiny_fs):
+    """Each update reprobe makes is a transaction of its own: a full disk
+    stopped the run with a bare error and no summary; it must stop with
+    the summary of what it did, say why it stopped, and leave each row old
+    or new."""
+    config = {"storage": {"fsync": False, "min_free_bytes": 0, "reserve_bytes": 0}}
+    wav = (FIXTURES / "tone.wav").read_bytes()
+    variants = [wav + i.to_bytes(2, "big") for i in range(40)]
+    with BlobdServer(tmp_path / "srv", config, data_dir=tiny_fs / "data") as server:
+        alice = server.token("alice")
+        for data in variants:
+            assert http("POST", f"{server.url}/blobs", alice, data)[0] == 201
+    index_path = tiny_fs / "data" / "index.sqlite3"
+    old = ("application/octet-stream", None)
+    with sqlite3.connect(index_path) as conn:
+        new = tuple(conn.execute("SELECT content_type, audio FROM blobs LIMIT 1").fetchone())
+        conn.execute("UPDATE blobs SET content_type = ?, audio = ?", old)
+    with sqlite3.connect(index_path) as conn:
+        assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    # Room for the index log's first few updates, not for forty.
+    filler = fill(tiny_fs)
+    os.truncate(filler, filler.stat().st_size - 4 * 4096)
+
+    result = server.cli("reprobe", "--no-progress")
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    updated = len(lines) - 1
+    assert 1 <= updated < 40 and all(line.startswith("updated ") for line in lines[:-1])
+    assert lines[-1] == (
+        f"reprobe: 40 blobs examined: {updated} updated, 0 unchanged, 0 not audio by their"
+        " first bytes (not probed), 0 with their file missing, 0 unreadable")
+    assert result.stderr == (
+        "reprobe stopped: the disk is full (the index cannot grow);"
+        f" {40 - updated} blobs due an update were not updated: free some room and run"
+        " it again\n")
+    with sqlite3.connect(index_path) as conn:
+        states = [tuple(r) for r in conn.execute("SELECT content_type, audio FROM blobs")]
+    assert states.count(new) == updated and states.count(old) == 40 - updated
+
+    filler.unlink()
+    assert server.cli("fsck").returncode == 0
+    again = server.cli("reprobe", "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert f"{40 - updated} updated, {updated} unchanged" in again.stdout

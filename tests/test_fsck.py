@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from blobd import fsck, index_sessions, sessionfiles
+from blobd.sessions import sweep_sessions as sessions_sweep
 from blobd.sessionroom import Ahead
 from conftest import b3, blob_files, tmp_files
 
@@ -327,6 +328,42 @@ async def test_a_session_file_left_short_is_reported_and_allocated(server):
         ": 1, 1 repaired") for line in repaired.summary()), repaired.summary()
     st = path.stat()
     assert st.st_size == 300_000 and st.st_blocks * 512 >= 300_000
+
+
+async def test_an_expired_session_left_short_is_not_allocated(server):
+    """--repair filled out the file of an expired session, which the
+    sweeper deletes anyway: room taken on the disk for nothing (the disk
+    may be full: that is often why the server crashed). It must leave it
+    short and say the sweeper removes it, also when another upload repair
+    runs start-up's recovery, which allocated it too."""
+    alice, _ = await filled(server, gc={"sweep_interval_seconds": 3600})
+    sessions = []
+    for _ in range(2):
+        created = await alice.request("POST", "/uploads", json={"size": 300_000})
+        assert created.status == 201
+        sessions.append((await created.json())["id"])
+        os.truncate(alice.data_dir / "uploads" / sessions[-1], 1000)
+    expired, live = sessions
+    sql(alice, "UPDATE uploads SET expires_at = ? WHERE id = ?", time.time() - 1, expired)
+    stray = alice.data_dir / "uploads" / ("ab" * 16)
+    stray.write_bytes(b"orphan session file")
+    repaired = await fsck.check(alice.store, repair=True)
+    lines = {p.subject: p for p in repaired.problems}
+    assert found(repaired) == {("short", f"uploads/{expired}"), ("short", f"uploads/{live}"),
+                               ("upload", f"uploads/{'ab' * 16}")}
+    assert lines[f"uploads/{live}"].repaired
+    problem = lines[f"uploads/{expired}"]
+    assert not problem.repaired, problem.line()
+    assert problem.action == ("not allocated: its session has expired, and the sweeper"
+                              " deletes it (blobd gc does it now)"), problem.line()
+    st = (alice.data_dir / "uploads" / expired).stat()
+    assert st.st_size == 1000 and st.st_blocks * 512 < 300_000
+    assert (alice.data_dir / "uploads" / live).stat().st_size == 300_000
+    # What the repair leaves is the sweeper's to remove.
+    assert found(await fsck.check(alice.store)) == {("short", f"uploads/{expired}")}
+    assert await sessions_sweep(alice.store, None) == 1
+    assert (await fsck.check(alice.store)).ok
+    assert not (alice.data_dir / "uploads" / expired).exists()
 
 
 async def test_room_held_ahead_of_a_deferred_upload_is_reported_and_given_back(server):

@@ -74,7 +74,8 @@ def _register_reprobe(sub: argparse._SubParsersAction) -> None:
         "audio format; --all probes every blob. The content type changes only where the "
         "bytes decided it at upload (an audio type, or application/octet-stream); a type "
         "the client named stays. Never deletes, whatever [audio] require_audio says. Safe "
-        "beside a running server. Exits 1 when a file was missing or unreadable.")
+        "beside a running server. Exits 1 when a file was missing or unreadable, or when "
+        "a full disk stopped the run (what was updated before stays).")
     add_config_option(again)
     again.add_argument("hashes", nargs="*", metavar="HASH",
                        help="only these blobs (BLAKE3 hex or sha256:HEX), each probed")
@@ -226,4 +227,6 @@ async def run_reprobe(args: argparse.Namespace) -> int:
                                warn=lambda line: tqdm.write(line, file=sys.stderr),
                                advance=bar.update).over(digests)
     print(report.summary(args.dry_run))
+    if stopped := report.stopped():
+        print(stopped, file=sys.stderr)
     return 0 if report.ok else 1

@@ -22,7 +22,7 @@ from .. import files
 from ..config import Config
 from ..errors import BlobdError, first_error
 from ..index_sessions import Session
-from ..store import Store
+from ..store import ShortFile, Store
 from . import disk, drift
 from .repair import repair as repair_disk
 from .report import KINDS, Problem, Report
@@ -123,18 +123,24 @@ async def _check_uploads(store: Store, repair: bool) -> list[Problem]:
     return problems + mended
 
 
-async def _check_short(store: Store, short: dict[str, tuple[int, int]],
+async def _check_short(store: Store, short: dict[str, ShortFile],
                        repair: bool) -> list[Problem]:
     """Session files a crash left short of their length. Found before any
     other repair: start-up recovery (which undoing tmp/ and uploads/
     runs) allocates them too, and would leave nothing to report."""
     problems = []
-    for session_id, (have, size) in sorted(short.items()):
+    now = time.time()
+    for session_id, (have, size, _) in sorted(short.items()):
         problem = Problem("short", f"uploads/{session_id}",
                           f"{have} bytes of its {size}: a crash came before its room"
                           " was allocated")
         problems.append(problem)
         if not repair:
+            continue
+        if short[session_id].expired(now):
+            # Start-up recovery leaves it too: room for a file about to go.
+            problem.action = ("not allocated: its session has expired, and the sweeper"
+                              " deletes it (blobd gc does it now)")
             continue
         try:
             await store.allocate_session_file(session_id, size)
