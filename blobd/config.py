@@ -117,6 +117,9 @@ class QuotaLimits:
     max_blobs: int = 1_000_000
     max_blob_size: int = field(default=2 << 30, metadata=SIZE)
     max_monthly_upload_bytes: int = field(default=100 << 30, metadata=SIZE)
+    # Reference names: each costs an index row whatever blob it names, and
+    # names of a blob the owner holds already cost nothing in the limits above.
+    max_refs: int = 1_000_000
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,12 @@ connection for lookups. Invariants kept here, inside each transaction:
 
 * ``blobs.refcount`` = number of ``refs`` rows naming the blob, all owners;
 * one ``holdings`` row per (owner, blob) with ``refs`` = that owner's refs;
-* ``owners.used_bytes`` / ``used_blobs`` = sum over the owner's holdings.
+* ``owners.used_bytes`` / ``used_blobs`` = sum over the owner's holdings;
+* ``owners.used_refs`` = number of the owner's ``refs`` rows.
 
-Quota limits are checked where a holding is created, in the same
-transaction, so concurrent uploads can never push an owner over a limit.
+Quota limits are checked where a holding or a reference name is created,
+in the same transaction, so concurrent uploads can never push an owner
+over a limit.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from .audio.info import complete_json
 from .config import QuotaLimits
 from .errors import BlobdError
 
-LIMIT_KEYS = ("max_bytes", "max_blobs", "max_blob_size", "max_monthly_upload_bytes")
+LIMIT_KEYS = ("max_bytes", "max_blobs", "max_blob_size", "max_monthly_upload_bytes",
+              "max_refs")
 
 
 @dataclass(frozen=True)
@@ -234,10 +237,11 @@ async def set_owner_limits(conn: aiosqlite.Connection, owner: str,
 async def usage(conn: aiosqlite.Connection, owner: str) -> dict[str, int]:
     row = await _one(conn, "SELECT * FROM owners WHERE owner = ?", owner)
     if row is None:
-        return {"used_bytes": 0, "used_blobs": 0, "reserved_bytes": 0,
+        return {"used_bytes": 0, "used_blobs": 0, "used_refs": 0, "reserved_bytes": 0,
                 "reserved_blobs": 0, "monthly_upload_bytes": 0}
     monthly = row["monthly_upload_bytes"] if row["upload_month"] == current_month() else 0
     return {"used_bytes": row["used_bytes"], "used_blobs": row["used_blobs"],
+            "used_refs": row["used_refs"],
             "reserved_bytes": row["reserved_bytes"], "reserved_blobs": row["reserved_blobs"],
             "monthly_upload_bytes": monthly}
 
@@ -322,6 +326,8 @@ async def add_ref(conn: aiosqlite.Connection, owner: str, name: str, blob: BlobR
     old = await _one(conn, "SELECT hash FROM refs WHERE owner = ? AND name = ?", owner, name)
     if old is not None and old["hash"] == blob.hash:
         return []
+    if old is None:
+        await _count_new_ref(conn, owner, default)
     zeroed: list[str] = []
     if old is not None:
         # Release first: re-pointing a name frees what it held, so an owner
@@ -337,6 +343,38 @@ async def add_ref(conn: aiosqlite.Connection, owner: str, name: str, blob: BlobR
     await conn.execute("UPDATE blobs SET refcount = refcount + 1, zero_at = NULL"
                        " WHERE hash = ?", (blob.hash,))
     return zeroed
+
+
+async def _count_new_ref(conn: aiosqlite.Connection, owner: str,
+                         default: QuotaLimits | None) -> None:
+    """Count one more reference name for ``owner``, refused past max_refs."""
+    if default is not None:
+        # One statement when the owner exists and has room (nearly always).
+        fits = await conn.execute(
+            "UPDATE owners SET used_refs = used_refs + 1 WHERE owner = ?"
+            " AND used_refs < COALESCE(max_refs, ?)", (owner, default.max_refs))
+        if fits.rowcount:
+            return
+    row = await owner_row(conn, owner)
+    if default is not None:
+        check_ref_room(row, effective_limits(row, default))
+    await conn.execute("UPDATE owners SET used_refs = used_refs + 1 WHERE owner = ?",
+                       (owner,))
+
+
+def check_ref_room(row: aiosqlite.Row, limits: QuotaLimits) -> None:
+    """Raise quota_exceeded if the owner of ``row`` may not add a reference
+    name; re-pointing a name it has is never refused by this."""
+    if row["used_refs"] >= limits.max_refs:
+        raise BlobdError("quota_exceeded",
+                         f"quota max_refs ({limits.max_refs}) would be exceeded"
+                         f" ({row['used_refs']} references); delete a reference or"
+                         " re-point an existing name")
+
+
+async def has_ref(conn: aiosqlite.Connection, owner: str, name: str) -> bool:
+    return await _one(conn, "SELECT 1 FROM refs WHERE owner = ? AND name = ?",
+                      owner, name) is not None
 
 
 async def _hold(conn: aiosqlite.Connection, owner: str, blob: BlobRecord,
@@ -384,6 +422,7 @@ async def drop_blob_refs(conn: aiosqlite.Connection, owner: str, digest: str,
     cur = await conn.execute("DELETE FROM refs WHERE owner = ? AND hash = ?", (owner, digest))
     if not cur.rowcount:
         return 0, []
+    await _uncount_refs(conn, owner, cur.rowcount)
     return cur.rowcount, await _release(conn, owner, digest, cur.rowcount, now)
 
 
@@ -406,7 +445,13 @@ async def drop_ref(conn: aiosqlite.Connection, owner: str, name: str,
     if row is None:
         return None
     await conn.execute("DELETE FROM refs WHERE owner = ? AND name = ?", (owner, name))
+    await _uncount_refs(conn, owner, 1)
     return await _release(conn, owner, row["hash"], 1, now)
+
+
+async def _uncount_refs(conn: aiosqlite.Connection, owner: str, count: int) -> None:
+    await conn.execute("UPDATE owners SET used_refs = used_refs - ? WHERE owner = ?",
+                       (count, owner))
 
 
 async def list_holdings(conn: aiosqlite.Connection, owner: str, limit: int,

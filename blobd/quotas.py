@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 LIMITS_CACHE_SECONDS = 1.0
 LIMITS_CACHE_SIZE = 1024
 
-# The limits that are sizes in bytes (accepting "10GiB"); max_blobs is a count.
+# The limits that are sizes in bytes (accepting "10GiB"); max_blobs and
+# max_refs are counts.
 SIZE_KEYS = frozenset({"max_bytes", "max_blob_size", "max_monthly_upload_bytes"})
 
 
@@ -100,7 +101,7 @@ def _check_upload(store: Store, owner: str, declared: int | None, digest: str | 
 
 
 def exceeded(key: str, limit: int) -> BlobdError:
-    unit = "" if key == "max_blobs" else " bytes"
+    unit = " bytes" if key in SIZE_KEYS else ""
     return BlobdError("quota_exceeded", f"quota {key} ({limit}{unit}) would be exceeded")
 
 
@@ -117,6 +118,7 @@ async def report(conn: aiosqlite.Connection, owner: str,
     limits = await index.limits_for(conn, owner, default)
     return {"owner": owner, "used_bytes": used["used_bytes"],
             "used_blobs": used["used_blobs"],
+            "used_refs": used["used_refs"],
             "monthly_upload_bytes": used["monthly_upload_bytes"],
             "reserved_bytes": used["reserved_bytes"],
             "reserved_blobs": used["reserved_blobs"],

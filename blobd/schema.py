@@ -162,6 +162,20 @@ MIGRATIONS: list[str] = [
     UPDATE owners SET reserved_blobs = (SELECT count(*) FROM uploads
         WHERE uploads.owner = owners.owner AND uploads.result_hash IS NULL);
     """,
+    # 6: max_refs, a limit on an owner's reference names (quotas charge a
+    # blob once, so names of one blob were free and unbounded). used_refs
+    # is kept in the transaction that adds or drops a name, so the check
+    # never counts the refs table; here it is counted once, from the rows.
+    # Every owner with references has a row (the first holding made it);
+    # the INSERT is for an index damaged otherwise, which fsck would report.
+    """
+    ALTER TABLE owners ADD COLUMN used_refs INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE owners ADD COLUMN max_refs INTEGER;
+    INSERT INTO owners (owner) SELECT DISTINCT owner FROM refs WHERE true
+        ON CONFLICT (owner) DO NOTHING;
+    UPDATE owners SET used_refs = (SELECT count(*) FROM refs
+        WHERE refs.owner = owners.owner);
+    """,
 ]
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from . import files, index, index_sessions, sessionfiles
 from .errors import BlobdError
 from .index_sessions import TUS, Session
-from .sessions import NewSession, check_reservation, expiry, find_session, new_session_id
+from .sessions import (NewSession, check_ref_room, check_reservation, expiry, find_session,
+                       new_session_id)
 from .store import Store, shielded
 
 
@@ -82,4 +83,5 @@ async def _swap(store: Store, session: Session, parts: list[Session]) -> None:
                 raise BlobdError("bad_request",
                                  f"Upload-Concat: {part.id} changed or went away")
         await check_reservation(store, tx, session.owner, session.size)
+        await check_ref_room(store, tx, session)
         await index_sessions.insert(tx.conn, session)

@@ -213,6 +213,7 @@ async def _delete(store: Store, session_id: str) -> None:
 async def _insert(store: Store, session: Session) -> None:
     async with store.write() as tx:
         await check_reservation(store, tx, session.owner, session.size)
+        await check_ref_room(store, tx, session)
         limit = store.config.uploads.max_sessions_per_owner
         if await index_sessions.count_open(tx.conn, session.owner, time.time()) >= limit:
             raise BlobdError("quota_exceeded", f"you have {limit} open upload sessions"
@@ -232,6 +233,27 @@ async def check_reservation(store: Store, tx: Tx, owner: str, size: int | None,
     if size is not None:
         index.check_blob_size(size, limits, store.config.limits.max_blob_size)
     index.check_room(row, limits, 0 if size is None else size - held, 1 if new else 0)
+
+
+async def check_ref_room(store: Store, tx: Tx, session: Session) -> None:
+    """Refuse a session whose completion would add a reference name while
+    the owner has no room for one, before any byte is sent. Nothing is
+    reserved (a name may exist by then, or another go): the completion's
+    transaction decides. A session that names no ref and no known hash
+    gets the name of a hash not known yet, counted as a new one. A tus
+    partial upload never becomes a blob of its own: no name."""
+    if session.is_partial:
+        return
+    name = session.ref
+    if name is None and session.expected_hash is not None:
+        expected = parse_address(session.expected_hash)
+        name = (expected.digest if expected.is_blake3
+                else await index.hash_for_sha256(tx.conn, expected.digest))
+    if name is not None and await index.has_ref(tx.conn, session.owner, name):
+        return
+    row = await index.owner_row(tx.conn, session.owner)
+    index.check_ref_room(row, index.effective_limits(row,
+                                                     store.config.quota_for(session.owner)))
 
 
 async def find_session(store: Store, session_id: str, owner: str,

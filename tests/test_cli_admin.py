@@ -64,6 +64,9 @@ def test_quota_commands_act_on_a_running_server(tmp_path):
         bad = one_error_line(server.cli("quota", "set", "alice", "--max-bytes", "lots"))
         assert "max_bytes" in bad
         assert server.cli("quota", "set", "alice").returncode != 0
+        named = server.cli("quota", "set", "alice", "--max-refs", "2")
+        assert re.search(r"references\s+2 of 2\b", named.stdout), named.stdout
+        assert put(server, token, b"three") == 507
 
 
 def test_stats_survive_a_restart(tmp_path):

@@ -53,6 +53,7 @@ def test_sizes(text, value):
     ({"gc": {"sweep_interval_seconds": 0}}, "gc.sweep_interval_seconds"),
     ({"gc": {"sweep_interval_seconds": -5}}, "gc.sweep_interval_seconds"),
     ({"quotas": {"default": {"max_blobs": -1}}}, "quotas.default.max_blobs"),
+    ({"quotas": {"bob": {"max_refs": "1KiB"}}}, "quotas.bob.max_refs"),
     ({"uploads": {"max_sessions_per_owner": -1}}, "uploads.max_sessions_per_owner"),
     ({"server": {"shutdown_timeout_seconds": -1}}, "server.shutdown_timeout_seconds"),
     ({"server": {"shutdown_timeout_seconds": float("inf")}}, "server.shutdown_timeout_seconds"),
@@ -241,6 +242,7 @@ def test_per_owner_quota_inherits_the_default():
     assert config.quota_for("bob").max_bytes == 1 << 30
     assert config.quota_for("bob").max_blobs == 5
     assert config.quota_for("carol").max_blobs == 1_000_000
+    assert config.quota_for("carol").max_refs == 1_000_000
 
 
 def test_example_config_loads_and_documents_every_key():

@@ -187,6 +187,19 @@ async def test_holdings_and_usage_drift_are_recounted(server):
     assert digest in {b["hash"] for b in listing["blobs"]}
 
 
+async def test_used_refs_drift_is_recounted(server):
+    alice, bob = await filled(server, quotas={"default": {"max_refs": 13}})
+    sql(alice, "UPDATE owners SET used_refs = 13 WHERE owner = 'alice'")
+    sql(alice, "UPDATE owners SET used_refs = 0 WHERE owner = 'bob'")
+    refused = await alice.put(b"one more")
+    assert refused.status == 507 and "max_refs" in (await refused.json())["message"]
+    _, after = await check_and_repair(alice, {("usage", "alice"), ("usage", "bob")})
+    assert after.ok
+    assert (await (await alice.request("GET", "/quota")).json())["used_refs"] == 12
+    assert (await (await bob.request("GET", "/quota")).json())["used_refs"] == 4
+    assert (await alice.put(b"one more")).status == 201
+
+
 async def test_reserved_bytes_drift_is_recounted_from_open_sessions(server):
     alice, _ = await filled(server)
     created = await alice.request("POST", "/uploads", json={"size": 4096})

@@ -38,10 +38,10 @@ async def test_quota_body_shows_usage_and_configured_limits(server):
     await alice.put(b"x" * 1000)
     await alice.put(b"x" * 1000, headers={"Blob-Ref": "again"})  # same blob: charged once
     assert await quota(alice) == {
-        "owner": "alice", "used_bytes": 1000, "used_blobs": 1,
+        "owner": "alice", "used_bytes": 1000, "used_blobs": 1, "used_refs": 2,
         "monthly_upload_bytes": 2000, "reserved_bytes": 0, "reserved_blobs": 0,
         "limits": {"max_bytes": 1 << 20, "max_blobs": 7, "max_blob_size": 2 << 30,
-                   "max_monthly_upload_bytes": 100 << 30}}
+                   "max_monthly_upload_bytes": 100 << 30, "max_refs": 1_000_000}}
     assert (await quota(bob))["limits"]["max_blobs"] == 2
     assert (await quota(bob))["limits"]["max_bytes"] == 1 << 20
 

@@ -110,6 +110,32 @@ async def test_open_sessions_reserve_their_blob_slots_after_migrating(tmp_path):
     assert [tuple(r) for r in rows] == [("alice", 2), ("bob", 0)]
 
 
+async def test_reference_names_are_counted_after_migrating(tmp_path):
+    """Migration 6 counts each owner's references into used_refs (kept
+    from then on by the transactions that add and drop them), with no
+    max_refs override."""
+    path = index_at(tmp_path / "v5.sqlite3", 5)
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO owners (owner) VALUES ('alice'), ('bob'), ('carol')")
+        conn.executemany("INSERT INTO blobs (hash, sha256, size, content_type, created_at)"
+                         " VALUES (?, ?, 1, 'x/y', 0)", [("a" * 64, "b" * 64),
+                                                         ("c" * 64, "d" * 64)])
+        conn.executemany(
+            "INSERT INTO refs (owner, name, hash, created_at) VALUES (?, ?, ?, 0)",
+            [("alice", "a" * 64, "a" * 64), ("alice", "one", "a" * 64),
+             ("alice", "two", "c" * 64), ("bob", "c" * 64, "c" * 64),
+             ("dave", "x", "a" * 64)])   # an owner without a row (damage)
+    db = Database(path, durable=False)
+    await db.open()
+    try:
+        rows = await db.reader.execute_fetchall(
+            "SELECT owner, used_refs, max_refs FROM owners ORDER BY owner")
+    finally:
+        await db.close()
+    assert [tuple(r) for r in rows] == [("alice", 3, None), ("bob", 1, None),
+                                        ("carol", 0, None), ("dave", 1, None)]
+
+
 async def test_an_index_from_a_newer_blobd_is_refused(tmp_path):
     """Found by review: a rollback ran old code on a newer schema without a
     word (code that predates a table stops keeping it)."""

@@ -226,6 +226,40 @@ async def test_concurrent_uploads_never_pass_a_quota_across_workers(tmp_path: Pa
     check_index_matches_files(server.data_dir)
 
 
+async def test_concurrent_new_names_never_pass_max_refs_across_workers(
+        tmp_path: Path) -> None:
+    config = {"server": {"workers": 2}, "storage": {"fsync": False},
+              "quotas": {"default": {"max_refs": 10}}}
+    with BlobdServer(tmp_path, config) as server:
+        alice = server.token("alice")
+        held = os.urandom(1000)
+        before = {pid: cpu_ticks(pid) for pid in server.workers()}
+        connector = aiohttp.TCPConnector(force_close=True, limit=0)
+        async with aiohttp.ClientSession(connector=connector, timeout=TIMEOUT) as session:
+            async with session.put(f"{server.url}/blobs/{b3(held)}", data=held,
+                                   headers=auth(alice)) as resp:
+                assert resp.status == 201
+
+            async def name(i: int) -> int:
+                async with session.put(f"{server.url}/refs/n{i}", json={"hash": b3(held)},
+                                       headers=auth(alice)) as resp:
+                    return resp.status
+            # New names for a held blob and new blobs (each a new name), at once.
+            by_name, by_blob = await asyncio.gather(
+                asyncio.gather(*(name(i) for i in range(30))),
+                _upload_many(server.url, alice, [os.urandom(500) for _ in range(30)]))
+        assert all(cpu_ticks(pid) > ticks for pid, ticks in before.items()), "one worker idle"
+        assert server.terminate() == 0
+    statuses = [*by_name, *by_blob]
+    assert statuses.count(200) + statuses.count(201) == 9, statuses
+    assert statuses.count(507) == 51, statuses
+    with sqlite3.connect(server.data_dir / "index.sqlite3") as db:
+        assert db.execute("SELECT used_refs FROM owners WHERE owner = 'alice'").fetchone() == (10,)
+        assert db.execute("SELECT count(*) FROM refs").fetchone() == (10,)
+        assert db.execute("SELECT count(*) FROM blobs").fetchone() == (1 + by_blob.count(201),)
+    check_index_matches_files(server.data_dir)
+
+
 def _stalled_upload(server: BlobdServer, token: str, sent: int, size: int) -> socket.socket:
     """A POST that announces ``size`` bytes, sends ``sent`` of them, and waits."""
     sock = socket.create_connection(("127.0.0.1", server.port))

@@ -148,6 +148,7 @@ def _print_quota(body: dict[str, Any], as_json: bool) -> None:
           f"{human_size(limits['max_bytes'])} ({body['used_bytes']} bytes)")
     print(f"reserved      {human_size(body['reserved_bytes'])}")
     print(f"blobs         {body['used_blobs']} of {limits['max_blobs']}")
+    print(f"references    {body['used_refs']} of {limits['max_refs']}")
     print(f"this month    {human_size(body['monthly_upload_bytes'])} of "
           f"{human_size(limits['max_monthly_upload_bytes'])} uploaded")
     print(f"largest blob  {human_size(limits['max_blob_size'])}")

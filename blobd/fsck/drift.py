@@ -5,7 +5,7 @@ with the ``refs`` rows, recounted from those rows.
   and ``zero_at`` set exactly when nothing does;
 * ``holdings``: one row per (owner, blob) with the owner's reference count;
 * ``usage``: ``owners.used_bytes`` / ``used_blobs`` against the distinct
-  blobs each owner references;
+  blobs each owner references, and ``used_refs`` against its references;
 * ``reserved``: ``owners.reserved_bytes`` and ``reserved_blobs`` against
   what the owner's open upload sessions reserve.
 
@@ -45,15 +45,17 @@ WHERE NOT EXISTS (SELECT 1 FROM refs r WHERE r.owner = h.owner AND r.hash = h.ha
 """
 
 _USAGE_SQL = """
-WITH held AS (SELECT h.owner, sum(b.size) AS bytes, count(*) AS n
-              FROM (SELECT DISTINCT owner, hash FROM refs) h
-              JOIN blobs b ON b.hash = h.hash GROUP BY h.owner)
-SELECT o.owner, o.used_bytes, o.used_blobs,
-       coalesce(held.bytes, 0) AS bytes, coalesce(held.n, 0) AS n
+WITH named AS (SELECT owner, hash, count(*) AS refs FROM refs GROUP BY owner, hash),
+     held AS (SELECT h.owner, sum(b.size) AS bytes, count(*) AS n, sum(h.refs) AS refs
+              FROM named h JOIN blobs b ON b.hash = h.hash GROUP BY h.owner)
+SELECT o.owner, o.used_bytes, o.used_blobs, o.used_refs,
+       coalesce(held.bytes, 0) AS bytes, coalesce(held.n, 0) AS n,
+       coalesce(held.refs, 0) AS refs
 FROM owners o LEFT JOIN held ON held.owner = o.owner
 WHERE o.used_bytes != coalesce(held.bytes, 0) OR o.used_blobs != coalesce(held.n, 0)
+   OR o.used_refs != coalesce(held.refs, 0)
 UNION ALL
-SELECT held.owner, 0, 0, held.bytes, held.n FROM held
+SELECT held.owner, 0, 0, 0, held.bytes, held.n, held.refs FROM held
 WHERE held.owner NOT IN (SELECT owner FROM owners)
 """
 
@@ -95,8 +97,9 @@ async def find(conn: aiosqlite.Connection) -> list[Problem]:
 
 async def find_usage(conn: aiosqlite.Connection) -> list[Problem]:
     return [Problem("usage", row["owner"],
-                    f"usage {row['used_bytes']} bytes / {row['used_blobs']} blobs,"
-                    f" references hold {row['bytes']} bytes / {row['n']} blobs")
+                    f"usage {row['used_bytes']} bytes / {row['used_blobs']} blobs /"
+                    f" {row['used_refs']} references, references hold {row['bytes']}"
+                    f" bytes / {row['n']} blobs / {row['refs']} references")
             for row in await _rows(conn, _USAGE_SQL)] + [
         Problem("reserved", row["owner"],
                 f"{row['reserved_bytes']} bytes / {row['reserved_blobs']} blobs reserved,"
@@ -119,8 +122,9 @@ async def repair(conn: aiosqlite.Connection) -> int:
         changed += await _repair_holding(conn, row)
     for row in await _rows(conn, _USAGE_SQL):
         await index.owner_row(conn, row["owner"])
-        await conn.execute("UPDATE owners SET used_bytes = ?, used_blobs = ? WHERE owner = ?",
-                           (row["bytes"], row["n"], row["owner"]))
+        await conn.execute("UPDATE owners SET used_bytes = ?, used_blobs = ?, used_refs = ?"
+                           " WHERE owner = ?", (row["bytes"], row["n"], row["refs"],
+                                                row["owner"]))
         changed += 1
     for row in await _rows(conn, _RESERVED_SQL):
         await index.owner_row(conn, row["owner"])
