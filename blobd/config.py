@@ -143,7 +143,7 @@ class AudioConfig:
     allowed_types: list[str] = field(default_factory=lambda: [
         "audio/mpeg", "audio/mp4", "audio/aac", "audio/ogg", "audio/opus",
         "audio/flac", "audio/wav", "audio/webm", "audio/matroska", "audio/aiff",
-        "audio/3gpp", "audio/3gpp2",
+        "audio/3gpp", "audio/3gpp2", "audio/x-w64",
     ])
     probe_timeout_seconds: float = 10.0
 

@@ -17,7 +17,7 @@ import re
 AUDIO_MIME_TYPES: frozenset[str] = frozenset({
     "audio/mpeg", "audio/mp4", "audio/aac", "audio/ogg",
     "audio/opus", "audio/flac", "audio/wav", "audio/webm", "audio/matroska",
-    "audio/aiff", "audio/3gpp", "audio/3gpp2",
+    "audio/aiff", "audio/3gpp", "audio/3gpp2", "audio/x-w64",
 })
 
 #: How many leading bytes `sniff_mime` needs to decide.
@@ -63,6 +63,10 @@ def sniff_mime(head: bytes) -> str | None:
         return _sniff_ogg(head)
     if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
         return "audio/wav"
+    if is_rf64_header(head):
+        return "audio/wav"
+    if head[:16] == W64_RIFF_GUID and head[24:40] == W64_WAVE_GUID:
+        return "audio/x-w64"
     if head[4:8] == b"ftyp":
         return _sniff_ftyp(head)
     if head.startswith(_EBML_MAGIC):
@@ -74,6 +78,35 @@ def sniff_mime(head: bytes) -> str | None:
     if mpeg_frame_length(head) is not None:
         return "audio/mpeg"
     return None
+
+
+# RF64 (EBU Tech 3306) and BW64 (ITU-R BS.2088) are RIFF WAVE with 64-bit
+# sizes: the RIFF size says FFFFFFFF and a 'ds64' chunk holds the real
+# ones; every other chunk, and the 'fmt ' in it, is WAVE's own. So they are
+# audio/wav, as libmagic (file 5.44 says audio/x-wav of an RF64) and ffmpeg
+# (one wav muxer and demuxer, "-rf64 always") name them. Browsers' own
+# sniffing (WHATWG mimesniff) knows only RIFF....WAVE, so the type served
+# is what they go by.
+_RF64_MAGICS = (b"RF64", b"BW64")
+
+# Sony Wave64 is another container: 16-byte GUIDs for chunk ids, 64-bit
+# sizes, 8-byte alignment; no WAV reader opens it. Serving it as audio/wav
+# would send a browser bytes its WAV demuxer refuses, so it gets a type of
+# its own: audio/x-w64, the name libmagic (file 5.44) and GStreamer's
+# libsndfile plugin give it. No type is registered for it (ffmpeg's w64
+# muxer states none).
+W64_RIFF_GUID = b"riff\x2e\x91\xcf\x11\xa5\xd6\x28\xdb\x04\xc1\x00\x00"
+#: Every WAVE chunk's GUID in W64 is its RIFF id followed by these 12 bytes
+#: ('wave' itself, 'fmt ', 'fact', 'data').
+W64_GUID_TAIL = b"\xf3\xac\xd3\x11\x8c\xd1\x00\xc0\x4f\x8e\xdb\x8a"
+W64_WAVE_GUID = b"wave" + W64_GUID_TAIL
+
+
+def is_rf64_header(head: bytes) -> bool:
+    """Whether ``head`` opens an RF64 or BW64 file: the magic, a RIFF size
+    of FFFFFFFF (the real one is in 'ds64'), then WAVE."""
+    return (head[:4] in _RF64_MAGICS and head[4:8] == b"\xff\xff\xff\xff"
+            and head[8:12] == b"WAVE")
 
 
 def ogg_first_packet(head: bytes) -> bytes:

@@ -59,6 +59,9 @@ AUDIO_FIXTURES = {
     "recorded.webm": Expected("audio/webm", "opus", 0.5, 48000, 1, (24_000, 36_000), None),
     "tone_flac.mka": Expected("audio/matroska", "flac", 0.5, 8000, 1, (20_000, 128_000), 16),
     "tone.aiff": Expected("audio/aiff", "pcm", 0.3, 8000, 1, (128_000, 128_000), 16),
+    # Sony Wave64 (sox), its own type. ffprobe: pcm_s16le, 0.300 s, 128 kb/s,
+    # 16 bits.
+    "tone.w64": Expected("audio/x-w64", "pcm", 0.3, 8000, 1, (128_000, 128_000), 16),
 }
 # Probed only: formats outside what the HTTP and browser tests exercise per
 # fixture (Chromium plays no ADPCM).
@@ -93,10 +96,18 @@ PROBE_ONLY_FIXTURES = {
     "tone_24.aiff": Expected("audio/aiff", "pcm", 0.1, 8000, 1, (192_000, 192_000), 24),
     "tone_alac24.m4a": Expected("audio/mp4", "alac", 0.1, 8000, 1, (20_000, 256_000), 24),
     "tone_pcm24.mka": Expected("audio/matroska", "pcm", 0.1, 8000, 1, (192_000, 256_000), 24),
+    # WAVE with 64-bit sizes (mutagen reads neither). ffprobe: pcm_s24le,
+    # 0.300 s, 192 kb/s, 24 bits; adpcm_ima_wav, 1.0205 s (the ds64 sample
+    # count: 'fact' says FFFFFFFF), the data's ~32.1 kb/s.
+    "tone_rf64.wav": Expected("audio/wav", "pcm", 0.3, 8000, 1, (192_000, 192_000), 24),
+    "adpcm_rf64.wav": Expected("audio/wav", "adpcm_ima", 1.02, 8000, 1, (32_000, 32_200), None),
+    # Sony Wave64, its own type. ffprobe: adpcm_ima_wav, 1.0205 s (its
+    # 64-bit 'fact').
+    "adpcm.w64": Expected("audio/x-w64", "adpcm_ima", 1.02, 8000, 1, (32_000, 32_200), None),
 }
 NOT_AUDIO_FIXTURES = ["not_audio.txt", "not_audio.png", "video_only.mp4", "video_only.webm"]
-# What Chromium cannot play whatever the Content-Type: ALAC and AIFF.
-CHROMIUM_CANNOT_PLAY = frozenset({"tone_alac.m4a", "tone.aiff"})
+# What Chromium cannot play whatever the Content-Type: ALAC, AIFF and W64.
+CHROMIUM_CANNOT_PLAY = frozenset({"tone_alac.m4a", "tone.aiff", "tone.w64"})
 
 
 def fixture(name: str) -> Path:

@@ -7,6 +7,7 @@ variants (cut, re-wrapped, padded, crafted) are built from them in tmp_path.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import random
 import shutil
@@ -23,7 +24,7 @@ from audiofixtures import (AUDIO_FIXTURES, FIXTURES, NOT_AUDIO_FIXTURES,
 from blobd import audio
 from blobd.audio import (AUDIO_MIME_TYPES, OGG_TAIL, AudioInfo, probe, probe_async,
                          sniff_mime)
-from blobd.audio import mp3
+from blobd.audio import mp3, wave64
 from blobd.sniff import mpeg_frame_length
 
 PROBED = AUDIO_FIXTURES | PROBE_ONLY_FIXTURES
@@ -103,6 +104,12 @@ def test_sniffed_types_are_the_recognised_types() -> None:
     assert {m for m in SNIFFED.values() if m is not None} == AUDIO_MIME_TYPES
 
 
+# Sony Wave64's GUIDs for RIFF and WAVE, as Sony's W64 specification
+# writes them to disk.
+_W64_RIFF = bytes.fromhex("72696666 2e91cf11 a5d628db 04c10000")
+_W64_WAVE = bytes.fromhex("77617665 f3acd311 8cd100c0 4f8edb8a")
+
+
 @pytest.mark.parametrize("head, mime", [
     (b"", None),
     (b"ID3", "audio/mpeg"),
@@ -128,6 +135,15 @@ def test_sniffed_types_are_the_recognised_types() -> None:
     (b"OggS\x00\x02", "audio/ogg"),
     (b"RIFF\x24\x00\x00\x00WAVEfmt ", "audio/wav"),
     (b"RIFF\x24\x00\x00\x00AVI LIST", None),
+    # RF64 (EBU Tech 3306) and BW64 (ITU-R BS.2088): WAVE, 64-bit sizes.
+    (b"RF64\xff\xff\xff\xffWAVEds64", "audio/wav"),
+    (b"BW64\xff\xff\xff\xffWAVEds64", "audio/wav"),
+    (b"RF64\x24\x00\x00\x00WAVEds64", None),      # its RIFF size must be FFFFFFFF
+    (b"RF64\xff\xff\xff\xffAVI LIST", None),
+    # Sony Wave64: the riff GUID, a 64-bit size, the wave GUID.
+    (_W64_RIFF + bytes(8) + _W64_WAVE, "audio/x-w64"),
+    (_W64_RIFF + bytes(8) + b"avi " + _W64_WAVE[4:], None),
+    (b"riff" + bytes(36), None),
     (b"%PDF-1.7\n", None),
     (b"\x7fELF\x02\x01\x01\x00", None),
 ])
@@ -198,14 +214,15 @@ def test_cut_mp3_reports_what_is_left(tmp_path: Path, fraction: float) -> None:
     assert info.duration == pytest.approx(full.duration * fraction, abs=0.1)
 
 
-@pytest.mark.parametrize("name", ["tone.wav", "adpcm.wav", "tone.aiff", "tone_sowt.aifc"])
+@pytest.mark.parametrize("name", ["tone.wav", "adpcm.wav", "tone.aiff", "tone_sowt.aifc",
+                                  "tone_rf64.wav", "adpcm_rf64.wav", "tone.w64", "adpcm.w64"])
 def test_cut_wav_or_aiff_reports_what_is_left(tmp_path: Path, name: str) -> None:
     whole = fixture(name).read_bytes()
     cut = tmp_path / name
     cut.write_bytes(whole[:len(whole) // 2])
     info = probe(cut)
-    # The header chunks (WAV's data and fact, AIFF's COMM) still claim the
-    # whole; the bytes present bound it.
+    # The header chunks (WAV's data and fact, RF64's ds64, AIFF's COMM)
+    # still claim the whole; the bytes present bound it.
     assert info is not None and info.codec == PROBED[name].codec
     # PCM is cut at a sample; ADPCM counts whole blocks of 505 samples.
     slack = 0.01 if info.codec == "pcm" else 0.05
@@ -423,16 +440,31 @@ def _flac_with_padding_blocks(count: int) -> bytes:
     return b"fLaC" + streaminfo + padding + data[_flac_audio_start(data)[1]:]
 
 
+def _rf64_with_chunks(count: int) -> bytes:
+    data = fixture("tone_rf64.wav").read_bytes()
+    assert data[48:52] == b"fmt " and data[96:100] == b"data"
+    return data[:96] + b"junk\x00\x00\x00\x00" * count + data[96:]
+
+
+def _w64_with_chunks(count: int) -> bytes:
+    data = fixture("tone.w64").read_bytes()
+    assert data[80:84] == b"data"
+    junk = b"junk" + _W64_WAVE[4:] + struct.pack("<Q", 24)
+    return data[:80] + junk * count + data[80:]
+
+
 @pytest.mark.parametrize("build, few, many", [
     (_m4a_with_free_boxes, 100, 60_000),
     (_wav_with_chunks, 100, 2_000),
     (_flac_with_padding_blocks, 100, 2_000),
-], ids=["mp4-boxes", "riff-chunks", "flac-blocks"])
+    (_rf64_with_chunks, 100, 2_000),
+    (_w64_with_chunks, 100, 2_000),
+], ids=["mp4-boxes", "riff-chunks", "flac-blocks", "rf64-chunks", "w64-chunks"])
 def test_container_parts_are_bounded(tmp_path: Path, build, few: int, many: int) -> None:
     path = tmp_path / "crafted"
     path.write_bytes(build(few))
     info = probe(path)
-    assert info is not None and info.duration > 1.0
+    assert info is not None and info.duration > 0.25
     path.write_bytes(build(many))
     assert probe(path) is None
 
@@ -925,3 +957,162 @@ def test_a_bit_depth_element_says_nothing_of_opus(tmp_path: Path) -> None:
     path.write_bytes(data.replace(b"\x86\x86A_FLAC", b"\x86\x86A_OPUS"))
     info = probe(path)
     assert info is not None and info.codec == "opus" and info.bits_per_sample is None
+
+
+# --- WAVE with 64-bit sizes: RF64, BW64 and Sony Wave64 -----------------------
+# mutagen reads neither; blobd.audio.wave64 lists their chunks. The
+# fixtures' layouts (make.sh): tone_rf64.wav has ds64 at 12 (28 bytes:
+# RIFF size at 20, data size at 28, sample count at 36, table length at
+# 44), 'fmt ' at 48, 'data' at 96; adpcm_rf64.wav 'fmt ' at 48, 'fact' at
+# 76, 'data' at 88. tone.w64 has 'fmt ' at 40, 'data' at 80; adpcm.w64
+# 'fmt ' at 40, 'fact' at 88.
+
+# What ffprobe 5.1 says of each (stream codec_name, duration, bit_rate,
+# bits_per_sample, sample_rate, channels), and the codec blobd names it.
+# ADPCM's stated bit_rate (128000) is the header's byte rate, four times
+# the data's; blobd reports the data's, as for RIFF (adpcm.wav).
+FFPROBE = {
+    "tone_rf64.wav": ("pcm", 0.3, 192_000, 24, 8000, 1),
+    "adpcm_rf64.wav": ("adpcm_ima", 1.0205, None, None, 8000, 1),
+    "tone.w64": ("pcm", 0.3, 128_000, 16, 8000, 1),
+    "adpcm.w64": ("adpcm_ima", 1.0205, None, None, 8000, 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FFPROBE))
+def test_rf64_and_w64_agree_with_ffprobe(name: str) -> None:
+    codec, duration, bitrate, bits, rate, channels = FFPROBE[name]
+    info = probe(fixture(name))
+    assert info is not None
+    assert (info.codec, info.sample_rate, info.channels, info.bits_per_sample) == (
+        codec, rate, channels, bits)
+    assert info.duration == pytest.approx(duration, abs=0.001)
+    if bitrate is not None:
+        assert info.bitrate == bitrate
+    else:
+        # 4096 bytes of data over 8164 frames at 8 kHz.
+        assert info.bitrate == round(4096 * 8 / (8164 / 8000))
+
+
+def test_bw64_is_read_as_rf64(tmp_path: Path) -> None:
+    data = fixture("tone_rf64.wav").read_bytes()
+    path = tmp_path / "tone.bw64"
+    path.write_bytes(b"BW64" + data[4:])
+    assert sniff_mime(path.read_bytes()[:64]) == "audio/wav"
+    assert probe(path) == probe(fixture("tone_rf64.wav")) is not None
+
+
+def test_rf64_takes_its_sizes_from_ds64(tmp_path: Path) -> None:
+    """The data chunk's 32-bit size says FFFFFFFF: the length comes from
+    ds64's data size, which a smaller value shows (and which a 32-bit size
+    that is not FFFFFFFF would not consult)."""
+    data = bytearray(fixture("tone_rf64.wav").read_bytes())
+    assert data[100:104] == b"\xff\xff\xff\xff"
+    data[28:36] = struct.pack("<Q", 2400)   # 800 samples of 3 bytes: 0.1 s
+    path = tmp_path / "short.wav"
+    path.write_bytes(data)
+    info = probe(path)
+    assert info is not None and info.duration == 0.1
+
+
+def _patched(tmp_path: Path, name: str, patches: dict[int, bytes],
+             tail: bytes = b"") -> Path:
+    data = bytearray(fixture(name).read_bytes())
+    for at, value in patches.items():
+        data[at:at + len(value)] = value
+    path = tmp_path / f"hostile-{name}"
+    path.write_bytes(bytes(data) + tail)
+    return path
+
+
+_Q = lambda n: struct.pack("<Q", n)   # noqa: E731
+_I = lambda n: struct.pack("<I", n)   # noqa: E731
+EXA = 1 << 62
+
+
+# (fixture, patches, what the probe reports: a duration, or None)
+HOSTILE = {
+    # ds64 claims an exabyte of data: the bytes present bound it.
+    "rf64-exabyte-data": ("tone_rf64.wav", {28: _Q(EXA)}, 0.3),
+    "rf64-exabyte-riff": ("tone_rf64.wav", {20: _Q(EXA)}, 0.3),
+    # ds64 claims 2^62 samples of ADPCM: 18,000 years, not audio.
+    "rf64-exabyte-samples": ("adpcm_rf64.wav", {36: _Q(EXA)}, None),
+    # ds64's table claims 2^32 - 1 entries; it holds none.
+    "rf64-endless-table": ("tone_rf64.wav", {44: _I(0xFFFFFFFF)}, 0.3),
+    # ds64 claims 4 GiB of its own: 4 KiB of it is read, and nothing
+    # follows it in the file.
+    "rf64-huge-ds64": ("tone_rf64.wav", {16: _I(0xFFFFFFFF)}, None),
+    # 'fmt ' sized FFFFFFFF and no ds64 entry for it: over the bound on
+    # the 'fmt ' read, refused as RIFF's is.
+    "rf64-fmt-elsewhere": ("tone_rf64.wav", {52: _I(0xFFFFFFFF)}, None),
+    # EBU Tech 3306 puts ds64 first.
+    "rf64-no-ds64": ("tone_rf64.wav", {12: b"JUNK"}, None),
+    "w64-exabyte-data": ("tone.w64", {96: _Q(EXA)}, 0.3),
+    "w64-exabyte-fact": ("adpcm.w64", {112: _Q(EXA)}, None),
+    "w64-exabyte-fmt": ("tone.w64", {56: _Q(EXA)}, None),
+    # A chunk smaller than its own header would never move on.
+    "w64-zero-chunk": ("tone.w64", {56: _Q(0)}, None),
+    "w64-short-chunk": ("tone.w64", {56: _Q(23)}, None),
+    # The file's own size is not consulted.
+    "w64-exabyte-riff": ("tone.w64", {16: _Q(EXA)}, 0.3),
+    # 'fmt ' cut below a WAVEFORMATEX.
+    "w64-tiny-fmt": ("tone.w64", {56: _Q(24 + 8)}, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_rf64_and_w64_headers_get_a_bounded_answer(tmp_path: Path, case: str) -> None:
+    name, patches, duration = HOSTILE[case]
+    path = _patched(tmp_path, name, patches)
+    with open(path, "rb") as f:
+        head = f.read(64)
+        # The readers themselves, not the probe that catches what they raise.
+        reader = wave64.read_w64 if name.endswith(".w64") else wave64.read_rf64
+        info = reader(f, 0, head)
+    probed = probe(path)
+    if duration is None:
+        assert probed is None
+        assert info is None or not 0 < (info.duration or 0) <= 31 * 24 * 3600
+    else:
+        assert probed == info is not None
+        assert info.duration == pytest.approx(duration, abs=0.001)
+
+
+class _CountingFile(io.FileIO):
+    """A file that counts the bytes read from it."""
+
+    bytes_read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        self.bytes_read += len(data)
+        return data
+
+
+@pytest.mark.parametrize("case", ["rf64-huge-ds64", "w64-exabyte-fmt", "rf64-exabyte-data",
+                                  "w64-exabyte-data"])
+def test_hostile_sizes_do_not_make_the_probe_read_them(tmp_path: Path, case: str) -> None:
+    """A megabyte follows each header, where a reader trusting the sizes
+    would read on; the probe reads a few kilobytes whatever they say."""
+    name, patches, _ = HOSTILE[case]
+    path = _patched(tmp_path, name, patches, tail=bytes(1 << 20))
+    with _CountingFile(path) as f:
+        audio.probe_file(f)
+        assert f.bytes_read < 16 << 10
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_damaged_rf64_and_w64_headers_never_raise(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    name = sorted(FFPROBE)[seed % len(FFPROBE)]
+    data = bytearray(fixture(name).read_bytes())
+    for _ in range(rng.choice([1, 4, 16])):
+        # The headers, past the magic that picks the reader.
+        at = rng.randrange(12 if name.endswith(".wav") else 40, 128)
+        data[at] = rng.randrange(256)
+    damaged = tmp_path / name
+    damaged.write_bytes(data[:rng.randrange(64, len(data) + 1)])
+    reader = wave64.read_w64 if name.endswith(".w64") else wave64.read_rf64
+    with open(damaged, "rb") as f:
+        info = reader(f, 0, bytes(data[:64]))   # the assertion is that this returns
+    assert info is None or info.mime in AUDIO_MIME_TYPES

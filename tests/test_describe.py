@@ -74,6 +74,32 @@ async def test_the_bytes_win_over_the_client(alice, name, claim):
     assert get.headers["Content-Type"] == AUDIO_FIXTURES[name].mime
 
 
+@pytest.mark.parametrize("name,served", [
+    ("tone_rf64.wav", "audio/wav"),
+    ("adpcm_rf64.wav", "audio/wav"),
+    # A container of its own, whatever the client calls it.
+    ("tone.w64", "audio/x-w64"),
+])
+async def test_a_64_bit_wave_declared_audio_wav_is_read(alice, name, served):
+    """Recorders switch to RF64 past 4 GiB (and DAWs write W64); such a
+    file was stored as application/octet-stream with no audio facts."""
+    data = fixture(name).read_bytes()
+    want = (AUDIO_FIXTURES | PROBE_ONLY_FIXTURES)[name]
+    resp = await alice.put(data, headers={"Content-Type": "audio/wav"})
+    assert resp.status == 201
+    assert (await resp.json())["content_type"] == served
+    meta = await meta_of(alice, b3(data))
+    assert meta["content_type"] == served
+    audio = meta["audio"]
+    assert (audio["codec"], audio["sample_rate"], audio["channels"],
+            audio["bits_per_sample"]) == (want.codec, 8000, 1, want.bits_per_sample)
+    assert audio["duration"] == pytest.approx(want.duration, abs=0.001)
+    assert want.bitrate[0] <= audio["bitrate"] <= want.bitrate[1]
+    get = await alice.request("GET", f"/blobs/{b3(data)}.wav")
+    assert get.headers["Content-Type"] == served
+    assert await get.read() == data
+
+
 @pytest.mark.parametrize("data,claim,served", [
     (TEXT, "text/plain; charset=utf-8", "text/plain"),
     (fixture("not_audio.png").read_bytes(), "image/png", "image/png"),

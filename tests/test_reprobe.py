@@ -117,6 +117,28 @@ def test_reprobe_brings_rows_stored_by_an_older_version_up_to_date(stored) -> No
         "reprobe: 7 blobs examined: 0 updated, 5 unchanged"), again.stdout
 
 
+def test_rf64_and_w64_stored_before_they_were_read_become_audio(tmp_path: Path) -> None:
+    """An older blobd sniffed neither: an RF64 recording (even one sent as
+    audio/wav) and a W64 were stored as application/octet-stream, with no
+    facts. Today's first-bytes check lets them be probed."""
+    names = ("tone_rf64.wav", "tone.w64")
+    with BlobdServer(tmp_path, {"storage": {"fsync": False}}) as server:
+        token = server.token("alice", "read,write")
+        today = {name: meta(server, token, put(server, token, (FIXTURES / name).read_bytes()))[1]
+                 for name in names}
+        assert today["tone_rf64.wav"]["content_type"] == "audio/wav"
+        assert today["tone.w64"]["content_type"] == "audio/x-w64"
+        age(server, {name: ("application/octet-stream", None) for name in names})
+        result = server.cli("reprobe", "--no-progress")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[-1].startswith(
+            "reprobe: 2 blobs examined: 2 updated, 0 unchanged")
+        for name in names:
+            status, body = meta(server, token, digest_of(name))
+            assert status == 200 and body == today[name], name
+            assert body["audio"]["codec"] == "pcm" and body["audio"]["duration"] == 0.3
+
+
 def test_dry_run_lists_and_changes_nothing(stored) -> None:
     server, _, _ = stored
     age(server, OLD_ROWS)

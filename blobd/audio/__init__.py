@@ -15,9 +15,10 @@ its audio facts are a bonus.
 Uploads are untrusted, so readers bound their work before mutagen sees the
 file. mutagen is a tag editor: it loads every FLAC metadata block and builds
 an object per MP4 box and per RIFF chunk, so a file of millions of empty
-boxes would take gigabytes. The MP3, FLAC and WAV readers ask mutagen for
-stream info only, skipping tags; ID3 tags, FLAC blocks, RIFF chunks and MP4
-boxes are counted first and implausibly many refused. An Ogg stream's
+boxes would take gigabytes. The MP3 and FLAC readers ask mutagen for
+stream info only, skipping tags; ID3 tags, FLAC blocks, RIFF and W64
+chunks and MP4 boxes are counted first and implausibly many refused (WAVE
+in any container is read without mutagen). An Ogg stream's
 length is looked for in the file's last OGG_TAIL bytes only, a Matroska
 file's without a Duration in its last MATROSKA_TAIL bytes, and
 `probe_async`'s timeout bounds the caller's wait whatever the file.
@@ -26,9 +27,10 @@ This module owns the dispatch (past any ID3v2 tags, the sniffed type picks
 the reader), the plausibility check every reader's result must pass, and
 the probe threads. Each format family has a module of its own with its
 reader and what it knows of the format: `mp3` (MPEG audio and ADTS AAC),
-`flac`, `mp4`, `ogg` (Vorbis, Opus, FLAC in Ogg), `wav`, `aiff` (AIFF and
-AIFF-C) and `matroska` (WebM and Matroska, read by its own bounded EBML
-reader: mutagen has none); `info` holds `AudioInfo` and the helpers the
+`flac`, `mp4`, `ogg` (Vorbis, Opus, FLAC in Ogg), `wav` (WAVE, and RIFF's
+chunks), `wave64` (the chunks of RF64, BW64 and Sony Wave64), `aiff`
+(AIFF and AIFF-C) and `matroska` (WebM and Matroska, read by its own
+bounded EBML reader: mutagen has none); `info` holds `AudioInfo` and the helpers the
 readers share.
 """
 
@@ -43,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import IO
 
 from ..sniff import (AUDIO_MIME_TYPES, MAX_MP3_JUNK, SNIFF_BYTES, could_be_audio,
-                     id3v2_size, sniff_mime)
+                     id3v2_size, is_rf64_header, sniff_mime)
 from .aiff import read_aiff
 from .flac import read_flac
 from .info import AudioInfo
@@ -52,6 +54,7 @@ from .mp3 import read_aac, read_mp3
 from .mp4 import read_mp4
 from .ogg import OGG_TAIL, read_ogg, read_opus
 from .wav import read_wav
+from .wave64 import read_rf64, read_w64
 
 __all__ = ["AUDIO_MIME_TYPES", "MAX_MP3_JUNK", "OGG_TAIL", "AudioInfo",
            "could_be_audio", "probe", "probe_async", "probe_file", "sniff_mime"]
@@ -153,6 +156,12 @@ def _plausible(info: AudioInfo) -> bool:
     )
 
 
+def _read_wave(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
+    """RIFF WAVE, or RF64 and BW64: WAVE with 64-bit sizes, audio/wav too."""
+    reader = read_rf64 if is_rf64_header(head) else read_wav
+    return reader(f, start, head)
+
+
 # Each reader takes the file, the offset just past any ID3v2 tags, and the
 # SNIFF_BYTES read there.
 _READERS: dict[str, Callable[[IO[bytes], int, bytes], AudioInfo | None]] = {
@@ -164,7 +173,8 @@ _READERS: dict[str, Callable[[IO[bytes], int, bytes], AudioInfo | None]] = {
     "audio/3gpp2": read_mp4,
     "audio/ogg": read_ogg,
     "audio/opus": read_opus,
-    "audio/wav": read_wav,
+    "audio/wav": _read_wave,
+    "audio/x-w64": read_w64,
     "audio/aiff": read_aiff,
     "audio/webm": read_matroska,
     "audio/matroska": read_matroska,

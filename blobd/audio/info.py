@@ -152,12 +152,19 @@ def clamp_to_size(length: float, bitrate: float, available_bytes: int) -> float:
 MAX_CHUNKS = 1_024
 
 
+# An RF64 chunk whose 32-bit size says this has its size in the 'ds64' chunk.
+RF64_SIZE_ELSEWHERE = 0xFFFFFFFF
+
+
 def list_chunks(f: IO[bytes], byteorder: Literal["little", "big"], read_whole: bytes,
-                max_whole: int) -> dict[bytes, tuple[int, int]] | None:
+                max_whole: int, big_sizes: Mapping[bytes, int] | None = None,
+                ) -> dict[bytes, tuple[int, int]] | None:
     """The chunks of a RIFF or IFF form (sizes in ``byteorder``), each id's
     first: (offset of its body, declared size). None if there are more
-    than MAX_CHUNKS or chunk ``read_whole``, which mutagen reads whole into
-    memory, claims more than ``max_whole`` bytes."""
+    than MAX_CHUNKS or chunk ``read_whole``, which a reader reads whole into
+    memory, claims more than ``max_whole`` bytes. ``big_sizes`` are an RF64
+    file's 64-bit sizes ('ds64'), by chunk id: each stands for a 32-bit
+    size of RF64_SIZE_ELSEWHERE."""
     pos, end, chunks = 12, file_size(f), {}
     for _ in range(MAX_CHUNKS):
         if pos + 8 > end:
@@ -165,6 +172,8 @@ def list_chunks(f: IO[bytes], byteorder: Literal["little", "big"], read_whole: b
         f.seek(pos)
         header = f.read(8)
         size = int.from_bytes(header[4:8], byteorder)
+        if size == RF64_SIZE_ELSEWHERE and big_sizes and header[:4] in big_sizes:
+            size = big_sizes[header[:4]]
         if header[:4] == read_whole and size > max_whole:
             return None
         chunks.setdefault(header[:4], (pos + 8, size))
