@@ -262,8 +262,9 @@ async def test_audio_that_does_not_say_its_length_is_still_audio(server, name, c
 
 async def assert_nothing_stored(api: Api) -> None:
     assert blob_files(api.data_dir) == [] and tmp_files(api.data_dir) == []
-    assert await usage(api) == {"used_bytes": 0, "used_blobs": 0, "reserved_bytes": 0,
-                                "reserved_blobs": 0, "monthly_upload_bytes": 0}
+    assert await usage(api) == {"used_bytes": 0, "used_blobs": 0, "used_refs": 0,
+                                "reserved_bytes": 0, "reserved_blobs": 0,
+                                "monthly_upload_bytes": 0}
     assert await listing(api) == []
 
 
