@@ -365,6 +365,42 @@ async def test_a_get_waits_for_a_hung_mirror_only_so_long(server, s3server, mirr
         assert resp.status == 200 and await resp.read() == data
 
 
+
+async def test_a_failed_heal_says_why_to_the_client(server, s3server, mirror_prefix, bucket):
+    """Found by the disaster-recovery review: every failed heal was "the
+    mirror has no good copy", also when the mirror was only down for a
+    moment or slow (and the heal still going on), which sends the owner
+    looking for a lost blob. The reason is told without the mirror's
+    address, which is no client's business."""
+    async with GateProxy(s3_port(s3server)) as proxy:
+        section = mirror_section(s3server, mirror_prefix, backup_interval_seconds=0,
+                                 heal_timeout_seconds=1)
+        alice = await (await server(mirror={**section, "endpoint": proxy.url}))("alice")
+        down, absent, bad = (os.urandom(20_000 + n) for n in range(3))
+        for data in (down, absent, bad):
+            await alice.put(data)
+            await arrived(alice, bucket, data)
+            blob_path(alice, data).unlink()
+        await in_thread(bucket.delete, bucket.key(b3(absent)))
+        await in_thread(bucket.put, bucket.key(b3(bad)), os.urandom(len(bad)))
+
+        async def message(data: bytes) -> str:
+            resp = await alice.request("GET", f"/blobs/{b3(data)}")
+            body = await resp.json()
+            assert resp.status == 500 and body["error"] == "internal"
+            assert proxy.url.split("//")[1] not in body["message"]
+            return body["message"]
+
+        proxy.mode = "drop"
+        assert "cannot be reached" in await message(down)
+        proxy.mode = "stall"
+        assert "did not answer within 1s" in await message(down)
+        proxy.mode = "pass"
+        await eventually(blob_path(alice, down).exists, what="the heal went on")
+        assert "has no copy" in await message(absent)
+        assert "copy in the mirror is not this blob" in await message(bad)
+
+
 # -- scheduled index backups --------------------------------------------------
 
 def backup_keys(bucket: Bucket) -> list[str]:

@@ -301,6 +301,31 @@ async def test_an_interrupted_restore_resumes(server, setup, bucket, tmp_path):
     assert not (fresh.data_dir / "restoring").exists()
 
 
+async def test_restore_gives_back_what_lost_upload_sessions_reserved(
+        server, setup, bucket, tmp_path):
+    # Sessions open at the backup had their files on the dead disk: the
+    # restore drops them, and with them every byte and blob slot they held.
+    _, alice = await start(server, setup, tmp_path)
+    kept = os.urandom(5000)
+    await alice.put(kept)
+    await mirrored(alice, bucket, {b3(kept)})
+    opened = await alice.request("POST", "/uploads", json={"size": 3000})
+    assert opened.status == 201
+    tus = await alice.request("POST", "/tus/", headers={"Tus-Resumable": "1.0.0",
+                                                         "Upload-Length": "2000"})
+    assert tus.status == 201
+    held = index_rows(setup.data_dir, "SELECT reserved_bytes, reserved_blobs FROM owners")
+    assert held == [(5000, 2)]
+    assert (await setup.cli("backup")).returncode == 0
+
+    fresh = Setup(tmp_path, "fresh", setup.sections["mirror"])
+    assert (await fresh.cli("restore")).returncode == 0
+    assert index_rows(fresh.data_dir, "SELECT owner, used_blobs, reserved_bytes,"
+                      " reserved_blobs FROM owners") == [("alice", 1, 0, 0)]
+    fsck = await in_thread(lambda: run_blobd("fsck", "--verify", "-c", str(fresh.config_path)))
+    assert fsck.returncode == 0, fsck.stdout
+
+
 async def test_restore_needs_a_mirror_section(tmp_path):
     config = tmp_path / "plain.toml"
     config.write_text(to_toml({"server": {"data_dir": str(tmp_path / "d")}}))

@@ -214,8 +214,8 @@ async def _heal(request: web.Request, blob: BlobRecord) -> BlobBody:
         await mirror.healer.heal(blob)
     except HealError as exc:
         log.error("blob %s could not be healed: %s", blob.hash, exc)
-        raise BlobdError("internal", "the blob's file is missing or damaged, and the"
-                         " mirror has no good copy") from None
+        raise BlobdError("internal", "the blob's file is missing or damaged, and"
+                         f" {exc.reason}") from None
     body = await asyncio.to_thread(load_blob, store.layout.blob_path(blob.hash), blob.size,
                                    head=request.method == "HEAD")
     if body is None:  # deleted while it was being healed

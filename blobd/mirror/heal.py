@@ -41,7 +41,20 @@ log = logging.getLogger(__name__)
 
 class HealError(Exception):
     """The mirror could not give back a good copy (absent, unreachable, or
-    not the blob)."""
+    not the blob). ``reason`` says which in words fit for a client: no
+    endpoint or key, since the mirror's whereabouts are the server's own."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _s3_reason(exc: S3Error) -> str:
+    if exc.not_found:
+        return "the mirror has no copy of it"
+    if exc.retryable:
+        return "the mirror cannot be reached now; a later request tries again"
+    return "the mirror refused to give it back (the server's log says why)"
 
 
 class Healer:
@@ -75,8 +88,9 @@ class Healer:
             return await asyncio.wait_for(asyncio.shield(task), self.deadline)
         except TimeoutError:
             raise HealError(f"{self.target.url(blob_key(self.config, blob.hash))}: no answer"
-                            f" within {self.deadline:g}s; still healing in the background"
-                            ) from None
+                            f" within {self.deadline:g}s; still healing in the background",
+                            f"the mirror did not answer within {self.deadline:g}s; the"
+                            " heal goes on, and a later request is served from it") from None
         finally:
             left = self._waiting.pop(blob.hash) - 1
             if left:
@@ -108,9 +122,10 @@ class Healer:
                 await asyncio.to_thread(verify_copy, temp, blob.hash, blob.sha256, blob.size)
             except S3Error as exc:
                 absent = " (no such object)" if exc.not_found else ""
-                raise HealError(f"{self.target.url(key)}{absent}: {exc}") from exc
+                raise HealError(f"{self.target.url(key)}{absent}: {exc}",
+                                _s3_reason(exc)) from exc
             except CopyMismatch as exc:
-                raise HealError(str(exc)) from exc
+                raise HealError(str(exc), "the copy in the mirror is not this blob") from exc
             final = store.layout.blob_path(blob.hash)
             async with store.write() as tx:
                 if await index.get_blob(tx.conn, blob.hash) is None:

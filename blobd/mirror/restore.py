@@ -250,7 +250,8 @@ async def _forget_local_state(store: Store) -> None:
     No blob is in place yet: each is marked ``done`` once it is."""
     async with store.write() as tx:
         for sql in ("DELETE FROM mirror_queue", "DELETE FROM upload_chunks",
-                    "DELETE FROM uploads", "UPDATE owners SET reserved_bytes = 0",
+                    "DELETE FROM uploads",
+                    "UPDATE owners SET reserved_bytes = 0, reserved_blobs = 0",
                     "UPDATE blobs SET mirror_state = 'pending'"):
             await tx.conn.execute(sql)
 
