@@ -149,6 +149,15 @@ class AudioConfig:
 
 
 @dataclass(frozen=True)
+class ScrubConfig:
+    """The background scrub (:mod:`blobd.scrub`): its own section, not
+    ``[mirror]``'s, since it finds damage with or without a mirror."""
+    # Modest by default: a home server's disk must stay quiet. 0: off.
+    bytes_per_second: int = field(default=16 << 20, metadata=SIZE)
+    period_seconds: float = 30 * 86400.0
+
+
+@dataclass(frozen=True)
 class MirrorConfig:
     endpoint: str = ""
     bucket: str = ""
@@ -178,6 +187,7 @@ class Config:
     gc: GcConfig = field(default_factory=GcConfig)
     uploads: UploadsConfig = field(default_factory=UploadsConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
+    scrub: ScrubConfig = field(default_factory=ScrubConfig)
     mirror: MirrorConfig | None = None
 
     @property
@@ -345,6 +355,9 @@ def _validate(config: Config, names: dict[str, str] | None = None) -> None:
          "uploads.session_ttl_seconds", "expected a positive number"),
         (config.uploads.idle_timeout_seconds > 0,
          "uploads.idle_timeout_seconds", "expected a positive number"),
+        # A pass ends every period: 0 would restart the walk without pause.
+        (config.scrub.period_seconds > 0,
+         "scrub.period_seconds", "expected a positive number"),
         # 0 would refuse every session, tus upload and large `blobd put`.
         (config.uploads.max_sessions_per_owner >= 1,
          "uploads.max_sessions_per_owner", "expected at least 1"),

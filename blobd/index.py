@@ -187,6 +187,30 @@ async def store_id(conn: aiosqlite.Connection) -> str:
     return str(row["value"])
 
 
+async def blobs_after(conn: aiosqlite.Connection, after: str, limit: int) -> list[BlobRecord]:
+    """The next ``limit`` blob rows in hash order after ``after`` (the scrub
+    walks every blob one short read at a time)."""
+    return [BlobRecord.from_row(r) for r in await _all(
+        conn, "SELECT * FROM blobs WHERE hash > ? ORDER BY hash LIMIT ?", after, limit)]
+
+
+async def get_meta(conn: aiosqlite.Connection, *names: str) -> dict[str, str]:
+    """{name: value} of the ``meta`` rows asked for that exist."""
+    marks = ", ".join("?" * len(names))
+    return {r["name"]: r["value"] for r in await _all(
+        conn, f"SELECT name, value FROM meta WHERE name IN ({marks})", *names)}
+
+
+async def set_meta(conn: aiosqlite.Connection, **values: str | None) -> None:
+    """Set ``meta`` rows in the caller's transaction; None removes one."""
+    for name, value in values.items():
+        if value is None:
+            await conn.execute("DELETE FROM meta WHERE name = ?", (name,))
+        else:
+            await conn.execute("INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT(name)"
+                               " DO UPDATE SET value = excluded.value", (name, value))
+
+
 async def has_blobs(conn: aiosqlite.Connection) -> bool:
     return await _one(conn, "SELECT 1 FROM blobs LIMIT 1") is not None
 

@@ -12,7 +12,10 @@ The data directory::
       tmp/del-<hash>-<pid>.<r> blobs being deleted (moved here inside the
                                index transaction, unlinked after it)
       uploads/<id>             preallocated data file of a resumable session
-      quarantine/<hash>.<ts>   files fsck --repair moved aside
+      quarantine/<name>.<ts>   files fsck --repair moved aside, and blob
+                               files the scrub found damaged (<hash>.<ts>:
+                               see :mod:`blobd.scrub`); kept for a person
+                               to inspect, never deleted by blobd
       tmp/backup-index-<pid>.<r>
                                an index snapshot on its way to the mirror
       restoring                present while `blobd mirror restore` runs
@@ -131,6 +134,12 @@ class Layout:
 
     def quarantine_path(self, name: str, stamp: str) -> Path:
         return self.quarantine_dir / f"{Path(name).name}.{stamp}"
+
+    def damaged_path(self, digest: str, stamp: str) -> Path:
+        """Where the scrub puts a damaged blob file: named by its digest
+        (validated), never by anything a client sent."""
+        _check_digest(digest)
+        return self.quarantine_dir / f"{digest}.{stamp}"
 
 
 def parse_tmp_name(name: str) -> tuple[str, str | None] | None:

@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import time
+from datetime import datetime
 from typing import Any, Awaitable, Callable, Iterator
 
 from aiohttp import web
@@ -156,6 +157,11 @@ class StoreCollector(Collector):
             ("blobd_disk_total_bytes", "Size of the data directory's file system",
              s["disk"]["total_bytes"]),
         ]
+        scrub = s["scrub"]
+        if scrub["last_pass_ended"] is not None:
+            ended = datetime.fromisoformat(scrub["last_pass_ended"]).timestamp()
+            gauges.append(("blobd_scrub_last_pass_end_timestamp_seconds",
+                           "When the scrub last finished reading every blob file", ended))
         for name, text, value in gauges:
             yield GaugeMetricFamily(name, text, value=value)
         yield CounterMetricFamily("blobd_puts", "Blob stores (PUT, POST, sessions)",
@@ -163,6 +169,13 @@ class StoreCollector(Collector):
         yield CounterMetricFamily("blobd_dedup_hits",
                                   "Blob stores whose content was already stored",
                                   value=s["put_dedup_hits"])
+        yield CounterMetricFamily("blobd_scrub_blobs", "Blob files the scrub checked",
+                                  value=scrub["blobs_checked"])
+        yield CounterMetricFamily("blobd_scrub_bytes", "Bytes the scrub read and hashed",
+                                  value=scrub["bytes_checked"])
+        yield CounterMetricFamily("blobd_scrub_damaged",
+                                  "Blob files the scrub found damaged or missing",
+                                  value=scrub["damaged"])
 
 
 class Metrics:

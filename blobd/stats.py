@@ -23,13 +23,21 @@ Definitions (API.md, "Operations"):
   error of the failing operation due to be retried last (the queue keeps no
   failure times, and that one is the latest to have been rescheduled);
 * ``sessions_open``: upload sessions neither committed nor expired (an
-  expired one answers 404 before the sweeper removes it).
+  expired one answers 404 before the sweeper removes it);
+* ``scrub``: the background scrub (:mod:`blobd.scrub`): its settings, its
+  counts since the index was made (``blobs_checked``, ``bytes_checked``,
+  ``damaged``: files found not their blob, or missing, each time found),
+  when the current pass started (null between passes) and the last ended,
+  and ``continuous``: the store (every blob row) takes longer than the
+  period to read at the configured rate, so passes follow each other
+  without a pause.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 from . import files
@@ -45,7 +53,13 @@ SELECT b.*,
   (SELECT last_error FROM mirror_queue WHERE last_error IS NOT NULL
     ORDER BY next_at DESC, id DESC LIMIT 1) AS mirror_last_error,
   (SELECT count(*) FROM uploads WHERE result_hash IS NULL AND expires_at > ?)
-    AS sessions_open
+    AS sessions_open,
+  (SELECT value FROM counters WHERE name = 'scrub_blobs') AS scrub_blobs,
+  (SELECT value FROM counters WHERE name = 'scrub_bytes') AS scrub_bytes,
+  (SELECT value FROM counters WHERE name = 'scrub_damaged') AS scrub_damaged,
+  (SELECT value FROM meta WHERE name = 'scrub_cursor') AS scrub_cursor,
+  (SELECT value FROM meta WHERE name = 'scrub_pass_started') AS scrub_started,
+  (SELECT value FROM meta WHERE name = 'scrub_pass_ended') AS scrub_ended
 FROM (
   SELECT
     coalesce(sum(refcount > 0), 0) AS blobs,
@@ -53,7 +67,8 @@ FROM (
     coalesce(sum(refcount), 0) AS refs,
     coalesce(sum(size * refcount), 0) AS logical_bytes,
     coalesce(sum(refcount = 0), 0) AS grace_blobs,
-    coalesce(sum(CASE WHEN refcount = 0 THEN size END), 0) AS grace_bytes
+    coalesce(sum(CASE WHEN refcount = 0 THEN size END), 0) AS grace_bytes,
+    coalesce(sum(size), 0) AS all_bytes
   FROM blobs
 ) AS b
 """
@@ -81,4 +96,30 @@ async def figures(store: Store) -> dict[str, Any]:
                    "last_error": row["mirror_last_error"]},
         "grace": {"blobs": row["grace_blobs"], "bytes": row["grace_bytes"]},
         "sessions_open": row["sessions_open"],
+        "scrub": _scrub(store, row),
     }
+
+
+def _scrub(store: Store, row: Any) -> dict[str, Any]:
+    config = store.config.scrub
+    rate = config.bytes_per_second
+    started = row["scrub_started"] if row["scrub_cursor"] is not None else None
+    return {
+        "enabled": rate > 0,
+        "bytes_per_second": rate,
+        "period_seconds": config.period_seconds,
+        "blobs_checked": row["scrub_blobs"] or 0,
+        "bytes_checked": row["scrub_bytes"] or 0,
+        "damaged": row["scrub_damaged"] or 0,
+        "pass_started": _iso(started),
+        "last_pass_ended": _iso(row["scrub_ended"]),
+        "continuous": rate > 0 and row["all_bytes"] / rate > config.period_seconds,
+    }
+
+
+def _iso(stamp: str | None) -> str | None:
+    """A Unix time kept as text in ``meta``, as the API writes times."""
+    if stamp is None:
+        return None
+    moment = datetime.fromtimestamp(float(stamp), tz=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -88,8 +88,21 @@ async def check(store: Store, *, verify: bool = False, repair: bool = False,
     report.problems += drifted.result()
     if repair:
         await repair_disk(store, report.problems)
+    # After the repair, so that what it just moved aside is listed too.
+    report.problems += await asyncio.to_thread(_quarantined, store)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _quarantined(store: Store) -> list[Problem]:
+    """What the scrub (damaged blob files) and --repair moved aside."""
+    try:
+        entries = sorted(store.layout.quarantine_dir.iterdir())
+    except FileNotFoundError:
+        return []
+    root = store.layout.root
+    return [Problem("quarantined", str(path.relative_to(root)),
+                    "moved out of the store; inspect it, then delete it") for path in entries]
 
 
 async def _check_tmp(store: Store, repair: bool) -> list[Problem]:

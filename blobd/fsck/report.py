@@ -23,7 +23,12 @@ KINDS = {
     "holdings": "per-owner holding that differs from the references",
     "usage": "owner usage that differs from its references",
     "reserved": "owner reservation that differs from its open upload sessions",
+    "quarantined": "file in quarantine/ for you to inspect (not a problem of the store)",
 }
+# Kinds reported for the owner's attention that leave the store sound: the
+# scrub or --repair moved these files out of it (their blobs, when still
+# without a good file, are reported as missing), so fsck does not fail on them.
+NOTICES = frozenset({"quarantined"})
 
 
 @dataclass
@@ -57,7 +62,7 @@ class Report:
 
     @property
     def remaining(self) -> list[Problem]:
-        return [p for p in self.problems if not p.repaired]
+        return [p for p in self.problems if not p.repaired and p.kind not in NOTICES]
 
     @property
     def ok(self) -> bool:
@@ -81,7 +86,7 @@ class Report:
         for kind, (found, repaired) in self.counts().items():
             fixed = f", {repaired} repaired" if repaired else ""
             lines.append(f"  {KINDS[kind]}: {found}{fixed}")
-        if not self.problems:
+        if all(p.kind in NOTICES for p in self.problems):
             lines.append("  no problems found")
         elif self.remaining:
             lines.append(f"  {len(self.remaining)} problem(s) remain")

@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator, Callable, Coroutine
 
 from aiohttp import web
 
-from .. import memory, reaper, reserve, sessions
+from .. import memory, reaper, reserve, scrub, sessions
 from ..config import Config
 from ..errors import BlobdError
 from ..mirror.service import Mirror
@@ -69,9 +69,18 @@ def create_app(config: Config, *, background: bool = True,
             "blobd-session-sweeper", lambda app: sessions.run_session_sweeper(app[STORE])))
         app.cleanup_ctx.append(_running("blobd-reserve", lambda app: reserve.keep(app[STORE])))
     app.cleanup_ctx.append(functools.partial(_mirror, background=background))
+    if background and config.scrub.bytes_per_second:
+        # After the mirror: it heals through the mirror's healer, which
+        # must be open before it starts and closed only after it stops.
+        app.cleanup_ctx.append(_running("blobd-scrub", _scrub))
     app.cleanup_ctx.append(_running(
         "blobd-memory-trim", lambda app: memory.trim_periodically()))
     return app
+
+
+async def _scrub(app: web.Application) -> None:
+    mirror = app.get(MIRROR)
+    await scrub.Scrubber(app[STORE], mirror.healer if mirror is not None else None).run()
 
 
 async def _executor(app: web.Application) -> AsyncIterator[None]:

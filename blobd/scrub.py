@@ -1,0 +1,259 @@
+"""The background scrub: every blob file re-hashed, slowly, once a period.
+
+A GET serves a file with sendfile and never hashes it, so a file whose
+bytes rot but keep their size would be served as is. The scrub (worker 0,
+``[scrub]``) reads every blob file in hash order in a thread, at no more
+than ``bytes_per_second``, and starts a new pass ``period_seconds`` after
+the last one started (at once when a pass took longer: then it runs
+continuously, and ``/stats`` says so).
+
+Where it is survives restarts: the last hash checked (``scrub_cursor``) and
+when the pass started and the last one ended are rows of the index's
+``meta`` table, saved with the ``counters`` figures (``scrub_blobs``,
+``scrub_bytes``, ``scrub_damaged``) about once a second and at shutdown. A
+``kill -9`` re-checks at most that second's blobs.
+
+A file that is not its blob (wrong size or content, unreadable) is moved to
+``quarantine/<hash>.<stamp>`` (:meth:`blobd.layout.Layout.damaged_path`):
+never served again, kept for a person to look at. The blob is then
+missing, which GET already handles: healed from the mirror when one is
+configured (the scrub heals it at once too, through the same
+:class:`blobd.mirror.heal.Healer`), a 500 otherwise until a PUT of its
+bytes puts the file back.
+
+Races: a blob deleted, healed or stored again while it was being read must
+not be quarantined. Each of those moves the file inside a write
+transaction (a deletion to ``tmp/``, a heal by rename over it, a PUT by
+link when it is missing), so the move to quarantine happens in one too,
+and only when the blob still has its row and its file is the very one that
+was read (same device, inode, mtime and size).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import files, index
+from .index import BlobRecord
+from .mirror.heal import Healer, HealError
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+CURSOR, STARTED, ENDED = "scrub_cursor", "scrub_pass_started", "scrub_pass_ended"
+# Rows read per index lookup while walking.
+PAGE = 64
+# Progress is written to the index at most this often (one small transaction).
+SAVE_EVERY = 1.0
+# After an unexpected failure, the pass is tried again after this long.
+RETRY_SECONDS = 60.0
+
+Identity = tuple[int, int, int, int]
+
+
+class Stopped(Exception):
+    """The server is stopping: the thread hashing a file gives up."""
+
+
+class Throttle:
+    """Holds the reads of a pass to ``rate`` bytes a second; called with
+    each chunk's size (in the hashing thread), it sleeps to stay behind."""
+
+    # A slow disk that fell behind must not earn a burst later.
+    MAX_DEBT = 1.0
+
+    def __init__(self, rate: int, stop: threading.Event) -> None:
+        self.rate = rate
+        self.stop = stop
+        self.started = time.monotonic()
+        self.done = 0
+
+    def __call__(self, count: int) -> None:
+        self.done += count
+        ahead = self.done / self.rate - (time.monotonic() - self.started)
+        if ahead < -self.MAX_DEBT:
+            self.started += -ahead - self.MAX_DEBT
+        if self.stop.wait(ahead) if ahead > 0 else self.stop.is_set():
+            raise Stopped
+
+
+def identity(st: os.stat_result) -> Identity:
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def check_file(path: Path, blob: BlobRecord, throttle: Throttle
+               ) -> tuple[str | None, Identity | None, int]:
+    """(what is wrong or None, the identity of the file read, bytes read).
+    Runs in a thread."""
+    try:
+        fh = open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        return "missing", None, 0
+    except OSError as exc:
+        try:
+            seen: Identity | None = identity(os.lstat(path))
+        except OSError:
+            seen = None
+        return f"unreadable ({exc.strerror or exc})", seen, 0
+    with fh:
+        seen = identity(os.fstat(fh.fileno()))
+        if seen[3] != blob.size:
+            return f"{seen[3]} bytes, expected {blob.size}", seen, 0
+        read = 0
+
+        def progress(count: int) -> None:
+            nonlocal read
+            read += count
+            throttle(count)
+        try:
+            got = files.hash_open_file(fh, progress)
+        except OSError as exc:
+            return f"unreadable ({exc.strerror or exc})", seen, read
+    if got.size != blob.size or got.blake3 != blob.hash or got.sha256 != blob.sha256:
+        return "content does not match its hash", seen, read
+    return None, seen, read
+
+
+def move_aside(store: Store, digest: str, seen: Identity | None) -> Path | str | None:
+    """Under the write lock: move the blob's file to quarantine if it is
+    still the one that was read; "missing" when it was and still is
+    missing; None when it changed meanwhile (healed, stored again)."""
+    path = store.layout.blob_path(digest)
+    try:
+        now: Identity | None = identity(os.lstat(path))
+    except FileNotFoundError:
+        now = None
+    if now != seen:
+        return None
+    if seen is None:
+        return "missing"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    store.layout.quarantine_dir.mkdir(exist_ok=True)
+    target = store.layout.damaged_path(digest, stamp)
+    for n in range(1, 1000):
+        try:
+            # link, not rename: never over an earlier damaged copy.
+            os.link(path, target)
+            break
+        except FileExistsError:
+            target = store.layout.damaged_path(digest, f"{stamp}-{n}")
+    os.unlink(path)
+    return target
+
+
+@dataclass
+class Pending:
+    """Checked since progress was last saved."""
+    blobs: int = 0
+    bytes: int = 0
+
+
+class Scrubber:
+    def __init__(self, store: Store, healer: Healer | None) -> None:
+        self.store = store
+        self.healer = healer
+        self.config = store.config.scrub
+        self._stop = threading.Event()
+
+    async def run(self) -> None:
+        """Scrub until cancelled; a failure is logged and tried again."""
+        try:
+            while True:
+                try:
+                    await self._wait_for_turn()
+                    await self._pass()
+                except Stopped:
+                    return
+                except Exception:
+                    log.exception("the scrub failed; trying again in %gs", RETRY_SECONDS)
+                    await asyncio.sleep(RETRY_SECONDS)
+        finally:
+            # The hashing thread would go on reading after the task ends.
+            self._stop.set()
+
+    async def _wait_for_turn(self) -> None:
+        meta = await index.get_meta(self.store.db.reader, CURSOR, STARTED)
+        if CURSOR in meta or STARTED not in meta:
+            return
+        due = float(meta[STARTED]) + self.config.period_seconds
+        if due > time.time():
+            await asyncio.sleep(due - time.time())
+
+    async def _pass(self) -> None:
+        meta = await index.get_meta(self.store.db.reader, CURSOR)
+        cursor = meta.get(CURSOR)
+        if cursor is None:
+            cursor = ""
+            async with self.store.write() as tx:
+                await index.set_meta(tx.conn, **{CURSOR: cursor, STARTED: repr(time.time())})
+            log.info("scrub: pass started (%s/s)", _size(self.config.bytes_per_second))
+        else:
+            log.info("scrub: pass resumed after blob %s", cursor)
+        throttle = Throttle(self.config.bytes_per_second, self._stop)
+        pending, saved = Pending(), time.monotonic()
+        try:
+            while page := await index.blobs_after(self.store.db.reader, cursor, PAGE):
+                for blob in page:
+                    await self._check(blob, throttle, pending)
+                    cursor = blob.hash
+                    if time.monotonic() - saved >= SAVE_EVERY:
+                        await self._save(cursor, pending)
+                        pending, saved = Pending(), time.monotonic()
+        except (asyncio.CancelledError, Stopped):
+            self._stop.set()
+            with contextlib.suppress(Exception):
+                await self._save(cursor, pending)
+            raise
+        await self._save(None, pending, ended=time.time())
+        log.info("scrub: pass ended")
+
+    async def _check(self, blob: BlobRecord, throttle: Throttle, pending: Pending) -> None:
+        path = self.store.layout.blob_path(blob.hash)
+        fault, seen, read = await asyncio.to_thread(check_file, path, blob, throttle)
+        pending.blobs += 1
+        pending.bytes += read
+        if fault is not None:
+            await self._settle(blob, fault, seen)
+
+    async def _settle(self, blob: BlobRecord, fault: str, seen: Identity | None) -> None:
+        async with self.store.write() as tx:
+            if await index.get_blob(tx.conn, blob.hash) is None:
+                return  # deleted while it was read
+            moved = await tx.blocking(move_aside, self.store, blob.hash, seen)
+            if moved is None:
+                return  # healed or stored again while it was read
+            tx.count(scrub_damaged=1)
+        if moved == "missing":
+            log.warning("scrub: blob %s has no file", blob.hash)
+        else:
+            assert isinstance(moved, Path)
+            log.warning("scrub: blob %s: file %s; moved to %s", blob.hash, fault,
+                        moved.relative_to(self.store.layout.root))
+        if self.healer is None:
+            log.warning("scrub: blob %s cannot be served until a PUT of its bytes (no"
+                        " mirror to heal it from)", blob.hash)
+            return
+        try:
+            await self.healer.heal(blob)
+        except HealError as exc:
+            log.error("scrub: blob %s could not be healed: %s", blob.hash, exc)
+
+    async def _save(self, cursor: str | None, pending: Pending,
+                    ended: float | None = None) -> None:
+        async with self.store.write() as tx:
+            values: dict[str, str | None] = {CURSOR: cursor}
+            if ended is not None:
+                values[ENDED] = repr(ended)
+            await index.set_meta(tx.conn, **values)
+            tx.count(scrub_blobs=pending.blobs, scrub_bytes=pending.bytes)
+
+
+def _size(count: int) -> str:
+    return f"{count / (1 << 20):g} MiB"

@@ -1,0 +1,208 @@
+"""The background scrub: a real server re-hashes its blob files, quarantines
+the damaged ones, heals them from a real SeaweedFS mirror, resumes after a
+restart, holds its rate, and runs in one worker of two."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Iterator
+
+from blobd import fsck
+from conftest import b3
+from mirrorhelp import eventually, in_thread, mirror_section
+from serverproc import BlobdServer, http
+
+# Fast enough for a test: a pass every half second.
+FAST = {"bytes_per_second": "8MiB", "period_seconds": 0.5}
+
+
+def blob_path(data_dir: Path, digest: str) -> Path:
+    return data_dir / "blobs" / digest[:2] / digest[2:4] / digest
+
+
+def rot(path: Path) -> None:
+    """Bit rot: bytes change in place, the size stays."""
+    with open(path, "r+b") as fh:
+        fh.seek(1000)
+        byte = fh.read(1)
+        fh.seek(1000)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
+async def scrub_stats(admin) -> dict:
+    resp = await admin.request("GET", "/stats")
+    assert resp.status == 200
+    return (await resp.json())["scrub"]
+
+
+async def damaged(admin, count: int) -> bool:
+    return (await scrub_stats(admin))["damaged"] >= count
+
+
+async def test_a_rotten_file_is_quarantined_and_a_put_restores_it(server):
+    login = await server(scrub=FAST)
+    alice, admin = await login("alice"), await login("root", "admin")
+    good = [os.urandom(200_000) for _ in range(3)]
+    for data in good:
+        assert (await alice.put(data)).status == 201
+    digest = b3(good[1])
+    path = blob_path(alice.data_dir, digest)
+    await in_thread(rot, path)
+    rotten = path.read_bytes()
+
+    await eventually(lambda: damaged(admin, 1), what="the scrub finding the damage")
+    assert not path.exists()
+    (aside,) = (alice.data_dir / "quarantine").iterdir()
+    assert aside.name.startswith(f"{digest}.") and aside.read_bytes() == rotten
+    # No mirror: the missing-file path, never the bad bytes.
+    resp = await alice.request("GET", f"/blobs/{digest}")
+    assert resp.status == 500
+    assert "missing or damaged" in (await resp.json())["message"]
+    for other in (good[0], good[2]):
+        resp = await alice.request("GET", f"/blobs/{b3(other)}")
+        assert resp.status == 200 and await resp.read() == other
+
+    report = await fsck.run(alice.store.config)
+    assert [(p.kind, p.subject) for p in report.remaining] == [("missing", digest)]
+    assert ("quarantined", f"quarantine/{aside.name}") in [
+        (p.kind, p.subject) for p in report.problems]
+
+    # A PUT of the right bytes puts the file back.
+    assert (await alice.put(good[1])).status == 200
+    assert path.read_bytes() == good[1]
+    resp = await alice.request("GET", f"/blobs/{digest}")
+    assert resp.status == 200 and await resp.read() == good[1]
+    report = await fsck.run(alice.store.config)
+    assert report.ok and [p.kind for p in report.problems] == ["quarantined"]
+
+    figures = await scrub_stats(admin)
+    assert figures["enabled"] and figures["damaged"] == 1
+    assert figures["blobs_checked"] >= 3 and figures["bytes_checked"] >= 400_000
+    assert figures["last_pass_ended"] is not None and not figures["continuous"]
+    metrics = await (await admin.request("GET", "/metrics")).text()
+    assert "blobd_scrub_damaged_total 1.0" in metrics
+    assert "blobd_scrub_last_pass_end_timestamp_seconds " in metrics
+    assert "blobd_scrub_bytes_total " in metrics and "blobd_scrub_blobs_total " in metrics
+
+
+async def test_the_scrub_heals_a_rotten_file_from_the_mirror(server, s3server, bucket):
+    mirror = mirror_section(s3server, bucket.prefix, backup_interval_seconds=0)
+    login = await server(scrub=FAST, mirror=mirror)
+    alice, admin = await login("alice"), await login("root", "admin")
+    data = os.urandom(300_000)
+    assert (await alice.put(data)).status == 201
+    digest = b3(data)
+    await eventually(lambda: in_thread(bucket.get, bucket.key(digest)), what="the copy")
+    path = blob_path(alice.data_dir, digest)
+    await in_thread(rot, path)
+
+    await eventually(lambda: damaged(admin, 1), what="the scrub finding the damage")
+    await eventually(lambda: path.exists() and path.read_bytes() == data, what="the heal")
+    (aside,) = (alice.data_dir / "quarantine").iterdir()
+    assert aside.name.startswith(f"{digest}.") and aside.read_bytes() != data
+    resp = await alice.request("GET", f"/blobs/{digest}")
+    assert resp.status == 200 and await resp.read() == data
+
+
+def stats(server: BlobdServer, token: str) -> dict:
+    status, body = http("GET", f"{server.url}/stats", token)
+    assert status == 200, body
+    return json.loads(body)["scrub"]
+
+
+def wait_for(what: str, check, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stored(tmp_path: Path, bodies: list[bytes], **config: dict) -> BlobdServer:
+    """A store holding ``bodies``, made with the scrub off; returned stopped."""
+    server = BlobdServer(tmp_path, {**config, "scrub": {"bytes_per_second": 0}})
+    with server:
+        token = server.token()
+        for body in bodies:
+            assert http("PUT", f"{server.url}/blobs/{b3(body)}", token, body)[0] == 201
+    return server
+
+
+@contextlib.contextmanager
+def running(server: BlobdServer) -> Iterator[BlobdServer]:
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def meta(data_dir: Path) -> dict[str, str]:
+    with sqlite3.connect(data_dir / "index.sqlite3") as conn:
+        return dict(conn.execute("SELECT name, value FROM meta"))
+
+
+RATE = 128 << 10
+
+
+def test_progress_survives_a_restart_and_the_rate_holds(tmp_path: Path) -> None:
+    bodies = [os.urandom(64 << 10) for _ in range(8)]   # 4 s at RATE
+    server = stored(tmp_path, bodies)
+    server.config["scrub"] = {"bytes_per_second": RATE, "period_seconds": 3600}
+    with running(server):
+        admin = server.token("root", "admin")
+        wait_for("a few blobs checked", lambda: stats(server, admin)["blobs_checked"] >= 3)
+        assert stats(server, admin)["pass_started"] is not None
+    cursor = meta(server.data_dir)["scrub_cursor"]
+    assert cursor in {b3(body) for body in bodies}
+    with running(server):
+        before, started = stats(server, admin)["bytes_checked"], time.monotonic()
+        time.sleep(2)
+        window = time.monotonic() - started
+        read = stats(server, admin)["bytes_checked"] - before
+        assert read <= RATE * window * 2 + (64 << 10), (read, window)
+        done = wait_for("the pass to end", lambda: (s := stats(server, admin))[
+            "last_pass_ended"] and s)
+        # Resumed, not started over: each blob checked once in all.
+        assert done["blobs_checked"] == len(bodies)
+        assert done["bytes_checked"] == sum(map(len, bodies))
+        assert "scrub: pass resumed after blob" in server.stderr_tail(100)
+    assert "scrub_cursor" not in meta(server.data_dir)
+
+
+def test_only_one_of_two_workers_scrubs(tmp_path: Path) -> None:
+    bodies = [os.urandom(50_000) for _ in range(5)]
+    server = stored(tmp_path, bodies)
+    server.config.update(server={"workers": 2},
+                         scrub={"bytes_per_second": "1MiB", "period_seconds": 3600})
+    with running(server):
+        admin = server.token("root", "admin")
+        done = wait_for("the pass to end", lambda: (s := stats(server, admin))[
+            "last_pass_ended"] and s)
+        time.sleep(1.5)  # a second scrubber would have saved its figures by now
+        assert stats(server, admin)["blobs_checked"] == len(bodies) == done["blobs_checked"]
+        assert server.stderr_tail(200).count("scrub: pass started") == 1
+
+
+def test_a_blob_deleted_while_scrubbed_is_not_quarantined(tmp_path: Path) -> None:
+    body = os.urandom(1 << 20)   # 4 s at 256 KiB/s
+    digest = b3(body)
+    server = stored(tmp_path, [body])
+    rot(blob_path(server.data_dir, digest))   # would be found damaged
+    server.config["scrub"] = {"bytes_per_second": "256KiB", "period_seconds": 3600}
+    with running(server):
+        admin, token = server.token("root", "admin"), server.token()
+        wait_for("the pass to start", lambda: stats(server, admin)["pass_started"])
+        time.sleep(0.5)
+        assert http("DELETE", f"{server.url}/blobs/{digest}", token)[0] == 204
+        done = wait_for("the pass to end", lambda: (s := stats(server, admin))[
+            "last_pass_ended"] and s)
+        assert done["damaged"] == 0
+        assert "scrub: blob" not in server.stderr_tail(200)
+    assert not (server.data_dir / "quarantine").exists()
