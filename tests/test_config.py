@@ -273,3 +273,18 @@ def test_bad_toml_and_missing_file(tmp_path):
     latin1.write_bytes('[logging]\n# caf\xe9\nlevel = "info"\n'.encode("latin-1"))
     with pytest.raises(ConfigError, match=r"latin1.toml: not valid TOML: not UTF-8"):
         load_config(latin1)
+
+
+def test_the_scrub_is_on_by_default_and_takes_a_rate_and_a_period():
+    assert config_from_dict({}).scrub.bytes_per_second == 16 << 20
+    assert config_from_dict({}).scrub.period_seconds == 30 * 86400
+    scrub = config_from_dict({"scrub": {"bytes_per_second": "4MiB",
+                                        "period_seconds": 3600}}).scrub
+    assert (scrub.bytes_per_second, scrub.period_seconds) == (4 << 20, 3600.0)
+    assert config_from_dict({"scrub": {"bytes_per_second": 0}}).scrub.bytes_per_second == 0
+    for raw, key in (({"period_seconds": 0}, "scrub.period_seconds"),
+                     ({"bytes_per_second": "fast"}, "scrub.bytes_per_second"),
+                     ({"rate": 1}, "scrub.rate")):
+        with pytest.raises(ConfigError) as info:
+            config_from_dict({"scrub": raw})
+        assert str(info.value).startswith(f"{key}:")
