@@ -323,6 +323,8 @@ class BlobdServer:
 
     def _write_config(self) -> None:
         sections = {name: dict(values) for name, values in self.config.items()}
+        # Off unless asked for: see SCRUB_OFF in conftest.py.
+        sections.setdefault("scrub", {"bytes_per_second": 0})
         server = sections.setdefault("server", {})
         server.update(host="127.0.0.1", port=self.port, data_dir=str(self.data_dir))
         self.config_path.write_text(to_toml(sections))

@@ -26,7 +26,7 @@ def sql(api, statement: str, params=()):
 
 
 async def test_empty_store(server):
-    login = await server()
+    login = await server(scrub={})   # the scrub's defaults, which tests turn off
     admin = await login("root", "admin")
     body = await stats(admin)
     disk = shutil.disk_usage(admin.data_dir)
