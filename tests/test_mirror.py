@@ -493,6 +493,15 @@ async def test_a_missing_bucket_or_refused_key_is_warned_about_at_start(
         assert len(await queue_rows(alice)) == 1
 
 
+async def test_worker_0_aborts_abandoned_multipart_uploads_at_start(mirrored, bucket):
+    crashed = bucket.key(b3(b"a big blob, once"))
+    await in_thread(bucket.start_upload, crashed)
+    await asyncio.sleep(2.5)
+    await mirrored(abandoned_upload_hours=1 / 3600)
+    await eventually(lambda: in_thread(lambda: not bucket.unfinished()),
+                     what="abandoned upload aborted")
+
+
 async def test_a_hung_mirror_does_not_hold_the_start(server, s3server, mirror_prefix, caplog):
     async with GateProxy(s3_port(s3server), mode="stall") as proxy:
         section = mirror_section(s3server, mirror_prefix, backup_interval_seconds=0)

@@ -3,10 +3,12 @@ against a real SeaweedFS and a real store."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -158,6 +160,31 @@ async def test_sync_reports_a_damaged_local_file_and_does_not_mirror_it(
     assert result.returncode == 1
     assert f"failed {b3(data)}" in result.stderr
     assert await in_thread(bucket.digests) == set()
+
+
+async def test_sync_aborts_multipart_uploads_a_crash_left(setup, bucket, tmp_path):
+    await setup.init()
+    crashed = bucket.key(b3(b"a big blob, once"))
+    other = f"{bucket.prefix}/not-a-blob.bin"  # not blobd's: left alone
+    for key in (crashed, other):
+        await in_thread(bucket.start_upload, key)
+    begun = time.monotonic()
+
+    fresh = await setup.cli("sync")  # it may be in flight: never cut
+    assert fresh.returncode == 0, fresh.stderr
+    assert "0 abandoned multipart uploads, aborted 0" in fresh.stdout
+    assert await in_thread(bucket.unfinished) == {crashed, other}
+
+    setup.sections["mirror"]["abandoned_upload_hours"] = 1 / 3600
+    setup.config_path.write_text(to_toml(setup.sections))
+    await asyncio.sleep(max(0.0, begun + 2.5 - time.monotonic()))
+    dry = await setup.cli("sync", "--dry-run")
+    assert f"would abort the abandoned multipart upload of {crashed}" in dry.stdout
+    assert await in_thread(bucket.unfinished) == {crashed, other}
+    swept = await setup.cli("sync")
+    assert swept.returncode == 0, swept.stderr
+    assert "1 abandoned multipart uploads, aborted 1" in swept.stdout
+    assert await in_thread(bucket.unfinished) == {other}
 
 
 async def test_backup_and_status(server, setup, bucket, tmp_path):
