@@ -201,6 +201,20 @@ async def test_backup_and_status(server, setup, bucket, tmp_path):
     assert "queue: " in status.stdout and "index backups: 1" in status.stdout
 
 
+async def test_status_tells_how_old_the_backlog_is(setup, bucket):
+    await setup.init()
+    empty = await setup.cli("status")
+    assert "queue: 0 pending, 0 failing, oldest pending 0s" in empty.stdout
+    with sqlite3.connect(Layout(setup.data_dir).index_path) as conn:
+        for age in (7200, 30):
+            conn.execute("INSERT INTO mirror_queue (hash, op, enqueued_at, next_at)"
+                         " VALUES (?, 'put', ?, 9e9)", ("a" * 64, time.time() - age))
+    status = await setup.cli("status")
+    assert status.returncode == 0, status.stderr
+    line = next(x for x in status.stdout.splitlines() if x.startswith("queue: "))
+    assert line.startswith("queue: 2 pending, 0 failing, oldest pending 72")  # 7200s on
+
+
 async def test_heal_command_repairs_same_size_damage(server, setup, bucket, tmp_path):
     _, alice = await start(server, setup, tmp_path)
     good, unmirrored = os.urandom(40_000), os.urandom(1000)

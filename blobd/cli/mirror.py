@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -21,6 +22,7 @@ from ..mirror.heal import Healer, check_and_heal
 from ..mirror.restore import ORPHANS_OWNER, restore
 from ..mirror.sync import sync
 from ..storage.s3 import S3Error
+from ..stats import queue_age
 from ..store import Store
 from .common import add_config_option, config_from_args, find_blobs, open_index, positive_int
 
@@ -218,7 +220,9 @@ async def run_status(args: argparse.Namespace) -> int:
         counts = await queue.counts(store.db.reader)
         own = await store_id(store.db.reader)
     print(f"store id: {own}")
-    print(f"queue: {counts['pending']} pending, {counts['failed']} failing")
+    age = queue_age(counts["oldest_enqueued_at"], time.time())
+    print(f"queue: {counts['pending']} pending, {counts['failed']} failing"
+          f", oldest pending {age:.0f}s")
     if counts["last_error"]:
         print(f"last error: {counts['last_error']}")
     try:
