@@ -215,6 +215,29 @@ async def test_status_tells_how_old_the_backlog_is(setup, bucket):
     assert line.startswith("queue: 2 pending, 0 failing, oldest pending 72")  # 7200s on
 
 
+async def test_fsck_suggests_mirror_heal_for_damaged_files(server, setup, bucket, tmp_path):
+    _, alice = await start(server, setup, tmp_path)
+    flipped, gone = os.urandom(5000), os.urandom(6000)
+    for data in (flipped, gone):
+        await alice.put(data)
+    path = alice.store.layout.blob_path(b3(flipped))
+    path.write_bytes(bytes([flipped[0] ^ 1]) + flipped[1:])
+    alice.store.layout.blob_path(b3(gone)).unlink()
+
+    checked = await in_thread(lambda: run_blobd("fsck", "--verify", "-c",
+                                                str(setup.config_path)))
+    assert checked.returncode == 1, checked.stderr
+    assert checked.stdout.splitlines()[-1] == (
+        "  2 blob(s) without a sound file can be fetched back from the mirror: run"
+        f" blobd mirror heal -c {setup.config_path} (naming their hashes after it"
+        " checks only those)")
+
+    unmirrored = tmp_path / "unmirrored.toml"
+    unmirrored.write_text(to_toml({k: v for k, v in setup.sections.items() if k != "mirror"}))
+    plain = await in_thread(lambda: run_blobd("fsck", "--verify", "-c", str(unmirrored)))
+    assert plain.returncode == 1 and "mirror" not in plain.stdout
+
+
 async def test_heal_command_repairs_same_size_damage(server, setup, bucket, tmp_path):
     _, alice = await start(server, setup, tmp_path)
     good, unmirrored = os.urandom(40_000), os.urandom(1000)
