@@ -414,7 +414,8 @@ async def test_unreachable_mirror_is_one_clear_line(tmp_path, s3server):
     assert status.returncode == 0, status.stderr
     assert status.stderr == ""
     lines = status.stdout.splitlines()
-    assert lines[0].startswith("store id: ") and lines[1] == "queue: 0 pending, 0 failing"
+    assert lines[0].startswith("store id: ")
+    assert lines[1] == "queue: 0 pending, 0 failing, oldest pending 0s"
     assert lines[2].startswith("mirror unreachable: LIST s3://")
     assert len(lines) == 3
 
