@@ -258,7 +258,7 @@ class S3Target:
                 )
         except BaseException:
             # Best effort: if the server is unreachable the upload stays
-            # behind; a bucket lifecycle rule on incomplete uploads reaps it.
+            # behind, for blobd.mirror.abandoned (or a bucket lifecycle rule).
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
                     self._client.abort_multipart_upload(
