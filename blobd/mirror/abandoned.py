@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 # S3-compatible servers that do not list multipart uploads answer this:
 # nothing to clean up there, and nothing failed.
 _UNSUPPORTED = frozenset({"NotImplemented"})
+_REFUSED = frozenset({"AccessDenied"})
 
 
 @dataclass
@@ -61,6 +62,13 @@ async def abort_abandoned(target: S3Target, config: MirrorConfig, *,
         sweep.found = await find_abandoned(target, config, now)
     except S3Error as exc:
         if exc.code in _UNSUPPORTED:
+            return sweep
+        if exc.code in _REFUSED:
+            # A key made before this sweep existed: syncs that passed
+            # before an upgrade must not start failing over a clean-up.
+            log.warning("mirror: the key may not list multipart uploads (on AWS:"
+                        " s3:ListBucketMultipartUploads), so abandoned ones are not"
+                        " aborted: %s", exc)
             return sweep
         raise
     if dry_run:
