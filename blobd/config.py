@@ -172,6 +172,9 @@ class MirrorConfig:
     backup_interval_seconds: float = 3600.0
     backups_kept: int = 48
     heal_timeout_seconds: float = 10.0
+    # An unfinished multipart upload of a blob begun longer ago than this is
+    # taken for one a crash left (see blobd.mirror.abandoned).
+    abandoned_upload_hours: float = 24.0
 
 
 @dataclass(frozen=True)
@@ -449,6 +452,8 @@ def _mirror_checks(mirror: MirrorConfig) -> list[Check]:
         (mirror.backups_kept >= 1, "mirror.backups_kept", "expected at least 1"),
         (mirror.heal_timeout_seconds > 0,
          "mirror.heal_timeout_seconds", "expected a positive number"),
+        (mirror.abandoned_upload_hours > 0,
+         "mirror.abandoned_upload_hours", "expected a positive number"),
     ]
 
 

@@ -22,6 +22,9 @@ Definitions (API.md, "Operations"):
   that have failed at least once and not yet succeeded; ``last_error``: the
   error of the failing operation due to be retried last (the queue keeps no
   failure times, and that one is the latest to have been rescheduled);
+  ``oldest_pending_seconds``: how long ago the oldest queued operation was
+  queued (0 with none), so an alert tells a mirror behind for an hour from
+  a busy one;
 * ``sessions_open``: upload sessions neither committed nor expired (an
   expired one answers 404 before the sweeper removes it);
 * ``scrub``: the background scrub (:mod:`blobd.scrub`): its settings, its
@@ -52,6 +55,7 @@ SELECT b.*,
     AS mirror_failed,
   (SELECT last_error FROM mirror_queue WHERE last_error IS NOT NULL
     ORDER BY next_at DESC, id DESC LIMIT 1) AS mirror_last_error,
+  (SELECT enqueued_at FROM mirror_queue ORDER BY id LIMIT 1) AS mirror_oldest_at,
   (SELECT count(*) FROM uploads WHERE result_hash IS NULL AND expires_at > ?)
     AS sessions_open,
   (SELECT value FROM counters WHERE name = 'scrub_blobs') AS scrub_blobs,
@@ -74,9 +78,18 @@ FROM (
 """
 
 
+def queue_age(enqueued_at: float | None, now: float) -> float:
+    """Seconds since the oldest queued mirror operation was queued; 0 with
+    none (or one stamped ahead of this clock, by another process's). The
+    oldest is the first row by id, ids growing in commit order: a lookup of
+    the primary key, not a scan of the queue."""
+    return 0.0 if enqueued_at is None else round(max(0.0, now - enqueued_at), 3)
+
+
 async def figures(store: Store) -> dict[str, Any]:
     """The ``GET /stats`` body."""
-    row = await store.db.fetchone_aside(_FIGURES_SQL, (time.time(),))
+    now = time.time()
+    row = await store.db.fetchone_aside(_FIGURES_SQL, (now,))
     assert row is not None
     free, total = await asyncio.to_thread(files.free_bytes, store.layout.root)
     blobs, refs = row["blobs"], row["refs"]
@@ -93,7 +106,8 @@ async def figures(store: Store) -> dict[str, Any]:
         "hash_hit_rate": hits / puts if puts else 0.0,
         "disk": {"free_bytes": free, "total_bytes": total},
         "mirror": {"pending": row["mirror_pending"], "failed": row["mirror_failed"],
-                   "last_error": row["mirror_last_error"]},
+                   "last_error": row["mirror_last_error"],
+                   "oldest_pending_seconds": queue_age(row["mirror_oldest_at"], now)},
         "grace": {"blobs": row["grace_blobs"], "bytes": row["grace_bytes"]},
         "sessions_open": row["sessions_open"],
         "scrub": _scrub(store, row),

@@ -76,6 +76,19 @@ class Bucket:
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.name, Key=key)
 
+    def start_upload(self, key: str, part: bytes = b"part") -> str:
+        """Begin a multipart upload of ``key`` with one part, as a process
+        killed mid-upload leaves it; returns its upload id."""
+        upload_id = self.client.create_multipart_upload(Bucket=self.name, Key=key)["UploadId"]
+        self.client.upload_part(Bucket=self.name, Key=key, UploadId=upload_id,
+                                PartNumber=1, Body=part)
+        return upload_id
+
+    def unfinished(self) -> set[str]:
+        """Keys of the multipart uploads under the prefix still unfinished."""
+        page = self.client.list_multipart_uploads(Bucket=self.name, Prefix=f"{self.prefix}/")
+        return {item["Key"] for item in page.get("Uploads", ())}
+
     def empty(self) -> int:
         keys = self.keys()
         for key in keys:

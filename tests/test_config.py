@@ -43,6 +43,8 @@ def test_sizes(text, value):
      "mirror.backups_kept"),
     ({"mirror": {"endpoint": "http://h", "bucket": "b", "heal_timeout_seconds": 0}},
      "mirror.heal_timeout_seconds"),
+    ({"mirror": {"endpoint": "http://h", "bucket": "b", "abandoned_upload_hours": 0}},
+     "mirror.abandoned_upload_hours"),
     ({"mirror": {"endpoint": "http://h", "bucket": "b", "retry_max_seconds": 0}},
      "mirror.retry_max_seconds"),
     ({"nonsense": {}}, "nonsense"),

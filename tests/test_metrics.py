@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -94,8 +95,8 @@ async def test_store_figures(server):
     await bob.put(DATA)
     await bob.put(b"small")
     with sqlite3.connect(admin.data_dir / "index.sqlite3") as conn:
-        conn.execute("INSERT INTO mirror_queue (hash, op, enqueued_at) VALUES (?, 'put', 0)",
-                     ("a" * 64,))
+        conn.execute("INSERT INTO mirror_queue (hash, op, enqueued_at) VALUES (?, 'put', ?)",
+                     ("a" * 64, time.time() - 600))
         conn.execute("INSERT INTO uploads (id, owner, protocol, size, chunk_size, created_at,"
                      " expires_at) VALUES ('s1', 'alice', 'native', 10, 10, 0, 9e9)")
     s = await scrape(admin)
@@ -106,6 +107,7 @@ async def test_store_figures(server):
     assert value(s, "blobd_dedup_hits_total") == 1
     assert value(s, "blobd_upload_sessions_open") == 1
     assert value(s, "blobd_mirror_queue_depth") == 1
+    assert 600 <= value(s, "blobd_mirror_oldest_pending_seconds") < 660
     assert value(s, "blobd_disk_free_bytes") > 0
 
 

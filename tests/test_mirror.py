@@ -493,6 +493,15 @@ async def test_a_missing_bucket_or_refused_key_is_warned_about_at_start(
         assert len(await queue_rows(alice)) == 1
 
 
+async def test_worker_0_aborts_abandoned_multipart_uploads_at_start(mirrored, bucket):
+    crashed = bucket.key(b3(b"a big blob, once"))
+    await in_thread(bucket.start_upload, crashed)
+    await asyncio.sleep(2.5)
+    await mirrored(abandoned_upload_hours=1 / 3600)
+    await eventually(lambda: in_thread(lambda: not bucket.unfinished()),
+                     what="abandoned upload aborted")
+
+
 async def test_a_hung_mirror_does_not_hold_the_start(server, s3server, mirror_prefix, caplog):
     async with GateProxy(s3_port(s3server), mode="stall") as proxy:
         section = mirror_section(s3server, mirror_prefix, backup_interval_seconds=0)
@@ -539,3 +548,35 @@ def test_blobd_runs_without_aiobotocore_unless_a_mirror_is_configured(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0] == "plain ok"
     assert lines[1].startswith("mirror: ") and "pip install blobd[s3]" in lines[1]
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+async def test_head_of_a_missing_file_answers_as_get_would(mirrored, bucket, damage):
+    """Found by the disaster-recovery review: HEAD answered 200 with the
+    index's size for a blob whose file was gone, where GET heals or fails."""
+    alice = await mirrored()
+    data = os.urandom(200_000)
+    await alice.put(data)
+    await arrived(alice, bucket, data)
+    path = blob_path(alice, data)
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(data[:1000])
+    resp = await alice.request("HEAD", f"/blobs/{b3(data)}")
+    assert resp.status == 200 and resp.headers["Content-Length"] == str(len(data))
+    assert path.read_bytes() == data  # healed, as a GET heals
+
+    await in_thread(bucket.delete, bucket.key(b3(data)))
+    path.unlink()
+    head = await alice.request("HEAD", f"/blobs/{b3(data)}")
+    get = await alice.request("GET", f"/blobs/{b3(data)}")
+    assert head.status == get.status == 500
+
+
+async def test_without_a_mirror_head_of_a_missing_file_is_a_500(alice):
+    data = os.urandom(200_000)
+    await alice.put(data)
+    alice.store.layout.blob_path(b3(data)).unlink()
+    resp = await alice.request("HEAD", f"/blobs/{b3(data)}")
+    assert resp.status == 500

@@ -3,10 +3,12 @@ against a real SeaweedFS and a real store."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -160,6 +162,31 @@ async def test_sync_reports_a_damaged_local_file_and_does_not_mirror_it(
     assert await in_thread(bucket.digests) == set()
 
 
+async def test_sync_aborts_multipart_uploads_a_crash_left(setup, bucket, tmp_path):
+    await setup.init()
+    crashed = bucket.key(b3(b"a big blob, once"))
+    other = f"{bucket.prefix}/not-a-blob.bin"  # not blobd's: left alone
+    for key in (crashed, other):
+        await in_thread(bucket.start_upload, key)
+    begun = time.monotonic()
+
+    fresh = await setup.cli("sync")  # it may be in flight: never cut
+    assert fresh.returncode == 0, fresh.stderr
+    assert "0 abandoned multipart uploads, aborted 0" in fresh.stdout
+    assert await in_thread(bucket.unfinished) == {crashed, other}
+
+    setup.sections["mirror"]["abandoned_upload_hours"] = 1 / 3600
+    setup.config_path.write_text(to_toml(setup.sections))
+    await asyncio.sleep(max(0.0, begun + 2.5 - time.monotonic()))
+    dry = await setup.cli("sync", "--dry-run")
+    assert f"would abort the abandoned multipart upload of {crashed}" in dry.stdout
+    assert await in_thread(bucket.unfinished) == {crashed, other}
+    swept = await setup.cli("sync")
+    assert swept.returncode == 0, swept.stderr
+    assert "1 abandoned multipart uploads, aborted 1" in swept.stdout
+    assert await in_thread(bucket.unfinished) == {other}
+
+
 async def test_backup_and_status(server, setup, bucket, tmp_path):
     _, alice = await start(server, setup, tmp_path)
     await alice.put(b"some bytes")
@@ -172,6 +199,43 @@ async def test_backup_and_status(server, setup, bucket, tmp_path):
     status = await setup.cli("status")
     assert status.returncode == 0, status.stderr
     assert "queue: " in status.stdout and "index backups: 1" in status.stdout
+
+
+async def test_status_tells_how_old_the_backlog_is(setup, bucket):
+    await setup.init()
+    empty = await setup.cli("status")
+    assert "queue: 0 pending, 0 failing, oldest pending 0s" in empty.stdout
+    with sqlite3.connect(Layout(setup.data_dir).index_path) as conn:
+        for age in (7200, 30):
+            conn.execute("INSERT INTO mirror_queue (hash, op, enqueued_at, next_at)"
+                         " VALUES (?, 'put', ?, 9e9)", ("a" * 64, time.time() - age))
+    status = await setup.cli("status")
+    assert status.returncode == 0, status.stderr
+    line = next(x for x in status.stdout.splitlines() if x.startswith("queue: "))
+    assert line.startswith("queue: 2 pending, 0 failing, oldest pending 72")  # 7200s on
+
+
+async def test_fsck_suggests_mirror_heal_for_damaged_files(server, setup, bucket, tmp_path):
+    _, alice = await start(server, setup, tmp_path)
+    flipped, gone = os.urandom(5000), os.urandom(6000)
+    for data in (flipped, gone):
+        await alice.put(data)
+    path = alice.store.layout.blob_path(b3(flipped))
+    path.write_bytes(bytes([flipped[0] ^ 1]) + flipped[1:])
+    alice.store.layout.blob_path(b3(gone)).unlink()
+
+    checked = await in_thread(lambda: run_blobd("fsck", "--verify", "-c",
+                                                str(setup.config_path)))
+    assert checked.returncode == 1, checked.stderr
+    assert checked.stdout.splitlines()[-1] == (
+        "  2 blob(s) without a sound file can be fetched back from the mirror: run"
+        f" blobd mirror heal -c {setup.config_path} (naming their hashes after it"
+        " checks only those)")
+
+    unmirrored = tmp_path / "unmirrored.toml"
+    unmirrored.write_text(to_toml({k: v for k, v in setup.sections.items() if k != "mirror"}))
+    plain = await in_thread(lambda: run_blobd("fsck", "--verify", "-c", str(unmirrored)))
+    assert plain.returncode == 1 and "mirror" not in plain.stdout
 
 
 async def test_heal_command_repairs_same_size_damage(server, setup, bucket, tmp_path):
@@ -350,7 +414,8 @@ async def test_unreachable_mirror_is_one_clear_line(tmp_path, s3server):
     assert status.returncode == 0, status.stderr
     assert status.stderr == ""
     lines = status.stdout.splitlines()
-    assert lines[0].startswith("store id: ") and lines[1] == "queue: 0 pending, 0 failing"
+    assert lines[0].startswith("store id: ")
+    assert lines[1] == "queue: 0 pending, 0 failing, oldest pending 0s"
     assert lines[2].startswith("mirror unreachable: LIST s3://")
     assert len(lines) == 3
 

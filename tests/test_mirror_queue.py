@@ -35,7 +35,8 @@ async def test_one_operation_per_hash_at_a_time_in_queue_order(alice):
     assert [(job.hash, job.op) for job in due] == [(a, "delete")]
     assert await queue.next_due_at(store.db.reader, busy={a}) == now + delay
     assert await queue.counts(store.db.reader) == {"pending": 3, "failed": 1,
-                                                   "last_error": "boom"}
+                                                   "last_error": "boom",
+                                                   "oldest_enqueued_at": now}
     async with store.write() as tx:
         assert await queue.retry_now(tx.conn, now) == 1
     assert len(await queue.due(store.db.reader, now, 10)) == 2

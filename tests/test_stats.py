@@ -43,7 +43,8 @@ async def test_empty_store(server):
     assert body == {"blobs": 0, "stored_bytes": 0, "references": 0, "logical_bytes": 0,
                     "dedup_ratio": 1.0, "bytes_saved": 0, "puts": 0, "put_dedup_hits": 0,
                     "hash_hit_rate": 0.0,
-                    "mirror": {"pending": 0, "failed": 0, "last_error": None},
+                    "mirror": {"pending": 0, "failed": 0, "last_error": None,
+                               "oldest_pending_seconds": 0.0},
                     "grace": {"blobs": 0, "bytes": 0}, "sessions_open": 0}
 
 
@@ -82,11 +83,12 @@ async def test_mirror_and_session_figures_come_from_their_tables(server):
     login = await server()
     admin = await login("root", "admin")
     now = time.time()
-    rows = [("a" * 64, "put", 0, None, now), ("b" * 64, "put", 2, "timeout", now + 10),
-            ("c" * 64, "delete", 5, "403 Forbidden", now + 300)]
+    rows = [("a" * 64, "put", 0, None, now, now - 3600),
+            ("b" * 64, "put", 2, "timeout", now + 10, now - 60),
+            ("c" * 64, "delete", 5, "403 Forbidden", now + 300, now - 5)]
     for row in rows:
         sql(admin, "INSERT INTO mirror_queue (hash, op, attempts, last_error, next_at,"
-                   " enqueued_at) VALUES (?, ?, ?, ?, ?, 0)", row)
+                   " enqueued_at) VALUES (?, ?, ?, ?, ?, ?)", row)
     # Two open, one committed, one expired that the sweeper has not removed
     # yet (its client already gets 404: it is not open any more).
     for i, (result, expires) in enumerate([(None, 9e9), (None, 9e9), ("d" * 64, 9e9),
@@ -95,6 +97,8 @@ async def test_mirror_and_session_figures_come_from_their_tables(server):
                    " expires_at, result_hash) VALUES (?, 'alice', 'native', 10, 10, 0,"
                    " ?, ?)", (f"s{i}", expires, result))
     body = await stats(admin)
+    oldest = body["mirror"].pop("oldest_pending_seconds")
+    assert 3600 <= oldest < 3600 + (time.time() - now) + 1
     assert body["mirror"] == {"pending": 3, "failed": 2, "last_error": "403 Forbidden"}
     assert body["sessions_open"] == 2
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from typing import Any, Awaitable, Callable
 
@@ -193,8 +194,9 @@ async def run_fsck(args: argparse.Namespace) -> int:
         bars.append(bar)
         return bar.update
 
+    config = config_from_args(args)
     try:
-        report = await fsck.run(config_from_args(args), verify=args.verify,
+        report = await fsck.run(config, verify=args.verify,
                                 repair=args.repair, progress=progress)
     finally:
         for bar in bars:
@@ -203,7 +205,22 @@ async def run_fsck(args: argparse.Namespace) -> int:
         print(problem.line())
     for line in report.summary():
         print(line)
+    damaged = report.damaged_blobs()
+    if damaged and config.mirror is not None:
+        print(f"  {len(damaged)} blob(s) without a sound file can be fetched back from the"
+              f" mirror: run {_heal_command(args)} (naming their hashes after it checks"
+              " only those)")
     return 0 if report.ok else 1
+
+
+def _heal_command(args: argparse.Namespace) -> str:
+    """``blobd mirror heal`` on the same store as this command."""
+    words = ["blobd", "mirror", "heal"]
+    if args.config is not None:
+        words += ["-c", args.config]
+    if args.data_dir is not None:
+        words += ["--data-dir", args.data_dir]
+    return shlex.join(words)
 
 
 async def run_gc(args: argparse.Namespace) -> int:

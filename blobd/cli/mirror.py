@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -21,6 +22,7 @@ from ..mirror.heal import Healer, check_and_heal
 from ..mirror.restore import ORPHANS_OWNER, restore
 from ..mirror.sync import sync
 from ..storage.s3 import S3Error
+from ..stats import queue_age
 from ..store import Store
 from .common import add_config_option, config_from_args, find_blobs, open_index, positive_int
 
@@ -32,8 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     syncing = _action(actions, "sync", run_sync, "reconcile the store with the bucket",
                       "List the store and the bucket and upload what the bucket lacks, "
-                      "rsync-style; ends with a fresh index backup. Run it again to "
-                      "resume an interrupted sync.")
+                      "rsync-style, and abort multipart uploads a crash left (begun "
+                      "more than [mirror] abandoned_upload_hours ago); ends with a fresh "
+                      "index backup. Run it again to resume an interrupted sync.")
     syncing.add_argument("--delete", action="store_true",
                          help="also delete objects of blobs the index no longer has")
     syncing.add_argument("--dry-run", action="store_true",
@@ -139,6 +142,8 @@ async def run_sync(args: argparse.Namespace) -> int:
             print(f"would upload {blob.hash} ({blob.size} bytes)")
         for digest in report.to_delete:
             print(f"would delete {digest}")
+        for key in report.abandoned:
+            print(f"would abort the abandoned multipart upload of {key}")
     for digest in report.requeued:
         print(f"stored again while its object was deleted, queued for upload: {digest}",
               file=sys.stderr)
@@ -151,7 +156,9 @@ async def run_sync(args: argparse.Namespace) -> int:
              f"; uploaded {report.uploaded} ({report.uploaded_bytes} bytes),"
              f" deleted {report.deleted}, failed {len(report.failed)}"
              + (f", {len(report.gone)} skipped (deleted while the sync ran)"
-                if report.gone else "")))
+                if report.gone else ""))
+          + f"; {len(report.abandoned)} abandoned multipart uploads"
+          + ("" if args.dry_run else f", aborted {report.aborted}"))
     if report.backup:
         print(f"index backup: {report.backup}")
     return 1 if report.failed else 0
@@ -213,7 +220,9 @@ async def run_status(args: argparse.Namespace) -> int:
         counts = await queue.counts(store.db.reader)
         own = await store_id(store.db.reader)
     print(f"store id: {own}")
-    print(f"queue: {counts['pending']} pending, {counts['failed']} failing")
+    age = queue_age(counts["oldest_enqueued_at"], time.time())
+    print(f"queue: {counts['pending']} pending, {counts['failed']} failing"
+          f", oldest pending {age:.0f}s")
     if counts["last_error"]:
         print(f"last error: {counts['last_error']}")
     try:

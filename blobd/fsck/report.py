@@ -30,6 +30,9 @@ KINDS = {
 # without a good file, are reported as missing), so fsck does not fail on them.
 NOTICES = frozenset({"quarantined"})
 
+# Kinds whose subject is the digest of a blob lacking its sound file.
+DAMAGED_BLOB_KINDS = frozenset({"missing", "size", "corrupt"})
+
 
 @dataclass
 class Problem:
@@ -67,6 +70,12 @@ class Report:
     @property
     def ok(self) -> bool:
         return not self.remaining
+
+    def damaged_blobs(self) -> list[str]:
+        """Digests of the blobs still without a sound file (missing, or of
+        the wrong size or content): a mirror's copy would fix them."""
+        return list(dict.fromkeys(p.subject for p in self.remaining
+                                  if p.kind in DAMAGED_BLOB_KINDS))
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """kind -> (found, repaired), for the kinds that were found."""

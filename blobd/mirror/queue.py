@@ -168,12 +168,17 @@ async def mark_mirrored(conn: aiosqlite.Connection, digests: Collection[str],
 
 
 async def counts(conn: aiosqlite.Connection) -> dict[str, Any]:
-    """Queue depth, operations failing, and the latest failure's error."""
+    """Queue depth, operations failing, the latest failure's error, and
+    when the oldest operation was queued (None with none; the first row by
+    id, as ids grow in commit order)."""
     async with conn.execute(
             "SELECT count(*), coalesce(sum(attempts > 0), 0) FROM mirror_queue") as cur:
         pending, failed = await cur.fetchone()
     async with conn.execute("SELECT last_error FROM mirror_queue WHERE last_error"
                             " IS NOT NULL ORDER BY next_at DESC, id DESC LIMIT 1") as cur:
         row = await cur.fetchone()
-    return {"pending": pending, "failed": failed,
-            "last_error": row[0] if row is not None else None}
+    last_error = row[0] if row is not None else None
+    async with conn.execute("SELECT enqueued_at FROM mirror_queue ORDER BY id LIMIT 1") as cur:
+        row = await cur.fetchone()
+    return {"pending": pending, "failed": failed, "last_error": last_error,
+            "oldest_enqueued_at": row[0] if row is not None else None}

@@ -8,7 +8,7 @@ import logging
 
 from ..config import MirrorConfig
 from ..store import Store
-from . import backup
+from . import abandoned, backup
 from .common import check_bucket, make_target
 from .heal import Healer
 from .worker import MirrorWorker
@@ -42,6 +42,8 @@ class Mirror:
             asyncio.create_task(self.worker.run(), name="blobd-mirror-worker"),
             asyncio.create_task(backup.run_scheduled(self._store, self.target, self.config),
                                 name="blobd-mirror-backup"),
+            asyncio.create_task(abandoned.sweep_at_start(self.target, self.config),
+                                name="blobd-mirror-abandoned"),
         ]
         for task in self._tasks:
             task.add_done_callback(_report_crash)

@@ -26,7 +26,9 @@ the index listing really is one the index no longer has. Then:
 * blobs found in the bucket, or put there, are marked ``done`` and their
   queued puts dropped, but only puts queued before the sync began (see
   :func:`blobd.mirror.queue.mark_mirrored`): a blob deleted and stored again
-  while the sync ran keeps its newer put; a fresh index backup ends the run.
+  while the sync ran keeps its newer put; a fresh index backup ends the run;
+* unfinished multipart uploads of blob keys a crash left, begun more than
+  ``abandoned_upload_hours`` ago, are aborted (see :mod:`.abandoned`).
 
 Nothing is remembered between runs, so an interrupted sync is resumed by
 running it again: what was done is found done. ``--dry-run`` lists the plan
@@ -44,7 +46,7 @@ from ..errors import BlobdError
 from ..index import BlobRecord
 from ..storage.s3 import S3Error, S3Target
 from ..store import Store
-from . import backup, queue
+from . import abandoned, backup, queue
 from .common import (BarFactory, blob_key, is_upload_of, list_backups, list_blob_objects,
                      no_bar, object_metadata, run_pool)
 
@@ -67,6 +69,8 @@ class SyncReport:
     gone: list[str] = field(default_factory=list)  # deleted while the sync uploaded
     failed: dict[str, str] = field(default_factory=dict)  # digest -> error
     backup: str | None = None
+    abandoned: list[str] = field(default_factory=list)  # keys of abandoned uploads
+    aborted: int = 0  # of those, aborted
 
 
 async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
@@ -97,6 +101,7 @@ async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
         report.to_upload += [b for b in present if b.hash in wrong]
         present = [b for b in present if b.hash not in wrong and b.hash not in report.failed]
     report.in_sync = len(present)
+    await _abort_abandoned(target, config, report, dry_run)
     if dry_run:
         return report
     await _mark(store, [b.hash for b in present], since)
@@ -107,6 +112,19 @@ async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
     except (S3Error, backup.BackupRefused) as exc:
         report.failed["index backup"] = str(exc)
     return report
+
+
+async def _abort_abandoned(target: S3Target, config: MirrorConfig, report: SyncReport,
+                           dry_run: bool) -> None:
+    try:
+        sweep = await abandoned.abort_abandoned(target, config, dry_run=dry_run)
+    except S3Error as exc:
+        report.failed["abandoned multipart uploads"] = str(exc)
+        return
+    report.abandoned = [upload.key for upload in sweep.found]
+    report.aborted = sweep.aborted
+    for key, error in sweep.failed.items():
+        report.failed[f"abort of the abandoned upload of {key}"] = error
 
 
 async def check_delete(store: Store, target: S3Target, config: MirrorConfig,

@@ -47,7 +47,7 @@ from .s3errors import S3Error, client_error, status_of
 from .s3files import (MiB, ObjectTooLarge, b64_digest, open_sized, part_size_for,
                       read_part, stream_to_file)
 
-__all__ = ["Listed", "MiB", "ObjectTooLarge", "S3Error", "S3Target"]
+__all__ = ["Listed", "MiB", "ObjectTooLarge", "S3Error", "S3Target", "Unfinished"]
 
 DEFAULT_MULTIPART_THRESHOLD = 64 * MiB
 DEFAULT_PART_SIZE = 16 * MiB
@@ -61,6 +61,13 @@ class Listed(NamedTuple):
     key: str
     size: int
     modified: float  # its Last-Modified, by the S3 server's clock (Unix time)
+
+
+class Unfinished(NamedTuple):
+    """A multipart upload begun and neither completed nor aborted."""
+    key: str
+    upload_id: str
+    initiated: float  # by the S3 server's clock (Unix time)
 
 
 def _import_aiobotocore() -> tuple[Any, Any, Any]:
@@ -251,7 +258,7 @@ class S3Target:
                 )
         except BaseException:
             # Best effort: if the server is unreachable the upload stays
-            # behind; a bucket lifecycle rule on incomplete uploads reaps it.
+            # behind, for blobd.mirror.abandoned (or a bucket lifecycle rule).
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
                     self._client.abort_multipart_upload(
@@ -359,6 +366,27 @@ class S3Target:
             async for page in pages:
                 for entry in page.get("Contents", ()):
                     yield Listed(entry["Key"], entry["Size"], entry["LastModified"].timestamp())
+
+    async def list_unfinished(self, prefix: str) -> AsyncIterator[Unfinished]:
+        """Yield every unfinished multipart upload of a key starting with
+        `prefix` (their parts take room, and are billed, until aborted)."""
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        with self._errors(f"LIST multipart uploads {self.url(prefix)}*"):
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for entry in page.get("Uploads", ()):
+                    yield Unfinished(entry["Key"], entry["UploadId"],
+                                     entry["Initiated"].timestamp())
+
+    async def abort_unfinished(self, upload: Unfinished) -> None:
+        """Abort `upload` and drop its parts. One already gone (completed or
+        aborted meanwhile) is not an error."""
+        with self._errors(f"abort multipart upload {self.url(upload.key)}"):
+            try:
+                await self._client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=upload.key, UploadId=upload.upload_id)
+            except self._exc.ClientError as error:
+                if status_of(error) != 404:
+                    raise
 
     async def put_bytes(
         self, key: str, data: bytes, content_type: str,
