@@ -52,11 +52,13 @@ def sniff_mime(head: bytes) -> str | None:
 
     Pass at least SNIFF_BYTES bytes (fewer only for a shorter file). Only
     magic numbers are checked: fast, no I/O, and no proof that the rest of
-    the file is valid (that is `blobd.audio.probe`'s job). An ID3v2 tag is
-    reported as audio/mpeg although it may front other formats.
+    the file is valid (that is `blobd.audio.probe`'s job). Behind ID3v2
+    tags that end within ``head``, the format that follows is reported if
+    blobd reads it there (see _BEHIND_ID3); otherwise an ID3v2 tag says
+    audio/mpeg, the format it usually fronts.
     """
     if starts_with_id3v2(head):
-        return "audio/mpeg"
+        return _sniff_behind_id3(head)
     if head.startswith(b"fLaC"):
         return "audio/flac"
     if head.startswith(b"OggS\x00"):
@@ -208,6 +210,29 @@ def starts_with_id3v2(head: bytes) -> bool:
     version, revision, flags = padded[3] if len(head) > 3 else 3, padded[4], padded[5]
     return (head.startswith(b"ID3") and 2 <= version <= 4 and revision != 0xFF
             and not flags & 0x0F and all(b < 0x80 for b in padded[6:10]))
+
+
+# The formats some taggers put an ID3v2 tag in front of, and that the
+# probe reads behind one (ffprobe does too). Ogg, MP4 and Matroska are not
+# among them: their readers expect their magic at the start.
+_BEHIND_ID3 = frozenset({"audio/flac", "audio/wav", "audio/aiff", "audio/x-w64",
+                         "audio/aac", "audio/mpeg"})
+#: A bound on the ID3v2 tags stacked at the start that the sniff and the
+#: probe look past: real files have one or two; this is far above that and
+#: far below what costs real time.
+MAX_ID3_TAGS = 8
+
+
+def _sniff_behind_id3(head: bytes) -> str:
+    pos = 0
+    for _ in range(MAX_ID3_TAGS):
+        size = id3v2_size(head[pos:pos + 10])
+        if size is None:
+            break
+        pos += size
+    # pos 0: a header cut off within ``head``, nothing to look behind.
+    after = sniff_mime(head[pos:]) if pos else None
+    return after if after in _BEHIND_ID3 else "audio/mpeg"
 
 
 def id3v2_size(head: bytes) -> int | None:

@@ -101,6 +101,12 @@ PROBE_ONLY_FIXTURES = {
     # count: 'fact' says FFFFFFFF), the data's ~32.1 kb/s.
     "tone_rf64.wav": Expected("audio/wav", "pcm", 0.3, 8000, 1, (192_000, 192_000), 24),
     "adpcm_rf64.wav": Expected("audio/wav", "adpcm_ima", 1.02, 8000, 1, (32_000, 32_200), None),
+    # Behind a leading ID3v2 tag: the format after it, as ffprobe reads
+    # each (the WAV and AIFF were not audio, and all three were sniffed as
+    # audio/mpeg).
+    "id3_tone.wav": Expected("audio/wav", "pcm", 0.1, 8000, 1, (128_000, 128_000), 16),
+    "id3_tone.aiff": Expected("audio/aiff", "pcm", 0.1, 8000, 1, (128_000, 128_000), 16),
+    "id3_tone.flac": Expected("audio/flac", "flac", 0.1, 8000, 1, (20_000, 800_000), 16),
     # Sony Wave64, its own type. ffprobe: adpcm_ima_wav, 1.0205 s (its
     # 64-bit 'fact').
     "adpcm.w64": Expected("audio/x-w64", "adpcm_ima", 1.02, 8000, 1, (32_000, 32_200), None),

@@ -265,6 +265,43 @@ def test_id3_tag_may_front_aac_and_flac(tmp_path: Path, inner: str, codec: str) 
     assert info.duration == pytest.approx(2.0, rel=0.10)
 
 
+@pytest.mark.parametrize("inner", ["tone_rf64.wav", "tone.w64", "tone_sowt.aifc",
+                                   "adpcm.wav", "tone_ima4.aifc"])
+def test_id3_tag_may_front_the_wave_and_aiff_family(tmp_path: Path, inner: str) -> None:
+    """As ffprobe reads them: the facts of the file behind the tag (each
+    was not audio: its reader took the tag for the form's header)."""
+    tag = id3_tag_of("id3_tone.wav")
+    tagged = tmp_path / "tagged"
+    tagged.write_bytes(tag + fixture(inner).read_bytes())
+    assert probe(tagged) == probe(fixture(inner)) != None  # noqa: E711
+    assert sniff_mime(tagged.read_bytes()[:len(tag) + 64]) == PROBED[inner].mime
+
+
+@pytest.mark.parametrize("inner", ["tone.wav", "tone.aiff", "tone_rf64.wav", "tone.w64"])
+def test_an_id3_tag_claiming_past_the_end_is_not_audio(tmp_path: Path, inner: str) -> None:
+    """A tag whose size points past the end (or into the middle of the
+    form) leaves nothing to read there: None, at once."""
+    header = b"ID3\x03\x00\x00" + bytes([0x7F, 0x7F, 0x7F, 0x7F])   # 256 MiB
+    tagged = tmp_path / "tagged"
+    tagged.write_bytes(header + fixture(inner).read_bytes())
+    assert probe(tagged) is None
+    tagged.write_bytes(b"ID3\x03\x00\x00\x00\x00\x00\x08" + fixture(inner).read_bytes())
+    assert probe(tagged) is None
+
+
+def test_sniff_mime_looks_past_id3_tags_in_its_head() -> None:
+    tag = id3_tag_of("id3_tone.wav")
+    wav = fixture("tone.wav").read_bytes()
+    assert sniff_mime((tag + wav)[:64]) == "audio/wav"
+    assert sniff_mime((tag + tag + wav)[:80]) == "audio/wav"
+    # The tag outgrows the head: what follows cannot be seen.
+    assert sniff_mime((id3_tag_of("tone.mp3") + wav)[:64]) == "audio/mpeg"
+    # Behind a tag blobd reads no Ogg, MP4 or Matroska, nor text.
+    assert sniff_mime((tag + fixture("tone.ogg").read_bytes())[:64]) == "audio/mpeg"
+    assert sniff_mime(tag + b"plain text after a tag") == "audio/mpeg"
+    assert sniff_mime((tag + fixture("tone.mp3").read_bytes()[54:])[:64]) == "audio/mpeg"
+
+
 def test_id3_tag_does_not_front_ogg(tmp_path: Path) -> None:
     tagged = tmp_path / "tagged.ogg"
     tagged.write_bytes(id3_tag_of("tone.mp3") + fixture("tone.ogg").read_bytes())

@@ -44,8 +44,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO
 
-from ..sniff import (AUDIO_MIME_TYPES, MAX_MP3_JUNK, SNIFF_BYTES, could_be_audio,
-                     id3v2_size, is_rf64_header, sniff_mime)
+from ..sniff import (AUDIO_MIME_TYPES, MAX_ID3_TAGS, MAX_MP3_JUNK, SNIFF_BYTES,
+                     could_be_audio, id3v2_size, is_rf64_header, sniff_mime)
 from .aiff import read_aiff
 from .flac import read_flac
 from .info import AudioInfo
@@ -67,11 +67,6 @@ _MAX_DURATION = 31 * 24 * 3600.0   # 2 GiB at 8 kb/s is ~25 days
 _MIN_SAMPLE_RATE = 1_000
 _MAX_SAMPLE_RATE = 768_000
 _MAX_CHANNELS = 255
-
-# A bound on container structure: real files have a handful of ID3 tags;
-# this is far above that and far below what costs real time or memory.
-_MAX_ID3_TAGS = 8
-
 
 def probe(path: str | os.PathLike[str]) -> AudioInfo | None:
     """Stream facts of the audio file at `path`, or None if it is not audio
@@ -121,10 +116,11 @@ def _probe_file(f: IO[bytes]) -> AudioInfo | None:
 
 def _skip_id3v2(f: IO[bytes]) -> int | None:
     """Offset just past the ID3v2 tags at the start of the file (0 if none),
-    or None if there are implausibly many. ID3 can front MP3, ADTS AAC and
-    FLAC alike."""
+    or None if there are implausibly many. ID3 can front MP3, ADTS AAC,
+    FLAC, and as some taggers write them WAV, AIFF and W64: each of their
+    readers starts where the tags end."""
     offset = 0
-    for _ in range(_MAX_ID3_TAGS):
+    for _ in range(MAX_ID3_TAGS):
         f.seek(offset)
         size = id3v2_size(f.read(10))
         if size is None:

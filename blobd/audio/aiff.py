@@ -1,18 +1,19 @@
 """AIFF and AIFF-C (Apple's IFF audio): the COMM chunk's facts.
 
-mutagen lists every chunk of the FORM to find 'COMM' and reads it whole,
-so the chunks are listed here first, bounded in number and 'COMM' in size,
-as for WAVE. mutagen reads the COMM chunk's common fields only; an AIFF-C
-file's compression type, which follows them, names the codec here, and
-for the compressed ones the length comes from the frame count but the
-rate from the sound data's size.
+The chunks are listed first, bounded in number and 'COMM' in size, as for
+WAVE, and COMM's common fields are read here: mutagen's AIFFInfo lists the
+chunks again, unbounded, from the file's first byte, so it cannot read a
+FORM behind an ID3v2 tag. An AIFF-C file's compression type, which follows
+the common fields, names the codec, and for the compressed ones the length
+comes from the frame count but the rate from the sound data's size.
 """
 
 from __future__ import annotations
 
-from typing import IO
+import struct
+from typing import IO, NamedTuple
 
-from mutagen.aiff import AIFFInfo
+from mutagen.aiff import read_float
 
 from .info import AudioInfo, clamp_to_size, file_size, list_chunks, make_info
 
@@ -37,15 +38,48 @@ _COMPRESSED_TYPES = {b"ulaw": "mulaw", b"ULAW": "mulaw", b"alaw": "alaw",
 _SAMPLES_PER_PACKET = {b"ima4": 64, b"MAC3": 6, b"MAC6": 6, b"GSM ": 160}
 
 
+class _Common(NamedTuple):
+    """COMM's common fields, as `make_info` reads a stream's."""
+
+    channels: int
+    frames: int
+    bits_per_sample: int
+    sample_rate: int
+
+    @property
+    def length(self) -> float:
+        return self.frames / self.sample_rate if self.sample_rate else 0.0
+
+    @property
+    def bitrate(self) -> int:
+        # The container's sample size, as mutagen and ffprobe state PCM's.
+        return self.channels * self.bits_per_sample * self.sample_rate
+
+
+def _common(comm: bytes) -> _Common | None:
+    """The common fields at the start of a COMM body; None if cut short
+    or its sample rate (an 80-bit extended float) is out of range."""
+    if len(comm) < 18:
+        return None
+    channels, frames, bits, rate = struct.unpack(">hLh10s", comm[:18])
+    try:
+        sample_rate = int(read_float(rate))
+    except (OverflowError, ValueError):
+        return None
+    return _Common(channels, frames, bits, sample_rate) if sample_rate >= 0 else None
+
+
 def read_aiff(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
-    chunks = list_chunks(f, "big", b"COMM", _MAX_COMM)
+    """AIFF or AIFF-C, whose FORM starts at ``start`` (past any ID3v2 tag)."""
+    chunks = list_chunks(f, start, "big", b"COMM", _MAX_COMM)
     if chunks is None or b"COMM" not in chunks:
         return None
     comm_at, comm_size = chunks[b"COMM"]
     f.seek(comm_at)
     comm = f.read(comm_size)
-    f.seek(0)
-    stream = AIFFInfo(f)
+    stream = _common(comm)
+    if stream is None:
+        return None
     compression = comm[18:22] if head[8:12] == b"AIFC" else b"NONE"
     # The sound data follows the SSND chunk's offset and block size fields.
     # Its declared size survives truncation; the file does not.

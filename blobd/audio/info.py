@@ -156,16 +156,18 @@ MAX_CHUNKS = 1_024
 RF64_SIZE_ELSEWHERE = 0xFFFFFFFF
 
 
-def list_chunks(f: IO[bytes], byteorder: Literal["little", "big"], read_whole: bytes,
-                max_whole: int, big_sizes: Mapping[bytes, int] | None = None,
+def list_chunks(f: IO[bytes], start: int, byteorder: Literal["little", "big"],
+                read_whole: bytes, max_whole: int,
+                big_sizes: Mapping[bytes, int] | None = None,
                 ) -> dict[bytes, tuple[int, int]] | None:
-    """The chunks of a RIFF or IFF form (sizes in ``byteorder``), each id's
-    first: (offset of its body, declared size). None if there are more
+    """The chunks of the RIFF or IFF form at offset ``start`` (0, or past
+    an ID3v2 tag; sizes in ``byteorder``), each id's first: (offset in the
+    file of its body, declared size). None if there are more
     than MAX_CHUNKS or chunk ``read_whole``, which a reader reads whole into
     memory, claims more than ``max_whole`` bytes. ``big_sizes`` are an RF64
     file's 64-bit sizes ('ds64'), by chunk id: each stands for a 32-bit
     size of RF64_SIZE_ELSEWHERE."""
-    pos, end, chunks = 12, file_size(f), {}
+    pos, end, chunks = start + 12, file_size(f), {}
     for _ in range(MAX_CHUNKS):
         if pos + 8 > end:
             return chunks

@@ -70,8 +70,8 @@ class _WaveFormat(NamedTuple):
 
 
 def read_wav(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
-    """RIFF WAVE."""
-    chunks = list_chunks(f, "little", b"fmt ", MAX_WAVE_FORMAT)
+    """RIFF WAVE, starting at ``start`` (past any ID3v2 tag)."""
+    chunks = list_chunks(f, start, "little", b"fmt ", MAX_WAVE_FORMAT)
     if chunks is None:
         return None
     data_at, data_size = chunks.get(b"data", (0, 0))

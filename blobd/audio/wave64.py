@@ -42,7 +42,7 @@ def read_rf64(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     # EBU Tech 3306 puts ds64 first, where a reader looks for it.
     if head[12:16] != b"ds64":
         return None
-    f.seek(16)
+    f.seek(start + 16)
     ds64_size = int.from_bytes(f.read(4), "little")
     ds64 = f.read(min(ds64_size, _MAX_DS64))
     if len(ds64) < _DS64_FIXED:
@@ -50,7 +50,7 @@ def read_rf64(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     data_size = int.from_bytes(ds64[8:16], "little")
     sample_count = int.from_bytes(ds64[16:24], "little")
     big_sizes = {**_ds64_table(ds64), b"data": data_size}
-    chunks = list_chunks(f, "little", b"fmt ", MAX_WAVE_FORMAT, big_sizes)
+    chunks = list_chunks(f, start, "little", b"fmt ", MAX_WAVE_FORMAT, big_sizes)
     if chunks is None:
         return None
     data_at, data_size = chunks.get(b"data", (0, 0))
@@ -76,7 +76,7 @@ def _ds64_table(ds64: bytes) -> dict[bytes, int]:
 
 
 def read_w64(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
-    chunks = _list_w64_chunks(f)
+    chunks = _list_w64_chunks(f, start)
     if chunks is None:
         return None
     data_at, data_size = chunks.get(b"data", (0, 0))
@@ -87,13 +87,14 @@ def read_w64(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     return wave_info(f, layout, "audio/x-w64")
 
 
-def _list_w64_chunks(f: IO[bytes]) -> dict[bytes, tuple[int, int]] | None:
+def _list_w64_chunks(f: IO[bytes], start: int) -> dict[bytes, tuple[int, int]] | None:
     """The WAVE chunks of a W64 file by their RIFF ids, each id's first:
     (offset of its body, size of its body). Chunks of other GUIDs are
     passed over. None, as `list_chunks` for RIFF, past MAX_CHUNKS chunks,
     for a 'fmt ' over MAX_WAVE_FORMAT bytes, or for a size smaller than
-    the chunk's header (the next chunk would never be reached)."""
-    pos, end, chunks = _W64_FIRST_CHUNK, file_size(f), {}
+    the chunk's header (the next chunk would never be reached). The file
+    starts at ``start`` (past any ID3v2 tag)."""
+    pos, end, chunks = start + _W64_FIRST_CHUNK, file_size(f), {}
     for _ in range(MAX_CHUNKS):
         if pos + _W64_HEADER > end:
             return chunks
