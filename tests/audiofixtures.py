@@ -101,6 +101,9 @@ PROBE_ONLY_FIXTURES = {
     # count: 'fact' says FFFFFFFF), the data's ~32.1 kb/s.
     "tone_rf64.wav": Expected("audio/wav", "pcm", 0.3, 8000, 1, (192_000, 192_000), 24),
     "adpcm_rf64.wav": Expected("audio/wav", "adpcm_ima", 1.02, 8000, 1, (32_000, 32_200), None),
+    # Tracks after the Clusters, found through the SeekHead (it was not
+    # audio). ffprobe: opus, 0.508 s, as tone.webm.
+    "tracks_last.webm": Expected("audio/webm", "opus", 0.5, 48000, 1, (24_000, 36_000), None),
     # Behind a leading ID3v2 tag: the format after it, as ffprobe reads
     # each (the WAV and AIFF were not audio, and all three were sniffed as
     # audio/mpeg).

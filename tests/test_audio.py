@@ -870,6 +870,73 @@ def test_a_recording_whose_last_cluster_is_before_the_tail_has_no_duration(
     assert info is not None and info.codec == "opus" and info.duration is None
 
 
+# tracks_last.webm's SeekHead entry for its Tracks: SeekID, then the
+# 4-byte SeekPosition make.sh wrote.
+_TRACKS_SEEK = bytes.fromhex("53ab84 1654ae6b 53ac84")
+
+
+def _tracks_last(tmp_path: Path, *, position: int | None = None, seek_id: int | None = None,
+                 tail: bytes = b"") -> Path:
+    """tracks_last.webm with its Tracks' Seek entry changed, and ``tail``
+    after it in a Segment now of unknown size (so that it runs on)."""
+    data = bytearray(fixture("tracks_last.webm").read_bytes())
+    at = data.index(_TRACKS_SEEK)
+    if seek_id is not None:
+        data[at + 3:at + 7] = seek_id.to_bytes(4, "big")
+    if position is not None:
+        data[at + 10:at + 14] = position.to_bytes(4, "big")
+    segment = data.index(bytes.fromhex("18538067"))
+    data[segment + 4:segment + 12] = bytes.fromhex("01ffffffffffffff")
+    path = tmp_path / "hostile.webm"
+    path.write_bytes(bytes(data) + tail)
+    return path
+
+
+def test_tracks_after_the_clusters_are_found_through_the_seekhead() -> None:
+    info = probe(fixture("tracks_last.webm"))
+    assert info is not None
+    # As tone.webm, the same stream with its Tracks in the usual place.
+    assert (info.codec, info.sample_rate, info.channels, info.duration) == \
+        ("opus", 48000, 1, probe(fixture("tone.webm")).duration)
+
+
+_SEGMENT_BODY = 48     # tracks_last.webm: where the Segment's body starts
+_SEEK_HEAD = 0x114D9B74
+
+
+def _seek_head(target: int, position: int) -> bytes:
+    seek = _ebml_element(0x53AB, target.to_bytes(4, "big")) + \
+        _ebml_element(0x53AC, position.to_bytes(4, "big"))
+    return _ebml_element(_SEEK_HEAD, _ebml_element(0x4DBB, seek))
+
+
+@pytest.mark.parametrize("case", ["past-the-end", "at-the-seekhead", "mid-element",
+                                  "seekhead-loop", "seekhead-chain", "huge-tracks"])
+def test_hostile_seekheads_get_a_bounded_answer(tmp_path: Path, case: str) -> None:
+    """Positions past the end, at another element, a SeekHead that points
+    to itself or to one that points to the next, a Tracks claiming 2 GiB:
+    None (no Tracks read), a few kilobytes read, whatever they say."""
+    end = fixture("tracks_last.webm").stat().st_size - _SEGMENT_BODY
+    # Each appended SeekHead is 50 bytes and points to the next one.
+    chain = b"".join(_seek_head(_SEEK_HEAD, end + 50 * (i + 1)) for i in range(3000))
+    path = {
+        "past-the-end": lambda: _tracks_last(tmp_path, position=0xFFFFFFF0),
+        "at-the-seekhead": lambda: _tracks_last(tmp_path, position=0),
+        "mid-element": lambda: _tracks_last(tmp_path, position=1),
+        "seekhead-loop": lambda: _tracks_last(tmp_path, seek_id=_SEEK_HEAD, position=end,
+                                              tail=_seek_head(_SEEK_HEAD, end)),
+        "seekhead-chain": lambda: _tracks_last(tmp_path, seek_id=_SEEK_HEAD, position=end,
+                                               tail=chain),
+        "huge-tracks": lambda: _tracks_last(
+            tmp_path, position=end,
+            tail=bytes.fromhex("1654ae6b 010000007fffffff") + bytes(1 << 20)),
+    }[case]()
+    assert len(_seek_head(_SEEK_HEAD, 0)) == 50
+    with _CountingFile(path) as f:
+        assert audio.probe_file(f) is None
+        assert f.bytes_read < 64 << 10
+
+
 @pytest.mark.parametrize("name", ["tone.webm", "tone_flac.mka", "recorded.webm"])
 def test_matroska_without_an_audio_track_is_none(tmp_path: Path, name: str) -> None:
     assert probe(fixture(name)) is not None

@@ -3,7 +3,10 @@
 mutagen has no Matroska reader, so this module reads EBML itself, and
 only what it needs: the EBML header's DocType, then the Segment's Info
 (TimestampScale, Duration) and Tracks, walked element by element with the
-bodies skipped, up to the first Cluster. Info and Tracks are read whole
+bodies skipped, up to the first Cluster; when either comes after the
+Clusters, where the SeekHead says (following chained SeekHeads, at most
+_MAX_SEEKS positions, each within the Segment and holding the element its
+entry names). Info and Tracks are read whole
 into memory, each bounded in size; nothing is ever descended into but the
 few master elements named here, so nesting is as deep as this code says,
 whatever the file does.
@@ -51,6 +54,7 @@ _BLOCK, _BLOCK_DURATION, _DISCARD_PADDING = 0xA1, 0x9B, 0x75A2
 _CLUSTER_CHILDREN = frozenset({_CLUSTER_TIMESTAMP, _SIMPLE_BLOCK, _BLOCK_GROUP,
                                0xA7, 0xAB, 0x5854, 0xAF, 0xEC, 0xBF})
 _TRACK_AUDIO, _TRACK_VIDEO = 2, 1
+_SEEK_HEAD, _SEEK, _SEEK_ID, _SEEK_POSITION = 0x114D9B74, 0x4DBB, 0x53AB, 0x53AC
 
 # Bounds on structure: real files have a dozen top-level elements before
 # the first Cluster, Info of a few hundred bytes and Tracks of a few KB
@@ -58,6 +62,7 @@ _TRACK_AUDIO, _TRACK_VIDEO = 2, 1
 # costs real time or memory.
 _MAX_EBML_HEADER = 4 << 10
 _MAX_TOP_LEVEL = 1_024
+_MAX_SEEKS = 8               # positions a SeekHead sends the reader to, chained ones included
 _MAX_MASTER = 1 << 20        # Info or Tracks read whole; of the first Cluster, read
 _MAX_ELEMENTS = 20_000       # children walked in Info and Tracks, or in the Clusters tried
 _MAX_CLUSTER_TRIES = 32      # Cluster IDs in the tail tried, from the last back
@@ -229,16 +234,20 @@ def _segment_head(f: IO[bytes], pos: int, end: int, budget: _Budget
                   ) -> tuple[int, float, list[tuple[int, _Track]], int]:
     """(TimestampScale, Duration or 0, [(TrackType, track)], offset of
     the first Cluster or -1) from the Segment's Info and Tracks, looked for
-    before its first Cluster."""
+    before its first Cluster, and where the SeekHead says when not there
+    (a muxer may write them after the Clusters)."""
     f.seek(pos)
     element_id, body, size = _header(f.read(12), 0)
     if element_id != _SEGMENT:
         raise _Malformed("no Segment")
     pos += body
-    stop = end if size == _UNKNOWN else min(end, pos + size)
-    scale, duration, tracks, cluster = 1_000_000, 0.0, None, -1
+    segment, stop = pos, end if size == _UNKNOWN else min(end, pos + size)
+    found: dict[int, bytes] = {}             # the bodies of Info and Tracks
+    seeks: list[tuple[int, int]] = []
+    cluster, stated = -1, False
     for _ in range(_MAX_TOP_LEVEL):
-        if pos + 2 > stop or (tracks is not None and duration):
+        # Without a Duration, the first Cluster's offset is wanted too.
+        if pos + 2 > stop or (_TRACKS in found and _INFO in found and stated):
             break
         f.seek(pos)
         try:
@@ -248,19 +257,81 @@ def _segment_head(f: IO[bytes], pos: int, end: int, budget: _Budget
         if element_id == _CLUSTER or size == _UNKNOWN:
             cluster = pos if element_id == _CLUSTER else -1
             break
-        if element_id in (_INFO, _TRACKS):
-            if size > _MAX_MASTER:
-                raise _Malformed("Info or Tracks too large")
-            f.seek(pos + body)
-            data = f.read(size)
+        if element_id in (_INFO, _TRACKS) and element_id not in found:
+            found[element_id] = _master_body(f, pos, element_id, end)
             if element_id == _INFO:
-                scale, duration = _info(data, budget)
-            elif tracks is None:
-                tracks = _tracks(data, budget)
+                stated = _info(found[_INFO], budget)[1] > 0
+        elif element_id == _SEEK_HEAD and not seeks:
+            try:
+                seeks = _seek_entries(_master_body(f, pos, element_id, stop), segment, budget)
+            except _Malformed:
+                pass                         # only a way to what the walk did not reach
         pos += body + size
     else:
         raise _Malformed("too many top-level elements")
-    return scale, duration, tracks or [], cluster
+    if not (_INFO in found and _TRACKS in found):
+        _follow_seeks(f, seeks, found, segment, stop, budget)
+    scale, duration = _info(found[_INFO], budget) if _INFO in found else (1_000_000, 0.0)
+    tracks = _tracks(found[_TRACKS], budget) if _TRACKS in found else []
+    return scale, duration, tracks, cluster
+
+
+def _master_body(f: IO[bytes], pos: int, expected: int, stop: int) -> bytes:
+    """The body of the master element ``expected`` at ``pos``, read whole
+    (at most _MAX_MASTER bytes; less if the file is cut short before
+    ``stop``); refused if another element is there or it states no size."""
+    f.seek(pos)
+    element_id, body, size = _header(f.read(12), 0)
+    if element_id != expected or size == _UNKNOWN:
+        raise _Malformed("not the element expected")
+    if size > _MAX_MASTER:
+        raise _Malformed("a master element too large")
+    f.seek(pos + body)
+    return f.read(max(0, min(size, stop - pos - body)))
+
+
+def _seek_entries(data: bytes, segment: int, budget: _Budget) -> list[tuple[int, int]]:
+    """(element ID, file offset) of each Seek in a SeekHead's body (RFC
+    9559 section 5.1.1): its SeekPosition counts from the Segment's body."""
+    entries = []
+    for element_id, seek in _children(data, budget):
+        if element_id != _SEEK:
+            continue
+        target, position = 0, -1
+        for child, body in _children(seek, budget):
+            if child == _SEEK_ID:
+                target = _uint(body)
+            elif child == _SEEK_POSITION:
+                position = _uint(body)
+        if target in (_INFO, _TRACKS, _SEEK_HEAD) and position >= 0:
+            entries.append((target, segment + position))
+    return entries
+
+
+def _follow_seeks(f: IO[bytes], seeks: list[tuple[int, int]], found: dict[int, bytes],
+                  segment: int, stop: int, budget: _Budget) -> None:
+    """Read into ``found`` the Info and Tracks that ``seeks`` locate and
+    the walk did not reach, through SeekHeads that point to more (mkvmerge
+    chains one at the end). Each position is read at most once, at most
+    _MAX_SEEKS of them; one past the Segment's end, or holding another
+    element than its entry names, is passed over."""
+    visited: set[int] = set()
+    pending = list(seeks)
+    while pending and not (_INFO in found and _TRACKS in found):
+        target, at = pending.pop(0)
+        if target in found or at in visited or at >= stop:
+            continue
+        if len(visited) >= _MAX_SEEKS:
+            break
+        visited.add(at)
+        try:
+            body = _master_body(f, at, target, stop)
+        except _Malformed:
+            continue
+        if target == _SEEK_HEAD:
+            pending += _seek_entries(body, segment, budget)
+        else:
+            found[target] = body
 
 
 def _info(data: bytes, budget: _Budget) -> tuple[int, float]:
