@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import index
-from .audio import AUDIO_MIME_TYPES, AudioInfo, probe_async, sniff_mime
+from .audio import AUDIO_MIME_TYPES, AudioInfo, probe_async, sniff_mime, without_sound_async
 from .sniff import mp4_brands_say_audio
 from .config import AudioConfig
 from .errors import BlobdError
@@ -81,13 +81,18 @@ async def describe(store: Store, path: Path, digests: Digests,
     known = await index.get_blob(store.db.reader, digests.blake3)
     if known is not None:
         return Description.of_record(known)
-    info = await probe_async(path, store.config.audio.probe_timeout_seconds)
-    return Description(content_type(info, digests.head, client_type),
+    timeout = store.config.audio.probe_timeout_seconds
+    info = await probe_async(path, timeout)
+    silent = info is None and await without_sound_async(path, timeout)
+    return Description(content_type(info, digests.head, client_type, without_sound=silent),
                        info.to_json() if info is not None else None)
 
 
-def content_type(info: AudioInfo | None, head: bytes, client_type: str | None) -> str:
-    """Bytes first (probe, then magic), then a specific client claim."""
+def content_type(info: AudioInfo | None, head: bytes, client_type: str | None, *,
+                 without_sound: bool = False) -> str:
+    """Bytes first (probe, then magic), then a specific client claim.
+    ``without_sound``: the file's track list holds no sound track
+    (`blobd.audio.without_sound`), so its magic's audio type is wrong."""
     claimed = normalise_type(client_type)
     specific = claimed not in GENERIC_TYPES and claimed not in AUDIO_MIME_TYPES
     if info is not None:
@@ -101,7 +106,11 @@ def content_type(info: AudioInfo | None, head: bytes, client_type: str | None) -
                 and not mp4_brands_say_audio(head)):
             return claimed
         return info.mime
-    sniffed = sniff_mime(head)
+    # A film without sound is no audio, and blobd names no video type
+    # itself: a type it decides from the bytes is audio or the fallback,
+    # which `decided_by_bytes` (and so reprobe) can tell from a client's.
+    # A client that names it (video/webm) keeps that, as for any film.
+    sniffed = None if without_sound else sniff_mime(head)
     # A bare MPEG or ADTS frame header is a dozen bits of sync that text
     # starts with by chance (a UTF-16 byte-order mark, FF FE, is one), and
     # an MP4 of a generic brand, a WebM or a Matroska file may be a video:

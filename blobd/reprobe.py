@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from . import daemonthread, index
-from .audio import AUDIO_MIME_TYPES, PROBE_THREADS, AudioInfo, probe_file, sniff_mime
+from .audio import (AUDIO_MIME_TYPES, PROBE_THREADS, AudioInfo, probe_file, sniff_mime,
+                    without_sound)
 from .describe import content_type, decided_by_bytes
 from .errors import BlobdError
 from .files import HEAD_SIZE
@@ -88,6 +89,7 @@ class Reading:
     head: bytes
     info: AudioInfo | None
     probed: bool
+    without_sound: bool = False    # a film with no sound track (see blobd.audio)
 
 
 class _WatchedFile(io.FileIO):
@@ -127,9 +129,10 @@ def read_blob(path: str, size: int, must_probe: bool) -> Reading:
             return Reading(head, None, probed=False)
         f.seek(0)
         info = probe_file(f)
+        silent = info is None and without_sound(f)
     if raw.error is not None:
         raise raw.error
-    return Reading(head, info, probed=True)
+    return Reading(head, info, probed=True, without_sound=silent)
 
 
 @dataclass
@@ -199,7 +202,8 @@ class Run:
             self.report.not_audio += 1
             return
         audio = reading.info.to_json() if reading.info is not None else None
-        new_type = (content_type(reading.info, reading.head, None)
+        new_type = (content_type(reading.info, reading.head, None,
+                                 without_sound=reading.without_sound)
                     if decided_by_bytes(old_type) else old_type)
         if (new_type, audio) == (old_type, old_audio):
             self.report.unchanged += 1

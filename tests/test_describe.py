@@ -114,6 +114,12 @@ async def test_a_64_bit_wave_declared_audio_wav_is_read(alice, name, served):
     # A generic MP4 brand is no proof of audio: a video keeps its claim
     # (found in review: it was served as audio/mp4).
     (fixture("video_only.mp4").read_bytes(), "video/mp4", "video/mp4"),
+    (fixture("video_only.webm").read_bytes(), "video/webm", "video/webm"),
+    # A film with no sound track, sent without a type, is no audio: its
+    # magic's audio/mp4 or audio/webm was wrong.
+    (fixture("video_only.mp4").read_bytes(), None, OCTET),
+    (fixture("video_only.webm").read_bytes(), None, OCTET),
+    (fixture("video_only.webm").read_bytes(), "audio/webm", OCTET),
 ])
 async def test_unknown_bytes_keep_only_a_believable_claim(alice, data, claim, served):
     headers = {"Content-Type": claim} if claim else {}
@@ -131,6 +137,7 @@ async def test_unknown_bytes_keep_only_a_believable_claim(alice, data, claim, se
     # found by review: it was served as audio/mp4
     ("video_sound.mp4", "video/mp4", "video/mp4"),
     ("video_sound.mp4", None, "audio/mp4"),           # the bytes alone cannot tell
+    ("video_sound.webm", None, "audio/webm"),
     ("video_sound.mp4", "text/plain", "audio/mp4"),   # a film, not text
     # Sound alone, in a generic-brand MP4 as phones record it, is audio
     # whatever a file picker calls it.
@@ -143,7 +150,7 @@ async def test_a_video_with_sound_keeps_a_video_claim(alice, name, claim, served
                                headers={"Content-Type": claim} if claim else {})
     assert (await resp.json())["content_type"] == served
     meta = await meta_of(alice, b3(data))
-    assert meta["content_type"] == served and meta["audio"]["codec"] in ("aac", "mp3")
+    assert meta["content_type"] == served and meta["audio"]["codec"] in ("aac", "mp3", "opus")
 
 
 async def test_a_truncated_mp3_is_stored_with_what_is_left(alice):

@@ -117,6 +117,32 @@ def test_reprobe_brings_rows_stored_by_an_older_version_up_to_date(stored) -> No
         "reprobe: 7 blobs examined: 0 updated, 5 unchanged"), again.stdout
 
 
+def test_films_without_sound_stored_as_audio_become_the_fallback(tmp_path: Path) -> None:
+    """An older blobd typed a WebM or MP4 film with no sound track, sent
+    without a type, by its magic: audio/webm, audio/mp4. Today it is no
+    audio: application/octet-stream, as an upload would decide. One the
+    client called video/webm keeps that type."""
+    with BlobdServer(tmp_path, {"storage": {"fsync": False}}) as server:
+        token = server.token("alice", "read,write")
+        for name in ("video_only.webm", "video_only.mp4"):
+            put(server, token, (FIXTURES / name).read_bytes())
+        age(server, {"video_only.webm": ("audio/webm", None),
+                     "video_only.mp4": ("audio/mp4", None)})
+        result = server.cli("reprobe", "--no-progress")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[-1].startswith(
+            "reprobe: 2 blobs examined: 2 updated, 0 unchanged")
+        for name in ("video_only.webm", "video_only.mp4"):
+            status, body = meta(server, token, digest_of(name))
+            assert (status, body["content_type"], body["audio"]) == \
+                (200, "application/octet-stream", None), name
+        age(server, {"video_only.webm": ("video/webm", None)})
+        result = server.cli("reprobe", "--no-progress", digest_of("video_only.webm"))
+        assert result.returncode == 0, result.stderr
+        assert meta(server, token, digest_of("video_only.webm"))[1]["content_type"] == \
+            "video/webm"
+
+
 def test_rf64_and_w64_stored_before_they_were_read_become_audio(tmp_path: Path) -> None:
     """An older blobd sniffed neither: an RF64 recording (even one sent as
     audio/wav) and a W64 were stored as application/octet-stream, with no

@@ -49,6 +49,7 @@ from ..sniff import (AUDIO_MIME_TYPES, MAX_ID3_TAGS, MAX_MP3_JUNK, SNIFF_BYTES,
 from .aiff import read_aiff
 from .flac import read_flac
 from .info import AudioInfo
+from . import matroska, mp4
 from .matroska import read_matroska
 from .mp3 import read_aac, read_mp3
 from .mp4 import read_mp4
@@ -57,7 +58,8 @@ from .wav import read_wav
 from .wave64 import read_rf64, read_w64
 
 __all__ = ["AUDIO_MIME_TYPES", "MAX_MP3_JUNK", "OGG_TAIL", "AudioInfo",
-           "could_be_audio", "probe", "probe_async", "probe_file", "sniff_mime"]
+           "could_be_audio", "probe", "probe_async", "probe_file", "sniff_mime",
+           "without_sound", "without_sound_async"]
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,39 @@ def _probe_file(f: IO[bytes]) -> AudioInfo | None:
     else:
         info = _READERS[mime](f, start, head)
     return info if info is not None and _plausible(info) else None
+
+
+# The containers that hold films as well as sound, by the type their
+# magic announces: their track lists tell a film with no sound.
+_FILM_CONTAINERS: dict[str, Callable[[IO[bytes]], bool]] = {
+    "audio/mp4": mp4.without_sound, "audio/3gpp": mp4.without_sound,
+    "audio/3gpp2": mp4.without_sound, "audio/webm": matroska.without_sound,
+    "audio/matroska": matroska.without_sound,
+}
+
+
+def without_sound(f: IO[bytes]) -> bool:
+    """Whether the file (binary, buffered) is an MP4, 3GP, WebM or
+    Matroska file whose track list is read and holds tracks, none of them
+    sound: a film without sound, whose magic announces an audio type. The
+    probe finds no audio in it either way; this tells such a file from a
+    damaged one whose track list cannot be read. Bounded as the probe's
+    readers are, and never raises for the file's content (False)."""
+    try:
+        f.seek(0)
+        check = _FILM_CONTAINERS.get(sniff_mime(f.read(SNIFF_BYTES)) or "")
+        return check is not None and check(f)
+    except Exception as e:  # noqa: BLE001 - see probe's docstring
+        log.debug("track list of %s unreadable: %r", getattr(f, "name", f), e)
+        return False
+
+
+def _without_sound_at(path: str | os.PathLike[str]) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return without_sound(f)
+    except OSError:
+        return False
 
 
 def _skip_id3v2(f: IO[bytes]) -> int | None:
@@ -208,3 +243,15 @@ async def probe_async(path: str | os.PathLike[str],
     except TimeoutError:
         log.warning("audio probe of %s gave up after %.3g s", path, timeout)
         return None
+
+
+async def without_sound_async(path: str | os.PathLike[str], timeout: float) -> bool:
+    """`without_sound` of the file at ``path`` in a probe thread, False
+    after ``timeout`` seconds (as `probe_async`)."""
+    loop = asyncio.get_running_loop()
+    work = loop.run_in_executor(_probe_pool, _without_sound_at, path)
+    try:
+        return await asyncio.wait_for(work, timeout)
+    except TimeoutError:
+        log.warning("track list of %s gave up after %.3g s", path, timeout)
+        return False

@@ -215,6 +215,18 @@ def _read(f: IO[bytes]) -> AudioInfo | None:
         with_video=with_video)
 
 
+def without_sound(f: IO[bytes]) -> bool:
+    """Whether the file's Tracks are read and list tracks, none of them
+    audio (a film with no sound); False when they cannot be read."""
+    try:
+        f.seek(0)
+        _, segment_at = _ebml_header(f.read(_MAX_EBML_HEADER))
+        _, _, tracks, _ = _segment_head(f, segment_at, file_size(f), _Budget())
+    except _Malformed:
+        return False
+    return bool(tracks) and all(kind != _TRACK_AUDIO for kind, _ in tracks)
+
+
 def _ebml_header(data: bytes) -> tuple[str, int]:
     """(the audio type the DocType names, offset of what follows the EBML
     header); refused for another DocType."""

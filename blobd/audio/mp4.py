@@ -82,6 +82,20 @@ def read_mp4(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     return make_info(stream, codec, mime, with_video=with_video, bits_per_sample=bits)
 
 
+def without_sound(f: IO[bytes]) -> bool:
+    """Whether the file's moov is read and lists tracks, none of them
+    sound (a film with no sound); False when it cannot be read."""
+    if not _mp4_boxes_bounded(f):
+        return False
+    f.seek(0)
+    atoms = Atoms(f)
+    try:
+        traks = list(atoms[b"moov"].findall(b"trak"))
+    except KeyError:
+        return False
+    return bool(traks) and _mp4_sound_trak(atoms, f) is None
+
+
 def _mp4_bit_depth(codec: str, stream: Any, atoms: Any, f: IO[bytes]) -> int | None:
     """The bit depth of a lossless track: ALAC's, which mutagen reads from
     its magic cookie; FLAC's from the STREAMINFO in its 'dfLa' box, else
