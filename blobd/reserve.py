@@ -14,6 +14,7 @@ so it never takes the last room an upload could have used.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from typing import Awaitable, Callable, TypeVar
@@ -93,16 +94,19 @@ async def freeing(store: Store, run: Callable[[], Awaitable[T]]) -> T:
     return await run()
 
 
-async def keep(store: Store) -> None:
-    """Background task (worker 0): make the reserve at start-up (quietly),
-    and again once there is room after a deletion gave it up, on the
-    sweeper's interval."""
+async def make(store: Store) -> int:
+    """Make the reserve if it is missing (and there is room); its size if
+    this call made it, else 0."""
     storage = store.config.storage
+    made = await asyncio.to_thread(ensure, store.layout, storage.reserve_bytes,
+                                   storage.min_free_bytes)
+    return storage.reserve_bytes if made else 0
 
-    async def check() -> int:
-        made = await asyncio.to_thread(ensure, store.layout, storage.reserve_bytes,
-                                       storage.min_free_bytes)
-        return storage.reserve_bytes if made else 0
-    await check()   # unlogged: making it at start-up is no news
-    await periodic.every(store.config.gc.sweep_interval_seconds, check,
+
+async def keep(store: Store) -> None:
+    """Background task (worker 0, after `make` at start-up): make the
+    reserve again once there is room after a deletion gave it up, on the
+    sweeper's interval."""
+    await periodic.every(store.config.gc.sweep_interval_seconds,
+                         functools.partial(make, store),
                          "made the %d-byte reserve file again")

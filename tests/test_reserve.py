@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from serverproc import BlobdServer, wait_until
+from serverproc import BlobdServer
 
 MiB = 1 << 20
 
@@ -15,18 +15,20 @@ MiB = 1 << 20
 def test_the_reserve_follows_reserve_bytes_across_restarts(tmp_path: Path) -> None:
     config = {"storage": {"fsync": False, "min_free_bytes": 0, "reserve_bytes": MiB}}
     with BlobdServer(tmp_path, config) as server:
+        # In place before the server answers: made at start-up, not beside
+        # the first requests (a CI run once found its temporary file in
+        # tmp/ just after the start).
         reserve = server.data_dir / "reserve"
-        wait_until(reserve.exists, "the reserve file")
         assert reserve.stat().st_size == MiB
+        assert list((server.data_dir / "tmp").iterdir()) == []
 
         server.stop()
         server.config["storage"]["reserve_bytes"] = 2 * MiB
         server.start()
-        wait_until(lambda: reserve.exists() and reserve.stat().st_size == 2 * MiB,
-                   "the reserve file at its new size")
+        assert reserve.stat().st_size == 2 * MiB
         assert reserve.stat().st_blocks * 512 >= 2 * MiB    # allocated, not sparse
 
         server.stop()
         server.config["storage"]["reserve_bytes"] = 0
         server.start()
-        wait_until(lambda: not reserve.exists(), "the reserve file removed (0: no reserve)")
+        assert not reserve.exists(), "the reserve file removed (0: no reserve)"

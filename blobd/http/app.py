@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Callable, Coroutine
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine
 
 from aiohttp import web
 
@@ -67,7 +67,10 @@ def create_app(config: Config, *, background: bool = True,
             "blobd-sweeper", lambda app: reaper.run_sweeper(app[STORE])))
         app.cleanup_ctx.append(_running(
             "blobd-session-sweeper", lambda app: sessions.run_session_sweeper(app[STORE])))
-        app.cleanup_ctx.append(_running("blobd-reserve", lambda app: reserve.keep(app[STORE])))
+        # Made before the first request, not beside it: a deletion meeting
+        # a full disk right after the start must find it in place.
+        app.cleanup_ctx.append(_running("blobd-reserve", lambda app: reserve.keep(app[STORE]),
+                                        first=lambda app: reserve.make(app[STORE])))
     app.cleanup_ctx.append(functools.partial(_mirror, background=background))
     if background and config.scrub.bytes_per_second:
         # After the mirror: it heals through the mirror's healer, which
@@ -101,10 +104,14 @@ async def _open_store(app: web.Application, *, primary: bool) -> AsyncIterator[N
     await store.close()
 
 
-def _running(name: str, job: Callable[[web.Application], Coroutine[Any, Any, None]]
+def _running(name: str, job: Callable[[web.Application], Coroutine[Any, Any, None]],
+             first: Callable[[web.Application], Awaitable[Any]] | None = None,
              ) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A cleanup context that runs ``job(app)`` as a task while the app serves."""
+    """A cleanup context that runs ``job(app)`` as a task while the app
+    serves, after awaiting ``first(app)`` before the app serves."""
     async def context(app: web.Application) -> AsyncIterator[None]:
+        if first is not None:
+            await first(app)
         task = asyncio.create_task(job(app), name=name)
         yield
         task.cancel()
