@@ -90,6 +90,39 @@ async def test_a_rotten_file_is_quarantined_and_a_put_restores_it(server):
     assert "blobd_scrub_bytes_total " in metrics and "blobd_scrub_blobs_total " in metrics
 
 
+async def test_a_directory_or_symlink_in_place_of_a_blob_file_is_quarantined(server, tmp_path):
+    """Neither is a blob file (as fsck sees them): both go to quarantine/
+    and the pass goes on to the blobs after them. A directory cannot be
+    linked aside: the scrub failed on it and retried the same blob forever."""
+    login = await server(scrub=FAST)
+    alice, admin = await login("alice"), await login("root", "admin")
+    bodies = sorted((os.urandom(50_000) for _ in range(4)), key=b3)
+    for data in bodies:
+        assert (await alice.put(data)).status == 201
+    as_dir, as_link = (blob_path(alice.data_dir, b3(bodies[i])) for i in (0, 1))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(bodies[1])  # the right bytes, but outside the store
+
+    def replace() -> None:
+        as_dir.unlink()
+        as_dir.mkdir()
+        as_link.unlink()
+        as_link.symlink_to(elsewhere)
+        rot(blob_path(alice.data_dir, b3(bodies[3])))
+    await in_thread(replace)
+
+    await eventually(lambda: damaged(admin, 3), what="the scrub past all three")
+    assert not os.path.lexists(as_dir) and not os.path.lexists(as_link)
+    aside = {p.name.split(".")[0]: p for p in (alice.data_dir / "quarantine").iterdir()}
+    assert aside.keys() == {b3(bodies[i]) for i in (0, 1, 3)}
+    assert aside[b3(bodies[0])].is_dir()
+    assert aside[b3(bodies[1])].is_symlink() and elsewhere.read_bytes() == bodies[1]
+    for data in bodies[:2]:
+        assert (await alice.put(data)).status == 200
+        resp = await alice.request("GET", f"/blobs/{b3(data)}")
+        assert resp.status == 200 and await resp.read() == data
+
+
 async def test_the_scrub_heals_a_rotten_file_from_the_mirror(server, s3server, bucket):
     mirror = mirror_section(s3server, bucket.prefix, backup_interval_seconds=0)
     login = await server(scrub=FAST, mirror=mirror)
