@@ -69,8 +69,13 @@ async def test_a_rotten_file_is_quarantined_and_a_put_restores_it(server):
 
     report = await fsck.run(alice.store.config)
     assert [(p.kind, p.subject) for p in report.remaining] == [("missing", digest)]
-    assert ("quarantined", f"quarantine/{aside.name}") in [
-        (p.kind, p.subject) for p in report.problems]
+    (notice,) = [p for p in report.problems if p.kind == "quarantined"]
+    assert notice.subject == f"quarantine/{aside.name}"
+    # Nothing deletes quarantine/: fsck says what each file costs and when
+    # it can go.
+    assert notice.detail == (
+        "moved out of the store (200000 bytes); its blob has no file: while fsck reports"
+        " that blob missing this may be all that is left of its bytes, else delete it")
 
     # A PUT of the right bytes puts the file back.
     assert (await alice.put(good[1])).status == 200
@@ -79,6 +84,8 @@ async def test_a_rotten_file_is_quarantined_and_a_put_restores_it(server):
     assert resp.status == 200 and await resp.read() == good[1]
     report = await fsck.run(alice.store.config)
     assert report.ok and [p.kind for p in report.problems] == ["quarantined"]
+    assert report.problems[0].detail == (
+        "moved out of the store (200000 bytes); its blob has its file again: delete it")
 
     figures = await scrub_stats(admin)
     assert figures["enabled"] and figures["damaged"] == 1
