@@ -55,6 +55,11 @@ PAGE = 64
 SAVE_EVERY = 1.0
 # After an unexpected failure, the pass is tried again after this long.
 RETRY_SECONDS = 60.0
+# The least time between a pass's end and the next one's start, whatever
+# period_seconds says: on an empty or tiny store a tiny period made passes
+# back to back with nothing to throttle them, two index writes each, a
+# thousand a second.
+REST_SECONDS = 1.0
 
 Identity = tuple[int, int, int, int]
 
@@ -199,10 +204,12 @@ class Scrubber:
             self._stop.set()
 
     async def _wait_for_turn(self) -> None:
-        meta = await index.get_meta(self.store.db.reader, CURSOR, STARTED)
+        meta = await index.get_meta(self.store.db.reader, CURSOR, STARTED, ENDED)
         if CURSOR in meta or STARTED not in meta:
             return
         due = float(meta[STARTED]) + self.config.period_seconds
+        if ENDED in meta:
+            due = max(due, float(meta[ENDED]) + REST_SECONDS)
         if due > time.time():
             await asyncio.sleep(due - time.time())
 

@@ -246,3 +246,14 @@ def test_a_blob_deleted_while_scrubbed_is_not_quarantined(tmp_path: Path) -> Non
         assert done["damaged"] == 0
         assert "scrub: blob" not in server.stderr_tail(200)
     assert not (server.data_dir / "quarantine").exists()
+
+
+def test_a_tiny_period_rests_between_passes(tmp_path: Path) -> None:
+    """A pass over a tiny store ends at once; with a tiny period the next
+    began at once too: a thousand passes a second, two index writes each."""
+    server = stored(tmp_path, [b"one small blob"])
+    server.config["scrub"] = {"bytes_per_second": "16MiB", "period_seconds": 0.001}
+    with running(server):
+        time.sleep(3)
+        ended = server.stderr_tail(10_000).count("scrub: pass ended")
+    assert 2 <= ended <= 4, ended
