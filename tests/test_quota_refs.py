@@ -195,15 +195,16 @@ async def test_re_pointing_and_re_putting_at_the_limit_succeed(server):
 
 
 async def test_a_put_bound_to_pass_max_refs_is_refused_before_its_body(server):
-    """As max_bytes is: a PUT naming its blob and a new name (its Blob-Ref,
-    or its hash when it has none) at the limit was read to its last byte
-    and only then refused."""
+    """As max_bytes is: an upload adding a name known from its head (its
+    Blob-Ref, or the hash a PUT names) at the limit was read to its last
+    byte and only then refused."""
     _, alice = await at_limit(server)
     before = await snapshot(alice)
     data = os.urandom(300_000)
-    for headers in ({"Blob-Ref": "new"}, {}):
+    for path, headers in ((f"/blobs/{b3(data)}", {"Blob-Ref": "new"}),
+                          (f"/blobs/{b3(data)}", {}), ("/blobs", {"Blob-Ref": "new"})):
         conn = await RawConnection.open(alice.client.host, alice.client.port)
-        await conn.send_head("PUT", f"/blobs/{b3(data)}", alice.headers({
+        await conn.send_head("PUT" if path != "/blobs" else "POST", path, alice.headers({
             "Content-Length": str(len(data)), "Expect": "100-continue", **headers}))
         resp = await conn.read_response()  # no body byte was ever sent
         await conn.close()
