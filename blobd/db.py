@@ -131,15 +131,27 @@ class Database:
         """``read_only``: for a command that only reads: the writers' lock
         file is not made (by root, where none was, it would keep the owner's
         server out) and an older schema is refused, not migrated."""
-        await asyncio.to_thread(self._writers.open, not read_only)
-        self._writer = await self._connect()
-        await migrate(self._writer, read_only=read_only)
-        self._reader = await self._connect()
-        await self._reader.execute("PRAGMA query_only = ON")
-        self._read_threads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="blobd-read")
-        self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="blobd-commit")
-        self._commit_conn = await asyncio.get_running_loop().run_in_executor(
-            self._commit_thread, self._connect_committer)
+        try:
+            await asyncio.to_thread(self._writers.open, not read_only)
+            self._writer = await self._connect()
+            await migrate(self._writer, read_only=read_only)
+            self._reader = await self._connect()
+            await self._reader.execute("PRAGMA query_only = ON")
+            self._read_threads = ThreadPoolExecutor(READ_THREADS,
+                                                    thread_name_prefix="blobd-read")
+            self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="blobd-commit")
+            self._commit_conn = await asyncio.get_running_loop().run_in_executor(
+                self._commit_thread, self._connect_committer)
+        except BaseException as exc:
+            # A connection left open keeps its thread, which is not a
+            # daemon: the process would hang at exit after the error.
+            await self.close()
+            if isinstance(exc, sqlite3.Error) and await asyncio.to_thread(_no_room, self.path):
+                raise BlobdError("insufficient_storage",
+                                 f"the disk holding {self.path.parent} is full: the index"
+                                 f" cannot be opened ({exc}); make room and try again"
+                                 ) from exc
+            raise
 
     async def close(self) -> None:
         """Close every connection once no write transaction is open: a
@@ -181,8 +193,12 @@ class Database:
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         conn.row_factory = aiosqlite.Row
-        for pragma in self._pragmas():
-            await conn.execute(pragma)
+        try:
+            for pragma in self._pragmas():
+                await conn.execute(pragma)
+        except BaseException:
+            await conn.close()
+            raise
         return conn
 
     def _connect_sync(self, *, check_same_thread: bool = True) -> sqlite3.Connection:
@@ -304,6 +320,17 @@ class Database:
                 return await cur.fetchone()
         finally:
             await conn.close()
+
+
+def _no_room(path: Path) -> bool:
+    """Whether the index's filesystem is full: SQLite then fails to grow
+    the -shm file with a bare "disk I/O error" (SQLITE_IOERR_SHMSIZE), not
+    SQLITE_FULL."""
+    try:
+        st = os.statvfs(path.parent)
+        return st.f_bavail * st.f_frsize < 1 << 20
+    except OSError:
+        return False
 
 
 def is_disk_full(exc: BaseException) -> bool:

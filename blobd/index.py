@@ -390,10 +390,13 @@ def check_ref_room(row: aiosqlite.Row, limits: QuotaLimits) -> None:
     """Raise quota_exceeded if the owner of ``row`` may not add a reference
     name; re-pointing a name it has is never refused by this."""
     if row["used_refs"] >= limits.max_refs:
-        raise BlobdError("quota_exceeded",
-                         f"quota max_refs ({limits.max_refs}) would be exceeded"
-                         f" ({row['used_refs']} references); delete a reference or"
-                         " re-point an existing name")
+        raise refs_exceeded(limits.max_refs, row["used_refs"])
+
+
+def refs_exceeded(limit: int, used: int) -> BlobdError:
+    return BlobdError("quota_exceeded", f"quota max_refs ({limit}) would be exceeded"
+                      f" ({used} references); delete a reference or re-point an"
+                      " existing name")
 
 
 async def has_ref(conn: aiosqlite.Connection, owner: str, name: str) -> bool:

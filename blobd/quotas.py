@@ -63,32 +63,40 @@ async def small_upload_limit(store: Store, owner: str, declared: int) -> int:
 
 
 async def upload_limit(store: Store, owner: str, declared: int | None,
-                       digest: str | None = None, *, unknown: bool = False) -> int:
+                       digest: str | None = None, *, unknown: bool = False,
+                       name: str | None = None) -> int:
     """The most bytes ``owner`` may send now; raises before any is read.
 
     ``declared`` is the Content-Length (None when chunked); ``digest`` the
     BLAKE3 address when the client named it, so a blob the owner already
     holds (which costs nothing) is not refused for ``max_bytes``;
     ``unknown``: the client named a blob the index has never seen (a
-    ``sha256:`` address not in it), which nobody can hold. Every check,
-    free disk space included, is one trip to a reader thread.
+    ``sha256:`` address not in it), which nobody can hold; ``name``: the
+    reference name the upload will add or re-point, when known before the
+    body. Every check, free disk space included, is one trip to a reader
+    thread.
     """
     limits = await store.db.read(functools.partial(_check_upload, store, owner,
-                                                   declared, digest, unknown))
+                                                   declared, digest, unknown, name))
     store.owner_limits.put(owner, limits)
     return min(limits.max_blob_size, store.config.limits.max_blob_size)
 
 
 def _check_upload(store: Store, owner: str, declared: int | None, digest: str | None,
-                  unknown: bool, conn: sqlite3.Connection) -> QuotaLimits:
+                  unknown: bool, name: str | None, conn: sqlite3.Connection) -> QuotaLimits:
     """The checks of :func:`upload_limit`, on a reader thread; the owner's
     limits if all pass."""
     sync = SyncConnection(conn)
     server_max = store.config.limits.max_blob_size
     limits = drive(index.limits_for(sync, owner, store.config.quota_for(owner)))
+    used = drive(index.usage(sync, owner))
+    # A new name past max_refs would be refused at the commit, after the
+    # whole body (a phone's 2 GiB recording) was sent for nothing.
+    if (name is not None and used["used_refs"] >= limits.max_refs
+            and not drive(index.has_ref(sync, owner, name))):
+        raise index.refs_exceeded(limits.max_refs, used["used_refs"])
     if declared is not None:
         index.check_blob_size(declared, limits, server_max)
-        used = drive(index.usage(sync, owner))
         if used["monthly_upload_bytes"] + declared > limits.max_monthly_upload_bytes:
             raise exceeded("max_monthly_upload_bytes", limits.max_monthly_upload_bytes)
         new_to_owner = unknown or (digest is not None

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -54,6 +55,11 @@ PAGE = 64
 SAVE_EVERY = 1.0
 # After an unexpected failure, the pass is tried again after this long.
 RETRY_SECONDS = 60.0
+# The least time between a pass's end and the next one's start, whatever
+# period_seconds says: on an empty or tiny store a tiny period made passes
+# back to back with nothing to throttle them, two index writes each, a
+# thousand a second.
+REST_SECONDS = 1.0
 
 Identity = tuple[int, int, int, int]
 
@@ -93,6 +99,16 @@ def check_file(path: Path, blob: BlobRecord, throttle: Throttle
     """(what is wrong or None, the identity of the file read, bytes read).
     Runs in a thread."""
     try:
+        first = os.lstat(path)
+    except FileNotFoundError:
+        return "missing", None, 0
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})", None, 0
+    if not stat.S_ISREG(first.st_mode):
+        # As fsck sees it: a directory or a symlink is never a blob file,
+        # even when a symlink leads to the right bytes.
+        return f"not a regular file ({_kind(first.st_mode)})", identity(first), 0
+    try:
         fh = open(path, "rb", buffering=0)
     except FileNotFoundError:
         return "missing", None, 0
@@ -127,16 +143,25 @@ def move_aside(store: Store, digest: str, seen: Identity | None) -> Path | str |
     missing; None when it changed meanwhile (healed, stored again)."""
     path = store.layout.blob_path(digest)
     try:
-        now: Identity | None = identity(os.lstat(path))
+        st: os.stat_result | None = os.lstat(path)
     except FileNotFoundError:
-        now = None
-    if now != seen:
+        st = None
+    if (identity(st) if st is not None else None) != seen:
         return None
-    if seen is None:
+    if st is None:
         return "missing"
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     store.layout.quarantine_dir.mkdir(exist_ok=True)
     target = store.layout.damaged_path(digest, stamp)
+    if not stat.S_ISREG(st.st_mode):
+        # A directory cannot be linked, and a link to a symlink would copy
+        # where it points; under the write lock nothing else names targets.
+        n = 0
+        while os.path.lexists(target):
+            n += 1
+            target = store.layout.damaged_path(digest, f"{stamp}-{n}")
+        os.rename(path, target)
+        return target
     for n in range(1, 1000):
         try:
             # link, not rename: never over an earlier damaged copy.
@@ -179,10 +204,12 @@ class Scrubber:
             self._stop.set()
 
     async def _wait_for_turn(self) -> None:
-        meta = await index.get_meta(self.store.db.reader, CURSOR, STARTED)
+        meta = await index.get_meta(self.store.db.reader, CURSOR, STARTED, ENDED)
         if CURSOR in meta or STARTED not in meta:
             return
         due = float(meta[STARTED]) + self.config.period_seconds
+        if ENDED in meta:
+            due = max(due, float(meta[ENDED]) + REST_SECONDS)
         if due > time.time():
             await asyncio.sleep(due - time.time())
 
@@ -253,6 +280,14 @@ class Scrubber:
                 values[ENDED] = repr(ended)
             await index.set_meta(tx.conn, **values)
             tx.count(scrub_blobs=pending.blobs, scrub_bytes=pending.bytes)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return "not a file"
 
 
 def _size(count: int) -> str:

@@ -330,3 +330,26 @@ def test_reprobe_stops_at_a_full_disk_with_its_summary(tmp_path, tiny_fs):
     again = server.cli("reprobe", "--no-progress")
     assert again.returncode == 0, again.stderr
     assert f"{40 - updated} updated, {updated} unchanged" in again.stdout
+
+
+def test_commands_on_a_disk_already_full_say_so_and_exit(tmp_path, tiny_fs):
+    """With the disk full before a command starts, SQLite cannot make the
+    index's -shm file ("disk I/O error"): every command, serve included,
+    printed a traceback and then hung for good, its half-opened index
+    connection's thread keeping the process alive."""
+    config = {"storage": {"fsync": False, "min_free_bytes": 0, "reserve_bytes": 0}}
+    with BlobdServer(tmp_path / "srv", config, data_dir=tiny_fs / "data") as server:
+        alice = server.token("alice")
+        assert http("POST", f"{server.url}/blobs", alice, b"kept")[0] == 201
+    filler = fill(tiny_fs)
+
+    for command in (("fsck",), ("reprobe", "--no-progress"), ("serve",)):
+        result = server.cli(*command, timeout=30)
+        assert result.returncode == 1, (command, result.stderr)
+        assert result.stderr == (
+            f"blobd: error: the disk holding {tiny_fs / 'data'} is full: the index cannot"
+            " be opened (disk I/O error); make room and try again\n"), command
+
+    filler.unlink()
+    result = server.cli("fsck")
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -9,6 +9,7 @@ import os
 import pytest
 
 from conftest import b3, blob_files, tmp_files
+from rawhttp import RawConnection
 from test_quotas import assert_refused, quota, usage_row
 
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -191,6 +192,35 @@ async def test_re_pointing_and_re_putting_at_the_limit_succeed(server):
     body = await quota(alice)
     assert (body["used_refs"], body["used_blobs"]) == (3, 2)
     assert await ref_names(alice) == ["a1", "a2", "a3"]
+
+
+async def test_a_put_bound_to_pass_max_refs_is_refused_before_its_body(server):
+    """As max_bytes is: an upload adding a name known from its head (its
+    Blob-Ref, or the hash a PUT names) at the limit was read to its last
+    byte and only then refused."""
+    _, alice = await at_limit(server)
+    before = await snapshot(alice)
+    data = os.urandom(300_000)
+    for path, headers in ((f"/blobs/{b3(data)}", {"Blob-Ref": "new"}),
+                          (f"/blobs/{b3(data)}", {}), ("/blobs", {"Blob-Ref": "new"})):
+        conn = await RawConnection.open(alice.client.host, alice.client.port)
+        await conn.send_head("PUT" if path != "/blobs" else "POST", path, alice.headers({
+            "Content-Length": str(len(data)), "Expect": "100-continue", **headers}))
+        resp = await conn.read_response()  # no body byte was ever sent
+        await conn.close()
+        assert resp.status == 507 and resp.json()["error"] == "quota_exceeded", headers
+        assert "max_refs (3)" in resp.json()["message"]
+    assert await snapshot(alice) == before and tmp_files(alice.data_dir) == []
+    assert (await quota(alice))["monthly_upload_bytes"] == len(b"held")
+    # A name the owner has is only re-pointed: its body is asked for.
+    conn = await RawConnection.open(alice.client.host, alice.client.port)
+    await conn.send_head("PUT", f"/blobs/{b3(data)}", alice.headers({
+        "Content-Length": str(len(data)), "Expect": "100-continue", "Blob-Ref": "a3"}))
+    assert (await conn.read_response()).status == 100
+    await conn.send(data)
+    assert (await conn.read_response()).status == 201
+    await conn.close()
+    assert (await alice.request("GET", "/refs/a3")).status == 200
 
 
 async def test_deleting_references_frees_room(server):

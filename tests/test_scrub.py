@@ -69,8 +69,13 @@ async def test_a_rotten_file_is_quarantined_and_a_put_restores_it(server):
 
     report = await fsck.run(alice.store.config)
     assert [(p.kind, p.subject) for p in report.remaining] == [("missing", digest)]
-    assert ("quarantined", f"quarantine/{aside.name}") in [
-        (p.kind, p.subject) for p in report.problems]
+    (notice,) = [p for p in report.problems if p.kind == "quarantined"]
+    assert notice.subject == f"quarantine/{aside.name}"
+    # Nothing deletes quarantine/: fsck says what each file costs and when
+    # it can go.
+    assert notice.detail == (
+        "moved out of the store (200000 bytes); its blob has no file: while fsck reports"
+        " that blob missing this may be all that is left of its bytes, else delete it")
 
     # A PUT of the right bytes puts the file back.
     assert (await alice.put(good[1])).status == 200
@@ -79,6 +84,8 @@ async def test_a_rotten_file_is_quarantined_and_a_put_restores_it(server):
     assert resp.status == 200 and await resp.read() == good[1]
     report = await fsck.run(alice.store.config)
     assert report.ok and [p.kind for p in report.problems] == ["quarantined"]
+    assert report.problems[0].detail == (
+        "moved out of the store (200000 bytes); its blob has its file again: delete it")
 
     figures = await scrub_stats(admin)
     assert figures["enabled"] and figures["damaged"] == 1
@@ -88,6 +95,39 @@ async def test_a_rotten_file_is_quarantined_and_a_put_restores_it(server):
     assert "blobd_scrub_damaged_total 1.0" in metrics
     assert "blobd_scrub_last_pass_end_timestamp_seconds " in metrics
     assert "blobd_scrub_bytes_total " in metrics and "blobd_scrub_blobs_total " in metrics
+
+
+async def test_a_directory_or_symlink_in_place_of_a_blob_file_is_quarantined(server, tmp_path):
+    """Neither is a blob file (as fsck sees them): both go to quarantine/
+    and the pass goes on to the blobs after them. A directory cannot be
+    linked aside: the scrub failed on it and retried the same blob forever."""
+    login = await server(scrub=FAST)
+    alice, admin = await login("alice"), await login("root", "admin")
+    bodies = sorted((os.urandom(50_000) for _ in range(4)), key=b3)
+    for data in bodies:
+        assert (await alice.put(data)).status == 201
+    as_dir, as_link = (blob_path(alice.data_dir, b3(bodies[i])) for i in (0, 1))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(bodies[1])  # the right bytes, but outside the store
+
+    def replace() -> None:
+        as_dir.unlink()
+        as_dir.mkdir()
+        as_link.unlink()
+        as_link.symlink_to(elsewhere)
+        rot(blob_path(alice.data_dir, b3(bodies[3])))
+    await in_thread(replace)
+
+    await eventually(lambda: damaged(admin, 3), what="the scrub past all three")
+    assert not os.path.lexists(as_dir) and not os.path.lexists(as_link)
+    aside = {p.name.split(".")[0]: p for p in (alice.data_dir / "quarantine").iterdir()}
+    assert aside.keys() == {b3(bodies[i]) for i in (0, 1, 3)}
+    assert aside[b3(bodies[0])].is_dir()
+    assert aside[b3(bodies[1])].is_symlink() and elsewhere.read_bytes() == bodies[1]
+    for data in bodies[:2]:
+        assert (await alice.put(data)).status == 200
+        resp = await alice.request("GET", f"/blobs/{b3(data)}")
+        assert resp.status == 200 and await resp.read() == data
 
 
 async def test_the_scrub_heals_a_rotten_file_from_the_mirror(server, s3server, bucket):
@@ -206,3 +246,14 @@ def test_a_blob_deleted_while_scrubbed_is_not_quarantined(tmp_path: Path) -> Non
         assert done["damaged"] == 0
         assert "scrub: blob" not in server.stderr_tail(200)
     assert not (server.data_dir / "quarantine").exists()
+
+
+def test_a_tiny_period_rests_between_passes(tmp_path: Path) -> None:
+    """A pass over a tiny store ends at once; with a tiny period the next
+    began at once too: a thousand passes a second, two index writes each."""
+    server = stored(tmp_path, [b"one small blob"])
+    server.config["scrub"] = {"bytes_per_second": "16MiB", "period_seconds": 0.001}
+    with running(server):
+        time.sleep(3)
+        ended = server.stderr_tail(10_000).count("scrub: pass ended")
+    assert 2 <= ended <= 4, ended

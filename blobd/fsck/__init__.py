@@ -15,7 +15,11 @@ size of the job and each step of it.
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import stat
 import time
+from pathlib import Path
 from typing import Callable
 
 from .. import files
@@ -101,8 +105,30 @@ def _quarantined(store: Store) -> list[Problem]:
     except FileNotFoundError:
         return []
     root = store.layout.root
-    return [Problem("quarantined", str(path.relative_to(root)),
-                    "moved out of the store; inspect it, then delete it") for path in entries]
+    return [Problem("quarantined", str(path.relative_to(root)), _advice(store, path))
+            for path in entries]
+
+
+_DAMAGED_NAME = re.compile(r"([0-9a-f]{64})\.[0-9TZ-]+")
+
+
+def _advice(store: Store, path: Path) -> str:
+    """What the file costs and whether it can go: nothing ever deletes
+    quarantine/ (a damaged copy may be all that is left of a blob's
+    bytes), so the owner needs to know which copies are of no more use."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return "moved out of the store; inspect it, then delete it"
+    cost = (f"{st.st_size} bytes" if stat.S_ISREG(st.st_mode)
+            else "a directory" if stat.S_ISDIR(st.st_mode) else "not a file")
+    found = _DAMAGED_NAME.fullmatch(path.name)
+    if found is None:
+        return f"moved out of the store ({cost}); inspect it, then delete it"
+    if os.path.isfile(store.layout.blob_path(found.group(1))):
+        return f"moved out of the store ({cost}); its blob has its file again: delete it"
+    return (f"moved out of the store ({cost}); its blob has no file: while fsck reports"
+            " that blob missing this may be all that is left of its bytes, else delete it")
 
 
 async def _check_tmp(store: Store, repair: bool) -> list[Problem]:

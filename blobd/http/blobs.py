@@ -116,7 +116,8 @@ async def _receive_and_commit(request: web.Request, store: Store, owner: str,
     else:
         digest = await resolve_any(store, address) if address is not None else None
         limit = await upload_limit(store, owner, declared, digest,
-                                   unknown=address is not None and digest is None)
+                                   unknown=address is not None and digest is None,
+                                   name=ref if ref is not None else digest)
     if precondition is not None and address is not None:
         # Checked before the body is invited or read (a 412 wastes no
         # upload), and again where the reference is added.
