@@ -222,7 +222,8 @@ class Scrubber:
                 await index.set_meta(tx.conn, **{CURSOR: cursor, STARTED: repr(time.time())})
             log.info("scrub: pass started (%s/s)", _size(self.config.bytes_per_second))
         else:
-            log.info("scrub: pass resumed after blob %s", cursor)
+            log.info("scrub: pass resumed %s", f"after blob {cursor}" if cursor
+                     else "from its start (no blob was checked before it stopped)")
         throttle = Throttle(self.config.bytes_per_second, self._stop)
         pending, saved = Pending(), time.monotonic()
         try:

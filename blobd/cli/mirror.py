@@ -221,8 +221,8 @@ async def run_status(args: argparse.Namespace) -> int:
         own = await store_id(store.db.reader)
     print(f"store id: {own}")
     age = queue_age(counts["oldest_enqueued_at"], time.time())
-    print(f"queue: {counts['pending']} pending, {counts['failed']} failing"
-          f", oldest pending {age:.0f}s")
+    oldest = f", oldest pending {age:.0f}s" if counts["pending"] else ""
+    print(f"queue: {counts['pending']} pending, {counts['failed']} failing{oldest}")
     if counts["last_error"]:
         print(f"last error: {counts['last_error']}")
     try:
