@@ -42,7 +42,7 @@ import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO
+from typing import IO, Any, TypeVar
 
 from ..sniff import (AUDIO_MIME_TYPES, MAX_ID3_TAGS, MAX_MP3_JUNK, SNIFF_BYTES,
                      could_be_audio, id3v2_size, is_rf64_header, sniff_mime)
@@ -236,22 +236,24 @@ async def probe_async(path: str | os.PathLike[str],
     dropped, and a stuck probe ties up only the probe pool (see above),
     never the event loop or the default executor.
     """
-    loop = asyncio.get_running_loop()
-    work = loop.run_in_executor(_probe_pool, probe, path)
-    try:
-        return await asyncio.wait_for(work, timeout)
-    except TimeoutError:
-        log.warning("audio probe of %s gave up after %.3g s", path, timeout)
-        return None
+    return await _in_probe_pool(probe, path, timeout, "audio probe", None)
 
 
 async def without_sound_async(path: str | os.PathLike[str], timeout: float) -> bool:
     """`without_sound` of the file at ``path`` in a probe thread, False
     after ``timeout`` seconds (as `probe_async`)."""
-    loop = asyncio.get_running_loop()
-    work = loop.run_in_executor(_probe_pool, _without_sound_at, path)
+    return await _in_probe_pool(_without_sound_at, path, timeout, "track list", False)
+
+
+T = TypeVar("T")
+
+
+async def _in_probe_pool(read: Callable[[Any], T], path: str | os.PathLike[str],
+                         timeout: float, what: str, gave_up: T) -> T:
+    """``read(path)`` in the probe pool; ``gave_up`` after ``timeout`` s."""
+    work = asyncio.get_running_loop().run_in_executor(_probe_pool, read, path)
     try:
         return await asyncio.wait_for(work, timeout)
     except TimeoutError:
-        log.warning("track list of %s gave up after %.3g s", path, timeout)
-        return False
+        log.warning("%s of %s gave up after %.3g s", what, path, timeout)
+        return gave_up

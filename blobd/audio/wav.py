@@ -53,6 +53,15 @@ class WaveLayout:
     data_size: int
     frames: int
 
+    @classmethod
+    def of(cls, f: IO[bytes], chunks: dict[bytes, tuple[int, int]],
+           frames: int) -> WaveLayout:
+        """From a container's chunk list (RIFF ids, each id's first), and
+        the frame count its own way of stating one gives."""
+        data_at, data_size = chunks.get(b"data", (0, 0))
+        return cls(riff_chunk_head(f, chunks, b"fmt ", MAX_WAVE_FORMAT),
+                   data_at, data_size, frames)
+
 
 class _WaveFormat(NamedTuple):
     """The WAVEFORMATEX fields, as `make_info` reads a stream's."""
@@ -74,11 +83,8 @@ def read_wav(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     chunks = list_chunks(f, start, "little", b"fmt ", MAX_WAVE_FORMAT)
     if chunks is None:
         return None
-    data_at, data_size = chunks.get(b"data", (0, 0))
     frames = int.from_bytes(riff_chunk_head(f, chunks, b"fact", 4), "little")
-    layout = WaveLayout(riff_chunk_head(f, chunks, b"fmt ", MAX_WAVE_FORMAT),
-                        data_at, data_size, frames)
-    return wave_info(f, layout, "audio/wav")
+    return wave_info(f, WaveLayout.of(f, chunks, frames), "audio/wav")
 
 
 def wave_info(f: IO[bytes], layout: WaveLayout, mime: str) -> AudioInfo | None:

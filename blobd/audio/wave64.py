@@ -53,14 +53,11 @@ def read_rf64(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     chunks = list_chunks(f, start, "little", b"fmt ", MAX_WAVE_FORMAT, big_sizes)
     if chunks is None:
         return None
-    data_at, data_size = chunks.get(b"data", (0, 0))
     fact = riff_chunk_head(f, chunks, b"fact", 4)
     frames = int.from_bytes(fact, "little")
     if len(fact) < 4 or frames == RF64_SIZE_ELSEWHERE:
         frames = sample_count
-    layout = WaveLayout(riff_chunk_head(f, chunks, b"fmt ", MAX_WAVE_FORMAT),
-                        data_at, data_size, frames)
-    return wave_info(f, layout, "audio/wav")
+    return wave_info(f, WaveLayout.of(f, chunks, frames), "audio/wav")
 
 
 def _ds64_table(ds64: bytes) -> dict[bytes, int]:
@@ -79,12 +76,9 @@ def read_w64(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     chunks = _list_w64_chunks(f, start)
     if chunks is None:
         return None
-    data_at, data_size = chunks.get(b"data", (0, 0))
     # W64's fact holds a 64-bit frame count (ffmpeg writes 8 bytes).
     frames = int.from_bytes(riff_chunk_head(f, chunks, b"fact", 8), "little")
-    layout = WaveLayout(riff_chunk_head(f, chunks, b"fmt ", MAX_WAVE_FORMAT),
-                        data_at, data_size, frames)
-    return wave_info(f, layout, "audio/x-w64")
+    return wave_info(f, WaveLayout.of(f, chunks, frames), "audio/x-w64")
 
 
 def _list_w64_chunks(f: IO[bytes], start: int) -> dict[bytes, tuple[int, int]] | None:
