@@ -165,6 +165,10 @@ class StoreCollector(Collector):
             ended = datetime.fromisoformat(scrub["last_pass_ended"]).timestamp()
             gauges.append(("blobd_scrub_last_pass_end_timestamp_seconds",
                            "When the scrub last finished reading every blob file", ended))
+        if scrub["missing"] is not None:
+            gauges.append(("blobd_scrub_missing_files",
+                           "Blobs the last completed scrub pass left without their file "
+                           "(missing, or quarantined and not healed)", scrub["missing"]))
         for name, text, value in gauges:
             yield GaugeMetricFamily(name, text, value=value)
         yield CounterMetricFamily("blobd_puts", "Blob stores (PUT, POST, sessions)",
@@ -177,7 +181,7 @@ class StoreCollector(Collector):
         yield CounterMetricFamily("blobd_scrub_bytes", "Bytes the scrub read and hashed",
                                   value=scrub["bytes_checked"])
         yield CounterMetricFamily("blobd_scrub_damaged",
-                                  "Blob files the scrub found damaged or missing",
+                                  "Blob files the scrub found damaged and moved to quarantine",
                                   value=scrub["damaged"])
 
 

@@ -29,7 +29,9 @@ Definitions (API.md, "Operations"):
   expired one answers 404 before the sweeper removes it);
 * ``scrub``: the background scrub (:mod:`blobd.scrub`): its settings, its
   counts since the index was made (``blobs_checked``, ``bytes_checked``,
-  ``damaged``: files found not their blob, or missing, each time found),
+  which moves while a big blob is read, and ``damaged``: files found not
+  their blob and moved to quarantine, each once), ``missing``: the blobs
+  the last completed pass left without their file (null before one ends),
   when the current pass started (null between passes) and the last ended,
   and ``continuous``: the store (every blob row) takes longer than the
   period to read at the configured rate, so passes follow each other
@@ -63,7 +65,8 @@ SELECT b.*,
   (SELECT value FROM counters WHERE name = 'scrub_damaged') AS scrub_damaged,
   (SELECT value FROM meta WHERE name = 'scrub_cursor') AS scrub_cursor,
   (SELECT value FROM meta WHERE name = 'scrub_pass_started') AS scrub_started,
-  (SELECT value FROM meta WHERE name = 'scrub_pass_ended') AS scrub_ended
+  (SELECT value FROM meta WHERE name = 'scrub_pass_ended') AS scrub_ended,
+  (SELECT value FROM meta WHERE name = 'scrub_missing') AS scrub_missing
 FROM (
   SELECT
     coalesce(sum(refcount > 0), 0) AS blobs,
@@ -125,6 +128,7 @@ def _scrub(store: Store, row: Any) -> dict[str, Any]:
         "blobs_checked": row["scrub_blobs"] or 0,
         "bytes_checked": row["scrub_bytes"] or 0,
         "damaged": row["scrub_damaged"] or 0,
+        "missing": int(row["scrub_missing"]) if row["scrub_missing"] is not None else None,
         "pass_started": _iso(started),
         "last_pass_ended": _iso(row["scrub_ended"]),
         "continuous": rate > 0 and row["all_bytes"] / rate > config.period_seconds,
