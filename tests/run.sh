@@ -32,6 +32,7 @@ need nodejs node
 need npm npm
 need openssl openssl
 need systemd systemd-analyze
+need strace strace
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "tests/run.sh: installing ${missing[*]}" >&2
