@@ -455,9 +455,12 @@ def _mirror_checks(mirror: MirrorConfig) -> list[Check]:
                                  and bool(endpoint.hostname)),
          "mirror.endpoint", "expected an http:// or https:// URL with a host"),
         *_prefix_checks(mirror.prefix),
-        # S3 refuses parts under 5 MiB (all but the last) in a multipart upload.
-        (mirror.multipart_threshold >= 5 << 20,
-         "mirror.multipart_threshold", "expected at least 5MiB"),
+        # Only whether a blob goes up in parts: the parts themselves are
+        # 16 MiB or more whatever this is, and a single part may be any size
+        # (it is the last), so "1MiB" always worked and stays accepted after
+        # an upgrade. 0 would send an empty blob as a multipart upload of no parts.
+        (mirror.multipart_threshold >= 1,
+         "mirror.multipart_threshold", "expected at least 1 byte"),
         (mirror.concurrency >= 1, "mirror.concurrency", "expected at least 1"),
         (mirror.retry_max_seconds > 0, "mirror.retry_max_seconds", "expected a positive number"),
         (mirror.backup_interval_seconds >= 0,
