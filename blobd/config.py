@@ -22,7 +22,7 @@ from typing import Any
 
 from .auth import check_owner
 from .errors import BlobdError, ConfigError
-from .layout import S3_MAX_KEY_BYTES, mirror_longest_key
+from .layout import S3_MAX_KEY_BYTES, Layout, mirror_longest_key
 from .sniff import AUDIO_MIME_TYPES
 
 _UNITS = {
@@ -335,7 +335,8 @@ def _validate(config: Config, names: dict[str, str] | None = None) -> None:
         # No shell reads this file to expand "~": "~/blobd-data" was a new,
         # empty store in a directory named "~" under the working directory.
         (not config.server.data_dir.startswith("~"), "server.data_dir",
-         f"{config.server.data_dir!r}: '~' is not expanded here; give the whole path"),
+         f"{config.server.data_dir!r}: '~' is not expanded here; give the whole path"
+         + _literal_store_note(config.server.data_dir)),
         *_origin_checks(config.server.cors_origins),
         (config.server.workers >= 1, "server.workers", "expected at least 1"),
         # Each worker is a whole server (about 45 MB); a typo of a thousand
@@ -371,6 +372,18 @@ def _validate(config: Config, names: dict[str, str] | None = None) -> None:
     for ok, key, problem in checks:
         if not ok:
             raise ConfigError(f"{(names or {}).get(key, key)}: {problem}")
+
+
+def _literal_store_note(data_dir: str) -> str:
+    """Where an older blobd, which took "~" as a directory's name, keeps the
+    store this setting made: the whole path a user should give is that one,
+    not their home's (an empty store there would look like every blob lost)."""
+    if not data_dir.startswith("~"):
+        return ""
+    literal = Path(data_dir).absolute()
+    if not Layout(literal).index_path.is_file():
+        return ""
+    return f" (the store an older blobd made from this setting is {literal})"
 
 
 # A host name as resolvers take it: dot-separated labels of letters, digits,
@@ -442,9 +455,12 @@ def _mirror_checks(mirror: MirrorConfig) -> list[Check]:
                                  and bool(endpoint.hostname)),
          "mirror.endpoint", "expected an http:// or https:// URL with a host"),
         *_prefix_checks(mirror.prefix),
-        # S3 refuses parts under 5 MiB (all but the last) in a multipart upload.
-        (mirror.multipart_threshold >= 5 << 20,
-         "mirror.multipart_threshold", "expected at least 5MiB"),
+        # Only whether a blob goes up in parts: the parts themselves are
+        # 16 MiB or more whatever this is, and a single part may be any size
+        # (it is the last), so "1MiB" always worked and stays accepted after
+        # an upgrade. 0 would send an empty blob as a multipart upload of no parts.
+        (mirror.multipart_threshold >= 1,
+         "mirror.multipart_threshold", "expected at least 1 byte"),
         (mirror.concurrency >= 1, "mirror.concurrency", "expected at least 1"),
         (mirror.retry_max_seconds > 0, "mirror.retry_max_seconds", "expected a positive number"),
         (mirror.backup_interval_seconds >= 0,

@@ -290,3 +290,25 @@ def test_the_scrub_is_on_by_default_and_takes_a_rate_and_a_period():
         with pytest.raises(ConfigError) as info:
             config_from_dict({"scrub": raw})
         assert str(info.value).startswith(f"{key}:")
+
+
+def test_a_multipart_threshold_under_5mib_is_taken():
+    """Found by the upgrade review: "1MiB" worked before the 5MiB floor (parts
+    are 16 MiB whatever the threshold is) and then stopped a server at start."""
+    config = config_from_dict({"mirror": {"endpoint": "http://h", "bucket": "b",
+                                          "multipart_threshold": "1MiB"}})
+    assert config.mirror.multipart_threshold == 1 << 20
+
+
+def test_a_tilde_data_dir_holding_an_older_store_names_it(tmp_path, monkeypatch):
+    """Found by the upgrade review: an older blobd made "~/blobd-data" in a
+    directory named "~"; after the upgrade the refusal said only "give the
+    whole path", and the user's home (an empty store) looked like every blob lost."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "~" / "blobd-data").mkdir(parents=True)
+    (tmp_path / "~" / "blobd-data" / "index.sqlite3").write_bytes(b"")
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"server": {"data_dir": "~/blobd-data"}})
+    assert str(info.value) == (
+        "server.data_dir: '~/blobd-data': '~' is not expanded here; give the whole path"
+        f" (the store an older blobd made from this setting is {tmp_path}/~/blobd-data)")

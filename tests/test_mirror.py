@@ -89,6 +89,18 @@ async def test_big_blob_goes_up_in_parts(mirrored, bucket):
     assert head["Metadata"]["sha256"] == hashlib.sha256(data).hexdigest()
 
 
+async def test_a_threshold_under_5mib_sends_a_small_blob_as_one_part(mirrored, bucket):
+    """Older blobds took multipart_threshold = "1MiB" (found by the upgrade
+    review): a blob over it is one part, the last, which S3 takes at any size."""
+    alice = await mirrored(multipart_threshold="1MiB")
+    data = os.urandom(2 << 20)
+    assert (await alice.put(data)).status == 201
+    await arrived(alice, bucket, data)
+    head = await in_thread(bucket.head, bucket.key(b3(data)))
+    assert head["ChecksumType"] == "COMPOSITE"
+    assert head["ETag"].endswith('-1"')
+
+
 async def test_blobs_put_while_the_mirror_is_down_arrive_when_it_returns(
         mirrored, bucket, s3server):
     alice = await mirrored()
