@@ -78,6 +78,14 @@ class ServerConfig:
     keepalive_timeout_seconds: float = 75.0
     cors_origins: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # A browser's Origin never ends in "/", but an address copied from
+        # its address bar does, and versions before the origins were checked
+        # took it (and never matched it): drop that one slash, so such a
+        # config starts after an upgrade, and works.
+        object.__setattr__(self, "cors_origins",
+                           [_without_root_slash(origin) for origin in self.cors_origins])
+
     @property
     def url(self) -> str:
         """Where ``host`` and ``port`` listen, as a URL (``http://[::1]:8420``)."""
@@ -416,6 +424,14 @@ def _host_checks(host: str) -> list[Check]:
 
 # What a browser sends as Origin: scheme://host[:port], nothing after it.
 _ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]+")
+
+
+def _without_root_slash(origin: Any) -> Any:
+    if isinstance(origin, str) and origin.endswith("/") and "://" in origin:
+        parts = urllib.parse.urlsplit(origin)
+        if parts.path == "/" and not parts.query and not parts.fragment:
+            return origin[:-1]
+    return origin
 
 
 def _origin_checks(origins: list[str]) -> list[Check]:

@@ -90,7 +90,7 @@ def test_sizes(text, value):
     ({"quotas": {"x" * 65: {"max_blobs": 5}}}, "quotas." + "x" * 65 + ": not an owner name"),
     ({"server": {"cors_origins": ["nas.local:3000"]}},
      "server.cors_origins: 'nas.local:3000' is not an origin"),
-    ({"server": {"cors_origins": ["http://nas.local:3000/"]}}, "server.cors_origins"),
+    ({"server": {"cors_origins": ["http://nas.local:3000//"]}}, "server.cors_origins"),
     ({"server": {"cors_origins": ["http://nas.local/app"]}}, "server.cors_origins"),
     ({"server": {"cors_origins": ["http://nas.local:99999"]}}, "server.cors_origins"),
     ({"server": {"cors_origins": ["*", "http://"]}}, "server.cors_origins"),
@@ -225,6 +225,14 @@ def test_origins_and_owner_tables_that_work():
                                     "app://localhost"]},
         "quotas": {"alice.b@home_x-1": {"max_blobs": 5}}})
     assert config.quota_for("alice.b@home_x-1").max_blobs == 5
+
+
+def test_an_origin_copied_with_its_slash_is_taken_without_it():
+    """Found by the upgrade review: older versions took "http://nas.local:3000/"
+    and the checks added since stopped such a server at start-up."""
+    config = config_from_dict({"server": {"cors_origins": [
+        "http://nas.local:3000/", "https://app.example/", "*"]}})
+    assert config.server.cors_origins == ["http://nas.local:3000", "https://app.example", "*"]
 
 
 def test_a_data_dir_that_is_a_file_says_so(tmp_path):
