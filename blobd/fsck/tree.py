@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..address import is_blake3_hex
-from ..files import Digests, hash_open_file
+from ..files import Digests, fsync_dirs, hash_open_file
 
 _SHARD = re.compile(r"[0-9a-f]{2}")
 PREFIXES = [f"{i:02x}" for i in range(256)]
@@ -149,8 +149,10 @@ def why_unreadable(path: Path, exc: OSError) -> str:
 
 
 def move_aside(path: Path, quarantine: Path, stamp: str) -> Path:
-    """Move a file or directory into ``quarantine/`` (never deleting it);
-    returns where it went."""
+    """Move a file or directory into ``quarantine/`` (never deleting it),
+    durably: a crash after a repair must not put a damaged file back in the
+    tree for the next check to find again. Returns where it went."""
+    made = not quarantine.exists()
     quarantine.mkdir(parents=True, exist_ok=True)
     target = quarantine / f"{path.name}.{stamp}"
     n = 1
@@ -158,11 +160,14 @@ def move_aside(path: Path, quarantine: Path, stamp: str) -> Path:
         target = quarantine / f"{path.name}.{stamp}-{n}"
         n += 1
     shutil.move(str(path), target)
+    fsync_dirs([quarantine, path.parent, *([quarantine.parent] if made else [])])
     return target
 
 
 def put_in_place(path: Path, final: Path) -> None:
-    """Move a verified, misplaced blob file to its right name."""
+    """Move a verified, misplaced blob file to its right name, durably."""
+    created = [d for d in (final.parent.parent, final.parent) if not d.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     os.link(path, final)
     os.unlink(path)
+    fsync_dirs([final.parent, path.parent, *(d.parent for d in created)])
