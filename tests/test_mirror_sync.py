@@ -278,6 +278,23 @@ async def test_sync_verify_content_reports_a_failed_read_and_goes_on(
     assert await in_thread(bucket.get, bucket.key(rotten)) == blobs[2]
 
 
+async def test_sync_verify_content_says_when_both_copies_are_lost(
+        server, mirror_config, bucket):
+    config = mirror_config()
+    alice = await (await server(config=config))("alice")
+    data = os.urandom(2000)
+    await alice.put(data)
+    await eventually(lambda: mirrored_as(alice, bucket, data), what="mirrored")
+    await in_thread(bucket.rot, bucket.key(b3(data)), os.urandom(len(data)))
+    alice.store.layout.blob_path(b3(data)).unlink()
+
+    async with make_target(config.mirror) as target:
+        report = await sync(alice.store, target, config.mirror, verify_content=True)
+    # Not "blobd mirror heal": the mirror's copy is no better.
+    assert report.failed[b3(data)].startswith("damaged in the bucket (the mirror's copy of")
+    assert report.failed[b3(data)].endswith("), and the local file is missing")
+
+
 @pytest.mark.parametrize("hook", ["before_read", "before_put"])
 async def test_a_damaged_blob_deleted_while_sync_reads_it_back_stays_deleted(
         server, mirror_config, bucket, hook):

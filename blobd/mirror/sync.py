@@ -248,7 +248,10 @@ async def _upload(store: Store, target: S3Target, config: MirrorConfig,
         except FileNotFoundError:
             # Deleted while we looked (its file moved to the trash), or lost.
             if await _stored(store, blob.hash, report):
-                report.failed[blob.hash] = "the local file is missing (blobd mirror heal)"
+                damage = report.damaged.get(blob.hash)
+                report.failed[blob.hash] = (
+                    "the local file is missing (blobd mirror heal)" if damage is None else
+                    f"damaged in the bucket ({damage}), and the local file is missing")
         except (S3Error, OSError) as exc:
             report.failed[blob.hash] = _upload_failure(report, blob.hash, exc)
         progress.update(blob.size)
