@@ -205,17 +205,32 @@ def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> Dige
 
 def hash_open_file(fh: BinaryIO, progress: Callable[[int], None] | None = None) -> Digests:
     """Hash what is left of an open (unbuffered) file."""
-    b3, sha = blake3.blake3(), hashlib.sha256()
-    size, head = 0, b""
+    hasher = Hasher()
     while chunk := fh.read(READ_SIZE):
-        b3.update(chunk)
-        sha.update(chunk)
-        if not head:
-            head = chunk[:HEAD_SIZE]
-        size += len(chunk)
+        hasher.update(chunk)
         if progress:
             progress(len(chunk))
-    return Digests(b3.hexdigest(), sha.hexdigest(), size, head)
+    return hasher.digests()
+
+
+class Hasher:
+    """The digests of bytes fed in pieces, for bodies never held whole.
+    ``update`` hashes: call it in a thread."""
+
+    def __init__(self) -> None:
+        self._b3, self._sha = blake3.blake3(), hashlib.sha256()
+        self.size = 0
+        self._head = b""
+
+    def update(self, data: bytes | bytearray) -> None:
+        self._b3.update(data)
+        self._sha.update(data)
+        if not self._head:
+            self._head = bytes(data[:HEAD_SIZE])
+        self.size += len(data)
+
+    def digests(self) -> Digests:
+        return Digests(self._b3.hexdigest(), self._sha.hexdigest(), self.size, self._head)
 
 
 def link_into_place(temp: Path, final: Path) -> list[Path]:

@@ -76,6 +76,14 @@ class Bucket:
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.name, Key=key)
 
+    def rot(self, key: str, data: bytes) -> None:
+        """Give the object other bytes and keep what a HEAD shows of it (its
+        metadata, as the mirror wrote it, and content type), as bytes that
+        rot on the mirror's disk do."""
+        head = self.head(key)
+        self.client.put_object(Bucket=self.name, Key=key, Body=data,
+                               Metadata=head["Metadata"], ContentType=head["ContentType"])
+
     def start_upload(self, key: str, part: bytes = b"part") -> str:
         """Begin a multipart upload of ``key`` with one part, as a process
         killed mid-upload leaves it; returns its upload id."""

@@ -15,7 +15,9 @@ import pytest
 
 from blobd.config import load_config
 from blobd.layout import Layout
-from blobd.mirror.common import created_stamp
+from blobd.mirror.common import created_stamp, make_target
+from blobd.mirror.restore import restore
+from blobd.mirror.sync import sync
 from blobd.store import Store
 from conftest import b3, blob_files, make_config
 from mirrorhelp import Bucket, eventually, in_thread, mirror_section
@@ -163,6 +165,74 @@ async def test_sync_reports_a_damaged_local_file_and_does_not_mirror_it(
     assert result.returncode == 1
     assert f"failed {b3(data)}" in result.stderr
     assert await in_thread(bucket.digests) == set()
+
+
+async def test_sync_verify_content_finds_rot_the_metadata_hides(server, setup, bucket,
+                                                                tmp_path):
+    _, alice = await start(server, setup, tmp_path)
+    sound, rotten, truncated = os.urandom(3000), os.urandom(20_000), os.urandom(8000)
+    for data in (sound, rotten, truncated):
+        await alice.put(data)
+    await mirrored(alice, bucket, {b3(sound), b3(rotten), b3(truncated)})
+    # Damage the mirror's disk does: the metadata stays as the mirror wrote it.
+    flipped = rotten[:100] + bytes([rotten[100] ^ 1]) + rotten[101:]
+    await in_thread(bucket.rot, bucket.key(b3(rotten)), flipped)
+    await in_thread(bucket.rot, bucket.key(b3(truncated)), truncated[:5000])
+
+    dry = await setup.cli("sync", "--verify-content", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"damaged in the bucket: {b3(rotten)}: the mirror's copy of {b3(rotten)} has" \
+           " BLAKE3" in dry.stdout
+    assert f"would upload {b3(rotten)} (20000 bytes)" in dry.stdout
+    # A truncated object is listed at its new size: uploaded without reading it.
+    assert f"would upload {b3(truncated)} (8000 bytes)" in dry.stdout
+    assert "read back 2 objects (23000 bytes), 1 damaged\n" in dry.stdout
+    assert await in_thread(bucket.get, bucket.key(b3(rotten))) == flipped
+
+    mirror = load_config(setup.config_path).mirror
+    async with make_target(mirror) as target:
+        metadata_only = await sync(alice.store, target, mirror, verify=True)
+    assert metadata_only.mismatched == 0 and metadata_only.uploaded == 1  # the truncated one
+    assert await in_thread(bucket.get, bucket.key(b3(truncated))) == truncated
+    assert await in_thread(bucket.get, bucket.key(b3(rotten))) == flipped  # not seen
+
+    repaired = await setup.cli("sync", "--verify-content", "-j", "2", "--progress")
+    assert repaired.returncode == 0, repaired.stderr
+    assert "read back 3 objects (31000 bytes), 1 damaged, 1 uploaded again" in repaired.stdout
+    assert "2 in sync, 0 mismatched; 1 to upload" in repaired.stdout
+    assert "read back" in repaired.stderr  # its progress bar
+    assert await in_thread(bucket.get, bucket.key(b3(rotten))) == rotten
+    elsewhere = Setup(tmp_path, "restored", setup.sections["mirror"])
+    config = load_config(elsewhere.config_path)
+    async with make_target(mirror) as target:
+        again = await sync(alice.store, target, mirror, verify_content=True)
+        assert again.in_sync == again.read == 3 and not again.damaged and not again.to_upload
+        restored = await restore(config, target)
+    assert restored.restored == 3 and not restored.corrupt
+    for data in (sound, rotten, truncated):
+        assert Layout(elsewhere.data_dir).blob_path(b3(data)).read_bytes() == data
+
+
+async def test_sync_verify_content_never_uploads_a_damaged_local_file(
+        server, setup, bucket, tmp_path):
+    _, alice = await start(server, setup, tmp_path)
+    data = os.urandom(5000)
+    await alice.put(data)
+    await mirrored(alice, bucket, {b3(data)})
+    in_bucket, local = os.urandom(5000), os.urandom(5000)
+    await in_thread(bucket.rot, bucket.key(b3(data)), in_bucket)
+    path = alice.store.layout.blob_path(b3(data))
+    path.write_bytes(local)
+
+    result = await setup.cli("sync", "--verify-content")
+    assert result.returncode == 1
+    assert f"failed {b3(data)}: damaged in the bucket (the mirror's copy of {b3(data)} has" \
+           in result.stderr
+    assert "and the local file is not the blob either, so it was not uploaded" \
+           in result.stderr
+    assert ", 1 damaged, 0 uploaded again" in result.stdout
+    assert await in_thread(bucket.get, bucket.key(b3(data))) == in_bucket
+    assert path.read_bytes() == local
 
 
 async def test_sync_aborts_multipart_uploads_a_crash_left(setup, bucket, tmp_path):

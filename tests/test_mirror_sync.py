@@ -29,19 +29,24 @@ class Interleaved:
     its end, ``before_delete`` before each DELETE, and ``before_put`` before
     the first upload: once the upload has its file open if ``put_opened``
     (what it reads then survives the file's deletion), else before it opens
-    the file; ``failing_heads``: keys whose HEAD fails as an unreachable
-    endpoint does."""
+    the file; ``before_read`` before each read of an object whole;
+    ``failing_heads`` and ``failing_reads``: keys whose HEAD, or read,
+    fails as an unreachable endpoint does."""
 
     def __init__(self, target: Any, *, after_list: Callable[[], Awaitable[None]] | None = None,
                  before_delete: Callable[[str], Awaitable[None]] | None = None,
                  before_put: Callable[[str], Awaitable[None]] | None = None,
-                 put_opened: bool = False, failing_heads: set[str] = frozenset()) -> None:
+                 before_read: Callable[[str], Awaitable[None]] | None = None,
+                 put_opened: bool = False, failing_heads: set[str] = frozenset(),
+                 failing_reads: set[str] = frozenset()) -> None:
         self._target = target
         self._after_list = after_list
         self._before_delete = before_delete
         self._before_put = before_put
         self._put_opened = put_opened
         self._failing_heads = failing_heads
+        self._before_read = before_read
+        self._failing_reads = failing_reads
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._target, name)
@@ -78,6 +83,13 @@ class Interleaved:
             raise S3Error(f"HEAD {self.url(key)}: Read timeout on endpoint URL",
                           retryable=True)
         return await self._target.head(key)
+
+    async def read_through(self, key: str, *args: Any, **kwargs: Any) -> int:
+        if self._before_read is not None:
+            await self._before_read(key)
+        if key in self._failing_reads:
+            raise S3Error(f"GET {self.url(key)}: Response ended prematurely", retryable=True)
+        return await self._target.read_through(key, *args, **kwargs)
 
 
 async def login(client, owner: str = "alice") -> Api:
@@ -241,6 +253,73 @@ async def test_sync_verify_reports_a_failed_head_and_goes_on(server, mirror_conf
     assert report.failed[unlucky].startswith("verify: HEAD ")
     assert report.in_sync == 3 and report.mismatched == 0 and report.uploaded == 0
     assert report.backup is not None
+
+
+async def test_sync_verify_content_reports_a_failed_read_and_goes_on(
+        server, mirror_config, bucket):
+    config = mirror_config()
+    alice = await (await server(config=config))("alice")
+    blobs = [os.urandom(3000 + n) for n in range(4)]
+    for data in blobs:
+        await alice.put(data)
+    for data in blobs:
+        await eventually(lambda: mirrored_as(alice, bucket, data), what="mirrored")
+    unlucky, rotten = b3(blobs[1]), b3(blobs[2])
+    await in_thread(bucket.rot, bucket.key(rotten), os.urandom(len(blobs[2])))
+
+    async with make_target(config.mirror) as target:
+        failing = Interleaved(target, failing_reads={bucket.key(unlucky)})
+        report = await sync(alice.store, failing, config.mirror, verify_content=True, jobs=2)
+    assert list(report.failed) == [unlucky]
+    assert report.failed[unlucky].startswith("read back: GET ")
+    assert list(report.damaged) == [rotten] and report.repaired == 1
+    assert report.read == 3 and report.read_bytes == sum(len(d) for d in blobs) - 3001
+    assert report.in_sync == 2 and report.uploaded == 1
+    assert await in_thread(bucket.get, bucket.key(rotten)) == blobs[2]
+
+
+async def test_sync_verify_content_says_when_both_copies_are_lost(
+        server, mirror_config, bucket):
+    config = mirror_config()
+    alice = await (await server(config=config))("alice")
+    data = os.urandom(2000)
+    await alice.put(data)
+    await eventually(lambda: mirrored_as(alice, bucket, data), what="mirrored")
+    await in_thread(bucket.rot, bucket.key(b3(data)), os.urandom(len(data)))
+    alice.store.layout.blob_path(b3(data)).unlink()
+
+    async with make_target(config.mirror) as target:
+        report = await sync(alice.store, target, config.mirror, verify_content=True)
+    # Not "blobd mirror heal": the mirror's copy is no better.
+    assert report.failed[b3(data)].startswith("damaged in the bucket (the mirror's copy of")
+    assert report.failed[b3(data)].endswith("), and the local file is missing")
+
+
+@pytest.mark.parametrize("hook", ["before_read", "before_put"])
+async def test_a_damaged_blob_deleted_while_sync_reads_it_back_stays_deleted(
+        server, mirror_config, bucket, hook):
+    config = mirror_config()
+    alice = await (await server(config=config))("alice")
+    data, kept = os.urandom(4000), os.urandom(1000)
+    for blob in (data, kept):
+        await alice.put(blob)
+        await eventually(lambda: mirrored_as(alice, bucket, blob), what="mirrored")
+    await in_thread(bucket.rot, bucket.key(b3(data)), os.urandom(len(data)))
+
+    async def deleted(key: str) -> None:
+        if key == bucket.key(b3(data)):
+            await deleted_and_done(alice, data)  # its object deleted with it
+
+    async with make_target(config.mirror) as target:
+        # Before its object is read (the read finds nothing), or once it is
+        # found damaged, before it is uploaded again.
+        during = Interleaved(target, **{hook: deleted})
+        report = await sync(alice.store, during, config.mirror, verify_content=True, jobs=1)
+    assert report.gone == [b3(data)] and not report.failed
+    # Found gone, not damaged, when its object was deleted before the read.
+    assert list(report.damaged) == ([] if hook == "before_read" else [b3(data)])
+    assert report.uploaded == 0 and report.repaired == 0
+    assert await in_thread(bucket.digests) == {b3(kept)}
 
 
 async def test_the_first_failure_in_a_job_pool_is_raised_as_itself():

@@ -14,7 +14,7 @@ import pytest
 from aiobotocore.session import get_session
 from botocore.config import Config
 
-from blobd.storage.s3 import MiB, S3Error, S3Target
+from blobd.storage.s3 import MiB, ObjectTooLarge, S3Error, S3Target
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -189,6 +189,22 @@ async def test_missing_objects(target, prefix, tmp_path):
             await read
         assert caught.value.not_found
         assert not caught.value.retryable
+
+
+async def test_read_through_streams_an_object_in_bounded_pieces(target, prefix):
+    data = os.urandom(2 * MiB + 300_000)
+    await target.put_bytes(prefix + "big", data, "audio/flac")
+    pieces: list[bytes] = []
+    assert await target.read_through(prefix + "big", lambda piece: pieces.append(bytes(piece)),
+                                     limit=len(data)) == len(data)
+    assert b"".join(pieces) == data
+    assert len(pieces) >= 2 and max(map(len, pieces)) < 2 * MiB  # never the whole object
+
+    with pytest.raises(ObjectTooLarge):
+        await target.read_through(prefix + "big", lambda piece: None, limit=len(data) - 1)
+    with pytest.raises(S3Error) as caught:
+        await target.read_through(prefix + "missing", lambda piece: None)
+    assert caught.value.not_found
 
 
 async def test_wrong_credentials_are_not_retryable(s3server, prefix):

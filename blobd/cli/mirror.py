@@ -20,7 +20,7 @@ from ..mirror import backup, queue
 from ..mirror.common import Bar, BarFactory, list_backups, make_target
 from ..mirror.heal import Healer, check_and_heal
 from ..mirror.restore import ORPHANS_OWNER, restore
-from ..mirror.sync import sync
+from ..mirror.sync import SyncReport, sync
 from ..storage.s3 import S3Error
 from ..stats import queue_age
 from ..store import Store
@@ -44,6 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     syncing.add_argument("--verify", action="store_true",
                          help="compare each object's SHA-256 with the index; re-upload "
                          "mismatches")
+    syncing.add_argument("--verify-content", action="store_true",
+                         help="also download every object the store has and check its "
+                         "size, BLAKE3 and SHA-256; re-upload damaged ones from the local "
+                         "file (implies --verify; reads the whole bucket, so it costs the "
+                         "bucket's egress)")
     syncing.add_argument("--force", action="store_true",
                          help="with --delete: delete even when the objects may be another "
                          "store's (this index holds no blobs, the newest index backup is of "
@@ -136,7 +141,10 @@ async def run_sync(args: argparse.Namespace) -> int:
     config, mirror, jobs, bar = _setup(args)
     async with _open_store(config) as store, make_target(mirror, jobs) as target:
         report = await sync(store, target, mirror, delete=args.delete, dry_run=args.dry_run,
-                            verify=args.verify, force=args.force, jobs=jobs, bar=bar)
+                            verify=args.verify, verify_content=args.verify_content,
+                            force=args.force, jobs=jobs, bar=bar)
+    for digest, damage in report.damaged.items():
+        print(f"damaged in the bucket: {digest}: {damage}")
     if args.dry_run:
         for blob in report.to_upload:
             print(f"would upload {blob.hash} ({blob.size} bytes)")
@@ -158,10 +166,17 @@ async def run_sync(args: argparse.Namespace) -> int:
              + (f", {len(report.gone)} skipped (deleted while the sync ran)"
                 if report.gone else ""))
           + f"; {len(report.abandoned)} abandoned multipart uploads"
-          + ("" if args.dry_run else f", aborted {report.aborted}"))
+          + ("" if args.dry_run else f", aborted {report.aborted}")
+          + (_read_back_summary(report, args.dry_run) if args.verify_content else ""))
     if report.backup:
         print(f"index backup: {report.backup}")
     return 1 if report.failed else 0
+
+
+def _read_back_summary(report: SyncReport, dry_run: bool) -> str:
+    return (f"; read back {report.read} objects ({report.read_bytes} bytes),"
+            f" {len(report.damaged)} damaged"
+            + ("" if dry_run else f", {report.repaired} uploaded again"))
 
 
 async def run_restore(args: argparse.Namespace) -> int:

@@ -191,7 +191,13 @@ def verify_copy(path: Path, digest: str, sha256: str | None = None,
                 size: int | None = None) -> Digests:
     """Hash a downloaded file and check it is the blob ``digest`` (and has
     the SHA-256 and size the index or the object claims). Runs in a thread."""
-    got = files.hash_file(path)
+    return check_copy(files.hash_file(path), digest, sha256, size)
+
+
+def check_copy(got: Digests, digest: str, sha256: str | None = None,
+               size: int | None = None) -> Digests:
+    """Raise :class:`CopyMismatch`, naming what is wrong, unless ``got``
+    (the digests of a copy from the mirror) is the blob ``digest``."""
     wrong = []
     if got.blake3 != digest:
         wrong.append(f"BLAKE3 {got.blake3}")

@@ -13,6 +13,10 @@ the index listing really is one the index no longer has. Then:
 * ``--verify``: for every blob both sides have, the SHA-256 recorded with
   the object is compared with the index's; a mismatch is uploaded again (a
   HEAD that fails is reported for that blob, and the rest go on);
+* ``--verify-content`` (implies ``--verify``): every object that passed
+  that check is also downloaded and hashed (see :mod:`.readback`); one
+  whose bytes are not the blob's is uploaded again, like a mismatch. It
+  reads the whole bucket: the mirror's egress;
 * ``--delete``: objects of blobs the index no longer has are deleted, each
   after checking the index once more (never the object of a live blob).
   The index is checked again after the DELETE too: a blob stored again in
@@ -46,7 +50,7 @@ from ..errors import BlobdError
 from ..index import BlobRecord
 from ..storage.s3 import S3Error, S3Target
 from ..store import Store
-from . import abandoned, backup, queue
+from . import abandoned, backup, queue, readback
 from .common import (BarFactory, blob_key, is_upload_of, list_backups, list_blob_objects,
                      no_bar, object_metadata, run_pool)
 
@@ -62,6 +66,10 @@ class SyncReport:
     to_upload: list[BlobRecord] = field(default_factory=list)
     to_delete: list[str] = field(default_factory=list)  # digests
     mismatched: int = 0  # --verify found the object's SHA-256 wrong
+    read: int = 0  # --verify-content: objects downloaded and hashed
+    read_bytes: int = 0
+    damaged: dict[str, str] = field(default_factory=dict)  # digest -> what is wrong
+    repaired: int = 0  # of the damaged, uploaded again
     uploaded: int = 0
     uploaded_bytes: int = 0
     deleted: int = 0
@@ -75,7 +83,9 @@ class SyncReport:
 
 async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
                delete: bool = False, dry_run: bool = False, verify: bool = False,
-               force: bool = False, jobs: int = 4, bar: BarFactory = no_bar) -> SyncReport:
+               verify_content: bool = False, force: bool = False, jobs: int = 4,
+               bar: BarFactory = no_bar) -> SyncReport:
+    verify = verify or verify_content
     since = await queue.position(store.db.reader)
     remote = await list_blob_objects(target, config)
     local = {blob.hash: blob for blob in await index.all_blobs(store.db.reader)}
@@ -100,6 +110,8 @@ async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
         report.mismatched = len(wrong)
         report.to_upload += [b for b in present if b.hash in wrong]
         present = [b for b in present if b.hash not in wrong and b.hash not in report.failed]
+    if verify_content:
+        present = await _read_back(store, target, config, present, report, jobs, bar)
     report.in_sync = len(present)
     await _abort_abandoned(target, config, report, dry_run)
     if dry_run:
@@ -191,6 +203,21 @@ async def _verify(target: S3Target, config: MirrorConfig, blobs: list[BlobRecord
     return wrong
 
 
+async def _read_back(store: Store, target: S3Target, config: MirrorConfig,
+                     present: list[BlobRecord], report: SyncReport, jobs: int,
+                     bar: BarFactory) -> list[BlobRecord]:
+    """Read back the objects of ``present``; the damaged join the uploads.
+    Returns the blobs found sound."""
+    found = await readback.read_back(store, target, config, present, jobs, bar)
+    report.read, report.read_bytes = found.read, found.read_bytes
+    report.damaged = found.damaged
+    report.failed.update(found.failed)
+    report.gone += found.gone
+    report.to_upload += [b for b in present if b.hash in found.damaged]
+    unsound = {*found.damaged, *found.failed, *found.gone}
+    return [b for b in present if b.hash not in unsound]
+
+
 async def _mark(store: Store, digests: list[str], since: queue.Position) -> None:
     for start in range(0, len(digests), MARK_BATCH):
         async with store.write() as tx:
@@ -213,15 +240,20 @@ async def _upload(store: Store, target: S3Target, config: MirrorConfig,
                 if await _stored(store, blob.hash, report):
                     report.uploaded += 1
                     report.uploaded_bytes += blob.size
+                    if blob.hash in report.damaged:
+                        report.repaired += 1
                     done.append(blob.hash)
                 else:
                     await _undo_upload(store, target, config, blob.hash)
         except FileNotFoundError:
             # Deleted while we looked (its file moved to the trash), or lost.
             if await _stored(store, blob.hash, report):
-                report.failed[blob.hash] = "the local file is missing (blobd mirror heal)"
+                damage = report.damaged.get(blob.hash)
+                report.failed[blob.hash] = (
+                    "the local file is missing (blobd mirror heal)" if damage is None else
+                    f"damaged in the bucket ({damage}), and the local file is missing")
         except (S3Error, OSError) as exc:
-            report.failed[blob.hash] = str(exc)
+            report.failed[blob.hash] = _upload_failure(report, blob.hash, exc)
         progress.update(blob.size)
         if len(done) >= MARK_BATCH:
             batch, done[:] = list(done), []
@@ -232,6 +264,17 @@ async def _upload(store: Store, target: S3Target, config: MirrorConfig,
     finally:
         progress.close()
         await _mark(store, done, since)
+
+
+def _upload_failure(report: SyncReport, digest: str, exc: Exception) -> str:
+    damage = report.damaged.get(digest)
+    if damage is None:
+        return str(exc)
+    if isinstance(exc, S3Error) and exc.code == "BadDigest":
+        # Both copies are bad: say so, the operator has a blob to find elsewhere.
+        return (f"damaged in the bucket ({damage}), and the local file is not the blob"
+                f" either, so it was not uploaded: {exc}")
+    return f"damaged in the bucket ({damage}); uploading it again failed: {exc}"
 
 
 async def _stored(store: Store, digest: str, report: SyncReport) -> bool:

@@ -38,14 +38,14 @@ import base64
 import contextlib
 import hashlib
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, NamedTuple
 
 import aiohttp
 
 from .s3errors import S3Error, client_error, status_of
 from .s3files import (MiB, ObjectTooLarge, b64_digest, open_sized, part_size_for,
-                      read_part, stream_to_file)
+                      read_part, stream_through, stream_to_file)
 
 __all__ = ["Listed", "MiB", "ObjectTooLarge", "S3Error", "S3Target", "Unfinished"]
 
@@ -336,13 +336,28 @@ class S3Target:
         it, and return the bytes written; `ObjectTooLarge` past `limit`
         bytes. On failure the file may hold part of the body: give a
         temporary path and rename after verifying."""
+        return await self._get_streamed(key, limit,
+                                        lambda body: stream_to_file(body, path, limit))
+
+    async def read_through(self, key: str, consume: Callable[[bytearray], object],
+                           limit: int | None = None) -> int:
+        """Stream `key` through `consume`, called in a thread with one piece
+        of about 1 MiB at a time (a buffer reused once it returns: copy what
+        is kept), and return the object's length; `ObjectTooLarge` past
+        `limit` bytes. Memory stays near one piece whatever the object's
+        size. On failure `consume` may have had part of the body."""
+        return await self._get_streamed(key, limit,
+                                        lambda body: stream_through(body, consume, limit))
+
+    async def _get_streamed(self, key: str, limit: int | None,
+                            read: Callable[[Any], Awaitable[int]]) -> int:
         with self._errors(f"GET {self.url(key)}"):
             answer = await self._client.get_object(Bucket=self.bucket, Key=key)
             body = answer["Body"]
             try:
                 if limit is not None and answer.get("ContentLength", 0) > limit:
                     raise ObjectTooLarge(limit)
-                return await stream_to_file(body, path, limit)
+                return await read(body)
             finally:
                 body.close()
 

@@ -1,5 +1,5 @@
 """Local files as S3 bodies: part sizes, parts read and hashed in a thread,
-a download streamed to disk and made durable."""
+a download streamed to disk and made durable, or through a consumer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import base64
 import hashlib
 import os
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 from .s3errors import S3Error
 
@@ -61,20 +61,42 @@ async def stream_to_file(body: Any, path: str | os.PathLike[str],
     :class:`ObjectTooLarge` as soon as it passes ``limit`` bytes (a bucket
     that serves more than the blob's size cannot fill the disk)."""
     target = await asyncio.to_thread(open, path, "wb")
-    written = 0
     try:
-        buffer = bytearray()
-        while chunk := await body.read(DOWNLOAD_BUFFER):
-            buffer += chunk
-            if limit is not None and written + len(buffer) > limit:
-                raise ObjectTooLarge(limit)
-            if len(buffer) >= DOWNLOAD_BUFFER:
-                written += await asyncio.to_thread(target.write, buffer)
-                buffer.clear()
-        written += await asyncio.to_thread(_finish_file, target, buffer)
+        written, rest = await _pump(body, target.write, limit)
+        written += await asyncio.to_thread(_finish_file, target, rest)
     finally:
         await asyncio.to_thread(target.close)
     return written
+
+
+async def stream_through(body: Any, consume: Callable[[bytearray], object],
+                         limit: int | None = None) -> int:
+    """Hand a response body to ``consume`` piece by piece (each at most
+    about DOWNLOAD_BUFFER bytes, in a thread; the buffer is reused once it
+    returns) and return its length; :class:`ObjectTooLarge` past ``limit``."""
+    read, rest = await _pump(body, consume, limit)
+    if rest:
+        await asyncio.to_thread(consume, rest)
+    return read + len(rest)
+
+
+async def _pump(body: Any, consume: Callable[[bytearray], object],
+                limit: int | None) -> tuple[int, bytearray]:
+    """Gather the body into DOWNLOAD_BUFFER pieces, each handed to
+    ``consume`` in a thread, so the event loop never touches them whole.
+    Returns the bytes consumed and the last, shorter piece, not consumed
+    (the caller finishes with it)."""
+    consumed = 0
+    buffer = bytearray()
+    while chunk := await body.read(DOWNLOAD_BUFFER):
+        buffer += chunk
+        if limit is not None and consumed + len(buffer) > limit:
+            raise ObjectTooLarge(limit)
+        if len(buffer) >= DOWNLOAD_BUFFER:
+            await asyncio.to_thread(consume, buffer)
+            consumed += len(buffer)
+            buffer.clear()
+    return consumed, buffer
 
 
 def _finish_file(target: BinaryIO, rest: bytearray) -> int:
