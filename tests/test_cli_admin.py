@@ -86,6 +86,8 @@ def test_stats_survive_a_restart(tmp_path):
             "blobs": 1, "puts": 2, "put_dedup_hits": 1, "stored_bytes": 10_000}
         text = server.cli("stats")
         assert text.returncode == 0 and "dedup ratio" in text.stdout
+        # The suite turns the scrub off unless a test asks for it.
+        assert re.search(r"^scrub +off$", text.stdout, re.M), text.stdout
 
 
 def test_gc_beside_a_running_server(tmp_path):

@@ -294,6 +294,8 @@ def test_a_blob_left_without_its_file_is_a_figure_not_an_event(tmp_path: Path) -
         metrics = http("GET", f"{server.url}/metrics", admin)[1].decode()
         assert "\nblobd_scrub_damaged_total 1.0\n" in metrics
         assert "\nblobd_scrub_missing_files 2.0\n" in metrics
+        text = server.cli("stats").stdout
+        assert "1 moved to quarantine, 2 without a file at the last pass" in text, text
         log = server.stderr_tail(1000)
         assert log.count(f"scrub: blob {gone} has no file") == 1
         assert log.count(f"scrub: blob {rotten}: file content does not match") == 1

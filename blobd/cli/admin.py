@@ -178,10 +178,25 @@ async def show_stats(args: argparse.Namespace) -> int:
         ("mirror", f"{mirror['pending']} pending, {mirror['failed']} failing"
                    + (f" (last error: {mirror['last_error']})" if mirror["last_error"]
                       else "")),
+        ("scrub", _scrub_line(figures["scrub"])),
     ]
     for label, value in lines:
         print(f"{label:14}{value}")
     return 0
+
+
+def _scrub_line(scrub: dict[str, Any]) -> str:
+    if not scrub["enabled"]:
+        return "off"
+    line = (f"{scrub['blobs_checked']} blobs ({human_size(scrub['bytes_checked'])}) checked,"
+            f" {scrub['damaged']} moved to quarantine")
+    if scrub["missing"]:
+        line += f", {scrub['missing']} without a file at the last pass"
+    ended = scrub["last_pass_ended"]
+    line += f"; last pass ended {ended}" if ended else "; no pass ended yet"
+    if scrub["pass_started"]:
+        line += f", one under way since {scrub['pass_started']}"
+    return line
 
 
 async def run_fsck(args: argparse.Namespace) -> int:
