@@ -147,11 +147,13 @@ class UploadsConfig:
 class AudioConfig:
     require_audio: bool = False
     # The types require_audio lets through; each one of AUDIO_MIME_TYPES,
-    # the names the probe reports.
+    # the names the probe reports. All of them by default: the gate keeps
+    # out what is not audio, and AC-3 that few browsers play is as much
+    # audio (a rip's soundtrack) as AIFF or W64 that none does.
     allowed_types: list[str] = field(default_factory=lambda: [
         "audio/mpeg", "audio/mp4", "audio/aac", "audio/ogg", "audio/opus",
         "audio/flac", "audio/wav", "audio/webm", "audio/matroska", "audio/aiff",
-        "audio/3gpp", "audio/3gpp2", "audio/x-w64",
+        "audio/3gpp", "audio/3gpp2", "audio/x-w64", "audio/ac3", "audio/eac3",
     ])
     probe_timeout_seconds: float = 10.0
 

@@ -8,7 +8,8 @@ uploads the same bytes and whatever they call them.
 
 The content type comes from the bytes whenever they identify an audio
 format: the probe's type, else the magic-number sniff (a damaged file whose
-header still says what it is). One exception: an MP4 whose brand does not
+header still says what it is; but for AC-3, whose header alone says too
+little, see PROBED_ONLY). One exception: an MP4 whose brand does not
 say audio, a WebM or a Matroska file may be a video, and a specific type the
 client gives it stands. Otherwise the client's type is kept when it
 is specific; a generic or absent one, or a claim of an audio type that the
@@ -39,6 +40,12 @@ from .store import Store
 _TOKEN = r"[!#$%&'*+.^_`|~0-9a-z-]{1,127}"
 _MEDIA_TYPE = re.compile(f"{_TOKEN}/{_TOKEN}")
 WEAK_MAGIC = frozenset({"audio/mpeg", "audio/aac"})
+# Types whose first bytes alone name nothing: an AC-3 frame header is
+# sixteen bits of sync and a few fields, which text passes now and then (a
+# vertical tab, a "w", then "ho@@"), and the next frame, where this one
+# ends, lies beyond the bytes sniffed. Only the probe, which reads the
+# frames, makes bytes AC-3.
+PROBED_ONLY = frozenset({"audio/ac3", "audio/eac3"})
 # Containers whose magic says as much of a film as of a song.
 MAY_BE_VIDEO = frozenset({"audio/webm", "audio/matroska", "audio/3gpp", "audio/3gpp2"})
 GENERIC_TYPES = frozenset({
@@ -111,6 +118,8 @@ def content_type(info: AudioInfo | None, head: bytes, client_type: str | None, *
     # which `decided_by_bytes` (and so reprobe) can tell from a client's.
     # A client that names it (video/webm) keeps that, as for any film.
     sniffed = None if without_sound else sniff_mime(head)
+    if sniffed in PROBED_ONLY:
+        sniffed = None
     # A bare MPEG or ADTS frame header is a dozen bits of sync that text
     # starts with by chance (a UTF-16 byte-order mark, FF FE, is one), and
     # an MP4 of a generic brand, a WebM or a Matroska file may be a video:

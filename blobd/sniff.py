@@ -2,7 +2,8 @@
 
 Pure functions over bytes already in memory: no I/O, nothing to await.
 `blobd.audio` re-exports `sniff_mime` and `AUDIO_MIME_TYPES`; the frame
-header helpers here are shared with its MP3 reader (`blobd.audio.mp3`).
+header helpers here are shared with its MP3 and AC-3 readers
+(`blobd.audio.mp3`, `blobd.audio.ac3`).
 `could_be_audio` is the probe's own acceptance test run backwards: bytes it
 refuses would never probe as audio, so a body held in memory that fails it
 skips the probe.
@@ -11,6 +12,7 @@ skips the probe.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 #: The audio Content-Types blobd recognises, one canonical name per format,
 #: spelled as `sniff_mime` and `blobd.audio.probe` report them.
@@ -18,6 +20,7 @@ AUDIO_MIME_TYPES: frozenset[str] = frozenset({
     "audio/mpeg", "audio/mp4", "audio/aac", "audio/ogg",
     "audio/opus", "audio/flac", "audio/wav", "audio/webm", "audio/matroska",
     "audio/aiff", "audio/3gpp", "audio/3gpp2", "audio/x-w64",
+    "audio/ac3", "audio/eac3",
 })
 
 #: How many leading bytes `sniff_mime` needs to decide.
@@ -79,7 +82,7 @@ def sniff_mime(head: bytes) -> str | None:
         return "audio/aac"
     if mpeg_frame_length(head) is not None:
         return "audio/mpeg"
-    return None
+    return _sniff_ac3(head)
 
 
 # RF64 (EBU Tech 3306) and BW64 (ITU-R BS.2088) are RIFF WAVE with 64-bit
@@ -216,7 +219,7 @@ def starts_with_id3v2(head: bytes) -> bool:
 # probe reads behind one (ffprobe does too). Ogg, MP4 and Matroska are not
 # among them: their readers expect their magic at the start.
 _BEHIND_ID3 = frozenset({"audio/flac", "audio/wav", "audio/aiff", "audio/x-w64",
-                         "audio/aac", "audio/mpeg"})
+                         "audio/aac", "audio/mpeg", "audio/ac3", "audio/eac3"})
 #: A bound on the ID3v2 tags stacked at the start that the sniff and the
 #: probe look past: real files have one or two; this is far above that and
 #: far below what costs real time.
@@ -335,9 +338,14 @@ def could_be_audio(data: bytes) -> bool:
     `blobd.audio.probe` cannot take for audio: no ID3 tag, no magic
     `sniff_mime` knows, and no chain of MPEG frames starting within
     MAX_MP3_JUNK bytes (where the probe's MP3 reader would have to find
-    one). Costs a few microseconds where the probe, hunting frame syncs
-    through noise, costs milliseconds."""
-    if sniff_mime(data[:SNIFF_BYTES]) is not None:
+    one); or an AC-3 header that starts no chain of frames. Costs a few
+    microseconds where the probe, hunting frame syncs through noise,
+    costs milliseconds."""
+    sniffed = sniff_mime(data[:SNIFF_BYTES])
+    if sniffed in _AC3_TYPES:
+        # The probe's AC-3 reader takes nothing but this chain.
+        return ac3_chain_at(data, 0, at_end=True)
+    if sniffed is not None:
         return True
     return find_mpeg_chain(data, 0, MAX_MP3_JUNK, at_end=True) is not None
 
@@ -356,3 +364,143 @@ def find_mpeg_chain(data: bytes, first: int, last: int, *,
 
 # A lookahead, so that in FF FF E0 the second FF is a candidate too.
 _FRAME_SYNC = re.compile(rb"\xff(?=[\xe0-\xff])")
+
+
+# AC-3 (Dolby Digital, ATSC A/52) and E-AC-3 (Dolby Digital Plus, A/52
+# Annex E): bare runs of frames, each opening with the syncword 0B 77 and a
+# header stating its size and sample rate. The 5-bit bsid tells them apart:
+# up to 8 is AC-3 (lower values are subsets older decoders read), 11 to 16
+# E-AC-3. 9 and 10 (half and quarter rate AC-3, which ffmpeg and liba52
+# decode) are in neither standard: refused, as every other value.
+_AC3_SAMPLE_RATES = (48000, 44100, 32000)
+#: AC-3 bitrates in kb/s, by frmsizecod // 2 (A/52 table 5.18).
+_AC3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256,
+                320, 384, 448, 512, 576, 640)
+# Full-bandwidth channels by acmod; dual mono (1+1) is two.
+_AC3_CHANNELS = (2, 1, 2, 3, 3, 4, 4, 5)
+_EAC3_BLOCKS = (1, 2, 3, 6)
+#: Samples per channel in an audio block; AC-3 frames hold six.
+_AC3_BLOCK_SAMPLES = 256
+#: The longest frame: E-AC-3's 11-bit size in 16-bit words (AC-3's is
+#: 3840 bytes, 640 kb/s at 32 kHz).
+MAX_AC3_FRAME = 4096
+#: Bytes of a frame's header that `ac3_frame` reads.
+AC3_HEADER_BYTES = 8
+#: Frames chained one after another, each where the last one's size says,
+#: before bytes are taken for an AC-3 stream: the syncword is 16 bits and
+#: the checked fields a few more, so a single header turns up in a few
+#: megabytes of noise; a real stream goes on (a 0.1 s clip is 3 frames).
+AC3_CHAIN_FRAMES = 4
+_AC3_TYPES = frozenset({"audio/ac3", "audio/eac3"})
+
+
+class Ac3Frame(NamedTuple):
+    """What the header of one AC-3 or E-AC-3 frame states."""
+
+    mime: str           # audio/ac3 or audio/eac3
+    size: int           # bytes, header included
+    sample_rate: int
+    samples: int        # per channel
+    channels: int       # LFE included: 5.1 is 6
+    bitrate: int        # bits per second, from the size and the samples
+    # E-AC-3 sends a program's extra channels (7.1's back pair) in
+    # dependent substreams, and other programs in independent substreams
+    # 1 to 7; a program opens with independent substream 0, as AC-3's
+    # every frame does.
+    opens_program: bool
+
+
+def _bits(head: bytes, first: int, count: int) -> int:
+    """``count`` bits of ``head`` from bit ``first`` (0 is the top bit of
+    its first byte), as an unsigned integer; ``head`` must hold them."""
+    last_byte = (first + count + 7) // 8
+    value = int.from_bytes(head[first // 8:last_byte], "big")
+    return (value >> (last_byte * 8 - first - count)) & ((1 << count) - 1)
+
+
+def ac3_frame(head: bytes) -> Ac3Frame | None:
+    """The frame whose header starts ``head`` (AC3_HEADER_BYTES at least),
+    or None if no AC-3 or E-AC-3 header does: the syncword, a bsid of
+    either, and no reserved sample rate code, frame size code or stream
+    type. Bit positions: A/52 section 5.4.1 and Annex E section 2.3.1."""
+    if len(head) < AC3_HEADER_BYTES or head[:2] != b"\x0b\x77":
+        return None
+    bsid = _bits(head, 40, 5)
+    if bsid <= 8:
+        return _ac3_frame(head)
+    if 11 <= bsid <= 16:
+        return _eac3_frame(head)
+    return None
+
+
+def _ac3_frame(head: bytes) -> Ac3Frame | None:
+    fscod, frmsizecod = _bits(head, 32, 2), _bits(head, 34, 6)
+    if fscod == 3 or frmsizecod >= 2 * len(_AC3_BITRATES):
+        return None
+    rate, kbps = _AC3_SAMPLE_RATES[fscod], _AC3_BITRATES[frmsizecod >> 1]
+    # Frames last 1536 samples; at 44.1 kHz that is no whole number of
+    # 16-bit words, and the low bit of frmsizecod adds the word that keeps
+    # the average (A/52 table 5.18).
+    words = kbps * 96_000 // rate + (frmsizecod & 1 if rate == 44100 else 0)
+    acmod, pos = _bits(head, 48, 3), 51
+    # Mix levels, each present for some channel modes, come before lfeon.
+    pos += 2 * ((acmod & 1 and acmod != 1) + bool(acmod & 4) + (acmod == 2))
+    channels = _AC3_CHANNELS[acmod] + _bits(head, pos, 1)
+    return Ac3Frame("audio/ac3", 2 * words, rate, 6 * _AC3_BLOCK_SAMPLES, channels,
+                    kbps * 1000, True)
+
+
+def _eac3_frame(head: bytes) -> Ac3Frame | None:
+    strmtyp, substreamid = _bits(head, 16, 2), _bits(head, 18, 3)
+    size = (_bits(head, 21, 11) + 1) * 2
+    fscod, code = _bits(head, 32, 2), _bits(head, 34, 2)
+    if strmtyp == 3 or size < AC3_HEADER_BYTES:
+        return None
+    if fscod == 3:
+        # Half rates; their frames always hold six blocks.
+        if code == 3:
+            return None
+        rate, blocks = _AC3_SAMPLE_RATES[code] // 2, 6
+    else:
+        rate, blocks = _AC3_SAMPLE_RATES[fscod], _EAC3_BLOCKS[code]
+    samples = blocks * _AC3_BLOCK_SAMPLES
+    channels = _AC3_CHANNELS[_bits(head, 36, 3)] + _bits(head, 39, 1)
+    return Ac3Frame("audio/eac3", size, rate, samples, channels,
+                    size * 8 * rate // samples, strmtyp != 1 and substreamid == 0)
+
+
+def ac3_chain_at(data: bytes, offset: int, *, at_end: bool = False) -> bool:
+    """Whether AC3_CHAIN_FRAMES frames of one stream follow each other in
+    ``data`` from ``offset``, the first opening a program, each where the
+    previous one's size says. With ``at_end`` (``data`` runs to the end of
+    the file) fewer count if they end the file exactly: a clip of a tenth
+    of a second is three frames, and noise does not land on the last
+    byte."""
+    first = ac3_frame(data[offset:offset + AC3_HEADER_BYTES])
+    if first is None or not first.opens_program:
+        return False
+    pos = offset
+    for _ in range(AC3_CHAIN_FRAMES):
+        frame = ac3_frame(data[pos:pos + AC3_HEADER_BYTES])
+        if frame is None or (frame.mime, frame.sample_rate) != (first.mime, first.sample_rate):
+            return False
+        pos += frame.size
+        if at_end and pos == len(data):
+            return True
+    return True
+
+
+def _sniff_ac3(head: bytes) -> str | None:
+    """audio/ac3 or audio/eac3 if ``head`` starts a stream of either. A
+    head that holds the second frame's header must show it where the
+    first frame ends (the SNIFF_BYTES of an upload never do: the shortest
+    frame is 128 bytes)."""
+    first = ac3_frame(head)
+    if first is None or not first.opens_program:
+        return None
+    if len(head) >= first.size + AC3_HEADER_BYTES:
+        second = ac3_frame(head[first.size:first.size + AC3_HEADER_BYTES])
+        if second is None or (second.mime, second.sample_rate) != (first.mime,
+                                                                    first.sample_rate):
+            return None
+    return first.mime

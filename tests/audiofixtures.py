@@ -62,6 +62,12 @@ AUDIO_FIXTURES = {
     # Sony Wave64 (sox), its own type. ffprobe: pcm_s16le, 0.300 s, 128 kb/s,
     # 16 bits.
     "tone.w64": Expected("audio/x-w64", "pcm", 0.3, 8000, 1, (128_000, 128_000), 16),
+    # Raw AC-3 and E-AC-3 (they were application/octet-stream, not audio).
+    # ffprobe: ac3, 0.313 s (its bytes at its bitrate, as blobd), 96 kb/s,
+    # stereo; ac3 and eac3, 0.320 s, 192 kb/s, 6 channels (5.1(side)).
+    "tone.ac3": Expected("audio/ac3", "ac3", 0.313, 44100, 2, (96_000, 96_000), None),
+    "tone_51.ac3": Expected("audio/ac3", "ac3", 0.32, 48000, 6, (192_000, 192_000), None),
+    "tone_51.eac3": Expected("audio/eac3", "eac3", 0.32, 48000, 6, (192_000, 192_000), None),
 }
 # Probed only: formats outside what the HTTP and browser tests exercise per
 # fixture (Chromium plays no ADPCM).
@@ -115,8 +121,10 @@ PROBE_ONLY_FIXTURES = {
     "adpcm.w64": Expected("audio/x-w64", "adpcm_ima", 1.02, 8000, 1, (32_000, 32_200), None),
 }
 NOT_AUDIO_FIXTURES = ["not_audio.txt", "not_audio.png", "video_only.mp4", "video_only.webm"]
-# What Chromium cannot play whatever the Content-Type: ALAC, AIFF and W64.
-CHROMIUM_CANNOT_PLAY = frozenset({"tone_alac.m4a", "tone.aiff", "tone.w64"})
+# What Chromium cannot play whatever the Content-Type: ALAC, AIFF, W64,
+# and AC-3 and E-AC-3 (Dolby's codecs, outside its open-source builds).
+CHROMIUM_CANNOT_PLAY = frozenset({"tone_alac.m4a", "tone.aiff", "tone.w64",
+                                  "tone.ac3", "tone_51.ac3", "tone_51.eac3"})
 
 
 def fixture(name: str) -> Path:

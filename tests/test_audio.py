@@ -25,7 +25,7 @@ from blobd import audio
 from blobd.audio import (AUDIO_MIME_TYPES, OGG_TAIL, AudioInfo, probe, probe_async,
                          sniff_mime)
 from blobd.audio import mp3, wave64
-from blobd.sniff import mpeg_frame_length
+from blobd.sniff import ac3_frame, mpeg_frame_length
 
 PROBED = AUDIO_FIXTURES | PROBE_ONLY_FIXTURES
 SNIFFED = {name: e.mime for name, e in PROBED.items()} | {
@@ -1220,3 +1220,155 @@ def test_damaged_rf64_and_w64_headers_never_raise(tmp_path: Path, seed: int) -> 
     with open(damaged, "rb") as f:
         info = reader(f, 0, bytes(data[:64]))   # the assertion is that this returns
     assert info is None or info.mime in AUDIO_MIME_TYPES
+
+
+# --- AC-3 and E-AC-3 ---------------------------------------------------------
+
+# ffprobe 5.1 on each fixture: codec_name, format duration, bit_rate,
+# sample_rate, channels (5.1(side) is 6).
+AC3_FFPROBE = {
+    "tone.ac3": ("ac3", 0.313333, 96_000, 44100, 2),
+    "tone_51.ac3": ("ac3", 0.32, 192_000, 48000, 6),
+    "tone_51.eac3": ("eac3", 0.32, 192_000, 48000, 6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AC3_FFPROBE))
+def test_ac3_agrees_with_ffprobe(name: str) -> None:
+    """Found when they were added: mutagen's AC-3 reader calls 5.1 five
+    channels (it skips two of the four mix level bits before lfeon)."""
+    codec, duration, bitrate, rate, channels = AC3_FFPROBE[name]
+    info = probe(fixture(name))
+    assert info is not None
+    assert (info.codec, info.bitrate, info.sample_rate, info.channels,
+            info.bits_per_sample) == (codec, bitrate, rate, channels, None)
+    assert info.duration == pytest.approx(duration, abs=0.001)
+
+
+def _ac3_header(bsid: int = 8, fscod: int = 0, frmsizecod: int = 20, acmod: int = 7,
+                lfe: int = 1) -> bytes:
+    """An AC-3 frame header (A/52 5.4.1): syncword, CRC, fscod and
+    frmsizecod, bsid and bsmod, then acmod, the 2-bit mix levels acmod
+    has (zero), lfeon, left-aligned in two bytes."""
+    levels = sum(map(bool, (acmod & 1 and acmod != 1, acmod & 4, acmod == 2)))
+    fields = (acmod << (2 * levels) << 1 | lfe) << (16 - 3 - 2 * levels - 1)
+    return (b"\x0b\x77\x12\x34" + bytes([fscod << 6 | frmsizecod, bsid << 3])
+            + fields.to_bytes(2, "big"))
+
+
+@pytest.mark.parametrize("head, mime", [
+    (_ac3_header(), "audio/ac3"),
+    (_ac3_header(bsid=6, acmod=2, lfe=0), "audio/ac3"),     # Annex D's alternate syntax
+    (_ac3_header(fscod=3), None),                           # reserved sample rate
+    (_ac3_header(frmsizecod=38), None),                     # past the table
+    (_ac3_header(bsid=9), None),                            # in no standard
+    (_ac3_header(bsid=17), None),
+    (fixture("tone_51.eac3").read_bytes()[:64], "audio/eac3"),
+    (b"\x0b\x77" + fixture("tone_51.eac3").read_bytes()[2:4] + b"\xf0\x80", None),  # fscod2 3
+    (b"\x0b\x77\xc0\x00\x30\x80\x00\x00", None),            # stream type 3: reserved
+    (b"\x0b\x77\x40\x00\x30\x80\x00\x00", None),            # a dependent frame first
+    (b"\x0b\x77\x12\x34\x14", None),                         # cut before bsid
+])
+def test_sniff_mime_ac3_header(head: bytes, mime: str | None) -> None:
+    assert sniff_mime(head) == mime
+
+
+def test_ac3_header_fields_are_read() -> None:
+    frame = ac3_frame(_ac3_header())
+    assert frame is not None
+    assert (frame.size, frame.sample_rate, frame.channels, frame.bitrate) == (
+        768, 48000, 6, 192_000)
+    # 3/0 has a centre mix level and no surround one; 2/0 a Dolby surround mode.
+    for acmod, channels in ((3, 3), (2, 2), (1, 1), (0, 2), (6, 4)):
+        for lfe in (0, 1):
+            frame = ac3_frame(_ac3_header(acmod=acmod, lfe=lfe))
+            assert frame is not None and frame.channels == channels + lfe, (acmod, lfe)
+    # 44.1 kHz: the low bit of frmsizecod adds a word (A/52 table 5.18).
+    assert [ac3_frame(_ac3_header(fscod=1, frmsizecod=c)).size for c in (0, 1, 36, 37)] == [
+        138, 140, 2786, 2788]
+    assert ac3_frame(_ac3_header(fscod=2, frmsizecod=37)).size == 3840
+
+
+def _text_as_ac3(size: int = 4096) -> bytes:
+    """Text whose first bytes pass for an AC-3 header: a vertical tab, a
+    "w", then two letters and "@@": fscod 1, frmsizecod 0, bsid 8."""
+    text = b"\x0b\x77ho@@ reads this? " + b"Plain words, not frames. " * 200
+    assert sniff_mime(text[:64]) == "audio/ac3"   # the head alone cannot tell
+    return text[:size]
+
+
+def test_text_and_noise_starting_with_the_ac3_syncword_are_not_ac3(tmp_path: Path) -> None:
+    text = _text_as_ac3()
+    assert sniff_mime(text) is None      # no second frame where the first ends
+    assert not audio.could_be_audio(text)
+    path = tmp_path / "note.txt"
+    path.write_bytes(text)
+    assert probe(path) is None
+    rng = random.Random(4184)
+    for _ in range(2000):
+        noise = b"\x0b\x77" + rng.randbytes(8190)
+        assert sniff_mime(noise) is None
+        assert not audio.could_be_audio(noise)
+
+
+@pytest.mark.parametrize("name", sorted(AC3_FFPROBE))
+def test_ac3_cut_and_damaged_give_a_bounded_answer(tmp_path: Path, name: str) -> None:
+    data = fixture(name).read_bytes()
+    path = tmp_path / name
+    ends = [0]     # where each frame ends
+    while ends[-1] < len(data):
+        ends.append(ends[-1] + ac3_frame(data[ends[-1]:ends[-1] + 8]).size)
+    # Whole frames ending the file are a (short) stream; a file cut
+    # within the first four frames is not (its last frame plays nothing,
+    # and bytes that merely start like AC-3 look the same); past them, a
+    # cut stream is timed by the bytes it has.
+    for cut, is_audio in ((7, False), (100, False), (ends[1], True), (ends[1] + 1, False),
+                          (ends[2], True), (ends[2] + 100, False), (ends[3] + 10, True),
+                          (len(data) - 1, True)):
+        path.write_bytes(data[:cut])
+        info = probe(path)
+        assert (info is not None) == is_audio, cut
+        assert audio.could_be_audio(data[:cut]) == is_audio, cut
+        if info is not None:
+            assert info.duration <= AC3_FFPROBE[name][1] + 0.001, cut
+    # A chain of frames, then a megabyte of anything: the probe reads a
+    # few frames whatever follows, and (as ffprobe) times the bytes at the
+    # stream's bitrate, the frames unread.
+    path.write_bytes(data + bytes(1 << 20))
+    with _CountingFile(path) as f:
+        info = audio.probe_file(f)
+        assert f.bytes_read < 128 << 10
+    bitrate = AC3_FFPROBE[name][2]
+    assert info is not None
+    assert info.duration == round((len(data) + (1 << 20)) * 8 / bitrate, 3)
+    rng = random.Random(len(data))
+    for _ in range(200):
+        damaged = bytearray(data)
+        for _ in range(rng.choice([1, 4, 16])):
+            damaged[rng.randrange(2, 64)] = rng.randrange(256)
+        path.write_bytes(damaged)
+        info = probe(path)
+        assert info is None or info.mime in AUDIO_MIME_TYPES
+
+
+def test_a_one_frame_ac3_clip_is_audio_and_a_cut_one_is_not(tmp_path: Path) -> None:
+    data = fixture("tone_51.ac3").read_bytes()
+    path = tmp_path / "blip.ac3"
+    path.write_bytes(data[:768])
+    info = probe(path)
+    assert info is not None and info.duration == 0.032 and info.channels == 6
+    assert audio.could_be_audio(data[:768])
+    path.write_bytes(data[:767])
+    assert probe(path) is None and not audio.could_be_audio(data[:767])
+
+
+def test_ac3_behind_an_id3_tag_is_ac3(tmp_path: Path) -> None:
+    """As ffprobe reads it (0.313 s): the tag is not audio."""
+    data = id3_tag_of("id3_tone.wav") + fixture("tone.ac3").read_bytes()
+    path = tmp_path / "tagged.ac3"
+    path.write_bytes(data)
+    assert sniff_mime(data[:64]) == "audio/ac3"
+    info = probe(path)
+    assert info is not None
+    assert (info.mime, info.codec, info.channels) == ("audio/ac3", "ac3", 2)
+    assert info.duration == pytest.approx(0.313, abs=0.001)

@@ -60,6 +60,21 @@ async def test_each_format_is_probed_at_commit(alice, name):
     assert head.headers["Content-Type"] == want.mime
 
 
+async def test_ac3_51_through_the_server(alice):
+    """A 5.1 soundtrack from a rip, POSTed as a file manager sends it: read
+    (it was application/octet-stream, audio null), served as audio/ac3,
+    its LFE counted. ffprobe: ac3, 0.320 s, 192 kb/s, 48 kHz, 6 channels."""
+    data = fixture("tone_51.ac3").read_bytes()
+    resp = await alice.request("POST", "/blobs", data=data, headers={"Content-Type": OCTET})
+    assert resp.status == 201 and (await resp.json())["content_type"] == "audio/ac3"
+    meta = await meta_of(alice, b3(data))
+    assert meta["content_type"] == "audio/ac3"
+    assert meta["audio"] == {"duration": 0.32, "bitrate": 192_000, "sample_rate": 48000,
+                             "channels": 6, "codec": "ac3", "bits_per_sample": None}
+    get = await alice.request("GET", f"/blobs/{b3(data)}")
+    assert get.headers["Content-Type"] == "audio/ac3" and await get.read() == data
+
+
 @pytest.mark.parametrize("name,claim", [
     ("flac_named.mp3", "audio/mpeg"),     # mislabelled: FLAC bytes, an MP3 claim
     ("tone.mp3", "text/plain"),
@@ -100,8 +115,18 @@ async def test_a_64_bit_wave_declared_audio_wav_is_read(alice, name, served):
     assert await get.read() == data
 
 
+# Text whose first 64 bytes pass for an AC-3 frame header (0B 77, then
+# fscod 1, frmsizecod 0, bsid 8): no second frame follows where the first
+# would end.
+AC3_LOOKALIKE = b"\x0b\x77ho@@ reads this? " + TEXT * 20
+
+
 @pytest.mark.parametrize("data,claim,served", [
     (TEXT, "text/plain; charset=utf-8", "text/plain"),
+    # Not AC-3, with a claim or without, or with AC-3's.
+    (AC3_LOOKALIKE, "text/plain", "text/plain"),
+    (AC3_LOOKALIKE, None, OCTET),
+    (AC3_LOOKALIKE, "audio/ac3", OCTET),
     (fixture("not_audio.png").read_bytes(), "image/png", "image/png"),
     (TEXT, None, OCTET),
     (TEXT, "application/x-www-form-urlencoded", OCTET),

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import blake3
@@ -31,6 +32,8 @@ OLD_ROWS = {
     "tone.3gp": ("application/octet-stream", None),
 }
 UNTOUCHED = ("tone.flac", "not_audio.txt", "not_audio.png")
+# Straight to the server, whatever *_proxy variables the environment has.
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def digest_of(name: str) -> str:
@@ -163,6 +166,36 @@ def test_rf64_and_w64_stored_before_they_were_read_become_audio(tmp_path: Path) 
             status, body = meta(server, token, digest_of(name))
             assert status == 200 and body == today[name], name
             assert body["audio"]["codec"] == "pcm" and body["audio"]["duration"] == 0.3
+
+
+def test_ac3_stored_before_it_was_read_becomes_audio(tmp_path: Path) -> None:
+    """An older blobd read no AC-3 or E-AC-3: a rip's soundtrack was
+    application/octet-stream with no facts (served so too). After reprobe
+    it is audio/ac3 (audio/eac3), served as such, with the facts an
+    upload gets today."""
+    names = ("tone_51.ac3", "tone_51.eac3")
+    with BlobdServer(tmp_path, {"storage": {"fsync": False}}) as server:
+        token = server.token("alice", "read,write")
+        today = {name: meta(server, token, put(server, token, (FIXTURES / name).read_bytes()))[1]
+                 for name in names}
+        age(server, {name: ("application/octet-stream", None) for name in names})
+        assert meta(server, token, digest_of("tone_51.ac3"))[1]["audio"] is None
+        result = server.cli("reprobe", "--no-progress")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[-1].startswith(
+            "reprobe: 2 blobs examined: 2 updated, 0 unchanged")
+        for name, served, codec in (("tone_51.ac3", "audio/ac3", "ac3"),
+                                    ("tone_51.eac3", "audio/eac3", "eac3")):
+            status, body = meta(server, token, digest_of(name))
+            assert status == 200 and body == today[name], name
+            assert body["content_type"] == served
+            assert body["audio"] == {"duration": 0.32, "bitrate": 192_000, "sample_rate": 48000,
+                                     "channels": 6, "codec": codec, "bits_per_sample": None}
+            request = urllib.request.Request(f"{server.url}/blobs/{digest_of(name)}",
+                                             headers={"Authorization": f"Bearer {token}"})
+            with NO_PROXY.open(request, timeout=10) as resp:
+                assert resp.headers["Content-Type"] == served
+                assert resp.read() == (FIXTURES / name).read_bytes()
 
 
 def test_dry_run_lists_and_changes_nothing(stored) -> None:

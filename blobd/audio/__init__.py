@@ -29,9 +29,10 @@ the probe threads. Each format family has a module of its own with its
 reader and what it knows of the format: `mp3` (MPEG audio and ADTS AAC),
 `flac`, `mp4`, `ogg` (Vorbis, Opus, FLAC in Ogg), `wav` (WAVE, and RIFF's
 chunks), `wave64` (the chunks of RF64, BW64 and Sony Wave64), `aiff`
-(AIFF and AIFF-C) and `matroska` (WebM and Matroska, read by its own
-bounded EBML reader: mutagen has none); `info` holds `AudioInfo` and the helpers the
-readers share.
+(AIFF and AIFF-C), `ac3` (AC-3 and E-AC-3, read from their frame
+headers: mutagen miscounts their channels) and `matroska` (WebM and
+Matroska, read by its own bounded EBML reader: mutagen has none); `info`
+holds `AudioInfo` and the helpers the readers share.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from typing import IO, Any, TypeVar
 
 from ..sniff import (AUDIO_MIME_TYPES, MAX_ID3_TAGS, MAX_MP3_JUNK, SNIFF_BYTES,
                      could_be_audio, id3v2_size, is_rf64_header, sniff_mime)
+from .ac3 import read_ac3
 from .aiff import read_aiff
 from .flac import read_flac
 from .info import AudioInfo
@@ -209,6 +211,8 @@ _READERS: dict[str, Callable[[IO[bytes], int, bytes], AudioInfo | None]] = {
     "audio/aiff": read_aiff,
     "audio/webm": read_matroska,
     "audio/matroska": read_matroska,
+    "audio/ac3": read_ac3,
+    "audio/eac3": read_ac3,
 }
 
 
