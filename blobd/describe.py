@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from . import index
-from .audio import AUDIO_MIME_TYPES, AudioInfo, probe_async, sniff_mime, without_sound_async
-from .sniff import mp4_brands_say_audio
+from .audio import (AUDIO_MIME_TYPES, AudioInfo, probe_async, sniff_file_async, sniff_mime,
+                    without_sound_async)
+from .sniff import mp4_brands_say_audio, starts_with_id3v2
 from .config import AudioConfig
 from .errors import BlobdError
 from .files import Digests
@@ -91,15 +92,22 @@ async def describe(store: Store, path: Path, digests: Digests,
     timeout = store.config.audio.probe_timeout_seconds
     info = await probe_async(path, timeout)
     silent = info is None and await without_sound_async(path, timeout)
-    return Description(content_type(info, digests.head, client_type, without_sound=silent),
+    # Behind ID3v2 tags longer than the head, only the file tells.
+    read_type = (await sniff_file_async(path, timeout)
+                 if info is None and starts_with_id3v2(digests.head) else None)
+    return Description(content_type(info, digests.head, client_type, without_sound=silent,
+                                    read_type=read_type),
                        info.to_json() if info is not None else None)
 
 
 def content_type(info: AudioInfo | None, head: bytes, client_type: str | None, *,
-                 without_sound: bool = False) -> str:
+                 without_sound: bool = False, read_type: str | None = None) -> str:
     """Bytes first (probe, then magic), then a specific client claim.
     ``without_sound``: the file's track list holds no sound track
-    (`blobd.audio.without_sound`), so its magic's audio type is wrong."""
+    (`blobd.audio.without_sound`), so its magic's audio type is wrong.
+    ``read_type``: what `blobd.audio.sniff_file` read in the file, where
+    the head cannot tell (past ID3v2 tags that end beyond it); None: the
+    head's magic decides."""
     claimed = normalise_type(client_type)
     specific = claimed not in GENERIC_TYPES and claimed not in AUDIO_MIME_TYPES
     if info is not None:
@@ -117,7 +125,7 @@ def content_type(info: AudioInfo | None, head: bytes, client_type: str | None, *
     # itself: a type it decides from the bytes is audio or the fallback,
     # which `decided_by_bytes` (and so reprobe) can tell from a client's.
     # A client that names it (video/webm) keeps that, as for any film.
-    sniffed = None if without_sound else sniff_mime(head)
+    sniffed = None if without_sound else read_type or sniff_mime(head)
     if sniffed in PROBED_ONLY:
         sniffed = None
     # A bare MPEG or ADTS frame header is a dozen bits of sync that text

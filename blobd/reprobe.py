@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from . import daemonthread, index
-from .audio import (AUDIO_MIME_TYPES, PROBE_THREADS, AudioInfo, probe_file, sniff_mime,
-                    without_sound)
+from .audio import (AUDIO_MIME_TYPES, PROBE_THREADS, AudioInfo, probe_file, sniff_file,
+                    sniff_mime, without_sound)
 from .describe import content_type, decided_by_bytes
 from .errors import BlobdError
 from .files import HEAD_SIZE
@@ -90,6 +90,7 @@ class Reading:
     info: AudioInfo | None
     probed: bool
     without_sound: bool = False    # a film with no sound track (see blobd.audio)
+    read_type: str | None = None   # past long ID3v2 tags (blobd.audio.sniff_file)
 
 
 class _WatchedFile(io.FileIO):
@@ -130,9 +131,10 @@ def read_blob(path: str, size: int, must_probe: bool) -> Reading:
         f.seek(0)
         info = probe_file(f)
         silent = info is None and without_sound(f)
+        read_type = sniff_file(f) if info is None else None
     if raw.error is not None:
         raise raw.error
-    return Reading(head, info, probed=True, without_sound=silent)
+    return Reading(head, info, probed=True, without_sound=silent, read_type=read_type)
 
 
 @dataclass
@@ -203,7 +205,8 @@ class Run:
             return
         audio = reading.info.to_json() if reading.info is not None else None
         new_type = (content_type(reading.info, reading.head, None,
-                                 without_sound=reading.without_sound)
+                                 without_sound=reading.without_sound,
+                                 read_type=reading.read_type)
                     if decided_by_bytes(old_type) else old_type)
         if (new_type, audio) == (old_type, old_audio):
             self.report.unchanged += 1

@@ -234,8 +234,15 @@ def _sniff_behind_id3(head: bytes) -> str:
             break
         pos += size
     # pos 0: a header cut off within ``head``, nothing to look behind.
-    after = sniff_mime(head[pos:]) if pos else None
-    return after if after in _BEHIND_ID3 else "audio/mpeg"
+    return sniff_behind_id3(head[pos:] if pos else b"")
+
+
+def sniff_behind_id3(after: bytes) -> str:
+    """The type of a file that opens with ID3v2 tags, by ``after``, the
+    SNIFF_BYTES that follow them: the format there if blobd reads it
+    behind a tag, else audio/mpeg."""
+    found = sniff_mime(after)
+    return found if found in _BEHIND_ID3 else "audio/mpeg"
 
 
 def id3v2_size(head: bytes) -> int | None:

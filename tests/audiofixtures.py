@@ -119,6 +119,32 @@ PROBE_ONLY_FIXTURES = {
     # Sony Wave64, its own type. ffprobe: adpcm_ima_wav, 1.0205 s (its
     # 64-bit 'fact').
     "adpcm.w64": Expected("audio/x-w64", "adpcm_ima", 1.02, 8000, 1, (32_000, 32_200), None),
+    # Dolby 5.1 in MP4. E-AC-3's channels come from its 'dec3' box (the
+    # sample entry's 2 were reported), its bitrate from the box's
+    # data_rate (the file's 212.6 kb/s was); AC-3's 'dac3' was read right.
+    # ffprobe: eac3 and ac3, 6 channels, 192 kb/s, 0.315 s (the file's).
+    "tone_51_eac3.mp4": Expected("audio/mp4", "eac3", 0.315, 48000, 6, (192_000, 192_000), None),
+    "tone_51_ac3.mp4": Expected("audio/mp4", "ac3", 0.315, 48000, 6, (192_000, 192_000), None),
+    # QuickTime PCM sample entries in MP4 (codec 'in24', 'twos', 'fl32' and
+    # bits_per_sample null were reported, the file's rate, and an 'lpcm'
+    # entry was not audio: its placeholder rate is 1 Hz). ffprobe: pcm_s24le
+    # 24 bits, pcm_s16be 16, pcm_f32le 32, pcm_s24le 24 at 96 kHz; the
+    # samples' rate (192, 128, 256, 2304 kb/s).
+    "tone_in24.mp4": Expected("audio/mp4", "pcm", 0.1, 8000, 1, (192_000, 192_000), 24),
+    "tone_twos.mp4": Expected("audio/mp4", "pcm", 0.1, 8000, 1, (128_000, 128_000), 16),
+    "tone_fl32.mp4": Expected("audio/mp4", "pcm_float", 0.1, 8000, 1, (256_000, 256_000), 32),
+    "tone_lpcm.mp4": Expected("audio/mp4", "pcm", 0.02, 96000, 1, (2_304_000, 2_304_000), 24),
+    # WavPack in Matroska: the BitDepth element (it was null, and the codec
+    # "wavpack4"). ffprobe: wavpack, bits_per_raw_sample 16.
+    "tone_wavpack.mka": Expected("audio/matroska", "wavpack", 0.1, 8000, 1, (20_000, 128_000), 16),
+    # One sample frame: 1/8000 s, kept to the microsecond (rounded to
+    # milliseconds it was 0, and the file not audio). ffprobe: 0.000125 s.
+    "one_sample.wav": Expected("audio/wav", "pcm", 0.000125, 8000, 1, (128_000, 128_000), 16),
+    # Chained Ogg: the links' lengths summed, as ffmpeg decodes them (0.80
+    # s); it was the first link's (0.5 s). ffprobe says 0.3065 s and 0.300
+    # s: the last link's, from the file's last page.
+    "chained.opus": Expected("audio/opus", "opus", 0.8, 48000, 1, (20_000, 26_000), None),
+    "chained.ogg": Expected("audio/ogg", "vorbis", 0.8, 22050, 1, (30_000, 50_000), None),
 }
 NOT_AUDIO_FIXTURES = ["not_audio.txt", "not_audio.png", "video_only.mp4", "video_only.webm"]
 # What Chromium cannot play whatever the Content-Type: ALAC, AIFF, W64,

@@ -41,6 +41,9 @@ SNIFFED = {name: e.mime for name, e in PROBED.items()} | {
     # The DocType says WebM; only the probe finds the sound, or none.
     "video_sound.webm": "audio/webm",
     "video_only.webm": "audio/webm",
+    # Its ID3v2 tag runs past the 64 bytes: the head says MP3, the file
+    # (sniff_file) FLAC.
+    "id3_long_cut.flac": "audio/mpeg",
 }
 
 
@@ -1372,3 +1375,158 @@ def test_ac3_behind_an_id3_tag_is_ac3(tmp_path: Path) -> None:
     assert info is not None
     assert (info.mime, info.codec, info.channels) == ("audio/ac3", "ac3", 2)
     assert info.duration == pytest.approx(0.313, abs=0.001)
+
+
+# --- Dolby and PCM in MP4 -------------------------------------------------------
+
+def _box_at(data: bytes, name: bytes) -> int:
+    """Offset of the body of the only box ``name`` in ``data``."""
+    assert data.count(name) == 1, name
+    return data.index(name) + 4
+
+
+@pytest.mark.parametrize("size, channels", [
+    (8, 2),             # an empty dec3: the sample entry's count stands
+    (11, 2),            # cut before acmod and lfeon
+    (0xFFFF_FFFF, 6),   # claiming more than its stsd: read to the stsd's end
+])
+def test_a_dec3_box_cut_or_lying_gives_a_bounded_answer(tmp_path: Path, size: int,
+                                                        channels: int) -> None:
+    data = bytearray(fixture("tone_51_eac3.mp4").read_bytes())
+    at = _box_at(data, b"dec3") - 8
+    data[at:at + 4] = size.to_bytes(4, "big")
+    path = tmp_path / "lying.mp4"
+    path.write_bytes(data)
+    info = probe(path)
+    assert info is not None and (info.codec, info.channels) == ("eac3", channels)
+
+
+@pytest.mark.parametrize("field, value, result", [
+    (32, struct.pack(">d", float("nan")), None),      # the rate: no number
+    (32, struct.pack(">d", 1e300), None),             # the rate: no real one
+    (40, (0xFFFF_FFFF).to_bytes(4, "big"), None),     # channels: 4 billion
+    (48, bytes(4), "no bit depth"),                   # bits per channel: 0
+])
+def test_hostile_lpcm_entries_give_a_bounded_answer(tmp_path: Path, field: int, value: bytes,
+                                                    result: str | None) -> None:
+    """A version 2 'lpcm' entry's fields, from the end of its 8-byte header."""
+    data = bytearray(fixture("tone_lpcm.mp4").read_bytes())
+    at = _box_at(data, b"lpcm") + field
+    data[at:at + len(value)] = value
+    path = tmp_path / "lpcm.mp4"
+    path.write_bytes(data)
+    info = probe(path)
+    if result is None:
+        assert info is None
+    else:
+        assert info is not None and info.bits_per_sample is None
+        assert (info.sample_rate, info.channels) == (96000, 1)
+
+
+def test_an_lpcm_entry_cut_short_is_not_read_as_pcm(tmp_path: Path) -> None:
+    """Its size says it ends before its version 2 fields: the placeholders
+    mutagen reads (a rate of 1 Hz) are no stream."""
+    data = bytearray(fixture("tone_lpcm.mp4").read_bytes())
+    at = _box_at(data, b"lpcm") - 8
+    data[at:at + 4] = (8 + 40).to_bytes(4, "big")
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data)
+    assert probe(path) is None
+
+
+# --- one sample frame -------------------------------------------------------------
+
+def test_a_wav_of_one_sample_frame_lasts_one_over_its_rate() -> None:
+    info = probe(fixture("one_sample.wav"))
+    assert info is not None and info.duration == 0.000125
+    assert info.to_json()["duration"] == 0.000125
+
+
+def test_a_wav_of_no_sample_frame_is_not_audio(tmp_path: Path) -> None:
+    """The guard that a duration of 0 fails still holds: a header with an
+    empty 'data' chunk is no stream."""
+    data = bytearray(fixture("one_sample.wav").read_bytes())
+    at = data.index(b"data") + 4
+    data[at:at + 4] = bytes(4)
+    data[4:8] = (len(data) - 2 - 8).to_bytes(4, "little")
+    path = tmp_path / "empty.wav"
+    path.write_bytes(data[:-2])
+    assert probe(path) is None
+
+
+# --- a sniff past long ID3 tags ---------------------------------------------------------
+
+def test_sniff_file_sees_the_format_behind_a_tag_longer_than_the_head() -> None:
+    path = fixture("id3_long_cut.flac")
+    assert sniff_mime(path.read_bytes()[:64]) == "audio/mpeg"
+    with path.open("rb") as f:
+        assert audio.sniff_file(f) == "audio/flac"
+    assert probe(path) is None      # damaged: only the type is known
+
+
+@pytest.mark.parametrize("inner, mime", [("tone.flac", "audio/flac"),
+                                         ("tone.wav", "audio/wav"),
+                                         ("tone.aiff", "audio/aiff"),
+                                         ("tone.ogg", "audio/mpeg"),   # not behind a tag
+                                         ("not_audio.txt", "audio/mpeg")])
+def test_sniff_file_reads_no_more_for_a_tag_of_megabytes(tmp_path: Path, inner: str,
+                                                         mime: str) -> None:
+    """A tag of 4 MiB (cover art) costs its header and 64 bytes after it."""
+    body = 4 << 20
+    tag = b"ID3\x03\x00\x00" + bytes([(body >> s) & 0x7F for s in (21, 14, 7, 0)])
+    path = tmp_path / "cover.bin"
+    path.write_bytes(tag + bytes(body) + fixture(inner).read_bytes())
+    with _CountingFile(path) as f:
+        assert audio.sniff_file(f) == mime
+        assert f.bytes_read < 1024
+
+
+@pytest.mark.parametrize("case", ["past-the-end", "stacked", "cut-header"])
+def test_sniff_file_of_hostile_tags_is_mpeg(tmp_path: Path, case: str) -> None:
+    """As the head's sniff says: a tag that claims more than the file, more
+    tags than any file has, a header cut off."""
+    huge = b"ID3\x03\x00\x00\x7f\x7f\x7f\x7f"
+    small = b"ID3\x03\x00\x00\x00\x00\x00\x00"
+    data = {"past-the-end": huge + fixture("tone.flac").read_bytes()[:100],
+            "stacked": small * 100 + fixture("tone.flac").read_bytes()[:100],
+            "cut-header": b"ID3\x03\x00"}[case]
+    path = tmp_path / "tags.bin"
+    path.write_bytes(data)
+    with path.open("rb") as f:
+        assert audio.sniff_file(f) == "audio/mpeg"
+    assert probe(path) is None
+
+
+# --- chained Ogg ------------------------------------------------------------------
+
+def test_a_chain_longer_than_the_tail_has_no_duration(tmp_path: Path) -> None:
+    """A link starts in the tail: the links before it cannot be timed
+    without reading the file through, so neither the length nor the rate
+    over it is given (it was the first link's 2.0 s, a 1 Mb/s rate)."""
+    path = tmp_path / "radio.opus"
+    path.write_bytes(fixture("long.opus").read_bytes() + fixture("tone.opus").read_bytes())
+    assert path.stat().st_size > OGG_TAIL
+    info = probe(path)
+    assert info is not None and (info.duration, info.bitrate) == (None, None)
+    assert (info.codec, info.channels) == ("opus", 1)
+
+
+def test_a_chain_with_a_link_of_another_codec_has_no_duration(tmp_path: Path) -> None:
+    data = fixture("chained.opus").read_bytes()
+    second = data.index(b"OpusHead", data.index(b"OpusHead") + 1)
+    path = tmp_path / "odd.opus"
+    path.write_bytes(data[:second] + b"SpeexHed" + data[second + 8:])
+    info = probe(path)
+    assert info is not None and info.duration is None
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_damaged_chains_never_raise(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    data = bytearray(fixture(rng.choice(["chained.opus", "chained.ogg"])).read_bytes())
+    for _ in range(rng.randrange(1, 8)):
+        data[rng.randrange(len(data))] = rng.randrange(256)
+    path = tmp_path / "damaged.ogg"
+    path.write_bytes(data[:rng.randrange(len(data) // 2, len(data) + 1)])
+    info = probe(path)
+    assert info is None or info.duration is None or 0 < info.duration < 2

@@ -198,6 +198,31 @@ async def test_a_header_without_a_stream_is_sniffed_but_not_audio(alice):
     assert (await meta_of(alice, b3(data)))["audio"] is None
 
 
+async def test_a_damaged_file_behind_a_long_id3_tag_is_typed_by_what_follows(alice):
+    """The tag (10 + 213 bytes) runs past the 64 bytes sniffed at upload;
+    the FLAC behind it is cut inside its STREAMINFO, so the probe reads
+    nothing. Its type is FLAC's (it was audio/mpeg, the tag's)."""
+    data = fixture("id3_long_cut.flac").read_bytes()
+    resp = await alice.request("POST", "/blobs", data=data, headers={"Content-Type": OCTET})
+    assert resp.status == 201 and (await resp.json())["content_type"] == "audio/flac"
+    meta = await meta_of(alice, b3(data))
+    assert (meta["content_type"], meta["audio"]) == ("audio/flac", None)
+    # A specific claim of something else still loses to the bytes' type.
+    other = data + b"\0"
+    resp = await alice.request("POST", "/blobs", data=other, headers={"Content-Type": "text/plain"})
+    assert (await resp.json())["content_type"] == "audio/flac"
+
+
+async def test_a_wav_of_one_sample_frame_is_audio(alice):
+    """1/8000 s: audio, its duration to the microsecond (it was null)."""
+    data = fixture("one_sample.wav").read_bytes()
+    resp = await alice.put(data)
+    assert resp.status == 201 and (await resp.json())["content_type"] == "audio/wav"
+    assert (await meta_of(alice, b3(data)))["audio"] == {
+        "duration": 0.000125, "bitrate": 128_000, "sample_rate": 8000, "channels": 1,
+        "codec": "pcm", "bits_per_sample": 16}
+
+
 async def test_a_slow_probe_gives_up_and_the_upload_succeeds(server, tmp_path):
     # ~12 MB of Ogg pages with no end: the probe reads its last 256 KiB,
     # thousands of pages, ~15 ms; 1 ms is not enough.

@@ -417,3 +417,35 @@ def test_a_file_whose_deletion_is_under_way_is_skipped_not_missing(stored) -> No
     assert result.stdout.splitlines()[-1].endswith(
         "0 with their file missing, 0 unreadable; 1 skipped (deleted or changed"
         " while reprobe ran)"), result.stdout
+
+
+def test_rows_of_the_audio_polish_are_brought_up_to_date(tmp_path: Path) -> None:
+    """What an older blobd stored: a damaged FLAC behind a long ID3 tag as
+    audio/mpeg (the tag's type), a chained Ogg with its first link's
+    length, an E-AC-3 in MP4 with 2 channels, a WAV of one sample frame as
+    no audio. Reprobe gives each what an upload gets today."""
+    olds = {
+        "id3_long_cut.flac": ("audio/mpeg", None),
+        "chained.opus": ("audio/opus", {"duration": 0.5, "bitrate": 36560, "sample_rate": 48000,
+                                        "channels": 1, "codec": "opus",
+                                        "bits_per_sample": None}),
+        "tone_51_eac3.mp4": ("audio/mp4", {"duration": 0.315, "bitrate": 212597,
+                                           "sample_rate": 48000, "channels": 2,
+                                           "codec": "eac3", "bits_per_sample": None}),
+        "one_sample.wav": ("audio/wav", None),
+    }
+    with BlobdServer(tmp_path, {"storage": {"fsync": False}}) as server:
+        token = server.token("alice", "read,write")
+        today = {name: meta(server, token, put(server, token, (FIXTURES / name).read_bytes()))[1]
+                 for name in olds}
+        assert today["id3_long_cut.flac"]["content_type"] == "audio/flac"
+        assert today["chained.opus"]["audio"]["duration"] == 0.8
+        assert today["tone_51_eac3.mp4"]["audio"]["channels"] == 6
+        assert today["one_sample.wav"]["audio"]["duration"] == 0.000125
+        age(server, olds)
+        result = server.cli("reprobe", "--no-progress")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[-1].startswith(
+            "reprobe: 4 blobs examined: 4 updated, 0 unchanged")
+        for name in olds:
+            assert meta(server, token, digest_of(name)) == (200, today[name]), name

@@ -1,7 +1,9 @@
 """What a stored blob sounds like: a mutagen probe, run in a thread.
 
 * `sniff_mime(head)` (from blobd.sniff) looks at the first bytes only; it is
-  for choosing a Content-Type when the client gave none.
+  for choosing a Content-Type when the client gave none. `sniff_file(f)`
+  also looks past ID3v2 tags longer than those bytes (a bounded read where
+  their headers say they end).
 * `probe(path)` parses the stream headers with mutagen for duration,
   bitrate, sample rate and channels. It blocks; async code calls
   `probe_async`, which runs it in a worker thread under a time limit.
@@ -46,7 +48,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, TypeVar
 
 from ..sniff import (AUDIO_MIME_TYPES, MAX_ID3_TAGS, MAX_MP3_JUNK, SNIFF_BYTES,
-                     could_be_audio, id3v2_size, is_rf64_header, sniff_mime)
+                     could_be_audio, id3v2_size, is_rf64_header, sniff_behind_id3,
+                     sniff_mime, starts_with_id3v2)
 from .ac3 import read_ac3
 from .aiff import read_aiff
 from .flac import read_flac
@@ -60,8 +63,8 @@ from .wav import read_wav
 from .wave64 import read_rf64, read_w64
 
 __all__ = ["AUDIO_MIME_TYPES", "MAX_MP3_JUNK", "OGG_TAIL", "AudioInfo",
-           "could_be_audio", "probe", "probe_async", "probe_file", "sniff_mime",
-           "without_sound", "without_sound_async"]
+           "could_be_audio", "probe", "probe_async", "probe_file", "sniff_file",
+           "sniff_file_async", "sniff_mime", "without_sound", "without_sound_async"]
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +152,32 @@ def _without_sound_at(path: str | os.PathLike[str]) -> bool:
             return without_sound(f)
     except OSError:
         return False
+
+
+def sniff_file(f: IO[bytes]) -> str | None:
+    """`sniff_mime` of the file's first bytes; of a file that opens with
+    ID3v2 tags, the format behind them wherever they end. The first bytes
+    alone see past a tag only if it ends within them, and a tag of cover
+    art runs for megabytes: a damaged FLAC behind one was typed
+    audio/mpeg (found by review). Bounded whatever the tags' size: their
+    10-byte headers (MAX_ID3_TAGS at most) and SNIFF_BYTES where they end.
+    Raises OSError."""
+    f.seek(0)
+    head = f.read(SNIFF_BYTES)
+    start = _skip_id3v2(f) if starts_with_id3v2(head) else None
+    if not start:
+        # No tag, one cut off (the head tells), or implausibly many.
+        return sniff_mime(head)
+    f.seek(start)
+    return sniff_behind_id3(f.read(SNIFF_BYTES))
+
+
+def _sniff_file_at(path: str | os.PathLike[str]) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return sniff_file(f)
+    except OSError:
+        return None
 
 
 def _skip_id3v2(f: IO[bytes]) -> int | None:
@@ -247,6 +276,12 @@ async def without_sound_async(path: str | os.PathLike[str], timeout: float) -> b
     """`without_sound` of the file at ``path`` in a probe thread, False
     after ``timeout`` seconds (as `probe_async`)."""
     return await _in_probe_pool(_without_sound_at, path, timeout, "track list", False)
+
+
+async def sniff_file_async(path: str | os.PathLike[str], timeout: float) -> str | None:
+    """`sniff_file` of the file at ``path`` in a probe thread; None when it
+    cannot be read, or after ``timeout`` seconds."""
+    return await _in_probe_pool(_sniff_file_at, path, timeout, "sniff", None)
 
 
 T = TypeVar("T")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import IO
 
 from ..sniff import AC3_CHAIN_FRAMES, AC3_HEADER_BYTES, MAX_AC3_FRAME, ac3_chain_at, ac3_frame
-from .info import AudioInfo, file_size
+from .info import AudioInfo, file_size, round_duration
 
 _CODECS = {"audio/ac3": "ac3", "audio/eac3": "eac3"}
 # A program is its independent substream 0 and the substreams sent with
@@ -39,7 +39,7 @@ def read_ac3(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
         # stretch of time: the stream's rate is theirs together.
         bitrate = _program_bytes(data) * 8 * first.sample_rate // first.samples
     duration = (file_size(f) - start) * 8 / bitrate
-    return AudioInfo(duration=round(duration, 3), bitrate=bitrate,
+    return AudioInfo(duration=round_duration(duration), bitrate=bitrate,
                      sample_rate=first.sample_rate, channels=first.channels,
                      codec=_CODECS[first.mime], mime=first.mime)
 

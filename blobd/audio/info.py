@@ -21,7 +21,8 @@ from ..sniff import AUDIO_MIME_TYPES
 @dataclass(frozen=True, slots=True)
 class AudioInfo:
     """Stream facts of one audio file. `duration` is in seconds (rounded to
-    milliseconds; None when the file does not say, see blobd.audio._plausible),
+    milliseconds, see round_duration; None when the file does not say, see
+    blobd.audio._plausible),
     `bitrate` in bits per second; `bits_per_sample` the bit depth of a
     stream whose samples have one (PCM, float, FLAC, ALAC: the header's
     valid bits), None for lossy and other compressed codecs (MP3, AAC,
@@ -107,7 +108,7 @@ def make_info(stream: Any, codec: str, mime: str, *,
     the codecs that do."""
     length = float(stream.length if duration is None else duration)
     return AudioInfo(
-        duration=round(length, 3) if length else None,
+        duration=round_duration(length) if length else None,
         bitrate=_positive_int(bitrate or getattr(stream, "bitrate", 0)),
         sample_rate=_positive_int(sample_rate or getattr(stream, "sample_rate", 0)),
         channels=_positive_int(getattr(stream, "channels", 0)),
@@ -116,6 +117,15 @@ def make_info(stream: Any, codec: str, mime: str, *,
         bits_per_sample=bit_depth(bits_per_sample),
         with_video=with_video,
     )
+
+
+def round_duration(seconds: float) -> float:
+    """``seconds`` rounded to milliseconds, but for a stream shorter than
+    half of one (a WAV of one sample frame lasts 1/8000 s), which keeps
+    its microseconds: rounded to 0 it would read as no stream at all (see
+    blobd.audio._plausible, which refuses a duration of 0)."""
+    rounded = round(seconds, 3)
+    return rounded if rounded or not seconds else round(seconds, 6)
 
 
 # Linear PCM runs from 8 to 32 bits, float to 64 (FLAC allows 4 to 32); a

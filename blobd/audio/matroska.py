@@ -37,7 +37,7 @@ from typing import IO, Any
 
 from ..sniff import EBML_DOCTYPES
 from .flac import streaminfo_bit_depth
-from .info import AudioInfo, bit_depth, file_size
+from .info import AudioInfo, bit_depth, file_size, round_duration
 
 # RFC 9559 section 5.1 and RFC 8794 section 11.2: the element IDs read here.
 _EBML, _DOCTYPE = 0x1A45DFA3, 0x4282
@@ -207,7 +207,7 @@ def _read(f: IO[bytes]) -> AudioInfo | None:
     # video shares it.
     bitrate = size * 8 / duration if duration and not with_video else None
     return AudioInfo(
-        duration=round(duration, 3) if duration and duration > 0 else None,
+        duration=round_duration(duration) if duration and duration > 0 else None,
         bitrate=round(bitrate) if bitrate else None,
         sample_rate=round(rate) if 0 < rate < 1e7 else None,
         channels=track.channels or None,
@@ -401,7 +401,8 @@ _CODECS = {"A_OPUS": "opus", "A_VORBIS": "vorbis", "A_FLAC": "flac",
            "A_MPEG/L3": "mp3", "A_MPEG/L2": "mp2", "A_MPEG/L1": "mp1",
            "A_PCM/INT/LIT": "pcm", "A_PCM/INT/BIG": "pcm",
            "A_PCM/FLOAT/IEEE": "pcm_float", "A_ALAC": "alac", "A_AC3": "ac3",
-           "A_EAC3": "eac3", "A_DTS": "dts", "A_TRUEHD": "truehd"}
+           "A_EAC3": "eac3", "A_DTS": "dts", "A_TRUEHD": "truehd",
+           "A_WAVPACK4": "wavpack"}
 
 
 def _codec(codec_id: str) -> str:
@@ -413,14 +414,20 @@ def _codec(codec_id: str) -> str:
 # Of CodecPrivate, what is read: FLAC's "fLaC" and STREAMINFO block, or
 # ALAC's magic cookie up to its bit depth (its sixth byte).
 _PRIVATE_HEAD = 4 + 4 + 34
-_LINEAR = frozenset({"pcm", "pcm_float"})
+# The codecs whose samples have a bit depth that the BitDepth element
+# states: PCM's, which the codec mappings require, and the lossless ones'.
+# WavPack's is the stream's (ffmpeg writes 8, 16 or 32, as ffprobe reads
+# from the blocks). Not TrueHD's: ffmpeg writes 16 for it whatever the
+# stream, and TrueHD's own header states no word length (ffmpeg's parser
+# assumes 24).
+_BIT_DEPTH_CODECS = frozenset({"pcm", "pcm_float", "flac", "alac", "wavpack"})
 
 
 def _bit_depth(track: _Track, codec: str) -> int | None:
     """The bit depth of a lossless or PCM track: what the codec's own
     header says (FLAC's STREAMINFO, ALAC's cookie, each in CodecPrivate),
-    else the Audio element's BitDepth, which the codec mappings require of
-    PCM. None for the others, whose BitDepth (if any) is not of the file."""
+    else the Audio element's BitDepth (see _BIT_DEPTH_CODECS). None for
+    the others, whose BitDepth (if any) is not of the file."""
     private, own = track.codec_private, None
     if codec == "flac" and private.startswith(b"fLaC"):
         own = streaminfo_bit_depth(private[4:])
@@ -428,7 +435,7 @@ def _bit_depth(track: _Track, codec: str) -> int | None:
         # The cookie alone (ALACSpecificConfig), or still in its 'alac' box.
         cookie = private[12:] if private[4:8] == b"alac" else private
         own = cookie[5] if len(cookie) >= 6 else None
-    if codec in _LINEAR or codec in ("flac", "alac"):
+    if codec in _BIT_DEPTH_CODECS:
         return bit_depth(own) or bit_depth(track.bit_depth)
     return None
 

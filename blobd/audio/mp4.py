@@ -5,20 +5,23 @@ so the box tree is walked first, headers only, and refused when it holds
 implausibly many boxes or a box larger than a real one gets. Only then
 does mutagen's MP4Info read the stream facts (never the tags), and these
 are corrected where real files mislead it: the channel count ffmpeg writes
-for mono AAC and MP3, the length an edit list presents, the bitrate of
-ALAC and of codecs without an esds, and whether a video track comes with
-the sound. Only a lossless codec's sample size is reported as a bit depth.
+for mono AAC and MP3, E-AC-3's (from its 'dec3' box), the length an edit
+list presents, the bitrate of ALAC and of codecs without an esds, QuickTime's
+PCM sample entries (named as PCM, a version 2 entry's own fields), and
+whether a video track comes with the sound. Only a lossless or PCM codec's
+sample size is reported as a bit depth.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import IO, Any
 
 from mutagen.mp4 import Atoms, MP4Info
 
 from ..sniff import mp4_family, mpeg_frame_length
 from .flac import streaminfo_bit_depth
-from .info import AudioInfo, file_size, make_info
+from .info import AudioInfo, bit_depth, file_size, make_info
 
 # A bound on container structure: real files have a few hundred boxes;
 # this is far above that and far below what costs real time or memory.
@@ -65,8 +68,19 @@ def read_mp4(f: IO[bytes], start: int, head: bytes) -> AudioInfo | None:
     if codec == "mp3" and stream.channels == 2 and _mp4_first_mpeg_frame_mono(atoms, f):
         # The same sample entry as AAC's; here the frames say mono.
         stream.channels = 1
+    if codec == "eac3":
+        # The sample entry's channel count is 2 whatever the stream
+        # (ISO/IEC 14496-12 fixes it for every codec that does not use
+        # it); mutagen reads AC-3's 'dac3', not E-AC-3's 'dec3'.
+        _apply_dec3(_config_box(_sound_stsd(atoms, f), b"dec3"), stream)
     with_video = _mp4_has_video(atoms, f)
     bits = _mp4_bit_depth(codec, stream, atoms, f)
+    pcm = _qt_pcm(_sound_stsd(atoms, f)) if stream.codec in _QT_PCM else None
+    if pcm is not None:
+        codec, stream.channels, stream.sample_rate, bits = pcm
+        # What the samples take, as WAV and AIFF state PCM's (and ffprobe):
+        # the file's rate would count the boxes too.
+        stream.bitrate = stream.channels * stream.sample_rate * (bits or 0)
     presented = _mp4_presented_length(atoms, f)
     if 0 < presented < stream.length:
         # An empty edit (a delay) or a repeat would make it longer: those
@@ -106,17 +120,98 @@ def _mp4_bit_depth(codec: str, stream: Any, atoms: Any, f: IO[bytes]) -> int | N
         return stream.bits_per_sample
     if codec != "flac":
         return None
-    stbl, stsd = _mp4_sound_stbl(atoms, f), b""
-    try:
-        if stbl is not None:
-            ok, stsd = stbl[(b"stsd",)].read(f)   # bounded by _mp4_boxes_bounded
-            stsd = stsd if ok else b""
-    except KeyError:
-        pass
+    stsd = _sound_stsd(atoms, f)
     at = stsd.find(b"dfLa")
     # Past the box's name, version and flags: the metadata blocks.
     from_streaminfo = streaminfo_bit_depth(stsd[at + 8:]) if at >= 0 else None
     return from_streaminfo or stream.bits_per_sample
+
+
+# QuickTime's uncompressed sample entries (QuickTime File Format, "Sound
+# sample descriptions"), which cameras write into MP4 files too (Sony's
+# XAVC S: 'twos'): the codec each names, and its bit depth. 'twos' and
+# 'sowt' (big- and little-endian) hold 8 or 16 bits, as the entry's sample
+# size says; 'lpcm' (a version 2 entry) states its own format. mutagen
+# reports the four-character code as the codec, and reads a version 2
+# entry's placeholder fields (a sample rate of 1, 3 channels).
+_QT_PCM: dict[str, tuple[str, int | None]] = {
+    "twos": ("pcm", None), "sowt": ("pcm", None), "raw ": ("pcm", 8),
+    "in24": ("pcm", 24), "in32": ("pcm", 32),
+    "fl32": ("pcm_float", 32), "fl64": ("pcm_float", 64), "lpcm": ("pcm", None),
+}
+# formatSpecificFlags of an 'lpcm' entry: kAudioFormatFlagIsFloat.
+_LPCM_FLOAT = 1
+
+
+def _qt_pcm(stsd: bytes) -> tuple[str, int, float, int | None] | None:
+    """(codec, channels, sample rate, bit depth) of the first sample entry
+    in ``stsd`` if it is one of _QT_PCM, else None. The entry's fields
+    (after its 8-byte header): 6 reserved bytes, data_reference_index,
+    version (2 bytes each), revision, vendor, channels, sample size,
+    compression id, packet size, the rate as 16.16 fixed point; version 2
+    puts placeholders there and follows with sizeOfStructOnly, the rate
+    as a 64-bit float, channels, 7F000000, bits per channel and format
+    flags (QuickTime File Format, "Sound sample description (version 2)")."""
+    entry = stsd[8:]                        # past version, flags and count
+    size = int.from_bytes(entry[:4], "big")
+    name = entry[4:8].decode("latin-1")
+    body = entry[8:min(size, len(entry))]
+    if name not in _QT_PCM or len(body) < 28:
+        return None
+    codec, bits = _QT_PCM[name]
+    if int.from_bytes(body[8:10], "big") == 2:
+        if len(body) < 56:
+            return None
+        rate, channels, bits, flags = struct.unpack(">dIxxxxII", body[32:56])
+        codec = "pcm_float" if flags & _LPCM_FLOAT else "pcm"
+        return codec, channels, rate, bit_depth(bits)
+    channels, sample_size = struct.unpack(">HH", body[16:20])
+    rate = int.from_bytes(body[24:28], "big") / 65536
+    return codec, channels, rate, bits or bit_depth(sample_size)
+
+
+def _sound_stsd(atoms: Any, f: IO[bytes]) -> bytes:
+    """The first sound track's 'stsd' box (its sample entries), b"" if
+    none is read. Its size is bounded by _mp4_boxes_bounded."""
+    stbl = _mp4_sound_stbl(atoms, f)
+    try:
+        ok, stsd = stbl[(b"stsd",)].read(f) if stbl is not None else (False, b"")
+    except KeyError:
+        return b""
+    return stsd if ok else b""
+
+
+def _config_box(stsd: bytes, name: bytes) -> bytes:
+    """The body of the first box ``name`` in the sample entries ``stsd``,
+    cut at its declared size and at the end of ``stsd``; b"" if there is
+    none, or its size is not a box's."""
+    at = stsd.find(name)
+    if at < 4:
+        return b""
+    size = int.from_bytes(stsd[at - 4:at], "big")
+    return stsd[at + 4:at - 4 + size] if size >= 8 else b""
+
+
+# Full-bandwidth channels by acmod (ATSC A/52 table 5.8), as in AC-3 frames.
+_ACMOD_CHANNELS = (2, 1, 2, 3, 3, 4, 4, 5)
+
+
+def _apply_dec3(dec3: bytes, stream: Any) -> None:
+    """Channels and bitrate from an EC3SpecificBox (ETSI TS 102 366 F.6):
+    data_rate (13 bits, kb/s) and num_ind_sub (3), then per independent
+    substream fscod (2), bsid (5), a reserved bit, asvc (1), bsmod (3),
+    acmod (3) and lfeon (1), ... The first independent substream is the
+    programme's main one; the channels its dependent substreams add (7.1's
+    back pair, in chan_loc) are left out, as the raw E-AC-3 reader (and
+    ffmpeg's MP4 demuxer) count them. Nothing changes when the box is
+    missing or too short."""
+    if len(dec3) < 4:
+        return
+    fields = dec3[3]
+    stream.channels = _ACMOD_CHANNELS[(fields >> 1) & 7] + (fields & 1)
+    data_rate = int.from_bytes(dec3[0:2], "big") >> 3
+    if data_rate:
+        stream.bitrate = data_rate * 1000
 
 
 def _aac_mono(atoms: Any, f: IO[bytes]) -> bool:
@@ -205,12 +300,8 @@ def _aac_channel_configuration(atoms: Any, f: IO[bytes]) -> int | None:
     """channelConfiguration of the first sound track's AudioSpecificConfig
     (ISO/IEC 14496-3 1.6.2.1), read from the esds box in its sample entry
     (ISO/IEC 14496-1 7.2.6); None if absent, unreadable or object type 29."""
-    stbl = _mp4_sound_stbl(atoms, f)
-    try:
-        ok, stsd = stbl[(b"stsd",)].read(f) if stbl is not None else (False, b"")
-    except KeyError:
-        return None
-    at = stsd.find(b"esds") if ok else -1
+    stsd = _sound_stsd(atoms, f)
+    at = stsd.find(b"esds")
     if at < 0:
         return None
     data, pos = stsd[at + 8:], 0            # past the name, version and flags
