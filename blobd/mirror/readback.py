@@ -7,6 +7,20 @@ through BLAKE3 and SHA-256 in a thread (memory stays near one piece of
 :meth:`S3Target.read_through` per job, the event loop never hashes), and
 checked against the index's size, BLAKE3 (the address) and SHA-256.
 
+Real rot mostly does not come back as wrong bytes: a store that keeps a
+checksum of what it wrote refuses to serve a piece that fails it. SeaweedFS
+(4.48; a CRC per needle, one needle per 4 MiB chunk) answers a GET of an
+object whose first chunk rotted with 500 InternalError, and one whose later
+chunk rotted with 200 and a body that stops where that chunk begins, while
+HEAD answers as ever; it retries the bad read itself for about 13 s first,
+after a restart alike. So an object whose read fails is damaged too ("the
+mirror could not read its copy") when the store answered and failed on its
+side (:attr:`S3Error.server_fault`, after the target's own retries), or when
+its body is cut short at the same byte twice: a lost connection does not
+break twice at one byte, a refusing store does. A mirror that is down or
+does not answer (refused, timeouts, a cut that moves) is a failure, not
+damage, so it never sends every blob to be uploaded again.
+
 What is found damaged is only reported here: :mod:`.sync` uploads it again
 from the local file, through the checks of its upload phase (a damaged
 local file is refused; a blob deleted meanwhile is not put back). A read
@@ -56,12 +70,8 @@ async def read_back(store: Store, target: S3Target, config: MirrorConfig,
 
 async def _check(store: Store, target: S3Target, config: MirrorConfig,
                  blob: BlobRecord, found: ReadBack) -> None:
-    hasher = Hasher()
     try:
-        # The limit: an object grown past the blob is damaged, and is not
-        # read to its end.
-        await target.read_through(blob_key(config, blob.hash), hasher.update,
-                                  limit=blob.size)
+        hasher = await _read(target, blob_key(config, blob.hash), blob.size)
         check_copy(hasher.digests(), blob.hash, blob.sha256, blob.size)
     except CopyMismatch as exc:
         found.damaged[blob.hash] = str(exc)
@@ -69,9 +79,11 @@ async def _check(store: Store, target: S3Target, config: MirrorConfig,
         found.damaged[blob.hash] = f"the mirror's copy of {blob.hash} is longer than" \
                                    f" the blob's {blob.size} bytes"
         return
-    except S3Error as exc:
+    except (S3Error, Unreadable) as exc:
         if await index.get_blob(store.db.reader, blob.hash) is None:
             found.gone.append(blob.hash)  # deleted, its object with it
+        elif isinstance(exc, Unreadable) or exc.server_fault:
+            found.damaged[blob.hash] = f"the mirror could not read its copy: {exc}"
         elif exc.not_found:
             found.damaged[blob.hash] = "no longer in the bucket"
         else:
@@ -79,3 +91,32 @@ async def _check(store: Store, target: S3Target, config: MirrorConfig,
         return
     found.read += 1
     found.read_bytes += hasher.size
+
+
+class Unreadable(Exception):
+    """The object's body was cut short at the same byte on two reads."""
+
+
+async def _read(target: S3Target, key: str, size: int) -> Hasher:
+    """Stream the object through a Hasher, once more if its body is cut
+    short (see the module's docstring)."""
+    try:
+        return await _hash_object(target, key, size)
+    except S3Error as exc:
+        if exc.cut_at is None:
+            raise
+        first = exc.cut_at
+    try:
+        return await _hash_object(target, key, size)
+    except S3Error as exc:
+        if exc.cut_at == first:
+            raise Unreadable(f"{exc}, twice") from exc
+        raise
+
+
+async def _hash_object(target: S3Target, key: str, size: int) -> Hasher:
+    hasher = Hasher()
+    # The limit: an object grown past the blob is damaged, and is not read
+    # to its end.
+    await target.read_through(key, hasher.update, limit=size)
+    return hasher

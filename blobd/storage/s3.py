@@ -70,6 +70,22 @@ class Unfinished(NamedTuple):
     initiated: float  # by the S3 server's clock (Unix time)
 
 
+class _Counted:
+    """A response body that counts the bytes it gave."""
+
+    def __init__(self, body: Any) -> None:
+        self._body = body
+        self.received = 0
+
+    async def read(self, amount: int) -> bytes:
+        data = await self._body.read(amount)
+        self.received += len(data)
+        return data
+
+    def close(self) -> None:
+        self._body.close()
+
+
 def _import_aiobotocore() -> tuple[Any, Any, Any]:
     try:
         import botocore.exceptions
@@ -351,15 +367,31 @@ class S3Target:
 
     async def _get_streamed(self, key: str, limit: int | None,
                             read: Callable[[Any], Awaitable[int]]) -> int:
-        with self._errors(f"GET {self.url(key)}"):
+        action = f"GET {self.url(key)}"
+        with self._errors(action):
             answer = await self._client.get_object(Bucket=self.bucket, Key=key)
-            body = answer["Body"]
+            body = _Counted(answer["Body"])
             try:
                 if limit is not None and answer.get("ContentLength", 0) > limit:
                     raise ObjectTooLarge(limit)
                 return await read(body)
+            except self._cut_short as error:
+                # Where it broke is all that tells a store refusing a
+                # damaged piece (SeaweedFS answers 200 and stops at the
+                # chunk whose CRC fails) from a connection lost midway.
+                raise S3Error(f"{action}: the body ended after {body.received} of"
+                              f" {answer.get('ContentLength')} bytes ({error})",
+                              retryable=True, cut_at=body.received) from error
             finally:
                 body.close()
+
+    @property
+    def _cut_short(self) -> tuple[type[BaseException], ...]:
+        """What reading a body that ends before its Content-Length raises:
+        aiohttp's ClientPayloadError for a connection closed early (which
+        aiobotocore lets through), botocore's for the rest."""
+        return (aiohttp.ClientPayloadError, self._exc.IncompleteReadError,
+                self._exc.ResponseStreamingError)
 
     async def delete(self, key: str) -> None:
         """Remove `key`. Removing a missing key is not an error."""
