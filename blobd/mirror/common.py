@@ -50,6 +50,47 @@ class CopyMismatch(Exception):
     """A copy from the mirror is not the blob it should be."""
 
 
+class Unreadable(Exception):
+    """The mirror holds the object but will not serve its bytes (see
+    :func:`read_refused`)."""
+
+
+_Read = TypeVar("_Read")
+
+
+async def read_refused(read: Callable[[], Awaitable[_Read]]) -> _Read:
+    """Run ``read`` (a GET of one object), raising :class:`Unreadable` when
+    the store refuses the bytes it holds rather than failing to answer.
+
+    Real rot mostly does not come back as wrong bytes: a store that keeps a
+    checksum of what it wrote will not serve a piece that fails it.
+    SeaweedFS (4.48; a CRC per needle, one needle per 4 MiB chunk) answers
+    a GET of an object whose first chunk rotted with 500 InternalError, and
+    one whose later chunk rotted with 200 and a body that stops where that
+    chunk begins, while HEAD answers as ever. So: an error the store
+    answered with on its side (:attr:`S3Error.server_fault`, after the
+    target's own retries), or a body cut short at the same byte twice (a
+    lost connection does not break twice at one byte, a refusing store
+    does). A mirror that is down or silent (refused, timeouts, a cut that
+    moves) raises its S3Error as ever."""
+    try:
+        return await read()
+    except S3Error as exc:
+        if exc.server_fault:
+            raise Unreadable(str(exc)) from exc
+        if exc.cut_at is None:
+            raise
+        first = exc.cut_at
+    try:
+        return await read()
+    except S3Error as exc:
+        if exc.server_fault:
+            raise Unreadable(str(exc)) from exc
+        if exc.cut_at == first:
+            raise Unreadable(f"{exc}, twice") from exc
+        raise
+
+
 # How long the start-up check of the bucket may take (see check_bucket).
 BUCKET_CHECK_SECONDS = 10.0
 _NO_BUCKET = frozenset({"NoSuchBucket", "NotFound", "404"})

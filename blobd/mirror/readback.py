@@ -7,19 +7,12 @@ through BLAKE3 and SHA-256 in a thread (memory stays near one piece of
 :meth:`S3Target.read_through` per job, the event loop never hashes), and
 checked against the index's size, BLAKE3 (the address) and SHA-256.
 
-Real rot mostly does not come back as wrong bytes: a store that keeps a
-checksum of what it wrote refuses to serve a piece that fails it. SeaweedFS
-(4.48; a CRC per needle, one needle per 4 MiB chunk) answers a GET of an
-object whose first chunk rotted with 500 InternalError, and one whose later
-chunk rotted with 200 and a body that stops where that chunk begins, while
-HEAD answers as ever; it retries the bad read itself for about 13 s first,
-after a restart alike. So an object whose read fails is damaged too ("the
-mirror could not read its copy") when the store answered and failed on its
-side (:attr:`S3Error.server_fault`, after the target's own retries), or when
-its body is cut short at the same byte twice: a lost connection does not
-break twice at one byte, a refusing store does. A mirror that is down or
-does not answer (refused, timeouts, a cut that moves) is a failure, not
-damage, so it never sends every blob to be uploaded again.
+Real rot mostly does not come back as wrong bytes: the store refuses to
+serve them (see :func:`.common.read_refused`; SeaweedFS retries such a read
+itself for about 13 s first, after a restart alike). Such an object is
+damaged too ("the mirror could not read its copy"). A mirror that is down
+or does not answer is a failure, not damage, so it never sends every blob
+to be uploaded again.
 
 What is found damaged is only reported here: :mod:`.sync` uploads it again
 from the local file, through the checks of its upload phase (a damaged
@@ -31,6 +24,7 @@ delete job) is no failure, and the blob is left alone.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from .. import index
@@ -39,7 +33,8 @@ from ..files import Hasher
 from ..index import BlobRecord
 from ..storage.s3 import ObjectTooLarge, S3Error, S3Target
 from ..store import Store
-from .common import BarFactory, CopyMismatch, blob_key, check_copy, run_pool
+from .common import (BarFactory, CopyMismatch, Unreadable, blob_key, check_copy, read_refused,
+                     run_pool)
 
 
 @dataclass
@@ -82,7 +77,7 @@ async def _check(store: Store, target: S3Target, config: MirrorConfig,
     except (S3Error, Unreadable) as exc:
         if await index.get_blob(store.db.reader, blob.hash) is None:
             found.gone.append(blob.hash)  # deleted, its object with it
-        elif isinstance(exc, Unreadable) or exc.server_fault:
+        elif isinstance(exc, Unreadable):
             found.damaged[blob.hash] = f"the mirror could not read its copy: {exc}"
         elif exc.not_found:
             found.damaged[blob.hash] = "no longer in the bucket"
@@ -93,25 +88,8 @@ async def _check(store: Store, target: S3Target, config: MirrorConfig,
     found.read_bytes += hasher.size
 
 
-class Unreadable(Exception):
-    """The object's body was cut short at the same byte on two reads."""
-
-
 async def _read(target: S3Target, key: str, size: int) -> Hasher:
-    """Stream the object through a Hasher, once more if its body is cut
-    short (see the module's docstring)."""
-    try:
-        return await _hash_object(target, key, size)
-    except S3Error as exc:
-        if exc.cut_at is None:
-            raise
-        first = exc.cut_at
-    try:
-        return await _hash_object(target, key, size)
-    except S3Error as exc:
-        if exc.cut_at == first:
-            raise Unreadable(f"{exc}, twice") from exc
-        raise
+    return await read_refused(functools.partial(_hash_object, target, key, size))
 
 
 async def _hash_object(target: S3Target, key: str, size: int) -> Hasher:

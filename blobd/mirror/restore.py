@@ -37,6 +37,7 @@ to its blob; the rest are fetched.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -53,8 +54,9 @@ from ..index import BlobRecord
 from ..storage.s3 import Listed, ObjectTooLarge, S3Error, S3Target
 from ..store import Store
 from .backup import backup_key_named, choose_for_restore
-from .common import (CREATED_METADATA, BarFactory, CopyMismatch, any_blob_object,
-                     blob_key, list_blob_objects, no_bar, run_pool, verify_copy)
+from .common import (CREATED_METADATA, BarFactory, CopyMismatch, Unreadable, any_blob_object,
+                     blob_key, list_blob_objects, no_bar, read_refused, run_pool,
+                     verify_copy)
 from .heal import local_file_fault
 
 log = logging.getLogger(__name__)
@@ -329,13 +331,19 @@ def _has_size(path: Path, size: int) -> bool:
 
 async def fetch_verified(store: Store, target: S3Target, mirror: MirrorConfig,
                          digest: str, sha256: str | None, size: int | None) -> files.Digests:
-    """Download one blob object, verify it, and move it into place."""
+    """Download one blob object, verify it, and move it into place. A copy
+    the mirror holds but will not serve (rot it detected: see
+    :func:`.common.read_refused`) is as corrupt as one with wrong bytes:
+    before, it stopped every run of a restore at the same blob."""
     temp = store.layout.new_temp_path(digest)
     try:
         try:
-            await target.download_to(blob_key(mirror, digest), temp, limit=size)
+            await read_refused(functools.partial(
+                target.download_to, blob_key(mirror, digest), temp, limit=size))
         except ObjectTooLarge as exc:
             raise CopyMismatch(str(exc)) from None
+        except Unreadable as exc:
+            raise CopyMismatch(f"the mirror could not read its copy: {exc}") from None
         got = await asyncio.to_thread(verify_copy, temp, digest, sha256, size)
         await asyncio.to_thread(files.install_verified, temp, store.layout.blob_path(digest),
                                 store.config.storage.fsync)
