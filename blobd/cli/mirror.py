@@ -189,6 +189,9 @@ async def run_restore(args: argparse.Namespace) -> int:
         print(f"not in the bucket, dropped: {digest}", file=sys.stderr)
     for digest, why in report.corrupt.items():
         print(f"damaged in the bucket, dropped: {digest}: {why}", file=sys.stderr)
+    for digest, why in report.unreadable.items():
+        print(f"kept without its file: {digest}: {why}; `blobd mirror heal` fetches it"
+              " once the mirror serves it", file=sys.stderr)
     orphans = (f"left {len(report.orphans)} in the bucket only" if owner is None
                else f"{len(report.orphans)} given to owner {owner}")
     print(f"restore: index backup {report.backup or '(none)'};"
@@ -196,8 +199,10 @@ async def run_restore(args: argparse.Namespace) -> int:
           f" {report.already} already in place; not in the backup: {orphans},"
           f" {len(report.deleted_before)} deleted before it left deleted;"
           f" dropped {len(report.missing) + len(report.corrupt)} blobs"
-          f" and {report.dropped_refs} references")
-    return 1 if report.corrupt else 0
+          f" and {report.dropped_refs} references"
+          + (f"; {len(report.unreadable)} kept without their file" if report.unreadable
+             else ""))
+    return 1 if report.corrupt or report.unreadable else 0
 
 
 async def run_backup(args: argparse.Namespace) -> int:

@@ -77,6 +77,9 @@ class RestoreReport:
     already: int = 0  # in place from an interrupted run
     missing: list[str] = field(default_factory=list)  # named by the backup, not in the bucket
     corrupt: dict[str, str] = field(default_factory=dict)  # digest -> why
+    # digest -> why: the mirror holds the object but would not serve it
+    # (see read_refused); kept in the index without a file (see fetch).
+    unreadable: dict[str, str] = field(default_factory=dict)
     dropped_refs: int = 0
     orphans: list[str] = field(default_factory=list)  # adopted (or skipped)
     deleted_before: list[str] = field(default_factory=list)  # see stored_again
@@ -282,6 +285,14 @@ async def _fetch_all(store: Store, target: S3Target, mirror: MirrorConfig,
                 placed.append(blob.hash)
             except CopyMismatch as exc:
                 report.corrupt[blob.hash] = str(exc)
+            except Unreadable as exc:
+                # Rot the store detected, most likely, but a store failing
+                # every GET for a while looks the same: dropping the blob
+                # (as a wrong copy is) could drop the whole index. Kept
+                # without its file, it is what a dead disk leaves: fsck
+                # lists it, a GET or `mirror heal` fetches it once the
+                # mirror serves it. Before, every run stopped here.
+                report.unreadable[blob.hash] = f"the mirror could not read its copy: {exc}"
             except S3Error as exc:
                 if not exc.not_found:
                     raise  # the mirror is unreachable: stop; run again to resume
@@ -331,10 +342,9 @@ def _has_size(path: Path, size: int) -> bool:
 
 async def fetch_verified(store: Store, target: S3Target, mirror: MirrorConfig,
                          digest: str, sha256: str | None, size: int | None) -> files.Digests:
-    """Download one blob object, verify it, and move it into place. A copy
-    the mirror holds but will not serve (rot it detected: see
-    :func:`.common.read_refused`) is as corrupt as one with wrong bytes:
-    before, it stopped every run of a restore at the same blob."""
+    """Download one blob object, verify it, and move it into place;
+    :class:`.common.Unreadable` when the mirror holds it but will not serve
+    it (see :func:`.common.read_refused`)."""
     temp = store.layout.new_temp_path(digest)
     try:
         try:
@@ -342,8 +352,6 @@ async def fetch_verified(store: Store, target: S3Target, mirror: MirrorConfig,
                 target.download_to, blob_key(mirror, digest), temp, limit=size))
         except ObjectTooLarge as exc:
             raise CopyMismatch(str(exc)) from None
-        except Unreadable as exc:
-            raise CopyMismatch(f"the mirror could not read its copy: {exc}") from None
         got = await asyncio.to_thread(verify_copy, temp, digest, sha256, size)
         await asyncio.to_thread(files.install_verified, temp, store.layout.blob_path(digest),
                                 store.config.storage.fsync)
@@ -399,6 +407,10 @@ async def adopt_orphan(store: Store, target: S3Target, mirror: MirrorConfig, dig
         got = await fetch_verified(store, target, mirror, digest, head["sha256"], head["size"])
     except CopyMismatch as exc:
         report.corrupt[digest] = str(exc)
+        return
+    except Unreadable as exc:
+        # Not adopted: its object stays in the bucket for a later restore.
+        report.corrupt[digest] = f"the mirror could not read its copy: {exc}"
         return
     blob = BlobRecord(digest, got.sha256, got.size, head["content_type"] or FALLBACK_TYPE,
                       _created_at(head), mirror_state="done")
