@@ -30,6 +30,7 @@ class Interleaved:
     the first upload: once the upload has its file open if ``put_opened``
     (what it reads then survives the file's deletion), else before it opens
     the file; ``before_read`` before each read of an object whole;
+    ``before_head`` before each HEAD;
     ``failing_heads`` and ``failing_reads``: keys whose HEAD, or read,
     fails as an unreachable endpoint does."""
 
@@ -37,6 +38,7 @@ class Interleaved:
                  before_delete: Callable[[str], Awaitable[None]] | None = None,
                  before_put: Callable[[str], Awaitable[None]] | None = None,
                  before_read: Callable[[str], Awaitable[None]] | None = None,
+                 before_head: Callable[[str], Awaitable[None]] | None = None,
                  put_opened: bool = False, failing_heads: set[str] = frozenset(),
                  failing_reads: set[str] = frozenset()) -> None:
         self._target = target
@@ -46,6 +48,7 @@ class Interleaved:
         self._put_opened = put_opened
         self._failing_heads = failing_heads
         self._before_read = before_read
+        self._before_head = before_head
         self._failing_reads = failing_reads
 
     def __getattr__(self, name: str) -> Any:
@@ -79,6 +82,8 @@ class Interleaved:
             os.close(fd)
 
     async def head(self, key: str) -> dict[str, Any] | None:
+        if self._before_head is not None:
+            await self._before_head(key)
         if key in self._failing_heads:
             raise S3Error(f"HEAD {self.url(key)}: Read timeout on endpoint URL",
                           retryable=True)
@@ -253,6 +258,30 @@ async def test_sync_verify_reports_a_failed_head_and_goes_on(server, mirror_conf
     assert report.failed[unlucky].startswith("verify: HEAD ")
     assert report.in_sync == 3 and report.mismatched == 0 and report.uploaded == 0
     assert report.backup is not None
+
+
+@pytest.mark.parametrize("flag", ["verify", "verify_content"])
+async def test_a_blob_deleted_before_verify_heads_it_is_not_mismatched(
+        server, mirror_config, bucket, flag):
+    """Found by review: its object gone with it, the HEAD's 404 counted it
+    mismatched (and it was then skipped as deleted)."""
+    config = mirror_config()
+    alice = await (await server(config=config))("alice")
+    data, kept = os.urandom(3000), os.urandom(1000)
+    for blob in (data, kept):
+        await alice.put(blob)
+        await eventually(lambda: mirrored_as(alice, bucket, blob), what="mirrored")
+
+    async def deleted(key: str) -> None:
+        if key == bucket.key(b3(data)):
+            await deleted_and_done(alice, data)  # its object deleted with it
+
+    async with make_target(config.mirror) as target:
+        during = Interleaved(target, before_head=deleted)
+        report = await sync(alice.store, during, config.mirror, **{flag: True})
+    assert report.mismatched == 0 and not report.failed and not report.damaged
+    assert report.gone == [b3(data)] and report.uploaded == 0 and report.in_sync == 1
+    assert await in_thread(bucket.digests) == {b3(kept)}
 
 
 async def test_sync_verify_content_reports_a_failed_read_and_goes_on(

@@ -102,14 +102,14 @@ async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
     if once and not verify:
         # Content deleted once and stored again: its object may be the old
         # incarnation's (see is_upload_of), which only a HEAD tells.
-        stale = await _verify(target, config, once, report, jobs, bar, deleted)
+        stale = await _verify(store, target, config, once, report, jobs, bar, deleted)
         report.to_upload += [b for b in once if b.hash in stale]
-        present = [b for b in present if b.hash not in stale and b.hash not in report.failed]
+        present = _still_present(present, stale, report)
     if verify:
-        wrong = await _verify(target, config, present, report, jobs, bar, deleted)
+        wrong = await _verify(store, target, config, present, report, jobs, bar, deleted)
         report.mismatched = len(wrong)
         report.to_upload += [b for b in present if b.hash in wrong]
-        present = [b for b in present if b.hash not in wrong and b.hash not in report.failed]
+        present = _still_present(present, wrong, report)
     if verify_content:
         present = await _read_back(store, target, config, present, report, jobs, bar)
     report.in_sync = len(present)
@@ -177,12 +177,22 @@ async def check_delete(store: Store, target: S3Target, config: MirrorConfig,
             " add --force if they are to go")
 
 
-async def _verify(target: S3Target, config: MirrorConfig, blobs: list[BlobRecord],
-                  report: SyncReport, jobs: int, bar: BarFactory,
+def _still_present(present: list[BlobRecord], wrong: set[str],
+                   report: SyncReport) -> list[BlobRecord]:
+    """Of ``present``, the blobs a check left in sync: not found wrong, not
+    failed, not deleted meanwhile."""
+    gone = set(report.gone)
+    return [b for b in present
+            if b.hash not in wrong and b.hash not in report.failed and b.hash not in gone]
+
+
+async def _verify(store: Store, target: S3Target, config: MirrorConfig,
+                  blobs: list[BlobRecord], report: SyncReport, jobs: int, bar: BarFactory,
                   deleted: dict[str, float]) -> set[str]:
     """Digests whose object is not this blob's upload (its recorded SHA-256
     is not the index's, or it is an earlier incarnation's). A blob whose
-    object cannot be looked at is recorded in ``report.failed``."""
+    object cannot be looked at is recorded in ``report.failed``; one deleted
+    meanwhile (its object with it) in ``report.gone``."""
     wrong: set[str] = set()
     progress = bar("verify", len(blobs), "blob")
 
@@ -192,7 +202,10 @@ async def _verify(target: S3Target, config: MirrorConfig, blobs: list[BlobRecord
         except S3Error as exc:
             report.failed[blob.hash] = f"verify: {exc}"
         else:
-            if head is None or not is_upload_of(head, blob, blob.hash in deleted):
+            if head is None and await index.get_blob(store.db.reader, blob.hash) is None:
+                # Not a mismatch: the server's delete job removed its object.
+                report.gone.append(blob.hash)
+            elif head is None or not is_upload_of(head, blob, blob.hash in deleted):
                 wrong.add(blob.hash)
         progress.update(1)
 
