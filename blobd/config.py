@@ -82,9 +82,10 @@ class ServerConfig:
         # A browser's Origin never ends in "/", but an address copied from
         # its address bar does, and versions before the origins were checked
         # took it (and never matched it): drop that one slash, so such a
-        # config starts after an upgrade, and works.
+        # config starts after an upgrade, and works. The header is compared
+        # as a string, so the rest is written as browsers send it too.
         object.__setattr__(self, "cors_origins",
-                           [_without_root_slash(origin) for origin in self.cors_origins])
+                           [_as_browsers_send(origin) for origin in self.cors_origins])
 
     @property
     def url(self) -> str:
@@ -428,12 +429,30 @@ def _host_checks(host: str) -> list[Check]:
 _ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]+")
 
 
-def _without_root_slash(origin: Any) -> Any:
-    if isinstance(origin, str) and origin.endswith("/") and "://" in origin:
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _as_browsers_send(origin: Any) -> Any:
+    """An origin as a browser serialises it in its Origin header (RFC 6454
+    6.1): no trailing "/", scheme and host in lower case, no default port.
+    Anything else is left as it is, for the checks to refuse."""
+    if not isinstance(origin, str) or "://" not in origin:
+        return origin
+    try:
         parts = urllib.parse.urlsplit(origin)
-        if parts.path == "/" and not parts.query and not parts.fragment:
-            return origin[:-1]
-    return origin
+        port = parts.port
+    except ValueError:
+        return origin
+    if parts.path not in ("", "/") or parts.query or parts.fragment or \
+            origin.endswith(("?", "#")) or not parts.hostname or \
+            _ORIGIN.fullmatch(origin.removesuffix("/")) is None:
+        return origin
+    scheme, host = parts.scheme.lower(), parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    if port is not None and port != _DEFAULT_PORTS.get(scheme):
+        host = f"{host}:{port}"
+    return f"{scheme}://{host}"
 
 
 def _origin_checks(origins: list[str]) -> list[Check]:

@@ -235,6 +235,19 @@ def test_an_origin_copied_with_its_slash_is_taken_without_it():
     assert config.server.cors_origins == ["http://nas.local:3000", "https://app.example", "*"]
 
 
+def test_an_origin_is_taken_as_a_browser_sends_it():
+    """Found by review: the Origin header is compared as a string, and a
+    browser sends the scheme and host in lower case and no default port,
+    so "HTTPS://NAS.local/" or "https://nas.local:443" was accepted and
+    never matched."""
+    config = config_from_dict({"server": {"cors_origins": [
+        "HTTPS://NAS.Local/", "https://nas.local:443", "http://nas.local:80",
+        "http://nas.local:8443", "http://[::1]:3000", "http://[::1]:80"]}})
+    assert config.server.cors_origins == [
+        "https://nas.local", "https://nas.local", "http://nas.local",
+        "http://nas.local:8443", "http://[::1]:3000", "http://[::1]"]
+
+
 def test_a_data_dir_that_is_a_file_says_so(tmp_path):
     """Found by review: it said "File exists"."""
     afile = tmp_path / "afile"
