@@ -137,6 +137,30 @@ def test_fsck_offline_finds_repairs_and_exits_accordingly(tmp_path):
     assert "no problems found" in healed.stdout
 
 
+def test_fsck_repair_puts_back_a_blob_file_moved_up_the_tree(tmp_path):
+    """Found by review: a blob file in blobs/ itself, or one level down,
+    was quarantined as a stray, leaving its blob without a file."""
+    server = BlobdServer(tmp_path)
+    bodies = [os.urandom(4000), os.urandom(4001)]
+    with server:
+        alice = server.token("alice")
+        for body in bodies:
+            assert put(server, alice, body) == 201
+    top, mid = (blob_path(server.data_dir, b3(body)) for body in bodies)
+    os.rename(top, server.data_dir / "blobs" / top.name)
+    os.rename(mid, server.data_dir / "blobs" / mid.name[:2] / mid.name)
+    checked = server.cli("fsck")
+    assert checked.returncode == 1
+    assert checked.stdout.count("misplaced: ") == 2 and "stray" not in checked.stdout, \
+        checked.stdout
+    repaired = server.cli("fsck", "--repair")
+    assert repaired.returncode == 0, repaired.stdout
+    assert top.read_bytes() == bodies[0] and mid.read_bytes() == bodies[1]
+    assert not (server.data_dir / "quarantine").exists() or \
+        not any((server.data_dir / "quarantine").iterdir())
+    assert "no problems found" in server.cli("fsck", "--verify").stdout
+
+
 def test_fsck_repair_makes_its_moves_durable(tmp_path):
     """A power cut cannot be staged: strace shows each directory a repair
     moved a file out of or into fsynced after the move (else a crash could

@@ -58,6 +58,16 @@ class Scan:
         return Problem(kind, subject, detail, evidence=evidence)
 
 
+def _misfits(scan: Scan, found: tree.ShardScan) -> None:
+    """Report the entries that are no blob file in its place."""
+    for path, why in found.strays:
+        scan.report.problems.append(scan.suspect("stray", str(path), why, Evidence(path=path)))
+    for path, digest in found.misplaced:
+        scan.report.problems.append(scan.suspect(
+            "misplaced", str(path), f"belongs under {digest[:2]}/{digest[2:4]}/",
+            Evidence(path=path)))
+
+
 async def check_tree(scan: Scan) -> None:
     blobs_dir = scan.store.layout.blobs_dir
     try:
@@ -67,8 +77,7 @@ async def check_tree(scan: Scan) -> None:
         scan.report.problems.append(Problem("unreadable", str(blobs_dir),
                                             tree.why_unreadable(blobs_dir, exc)))
         return
-    for path, why in top:
-        scan.report.problems.append(scan.suspect("stray", str(path), why, Evidence(path=path)))
+    _misfits(scan, top)
     # Directory reads wait on the disk: the next shard is read in a thread
     # while this one is compared with the index. (Reading more shards at
     # once measured slower: they contend for the same directory locks.)
@@ -120,12 +129,7 @@ async def check_shard(scan: Scan, prefix: str, found: tree.ShardScan) -> None:
     for digest, info in found.files.items():
         suspects.append(scan.suspect("orphan", digest, f"{info.size} bytes, no index row",
                                      Evidence(file=info)))
-    for path, why in found.strays:
-        scan.report.problems.append(scan.suspect("stray", str(path), why, Evidence(path=path)))
-    for path, digest in found.misplaced:
-        scan.report.problems.append(scan.suspect(
-            "misplaced", str(path), f"belongs under {digest[:2]}/{digest[2:4]}/",
-            Evidence(path=path)))
+    _misfits(scan, found)
     if scan.verify:
         suspects += await _verify(scan, to_verify)
     else:

@@ -58,17 +58,27 @@ class Unreadable:
     why: str
 
 
-def scan_top(blobs_dir: Path) -> list[tuple[Path, str]]:
-    """Entries of ``blobs/`` that are not shard directories."""
-    strays: list[tuple[Path, str]] = []
+def scan_top(blobs_dir: Path) -> ShardScan:
+    """Entries of ``blobs/`` that are not shard directories: strays, or
+    blob files one level or two too high (misplaced)."""
+    scan = ShardScan()
     try:
         entries = list(os.scandir(blobs_dir))
     except FileNotFoundError:
-        return strays
+        return scan
     for entry in entries:
         if not (_SHARD.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)):
-            strays.append((Path(entry.path), "not a shard directory"))
-    return strays
+            _not_a_shard(scan, entry)
+    return scan
+
+
+def _not_a_shard(scan: ShardScan, entry: os.DirEntry) -> None:
+    # A blob file moved by hand to the wrong level is put back by --repair
+    # (after it is verified), not quarantined (found by review).
+    if entry.is_file(follow_symlinks=False) and is_blake3_hex(entry.name):
+        scan.misplaced.append((Path(entry.path), entry.name))
+    else:
+        scan.strays.append((Path(entry.path), "not a shard directory"))
 
 
 def scan_shard(blobs_dir: Path, prefix: str) -> ShardScan:
@@ -82,7 +92,7 @@ def scan_shard(blobs_dir: Path, prefix: str) -> ShardScan:
         return scan
     for sub in subdirs:
         if not (_SHARD.fullmatch(sub.name) and sub.is_dir(follow_symlinks=False)):
-            scan.strays.append((Path(sub.path), "not a shard directory"))
+            _not_a_shard(scan, sub)
             continue
         try:
             for entry in os.scandir(sub.path):
