@@ -498,6 +498,10 @@ def _mirror_checks(mirror: MirrorConfig) -> list[Check]:
         # an upgrade. 0 would send an empty blob as a multipart upload of no parts.
         (mirror.multipart_threshold >= 1,
          "mirror.multipart_threshold", "expected at least 1 byte"),
+        # S3 takes no single PUT above 5 GiB: a blob between the two would
+        # be refused, and retried, for ever (found by review).
+        (mirror.multipart_threshold <= 5 << 30,
+         "mirror.multipart_threshold", "expected at most 5GiB (S3's largest single upload)"),
         (mirror.concurrency >= 1, "mirror.concurrency", "expected at least 1"),
         (mirror.retry_max_seconds > 0, "mirror.retry_max_seconds", "expected a positive number"),
         (mirror.backup_interval_seconds >= 0,

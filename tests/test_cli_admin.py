@@ -378,3 +378,17 @@ def test_fsck_reports_what_it_cannot_read(tmp_path, what):
     assert "not repaired: make it readable" in repair.stdout
     assert not (server.data_dir / "quarantine").exists()
     assert run_blobd("fsck", "--verify", "-c", str(server.config_path)).returncode == 0
+
+
+def test_the_stats_scrub_line_says_each_state():
+    from blobd.cli.admin import _scrub_line
+    base = {"enabled": True, "blobs_checked": 3, "bytes_checked": 3_000_000, "damaged": 1,
+            "missing": 0, "last_pass_ended": None, "pass_started": "2026-11-22T10:00:00.000Z",
+            "continuous": False}
+    assert _scrub_line({**base, "enabled": False}) == "off"
+    assert _scrub_line(base) == ("3 blobs (2.9 MiB) checked, 1 moved to quarantine; no pass"
+                                 " ended yet, one under way since 2026-11-22T10:00:00.000Z")
+    line = _scrub_line({**base, "missing": 2, "continuous": True,
+                        "last_pass_ended": "2026-11-21T10:00:00.000Z"})
+    assert ", 2 without a file at the last pass; last pass ended 2026-11-21T10:00:00.000Z" in line
+    assert line.endswith("(continuous: a pass takes longer than the period at this rate)")

@@ -71,6 +71,8 @@ def test_sizes(text, value):
     ({"mirror": {"endpoint": "http://h", "bucket": "s3://blobd"}}, "mirror.bucket"),
     ({"mirror": {"endpoint": "http://h", "bucket": "b", "multipart_threshold": 0}},
      "mirror.multipart_threshold"),
+    ({"mirror": {"endpoint": "http://h", "bucket": "b", "multipart_threshold": "6GiB"}},
+     "mirror.multipart_threshold: expected at most 5GiB"),
     # Found by review: these hosts were tracebacks at start-up, or (empty)
     # every interface without a word.
     ({"server": {"host": ""}}, "server.host: empty; to listen on every interface, say 0.0.0.0"),

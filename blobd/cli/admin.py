@@ -196,6 +196,8 @@ def _scrub_line(scrub: dict[str, Any]) -> str:
     line += f"; last pass ended {ended}" if ended else "; no pass ended yet"
     if scrub["pass_started"]:
         line += f", one under way since {scrub['pass_started']}"
+    if scrub["continuous"]:
+        line += " (continuous: a pass takes longer than the period at this rate)"
     return line
 
 
