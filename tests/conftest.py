@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -16,6 +21,7 @@ from blobd.http.app import create_app
 from blobd.http.keys import STORE
 from mirrorhelp import Bucket, unique_prefix
 from s3server import SeaweedS3
+from serverproc import blobd_env
 
 
 def b3(data: bytes) -> str:
@@ -106,6 +112,44 @@ def blob_files(data_dir: Path) -> list[Path]:
 
 def tmp_files(data_dir: Path) -> list[Path]:
     return sorted((data_dir / "tmp").iterdir())
+
+
+# What the warm-up below imports: all a `blobd` command and `blobd serve`
+# load at start, the S3 client of the mirror commands too.
+WARM_UP = "import blobd.cli, blobd.daemon, blobd.storage.s3, aiobotocore.session"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bytecode_cache():
+    """One bytecode cache for every Python the suite starts, outside the
+    checkout. Hundreds of tests start ``python -m blobd``; where
+    PYTHONDONTWRITEBYTECODE is set (as on the dev machine) each of them
+    compiled all of blobd from source again, about 0.2 s of CPU apiece.
+    The variable's wish, nothing written beside the sources, still holds.
+
+    The cache is filled once at the start under a public umask: a command
+    run as another user (tests/test_data_dir_owner.py) reads it too, where
+    files written later by a blobd (umask 027) would be root's alone."""
+    saved = {name: os.environ.get(name)
+             for name in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
+    # Not under pytest's base temp, which only root may enter.
+    prefix = tempfile.mkdtemp(prefix="blobd-tests-pycache-")
+    os.chmod(prefix, 0o755)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = prefix
+    umask = os.umask(0o022)
+    try:
+        subprocess.run([sys.executable, "-c", WARM_UP], env=blobd_env(), check=True,
+                       timeout=120)
+    finally:
+        os.umask(umask)
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    shutil.rmtree(prefix, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -92,6 +92,14 @@ class Bucket:
                                 PartNumber=1, Body=part)
         return upload_id
 
+    def abandoned(self, hours: float) -> bool:
+        """Whether every unfinished multipart upload under the prefix began
+        more than ``hours`` ago by the server's Initiated and this machine's
+        clock, as blobd measures abandoned uploads."""
+        page = self.client.list_multipart_uploads(Bucket=self.name, Prefix=f"{self.prefix}/")
+        uploads, cutoff = page.get("Uploads", ()), time.time() - hours * 3600
+        return bool(uploads) and all(u["Initiated"].timestamp() < cutoff for u in uploads)
+
     def unfinished(self) -> set[str]:
         """Keys of the multipart uploads under the prefix still unfinished."""
         page = self.client.list_multipart_uploads(Bucket=self.name, Prefix=f"{self.prefix}/")

@@ -53,25 +53,41 @@ def owned_by_root(data: Path) -> list[Path]:
     return [path for path in [data, *data.rglob("*")] if path.lstat().st_uid == 0]
 
 
+@pytest.fixture(scope="module")
+def made_store() -> Iterator[Path]:
+    """A store the service user made, once for the module: making one is two
+    interpreter start-ups as that user (about 1 s), and every test here
+    takes a copy of its own (see ``top``). The store has no lock file yet:
+    no server has run on it."""
+    with tempfile.TemporaryDirectory() as name:
+        made = Path(name)
+        made.chmod(0o755)
+        (made / "data").mkdir()
+        os.chown(made / "data", SERVICE_UID, SERVICE_UID)
+        config = write_config(made)
+        store = subprocess.run([*AS_SERVICE, sys.executable, "-c", MAKE_STORE, config],
+                               cwd=made, env=blobd_env(), capture_output=True, text=True,
+                               timeout=60)
+        assert store.returncode == 0, store.stderr
+        (made / "data" / "lock").unlink()   # as if no server had run on it yet
+        token = blobd(made, "token", "create", "--owner", "alice", "-c", config,
+                      wrapper=AS_SERVICE)
+        assert token.returncode == 0, token.stderr
+        yield made / "data"
+
+
 @pytest.fixture
-def top() -> Iterator[Path]:
-    """A directory with a store the service user made (pytest's tmp_path is
-    root's alone, out of its reach). The store has no lock file yet: no
-    server has run on it."""
+def top(made_store: Path) -> Iterator[Path]:
+    """A directory with a copy of ``made_store`` of the test's own (pytest's
+    tmp_path is root's alone, out of the service user's reach)."""
     with tempfile.TemporaryDirectory() as name:
         top = Path(name)
         top.chmod(0o755)
-        (top / "data").mkdir()
-        os.chown(top / "data", SERVICE_UID, SERVICE_UID)
-        config = write_config(top)
-        store = subprocess.run([*AS_SERVICE, sys.executable, "-c", MAKE_STORE, config],
-                               cwd=top, env=blobd_env(), capture_output=True, text=True,
-                               timeout=60)
-        assert store.returncode == 0, store.stderr
-        (top / "data" / "lock").unlink()   # as if no server had run on it yet
-        made = blobd(top, "token", "create", "--owner", "alice", "-c", config,
-                     wrapper=AS_SERVICE)
-        assert made.returncode == 0, made.stderr
+        # cp -a keeps every file's owner and mode: the copy is the service
+        # user's as the original is, which is what the tests look at.
+        subprocess.run(["cp", "-a", str(made_store), str(top / "data")], check=True)
+        assert not owned_by_root(top / "data")
+        write_config(top)
         yield top
 
 

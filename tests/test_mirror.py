@@ -508,7 +508,8 @@ async def test_a_missing_bucket_or_refused_key_is_warned_about_at_start(
 async def test_worker_0_aborts_abandoned_multipart_uploads_at_start(mirrored, bucket):
     crashed = bucket.key(b3(b"a big blob, once"))
     await in_thread(bucket.start_upload, crashed)
-    await asyncio.sleep(2.5)
+    await eventually(lambda: in_thread(bucket.abandoned, 1 / 3600), interval=0.05,
+                     what="the upload older than the second")
     await mirrored(abandoned_upload_hours=1 / 3600)
     await eventually(lambda: in_thread(lambda: not bucket.unfinished()),
                      what="abandoned upload aborted")

@@ -3,7 +3,6 @@ against a real SeaweedFS and a real store."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -241,7 +240,6 @@ async def test_sync_aborts_multipart_uploads_a_crash_left(setup, bucket, tmp_pat
     other = f"{bucket.prefix}/not-a-blob.bin"  # not blobd's: left alone
     for key in (crashed, other):
         await in_thread(bucket.start_upload, key)
-    begun = time.monotonic()
 
     fresh = await setup.cli("sync")  # it may be in flight: never cut
     assert fresh.returncode == 0, fresh.stderr
@@ -250,7 +248,8 @@ async def test_sync_aborts_multipart_uploads_a_crash_left(setup, bucket, tmp_pat
 
     setup.sections["mirror"]["abandoned_upload_hours"] = 1 / 3600
     setup.config_path.write_text(to_toml(setup.sections))
-    await asyncio.sleep(max(0.0, begun + 2.5 - time.monotonic()))
+    await eventually(lambda: in_thread(bucket.abandoned, 1 / 3600), interval=0.05,
+                     what="the uploads older than the second")
     dry = await setup.cli("sync", "--dry-run")
     assert f"would abort the abandoned multipart upload of {crashed}" in dry.stdout
     assert await in_thread(bucket.unfinished) == {crashed, other}
