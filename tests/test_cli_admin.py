@@ -392,3 +392,21 @@ def test_the_stats_scrub_line_says_each_state():
                         "last_pass_ended": "2026-11-21T10:00:00.000Z"})
     assert ", 2 without a file at the last pass; last pass ended 2026-11-21T10:00:00.000Z" in line
     assert line.endswith("(continuous: a pass takes longer than the period at this rate)")
+
+
+def test_fsck_tells_a_quarantined_orphan_from_a_blobs_last_copy(tmp_path):
+    """Found by review: an orphan --repair moved aside (a file no index row
+    names) was described as "its blob has no file ... may be all that is
+    left of its bytes", as a damaged blob's last copy is."""
+    server = BlobdServer(tmp_path)
+    with server:
+        assert put(server, server.token("alice"), b"a blob") == 201
+    body = os.urandom(3000)
+    orphan = blob_path(server.data_dir, b3(body))
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(body)
+    assert server.cli("fsck", "--repair").returncode == 0
+    told = server.cli("fsck").stdout
+    line = next(line for line in told.splitlines() if line.startswith("quarantined: "))
+    assert b3(body) in line and "the index has no blob of this hash" in line, told
+    assert "may be all that is left" not in line

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .. import files
+from .. import files, index
 from ..config import Config
 from ..errors import BlobdError, first_error
 from ..index_sessions import Session
@@ -93,26 +93,37 @@ async def check(store: Store, *, verify: bool = False, repair: bool = False,
     if repair:
         await repair_disk(store, report.problems)
     # After the repair, so that what it just moved aside is listed too.
-    report.problems += await asyncio.to_thread(_quarantined, store)
+    indexed = {digest for digest in await asyncio.to_thread(_quarantined_digests, store)
+               if await index.get_blob(store.db.reader, digest) is not None}
+    report.problems += await asyncio.to_thread(_quarantined, store, indexed)
     report.seconds = time.monotonic() - started
     return report
 
 
-def _quarantined(store: Store) -> list[Problem]:
-    """What the scrub (damaged blob files) and --repair moved aside."""
+def _quarantined_entries(store: Store) -> list[Path]:
     try:
-        entries = sorted(store.layout.quarantine_dir.iterdir())
+        return sorted(store.layout.quarantine_dir.iterdir())
     except FileNotFoundError:
         return []
+
+
+def _quarantined_digests(store: Store) -> list[str]:
+    return [found.group(1) for path in _quarantined_entries(store)
+            if (found := _DAMAGED_NAME.fullmatch(path.name))]
+
+
+def _quarantined(store: Store, indexed: set[str]) -> list[Problem]:
+    """What the scrub (damaged blob files) and --repair moved aside;
+    ``indexed``: the digests among their names the index has a blob of."""
     root = store.layout.root
-    return [Problem("quarantined", str(path.relative_to(root)), _advice(store, path))
-            for path in entries]
+    return [Problem("quarantined", str(path.relative_to(root)), _advice(store, path, indexed))
+            for path in _quarantined_entries(store)]
 
 
 _DAMAGED_NAME = re.compile(r"([0-9a-f]{64})\.[0-9TZ-]+")
 
 
-def _advice(store: Store, path: Path) -> str:
+def _advice(store: Store, path: Path, indexed: set[str]) -> str:
     """What the file costs and whether it can go: nothing ever deletes
     quarantine/ (a damaged copy may be all that is left of a blob's
     bytes), so the owner needs to know which copies are of no more use."""
@@ -125,6 +136,10 @@ def _advice(store: Store, path: Path) -> str:
     found = _DAMAGED_NAME.fullmatch(path.name)
     if found is None:
         return f"moved out of the store ({cost}); inspect it, then delete it"
+    if found.group(1) not in indexed:
+        # An orphan or a stray --repair moved aside, or a blob deleted since.
+        return (f"moved out of the store ({cost}); the index has no blob of this hash:"
+                " inspect it, then delete it")
     if os.path.isfile(store.layout.blob_path(found.group(1))):
         return f"moved out of the store ({cost}); its blob has its file again: delete it"
     return (f"moved out of the store ({cost}); its blob has no file: while fsck reports"
