@@ -12,7 +12,9 @@ from typing import Any, AsyncIterator
 
 from blobd.config import MirrorConfig
 from blobd.layout import Layout
+from blobd.index import all_blobs
 from blobd.mirror.common import MirrorSilent, MirrorTarget, Silence, make_target
+from blobd.mirror.heal import Healer, check_and_heal
 from blobd.mirror.restore import restore
 from blobd.mirror.sync import sync
 from blobd.storage.s3 import S3Error
@@ -123,6 +125,31 @@ async def test_restore_stops_when_the_mirror_hangs_and_resumes_when_it_answers(
     assert not layout.restore_marker_path.exists()
     for data in blobs:
         assert layout.blob_path(b3(data)).read_bytes() == data
+
+
+async def test_heal_stops_when_the_mirror_hangs(server, s3server, mirror_prefix, tmp_path):
+    section = mirror_section(s3server, mirror_prefix)
+    alice, mirror, blobs = await mirrored_store(server, tmp_path, section)
+    layout = alice.store.layout
+    for data in blobs:
+        layout.blob_path(b3(data)).unlink()
+    records = await all_blobs(alice.store.db.reader)
+    async with GateProxy(s3_port(s3server), mode="stall") as proxy:
+        started = time.monotonic()
+        async with short_target(mirror, proxy.url) as target:
+            stalling = Stalling(target, None)
+            checkup = await check_and_heal(alice.store, Healer(alice.store, stalling, mirror),
+                                           records, JOBS, lambda size: None)
+        took = time.monotonic() - started
+    assert checkup.stopped is not None and "the mirror stopped answering" in checkup.stopped
+    assert 3 <= stalling.tried <= 3 + JOBS and not checkup.healed
+    assert took < 6, took
+    assert tmp_files(layout.root) == []
+
+    async with make_target(mirror) as target:
+        again = await check_and_heal(alice.store, Healer(alice.store, target, mirror),
+                                     records, JOBS, lambda size: None)
+    assert again.stopped is None and len(again.healed) == BLOBS
 
 
 async def test_objects_missing_from_the_bucket_do_not_stop_a_restore(
