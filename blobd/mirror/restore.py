@@ -32,6 +32,8 @@ the end, so an interrupted restore is resumed by running it again: files
 recorded as placed are kept; any other file already there (placed just
 before the interruption, before it was recorded) is kept only if it hashes
 to its blob; the rest are fetched.
+A mirror that does not answer for a blob leaves the restore unfinished
+(nothing dropped or adopted, the marker kept); see :class:`.common.Silence`.
 """
 
 from __future__ import annotations

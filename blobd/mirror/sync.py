@@ -35,7 +35,8 @@ the index listing really is one the index no longer has. Then:
   ``abandoned_upload_hours`` ago, are aborted (see :mod:`.abandoned`).
 
 Nothing is remembered between runs, so an interrupted sync is resumed by
-running it again: what was done is found done. ``--dry-run`` lists the plan
+running it again: what was done is found done. A mirror that stops answering
+stops the run that way (see :class:`.common.Silence`). ``--dry-run`` lists the plan
 and changes nothing. It is safe beside a running server.
 """
 
