@@ -170,6 +170,9 @@ async def run_sync(args: argparse.Namespace) -> int:
           + (_read_back_summary(report, args.dry_run) if args.verify_content else ""))
     if report.backup:
         print(f"index backup: {report.backup}")
+    if report.stopped:
+        print(f"sync stopped: {report.stopped}", file=sys.stderr)
+        return 1
     return 1 if report.failed else 0
 
 
@@ -187,6 +190,8 @@ async def run_restore(args: argparse.Namespace) -> int:
                                backup=args.backup, bar=bar)
     for digest in report.missing:
         print(f"not in the bucket, dropped: {digest}", file=sys.stderr)
+    for digest, error in report.unfetched.items():
+        print(f"not fetched yet: {digest}: {error}", file=sys.stderr)
     for digest, why in report.corrupt.items():
         print(f"damaged in the bucket, dropped: {digest}: {why}", file=sys.stderr)
     for digest, why in report.unreadable.items():
@@ -202,6 +207,13 @@ async def run_restore(args: argparse.Namespace) -> int:
           f" and {report.dropped_refs} references"
           + (f"; {len(report.unreadable)} kept without their file" if report.unreadable
              else ""))
+    if report.stopped:
+        print(f"restore stopped: {report.stopped}", file=sys.stderr)
+    elif report.unfetched:
+        print(f"restore not finished: {len(report.unfetched)} blobs not fetched, as the"
+              " mirror did not answer; run the restore again to fetch them", file=sys.stderr)
+    if not report.finished:
+        return 1
     return 1 if report.corrupt or report.unreadable else 0
 
 
@@ -231,6 +243,9 @@ async def run_heal(args: argparse.Namespace) -> int:
         print(f"cannot heal {digest}: {why}", file=sys.stderr)
     print(f"heal: {checkup.checked} checked, {len(checkup.healed)} healed,"
           f" {len(checkup.unhealable)} could not be healed")
+    if checkup.stopped:
+        print(f"heal stopped: {checkup.stopped}", file=sys.stderr)
+        return 1
     return 1 if checkup.unhealable else 0
 
 

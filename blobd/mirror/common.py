@@ -251,16 +251,78 @@ def check_copy(got: Digests, digest: str, sha256: str | None = None,
     return got
 
 
-async def run_pool(items: Iterable[T], jobs: int,
-                   work: Callable[[T], Awaitable[None]]) -> None:
+# Objects in a row that got no answer before a command stops (see Silence).
+SILENT_OBJECTS = 3
+
+
+def no_answer(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is the mirror saying nothing: a timeout, a connection
+    refused or lost before any answer (after the target's own retries).
+    An answer the server gave (a 404, a 5xx, a refusal), a body cut short
+    and a copy that is not the blob are the object's own failures."""
+    return (isinstance(exc, S3Error) and exc.retryable and exc.status == 0
+            and exc.cut_at is None)
+
+
+class MirrorSilent(Exception):
+    """Raised by :func:`run_pool` once its :class:`Silence` has seen enough."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"the mirror stopped answering ({count} objects in a row timed out"
+                         " or could not connect); nothing after that was tried: run the"
+                         " command again when it answers")
+
+
+class Silence:
+    """Counts objects in a row whose request got no answer, so that a
+    command stops once the mirror has clearly stopped answering: a mirror
+    that hangs (a NAS asleep, a firewall dropping packets) costs each
+    object the S3 client's read timeout times its attempts, minutes, and a
+    store of thousands of blobs would take days to say so.
+
+    The limit is ``jobs``, at least SILENT_OBJECTS: when the mirror hangs,
+    every object in flight times out at about the same moment, so ``jobs``
+    failures in a row take one timeout, not more, while one object's bad
+    luck (or two, with -j 1) does not stop a run that otherwise gets
+    answers. Any object answered in between starts the count again."""
+
+    def __init__(self, jobs: int) -> None:
+        self.limit = max(SILENT_OBJECTS, jobs)
+        self.row = 0
+
+    @property
+    def tripped(self) -> bool:
+        return self.row >= self.limit
+
+    def saw(self, exc: BaseException | None) -> None:
+        """Note an object that asked the mirror: ``exc`` is its failure, or
+        None when the mirror answered (whatever it answered)."""
+        if no_answer(exc):
+            self.row += 1
+        elif not self.tripped:
+            self.row = 0
+
+
+async def run_pool(items: Iterable[T], jobs: int, work: Callable[[T], Awaitable[None]],
+                   silence: Silence | None = None) -> None:
     """Run ``work`` on every item, at most ``jobs`` at once, without making
     a task per item (a store may hold millions). The first exception stops
-    the pool and is raised as itself; ``work`` handles what should not."""
+    the pool and is raised as itself; ``work`` handles what should not.
+    With ``silence`` (which ``work`` feeds), :class:`MirrorSilent` is
+    raised once it trips: no item is started after that, and those in
+    flight are cancelled (each cleans up after itself, as on Ctrl-C:
+    temporary files removed, multipart uploads aborted)."""
     pending = iter(items)
+
+    def check() -> None:
+        if silence is not None and silence.tripped:
+            raise MirrorSilent(silence.row)
 
     async def worker() -> None:
         for item in pending:
+            check()
             await work(item)
+            check()
 
     try:
         async with asyncio.TaskGroup() as group:

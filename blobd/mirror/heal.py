@@ -34,7 +34,7 @@ from ..files import Digests
 from ..index import BlobRecord
 from ..storage.s3 import S3Error, S3Target
 from ..store import Store
-from .common import CopyMismatch, blob_key, run_pool, verify_copy
+from .common import CopyMismatch, MirrorSilent, Silence, blob_key, run_pool, verify_copy
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,8 @@ class Checkup:
     checked: int = 0
     healed: list[str] = field(default_factory=list)
     unhealable: dict[str, str] = field(default_factory=dict)  # digest -> why
+    # Why the check stopped before the end (the mirror stopped answering).
+    stopped: str | None = None
 
 
 def local_file_fault(store: Store, blob: BlobRecord) -> str | None:
@@ -164,6 +166,7 @@ async def check_and_heal(store: Store, healer: Healer, blobs: Iterable[BlobRecor
                          jobs: int, progress: Callable[[int], None]) -> Checkup:
     """Hash every blob's local file and heal the ones that fail."""
     checkup = Checkup()
+    silence = Silence(jobs)
 
     async def check(blob: BlobRecord) -> None:
         fault = await asyncio.to_thread(local_file_fault, store, blob)
@@ -174,8 +177,17 @@ async def check_and_heal(store: Store, healer: Healer, blobs: Iterable[BlobRecor
                 if await healer.heal(blob):
                     checkup.healed.append(blob.hash)
             except HealError as exc:
+                silence.saw(exc.__cause__)
                 checkup.unhealable[blob.hash] = f"{fault}; {exc}"
+            else:
+                silence.saw(None)
         progress(blob.size)
 
-    await run_pool(blobs, jobs, check)
+    try:
+        await run_pool(blobs, jobs, check, silence)
+    except MirrorSilent as exc:
+        checkup.stopped = str(exc)
+        # A heal outlives its caller (see Healer.heal): stop those of the
+        # checks cancelled, each removing its temporary file.
+        await healer.close()
     return checkup

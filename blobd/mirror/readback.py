@@ -33,8 +33,8 @@ from ..files import Hasher
 from ..index import BlobRecord
 from ..storage.s3 import ObjectTooLarge, S3Error, S3Target
 from ..store import Store
-from .common import (BarFactory, CopyMismatch, Unreadable, blob_key, check_copy, read_refused,
-                     run_pool)
+from .common import (BarFactory, CopyMismatch, Silence, Unreadable, blob_key, check_copy,
+                     read_refused, run_pool)
 
 
 @dataclass
@@ -47,24 +47,31 @@ class ReadBack:
 
 
 async def read_back(store: Store, target: S3Target, config: MirrorConfig,
-                    blobs: list[BlobRecord], jobs: int, bar: BarFactory) -> ReadBack:
-    """Download and hash the object of every blob in ``blobs``."""
-    found = ReadBack()
+                    blobs: list[BlobRecord], jobs: int, bar: BarFactory,
+                    silence: Silence | None = None, found: ReadBack | None = None
+                    ) -> ReadBack:
+    """Download and hash the object of every blob in ``blobs``, into
+    ``found`` (a new one by default), which holds what was done if the
+    mirror stops answering (:class:`.common.MirrorSilent`)."""
+    found = ReadBack() if found is None else found
+    silence = Silence(jobs) if silence is None else silence
     progress = bar("read back", sum(b.size for b in blobs), "B")
 
     async def check(blob: BlobRecord) -> None:
-        await _check(store, target, config, blob, found)
+        silence.saw(await _check(store, target, config, blob, found))
         progress.update(blob.size)
 
     try:
-        await run_pool(blobs, jobs, check)
+        await run_pool(blobs, jobs, check, silence)
     finally:
         progress.close()
     return found
 
 
 async def _check(store: Store, target: S3Target, config: MirrorConfig,
-                 blob: BlobRecord, found: ReadBack) -> None:
+                 blob: BlobRecord, found: ReadBack) -> S3Error | None:
+    """Read one object back; returns the failure that may be the mirror's
+    silence, None when it answered."""
     try:
         hasher = await _read(target, blob_key(config, blob.hash), blob.size)
         check_copy(hasher.digests(), blob.hash, blob.sha256, blob.size)
@@ -73,7 +80,7 @@ async def _check(store: Store, target: S3Target, config: MirrorConfig,
     except ObjectTooLarge:
         found.damaged[blob.hash] = f"the mirror's copy of {blob.hash} is longer than" \
                                    f" the blob's {blob.size} bytes"
-        return
+        return None
     except (S3Error, Unreadable) as exc:
         if await index.get_blob(store.db.reader, blob.hash) is None:
             found.gone.append(blob.hash)  # deleted, its object with it
@@ -83,9 +90,10 @@ async def _check(store: Store, target: S3Target, config: MirrorConfig,
             found.damaged[blob.hash] = "no longer in the bucket"
         else:
             found.failed[blob.hash] = f"read back: {exc}"
-        return
+        return exc if isinstance(exc, S3Error) else None
     found.read += 1
     found.read_bytes += hasher.size
+    return None
 
 
 async def _read(target: S3Target, key: str, size: int) -> Hasher:

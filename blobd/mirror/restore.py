@@ -32,6 +32,8 @@ the end, so an interrupted restore is resumed by running it again: files
 recorded as placed are kept; any other file already there (placed just
 before the interruption, before it was recorded) is kept only if it hashes
 to its blob; the rest are fetched.
+A mirror that does not answer for a blob leaves the restore unfinished
+(nothing dropped or adopted, the marker kept); see :class:`.common.Silence`.
 """
 
 from __future__ import annotations
@@ -54,9 +56,9 @@ from ..index import BlobRecord
 from ..storage.s3 import Listed, ObjectTooLarge, S3Error, S3Target
 from ..store import Store
 from .backup import backup_key_named, choose_for_restore
-from .common import (CREATED_METADATA, BarFactory, CopyMismatch, Unreadable, any_blob_object,
-                     blob_key, list_blob_objects, no_bar, read_refused, run_pool,
-                     verify_copy)
+from .common import (CREATED_METADATA, BarFactory, CopyMismatch, MirrorSilent, Silence,
+                     Unreadable, any_blob_object, blob_key, list_blob_objects, no_answer,
+                     no_bar, read_refused, run_pool, verify_copy)
 from .heal import local_file_fault
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,15 @@ class RestoreReport:
     dropped_refs: int = 0
     orphans: list[str] = field(default_factory=list)  # adopted (or skipped)
     deleted_before: list[str] = field(default_factory=list)  # see stored_again
+    # digest -> error: not fetched, the mirror did not answer; the restore
+    # stopped before its end (the marker stays), a later run fetches them.
+    unfetched: dict[str, str] = field(default_factory=dict)
+    # Why the restore stopped before the end (the mirror stopped answering).
+    stopped: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped is None and not self.unfetched
 
 
 async def restore(config: Config, target: S3Target, *, jobs: int = 4,
@@ -99,7 +110,13 @@ async def restore(config: Config, target: S3Target, *, jobs: int = 4,
         report.backup, trusted = await _install_index(store, target, mirror, backup)
         remote = await list_blob_objects(target, mirror)
         blobs = await index.all_blobs(store.db.reader)
-        await _fetch_all(store, target, mirror, blobs, remote, trusted, report, jobs, bar)
+        silence = Silence(jobs)
+        await _stop_if_silent(_fetch_all(store, target, mirror, blobs, remote, trusted,
+                                         report, jobs, bar, silence), report)
+        if not report.finished:
+            # As an interrupted run: nothing dropped or adopted yet, the
+            # marker kept; the next run picks up from the blobs placed.
+            return report
         await _drop(store, [*report.missing, *report.corrupt], report)
         known = {b.hash for b in blobs}
         deleted = await index.deleted_blobs(store.db.reader)
@@ -110,13 +127,23 @@ async def restore(config: Config, target: S3Target, *, jobs: int = 4,
             else:
                 report.deleted_before.append(digest)
         if orphans_owner is not None:
-            await _adopt(store, target, mirror, report, orphans_owner, jobs, bar)
+            await _stop_if_silent(_adopt(store, target, mirror, report, orphans_owner, jobs,
+                                         bar, silence), report)
+            if not report.finished:
+                return report
         async with store.write() as tx:
             await tx.conn.execute("UPDATE blobs SET mirror_state = 'done'")
         await asyncio.to_thread(files.remove_quietly, store.layout.restore_marker_path)
         return report
     finally:
         await store.close()
+
+
+async def _stop_if_silent(work: Any, report: RestoreReport) -> None:
+    try:
+        await work
+    except MirrorSilent as exc:
+        report.stopped = str(exc)
 
 
 async def stored_again(target: S3Target, mirror: MirrorConfig, digest: str,
@@ -263,7 +290,8 @@ async def _forget_local_state(store: Store) -> None:
 
 async def _fetch_all(store: Store, target: S3Target, mirror: MirrorConfig,
                      blobs: list[BlobRecord], remote: dict[str, Listed], trusted: bool,
-                     report: RestoreReport, jobs: int, bar: BarFactory) -> None:
+                     report: RestoreReport, jobs: int, bar: BarFactory,
+                     silence: Silence) -> None:
     progress = bar("restore", sum(b.size for b in blobs), "B")
     placed: list[str] = []
 
@@ -278,6 +306,7 @@ async def _fetch_all(store: Store, target: S3Target, mirror: MirrorConfig,
         elif blob.hash not in remote:
             report.missing.append(blob.hash)
         else:
+            failure: BaseException | None = None
             try:
                 await fetch_verified(store, target, mirror, blob.hash, blob.sha256, blob.size)
                 report.restored += 1
@@ -294,16 +323,21 @@ async def _fetch_all(store: Store, target: S3Target, mirror: MirrorConfig,
                 # mirror serves it. Before, every run stopped here.
                 report.unreadable[blob.hash] = f"the mirror could not read its copy: {exc}"
             except S3Error as exc:
-                if not exc.not_found:
-                    raise  # the mirror is unreachable: stop; run again to resume
-                report.missing.append(blob.hash)
+                failure = exc
+                if no_answer(exc):
+                    report.unfetched[blob.hash] = str(exc)  # the next run fetches it
+                elif not exc.not_found:
+                    raise  # the mirror fails: stop; run again to resume
+                else:
+                    report.missing.append(blob.hash)
+            silence.saw(failure)
         progress.update(blob.size)
         if len(placed) >= RECORD_BATCH:
             batch, placed[:] = list(placed), []
             await _record_placed(store, batch)
 
     try:
-        await run_pool(blobs, jobs, fetch)
+        await run_pool(blobs, jobs, fetch, silence)
     finally:
         progress.close()
         await _record_placed(store, placed)
@@ -372,17 +406,25 @@ async def _drop(store: Store, digests: list[str], report: RestoreReport) -> None
 
 
 async def _adopt(store: Store, target: S3Target, mirror: MirrorConfig,
-                 report: RestoreReport, owner: str, jobs: int, bar: BarFactory) -> None:
+                 report: RestoreReport, owner: str, jobs: int, bar: BarFactory,
+                 silence: Silence) -> None:
     progress = bar("orphans", len(report.orphans), "blob")
 
     async def adopt(digest: str) -> None:
         try:
             await adopt_orphan(store, target, mirror, digest, owner, report)
+        except S3Error as exc:
+            silence.saw(exc)
+            if not no_answer(exc):
+                raise
+            report.unfetched[digest] = str(exc)  # still an orphan for the next run
+        else:
+            silence.saw(None)
         finally:
             progress.update(1)
 
     try:
-        await run_pool(report.orphans, jobs, adopt)
+        await run_pool(report.orphans, jobs, adopt, silence)
     finally:
         progress.close()
 

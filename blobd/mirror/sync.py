@@ -35,7 +35,8 @@ the index listing really is one the index no longer has. Then:
   ``abandoned_upload_hours`` ago, are aborted (see :mod:`.abandoned`).
 
 Nothing is remembered between runs, so an interrupted sync is resumed by
-running it again: what was done is found done. ``--dry-run`` lists the plan
+running it again: what was done is found done. A mirror that stops answering
+stops the run that way (see :class:`.common.Silence`). ``--dry-run`` lists the plan
 and changes nothing. It is safe beside a running server.
 """
 
@@ -48,11 +49,11 @@ from .. import index
 from ..config import MirrorConfig
 from ..errors import BlobdError
 from ..index import BlobRecord
-from ..storage.s3 import S3Error, S3Target
+from ..storage.s3 import Listed, S3Error, S3Target
 from ..store import Store
 from . import abandoned, backup, queue, readback
-from .common import (BarFactory, blob_key, is_upload_of, list_backups, list_blob_objects,
-                     no_bar, object_metadata, run_pool)
+from .common import (BarFactory, MirrorSilent, Silence, blob_key, is_upload_of, list_backups,
+                     list_blob_objects, no_bar, object_metadata, run_pool)
 
 # Blobs marked done per index transaction.
 MARK_BATCH = 500
@@ -79,6 +80,8 @@ class SyncReport:
     backup: str | None = None
     abandoned: list[str] = field(default_factory=list)  # keys of abandoned uploads
     aborted: int = 0  # of those, aborted
+    # Why the sync stopped before the end (the mirror stopped answering).
+    stopped: str | None = None
 
 
 async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
@@ -90,6 +93,23 @@ async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
     remote = await list_blob_objects(target, config)
     local = {blob.hash: blob for blob in await index.all_blobs(store.db.reader)}
     report = SyncReport(local=len(local), remote=len(remote))
+    try:
+        await _reconcile(store, target, config, report, remote, local, since,
+                         delete=delete, dry_run=dry_run, verify=verify,
+                         verify_content=verify_content, force=force, jobs=jobs, bar=bar,
+                         silence=Silence(jobs))
+    except MirrorSilent as exc:
+        # What was done is kept (uploads done are marked); what was not is
+        # found undone by the next run, as after any interruption.
+        report.stopped = str(exc)
+    return report
+
+
+async def _reconcile(store: Store, target: S3Target, config: MirrorConfig,
+                     report: SyncReport, remote: dict[str, Listed],
+                     local: dict[str, BlobRecord], since: queue.Position, *,
+                     delete: bool, dry_run: bool, verify: bool, verify_content: bool,
+                     force: bool, jobs: int, bar: BarFactory, silence: Silence) -> None:
     if delete:
         report.to_delete = sorted(set(remote) - set(local))
         if not force:  # before anything is done, so a dry run is refused alike
@@ -102,28 +122,30 @@ async def sync(store: Store, target: S3Target, config: MirrorConfig, *,
     if once and not verify:
         # Content deleted once and stored again: its object may be the old
         # incarnation's (see is_upload_of), which only a HEAD tells.
-        stale = await _verify(store, target, config, once, report, jobs, bar, deleted)
+        stale = await _verify(store, target, config, once, report, jobs, bar, deleted,
+                              silence)
         report.to_upload += [b for b in once if b.hash in stale]
         present = _still_present(present, stale, report)
     if verify:
-        wrong = await _verify(store, target, config, present, report, jobs, bar, deleted)
+        wrong = await _verify(store, target, config, present, report, jobs, bar, deleted,
+                              silence)
         report.mismatched = len(wrong)
         report.to_upload += [b for b in present if b.hash in wrong]
         present = _still_present(present, wrong, report)
     if verify_content:
-        present = await _read_back(store, target, config, present, report, jobs, bar)
+        present = await _read_back(store, target, config, present, report, jobs, bar,
+                                   silence)
     report.in_sync = len(present)
     await _abort_abandoned(target, config, report, dry_run)
     if dry_run:
-        return report
+        return
     await _mark(store, [b.hash for b in present], since)
-    await _upload(store, target, config, report, since, jobs, bar)
-    await _delete(store, target, config, report, jobs, bar)
+    await _upload(store, target, config, report, since, jobs, bar, silence)
+    await _delete(store, target, config, report, jobs, bar, silence)
     try:
         report.backup = (await backup.backup_index(store, target, config)).key
     except (S3Error, backup.BackupRefused) as exc:
         report.failed["index backup"] = str(exc)
-    return report
 
 
 async def _abort_abandoned(target: S3Target, config: MirrorConfig, report: SyncReport,
@@ -188,7 +210,7 @@ def _still_present(present: list[BlobRecord], wrong: set[str],
 
 async def _verify(store: Store, target: S3Target, config: MirrorConfig,
                   blobs: list[BlobRecord], report: SyncReport, jobs: int, bar: BarFactory,
-                  deleted: dict[str, float]) -> set[str]:
+                  deleted: dict[str, float], silence: Silence) -> set[str]:
     """Digests whose object is not this blob's upload (its recorded SHA-256
     is not the index's, or it is an earlier incarnation's). A blob whose
     object cannot be looked at is recorded in ``report.failed``; one deleted
@@ -200,8 +222,10 @@ async def _verify(store: Store, target: S3Target, config: MirrorConfig,
         try:
             head = await target.head(blob_key(config, blob.hash))
         except S3Error as exc:
+            silence.saw(exc)
             report.failed[blob.hash] = f"verify: {exc}"
         else:
+            silence.saw(None)
             if head is None and await index.get_blob(store.db.reader, blob.hash) is None:
                 # Not a mismatch: the server's delete job removed its object.
                 report.gone.append(blob.hash)
@@ -210,7 +234,7 @@ async def _verify(store: Store, target: S3Target, config: MirrorConfig,
         progress.update(1)
 
     try:
-        await run_pool(blobs, jobs, check)
+        await run_pool(blobs, jobs, check, silence)
     finally:
         progress.close()
     return wrong
@@ -218,17 +242,25 @@ async def _verify(store: Store, target: S3Target, config: MirrorConfig,
 
 async def _read_back(store: Store, target: S3Target, config: MirrorConfig,
                      present: list[BlobRecord], report: SyncReport, jobs: int,
-                     bar: BarFactory) -> list[BlobRecord]:
+                     bar: BarFactory, silence: Silence) -> list[BlobRecord]:
     """Read back the objects of ``present``; the damaged join the uploads.
     Returns the blobs found sound."""
-    found = await readback.read_back(store, target, config, present, jobs, bar)
+    found = readback.ReadBack()
+    try:
+        await readback.read_back(store, target, config, present, jobs, bar, silence, found)
+    finally:
+        _took_read_back(report, found, present)
+    unsound = {*found.damaged, *found.failed, *found.gone}
+    return [b for b in present if b.hash not in unsound]
+
+
+def _took_read_back(report: SyncReport, found: readback.ReadBack,
+                    present: list[BlobRecord]) -> None:
     report.read, report.read_bytes = found.read, found.read_bytes
     report.damaged = found.damaged
     report.failed.update(found.failed)
     report.gone += found.gone
     report.to_upload += [b for b in present if b.hash in found.damaged]
-    unsound = {*found.damaged, *found.failed, *found.gone}
-    return [b for b in present if b.hash not in unsound]
 
 
 async def _mark(store: Store, digests: list[str], since: queue.Position) -> None:
@@ -239,7 +271,7 @@ async def _mark(store: Store, digests: list[str], since: queue.Position) -> None
 
 async def _upload(store: Store, target: S3Target, config: MirrorConfig,
                   report: SyncReport, since: queue.Position, jobs: int,
-                  bar: BarFactory) -> None:
+                  bar: BarFactory, silence: Silence) -> None:
     progress = bar("upload", sum(b.size for b in report.to_upload), "B")
     done: list[str] = []
 
@@ -250,6 +282,7 @@ async def _upload(store: Store, target: S3Target, config: MirrorConfig,
                                       store.layout.blob_path(blob.hash), blob.size,
                                       blob.sha256, blob.content_type,
                                       metadata=object_metadata(blob.created_at))
+                silence.saw(None)
                 if await _stored(store, blob.hash, report):
                     report.uploaded += 1
                     report.uploaded_bytes += blob.size
@@ -266,6 +299,7 @@ async def _upload(store: Store, target: S3Target, config: MirrorConfig,
                     "the local file is missing (blobd mirror heal)" if damage is None else
                     f"damaged in the bucket ({damage}), and the local file is missing")
         except (S3Error, OSError) as exc:
+            silence.saw(exc)
             report.failed[blob.hash] = _upload_failure(report, blob.hash, exc)
         progress.update(blob.size)
         if len(done) >= MARK_BATCH:
@@ -273,7 +307,7 @@ async def _upload(store: Store, target: S3Target, config: MirrorConfig,
             await _mark(store, batch, since)
 
     try:
-        await run_pool(report.to_upload, jobs, upload)
+        await run_pool(report.to_upload, jobs, upload, silence)
     finally:
         progress.close()
         await _mark(store, done, since)
@@ -325,7 +359,7 @@ async def _undo_upload(store: Store, target: S3Target, config: MirrorConfig,
 
 
 async def _delete(store: Store, target: S3Target, config: MirrorConfig,
-                  report: SyncReport, jobs: int, bar: BarFactory) -> None:
+                  report: SyncReport, jobs: int, bar: BarFactory, silence: Silence) -> None:
     progress = bar("delete", len(report.to_delete), "object")
 
     async def remove(digest: str) -> None:
@@ -333,16 +367,18 @@ async def _delete(store: Store, target: S3Target, config: MirrorConfig,
             if await index.get_blob(store.db.reader, digest) is None:
                 try:
                     await target.delete(blob_key(config, digest))
+                    silence.saw(None)
                     report.deleted += 1
                 finally:
                     if await _queue_put_if_stored(store, digest):
                         report.requeued.append(digest)
         except S3Error as exc:
+            silence.saw(exc)
             report.failed[digest] = str(exc)
         progress.update(1)
 
     try:
-        await run_pool(report.to_delete, jobs, remove)
+        await run_pool(report.to_delete, jobs, remove, silence)
     finally:
         progress.close()
 
