@@ -95,7 +95,7 @@ async def test_sync_verify_content_stops_soon_when_the_mirror_hangs(
     assert 3 <= stalling.tried <= 3 + JOBS, stalling.tried
     assert 3 <= len(report.failed) <= 3 + JOBS and not report.to_upload
     assert report.read == 0 and report.uploaded == 0 and report.backup is None
-    assert took < 6, took
+    assert took < 30, took  # a sanity bound only: `tried` is the proof
 
 
 async def test_restore_stops_when_the_mirror_hangs_and_resumes_when_it_answers(
@@ -115,7 +115,7 @@ async def test_restore_stops_when_the_mirror_hangs_and_resumes_when_it_answers(
     assert first.stopped is not None and "the mirror stopped answering" in first.stopped
     assert 3 <= stalling.tried <= 3 + JOBS and first.restored == 0
     assert not first.missing and not first.dropped_refs and not first.finished
-    assert took < 6, took
+    assert took < 30, took  # a sanity bound only: `tried` is the proof
     assert layout.restore_marker_path.exists()  # resumable
     assert tmp_files(layout.root) == [] and blob_files(layout.root) == []
 
@@ -143,7 +143,7 @@ async def test_heal_stops_when_the_mirror_hangs(server, s3server, mirror_prefix,
         took = time.monotonic() - started
     assert checkup.stopped is not None and "the mirror stopped answering" in checkup.stopped
     assert 3 <= stalling.tried <= 3 + JOBS and not checkup.healed
-    assert took < 6, took
+    assert took < 30, took  # a sanity bound only: `tried` is the proof
     assert tmp_files(layout.root) == []
 
     async with make_target(mirror) as target:
