@@ -68,6 +68,8 @@ __all__ = ["AUDIO_MIME_TYPES", "MAX_MP3_JUNK", "OGG_TAIL", "AudioInfo",
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # Bounds of a believable stream. mutagen's MP3 and ADTS readers hunt for
 # frame syncs and can "find" them in noise; a real stream passes these.
 _MAX_DURATION = 31 * 24 * 3600.0   # 2 GiB at 8 kb/s is ~25 days
@@ -146,14 +148,6 @@ def without_sound(f: IO[bytes]) -> bool:
         return False
 
 
-def _without_sound_at(path: str | os.PathLike[str]) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return without_sound(f)
-    except OSError:
-        return False
-
-
 def sniff_file(f: IO[bytes]) -> str | None:
     """`sniff_mime` of the file's first bytes; of a file that opens with
     ID3v2 tags, the format behind them wherever they end. The first bytes
@@ -172,12 +166,16 @@ def sniff_file(f: IO[bytes]) -> str | None:
     return sniff_behind_id3(f.read(SNIFF_BYTES))
 
 
-def _sniff_file_at(path: str | os.PathLike[str]) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            return sniff_file(f)
-    except OSError:
-        return None
+def _at_path(read: Callable[[IO[bytes]], T], unreadable: T
+             ) -> Callable[[str | os.PathLike[str]], T]:
+    """``read`` of the file at a path, ``unreadable`` when it cannot be opened."""
+    def at(path: str | os.PathLike[str]) -> T:
+        try:
+            with open(path, "rb") as f:
+                return read(f)
+        except OSError:
+            return unreadable
+    return at
 
 
 def _skip_id3v2(f: IO[bytes]) -> int | None:
@@ -275,16 +273,15 @@ async def probe_async(path: str | os.PathLike[str],
 async def without_sound_async(path: str | os.PathLike[str], timeout: float) -> bool:
     """`without_sound` of the file at ``path`` in a probe thread, False
     after ``timeout`` seconds (as `probe_async`)."""
-    return await _in_probe_pool(_without_sound_at, path, timeout, "track list", False)
+    return await _in_probe_pool(_at_path(without_sound, False), path, timeout, "track list",
+                                False)
 
 
 async def sniff_file_async(path: str | os.PathLike[str], timeout: float) -> str | None:
     """`sniff_file` of the file at ``path`` in a probe thread; None when it
     cannot be read, or after ``timeout`` seconds."""
-    return await _in_probe_pool(_sniff_file_at, path, timeout, "sniff", None)
+    return await _in_probe_pool(_at_path(sniff_file, None), path, timeout, "sniff", None)
 
-
-T = TypeVar("T")
 
 
 async def _in_probe_pool(read: Callable[[Any], T], path: str | os.PathLike[str],
