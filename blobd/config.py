@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import math
+import posixpath
 import re
 import tomllib
 import typing
-import unicodedata
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import oldvalues
 from .auth import check_owner
 from .errors import BlobdError, ConfigError
 from .layout import S3_MAX_KEY_BYTES, Layout, mirror_longest_key
@@ -203,6 +205,9 @@ class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)
     scrub: ScrubConfig = field(default_factory=ScrubConfig)
     mirror: MirrorConfig | None = None
+    # Not a section: how to write now a value older versions took, which
+    # is taken as they took it (blobd.oldvalues); `blobd serve` logs each.
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def data_dir(self) -> Path:
@@ -241,7 +246,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     sections: dict[str, Any] = {}
     hints = typing.get_type_hints(Config)
     for name, value in raw.items():
-        if name not in hints:
+        if name not in hints or name == "notes":
             raise ConfigError(f"{name}: unknown section")
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a table")
@@ -250,9 +255,24 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         else:
             cls = typing.get_args(hints[name])[0] if name == "mirror" else hints[name]
             sections[name] = _load_section(cls, value, name)
-    config = Config(**sections)
+    config = _as_older_versions_read(Config(**sections))
     _validate(config)
     return config
+
+
+def _as_older_versions_read(config: Config) -> Config:
+    """``config`` with the values older versions took read as they read
+    them (see :mod:`blobd.oldvalues`), and a note for each."""
+    notes = list(config.notes)
+    host, note = oldvalues.host(config.server.host)
+    notes.append(note)
+    config = config.replace(server=dataclasses.replace(config.server, host=host))
+    if config.mirror is not None:
+        threshold, note = oldvalues.multipart_threshold(config.mirror.multipart_threshold)
+        notes += [note, oldvalues.prefix_note(config.mirror.prefix)]
+        config = config.replace(mirror=dataclasses.replace(
+            config.mirror, multipart_threshold=threshold))
+    return config.replace(notes=tuple(n for n in dict.fromkeys(notes) if n))
 
 
 def _load_quotas(raw: dict[str, Any]) -> dict[str, QuotaLimits]:
@@ -267,8 +287,12 @@ def _load_quotas(raw: dict[str, Any]) -> dict[str, QuotaLimits]:
         try:
             check_owner(owner)
         except BlobdError as exc:
-            # A table no owner can match would never apply.
-            raise ConfigError(f"quotas.{owner}: not an owner name; {exc.message}") from None
+            # No token can have such an owner (every version checked them
+            # with the same rule), so the table never applied to anyone.
+            raise ConfigError(
+                f"quotas.{owner}: not an owner name ({exc.message}), so its limits never"
+                f" applied to anyone; delete the [quotas.{_toml_key(owner)}] table, or"
+                " rename it to an owner that `blobd token list` shows") from None
         values = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
         values.update(table)
         quotas[owner] = _load_section(QuotaLimits, values, f"quotas.{owner}")
@@ -331,6 +355,7 @@ def override_server(config: Config, flags: dict[str, Any]) -> Config:
     if not flags:
         return config
     config = config.replace(server=dataclasses.replace(config.server, **flags))
+    config = _as_older_versions_read(config)
     _validate(config, {f"server.{key}": "--" + key.replace("_", "-") for key in flags})
     return config
 
@@ -342,7 +367,8 @@ def _validate(config: Config, names: dict[str, str] | None = None) -> None:
         *_host_checks(config.server.host),
         # "" would make the working directory the store.
         (config.server.data_dir != "", "server.data_dir",
-         "empty; name a directory (a relative one is taken from the working directory)"),
+         "empty; name a directory (a relative one is taken from the working directory)"
+         + _literal_store_note(config.server.data_dir)),
         # No shell reads this file to expand "~": "~/blobd-data" was a new,
         # empty store in a directory named "~" under the working directory.
         (not config.server.data_dir.startswith("~"), "server.data_dir",
@@ -362,10 +388,15 @@ def _validate(config: Config, names: dict[str, str] | None = None) -> None:
         (config.logging.level.lower() in ("debug", "info", "warning", "error"),
          "logging.level", "expected debug, info, warning or error"),
         (config.gc.grace_seconds >= 0, "gc.grace_seconds", "cannot be negative"),
-        # The sweeper waits this long between rounds: 0 would spin.
-        (config.gc.sweep_interval_seconds > 0,
-         "gc.sweep_interval_seconds", "expected a positive number"),
-        (config.limits.max_blob_size >= 1, "limits.max_blob_size", "expected at least 1 byte"),
+        # The sweeper waits this long between rounds: with 0, older versions
+        # swept without pause, a write transaction on every turn of the
+        # event loop (a core busy, writers queued behind it).
+        (config.gc.sweep_interval_seconds > 0, "gc.sweep_interval_seconds",
+         "expected a positive number; 0 swept without pause, holding the index's write"
+         " lock over and over: write 1 to sweep every second"),
+        # limits.max_blob_size = 0 and uploads.max_sessions_per_owner = 0 are
+        # taken, as older versions took them: only the empty blob may be
+        # uploaded, and no upload session made (blobd.sessions says so).
         (config.uploads.session_ttl_seconds > 0,
          "uploads.session_ttl_seconds", "expected a positive number"),
         (config.uploads.idle_timeout_seconds > 0,
@@ -373,9 +404,6 @@ def _validate(config: Config, names: dict[str, str] | None = None) -> None:
         # A pass ends every period: 0 would restart the walk without pause.
         (config.scrub.period_seconds > 0,
          "scrub.period_seconds", "expected a positive number"),
-        # 0 would refuse every session, tus upload and large `blobd put`.
-        (config.uploads.max_sessions_per_owner >= 1,
-         "uploads.max_sessions_per_owner", "expected at least 1"),
     ]
     checks += _audio_checks(config.audio)
     if config.mirror is not None:
@@ -386,15 +414,18 @@ def _validate(config: Config, names: dict[str, str] | None = None) -> None:
 
 
 def _literal_store_note(data_dir: str) -> str:
-    """Where an older blobd, which took "~" as a directory's name, keeps the
-    store this setting made: the whole path a user should give is that one,
-    not their home's (an empty store there would look like every blob lost)."""
-    if not data_dir.startswith("~"):
+    """Where an older blobd, which took "~" as a directory's name and ""
+    as the working directory, keeps the store this setting made: the whole
+    path a user should give is that one, not their home's (an empty store
+    there would look like every blob lost). Refused all the same: the store
+    it names changed with the directory a command was run from."""
+    if data_dir and not data_dir.startswith("~"):
         return ""
     literal = Path(data_dir).absolute()
     if not Layout(literal).index_path.is_file():
         return ""
-    return f" (the store an older blobd made from this setting is {literal})"
+    return (f" (the store an older blobd made from this setting is {literal}:"
+            f" write data_dir = \"{literal}\")")
 
 
 # A host name as resolvers take it: dot-separated labels of letters, digits,
@@ -515,22 +546,36 @@ def _mirror_checks(mirror: MirrorConfig) -> list[Check]:
 
 
 def _prefix_checks(prefix: str) -> list[Check]:
-    """The keys are <prefix>/ab/cd/<hash>: stores disagree on keys with an
-    empty, "." or ".." segment (some collapse "a//b" or resolve "a/../b",
-    some refuse them) and on control characters, so the same config could
-    name other objects on another store. Slashes at either end are dropped
-    when the keys are made (blobd.layout.mirror_key), as they always were,
-    so "/blobd/" stays the "blobd" it has been for configs that wrote it."""
+    """The keys are <prefix>/ab/cd/<hash>, made by blobd.layout.mirror_key
+    as they always were: slashes at either end dropped ("/blobd/" is
+    "blobd"), the rest sent as written. A "." or ".." segment never worked
+    on SeaweedFS, which refuses such keys (400 to PUT, GET and HEAD), and
+    other stores resolve it, so the same config would name other objects
+    there: refused. NUL no store takes. An empty segment ("a//b") and the
+    other control characters were written and read back: taken, with a
+    note (blobd.oldvalues), so the objects mirrored under them stay found."""
     inner = prefix.strip("/")
-    bad = [s for s in inner.split("/") if s in ("", ".", "..")] if inner else []
-    controls = any(unicodedata.category(c) == "Cc" for c in prefix)
-    problem = ("has an empty segment ('//')" if "" in bad
-               else f"has a {bad[0]!r} segment" if bad
-               else "has a control character" if controls else "")
+    dots = [s for s in inner.split("/") if s in (".", "..")]
+    resolved = posixpath.normpath(inner).strip("/").replace("//", "/") if inner else ""
+    resolved = "" if resolved == "." else resolved
+    problem = (f"has a {dots[0]!r} segment, which SeaweedFS refuses in a key and other"
+               " stores resolve" if dots
+               else "has a NUL character, which no store takes in a key"
+               if "\0" in prefix else "")
+    fix = resolved if dots else prefix.replace("\0", "")
     return [(not problem, "mirror.prefix",
-             f"{prefix!r} {problem}; expected names separated by single '/', such as"
-             " \"blobs\" or \"home/blobd\" (\"\" for the top of the bucket)"),
+             f"{prefix!r} {problem}; write prefix = {_toml_string(fix)}"),
             *_prefix_length_checks(prefix)]
+
+
+def _toml_string(text: str) -> str:
+    """``text`` as a TOML basic string (json's escapes are TOML's)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _toml_key(text: str) -> str:
+    """``text`` as a TOML key: bare when it can be, else quoted."""
+    return text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else _toml_string(text)
 
 
 def _prefix_length_checks(prefix: str) -> list[Check]:

@@ -163,6 +163,7 @@ async def create_for_stored(store: Store, spec: NewSession,
     its completion answers like a PUT, with nothing to send. None when the
     blob is not there after all: the caller makes an ordinary session."""
     assert spec.size is not None
+    check_sessions_on(store)
     now = time.time()
     session = Session(
         id=new_session_id(), owner=spec.owner, protocol=spec.protocol, size=spec.size,
@@ -214,6 +215,7 @@ async def _insert(store: Store, session: Session) -> None:
     async with store.write() as tx:
         await check_reservation(store, tx, session.owner, session.size)
         await check_ref_room(store, tx, session)
+        check_sessions_on(store)
         limit = store.config.uploads.max_sessions_per_owner
         if await index_sessions.count_open(tx.conn, session.owner, time.time()) >= limit:
             raise BlobdError("quota_exceeded", f"you have {limit} open upload sessions"
@@ -221,6 +223,16 @@ async def _insert(store: Store, session: Session) -> None:
         # The one made here may finish too: then it is the limit-th.
         await index_sessions.forget_finished(tx.conn, session.owner, keep=limit - 1)
         await index_sessions.insert(tx.conn, session)
+
+
+def check_sessions_on(store: Store) -> None:
+    """``[uploads] max_sessions_per_owner = 0``, which older versions took,
+    means no upload session for anyone: said as such, not as "you have 0
+    open sessions already", and before a session is kept even for content
+    the server has (whose row would otherwise never be forgotten)."""
+    if store.config.uploads.max_sessions_per_owner == 0:
+        raise BlobdError("quota_exceeded", "upload sessions are turned off on this server"
+                         " ([uploads] max_sessions_per_owner = 0); send the blob in one PUT")
 
 
 async def check_reservation(store: Store, tx: Tx, owner: str, size: int | None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import asyncio
+import logging
 import socket
 from typing import Callable
 
@@ -13,6 +14,8 @@ from ..config import Config, override_server
 from ..logs import setup_logging
 from ..sdnotify import Notifier
 from .common import add_config_option, config_from_args
+
+log = logging.getLogger("blobd.config")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +45,10 @@ def effective_config(args: argparse.Namespace) -> Config:
 def run_serve(args: argparse.Namespace) -> int:
     config = effective_config(args)
     setup_logging(config.logging.level)
+    # Values older versions took, taken alike: said once, by the process
+    # that starts (not by each worker).
+    for note in config.notes:
+        log.warning("%s", note)
     if config.server.workers > 1:
         # Checked once, here: each worker failing on it would only say so in
         # a traceback of its own.
