@@ -412,3 +412,68 @@ async def test_a_sha256_address_nobody_has_is_held_to_max_bytes_before_its_body(
     finally:
         await conn.close()
     assert resp.status == 507 and resp.json()["error"] == "quota_exceeded"
+
+
+JSON_ROUTES = [("POST", "/uploads", b'{"size": 1000, "content_type": "audio/mpeg"}', 201),
+               ("PUT", "/refs/later", b'{"hash": "' + b"0" * 64 + b'"}', 404)]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
+@pytest.mark.parametrize("method, path, body, status", JSON_ROUTES, ids=["session", "ref"])
+async def test_a_json_body_in_two_pieces_is_read_whole(alice, method, path, body, status,
+                                                       chunked):
+    """Found by the adversary review: one read returned only the first
+    piece of a JSON body, so one split over two packets was 400 'not valid
+    JSON'."""
+    conn = await _raw(alice)
+    try:
+        framing = ({"Transfer-Encoding": "chunked"} if chunked
+                   else {"Content-Length": str(len(body))})
+        await conn.send_head(method, path, {**alice.headers(), **framing})
+        first, rest = body[:10], body[10:]
+        await conn.send(b"%x\r\n%s\r\n" % (len(first), first) if chunked else first)
+        await asyncio.sleep(0.2)
+        await conn.send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest) if chunked else rest)
+        resp = await conn.read_response()
+    finally:
+        await conn.close()
+    assert resp.status == status, resp.body
+
+
+@pytest.mark.parametrize("method, path, body, status", JSON_ROUTES, ids=["session", "ref"])
+async def test_a_json_body_that_stops_coming_ends(server, method, path, body, status):
+    """Found by the adversary review: a JSON body (a session, a ref, the
+    admin API) that never came held its connection for as long as the
+    client liked; now it ends after [uploads] idle_timeout_seconds, as an
+    upload body does."""
+    alice = await (await server(uploads={"idle_timeout_seconds": 1.0}))("alice")
+    conn = await _raw(alice)
+    try:
+        await conn.send_head(method, path, {**alice.headers(),
+                                            "Content-Length": str(len(body))})
+        await conn.send(body[:5])
+        stalled = await conn.read_response(timeout=10)
+    finally:
+        await conn.close()
+    assert stalled.status == 400
+    assert "no bytes of the body came for 1 s" in stalled.json()["message"]
+    assert (await (await alice.request("GET", "/uploads")).json())["uploads"] == []
+
+
+async def test_a_chunked_json_body_past_the_limit_is_413(alice):
+    """However its pieces come, a JSON body over 64 KiB is 413, not a
+    truncated 'not valid JSON'."""
+    conn = await _raw(alice)
+    try:
+        await conn.send_head("POST", "/uploads", {**alice.headers(),
+                                                  "Transfer-Encoding": "chunked"})
+        piece = b" " * 20_000
+        for _ in range(4):
+            await conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await asyncio.sleep(0.05)
+        await conn.send(b"0\r\n\r\n")
+        resp = await conn.read_response()
+    finally:
+        await conn.close()
+    assert resp.status == 413, resp.body
+    assert resp.json()["error"] == "too_large"

@@ -376,6 +376,26 @@ async def test_concatenation_needs_finished_parts_of_your_own(server) -> None:
         assert resp.status == 400
 
 
+@pytest.mark.parametrize("tail", [b"?\xff\xfe", b"#\xed\xa0\x80", b"?caf\xc3\xa9"])
+async def test_concatenation_with_bytes_not_ascii_is_400(alice: Api, tail: bytes) -> None:
+    """Bytes that are not UTF-8 (or not ASCII) after a part's URL: 400,
+    and the part is still there (they were a 500, the part kept)."""
+    part = await create(alice, 5, headers={"Upload-Concat": "partial"})
+    await patch(alice, part, 0, b"12345")
+    conn = await RawConnection.open(alice.client.host, alice.client.port)
+    try:
+        await conn.send(b"POST /tus/ HTTP/1.1\r\nHost: test\r\nTus-Resumable: 1.0.0\r\n"
+                        b"Authorization: Bearer " + alice.token.encode() + b"\r\n"
+                        b"Upload-Concat: final;" + part.encode() + tail + b"\r\n"
+                        b"Content-Length: 0\r\n\r\n")
+        resp = await conn.read_response()
+    finally:
+        await conn.close()
+    assert resp.status == 400, resp.body
+    assert resp.json()["error"] == "bad_request"
+    assert (await head(alice, part)).headers["Upload-Offset"] == "5"
+
+
 async def test_declared_hash_mismatch_on_last_patch(alice: Api) -> None:
     data = payload(100)
     url = await create(alice, len(data), headers={"Upload-Metadata": meta(hash=b3(b"x"))})
