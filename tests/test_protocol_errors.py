@@ -246,7 +246,7 @@ async def test_each_of_two_workers_answers_json(tmp_path: Path):
     with BlobdServer(tmp_path, {"server": {"workers": 2}}) as served:
         raw = PARSER_ERRORS["header-line-too-long"][0]
         # New connections spread over both workers (SO_REUSEPORT).
-        answers = await asyncio.gather(*(exchange(served.port, raw) for _ in range(8)))
+        answers = await asyncio.gather(*(exchange(served.port, raw) for _ in range(16)))
     for [answer] in answers:
         assert answer.status == 400 and answer.json()["error"] == "bad_request"
         assert answer.closed
