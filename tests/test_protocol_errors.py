@@ -250,3 +250,27 @@ async def test_each_of_two_workers_answers_json(tmp_path: Path):
     for [answer] in answers:
         assert answer.status == 400 and answer.json()["error"] == "bad_request"
         assert answer.closed
+
+
+async def test_with_aiohttp_s_pure_python_parser_too(tmp_path: Path):
+    """Its messages quote the request line (a token in a query string
+    with it): none of that gets into the answer or the log."""
+    secret = "s3cr3t-t0ken-value"
+    cases = [raw for raw, _ in PARSER_ERRORS.values()]
+    cases.append(request(f"GET /blobs?token={secret} HTTP/x.y"))
+    cases.append(request(f"GET /blobs?token={secret}\x01 HTTP/1.1"))
+    refused = 0
+    with BlobdServer(tmp_path, env={"AIOHTTP_NO_EXTENSIONS": "1"}) as served:
+        for raw in cases:
+            [answer] = await exchange(served.port, raw)
+            body = answer.json()
+            if answer.status < 400:
+                continue  # HTTP/1.2, which this parser reads as 1.1
+            refused += 1
+            assert answer.status == 400 and body["error"] == "bad_request", (raw[:40], body)
+            assert len(body["message"]) < 100 and secret not in body["message"], body
+            assert not re.search(r"aaaa|hello|12abc|Bad Name|X-Ctl|G@T", body["message"]), body
+        await asyncio.sleep(0.2)
+        log = Path(served.stderr_path).read_text()
+    assert refused == len(cases) - 1
+    assert "Traceback" not in log and secret not in log and "aaaa" not in log

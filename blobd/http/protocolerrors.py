@@ -39,9 +39,9 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import (BadHttpMethod, BadStatusLine, ContentEncodingError,
-                                     HttpProcessingError, InvalidHeader, InvalidURLError,
-                                     LineTooLong)
+from aiohttp.http_exceptions import (BadHttpMessage, BadHttpMethod, BadStatusLine,
+                                     ContentEncodingError, HttpProcessingError, InvalidHeader,
+                                     InvalidURLError, LineTooLong)
 from aiohttp.web_protocol import RequestHandler
 
 from ..errors import BlobdError
@@ -192,7 +192,14 @@ def describe(exc: BaseException | None) -> str:
 
 def _with_reason(what: str, exc: HttpProcessingError) -> str:
     found = _PARSER_REASON.search(exc.message)
-    reason = found.group(1) if found else exc.message.partition("\n")[0]
+    if found:
+        reason = found.group(1)
+    elif type(exc) is BadHttpMessage:
+        # aiohttp's own words ("Too many headers received"); its subclasses'
+        # messages (the pure-Python parser's) may quote the request line.
+        reason = exc.message.partition("\n")[0]
+    else:
+        return what
     reason = "".join(c if " " <= c <= "~" else "?" for c in reason.strip()).rstrip(".")
     if len(reason) > _REASON_CHARS:
         reason = reason[:_REASON_CHARS] + "..."
