@@ -83,6 +83,8 @@ def install(app: web.Application) -> bool:
     def make_server(*args: Any, **kwargs: Any) -> web.Server:
         return _adopt(make_handler(*args, **kwargs))
 
+    # On the instance: aiohttp discourages subclassing Application (a
+    # DeprecationWarning), and under python -X dev warns of this too.
     app._make_handler = make_server  # type: ignore[method-assign]
     return True
 
