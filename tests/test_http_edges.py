@@ -260,39 +260,8 @@ async def test_a_coding_blobd_cannot_decode_is_415(alice, coding):
     assert blob_files(alice.data_dir) == []
 
 
-@pytest.mark.parametrize("coding", ["br", "zstd"])
-async def test_codings_the_parser_knows_but_cannot_decode_are_its_400(alice, coding):
-    """Documented exception to the JSON errors (docs/api.md, Malformed HTTP)."""
-    resp = await alice.request("POST", "/blobs", data=DATA, headers={"Content-Encoding": coding})
-    assert resp.status == 400 and resp.content_type == "text/plain"
-    assert blob_files(alice.data_dir) == [] and tmp_files(alice.data_dir) == []
-
-
-@pytest.mark.parametrize("head", [
-    "POST /blobs HTTP/1.1\r\nContent-Length: abc",
-    "POST /blobs HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked",
-    "GET /" + "a" * 9000 + " HTTP/1.1",
-    "GET /healthz HTTP/1.1\r\nX-Big: " + "b" * 20_000,
-    "POST /blobs HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0",
-], ids=["content-length", "cl-and-te", "long-line", "long-header", "chunk-size"])
-async def test_what_the_parser_cannot_read_gets_its_plain_400(server, head):
-    """Documented exception to the JSON errors (docs/api.md, Malformed HTTP):
-    aiohttp answers these before any middleware and offers no hook. Should
-    a later aiohttp answer them otherwise, this fails and the docs change."""
-    login = await server(server={"cors_origins": ["*"]})
-    alice = await login()
-    request = head.replace(" HTTP/1.1", " HTTP/1.1\r\nHost: test\r\nOrigin: http://x.example"
-                           f"\r\nAuthorization: Bearer {alice.token}", 1)
-    conn = await _raw(alice)
-    try:
-        await conn.send((request + "\r\n\r\n").encode())
-        answer = await asyncio.wait_for(conn.reader.read(), 5)  # and then it closes
-    finally:
-        await conn.close()
-    status_line, _, rest = answer.partition(b"\r\n")
-    assert status_line == b"HTTP/1.0 400 Bad Request"
-    assert b"Content-Type: text/plain" in rest and b"Access-Control" not in rest
-    assert blob_files(alice.data_dir) == [] and tmp_files(alice.data_dir) == []
+# What the HTTP parser cannot read (br and zstd bodies among it):
+# tests/test_protocol_errors.py.
 
 
 # ---------------------------------------------------------------- paths and methods

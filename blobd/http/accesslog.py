@@ -5,7 +5,9 @@
 ``in`` is the request body bytes received, ``out`` the bytes written for
 the response (status line and headers included). A request cut off before
 it was answered (the client hung up, or the shutdown timeout came) is
-logged with ``-`` for the status and ``aborted`` at the end.
+logged with ``-`` for the status and ``aborted`` at the end. A request
+the HTTP parser refused has its line from :mod:`blobd.http.protocolerrors`
+instead, with the reason (this log would only know it as ``UNKNOWN /``).
 
 Never a secret: tokens travel only in the Authorization header, which is not
 logged, and the query string is left out (a client may put anything there).
@@ -30,6 +32,9 @@ from .takeover import received_bytes
 log = logging.getLogger("blobd.access")
 _ACCESS_LOG = web.AppKey("access_log", bool)
 _LOGGED_ABORTED = web.RequestKey("logged_aborted", bool)
+# Set on a request whose one line another module wrote (a malformed request:
+# see blobd.http.protocolerrors).
+LOGGED = web.RequestKey("logged", bool)
 
 
 def _safe(text: str) -> str:
@@ -52,6 +57,8 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
         if request.get(_LOGGED_ABORTED):
             return  # aiohttp's stand-in 500 for a client that is gone
+        if request.get(LOGGED):
+            return
         self.logger.info("%s", format_line(request, str(response.status), time,
                                            response.body_length))
 
@@ -88,8 +95,10 @@ class QuietClientErrors(logging.Filter):
     """aiohttp logs a malformed request, or a client hanging up mid-request,
     at ERROR with a traceback; for a malformed one it echoes the raw request
     line or header, which may carry a token. Both are the client's doing and
-    already in the request log (400, or ``aborted``), so keep one debug
-    line naming only the kind of error."""
+    already logged (by :mod:`blobd.http.protocolerrors`, or as ``aborted``),
+    so keep one debug line naming only the kind of error. (The first never
+    comes here while protocolerrors' hook is in place: this is for an
+    aiohttp without it.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None

@@ -15,7 +15,8 @@ from ..errors import BlobdError
 from ..mirror.service import Mirror
 from ..store import Store
 from ..metrics import METRICS, Metrics, metrics_middleware
-from . import accesslog, admin, blobs, health, inflight, refs, tokens, tus, uploads
+from . import (accesslog, admin, blobs, health, inflight, protocolerrors, refs, tokens,
+               tus, uploads)
 from .accesslog import log_aborted
 from .cors import add_cors_headers, cors_middleware
 from .inflight import track_requests
@@ -49,6 +50,8 @@ def create_app(config: Config, *, background: bool = True,
     app.on_response_prepare.append(add_cors_headers)
     app.on_response_prepare.append(tus.add_marks)
     accesslog.setup(app, config.logging.access_log)
+    # Requests aiohttp answers before the middlewares get the JSON body too.
+    protocolerrors.install(app)
     inflight.setup(app)
     if config.mirror is not None:
         app[MIRROR] = Mirror(app[STORE], config.mirror)

@@ -30,7 +30,7 @@ _CONTINUE_SENT = web.RequestKey("continue_sent", bool)
 DECODED = frozenset({"identity", "gzip", "deflate"})
 _CODE_BY_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "too_large",
                    415: "unsupported_media_type", 416: "bad_range", 412: "precondition_failed",
-                   417: "expectation_failed"}
+                   417: "expectation_failed", 503: "unavailable"}
 
 
 def requires(scope: str | None, *, anonymous_read: bool = False,
@@ -120,10 +120,7 @@ async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = _CODE_BY_STATUS.get(exc.status, "bad_request")
-        err = BlobdError(code, exc.reason, status=exc.status,
-                         headers={k: v for k, v in exc.headers.items() if k == "Allow"})
-        return error_response(err)
+        return http_error_response(exc)
     except OSError as exc:
         if files.is_disk_full(exc):
             # A full disk met somewhere no layer mapped it: still the
@@ -159,6 +156,21 @@ def _out_of_descriptors(exc: OSError) -> None:
         _descriptors_warned_at = now
         log.warning("out of file descriptors (%s); answering 503 until some are free"
                     " (raise LimitNOFILE / ulimit -n)", exc)
+
+
+def code_for_status(status: int) -> str:
+    """The contract's code for an error status aiohttp chose (a 404 of
+    the router, a 400 of its parser)."""
+    return _CODE_BY_STATUS.get(status, "internal" if status >= 500 else "bad_request")
+
+
+def http_error_response(exc: web.HTTPException) -> web.Response:
+    """The JSON answer for an error aiohttp raised (404 and 405 of the
+    router, 417 of its default ``Expect`` handler): its status, the
+    contract's code."""
+    return error_response(BlobdError(
+        code_for_status(exc.status), exc.reason, status=exc.status,
+        headers={k: v for k, v in exc.headers.items() if k == "Allow"}))
 
 
 def error_response(exc: BlobdError) -> web.Response:
