@@ -204,6 +204,25 @@ async def test_an_exception_that_escapes_the_middlewares_is_a_json_500_with_its_
     assert failed.exc_info and "a bug outside" in str(failed.exc_info[1])
 
 
+async def _a_bug(request: web.Request) -> web.Response:
+    raise RuntimeError("a bug inside the error middleware")
+
+
+async def test_a_500_logs_the_path_as_sent_so_a_client_cannot_forge_log_lines(
+        aiohttp_client, tmp_path: Path, caplog):
+    """A decoded %0A in the logged path would start a line of the client's
+    choosing in the journal."""
+    app = create_app(make_config(tmp_path))
+    app.router.add_get("/made-up-bug/{rest:[^/]*}", _a_bug)
+    client = await aiohttp_client(app)
+    with caplog.at_level(logging.INFO):
+        [answer] = await exchange(client.port, request(
+            "GET /made-up-bug/x%0A2026-01-01%20INFO%20forged HTTP/1.1"))
+    assert answer.status == 500 and answer.json()["error"] == "internal"
+    [failed] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "\n" not in failed.getMessage() and "%0A" in failed.getMessage()
+
+
 def test_aiohttp_still_has_what_protocolerrors_overrides():
     """Fails when an aiohttp upgrade removes or changes one of the private
     hooks: the server then still serves, with aiohttp's plain-text answers

@@ -125,11 +125,11 @@ async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse
         if files.is_disk_full(exc):
             # A full disk met somewhere no layer mapped it: still the
             # contract's 507, never a 500.
-            log.warning("%s %s: %s", request.method, request.path, exc)
+            log.warning("%s %r: %s", request.method, request.rel_url.raw_path, exc)
             return error_response(BlobdError("insufficient_storage", "the disk is full"))
         if request.transport is None or request.transport.is_closing():
             # The request log has it as "aborted" (see accesslog.log_aborted).
-            log.debug("%s %s: client went away (%s)", request.method, request.path, exc)
+            log.debug("%s %r: client went away (%s)", request.method, request.rel_url.raw_path, exc)
             raise
         if exc.errno in (errno.EMFILE, errno.ENFILE):
             # Out of file descriptors (a crowd of listeners, a low ulimit):
@@ -138,10 +138,10 @@ async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse
             return error_response(BlobdError(
                 "unavailable", "the server has too many files open; try again shortly",
                 headers={"Retry-After": "1"}))
-        log.exception("%s %s failed", request.method, request.path)
+        log.exception("%s %r failed", request.method, request.rel_url.raw_path)
         return error_response(BlobdError("internal", "internal server error"))
     except Exception:
-        log.exception("%s %s failed", request.method, request.path)
+        log.exception("%s %r failed", request.method, request.rel_url.raw_path)
         return error_response(BlobdError("internal", "internal server error"))
 
 
