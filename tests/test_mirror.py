@@ -560,7 +560,7 @@ def test_blobd_runs_without_aiobotocore_unless_a_mirror_is_configured(tmp_path):
                             text=True, check=True)
     lines = result.stdout.splitlines()
     assert lines[0] == "plain ok"
-    assert lines[1].startswith("mirror: ") and "pip install blobd[s3]" in lines[1]
+    assert lines[1].startswith("mirror: ") and "pip install '.[s3]'" in lines[1]
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])

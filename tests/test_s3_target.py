@@ -276,7 +276,7 @@ def test_blobd_imports_without_aiobotocore():
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
     )
-    assert "pip install blobd[s3]" in result.stdout
+    assert "pip install '.[s3]'" in result.stdout
     assert result.stdout.strip().endswith("False")
 
 

@@ -2,7 +2,7 @@
 
 aiobotocore is the optional `s3` extra, so it is imported when an S3Target is
 built, never at module import: blobd runs without it until a mirror is
-configured, and then fails with an S3Error naming `pip install blobd[s3]`.
+configured, and then fails with an S3Error naming `pip install '.[s3]'`.
 
 Keys are complete object keys. Only blobd/layout.py builds them; `prefix` is
 carried here for it and is never prepended by this module.
@@ -93,7 +93,8 @@ def _import_aiobotocore() -> tuple[Any, Any, Any]:
         from botocore.config import Config
     except ImportError as exc:
         raise S3Error(
-            "the S3 mirror needs aiobotocore: pip install blobd[s3]", retryable=False
+            "the S3 mirror needs aiobotocore, blobd's s3 extra: pip install '.[s3]'"
+            " in blobd's checkout, into its venv", retryable=False
         ) from exc
     return get_session, Config, botocore.exceptions
 
