@@ -10,11 +10,14 @@ the command line.
 
 Leaving the ``with`` block always stops the process. The helper knows
 nothing of blobd's internals: it speaks only the command line, the config
-file, HTTP and ``/proc``.
+file, HTTP and ``/proc``; but :meth:`BlobdServer.token` calls what
+``blobd token create`` calls, rather than start a Python for it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -46,6 +49,25 @@ def http(method: str, url: str, token: str | None = None, data: bytes | None = N
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+async def _make_token(config_path: Path, owner: str, scopes: str) -> str:
+    """What ``blobd token create`` does, on an existing store, keeping this
+    process's umask (opening a store makes it blobd's private one)."""
+    from blobd import auth
+    from blobd.cli.common import open_index
+    from blobd.config import load_config
+
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        async with open_index(load_config(config_path), must_exist=True) as store:
+            async with store.write() as tx:
+                _, token = await auth.create_token(tx.conn, owner,
+                                                   auth.parse_scopes(scopes))
+    finally:
+        os.umask(umask)
+    return token
 
 
 # A store made as the first `blobd serve` makes it, without serving: for
@@ -467,6 +489,21 @@ class BlobdServer:
         return run_blobd(*args, cwd=self.workdir, timeout=timeout)
 
     def token(self, owner: str = "alice", scopes: str = "read,write") -> str:
+        """A new token, made by the functions ``blobd token create`` runs,
+        in this process: starting the command took most of its time, about
+        a hundred times a suite run (tests/test_cli.py runs the command
+        itself). Under a wrapper (another user's server) or the embedded
+        defaults it comes from the command."""
+        if self.wrapper or self.embedded_defaults:
+            return self._token_from_command(owner, scopes)
+        if not self.config_path.exists():
+            self._write_config()
+        work = _make_token(self.config_path, owner, scopes)
+        # A thread of its own: the caller may be a test's event loop.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, work).result()
+
+    def _token_from_command(self, owner: str, scopes: str) -> str:
         """A new token from ``blobd token create``: its last stdout line."""
         result = self.cli("token", "create", "--owner", owner, "--scopes", scopes)
         if result.returncode != 0:

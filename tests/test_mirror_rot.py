@@ -7,6 +7,11 @@ chunk rotted answers 500 InternalError; one whose later chunk rotted answers
 200 and its body stops where that chunk begins. HEAD answers as before. It
 retries the bad read itself for about 13 s before either, so the tests that
 read rotten objects take that long (several objects are read at once).
+Nothing shortens it for a test: the loop (RetriedFetchChunkData in weed's
+util/http) sleeps 1, 1.5, 2.25, 3.4 and 5.1 s up to util.RetryWaitTime,
+which only ``weed mount -readRetryTime`` sets; ``weed mini`` has no option
+or variable for it. The first test waits it out twice, no fewer: a body cut
+short is read again before it counts as damage (", twice").
 
 These tests run a SeaweedFS of their own: the shared one's volume files are
 never damaged."""

@@ -95,19 +95,18 @@ def locked(api: Api, session_id: str) -> int:
 async def test_an_abort_waits_for_the_request_at_work(alice: Api) -> None:
     data = payload(2 * CHUNK)
     session = await native_create(alice, data)
-    fd = locked(alice, session["id"])
+    url = await tus_create(alice, 100)
+    fds = [locked(alice, session["id"]), locked(alice, url.rsplit("/", 1)[1])]
     try:
-        busy = await alice.request("DELETE", f"/uploads/{session['id']}")
+        # Each abort waits out KNOCK_WAIT for its holder: the two wait at once.
+        busy, tus_busy = await asyncio.gather(
+            alice.request("DELETE", f"/uploads/{session['id']}"),
+            alice.request("DELETE", url, headers={"Tus-Resumable": "1.0.0"}))
         assert busy.status == 409 and busy.headers["Retry-After"] == "1"
-        url = await tus_create(alice, 100)
-        tus_fd = locked(alice, url.rsplit("/", 1)[1])
-        try:
-            tus_busy = await alice.request("DELETE", url, headers={"Tus-Resumable": "1.0.0"})
-            assert tus_busy.status == 423
-        finally:
-            os.close(tus_fd)
+        assert tus_busy.status == 423
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
     assert (await alice.request("DELETE", f"/uploads/{session['id']}")).status == 204
     assert (await alice.request("GET", f"/uploads/{session['id']}")).status == 404
 
