@@ -346,6 +346,8 @@ class Client:
             if resp.status == 206:
                 if body != data[start:end + 1]:
                     fail(f"{self.owner}: Range {start}-{end} of {digest} has other bytes")
+            elif resp.status == 503 and self.h.killing:
+                raise Draining()
             else:
                 fail(f"{self.owner}: Range GET of {digest}: {resp.status} {body[:200]!r}")
 
