@@ -717,6 +717,12 @@ class Harness:
                     if resp.status == 404 and (session.finishing or session.aborting):
                         del self.model.sessions[session.sid]
                         continue
+                    if resp.status == 507:
+                        # Its last byte was in, its commit cut off: HEAD
+                        # commits it, and the owner's room is gone meanwhile.
+                        self.model.stats["tus_head_507"] += 1
+                        await client.abort(http, session)
+                        continue
                     if resp.status != 200:
                         fail(f"tus {session.sid}: HEAD {resp.status}")
                     offset = int(resp.headers["Upload-Offset"])
@@ -870,7 +876,8 @@ class Harness:
                  f" (without a kill: {stats['errors_without_kill']})",
                  f"sessions {stats['sessions']}, resumed after a kill"
                  f" {stats['sessions_resumed']}, unknown ones aborted"
-                 f" {stats['unknown_sessions_aborted']}",
+                 f" {stats['unknown_sessions_aborted']}, tus HEAD refused on quota"
+                 f" {stats['tus_head_507']}",
                  f"statuses {({k: v for k, v in stats.items() if k.startswith('status_')})}",
                  f"fsck findings before start-up {dict(self.startup_repairs)}"]
         if self.blocked:
