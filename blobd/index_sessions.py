@@ -257,6 +257,12 @@ async def expired_ids(conn: aiosqlite.Connection, now: float, after: str = "",
         return [r["id"] for r in await cur.fetchall()]
 
 
+async def committed_ids(conn: aiosqlite.Connection) -> set[str]:
+    """Sessions committed already: their data files are the blobs' now."""
+    async with conn.execute("SELECT id FROM uploads WHERE result_hash IS NOT NULL") as cur:
+        return {r["id"] for r in await cur.fetchall()}
+
+
 async def open_ids(conn: aiosqlite.Connection, created_before: float | None = None
                    ) -> set[str]:
     """Sessions that still own their data file (not committed), or only

@@ -327,14 +327,21 @@ async def commit_session(store: Store, session: Session) -> ingest.Stored:
         raise BlobdError("locked" if session.protocol == TUS else "conflict",
                          "parts of this upload are still being received;"
                          " try again when they are done", headers=BUSY)
+    committed = False
     try:
         current = await reload(store, session)
         if current.committed:
+            # Its file is left only by a process killed right after the
+            # commit: a second name of the blob's bytes, which must go
+            # whatever the answer (the blob may be deleted since).
+            committed = True
             return await _committed_already(store, current)
         await _check_complete(store, current)
         stored = await _commit(store, current, path)
     finally:
         await asyncio.to_thread(sessionfiles.close, fd)
+        if committed:
+            await asyncio.to_thread(files.remove_quietly, path)
     await asyncio.to_thread(files.remove_quietly, path)
     return stored
 

@@ -323,12 +323,20 @@ class Store:
         """Undo what a dead worker process left in tmp/ while its siblings
         serve. Under the write lock, like every file move of a live process,
         so nothing is half-way while this looks; returns the entries seen."""
-        async with self.write():
+        async with self.write() as tx:
             entries = [e for e in await asyncio.to_thread(files.tmp_entries, self.layout)
                        if e.pid == pid]
             for entry in entries:
                 await self._recover_entry(entry)
-        return len(entries)
+            # A completion cut between its commit and the removal of the
+            # session's file left a second name of the blob's bytes, which
+            # would keep them on disk after the blob's deletion. No pid
+            # marks it, but no request writes a committed session's file.
+            committed = await index_sessions.committed_ids(tx.conn)
+            present = set(await asyncio.to_thread(os.listdir, self.layout.uploads_dir))
+            stale = [self.layout.upload_path(i) for i in sorted(committed & present)]
+            await asyncio.to_thread(files.remove_quietly, *stale)
+        return len(entries) + len(stale)
 
     async def check_free_space(self, incoming: int) -> None:
         await asyncio.to_thread(self.ensure_free_space, incoming)

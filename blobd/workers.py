@@ -22,7 +22,8 @@ started by ``blobd serve`` becomes a supervisor of N worker processes:
    replacement after a crash is number 0 again.
 4. A worker that dies is replaced. First, what it left in ``tmp/`` (every
    temp name carries its process id) is undone under the index write lock,
-   exactly as start-up recovery would (see :meth:`blobd.store.Store.recover_dead`).
+   exactly as start-up recovery would (see :meth:`blobd.store.Store.recover_dead`),
+   and so is the file of a session it had committed but not yet removed.
    One that keeps dying right after start is restarted with a growing delay.
 5. SIGTERM or SIGINT: each worker gets one SIGTERM and shuts down gracefully
    (requests in flight finish); the supervisor waits for them, then exits.

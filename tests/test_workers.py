@@ -578,3 +578,42 @@ def test_metrics_add_up_the_workers(tmp_path: Path) -> None:
         assert all(healthz_count() >= before + 40 for _ in range(4))
         server.terminate()
     assert not stale.exists()
+
+
+def test_a_worker_killed_between_a_session_commit_and_its_file_removal(
+        pair: BlobdServer) -> None:
+    """Completing a session commits the blob (the session's file linked
+    into blobs/), then removes the file from uploads/. A worker killed in
+    between left it there while its siblings served on: a second name of
+    the blob's bytes that kept them on disk after the blob's deletion, until
+    the next restart; a completion sent again answered from the record and
+    left it too. The kill's state is made by linking the file back (found
+    by tests/stress/crash_torture.py)."""
+    token = pair.token("alice")
+    data = os.urandom(100_000)
+    uploads = pair.data_dir / "uploads"
+
+    def committed_session() -> tuple[str, Path]:
+        status, body = http("POST", f"{pair.url}/uploads", token,
+                            json.dumps({"size": len(data), "chunk_size": len(data)}).encode())
+        assert status == 201
+        sid = json.loads(body)["id"]
+        assert http("PUT", f"{pair.url}/uploads/{sid}/0", token, data)[0] == 204
+        status, _ = http("POST", f"{pair.url}/uploads/{sid}/complete", token)
+        assert status in (200, 201) and os.listdir(uploads) == []
+        blob = pair.data_dir / "blobs" / b3(data)[:2] / b3(data)[2:4] / b3(data)
+        os.link(blob, uploads / sid)
+        return sid, blob
+
+    sid, _ = committed_session()
+    assert http("POST", f"{pair.url}/uploads/{sid}/complete", token)[0] == 200
+    assert os.listdir(uploads) == []
+
+    sid, _ = committed_session()
+    victim = pair.workers()[1]
+    os.kill(victim, signal.SIGKILL)
+    wait_replaced(pair, victim)
+    assert os.listdir(uploads) == []
+    assert http("DELETE", f"{pair.url}/blobs/{b3(data)}", token)[0] == 204
+    assert pair.terminate() == 0
+    check_index_matches_files(pair.data_dir)
