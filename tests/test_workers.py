@@ -77,7 +77,13 @@ def wait_replaced(server: BlobdServer, dead: int) -> list[int]:
         pids = server.workers()
         return (len(pids) == 2 and dead not in pids
                 and all(owns_listener(pid, server.port) for pid in pids))
-    wait_for(f"worker {dead} to be replaced", replaced)
+    try:
+        wait_for(f"worker {dead} to be replaced", replaced)
+    except AssertionError as exc:
+        # What the supervisor said is what tells a slow machine from a bug.
+        raise AssertionError(f"{exc}; workers now {server.workers()}, listening"
+                             f" {[p for p in server.workers() if owns_listener(p, server.port)]};"
+                             f" {server.state()}") from None
     return server.workers()
 
 
