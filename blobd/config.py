@@ -12,7 +12,6 @@ import dataclasses
 import ipaddress
 import json
 import math
-import posixpath
 import re
 import tomllib
 import typing
@@ -556,16 +555,32 @@ def _prefix_checks(prefix: str) -> list[Check]:
     note (blobd.oldvalues), so the objects mirrored under them stay found."""
     inner = prefix.strip("/")
     dots = [s for s in inner.split("/") if s in (".", "..")]
-    resolved = posixpath.normpath(inner).strip("/").replace("//", "/") if inner else ""
-    resolved = "" if resolved == "." else resolved
     problem = (f"has a {dots[0]!r} segment, which SeaweedFS refuses in a key and other"
                " stores resolve" if dots
                else "has a NUL character, which no store takes in a key"
                if "\0" in prefix else "")
-    fix = resolved if dots else prefix.replace("\0", "")
+    fix = _prefix_to_write(prefix)
     return [(not problem, "mirror.prefix",
              f"{prefix!r} {problem}; write prefix = {_toml_string(fix)}"),
             *_prefix_length_checks(prefix)]
+
+
+def _prefix_to_write(prefix: str) -> str:
+    """The prefix a refused one stands for, which the checks take: NUL
+    dropped, "." and ".." resolved as a store that resolves them does
+    (a ".." at the top stays at the top, as in a URL), so that writing
+    the message's value never meets a refusal of its own."""
+    text = prefix.replace("\0", "")
+    segments = text.strip("/").split("/")
+    if not any(s in (".", "..") for s in segments):
+        return text
+    kept: list[str] = []
+    for segment in segments:
+        if segment == "..":
+            kept = kept[:-1]
+        elif segment not in (".", ""):
+            kept.append(segment)
+    return "/".join(kept)
 
 
 def _toml_string(text: str) -> str:

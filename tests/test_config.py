@@ -465,3 +465,16 @@ def test_a_server_starts_on_an_older_config_and_says_how_to_write_it(tmp_path):
     assert "server.host = '127.1' is read as 127.0.0.1" in warnings[0]
     assert "mirror.multipart_threshold = 6442450944" in warnings[1]
     assert "mirror.prefix = 't//b' has an empty segment" in warnings[2]
+
+
+@pytest.mark.parametrize("prefix", ["a/../..", "..", "/./", "a//../b", "x/../../y",
+                                    "a/..\x00/b", ".\x00./a", "a\x00b"])
+def test_the_prefix_a_refusal_says_to_write_is_taken(prefix):
+    """Found by review: 'a/../..' said to write ".." and 'a/..<NUL>/b' to
+    write "a/../b", each refused in turn."""
+    import tomllib
+
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"mirror": {**MIRROR, "prefix": prefix}})
+    written = tomllib.loads(str(info.value).split("; write ")[1])["prefix"]
+    assert config_from_dict({"mirror": {**MIRROR, "prefix": written}}).mirror.prefix == written
