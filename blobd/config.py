@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import json
 import math
 import re
 import tomllib
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import oldvalues
+from . import oldvalues, tomltext
 from .auth import check_owner
 from .errors import BlobdError, ConfigError
 from .layout import S3_MAX_KEY_BYTES, Layout, mirror_longest_key
@@ -290,7 +289,7 @@ def _load_quotas(raw: dict[str, Any]) -> dict[str, QuotaLimits]:
             # with the same rule), so the table never applied to anyone.
             raise ConfigError(
                 f"quotas.{owner}: not an owner name ({exc.message}), so its limits never"
-                f" applied to anyone; delete the [quotas.{_toml_key(owner)}] table, or"
+                f" applied to anyone; delete the [quotas.{tomltext.key(owner)}] table, or"
                 " rename it to an owner that `blobd token list` shows") from None
         values = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
         values.update(table)
@@ -424,7 +423,7 @@ def _literal_store_note(data_dir: str) -> str:
     if not Layout(literal).index_path.is_file():
         return ""
     return (f" (the store an older blobd made from this setting is {literal}:"
-            f" write data_dir = \"{literal}\")")
+            f" write data_dir = {tomltext.string(str(literal))})")
 
 
 # A host name as resolvers take it: dot-separated labels of letters, digits,
@@ -561,7 +560,7 @@ def _prefix_checks(prefix: str) -> list[Check]:
                if "\0" in prefix else "")
     fix = _prefix_to_write(prefix)
     return [(not problem, "mirror.prefix",
-             f"{prefix!r} {problem}; write prefix = {_toml_string(fix)}"),
+             f"{prefix!r} {problem}; write prefix = {tomltext.string(fix)}"),
             *_prefix_length_checks(prefix)]
 
 
@@ -581,16 +580,6 @@ def _prefix_to_write(prefix: str) -> str:
         elif segment not in (".", ""):
             kept.append(segment)
     return "/".join(kept)
-
-
-def _toml_string(text: str) -> str:
-    """``text`` as a TOML basic string (json's escapes are TOML's)."""
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _toml_key(text: str) -> str:
-    """``text`` as a TOML key: bare when it can be, else quoted."""
-    return text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else _toml_string(text)
 
 
 def _prefix_length_checks(prefix: str) -> list[Check]:
