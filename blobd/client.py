@@ -43,6 +43,10 @@ DEFAULT_URL = "http://127.0.0.1:8420"
 # [uploads] idle_timeout_seconds (60), after which a stalled one lets go.
 BUSY_PATIENCE = 90.0
 
+# How blobd.sessions.check_sessions_on's refusal begins (tests/test_transfer_cli.py
+# holds the two together).
+SESSIONS_OFF = "upload sessions are turned off on this server"
+
 
 @dataclass(frozen=True)
 class UploadResult:
@@ -266,19 +270,31 @@ class BlobdClient:
         if digests is None:
             digests = await asyncio.to_thread(files.hash_file, path)
         if digests.size < session_threshold:
-            blob, sent = await self.put_file(path, digests.blake3, ref=ref,
-                                             content_type=content_type, progress=progress)
-            # An empty file sends no byte and is still new when created.
-            stored = sent or blob.get("created", False)
-            return UploadResult(blob, "put" if stored else "skipped",
-                                digests.size if sent else 0)
-        session, mode = await self._open_session(digests, ref, content_type, chunk_size)
+            return await self._put_whole(path, digests, ref, content_type, progress)
+        try:
+            session, mode = await self._open_session(digests, ref, content_type, chunk_size)
+        except BlobdError as exc:
+            if exc.code != "quota_exceeded" or not exc.message.startswith(SESSIONS_OFF):
+                raise
+            # A server on an older config's max_sessions_per_owner = 0 takes
+            # no session and says to send the blob in one PUT: that (not
+            # resumable), rather than no upload, and a file it has already
+            # is still not sent.
+            return await self._put_whole(path, digests, ref, content_type, progress)
         if mode == "skipped" and "id" not in session:
             return UploadResult(session, mode, 0)   # the blob itself
         already(session["bytes_received"])
         sent = await self._send_chunks(path, session, parallel, progress)
         blob = await self.complete_upload(session["id"])
         return UploadResult(blob, mode, sent, None if mode == "skipped" else session["id"])
+
+    async def _put_whole(self, path: Path, digests: files.Digests, ref: str | None,
+                         content_type: str | None, progress: Progress) -> UploadResult:
+        blob, sent = await self.put_file(path, digests.blake3, ref=ref,
+                                         content_type=content_type, progress=progress)
+        # An empty file sends no byte and is still new when created.
+        stored = sent or blob.get("created", False)
+        return UploadResult(blob, "put" if stored else "skipped", digests.size if sent else 0)
 
     async def _open_session(self, digests: files.Digests, ref: str | None,
                             content_type: str | None,

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import json
 import math
-import posixpath
 import re
 import tomllib
 import typing
@@ -21,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import oldvalues
+from . import oldvalues, tomltext
 from .auth import check_owner
 from .errors import BlobdError, ConfigError
 from .layout import S3_MAX_KEY_BYTES, Layout, mirror_longest_key
@@ -291,7 +289,7 @@ def _load_quotas(raw: dict[str, Any]) -> dict[str, QuotaLimits]:
             # with the same rule), so the table never applied to anyone.
             raise ConfigError(
                 f"quotas.{owner}: not an owner name ({exc.message}), so its limits never"
-                f" applied to anyone; delete the [quotas.{_toml_key(owner)}] table, or"
+                f" applied to anyone; delete the [quotas.{tomltext.key(owner)}] table, or"
                 " rename it to an owner that `blobd token list` shows") from None
         values = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
         values.update(table)
@@ -425,7 +423,7 @@ def _literal_store_note(data_dir: str) -> str:
     if not Layout(literal).index_path.is_file():
         return ""
     return (f" (the store an older blobd made from this setting is {literal}:"
-            f" write data_dir = \"{literal}\")")
+            f" write data_dir = {tomltext.string(str(literal))})")
 
 
 # A host name as resolvers take it: dot-separated labels of letters, digits,
@@ -556,26 +554,32 @@ def _prefix_checks(prefix: str) -> list[Check]:
     note (blobd.oldvalues), so the objects mirrored under them stay found."""
     inner = prefix.strip("/")
     dots = [s for s in inner.split("/") if s in (".", "..")]
-    resolved = posixpath.normpath(inner).strip("/").replace("//", "/") if inner else ""
-    resolved = "" if resolved == "." else resolved
     problem = (f"has a {dots[0]!r} segment, which SeaweedFS refuses in a key and other"
                " stores resolve" if dots
                else "has a NUL character, which no store takes in a key"
                if "\0" in prefix else "")
-    fix = resolved if dots else prefix.replace("\0", "")
+    fix = _prefix_to_write(prefix)
     return [(not problem, "mirror.prefix",
-             f"{prefix!r} {problem}; write prefix = {_toml_string(fix)}"),
+             f"{prefix!r} {problem}; write prefix = {tomltext.string(fix)}"),
             *_prefix_length_checks(prefix)]
 
 
-def _toml_string(text: str) -> str:
-    """``text`` as a TOML basic string (json's escapes are TOML's)."""
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _toml_key(text: str) -> str:
-    """``text`` as a TOML key: bare when it can be, else quoted."""
-    return text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else _toml_string(text)
+def _prefix_to_write(prefix: str) -> str:
+    """The prefix a refused one stands for, which the checks take: NUL
+    dropped, "." and ".." resolved as a store that resolves them does
+    (a ".." at the top stays at the top, as in a URL), so that writing
+    the message's value never meets a refusal of its own."""
+    text = prefix.replace("\0", "")
+    segments = text.strip("/").split("/")
+    if not any(s in (".", "..") for s in segments):
+        return text
+    kept: list[str] = []
+    for segment in segments:
+        if segment == "..":
+            kept = kept[:-1]
+        elif segment not in (".", ""):
+            kept.append(segment)
+    return "/".join(kept)
 
 
 def _prefix_length_checks(prefix: str) -> list[Check]:

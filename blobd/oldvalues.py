@@ -16,6 +16,8 @@ import re
 import socket
 import unicodedata
 
+from . import tomltext
+
 # S3 takes no single PUT above this (see blobd.storage.s3).
 S3_MAX_SINGLE_PUT = 5 << 30
 
@@ -63,7 +65,7 @@ def prefix_note(prefix: str) -> str | None:
                 f" written as older versions wrote them ({inner}/ab/cd/<hash>), so keep"
                 f" it for this bucket. A store that folds '//' (SeaweedFS) keeps them"
                 f" under {folded}/ and lists nothing under {inner}/ (mirror sync,"
-                f" restore): on such a store, write prefix = \"{folded}\"")
+                f" restore): on such a store, write prefix = {tomltext.string(folded)}")
     if controls:
         return (f"mirror.prefix = {prefix!r} has a control character"
                 f" ({', '.join(sorted({repr(c) for c in controls}))}); its keys are"

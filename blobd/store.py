@@ -319,10 +319,11 @@ class Store:
                 return
         await asyncio.to_thread(files.remove_quietly, entry.path)
 
-    async def recover_dead(self, pid: int) -> int:
+    async def recover_dead(self, pid: int) -> tuple[int, int]:
         """Undo what a dead worker process left in tmp/ while its siblings
         serve. Under the write lock, like every file move of a live process,
-        so nothing is half-way while this looks; returns the entries seen."""
+        so nothing is half-way while this looks; returns the tmp/ entries
+        seen and the committed sessions' files removed from uploads/."""
         async with self.write() as tx:
             entries = [e for e in await asyncio.to_thread(files.tmp_entries, self.layout)
                        if e.pid == pid]
@@ -336,7 +337,7 @@ class Store:
             present = set(await asyncio.to_thread(os.listdir, self.layout.uploads_dir))
             stale = [self.layout.upload_path(i) for i in sorted(committed & present)]
             await asyncio.to_thread(files.remove_quietly, *stale)
-        return len(entries) + len(stale)
+        return len(entries), len(stale)
 
     async def check_free_space(self, incoming: int) -> None:
         await asyncio.to_thread(self.ensure_free_space, incoming)

@@ -130,7 +130,7 @@ async def _prepare(config: Config) -> None:
     await store.close()
 
 
-async def _recover_dead(config: Config, pid: int) -> int:
+async def _recover_dead(config: Config, pid: int) -> tuple[int, int]:
     store = Store(config)
     await store.open(exclusive=False, recover=False)
     try:
@@ -308,15 +308,20 @@ class Supervisor:
         log.error("worker %d (pid %d) exited with %s after %.1fs; replacing it",
                   worker.number, pid, code, lived)
         try:
-            recovered = asyncio.run(_recover_dead(self.config, pid))
+            temps, sessions = asyncio.run(_recover_dead(self.config, pid))
         except Exception:
             # Not worth stopping the server for: start-up recovery will
             # undo it at the next restart.
             log.exception("could not undo what worker %d left in tmp/", worker.number)
         else:
-            if recovered:
-                log.info("undid %d temp files worker %d left behind", recovered,
-                         worker.number)
+            if temps:
+                log.info("undid %d temp files worker %d left behind", temps, worker.number)
+            if sessions:
+                # Named apart: these are no temp files, and an admin who
+                # finds uploads/ emptier than before should know why.
+                log.info("removed %d committed upload sessions' files from uploads/ (their"
+                         " blobs are stored; a completion was cut off before it removed"
+                         " them)", sessions)
         delay = 0.0
         if lived < HEALTHY_SECONDS:
             delay = min(MAX_RESTART_DELAY, max(0.5, 2 * self._delays.get(worker.number, 0)))

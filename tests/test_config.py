@@ -465,3 +465,36 @@ def test_a_server_starts_on_an_older_config_and_says_how_to_write_it(tmp_path):
     assert "server.host = '127.1' is read as 127.0.0.1" in warnings[0]
     assert "mirror.multipart_threshold = 6442450944" in warnings[1]
     assert "mirror.prefix = 't//b' has an empty segment" in warnings[2]
+
+
+@pytest.mark.parametrize("prefix", ["a/../..", "..", "/./", "a//../b", "x/../../y",
+                                    "a/..\x00/b", ".\x00./a", "a\x00b"])
+def test_the_prefix_a_refusal_says_to_write_is_taken(prefix):
+    """Found by review: 'a/../..' said to write ".." and 'a/..<NUL>/b' to
+    write "a/../b", each refused in turn."""
+    import tomllib
+
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"mirror": {**MIRROR, "prefix": prefix}})
+    written = tomllib.loads(str(info.value).split("; write ")[1])["prefix"]
+    assert config_from_dict({"mirror": {**MIRROR, "prefix": written}}).mirror.prefix == written
+
+
+@pytest.mark.parametrize("raw, meant", [
+    ({"mirror": {**MIRROR, "prefix": "a//b\x01"}}, "a/b\x01"),
+    ({"mirror": {**MIRROR, "prefix": "./a\x7f"}}, "a\x7f"),
+    ({"mirror": {**MIRROR, "prefix": "x\x00/\x85y\t"}}, "x/\x85y\t"),
+])
+def test_a_prefix_to_write_is_valid_toml(raw, meant):
+    """Found by review: the prefix to write held its control characters raw
+    (DEL and \\x01 among them), which TOML refuses in a string, and which
+    the log line showed as nothing."""
+    import tomllib
+
+    try:
+        message = config_from_dict(raw).notes[0]
+    except ConfigError as exc:
+        message = str(exc)
+    written = message.split("write prefix = ")[1]
+    assert written.isprintable(), written
+    assert tomllib.loads(f"prefix = {written}")["prefix"] == meant

@@ -469,3 +469,27 @@ def test_get_onto_a_full_disk_says_which_disk(live, tmp_path: Path, tiny_fs: Pat
     assert "nothing was written" in spooled     # found by review: it said "waits there"
     assert "No space left on device: /dev/full" in get("/dev/full", tmp_path)[0]
     assert list(tiny_fs.iterdir()) == [] and list(tmp_path.iterdir()) == [tiny_fs]
+
+
+def test_put_to_a_server_with_sessions_off_sends_one_put(tmp_path: Path) -> None:
+    """Found by review: on an older config's max_sessions_per_owner = 0, a
+    file over the session threshold was an error ("send the blob in one
+    PUT"), and so was one the server had already, which older versions
+    answered at once: both go in one PUT now, the second sending nothing."""
+    with BlobdServer(tmp_path / "srv", {"storage": {"fsync": False},
+                                        "uploads": {"max_sessions_per_owner": 0}}) as server:
+        live = (server, server.token("alice"))
+        song = tmp_path / "song.bin"
+        song.write_bytes(os.urandom(40 * KIB))
+        args = ("put", "--session-threshold", "16KiB", str(song))
+        first = cli(live, *args)
+        assert first.returncode == 0, first.stderr
+        assert first.stdout == f"{b3(song.read_bytes())}  {song}\n"
+        again = cli(live, *args[:-1], "--ref", "songs:one", str(song))
+        assert again.returncode == 0, again.stderr
+        named = json.loads(request("GET", f"{server.url}/refs/songs:one", live[1])[1])
+        assert named["hash"] == b3(song.read_bytes())
+        log = server.stderr_path.read_text()
+    assert re.findall(r"(PUT|POST) /(?:blobs|uploads)\S* (\d+) ", log) == [
+        ("POST", "507"), ("PUT", "201"), ("POST", "507"), ("PUT", "200")], log
+    assert re.search(r"PUT /blobs/\w+ 200 \S+ in=0 ", log), log

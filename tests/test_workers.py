@@ -620,6 +620,9 @@ def test_a_worker_killed_between_a_session_commit_and_its_file_removal(
     os.kill(victim, signal.SIGKILL)
     wait_replaced(pair, victim)
     assert os.listdir(uploads) == []
+    # Said as what it was (found by review: "undid 1 temp files", of a
+    # session's file in uploads/).
+    assert "removed 1 committed upload sessions' files from uploads/" in pair.stderr_tail(200)
     assert http("DELETE", f"{pair.url}/blobs/{b3(data)}", token)[0] == 204
     assert pair.terminate() == 0
     check_index_matches_files(pair.data_dir)
