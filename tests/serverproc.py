@@ -377,12 +377,21 @@ class BlobdServer:
                                    f"{self.stderr_tail()}")
             # Some other server may answer on the port while ours is still
             # starting (and about to fail to bind): the answer must be ours.
-            if self._health_status() == 200 and self._listens():
+            if self._health_status() == 200 and self._listens() and self._all_serving():
                 return
             time.sleep(0.05)
         self.kill9()
         raise TimeoutError(f"blobd did not answer GET /healthz with 200 within "
                            f"{self.startup_timeout}s:\n{self.stderr_tail()}")
+
+    def _all_serving(self) -> bool:
+        """With ``[server] workers`` > 1, /healthz answers once one worker
+        serves, while the supervisor still waits for the others, and a
+        worker that dies in that window fails the start (exit 1) rather
+        than being replaced: a test that kills one must wait for the
+        supervisor's "serving ... with N workers" line first."""
+        workers = self.config.get("server", {}).get("workers", 1)
+        return workers <= 1 or f" with {workers} workers" in self.stderr_tail(400)
 
     def _listens(self) -> bool:
         """Our process, or (with workers) one of its children, holds the
