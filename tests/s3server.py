@@ -13,7 +13,7 @@ Usage::
     server = SeaweedS3(tmp_dir)
     server.start()          # returns once the bucket and all data on disk are served
     server.endpoint, server.bucket, server.access_key, server.secret_key, server.region
-    server.stop()           # SIGTERM by PID, SIGKILL if still running after 4 s
+    server.stop()           # SIGTERM by PID; SIGKILL if it hangs (see stop())
     server.start()          # same data, same endpoint
     server.kill()           # SIGKILL at once, as a crash would
     await server.astop(); await server.astart()   # from async tests
@@ -72,10 +72,16 @@ DISABLED_PORT_OPTIONS = ("s3.port.iceberg", "s3.port.lance")
 ADMIN_GRPC_OFFSET = 10000
 
 READY_TIMEOUT = 20.0
-# A clean stop takes about 1.2 s (the filer's gRPC drain waits 1 s). Now and
-# then the volume server's graceful HTTP shutdown hangs for good after the
-# filer has stopped; nothing is left to flush by then, so SIGKILL is safe.
+# A clean stop takes about 1.2 s (the filer's gRPC drain waits 1 s).
 STOP_TIMEOUT = 4.0
+# weed's last shutdown step, the volume server's, begins with this line, once
+# the S3 gateway and the filer have stopped. About one stop in five it then
+# hangs for 30 s: its HTTP server waits for a connection that weed's own HTTP
+# client opened and never sent a request on (a goroutine dump shows it in
+# httpdown's Stop, the connection in net/http's readRequest). Volume files are
+# written without a buffer of weed's, so a SIGKILL from then on loses nothing.
+VOLUME_STOP_LINE = "volume server has been killed"
+VOLUME_STOP_GRACE = 1.0  # the rest takes a few ms when it does not hang
 LOG_TAIL_LINES = 40
 UNIX_PATH_MAX = 100  # sun_path holds 108 bytes; keep a margin
 
@@ -190,6 +196,15 @@ class SeaweedS3:
             "-webdav=false",
             "-admin.ui=false",
             "-master.telemetry=false",
+            # Without it a restarted master replays its raft log and elects
+            # itself a few ms after start. Heartbeats in that gap are refused
+            # ("not current leader"; the volume server retries 5 s later), and
+            # if the election wins before the master looks, it counts as a
+            # restart of a cluster with volumes and refuses every write for
+            # its 15 s warm-up, silently (weed's topology.IsWarmingUp). Fresh
+            # raft state makes it leader at once; the volume server tells it
+            # every volume and the highest id on its first heartbeat.
+            "-master.resumeState=false",
             # Nothing to drain in tests: skip the 1 s pre-stop pause.
             "-volume.preStopSeconds=0",
             f"-filer.localSocket={self.socket_dir / 'filer.sock'}",
@@ -217,6 +232,7 @@ class SeaweedS3:
             atexit.register(self.kill)
             self._atexit_registered = True
         self._note("start")
+        started = time.monotonic()
         volumes = self._volumes_on_disk()
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
@@ -233,6 +249,7 @@ class SeaweedS3:
         except BaseException:
             self.stop()
             raise
+        self._note(f"ready in {time.monotonic() - started:.1f} s")
 
     def _wait_ready(self, timeout: float, volumes: set[int]) -> None:
         """Poll until the master knows every volume already on disk and the
@@ -304,26 +321,58 @@ class SeaweedS3:
         )
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGTERM by PID, then SIGKILL if weed has not exited within `timeout`."""
-        self._signal_and_wait(signal.SIGTERM, timeout)
-
-    def kill(self) -> None:
-        """SIGKILL at once, as a crash would."""
-        self._signal_and_wait(signal.SIGKILL, STOP_TIMEOUT)
-
-    def _signal_and_wait(self, signum: int, timeout: float) -> None:
+        """SIGTERM by PID; SIGKILL once the volume server's stop has had
+        VOLUME_STOP_GRACE, or if weed is still running after `timeout`."""
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
-        self._note(f"signal {signum} to pid {proc.pid}")
-        proc.send_signal(signum)
+        log_size = self.log_path.stat().st_size
+        self._note(f"signal {signal.SIGTERM} to pid {proc.pid}")
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        deadline = sent + timeout
+        volume_stop: float | None = None
+        while proc.poll() is None:
+            now = time.monotonic()
+            if volume_stop is None and self._logged_since(log_size, VOLUME_STOP_LINE):
+                volume_stop = now
+            if volume_stop is not None and now - volume_stop >= VOLUME_STOP_GRACE:
+                self._kill(proc, f"volume server still stopping {VOLUME_STOP_GRACE:.0f} s"
+                                 " after the rest had stopped: killed")
+                break
+            if now >= deadline:
+                # A hang of another kind: Go prints every goroutine on
+                # SIGQUIT, and the dump in the log says where it was.
+                proc.send_signal(signal.SIGQUIT)
+                self._kill(proc, f"still running {timeout:.0f} s after SIGTERM: goroutines"
+                                 " dumped above, killed", grace=2.0)
+                break
+            time.sleep(0.05)
+        else:
+            self._note(f"stopped in {time.monotonic() - sent:.1f} s")
+        self._remove_stale_sockets()
+
+    def kill(self) -> None:
+        """SIGKILL at once, as a crash would."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        self._kill(proc, "killed")
+        self._remove_stale_sockets()
+
+    def _kill(self, proc: subprocess.Popen, note: str, grace: float = 0.0) -> None:
+        """SIGKILL unless `proc` exits within `grace` s; then note it."""
         try:
-            proc.wait(timeout)
+            proc.wait(grace)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            self._note(f"still running {timeout:.0f} s after signal {signum}: killed")
-        self._remove_stale_sockets()
+        self._note(f"{note} (pid {proc.pid})")
+
+    def _logged_since(self, offset: int, line: str) -> bool:
+        with open(self.log_path, "rb") as log:
+            log.seek(offset)
+            return line.encode() in log.read()
 
     def _remove_stale_sockets(self) -> None:
         """Drop the gRPC sockets weed names after our ports in /tmp.
