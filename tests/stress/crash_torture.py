@@ -523,7 +523,10 @@ class Harness:
         self.prefix = unique_prefix() if mirror else None
         config: dict[str, Any] = {
             "server": {"workers": 2},
-            "logging": {"level": "warning", "access_log": False},
+            # info, not warning: BlobdServer counts a server with workers as
+            # started only at the supervisor's "serving ... with 2 workers"
+            # line, which is logged at info.
+            "logging": {"level": "info", "access_log": False},
             "storage": {"fsync": True, "min_free_bytes": "1MiB"},
             "quotas": {"default": {"max_bytes": "48MiB"},
                        "q0": {"max_bytes": "3MiB", "max_blobs": 10},
