@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import aiosqlite
 
@@ -276,7 +276,7 @@ def check_blob_size(size: int, limits: QuotaLimits, server_max: int) -> None:
         raise BlobdError("too_large", f"{size} bytes is over max_blob_size ({limit} bytes)")
 
 
-def check_room(row: aiosqlite.Row, limits: QuotaLimits, add_bytes: int,
+def check_room(row: Mapping[str, Any], limits: QuotaLimits, add_bytes: int,
                add_blobs: int) -> None:
     """Raise quota_exceeded if adding this much would pass a limit (what
     open upload sessions reserve counting as used)."""
@@ -451,6 +451,29 @@ async def drop_blob_refs(conn: aiosqlite.Connection, owner: str, digest: str,
         return 0, []
     await _uncount_refs(conn, owner, cur.rowcount)
     return cur.rowcount, await _release(conn, owner, digest, cur.rowcount, now)
+
+
+async def repoint_frees(conn: aiosqlite.Connection, owner: str, name: str,
+                        digest: str | None) -> tuple[int, int]:
+    """(bytes, blobs) that pointing ``owner``'s ``name`` at ``digest`` (None:
+    at some blob not known yet) releases before the new blob is held (see
+    :func:`add_ref`): the old blob's, when that name was its owner's only
+    reference to it."""
+    row = await _one(conn, "SELECT b.size FROM refs r JOIN holdings h ON h.owner = r.owner"
+                     " AND h.hash = r.hash JOIN blobs b ON b.hash = r.hash"
+                     " WHERE r.owner = ? AND r.name = ? AND r.hash IS NOT ? AND h.refs = 1",
+                     owner, name, digest)
+    return (row["size"], 1) if row is not None else (0, 0)
+
+
+async def may_repoint_by_hash(conn: aiosqlite.Connection, owner: str) -> bool:
+    """Whether ``owner`` has a reference named like a BLAKE3 digest and
+    pointing at another blob, the only reference to it: what a blob known
+    only by its SHA-256, named by its BLAKE3 digest, may re-point and free."""
+    return await _one(conn, "SELECT 1 FROM refs r JOIN holdings h ON h.owner = r.owner"
+                      " AND h.hash = r.hash WHERE r.owner = ? AND h.refs = 1"
+                      " AND r.name != r.hash AND length(r.name) = 64"
+                      " AND r.name NOT GLOB '*[^0-9a-f]*' LIMIT 1", owner) is not None
 
 
 async def holds(conn: aiosqlite.Connection, owner: str, digest: str) -> bool:

@@ -97,15 +97,44 @@ def _check_upload(store: Store, owner: str, declared: int | None, digest: str | 
         raise index.refs_exceeded(limits.max_refs, used["used_refs"])
     if declared is not None:
         index.check_blob_size(declared, limits, server_max)
-        if used["monthly_upload_bytes"] + declared > limits.max_monthly_upload_bytes:
-            raise exceeded("max_monthly_upload_bytes", limits.max_monthly_upload_bytes)
-        new_to_owner = unknown or (digest is not None
-                                   and not drive(holds(sync, owner, digest)))
-        if (new_to_owner and used["used_bytes"] + used["reserved_bytes"] + declared
-                > limits.max_bytes):
-            raise exceeded("max_bytes", limits.max_bytes)
+    room = _room_after(sync, owner, digest, unknown, name, used)
+    if room is not None:
+        # The commit's own check (index.check_room, after a re-pointed
+        # name let its old blob go), made before the body is invited: a
+        # new blob past max_blobs or max_bytes is refused either way.
+        index.check_room(room, limits, declared or 0, 1)
+    if (declared is not None
+            and used["monthly_upload_bytes"] + declared > limits.max_monthly_upload_bytes):
+        raise exceeded("max_monthly_upload_bytes", limits.max_monthly_upload_bytes)
     store.ensure_free_space(declared or 0)
     return limits
+
+
+def _room_after(sync: SyncConnection, owner: str, digest: str | None, unknown: bool,
+                name: str | None, used: dict[str, int]) -> dict[str, int] | None:
+    """The owner's usage as the commit will check it, when the upload is
+    sure to be a blob new to them; None when it may not be (they may hold
+    it already, or cannot tell before the body), so nothing is refused.
+
+    A body known by its hash is new unless they hold that hash. A body
+    not known before it is read (POST) is new only to an owner holding
+    nothing. Naming a reference they have at another blob releases that
+    blob first when the name was their only reference to it."""
+    if digest is not None:
+        if drive(holds(sync, owner, digest)):
+            return None
+    elif not unknown:
+        return dict(used) if used["used_blobs"] == 0 else None
+    target = name if name is not None else digest
+    if target is None:
+        # Named by its BLAKE3 digest, known only after the body: a
+        # reference of that name may exist and be re-pointed.
+        if drive(index.may_repoint_by_hash(sync, owner)):
+            return None
+        return dict(used)
+    freed_bytes, freed_blobs = drive(index.repoint_frees(sync, owner, target, digest))
+    return {**used, "used_bytes": used["used_bytes"] - freed_bytes,
+            "used_blobs": used["used_blobs"] - freed_blobs}
 
 
 def exceeded(key: str, limit: int) -> BlobdError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import hashlib
 import os
 import sqlite3
 
@@ -363,3 +364,87 @@ async def test_an_aborted_or_expired_session_gives_its_slot_back(server):
     assert (await alice.request("DELETE", f"/uploads/{(await first.json())['id']}")).status == 204
     assert (await quota(alice))["reserved_blobs"] == 0
     assert (await alice.put(b"x" * 10)).status == 201
+
+
+async def _expect(api, method: str, path: str, body: bytes, headers: dict | None = None):
+    """Announce ``body`` with Expect: 100-continue; send it only if invited.
+    (first answer, final answer or None)."""
+    conn = await RawConnection.open(api.client.host, api.client.port)
+    try:
+        await conn.send_head(method, path, api.headers({
+            "Content-Length": str(len(body)), "Expect": "100-continue", **(headers or {})}))
+        first = await conn.read_response()
+        if first.status != 100:
+            return first, None
+        await conn.send(body)
+        return first, await conn.read_response()
+    finally:
+        await conn.close()
+
+
+async def test_a_new_blob_past_max_blobs_is_refused_before_its_body(server):
+    """Found by review: only bytes were checked before 100 Continue, so an
+    owner at max_blobs was invited to send a whole body for a 507."""
+    login = await server(quotas={"default": {"max_blobs": 1}})
+    alice, bob = await login("alice"), await login("bob")
+    assert (await alice.put(b"the one")).status == 201
+    before = await quota(alice)
+    new = os.urandom(200_000)
+    sha = hashlib.sha256(new).hexdigest()
+    for path in (f"/blobs/{b3(new)}", f"/blobs/sha256:{sha}"):
+        first, final = await _expect(alice, "PUT", path, new)
+        assert final is None, (path, first.status)
+        assert (first.status, first.json()["error"]) == (507, "quota_exceeded"), first.body
+        assert "max_blobs (1)" in first.json()["message"]
+    # Bob's blob, stored but new to alice, with a size that is not its own
+    # (the shortcut cannot take it): refused before the body too.
+    assert (await bob.put(new)).status == 201
+    first, final = await _expect(alice, "PUT", f"/blobs/{b3(new)}", new + b"x")
+    assert final is None and first.status == 507
+    assert await quota(alice) == before and tmp_files(alice.data_dir) == []
+
+
+async def test_at_max_blobs_what_would_be_accepted_is_still_invited(server):
+    login = await server(quotas={"default": {"max_blobs": 1}})
+    alice = await login("alice")
+    held = b"first take" * 1000
+    assert (await alice.put(held, headers={"Blob-Ref": "take"})).status == 201
+    # A blob she holds, under a size that is not its own: read, then
+    # refused as any wrong body is (never 507).
+    first, final = await _expect(alice, "PUT", f"/blobs/{b3(held)}", held + b"!")
+    assert first.status == 100 and final.status == 400
+    # Re-pointing her only reference to it frees its slot at the commit.
+    second = b"second take" * 1000
+    first, final = await _expect(alice, "PUT", f"/blobs/{b3(second)}", second,
+                                 {"Blob-Ref": "take"})
+    assert first.status == 100 and final.status == 201, final.body
+    # POST has no hash before its body: the bytes may be hers already.
+    first, final = await _expect(alice, "POST", "/blobs", second, {"Blob-Ref": "again"})
+    assert first.status == 100 and final.status == 200, final.body
+    assert (await quota(alice))["used_blobs"] == 1
+
+
+async def test_a_repointed_name_frees_its_bytes_before_the_body(server):
+    """max_bytes the same: the early check refused a re-point the commit
+    would take."""
+    login = await server(quotas={"default": {"max_bytes": 150_000}})
+    alice = await login("alice")
+    assert (await alice.put(os.urandom(100_000), headers={"Blob-Ref": "take"})).status == 201
+    second = os.urandom(100_000)
+    first, final = await _expect(alice, "PUT", f"/blobs/{b3(second)}", second,
+                                 {"Blob-Ref": "take"})
+    assert first.status == 100 and final.status == 201, final.body
+    first, final = await _expect(alice, "PUT", f"/blobs/{b3(os.urandom(8))}",
+                                 os.urandom(100_000), {"Blob-Ref": "other"})
+    assert final is None and first.status == 507 and "max_bytes" in first.json()["message"]
+
+
+async def test_a_post_by_an_owner_holding_nothing_is_refused_before_its_body(server):
+    """Whatever a POST's bytes are, they are new to an owner who holds
+    nothing: with every slot reserved by a session, 507 before the body."""
+    alice = await (await server(quotas={"default": {"max_blobs": 1}}))("alice")
+    session = await alice.request("POST", "/uploads", json={"size": 10})
+    assert session.status == 201
+    first, final = await _expect(alice, "POST", "/blobs", os.urandom(200_000))
+    assert final is None and first.status == 507, first.body
+    assert "reserved by open upload sessions" in first.json()["message"]

@@ -851,3 +851,47 @@ async def test_a_deferred_patch_is_refused_before_its_body_while_another_holds_t
     await patch(alice, second_url, 0, b"x" * 500_000)
     figures = await quota(alice)
     assert (figures["reserved_bytes"], figures["monthly_upload_bytes"]) == (2_000_000,) * 2
+
+
+async def _wait_until_nothing_left(api: Api) -> tuple:
+    for _ in range(100):
+        left = await _nothing_left(api)
+        if left == (0, 0, 0, []):
+            break
+        await asyncio.sleep(0.05)
+    return left
+
+
+async def test_a_creation_whose_body_is_cut_leaves_nothing(alice: Api) -> None:
+    """Found by review: the client never got the Location, so nothing could
+    reach the upload, which held its reservation for a day."""
+    conn = await RawConnection.open(alice.client.host, alice.client.port)
+    await conn.send_head("POST", "/tus/", {
+        **alice.headers(), **TUS, **STREAM, "Upload-Length": "100000",
+        "Content-Length": "100000"})
+    await conn.send(payload(30_000))
+    await asyncio.sleep(0.1)
+    await conn.close()
+    assert await _wait_until_nothing_left(alice) == (0, 0, 0, [])
+
+
+async def test_a_creation_whose_body_fails_later_can_be_resumed_or_ended(
+        alice: Api) -> None:
+    """A body refused while it streams (longer than Upload-Length, sent
+    chunked so it could not be refused before) is answered with the
+    upload's Location: the client can ask its offset, resume it or end it."""
+    data = payload(10_000)
+
+    async def longer():
+        yield data
+        yield b"x" * 10
+
+    resp = await alice.request("POST", "/tus/", data=longer(), headers={
+        **TUS, **STREAM, "Upload-Length": str(len(data))})
+    assert resp.status in (400, 413), await resp.text()
+    url = resp.headers["Location"]
+    offset = int((await head(alice, url)).headers["Upload-Offset"])
+    assert offset in (0, len(data))
+    assert (await quota(alice))["reserved_bytes"] == len(data)
+    assert (await alice.request("DELETE", url, headers=TUS)).status == 204
+    assert await _nothing_left(alice) == (0, 0, 0, [])

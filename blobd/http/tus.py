@@ -22,6 +22,7 @@ import base64
 import binascii
 import email.utils
 import functools
+import logging
 from dataclasses import replace
 from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit
@@ -34,9 +35,12 @@ from ..describe import normalise_type
 from ..errors import BlobdError
 from ..sessions import TUS, NewSession, Session
 from ..sessionwrite import FINAL_TAKES_NO_PATCH, Check, check_room, receive_at_offset
+from ..store import Store, shielded
 from .keys import STORE
 from .middleware import Handler, check_expectation, principal, requires, send_continue
 from .params import parse_uint
+
+log = logging.getLogger(__name__)
 
 TUS_VERSION = "1.0.0"
 EXTENSIONS = ("creation,creation-with-upload,creation-defer-length,termination,"
@@ -135,7 +139,22 @@ async def _created(request: web.Request, session: Session, has_body: bool) -> we
     except BlobdError as exc:
         exc.headers.update(headers)  # the upload exists; the client may resume it
         raise
+    except BaseException:
+        # No answer, or one without Location (a cut connection, a body the
+        # parser could not read, a 500): nobody can ever reach this upload,
+        # and tus uploads cannot be listed, so it goes now rather than hold
+        # its reservation until it expires.
+        await shielded(_forget(store, session))
+        raise
     return web.Response(status=201, headers=headers)
+
+
+async def _forget(store: Store, session: Session) -> None:
+    try:
+        await sessions.abort_session(store, session)
+    except Exception as exc:  # the request has failed already; the sweeper is left
+        log.warning("upload %s: could not remove it after its creation failed: %s",
+                    session.id, exc)
 
 
 def _spec_from_metadata(request: web.Request) -> NewSession:
