@@ -160,18 +160,17 @@ class Change:
 
     def undo(self) -> None:
         """Answered, and the names were not to change after all."""
-        self.model.trace(f"{self.owner} {self.what} {self.sets} answered, no change")
-        for name in self.sets:
-            self.model.refs[(self.owner, name)] = self.before[name]
-        self.settled = True
-        self.model.stats["acked"] += 1
+        self._unchanged("answered, no change", "acked")
 
     def refused(self) -> None:
-        self.model.trace(f"{self.owner} {self.what} {self.sets} refused")
+        self._unchanged("refused", "refused")
+
+    def _unchanged(self, how: str, counted_as: str) -> None:
+        self.model.trace(f"{self.owner} {self.what} {self.sets} {how}")
         for name in self.sets:
             self.model.refs[(self.owner, name)] = self.before[name]
         self.settled = True
-        self.model.stats["refused"] += 1
+        self.model.stats[counted_as] += 1
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         if not self.settled:
